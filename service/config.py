@@ -1,0 +1,132 @@
+"""Service configuration, read once from the environment (DESIGN §5).
+
+Every setting has one environment variable. `Config.from_env` parses them all and raises
+`ConfigError` naming the variable at fault, so a bad deployment stops at start-up instead of
+failing on the first request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_DATABASE_URL = "sqlite:///var/genrelay.db"
+DEFAULT_DEEPIMAGE_URL = "https://deep-image.ai"
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the service reads from its environment."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    deepimage_url: str = DEFAULT_DEEPIMAGE_URL
+    deepimage_api_key: str = dataclasses.field(default="", repr=False)
+    public_url: str | None = None
+    callback_secret: str = dataclasses.field(default="", repr=False)
+    gcs_bucket: str | None = None
+    gcs_prefix: str = ""
+    allow_private_webhooks: bool = False
+    reconcile_after: float = 120.0
+    generation_timeout: float = 3600.0
+    webhook_retry_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
+    port: int = 8080
+    # Outgoing HTTP to Deep-Image: (connect, read) seconds.
+    deepimage_timeout: tuple[float, float] = (5.0, 30.0)
+    # Largest request body accepted, in bytes (inline base64 images make bodies large).
+    max_request_bytes: int = 25 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Parse the GENRELAY_* variables; raise ConfigError naming the first bad one."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+
+        def text(name: str) -> str | None:
+            value = env.get(name)
+            if value is None or value.strip() == "":
+                return None
+            return value.strip()
+
+        values["database_url"] = cls.database_url_from_env(env)
+        if (v := text("GENRELAY_DEEPIMAGE_URL")) is not None:
+            values["deepimage_url"] = _http_url("GENRELAY_DEEPIMAGE_URL", v)
+        values["deepimage_api_key"] = text("GENRELAY_DEEPIMAGE_API_KEY") or ""
+        if not values["deepimage_api_key"]:
+            raise ConfigError("GENRELAY_DEEPIMAGE_API_KEY is required (the Deep-Image API key)")
+        if (v := text("GENRELAY_PUBLIC_URL")) is not None:
+            values["public_url"] = _http_url("GENRELAY_PUBLIC_URL", v)
+        values["callback_secret"] = text("GENRELAY_CALLBACK_SECRET") or ""
+        # Callback URLs carry an HMAC of the generation id; without a public URL none are
+        # sent (polling-only mode) and no secret is needed. A short secret is refused.
+        if values.get("public_url") and not values["callback_secret"]:
+            raise ConfigError("GENRELAY_CALLBACK_SECRET is required when GENRELAY_PUBLIC_URL is set")
+        if values["callback_secret"] and len(values["callback_secret"]) < 16:
+            raise ConfigError("GENRELAY_CALLBACK_SECRET must be at least 16 characters")
+        values["gcs_bucket"] = text("GENRELAY_GCS_BUCKET")
+        values["gcs_prefix"] = (text("GENRELAY_GCS_PREFIX") or "").strip("/")
+        if (v := text("GENRELAY_ALLOW_PRIVATE_WEBHOOKS")) is not None:
+            values["allow_private_webhooks"] = _boolean("GENRELAY_ALLOW_PRIVATE_WEBHOOKS", v)
+        if (v := text("GENRELAY_RECONCILE_AFTER")) is not None:
+            values["reconcile_after"] = _seconds("GENRELAY_RECONCILE_AFTER", v)
+        if (v := text("GENRELAY_GENERATION_TIMEOUT")) is not None:
+            values["generation_timeout"] = _seconds("GENRELAY_GENERATION_TIMEOUT", v)
+        if (v := text("GENRELAY_WEBHOOK_RETRY_SCHEDULE")) is not None:
+            parts = [p.strip() for p in v.split(",")]
+            values["webhook_retry_schedule"] = tuple(
+                _seconds("GENRELAY_WEBHOOK_RETRY_SCHEDULE", p) for p in parts
+            )
+        if (v := text("PORT")) is not None:
+            if not v.isdigit() or not 0 < int(v) < 65536:
+                raise ConfigError("PORT must be a TCP port number (1-65535)")
+            values["port"] = int(v)
+        return cls(**values)
+
+    @staticmethod
+    def database_url_from_env(environ: Mapping[str, str] | None = None) -> str:
+        """Only the database URL: what `genrelay migrate` and `keys create` need."""
+        env = os.environ if environ is None else environ
+        value = (env.get("GENRELAY_DATABASE_URL") or "").strip() or DEFAULT_DATABASE_URL
+        if not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+            raise ConfigError(
+                "GENRELAY_DATABASE_URL must be a sqlite:/// or postgresql+psycopg:// URL"
+            )
+        return value
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a copy with some fields changed (tests, dev mode)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _http_url(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _boolean(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be a boolean (1/0, true/false), got {value!r}")
+
+
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    return seconds

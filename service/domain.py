@@ -1,0 +1,64 @@
+"""The generation state machine (DESIGN §2) and the error codes a generation can end with."""
+
+from __future__ import annotations
+
+import enum
+
+
+class GenerationStatus(enum.StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {GenerationStatus.SUCCEEDED, GenerationStatus.FAILED, GenerationStatus.CANCELED}
+)
+
+# Which status may follow which. Anything else is refused by `can_transition`.
+_TRANSITIONS: dict[GenerationStatus, frozenset[GenerationStatus]] = {
+    GenerationStatus.QUEUED: frozenset(
+        {GenerationStatus.PROCESSING, GenerationStatus.FAILED, GenerationStatus.CANCELED}
+    ),
+    GenerationStatus.PROCESSING: frozenset(
+        {GenerationStatus.SUCCEEDED, GenerationStatus.FAILED, GenerationStatus.CANCELED}
+    ),
+}
+
+
+def can_transition(current: GenerationStatus, new: GenerationStatus) -> bool:
+    """True when `new` may follow `current` in the lifecycle."""
+    return new in _TRANSITIONS.get(current, frozenset())
+
+
+def allowed_predecessors(new: GenerationStatus) -> frozenset[GenerationStatus]:
+    """The statuses from which `new` may be reached (used in conditional UPDATEs)."""
+    return frozenset(s for s, targets in _TRANSITIONS.items() if new in targets)
+
+
+class ErrorCode(enum.StrEnum):
+    """Machine-readable `error.code` values of a failed generation."""
+
+    UPSTREAM_REJECTED = "upstream_rejected"  # Deep-Image answered 400 (bad input, credits...)
+    UPSTREAM_AUTH = "upstream_auth"  # Deep-Image refused our API key (403/404 on auth)
+    UPSTREAM_JOB_FAILED = "upstream_job_failed"  # the job ran and failed (HTTP 500 + failed)
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"  # transient errors outlasted every retry
+    UPSTREAM_TIMEOUT = "upstream_timeout"  # no result before GENRELAY_GENERATION_TIMEOUT
+    UPSTREAM_NOT_FOUND = "upstream_not_found"  # Deep-Image does not know the job (any more)
+    UPSTREAM_PROTOCOL = "upstream_protocol"  # an answer outside the documented API
+    INTERNAL = "internal"
+
+
+# Outgoing notification types (DESIGN §4): one per status a generation can move into.
+EVENT_TYPES = (
+    "generation.processing",
+    "generation.succeeded",
+    "generation.failed",
+    "generation.canceled",
+)

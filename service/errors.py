@@ -1,0 +1,58 @@
+"""One exception hierarchy, rendered as RFC 9457 problem details by the web layer.
+
+The service raises these; `handlers.problems` turns every one of them (and every HTTP error
+Flask or webargs raises) into a single `application/problem+json` shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROBLEM_BASE = "https://genrelay.dev/problems/"
+
+
+class ServiceError(Exception):
+    """Base of every error the API reports to a client."""
+
+    status = 500
+    slug = "internal"
+    title = "Internal error"
+
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+
+    @property
+    def type(self) -> str:
+        return PROBLEM_BASE + self.slug
+
+
+class InvalidRequest(ServiceError):
+    status = 422
+    slug = "invalid-request"
+    title = "The request has invalid fields"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    slug = "unauthorized"
+    title = "Authentication required"
+
+
+class NotFound(ServiceError):
+    status = 404
+    slug = "not-found"
+    title = "Not found"
+
+
+class Conflict(ServiceError):
+    status = 409
+    slug = "conflict"
+    title = "Conflict with the current state"
+
+
+class IdempotencyKeyReused(ServiceError):
+    status = 422
+    slug = "idempotency-key-reused"
+    title = "Idempotency-Key was used with a different request body"
