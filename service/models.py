@@ -1,0 +1,122 @@
+"""SQLAlchemy table definitions. The migrations in `migrations/versions` create exactly these."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC (what every timestamp column holds)."""
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
+    """Timestamps stored as UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        # SQLite compares timestamps as text: store them naive in one fixed format.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSONDocument}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"), index=True)
+    # SHA-256 of the key: keys are 256-bit random, so a plain hash cannot be brute-forced.
+    key_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(sa.String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+    __table_args__ = (sa.Index("ix_generations_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"))
+    status: Mapped[str] = mapped_column(sa.String(20), index=True)
+    input: Mapped[dict[str, Any]]
+    # "metadata" is reserved on declarative classes; the column keeps the public name.
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata")
+    webhook: Mapped[str | None] = mapped_column(sa.String(2048))
+    webhook_events_filter: Mapped[list[str] | None] = mapped_column(JSONDocument)
+    upstream_job: Mapped[str | None] = mapped_column(sa.String(100), index=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    error_code: Mapped[str | None] = mapped_column(sa.String(50))
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    submitted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(sa.String(64))
+    generation_id: Mapped[str] = mapped_column(sa.ForeignKey("generations.id"))
+    response_status: Mapped[int | None] = mapped_column(default=None)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (sa.Index("ix_tasks_due", "status", "run_at"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(40))
+    generation_id: Mapped[str | None] = mapped_column(sa.String(40), index=True)
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(sa.String(20))
+    attempts: Mapped[int] = mapped_column(default=0)
+    max_attempts: Mapped[int]
+    run_at: Mapped[dt.datetime]
+    # Who holds the task now: a fresh token per claim, so a worker whose lease ran out
+    # cannot finish or reschedule a task that somebody else has claimed since.
+    claim_token: Mapped[str | None] = mapped_column(sa.String(40), default=None)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    last_error: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
