@@ -1,0 +1,266 @@
+"""Durable task queue: rows in the `tasks` table, claimed with a lease.
+
+A task is claimed by one conditional UPDATE that sets a fresh claim token and a lease expiry.
+On PostgreSQL the candidate rows are locked with `FOR UPDATE SKIP LOCKED`, so many workers can
+claim batches without waiting on each other; on SQLite (which renders no FOR UPDATE) the claim
+runs inside a `BEGIN IMMEDIATE` transaction, which serialises claimers. A task whose holder
+died is claimed again once its lease has run out; the holder's stale token can then no longer
+finish or reschedule it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import random
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.models import Task, utcnow
+from service.store import Store
+
+Clock = Callable[[], dt.datetime]
+
+
+class TaskStatus(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    DEAD = "dead"  # gave up: kept for inspection, never deleted automatically
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long a kind of task is retried."""
+
+    max_attempts: int = 10
+    base_delay: float = 1.0
+    max_delay: float = 300.0
+    max_age: float = 24 * 3600.0
+
+    def backoff(self, attempts: int, rng: random.Random) -> float:
+        """Exponential delay after `attempts` tries, with jitter in [delay/2, delay]."""
+        delay = min(self.max_delay, self.base_delay * 2 ** max(0, attempts - 1))
+        return delay / 2 + rng.random() * delay / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimedTask:
+    """A task this process holds until `lease_expires_at`."""
+
+    id: str
+    kind: str
+    generation_id: str | None
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    created_at: dt.datetime
+    claim_token: str
+    lease_expires_at: dt.datetime
+
+
+def _new_id() -> str:
+    return "task_" + uuid.uuid4().hex
+
+
+class TaskQueue:
+    """Enqueue, claim, finish and reschedule tasks."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        policies: dict[str, RetryPolicy] | None = None,
+        lease_seconds: float = 300.0,
+        clock: Clock = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.policies = policies or {}
+        self.lease = dt.timedelta(seconds=lease_seconds)
+        self.clock = clock
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
+
+    def policy(self, kind: str) -> RetryPolicy:
+        return self.policies.get(kind, RetryPolicy())
+
+    def enqueue(
+        self,
+        session: Session,
+        kind: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        generation_id: str | None = None,
+        delay: float = 0.0,
+    ) -> str:
+        """Add a pending task inside the caller's transaction; return its id."""
+        now = self.clock()
+        task = Task(
+            id=_new_id(),
+            kind=kind,
+            generation_id=generation_id,
+            payload=payload or {},
+            status=TaskStatus.PENDING,
+            attempts=0,
+            max_attempts=self.policy(kind).max_attempts,
+            run_at=now + dt.timedelta(seconds=delay),
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(task)
+        return task.id
+
+    def enqueue_claimed(
+        self,
+        session: Session,
+        kind: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        generation_id: str | None = None,
+    ) -> ClaimedTask:
+        """Add a task already claimed by the caller, who runs its first attempt right away.
+
+        Until the lease runs out no worker can take it, so the inline attempt and a worker never
+        run it twice; if the caller dies, a worker picks it up after the lease.
+        """
+        now = self.clock()
+        token = uuid.uuid4().hex
+        task = Task(
+            id=_new_id(),
+            kind=kind,
+            generation_id=generation_id,
+            payload=payload or {},
+            status=TaskStatus.RUNNING,
+            attempts=1,
+            max_attempts=self.policy(kind).max_attempts,
+            run_at=now,
+            claim_token=token,
+            lease_expires_at=now + self.lease,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(task)
+        return _claimed(task)
+
+    def claim_due_tasks(self, limit: int = 1, kinds: Iterable[str] | None = None) -> list[ClaimedTask]:
+        """Claim up to `limit` due tasks (pending and due, or running with an expired lease)."""
+        now = self.clock()
+        due = sa.or_(
+            sa.and_(Task.status == TaskStatus.PENDING, Task.run_at <= now),
+            sa.and_(Task.status == TaskStatus.RUNNING, Task.lease_expires_at < now),
+        )
+        if kinds is not None:
+            due = sa.and_(due, Task.kind.in_(list(kinds)))
+        candidates = (
+            sa.select(Task.id)
+            .where(due)
+            .order_by(Task.run_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        token = uuid.uuid4().hex
+        statement = (
+            sa.update(Task)
+            # `due` again: the UPDATE itself is the guard, whatever the subquery saw.
+            .where(Task.id.in_(candidates), due)
+            .values(
+                status=TaskStatus.RUNNING,
+                claim_token=token,
+                lease_expires_at=now + self.lease,
+                attempts=Task.attempts + 1,
+                updated_at=now,
+            )
+            .returning(Task)
+            .execution_options(synchronize_session=False)
+        )
+        with self.store.transaction() as session:
+            rows = session.execute(statement).scalars().all()
+            return [_claimed(row) for row in rows]
+
+    def complete(self, task: ClaimedTask) -> bool:
+        """Mark a held task done; False when the lease was lost to another claimer."""
+        now = self.clock()
+        return self._update_held(
+            task, status=TaskStatus.DONE, finished_at=now, claim_token=None, lease_expires_at=None
+        )
+
+    def retry_later(self, task: ClaimedTask, error: str) -> TaskStatus | None:
+        """Reschedule after a failed attempt, or mark dead once out of attempts or age.
+
+        Returns the new status, or None when the lease was lost (someone else holds it now).
+        """
+        now = self.clock()
+        policy = self.policy(task.kind)
+        delay = policy.backoff(task.attempts, self.rng)
+        run_at = now + dt.timedelta(seconds=delay)
+        too_old = (run_at - task.created_at).total_seconds() > policy.max_age
+        if task.attempts >= task.max_attempts or too_old:
+            return self.give_up(task, error)
+        held = self._update_held(
+            task,
+            status=TaskStatus.PENDING,
+            run_at=run_at,
+            last_error=error[:2000],
+            claim_token=None,
+            lease_expires_at=None,
+        )
+        return TaskStatus.PENDING if held else None
+
+    def give_up(self, task: ClaimedTask, error: str) -> TaskStatus | None:
+        """Mark a held task dead (kept for inspection)."""
+        held = self._update_held(
+            task,
+            status=TaskStatus.DEAD,
+            last_error=error[:2000],
+            finished_at=self.clock(),
+            claim_token=None,
+            lease_expires_at=None,
+        )
+        return TaskStatus.DEAD if held else None
+
+    def release(self, task: ClaimedTask) -> bool:
+        """Hand a task back unrun (worker shutting down): due now, the attempt not counted."""
+        return self._update_held(
+            task,
+            status=TaskStatus.PENDING,
+            run_at=self.clock(),
+            attempts=Task.attempts - 1,
+            claim_token=None,
+            lease_expires_at=None,
+        )
+
+    def _update_held(self, task: ClaimedTask, **values: Any) -> bool:
+        statement = (
+            sa.update(Task)
+            .where(
+                Task.id == task.id,
+                Task.claim_token == task.claim_token,
+                Task.status == TaskStatus.RUNNING,
+            )
+            .values(updated_at=self.clock(), **values)
+            .execution_options(synchronize_session=False)
+        )
+        with self.store.transaction() as session:
+            result = session.execute(statement)
+            return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def _claimed(row: Task) -> ClaimedTask:
+    assert row.claim_token is not None and row.lease_expires_at is not None
+    return ClaimedTask(
+        id=row.id,
+        kind=row.kind,
+        generation_id=row.generation_id,
+        payload=dict(row.payload),
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        created_at=row.created_at,
+        claim_token=row.claim_token,
+        lease_expires_at=row.lease_expires_at,
+    )

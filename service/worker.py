@@ -1,0 +1,122 @@
+"""Runs claimed tasks: the `genrelay worker` loop and the inline first attempt at intake."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Protocol
+
+from service.tasks import ClaimedTask, TaskQueue, TaskStatus
+
+log = logging.getLogger("genrelay.worker")
+
+
+class RetryableError(Exception):
+    """The attempt failed for a reason that may pass (network, 5xx, 429): try again later."""
+
+
+class TaskHandler(Protocol):
+    def run(self, task: ClaimedTask) -> None:
+        """Do the work. Return normally when done; raise RetryableError to try again later."""
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        """The task is dead (out of attempts or age): record the outcome on what it served."""
+
+
+class TaskRunner:
+    """Executes one claimed task through its handler and records the outcome in the queue."""
+
+    def __init__(self, queue: TaskQueue, handlers: Mapping[str, TaskHandler]) -> None:
+        self.queue = queue
+        self.handlers = dict(handlers)
+
+    def execute(self, task: ClaimedTask) -> TaskStatus | None:
+        """Run `task` once; return its new status (None when our lease was lost meanwhile)."""
+        handler = self.handlers.get(task.kind)
+        if handler is None:
+            return self.queue.give_up(task, f"no handler for task kind {task.kind!r}")
+        if task.attempts > task.max_attempts:
+            # Claimed again after its holders kept dying: never loop forever on it.
+            return self._give_up(handler, task, "attempts exhausted (leases expired)")
+        try:
+            handler.run(task)
+        except RetryableError as exc:
+            log.warning("task %s (%s) attempt %d failed: %s", task.id, task.kind, task.attempts, exc)
+            return self._retry(handler, task, str(exc))
+        except Exception as exc:
+            # A bug or an unexpected outage (e.g. the database): retried like a transient
+            # error so nothing is lost, with the traceback logged for whoever investigates.
+            log.exception("task %s (%s) crashed", task.id, task.kind)
+            return self._retry(handler, task, f"{type(exc).__name__}: {exc}")
+        return TaskStatus.DONE if self.queue.complete(task) else None
+
+    def _retry(self, handler: TaskHandler, task: ClaimedTask, error: str) -> TaskStatus | None:
+        outcome = self.queue.retry_later(task, error)
+        if outcome is TaskStatus.DEAD:
+            self._exhausted(handler, task, error)
+        return outcome
+
+    def _give_up(self, handler: TaskHandler, task: ClaimedTask, error: str) -> TaskStatus | None:
+        outcome = self.queue.give_up(task, error)
+        if outcome is TaskStatus.DEAD:
+            self._exhausted(handler, task, error)
+        return outcome
+
+    def _exhausted(self, handler: TaskHandler, task: ClaimedTask, error: str) -> None:
+        log.error("task %s (%s) is dead after %d attempts: %s", task.id, task.kind,
+                  task.attempts, error)
+        try:
+            handler.on_exhausted(task, error)
+        except Exception:
+            log.exception("task %s (%s): recording the dead outcome failed", task.id, task.kind)
+
+
+class Worker:
+    """Claims due tasks and runs them on N threads until told to stop."""
+
+    def __init__(
+        self, runner: TaskRunner, *, threads: int = 4, poll_interval: float = 0.5
+    ) -> None:
+        self.runner = runner
+        self.threads = threads
+        self.poll_interval = poll_interval
+        self.stopping = threading.Event()
+
+    def run_once(self, limit: int = 1) -> int:
+        """Claim and run up to `limit` due tasks on this thread; return how many ran."""
+        tasks = self.runner.queue.claim_due_tasks(limit=limit)
+        for index, task in enumerate(tasks):
+            if self.stopping.is_set():
+                for unrun in tasks[index:]:
+                    self.runner.queue.release(unrun)
+                break
+            self.runner.execute(task)
+        return len(tasks)
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:
+                log.exception("worker loop error (database unreachable?); backing off")
+                ran = 0
+            if ran == 0:
+                self.stopping.wait(self.poll_interval)
+
+    def run(self) -> None:
+        """Block until `stop()`: each thread finishes the task it holds before returning."""
+        log.info("worker started with %d threads", self.threads)
+        pool = [
+            threading.Thread(target=self._loop, name=f"genrelay-worker-{n}", daemon=True)
+            for n in range(self.threads)
+        ]
+        for thread in pool:
+            thread.start()
+        self.stopping.wait()
+        for thread in pool:
+            thread.join()
+        log.info("worker stopped")
+
+    def stop(self) -> None:
+        self.stopping.set()

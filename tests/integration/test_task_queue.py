@@ -1,0 +1,241 @@
+"""The durable task queue on real SQLite and PostgreSQL: leases, backoff, dead tasks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import threading
+from collections import Counter
+
+import pytest
+import sqlalchemy as sa
+
+from service.models import Task
+from service.store import Store
+from service.tasks import ClaimedTask, RetryPolicy, TaskQueue, TaskStatus
+from service.worker import RetryableError, TaskRunner, Worker
+
+START = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def queue(store: Store, clock: FakeClock) -> TaskQueue:
+    policy = RetryPolicy(max_attempts=3, base_delay=10.0, max_delay=100.0, max_age=3600.0)
+    return TaskQueue(store, policies={"job": policy}, lease_seconds=60, clock=clock,
+                     rng=random.Random(1))
+
+
+def enqueue(queue: TaskQueue, kind: str = "job", delay: float = 0.0) -> str:
+    with queue.store.transaction() as session:
+        return queue.enqueue(session, kind, {"n": 1}, delay=delay)
+
+
+def row(store: Store, task_id: str) -> Task:
+    with store.read() as session:
+        task = session.get(Task, task_id)
+    assert task is not None
+    return task
+
+
+def test_a_claimed_task_is_held_until_its_lease_runs_out(queue: TaskQueue) -> None:
+    task_id = enqueue(queue)
+    [task] = queue.claim_due_tasks()
+    assert (task.id, task.attempts, task.payload) == (task_id, 1, {"n": 1})
+    assert queue.claim_due_tasks() == []
+
+
+def test_a_delayed_task_is_claimed_only_when_due(queue: TaskQueue, clock: FakeClock) -> None:
+    enqueue(queue, delay=30)
+    assert queue.claim_due_tasks() == []
+    clock.advance(30)
+    assert len(queue.claim_due_tasks()) == 1
+
+
+def test_a_task_whose_holder_died_runs_again_and_the_old_holder_cannot_finish_it(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    task_id = enqueue(queue)
+    [first] = queue.claim_due_tasks()
+    clock.advance(61)  # the holder died: its lease runs out
+    [second] = queue.claim_due_tasks()
+    assert second.id == task_id
+    assert second.attempts == 2
+    assert second.claim_token != first.claim_token
+    assert queue.complete(first) is False  # stale holder
+    assert queue.retry_later(first, "late") is None
+    assert queue.complete(second) is True
+    assert row(queue.store, task_id).status == TaskStatus.DONE
+
+
+def test_a_failed_attempt_is_rescheduled_with_backoff(queue: TaskQueue, clock: FakeClock) -> None:
+    task_id = enqueue(queue)
+    [task] = queue.claim_due_tasks()
+    assert queue.retry_later(task, "upstream 503") is TaskStatus.PENDING
+    stored = row(queue.store, task_id)
+    assert stored.status == TaskStatus.PENDING
+    assert stored.last_error == "upstream 503"
+    delay = (stored.run_at - clock.now).total_seconds()
+    assert 5.0 <= delay <= 10.0  # first retry: base 10 s, jitter in the upper half
+    assert queue.claim_due_tasks() == []
+    clock.advance(delay)
+    assert [t.attempts for t in queue.claim_due_tasks()] == [2]
+
+
+def test_a_task_out_of_attempts_is_dead_and_kept(queue: TaskQueue, clock: FakeClock) -> None:
+    task_id = enqueue(queue)
+    for _ in range(3):
+        clock.advance(1000)
+        [task] = queue.claim_due_tasks()
+        outcome = queue.retry_later(task, "still down")
+    assert outcome is TaskStatus.DEAD
+    stored = row(queue.store, task_id)
+    assert (stored.status, stored.attempts, stored.last_error) == ("dead", 3, "still down")
+    clock.advance(10_000)
+    assert queue.claim_due_tasks() == []
+
+
+def test_a_task_past_its_max_age_is_dead(queue: TaskQueue, clock: FakeClock) -> None:
+    task_id = enqueue(queue)
+    clock.advance(3599)  # max age 3600 s: the next attempt (>= 5 s away) would be too late
+    [task] = queue.claim_due_tasks()
+    assert queue.retry_later(task, "slow") is TaskStatus.DEAD
+    assert row(queue.store, task_id).status == TaskStatus.DEAD
+
+
+def test_a_released_task_is_due_at_once_and_the_attempt_is_not_counted(queue: TaskQueue) -> None:
+    enqueue(queue)
+    [task] = queue.claim_due_tasks()
+    assert queue.release(task) is True
+    [again] = queue.claim_due_tasks()
+    assert again.attempts == 1
+
+
+def test_a_task_enqueued_claimed_is_invisible_to_workers_until_its_lease_ends(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    with queue.store.transaction() as session:
+        held = queue.enqueue_claimed(session, "job")
+    assert held.attempts == 1
+    assert queue.claim_due_tasks() == []
+    clock.advance(61)
+    [taken] = queue.claim_due_tasks()
+    assert taken.id == held.id
+
+
+def test_concurrent_claimers_never_get_the_same_task(store: Store) -> None:
+    queue = TaskQueue(store, lease_seconds=600)
+    with store.transaction() as session:
+        ids = {queue.enqueue(session, "job") for _ in range(120)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claim_all() -> None:
+        while batch := queue.claim_due_tasks(limit=5):
+            with lock:
+                claimed.extend(t.id for t in batch)
+
+    threads = [threading.Thread(target=claim_all) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert Counter(claimed).most_common(1)[0][1] == 1
+    assert set(claimed) == ids
+
+
+class RecordingHandler:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.runs: list[str] = []
+        self.exhausted: list[tuple[str, str]] = []
+
+    def run(self, task: ClaimedTask) -> None:
+        self.runs.append(task.id)
+        if self.error is not None:
+            raise self.error
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        self.exhausted.append((task.id, error))
+
+
+def test_the_runner_completes_a_task_whose_handler_returns(queue: TaskQueue) -> None:
+    handler = RecordingHandler()
+    task_id = enqueue(queue)
+    [task] = queue.claim_due_tasks()
+    assert TaskRunner(queue, {"job": handler}).execute(task) is TaskStatus.DONE
+    assert handler.runs == [task_id]
+    assert row(queue.store, task_id).status == TaskStatus.DONE
+
+
+@pytest.mark.parametrize("error", [RetryableError("503"), ValueError("bug")])
+def test_the_runner_retries_failures_and_reports_exhaustion_once(
+    queue: TaskQueue, clock: FakeClock, error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = RecordingHandler(error)
+    runner = TaskRunner(queue, {"job": handler})
+    task_id = enqueue(queue)
+    outcomes = []
+    for _ in range(3):
+        clock.advance(1000)
+        [task] = queue.claim_due_tasks()
+        outcomes.append(runner.execute(task))
+    assert outcomes == [TaskStatus.PENDING, TaskStatus.PENDING, TaskStatus.DEAD]
+    assert len(handler.runs) == 3
+    assert [tid for tid, _ in handler.exhausted] == [task_id]
+    assert str(error) in handler.exhausted[0][1]
+
+
+def test_a_task_of_unknown_kind_is_dead_not_retried(queue: TaskQueue) -> None:
+    task_id = enqueue(queue, kind="mystery")
+    [task] = queue.claim_due_tasks()
+    assert TaskRunner(queue, {}).execute(task) is TaskStatus.DEAD
+    assert "no handler" in (row(queue.store, task_id).last_error or "")
+
+
+def test_a_task_reclaimed_after_too_many_lost_leases_is_given_up(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    handler = RecordingHandler()
+    enqueue(queue)
+    for _ in range(4):  # max_attempts is 3: the fourth claim finds it exhausted
+        [task] = queue.claim_due_tasks()
+        clock.advance(61)
+    assert TaskRunner(queue, {"job": handler}).execute(task) is TaskStatus.DEAD
+    assert handler.runs == []
+    assert len(handler.exhausted) == 1
+
+
+def test_the_worker_threads_drain_the_queue_and_stop_on_request(store: Store) -> None:
+    queue = TaskQueue(store)
+    handler = RecordingHandler()
+    with store.transaction() as session:
+        ids = {queue.enqueue(session, "job") for _ in range(20)}
+    worker = Worker(TaskRunner(queue, {"job": handler}), threads=3, poll_interval=0.05)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=20)
+    while len(handler.runs) < len(ids) and dt.datetime.now(dt.UTC) < deadline:
+        threading.Event().wait(0.05)
+    worker.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert sorted(handler.runs) == sorted(ids)
+    with store.read() as session:
+        statuses = set(session.scalars(sa.select(Task.status)))
+    assert statuses == {TaskStatus.DONE}
