@@ -1,0 +1,157 @@
+"""Deep-Image.ai REST client (reference/deep-image-api.md §1 and §4).
+
+Every failure is classified once, here:
+- `TransientUpstreamError`: 429, 5xx that is not a job failure, timeouts, connection errors.
+  The caller retries with backoff.
+- `PermanentUpstreamError`: 400/403/404 and other 4xx, job failures (HTTP 500 with
+  `status: "failed"`), and answers that break the protocol. `error_code` and `message` go into
+  the generation's `error`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import requests
+
+from service.domain import ErrorCode
+
+MAX_MESSAGE_CHARS = 500
+
+
+class DeepImageError(Exception):
+    """Base of the errors this client raises."""
+
+    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+
+
+class TransientUpstreamError(DeepImageError):
+    """May succeed when tried again later."""
+
+
+class PermanentUpstreamError(DeepImageError):
+    """Will fail the same way again; `error_code` says which way."""
+
+    def __init__(self, message: str, *, error_code: ErrorCode, http_status: int | None) -> None:
+        super().__init__(message, http_status=http_status)
+        self.error_code = error_code
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamJob:
+    """A `ProcessResult`: the job id, its status and (when complete) the result URL."""
+
+    job: str
+    status: str | None
+    result_url: str | None
+
+
+class DeepImageClient:
+    """Talks to one Deep-Image base URL with one API key over one pooled session."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: tuple[float, float] = (5.0, 30.0),
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self.timeout = timeout
+        self.session = session or requests.Session()
+
+    def process(self, payload: dict[str, Any]) -> UpstreamJob:
+        """Schedule a job (`POST /rest_api/process`)."""
+        return self._call("POST", "/rest_api/process", payload, not_found=ErrorCode.UPSTREAM_AUTH)
+
+    def result(self, job: str) -> UpstreamJob:
+        """Poll a job (`GET /rest_api/result/{job}`)."""
+        return self._call(
+            "GET", f"/rest_api/result/{job}", None, not_found=ErrorCode.UPSTREAM_NOT_FOUND
+        )
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _call(
+        self, method: str, path: str, payload: dict[str, Any] | None, *, not_found: ErrorCode
+    ) -> UpstreamJob:
+        try:
+            response = self.session.request(
+                method,
+                self.base_url + path,
+                json=payload,
+                headers={"x-api-key": self._api_key, "accept": "application/json"},
+                timeout=self.timeout,
+                allow_redirects=False,
+            )
+        except requests.Timeout as exc:
+            raise TransientUpstreamError(f"Deep-Image timed out: {type(exc).__name__}") from None
+        except requests.RequestException as exc:
+            raise TransientUpstreamError(
+                f"Deep-Image unreachable: {type(exc).__name__}"
+            ) from None
+        with response:
+            return _interpret(response, not_found)
+
+
+def _interpret(response: requests.Response, not_found: ErrorCode) -> UpstreamJob:
+    status = response.status_code
+    body = _json_object(response)
+    message = _message(body, status)
+    if 200 <= status < 300:
+        job = body.get("job") if body else None
+        if not isinstance(job, str) or not job:
+            raise PermanentUpstreamError(
+                f"Deep-Image answered {status} without a job id",
+                error_code=ErrorCode.UPSTREAM_PROTOCOL,
+                http_status=status,
+            )
+        assert body is not None
+        result_url = body.get("result_url")
+        job_status = body.get("status")
+        return UpstreamJob(
+            job=job,
+            status=job_status if isinstance(job_status, str) else None,
+            result_url=result_url if isinstance(result_url, str) and result_url else None,
+        )
+    if status == 500 and body is not None and body.get("status") == "failed":
+        raise PermanentUpstreamError(
+            message, error_code=ErrorCode.UPSTREAM_JOB_FAILED, http_status=status
+        )
+    if status == 429 or status >= 500:
+        raise TransientUpstreamError(message, http_status=status)
+    if status in (401, 403):
+        raise PermanentUpstreamError(message, error_code=ErrorCode.UPSTREAM_AUTH, http_status=status)
+    if status == 404:
+        raise PermanentUpstreamError(message, error_code=not_found, http_status=status)
+    if 400 <= status < 500:
+        raise PermanentUpstreamError(
+            message, error_code=ErrorCode.UPSTREAM_REJECTED, http_status=status
+        )
+    raise PermanentUpstreamError(
+        f"Deep-Image answered unexpected HTTP {status}",
+        error_code=ErrorCode.UPSTREAM_PROTOCOL,
+        http_status=status,
+    )
+
+
+def _json_object(response: requests.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _message(body: dict[str, Any] | None, status: int) -> str:
+    raw = body.get("message") if body else None
+    if isinstance(raw, str) and raw.strip():
+        return raw.strip()[:MAX_MESSAGE_CHARS]
+    return f"Deep-Image answered HTTP {status}"

@@ -1,0 +1,148 @@
+"""The Deep-Image client classifies every upstream answer (reference §4)."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+import responses
+
+from service.deepimage import (
+    DeepImageClient,
+    PermanentUpstreamError,
+    TransientUpstreamError,
+    UpstreamJob,
+)
+from service.domain import ErrorCode
+
+BASE = "https://deep-image.test"
+JOB = "44d46e9a-c3d5-11ed-af64-0242ac1f000f"
+
+
+@pytest.fixture
+def client() -> DeepImageClient:
+    return DeepImageClient(BASE, "secret-api-key", timeout=(1.0, 2.0))
+
+
+@responses.activate
+def test_process_sends_the_payload_with_the_api_key_and_returns_the_job(
+    client: DeepImageClient,
+) -> None:
+    responses.post(f"{BASE}/rest_api/process", json={"job": JOB, "status": "received"})
+    job = client.process({"width": 10, "height": 10})
+    assert job == UpstreamJob(job=JOB, status="received", result_url=None)
+    sent = responses.calls[0].request
+    assert sent.headers["x-api-key"] == "secret-api-key"
+    assert sent.body == b'{"width": 10, "height": 10}'
+
+
+@responses.activate
+def test_result_returns_the_result_url_when_complete(client: DeepImageClient) -> None:
+    responses.get(
+        f"{BASE}/rest_api/result/{JOB}",
+        json={"status": "complete", "job": JOB, "result_url": "https://x.test/a.png"},
+    )
+    assert client.result(JOB).result_url == "https://x.test/a.png"
+
+
+def test_every_call_has_a_timeout(client: DeepImageClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake_request(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise requests.ConnectTimeout("no")
+
+    monkeypatch.setattr(client.session, "request", fake_request)
+    with pytest.raises(TransientUpstreamError):
+        client.process({})
+    assert seen["timeout"] == (1.0, 2.0)
+    assert seen["allow_redirects"] is False
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (429, {"message": "Image cannot be processed right now.", "code": "TOO_MANY_REQUESTS"}),
+        (500, {"message": "boom", "code": "INTERNAL"}),  # 500 without status=failed
+        (502, None),
+        (503, {"message": "maintenance"}),
+        (504, None),
+    ],
+)
+@responses.activate
+def test_rate_limits_and_server_errors_are_transient(
+    client: DeepImageClient, status: int, body: dict[str, str] | None
+) -> None:
+    if body is None:
+        responses.post(f"{BASE}/rest_api/process", status=status, body="<html>bad gateway</html>")
+    else:
+        responses.post(f"{BASE}/rest_api/process", status=status, json=body)
+    with pytest.raises(TransientUpstreamError) as caught:
+        client.process({})
+    assert caught.value.http_status == status
+
+
+@pytest.mark.parametrize(
+    "error",
+    [requests.ConnectionError("refused"), requests.ReadTimeout("slow"), requests.ConnectTimeout()],
+)
+@responses.activate
+def test_network_failures_are_transient(client: DeepImageClient, error: Exception) -> None:
+    responses.post(f"{BASE}/rest_api/process", body=error)
+    with pytest.raises(TransientUpstreamError):
+        client.process({})
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code"),
+    [
+        (400, {"message": "Unidentified image", "code": "BAD_REQUEST"}, ErrorCode.UPSTREAM_REJECTED),
+        (400, {"message": "You dont have enough credits", "code": "NOT_ENOUGH_CREDITS"},
+         ErrorCode.UPSTREAM_REJECTED),
+        (403, {"message": "No x-api-key header is provided"}, ErrorCode.UPSTREAM_AUTH),
+        (404, {"message": "No user found for provided token"}, ErrorCode.UPSTREAM_AUTH),
+        (500, {"message": "We have encountered some technical issues", "status": "failed",
+               "job": JOB}, ErrorCode.UPSTREAM_JOB_FAILED),
+        (422, {"message": "odd"}, ErrorCode.UPSTREAM_REJECTED),
+        (302, None, ErrorCode.UPSTREAM_PROTOCOL),
+        (200, {"status": "received"}, ErrorCode.UPSTREAM_PROTOCOL),  # no job id
+    ],
+)
+@responses.activate
+def test_client_errors_and_job_failures_are_permanent_and_keep_the_message(
+    client: DeepImageClient, status: int, body: dict[str, str] | None, code: ErrorCode
+) -> None:
+    if body is None:
+        responses.post(f"{BASE}/rest_api/process", status=status,
+                       headers={"Location": "https://elsewhere.test"})
+    else:
+        responses.post(f"{BASE}/rest_api/process", status=status, json=body)
+    with pytest.raises(PermanentUpstreamError) as caught:
+        client.process({})
+    assert caught.value.error_code is code
+    if body and "message" in body and status != 200:
+        assert caught.value.message == body["message"]
+
+
+@responses.activate
+def test_unknown_job_on_result_is_not_an_auth_error(client: DeepImageClient) -> None:
+    responses.get(f"{BASE}/rest_api/result/{JOB}", status=404, json={"message": "Job not found"})
+    with pytest.raises(PermanentUpstreamError) as caught:
+        client.result(JOB)
+    assert caught.value.error_code is ErrorCode.UPSTREAM_NOT_FOUND
+
+
+@responses.activate
+def test_long_upstream_messages_are_cut(client: DeepImageClient) -> None:
+    responses.post(f"{BASE}/rest_api/process", status=400, json={"message": "x" * 5000})
+    with pytest.raises(PermanentUpstreamError) as caught:
+        client.process({})
+    assert len(caught.value.message) == 500
+
+
+@responses.activate
+def test_the_api_key_never_appears_in_error_messages(client: DeepImageClient) -> None:
+    responses.post(f"{BASE}/rest_api/process", body=requests.ConnectionError(
+        "failed for header x-api-key: secret-api-key"))
+    with pytest.raises(TransientUpstreamError) as caught:
+        client.process({})
+    assert "secret-api-key" not in str(caught.value)
