@@ -1,0 +1,244 @@
+"""Generation use cases: intake (with idempotency keys), read, list, cancel."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from service.domain import GenerationStatus
+from service.errors import Conflict, IdempotencyKeyReused, InvalidRequest, NotFound
+from service.lifecycle import change_status
+from service.models import Generation, IdempotencyKey, utcnow
+from service.store import Store
+from service.submission import SUBMIT
+from service.tasks import TaskQueue
+from service.worker import TaskRunner
+
+log = logging.getLogger("genrelay.generations")
+
+IDEMPOTENCY_TTL = dt.timedelta(hours=24)
+
+
+@dataclasses.dataclass(frozen=True)
+class NewGeneration:
+    """A validated `POST /v1/generations` body."""
+
+    input: dict[str, Any]
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = None
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """A hash of the request body, to tell a retry from a different request."""
+        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Intake:
+    """The outcome of intake: a generation, or the stored first response to replay verbatim."""
+
+    generation: Generation | None
+    replay: tuple[int, dict[str, Any]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    items: list[Generation]
+    next_cursor: str | None
+
+
+class GenerationService:
+    """Owns the transactions of every generation use case."""
+
+    def __init__(self, store: Store, queue: TaskQueue, runner: TaskRunner) -> None:
+        self.store = store
+        self.queue = queue
+        self.runner = runner
+
+    def create(
+        self, tenant_id: str, new: NewGeneration, *, idempotency_key: str | None = None
+    ) -> Intake:
+        """Store the generation and its submit task in one transaction, then try to submit."""
+        fingerprint = new.fingerprint()
+        if idempotency_key is not None:
+            earlier = self._replay(tenant_id, idempotency_key, fingerprint)
+            if earlier is not None:
+                return earlier
+        now = utcnow()
+        generation_id = "gen_" + uuid.uuid4().hex
+        try:
+            with self.store.transaction() as session:
+                session.add(
+                    Generation(
+                        id=generation_id,
+                        tenant_id=tenant_id,
+                        status=GenerationStatus.QUEUED,
+                        input=new.input,
+                        meta=new.metadata,
+                        webhook=new.webhook,
+                        webhook_events_filter=new.webhook_events_filter,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                if idempotency_key is not None:
+                    # An expired key may be used again: drop the old record first.
+                    session.execute(
+                        sa.delete(IdempotencyKey).where(
+                            IdempotencyKey.tenant_id == tenant_id,
+                            IdempotencyKey.key == idempotency_key,
+                            IdempotencyKey.expires_at <= now,
+                        )
+                    )
+                    session.flush()
+                    session.add(
+                        IdempotencyKey(
+                            tenant_id=tenant_id,
+                            key=idempotency_key,
+                            request_hash=fingerprint,
+                            generation_id=generation_id,
+                            created_at=now,
+                            expires_at=now + IDEMPOTENCY_TTL,
+                        )
+                    )
+                task = self.queue.enqueue_claimed(session, SUBMIT, generation_id=generation_id)
+        except IntegrityError:
+            # Another request with the same key committed first: answer as it did.
+            if idempotency_key is None:
+                raise
+            earlier = self._replay(tenant_id, idempotency_key, fingerprint)
+            if earlier is None:
+                raise
+            return earlier
+        try:
+            self.runner.execute(task)
+        except Exception:
+            # The generation and its task are committed: a worker takes over after the lease.
+            log.exception("inline submit of %s failed; left to the worker", generation_id)
+        return Intake(generation=self._load(generation_id))
+
+    def record_response(
+        self, tenant_id: str, idempotency_key: str, status: int, body: dict[str, Any]
+    ) -> None:
+        """Keep the first response sent for a key, so retries get exactly that answer."""
+        with self.store.transaction() as session:
+            session.execute(
+                sa.update(IdempotencyKey)
+                .where(
+                    IdempotencyKey.tenant_id == tenant_id,
+                    IdempotencyKey.key == idempotency_key,
+                    IdempotencyKey.response_body.is_(None),
+                )
+                .values(response_status=status, response_body=body)
+                .execution_options(synchronize_session=False)
+            )
+
+    def _replay(self, tenant_id: str, key: str, fingerprint: str) -> Intake | None:
+        with self.store.read() as session:
+            record = session.scalar(
+                sa.select(IdempotencyKey).where(
+                    IdempotencyKey.tenant_id == tenant_id,
+                    IdempotencyKey.key == key,
+                    IdempotencyKey.expires_at > utcnow(),
+                )
+            )
+            if record is None:
+                return None
+            if record.request_hash != fingerprint:
+                raise IdempotencyKeyReused(
+                    "this Idempotency-Key was first used with a different request body; "
+                    "use a new key for a new request",
+                    errors=[{"field": "Idempotency-Key", "message": "reused with another body"}],
+                )
+            if record.response_body is not None and record.response_status is not None:
+                return Intake(generation=None, replay=(record.response_status,
+                                                       record.response_body))
+            # The first request has not answered yet (or died before it could): show the
+            # generation as it is now.
+            return Intake(generation=session.get(Generation, record.generation_id))
+
+    def get(self, tenant_id: str, generation_id: str) -> Generation:
+        """One generation of this tenant; NotFound for unknown ids and other tenants' ids."""
+        with self.store.read() as session:
+            generation = session.get(Generation, generation_id)
+        if generation is None or generation.tenant_id != tenant_id:
+            raise NotFound(f"no generation {generation_id!r}")
+        return generation
+
+    def list(
+        self,
+        tenant_id: str,
+        *,
+        status: str | None = None,
+        created_after: dt.datetime | None = None,
+        cursor: str | None = None,
+        limit: int = 20,
+    ) -> Page:
+        """Newest first; `next_cursor` continues after the last item."""
+        query = sa.select(Generation).where(Generation.tenant_id == tenant_id)
+        if status is not None:
+            query = query.where(Generation.status == status)
+        if created_after is not None:
+            query = query.where(Generation.created_at > created_after)
+        if cursor is not None:
+            created_at, last_id = _decode_cursor(cursor)
+            query = query.where(
+                sa.or_(
+                    Generation.created_at < created_at,
+                    sa.and_(Generation.created_at == created_at, Generation.id < last_id),
+                )
+            )
+        query = query.order_by(Generation.created_at.desc(), Generation.id.desc()).limit(limit + 1)
+        with self.store.read() as session:
+            rows = list(session.scalars(query))
+        items = rows[:limit]
+        next_cursor = _encode_cursor(items[-1]) if len(rows) > limit else None
+        return Page(items=items, next_cursor=next_cursor)
+
+    def cancel(self, tenant_id: str, generation_id: str) -> Generation:
+        """Cancel a queued or processing generation; canceling twice is harmless."""
+        generation = self.get(tenant_id, generation_id)
+        if generation.status != GenerationStatus.CANCELED:
+            with self.store.transaction() as session:
+                change_status(session, generation_id, GenerationStatus.CANCELED, now=utcnow())
+            generation = self._load(generation_id)
+        if generation.status != GenerationStatus.CANCELED:
+            raise Conflict(f"generation {generation_id} has already {generation.status}")
+        return generation
+
+    def _load(self, generation_id: str) -> Generation:
+        with self.store.read() as session:
+            generation = session.get(Generation, generation_id)
+        assert generation is not None
+        return generation
+
+
+def _encode_cursor(last: Generation) -> str:
+    raw = json.dumps([last.created_at.isoformat(), last.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, last_id = json.loads(raw)
+        moment = dt.datetime.fromisoformat(created_at)
+        if moment.tzinfo is None or not isinstance(last_id, str):
+            raise ValueError("bad cursor")
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidRequest(
+            "the cursor is not one this API returned",
+            errors=[{"field": "cursor", "message": "Invalid cursor."}],
+        ) from None
+    return moment, last_id

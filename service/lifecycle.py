@@ -1,0 +1,38 @@
+"""The one place a generation's status changes: a conditional UPDATE guarded by the state
+machine, so concurrent actors (intake, worker, callbacks, cancel) can never regress a status."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.domain import GenerationStatus, allowed_predecessors
+from service.models import Generation
+
+
+def change_status(
+    session: Session,
+    generation_id: str,
+    new: GenerationStatus,
+    *,
+    now: dt.datetime,
+    **fields: Any,
+) -> bool:
+    """Move the generation to `new` if its current status allows it; True when it moved."""
+    values: dict[str, Any] = {"status": new, "updated_at": now, **fields}
+    if new.is_terminal:
+        values["completed_at"] = now
+    statement = (
+        sa.update(Generation)
+        .where(
+            Generation.id == generation_id,
+            Generation.status.in_([s.value for s in allowed_predecessors(new)]),
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    result = session.execute(statement)
+    return bool(getattr(result, "rowcount", 0) == 1)

@@ -1,0 +1,85 @@
+"""The `submit` task: forward a queued generation to Deep-Image (DESIGN §2.2)."""
+
+from __future__ import annotations
+
+import logging
+
+from service.callbacks import callback_url
+from service.config import Config
+from service.deepimage import DeepImageClient, PermanentUpstreamError, TransientUpstreamError
+from service.domain import ErrorCode, GenerationStatus
+from service.lifecycle import change_status
+from service.models import Generation, utcnow
+from service.store import Store
+from service.tasks import ClaimedTask
+from service.worker import RetryableError
+
+log = logging.getLogger("genrelay.submit")
+
+SUBMIT = "submit"
+
+
+class SubmitHandler:
+    """Sends the caller's `input` plus our callback URL to `POST /rest_api/process`."""
+
+    def __init__(self, store: Store, deepimage: DeepImageClient, config: Config) -> None:
+        self.store = store
+        self.deepimage = deepimage
+        self.config = config
+
+    def run(self, task: ClaimedTask) -> None:
+        assert task.generation_id is not None
+        with self.store.read() as session:
+            generation = session.get(Generation, task.generation_id)
+            if generation is None or generation.status != GenerationStatus.QUEUED:
+                return  # canceled, or already submitted by an earlier attempt: nothing to do
+            payload = dict(generation.input)
+        if self.config.public_url:
+            payload["webhooks"] = {
+                "complete": callback_url(
+                    self.config.public_url, self.config.callback_secret, task.generation_id
+                )
+            }
+        try:
+            job = self.deepimage.process(payload)
+        except TransientUpstreamError as exc:
+            raise RetryableError(exc.message) from None
+        except PermanentUpstreamError as exc:
+            self._fail(task.generation_id, exc.error_code, exc.message)
+            return
+        now = utcnow()
+        with self.store.transaction() as session:
+            moved = change_status(
+                session,
+                task.generation_id,
+                GenerationStatus.PROCESSING,
+                now=now,
+                upstream_job=job.job,
+                submitted_at=now,
+                error_code=None,
+                error_message=None,
+            )
+        if not moved:
+            # Canceled while the request was in flight. Deep-Image documents no way to cancel
+            # a job, so its result will simply be ignored when it arrives.
+            log.info("generation %s left queued before job %s was recorded", task.generation_id,
+                     job.job)
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        assert task.generation_id is not None
+        self._fail(
+            task.generation_id,
+            ErrorCode.UPSTREAM_UNAVAILABLE,
+            f"Deep-Image could not be reached after {task.attempts} attempts: {error}",
+        )
+
+    def _fail(self, generation_id: str, code: ErrorCode, message: str) -> None:
+        with self.store.transaction() as session:
+            change_status(
+                session,
+                generation_id,
+                GenerationStatus.FAILED,
+                now=utcnow(),
+                error_code=code.value,
+                error_message=message,
+            )
