@@ -1,0 +1,94 @@
+"""/v1/generations: intake, read, list, cancel. Parse -> call the service -> render."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import flask
+from flask_smorest import Blueprint
+from marshmallow import EXCLUDE, Schema, fields, validate
+
+from handlers.auth import require_tenant, services, tenant_id
+from handlers.problems import StrictJSONParser
+from schemas.generations import (
+    GenerationCreateSchema,
+    GenerationListArgsSchema,
+    GenerationPageSchema,
+    GenerationSchema,
+)
+from schemas.problems import ProblemSchema
+from service.generations import NewGeneration
+
+blp = Blueprint(
+    "generations",
+    __name__,
+    url_prefix="/v1/generations",
+    description="Image generation requests forwarded to Deep-Image.",
+)
+blp.ARGUMENTS_PARSER = StrictJSONParser()
+blp.before_request(require_tenant)
+
+
+class IdempotencyHeaderSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    idempotency_key = fields.String(
+        data_key="Idempotency-Key",
+        validate=[
+            validate.Length(min=1, max=255),
+            validate.Regexp(r"^[\x21-\x7e]+$", error="Printable ASCII without spaces."),
+        ],
+        metadata={"description": "Retries with the same key and body get the first answer."},
+    )
+
+
+@blp.route("", methods=["POST"])
+@blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
+@blp.arguments(GenerationCreateSchema)
+@blp.response(202, GenerationSchema)
+@blp.alt_response(422, schema=ProblemSchema, description="Invalid fields, or a reused key")
+def create_generation(body: dict[str, Any], idempotency_key: str | None = None) -> Any:
+    """Accept a generation and forward it to Deep-Image."""
+    tenant = tenant_id()
+    generations = services().generations
+    outcome = generations.create(tenant, NewGeneration(**body), idempotency_key=idempotency_key)
+    if outcome.replay is not None:
+        status, payload = outcome.replay
+        return flask.Response(
+            json.dumps(payload), status=status, mimetype="application/json",
+            headers={"Idempotent-Replayed": "true"},
+        )
+    generation = outcome.generation
+    assert generation is not None
+    if idempotency_key is not None:
+        generations.record_response(
+            tenant, idempotency_key, 202, GenerationSchema().dump(generation)
+        )
+    return generation, 202, {"Location": f"/v1/generations/{generation.id}"}
+
+
+@blp.route("", methods=["GET"])
+@blp.arguments(GenerationListArgsSchema, location="query", as_kwargs=True)
+@blp.response(200, GenerationPageSchema)
+def list_generations(**args: Any) -> Any:
+    """This tenant's generations, newest first."""
+    page = services().generations.list(tenant_id(), **args)
+    return {"data": page.items, "next_cursor": page.next_cursor}
+
+
+@blp.route("/<string:generation_id>", methods=["GET"])
+@blp.response(200, GenerationSchema)
+@blp.alt_response(404, schema=ProblemSchema)
+def get_generation(generation_id: str) -> Any:
+    """One generation."""
+    return services().generations.get(tenant_id(), generation_id)
+
+
+@blp.route("/<string:generation_id>/cancel", methods=["POST"])
+@blp.response(200, GenerationSchema)
+@blp.alt_response(409, schema=ProblemSchema, description="Already succeeded or failed")
+def cancel_generation(generation_id: str) -> Any:
+    """Cancel a queued or processing generation."""
+    return services().generations.cancel(tenant_id(), generation_id)

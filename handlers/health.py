@@ -1,0 +1,30 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from flask_smorest import Blueprint
+
+from handlers.auth import services
+from handlers.problems import problem_response
+
+blp = Blueprint("health", __name__, description="Probes for the platform.")
+
+
+@blp.route("/healthz", methods=["GET"])
+def healthz() -> Any:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@blp.route("/readyz", methods=["GET"])
+def readyz() -> Any:
+    """The database answers; 503 otherwise."""
+    try:
+        with services().store.read() as session:
+            session.execute(sa.text("SELECT 1"))
+    except Exception:
+        return problem_response(503, "Service Unavailable", "the database is not reachable")
+    return {"status": "ready"}

@@ -1,0 +1,160 @@
+"""Every error leaves the API as `application/problem+json` (RFC 9457), built here."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, NoReturn
+
+import flask
+from flask_smorest import Api
+from webargs import core
+from webargs.flaskparser import FlaskParser, abort, is_json_request
+from werkzeug.exceptions import HTTPException
+
+from service.errors import PROBLEM_BASE, ServiceError
+
+log = logging.getLogger("genrelay.http")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str | None = None,
+    *,
+    slug: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> flask.Response:
+    """A problem-details response."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + (slug or str(status)),
+        "title": title,
+        "status": status,
+    }
+    if detail:
+        body["detail"] = detail
+    if errors:
+        body["errors"] = errors
+    response = flask.Response(
+        json.dumps(body), status=status, mimetype=PROBLEM_MEDIA_TYPE, headers=headers
+    )
+    return response
+
+
+def flatten_messages(messages: Any, path: str = "") -> list[dict[str, Any]]:
+    """Turn marshmallow's nested error dict into `[{field: "a.b.0.c", message}]`."""
+    if isinstance(messages, dict):
+        out: list[dict[str, Any]] = []
+        for key, value in messages.items():
+            name = path if key == "_schema" else f"{path}.{key}" if path else str(key)
+            out.extend(flatten_messages(value, name))
+        return out
+    if isinstance(messages, list | tuple):
+        out = []
+        for item in messages:
+            out.extend(flatten_messages(item, path))
+        return out
+    return [{"field": path or "(body)", "message": str(messages)}]
+
+
+def _field_errors(messages: Any) -> list[dict[str, Any]]:
+    """webargs keys errors by location (json, query, headers); fields are named without it."""
+    if not isinstance(messages, dict):
+        return flatten_messages(messages)
+    out: list[dict[str, Any]] = []
+    for errors in messages.values():
+        out.extend(flatten_messages(errors))
+    return out
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class StrictJSONParser(FlaskParser):
+    """webargs' parser, refusing NaN/Infinity and turning over-deep nesting into a 400.
+
+    Each schema's `Meta.unknown` decides about unknown fields in every location (webargs
+    would otherwise drop unknown query parameters, hiding typos such as `?statuss=failed`).
+    """
+
+    DEFAULT_UNKNOWN_BY_LOCATION: dict[str, str | None] = {}  # noqa: RUF012
+
+    def _raw_load_json(self, req: flask.Request) -> Any:
+        if not is_json_request(req):
+            return core.missing
+        data = req.get_data(cache=True)
+        try:
+            return json.loads(data, parse_constant=_reject_constant)
+        except RecursionError:
+            abort(400, messages={"json": ["JSON body is nested too deeply."]})
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
+            abort(400, exc=exc, messages={"json": ["Invalid JSON body."]})
+
+
+class ProblemApi(Api):
+    """flask-smorest's Api rendering its HTTP errors as problem details."""
+
+    def handle_http_exception(self, error: HTTPException) -> flask.Response:  # type: ignore[override]
+        status = error.code or 500
+        data = getattr(error, "data", None) or {}
+        errors = _field_errors(data["messages"]) if "messages" in data else None
+        if errors and all(e["field"] == "(body)" for e in errors):
+            # Not about a field (e.g. unparseable JSON): say it in `detail` alone.
+            data = {"message": " ".join(e["message"] for e in errors)}
+            errors = None
+        if errors:
+            shown = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            detail = shown + more
+        else:
+            detail = data.get("message") or error.description
+        # Keep headers werkzeug attached (Allow on 405, WWW-Authenticate...), drop its type.
+        headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+        headers.update(data.get("headers") or {})
+        return problem_response(
+            status,
+            error.name,
+            detail,
+            slug="invalid-request" if status == 422 else None,
+            errors=errors,
+            headers=headers,
+        )
+
+
+def register_error_handlers(app: flask.Flask) -> None:
+    """Service errors and last-resort crashes become problems too."""
+
+    @app.errorhandler(ServiceError)
+    def _service_error(error: ServiceError) -> flask.Response:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return problem_response(
+            error.status, error.title, error.detail, slug=error.slug, errors=error.errors,
+            headers=headers,
+        )
+
+    # HTTPExceptions go to ProblemApi.handle_http_exception (Flask picks the closest class).
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> flask.Response:
+        log.exception("unhandled error on %s %s", flask.request.method, flask.request.path)
+        return problem_response(500, "Internal Server Error", "The server failed unexpectedly.")
+
+
+def require_json_body() -> flask.Response | None:
+    """before_request hook: a request that carries a body must say it is JSON (else 415)."""
+    request = flask.request
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    has_body = bool(request.content_length) or "chunked" in request.headers.get(
+        "Transfer-Encoding", ""
+    ).lower()
+    if has_body and not is_json_request(request):
+        return problem_response(
+            415,
+            "Unsupported Media Type",
+            f"send the body as application/json, not {request.mimetype or 'no content type'}",
+        )
+    return None

@@ -1,0 +1,121 @@
+"""Request and response schemas of /v1/generations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
+
+from schemas.deepimage import ProcessRequestSchema
+from service.domain import EVENT_TYPES, GenerationStatus
+
+MAX_METADATA_KEYS = 50
+
+
+class GenerationCreateSchema(Schema):
+    """Body of `POST /v1/generations`."""
+
+    class Meta:
+        unknown = RAISE
+
+    input = fields.Nested(
+        ProcessRequestSchema,
+        required=True,
+        metadata={"description": "A Deep-Image processing request, forwarded unchanged."},
+    )
+    webhook = fields.Url(
+        schemes={"http", "https"},
+        require_tld=False,
+        validate=validate.Length(max=2048),
+        metadata={"description": "Where to send this generation's notifications."},
+    )
+    webhook_events_filter = fields.List(
+        fields.String(validate=validate.OneOf(EVENT_TYPES)),
+        validate=validate.Length(min=1, max=len(EVENT_TYPES)),
+        metadata={"description": "Which events go to `webhook` (default: all)."},
+    )
+    metadata = fields.Dict(
+        keys=fields.String(validate=validate.Length(min=1, max=40)),
+        values=fields.String(validate=validate.Length(max=500)),
+        metadata={"description": "Up to 50 string pairs of your own, returned as given."},
+    )
+
+    @validates("metadata")
+    def _few_keys(self, value: dict[str, Any], **_: Any) -> None:
+        if len(value) > MAX_METADATA_KEYS:
+            raise ValidationError(f"At most {MAX_METADATA_KEYS} keys.")
+
+    @validates("webhook_events_filter")
+    def _unique(self, value: list[str], **_: Any) -> None:
+        if len(set(value)) != len(value):
+            raise ValidationError("Event types must not repeat.")
+
+
+class GenerationListArgsSchema(Schema):
+    """Query of `GET /v1/generations`."""
+
+    class Meta:
+        unknown = RAISE
+
+    status = fields.String(validate=validate.OneOf([s.value for s in GenerationStatus]))
+    created_after = fields.AwareDateTime(
+        metadata={"description": "ISO 8601 with a time zone; only generations created later."}
+    )
+    cursor = fields.String(validate=validate.Length(max=500))
+    limit = fields.Integer(
+        load_default=20, validate=validate.Range(min=1, max=100), strict=False
+    )
+
+
+class UpstreamSchema(Schema):
+    job = fields.String(allow_none=True)
+
+
+class ResultSchema(Schema):
+    uri = fields.String()
+    url = fields.String()
+    content_type = fields.String()
+    size = fields.Integer()
+    crc32c = fields.String()
+    width = fields.Integer()
+    height = fields.Integer()
+
+
+class ErrorSchema(Schema):
+    code = fields.String()
+    message = fields.String()
+
+
+class GenerationSchema(Schema):
+    """The generation resource."""
+
+    id = fields.String()
+    status = fields.String(validate=validate.OneOf([s.value for s in GenerationStatus]))
+    input = fields.Dict(metadata={"description": "The Deep-Image request as submitted."})
+    metadata = fields.Dict(attribute="meta")
+    webhook = fields.String(allow_none=True)
+    webhook_events_filter = fields.List(fields.String(), allow_none=True)
+    created_at = fields.AwareDateTime()
+    updated_at = fields.AwareDateTime()
+    completed_at = fields.AwareDateTime(allow_none=True)
+    upstream = fields.Method("_upstream", metadata={"type": "object"})
+    result = fields.Nested(ResultSchema, allow_none=True)
+    error = fields.Method("_error", allow_none=True)
+    links = fields.Method("_links")
+
+    def _upstream(self, generation: Any) -> dict[str, Any]:
+        return {"job": generation.upstream_job}
+
+    def _error(self, generation: Any) -> dict[str, Any] | None:
+        if generation.error_code is None:
+            return None
+        return {"code": generation.error_code, "message": generation.error_message}
+
+    def _links(self, generation: Any) -> dict[str, str]:
+        base = f"/v1/generations/{generation.id}"
+        return {"self": base, "cancel": base + "/cancel"}
+
+
+class GenerationPageSchema(Schema):
+    data = fields.List(fields.Nested(GenerationSchema))
+    next_cursor = fields.String(allow_none=True)

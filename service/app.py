@@ -1,0 +1,43 @@
+"""The Flask app factory: `create_app()` is what gunicorn serves."""
+
+from __future__ import annotations
+
+import flask
+
+from service.bootstrap import Services, build_services
+from service.config import Config
+
+
+def create_app(config: Config | None = None, *, services: Services | None = None) -> flask.Flask:
+    """Build the web app; config is read from the environment when not given."""
+    # Handlers import the service layer, never the reverse: the import stays local to the
+    # factory so `service` can be used (worker, CLI) without the web layer loaded.
+    from handlers import generations, health
+    from handlers.problems import ProblemApi, register_error_handlers, require_json_body
+
+    config = config or Config.from_env()
+    services = services or build_services(config)
+    app = flask.Flask("genrelay")
+    app.config.update(
+        API_TITLE="genrelay",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.1.0",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        API_SPEC_OPTIONS={
+            "security": [{"bearerAuth": []}],
+            "components": {
+                "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+            },
+        },
+        MAX_CONTENT_LENGTH=config.max_request_bytes,
+    )
+    app.extensions["genrelay"] = services
+    api = ProblemApi(app)
+    api.register_blueprint(generations.blp)
+    api.register_blueprint(health.blp)
+    register_error_handlers(app)
+    app.before_request(require_json_body)
+    return app
