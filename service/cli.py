@@ -1,0 +1,135 @@
+"""The `genrelay` command: serve, worker, migrate, keys create, simulator, dev."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from service.config import Config, ConfigError
+
+log = logging.getLogger("genrelay.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `genrelay` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["simulator"]:
+        # The simulator owns its flags; hand them over untouched.
+        from service.simulator.cli import main as simulator_main
+
+        return simulator_main(args_list[1:])
+    parser = _parser()
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from service.logs import setup_logging
+
+    setup_logging(os.environ.get("GENRELAY_LOG_LEVEL", "INFO").upper())
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(f"genrelay: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genrelay", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+
+    serve = commands.add_parser("serve", help="run the web service under gunicorn")
+    serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser("worker", help="run the task loop")
+    worker.add_argument("--threads", type=int, default=int(os.environ.get(
+        "GENRELAY_WORKER_THREADS", "4")))
+    worker.add_argument("--poll-interval", type=float, default=0.5)
+    worker.set_defaults(run=_worker)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database to the newest schema")
+    migrate.set_defaults(run=_migrate)
+
+    keys = commands.add_parser("keys", help="manage API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key; prints it alone on stdout")
+    create.add_argument("tenant")
+    create.set_defaults(run=_keys_create)
+
+    commands.add_parser("simulator", help="run the Deep-Image simulator (--help for flags)")
+
+    dev = commands.add_parser("dev", help="run the whole stack locally with embedded defaults")
+    dev.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    dev.add_argument("--var", default="var", help="directory for the dev database and files")
+    dev.set_defaults(run=_dev)
+    return parser
+
+
+def _serve(_args: argparse.Namespace) -> int:
+    Config.from_env()  # fail fast, before gunicorn forks, with the variable named
+    from gunicorn.app.base import BaseApplication
+
+    class GenrelayGunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.load_config_from_module_name_or_filename("python:service.gunicorn_conf")
+
+        def load(self) -> Any:
+            from service.app import create_app
+
+            return create_app()
+
+    GenrelayGunicorn().run()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from service.bootstrap import build_services
+    from service.worker import Worker
+
+    services = build_services(Config.from_env())
+    worker = Worker(services.runner, threads=args.threads, poll_interval=args.poll_interval)
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the tasks in hand, then stopping", signum)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    worker.run()
+    services.close()
+    return 0
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    from service.migrate import upgrade_to_head
+
+    upgrade_to_head(Config.database_url_from_env())
+    log.info("database is at the newest schema")
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from service.auth import ApiKeys
+    from service.store import Store
+
+    store = Store(Config.database_url_from_env())
+    try:
+        key = ApiKeys(store).create(args.tenant)
+    finally:
+        store.dispose()
+    sys.stdout.write(key + "\n")
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from service.dev import run_dev_stack
+
+    return run_dev_stack(port=args.port, var_dir=args.var)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
