@@ -1,0 +1,413 @@
+"""/v1/generations against a real database (SQLite and PostgreSQL) and the simulator over HTTP."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from service.bootstrap import Services, build_services
+from service.callbacks import callback_url
+from service.config import Config
+from service.models import Generation, IdempotencyKey, Task
+from service.submission import SUBMIT
+from service.tasks import RetryPolicy
+from service.worker import Worker
+from tests.helpers import seed_examples, set_simulator
+
+TEXT_ONLY = seed_examples()["text_only"]
+PROBLEM = "application/problem+json"
+
+
+def create(client: Any, auth: dict[str, str], body: dict[str, Any], **headers: str) -> Any:
+    return client.post("/v1/generations", json=body, headers={**auth, **headers})
+
+
+def upstream_request(simulator: Any, job: str) -> dict[str, Any]:
+    """What the simulator received for `job`."""
+    response = requests.get(f"{simulator.url}/_sim/jobs/{job}", timeout=5)
+    response.raise_for_status()
+    return response.json()["request"]  # type: ignore[no-any-return]
+
+
+def generation_count(services: Services) -> int:
+    with services.store.read() as session:
+        return session.scalar(sa.select(sa.func.count()).select_from(Generation)) or 0
+
+
+@pytest.mark.parametrize("name", sorted(seed_examples()))
+def test_each_seed_example_is_forwarded_unchanged_and_becomes_processing(
+    client: Any, auth: dict[str, str], simulator: Any, name: str
+) -> None:
+    example = seed_examples()[name]
+    response = create(client, auth, {"input": example, "metadata": {"order": "A-1"}})
+    assert response.status_code == 202, response.json
+    body = response.json
+    assert body["status"] == "processing"
+    assert body["input"] == example
+    assert body["metadata"] == {"order": "A-1"}
+    assert body["error"] is None
+    assert response.headers["Location"] == f"/v1/generations/{body['id']}"
+    # Polling-only mode (no GENRELAY_PUBLIC_URL): the input goes upstream exactly as given.
+    assert upstream_request(simulator, body["upstream"]["job"]) == example
+    assert client.get(body["links"]["self"], headers=auth).json == body
+
+
+def test_the_callback_url_is_added_when_a_public_url_is_configured(
+    config: Config, store: Any, simulator: Any
+) -> None:
+    from service.app import create_app
+
+    secret = "s" * 32
+    config = config.replace(public_url="https://relay.example.com", callback_secret=secret)
+    services = build_services(config, store=store)
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    body = create(client, auth, {"input": TEXT_ONLY}).json
+    sent = upstream_request(simulator, body["upstream"]["job"])
+    assert sent == {
+        **TEXT_ONLY,
+        "webhooks": {"complete": callback_url("https://relay.example.com", secret, body["id"])},
+    }
+    services.deepimage.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({}, {"input"}),
+        ({"input": {"width": 100, "height": 100, "background": {"generate": {
+            "description": "x", "model_type": "dalle"}}}}, {"input.background.generate.model_type"}),
+        ({"input": {"width": 0, "height": 100, "background": {"generate": {"description": "x"}}}},
+         {"input.width"}),
+        ({"input": {"url": "https://example.com/a.png",
+                    "background": {"generate": {"controlnet_conditioning_scale": 1.5,
+                                                "adapter_type": "control"}}}},
+         {"input.background.generate.controlnet_conditioning_scale"}),
+        ({"input": {"url": "https://example.com/a.png", "webhooks": {"complete": "https://x.io"}}},
+         {"input.webhooks"}),
+        ({"input": {**TEXT_ONLY, "surprise": 1}}, {"input.surprise"}),
+        ({"input": TEXT_ONLY, "extra": True}, {"extra"}),
+        ({"input": TEXT_ONLY, "webhook": "not a url"}, {"webhook"}),
+        ({"input": TEXT_ONLY, "webhook_events_filter": ["generation.exploded"]},
+         {"webhook_events_filter.0"}),
+        ({"input": TEXT_ONLY, "metadata": {"k": "v" * 501}}, {"metadata.k.value"}),
+        ({"input": TEXT_ONLY, "metadata": {str(i): "v" for i in range(51)}}, {"metadata"}),
+        ({"input": {"width": 10**400, "height": 1, "background": {"generate": {
+            "description": "x"}}}}, {"input.width"}),
+        ({"input": "a string"}, {"input"}),
+        ({"input": None}, {"input"}),
+    ],
+)
+def test_invalid_fields_get_a_problem_naming_each_field_and_store_nothing(
+    client: Any, auth: dict[str, str], services: Services, body: dict[str, Any], fields: set[str]
+) -> None:
+    response = create(client, auth, body)
+    assert response.status_code == 422
+    assert response.mimetype == PROBLEM
+    problem = response.json
+    assert problem["status"] == 422
+    assert problem["type"].endswith("/invalid-request")
+    assert {e["field"] for e in problem["errors"]} == fields
+    assert all(field in problem["detail"] for field in fields)
+    assert generation_count(services) == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status"),
+    [
+        ("{not json", "application/json", 400),
+        ('{"input": NaN}', "application/json", 400),
+        ('{"input": {"width": Infinity}}', "application/json", 400),
+        ("[" * 100_000 + "]" * 100_000, "application/json", 400),
+        ("\xff\xfe", "application/json", 400),
+        ("[]", "application/json", 422),
+        ('"input"', "application/json", 422),
+        ("null", "application/json", 422),
+        ("", "application/json", 400),
+        ('{"input": {}}', "text/plain", 415),
+        ("input=1", "application/x-www-form-urlencoded", 415),
+        ('{"input": {"width": 1e999, "height": 1}}', "application/json", 422),
+        ('{"input": {"width": 1.5, "height": 1}}', "application/json", 422),
+        ('{"input": {"width": true, "height": 1}}', "application/json", 422),
+    ],
+)
+def test_malformed_requests_get_a_problem_never_a_500(
+    client: Any, auth: dict[str, str], services: Services, data: str, content_type: str,
+    status: int,
+) -> None:
+    response = client.post("/v1/generations", data=data, content_type=content_type, headers=auth)
+    assert response.status_code == status
+    assert response.mimetype == PROBLEM
+    assert response.json["status"] == status
+    assert response.json["detail"]
+    assert generation_count(services) == 0
+
+
+def test_a_body_over_the_limit_is_refused_with_413(
+    config: Config, store: Any, simulator: Any
+) -> None:
+    from service.app import create_app
+
+    config = config.replace(max_request_bytes=1024)
+    services = build_services(config, store=store)
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    body = {"input": {**TEXT_ONLY, "background": {"generate": {"description": "x" * 2000}}}}
+    response = create(client, auth, body)
+    assert response.status_code == 413
+    assert response.mimetype == PROBLEM
+    services.deepimage.close()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer gr_not-a-key"}, {"Authorization": "Basic dXNlcjpwdw=="},
+     {"Authorization": "Bearer "}],
+)
+def test_requests_without_a_valid_api_key_are_401(client: Any, headers: dict[str, str]) -> None:
+    for response in (
+        client.get("/v1/generations", headers=headers),
+        client.post("/v1/generations", json={"input": TEXT_ONLY}, headers=headers),
+        client.get("/v1/generations/gen_x", headers=headers),
+    ):
+        assert response.status_code == 401
+        assert response.mimetype == PROBLEM
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_a_tenant_cannot_see_or_cancel_another_tenants_generation(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    theirs = create(client, auth, {"input": TEXT_ONLY}).json["id"]
+    other = {"Authorization": "Bearer " + services.api_keys.create("globex")}
+    assert client.get(f"/v1/generations/{theirs}", headers=other).status_code == 404
+    assert client.post(f"/v1/generations/{theirs}/cancel", headers=other).status_code == 404
+    assert client.get("/v1/generations", headers=other).json["data"] == []
+    assert client.get(f"/v1/generations/{theirs}", headers=auth).status_code == 200
+
+
+def test_the_same_idempotency_key_and_body_replays_the_first_response(
+    client: Any, auth: dict[str, str], services: Services, simulator: Any
+) -> None:
+    first = create(client, auth, {"input": TEXT_ONLY}, **{"Idempotency-Key": "order-42"})
+    again = create(client, auth, {"input": TEXT_ONLY}, **{"Idempotency-Key": "order-42"})
+    assert first.status_code == again.status_code == 202
+    assert again.json == first.json
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert generation_count(services) == 1
+    stats = requests.get(f"{simulator.url}/_sim/stats", timeout=5).json()
+    assert stats["jobs_created"] == 1
+
+
+def test_the_same_idempotency_key_with_another_body_is_422(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    create(client, auth, {"input": TEXT_ONLY}, **{"Idempotency-Key": "k1"})
+    other = create(client, auth, {"input": TEXT_ONLY, "metadata": {"a": "b"}},
+                   **{"Idempotency-Key": "k1"})
+    assert other.status_code == 422
+    assert other.mimetype == PROBLEM
+    assert other.json["type"].endswith("/idempotency-key-reused")
+    assert generation_count(services) == 1
+
+
+def test_idempotency_keys_are_per_tenant_and_expire_after_24_hours(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    other = {"Authorization": "Bearer " + services.api_keys.create("globex")}
+    a = create(client, auth, {"input": TEXT_ONLY}, **{"Idempotency-Key": "shared"}).json["id"]
+    b = create(client, other, {"input": TEXT_ONLY}, **{"Idempotency-Key": "shared"}).json["id"]
+    assert a != b
+    with services.store.transaction() as session:
+        session.execute(sa.update(IdempotencyKey).values(
+            expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
+    c = create(client, auth, {"input": TEXT_ONLY, "metadata": {"new": "body"}},
+               **{"Idempotency-Key": "shared"})
+    assert c.status_code == 202
+    assert c.json["id"] not in (a, b)
+
+
+def test_a_bad_idempotency_key_is_named(client: Any, auth: dict[str, str]) -> None:
+    response = create(client, auth, {"input": TEXT_ONLY}, **{"Idempotency-Key": "x" * 256})
+    assert response.status_code == 422
+    assert [e["field"] for e in response.json["errors"]] == ["Idempotency-Key"]
+
+
+def test_listing_is_newest_first_with_cursor_pages_and_filters(
+    client: Any, auth: dict[str, str]
+) -> None:
+    ids = [create(client, auth, {"input": TEXT_ONLY}).json["id"] for _ in range(5)]
+    canceled = client.post(f"/v1/generations/{ids[0]}/cancel", headers=auth).json
+    seen: list[str] = []
+    url = "/v1/generations?limit=2"
+    while True:
+        page = client.get(url, headers=auth).json
+        assert len(page["data"]) <= 2
+        seen.extend(item["id"] for item in page["data"])
+        if page["next_cursor"] is None:
+            break
+        url = f"/v1/generations?limit=2&cursor={page['next_cursor']}"
+    assert seen == list(reversed(ids))
+    only = client.get("/v1/generations?status=canceled", headers=auth).json["data"]
+    assert [g["id"] for g in only] == [ids[0]]
+    after = client.get("/v1/generations", headers=auth,
+                       query_string={"created_after": canceled["created_at"]}).json["data"]
+    assert [g["id"] for g in after] == list(reversed(ids[1:]))
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [("cursor=garbage!", "cursor"), ("limit=0", "limit"), ("limit=101", "limit"),
+     ("status=done", "status"), ("created_after=yesterday", "created_after"),
+     ("created_after=2026-01-01T00:00:00", "created_after"), ("colour=red", "colour")],
+)
+def test_bad_list_queries_are_named(client: Any, auth: dict[str, str], query: str,
+                                    field: str) -> None:
+    response = client.get(f"/v1/generations?{query}", headers=auth)
+    assert response.status_code == 422
+    assert response.mimetype == PROBLEM
+    assert field in [e["field"] for e in response.json["errors"]]
+
+
+def test_cancel_is_idempotent_and_a_finished_generation_cannot_be_canceled(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    gen = create(client, auth, {"input": TEXT_ONLY}).json
+    assert gen["status"] == "processing"
+    first = client.post(f"/v1/generations/{gen['id']}/cancel", headers=auth)
+    again = client.post(f"/v1/generations/{gen['id']}/cancel", headers=auth)
+    assert first.status_code == again.status_code == 200
+    assert again.json["status"] == "canceled"
+    assert again.json["completed_at"] is not None
+    failed = create(client, auth, {"input": {**TEXT_ONLY, "preset": "no_such_preset"}}).json
+    assert failed["status"] == "failed"
+    refused = client.post(f"/v1/generations/{failed['id']}/cancel", headers=auth)
+    assert refused.status_code == 409
+    assert refused.mimetype == PROBLEM
+    assert client.post("/v1/generations/gen_nope/cancel", headers=auth).status_code == 404
+
+
+def test_an_upstream_400_fails_the_generation_with_the_upstream_message(
+    client: Any, auth: dict[str, str]
+) -> None:
+    response = create(client, auth, {"input": {**TEXT_ONLY, "preset": "no_such_preset"}})
+    assert response.status_code == 202
+    body = response.json
+    assert body["status"] == "failed"
+    assert body["error"]["code"] == "upstream_rejected"
+    assert "no_such_preset" in body["error"]["message"]
+
+
+def test_a_wrong_deepimage_api_key_fails_the_generation_as_upstream_auth(
+    config: Config, store: Any
+) -> None:
+    from service.app import create_app
+
+    config = config.replace(deepimage_api_key="wrong-key")
+    services = build_services(config, store=store)
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    body = create(client, auth, {"input": TEXT_ONLY}).json
+    assert body["status"] == "failed"
+    assert body["error"] == {"code": "upstream_auth", "message": "No user found for provided token"}
+    services.deepimage.close()
+
+
+def fast_retry_services(config: Config, store: Any) -> Services:
+    policy = RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.1)
+    return build_services(config, store=store, policies={SUBMIT: policy})
+
+
+def drain(services: Services, seconds: float = 10.0) -> None:
+    """Run the worker until no task is pending or running (or time runs out)."""
+    worker = Worker(services.runner, threads=1)
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+    while dt.datetime.now(dt.UTC) < deadline:
+        worker.run_once()
+        with services.store.read() as session:
+            active = session.scalar(sa.select(sa.func.count()).select_from(Task).where(
+                Task.status.in_(["pending", "running"])))
+        if not active:
+            return
+        time.sleep(0.02)
+    raise AssertionError("tasks still active")
+
+
+@pytest.mark.parametrize("knob", ["upstream_error_rate", "rate_limit_rate"])
+def test_transient_upstream_errors_leave_the_generation_queued_for_the_worker(
+    config: Config, store: Any, simulator: Any, knob: str
+) -> None:
+    from service.app import create_app
+
+    services = fast_retry_services(config, store)
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    set_simulator(simulator.url, **{knob: 1.0})
+    body = create(client, auth, {"input": TEXT_ONLY}).json
+    assert body["status"] == "queued"
+    with services.store.read() as session:
+        task = session.scalars(sa.select(Task)).one()
+    assert (task.status, task.attempts) == ("pending", 1)
+    assert task.last_error
+    set_simulator(simulator.url, **{knob: 0.0})
+    drain(services)
+    after = client.get(f"/v1/generations/{body['id']}", headers=auth).json
+    assert after["status"] == "processing"
+    assert after["upstream"]["job"]
+    services.deepimage.close()
+
+
+def test_a_generation_fails_as_upstream_unavailable_when_retries_run_out(
+    config: Config, store: Any, simulator: Any
+) -> None:
+    from service.app import create_app
+
+    services = fast_retry_services(config, store)
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    set_simulator(simulator.url, upstream_error_rate=1.0)
+    gen_id = create(client, auth, {"input": TEXT_ONLY}).json["id"]
+    drain(services)
+    after = client.get(f"/v1/generations/{gen_id}", headers=auth).json
+    assert after["status"] == "failed"
+    assert after["error"]["code"] == "upstream_unavailable"
+    assert "3 attempts" in after["error"]["message"]
+    with services.store.read() as session:
+        assert session.scalars(sa.select(Task.status)).one() == "dead"
+    services.deepimage.close()
+
+
+def test_a_generation_canceled_before_the_worker_runs_is_never_submitted(
+    config: Config, store: Any, simulator: Any
+) -> None:
+    from service.app import create_app
+
+    services = fast_retry_services(config, store)
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    set_simulator(simulator.url, upstream_error_rate=1.0)
+    gen_id = create(client, auth, {"input": TEXT_ONLY}).json["id"]
+    assert client.post(f"/v1/generations/{gen_id}/cancel", headers=auth).json["status"] == \
+        "canceled"
+    set_simulator(simulator.url, upstream_error_rate=0.0)
+    drain(services)
+    assert client.get(f"/v1/generations/{gen_id}", headers=auth).json["status"] == "canceled"
+    stats = requests.get(f"{simulator.url}/_sim/stats", timeout=5).json()
+    assert stats["jobs_created"] == 0
+    services.deepimage.close()
+
+
+def test_the_openapi_document_describes_the_api_from_the_same_schemas(client: Any) -> None:
+    spec = client.get("/openapi.json").json
+    assert {"/v1/generations", "/v1/generations/{generation_id}",
+            "/v1/generations/{generation_id}/cancel"} <= set(spec["paths"])
+    schemas = spec["components"]["schemas"]
+    generate = schemas["DeepImageGenerate"]["properties"]
+    assert set(generate["model_type"]["enum"]) >= {"realistic", "fantasy", "premium"}
+    assert json.dumps(spec)  # serialisable as served

@@ -1,0 +1,89 @@
+"""Config comes from the environment only and fails fast, naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.config import DEFAULT_WEBHOOK_RETRY_SCHEDULE, Config, ConfigError
+
+MINIMAL = {"GENRELAY_DEEPIMAGE_API_KEY": "k"}
+
+
+def test_minimal_environment_gives_the_documented_defaults() -> None:
+    config = Config.from_env(MINIMAL)
+    assert config.database_url == "sqlite:///var/genrelay.db"
+    assert config.deepimage_url == "https://deep-image.ai"
+    assert config.public_url is None
+    assert config.webhook_retry_schedule == DEFAULT_WEBHOOK_RETRY_SCHEDULE
+    assert config.port == 8080
+
+
+def test_every_variable_is_read() -> None:
+    config = Config.from_env(
+        {
+            **MINIMAL,
+            "GENRELAY_DATABASE_URL": "postgresql+psycopg://u@h/db",
+            "GENRELAY_DEEPIMAGE_URL": "http://127.0.0.1:9000/",
+            "GENRELAY_PUBLIC_URL": "https://relay.example.com",
+            "GENRELAY_CALLBACK_SECRET": "s" * 32,
+            "GENRELAY_GCS_BUCKET": "bucket",
+            "GENRELAY_GCS_PREFIX": "/results/",
+            "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
+            "GENRELAY_RECONCILE_AFTER": "30",
+            "GENRELAY_GENERATION_TIMEOUT": "600",
+            "GENRELAY_WEBHOOK_RETRY_SCHEDULE": "0, 1,2.5",
+            "PORT": "9999",
+        }
+    )
+    assert config.database_url == "postgresql+psycopg://u@h/db"
+    assert config.deepimage_url == "http://127.0.0.1:9000"
+    assert config.public_url == "https://relay.example.com"
+    assert config.gcs_bucket == "bucket"
+    assert config.gcs_prefix == "results"
+    assert config.allow_private_webhooks is True
+    assert config.reconcile_after == 30
+    assert config.generation_timeout == 600
+    assert config.webhook_retry_schedule == (0, 1, 2.5)
+    assert config.port == 9999
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({}, "GENRELAY_DEEPIMAGE_API_KEY"),
+        ({**MINIMAL, "GENRELAY_DATABASE_URL": "mysql://x"}, "GENRELAY_DATABASE_URL"),
+        ({**MINIMAL, "GENRELAY_DEEPIMAGE_URL": "ftp://x"}, "GENRELAY_DEEPIMAGE_URL"),
+        ({**MINIMAL, "GENRELAY_PUBLIC_URL": "relay.example.com"}, "GENRELAY_PUBLIC_URL"),
+        ({**MINIMAL, "GENRELAY_PUBLIC_URL": "https://r.example"}, "GENRELAY_CALLBACK_SECRET"),
+        ({**MINIMAL, "GENRELAY_CALLBACK_SECRET": "short"}, "GENRELAY_CALLBACK_SECRET"),
+        ({**MINIMAL, "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "maybe"}, "GENRELAY_ALLOW_PRIVATE_WEBHOOKS"),
+        ({**MINIMAL, "GENRELAY_RECONCILE_AFTER": "soon"}, "GENRELAY_RECONCILE_AFTER"),
+        ({**MINIMAL, "GENRELAY_GENERATION_TIMEOUT": "-1"}, "GENRELAY_GENERATION_TIMEOUT"),
+        ({**MINIMAL, "GENRELAY_GENERATION_TIMEOUT": "nan"}, "GENRELAY_GENERATION_TIMEOUT"),
+        ({**MINIMAL, "GENRELAY_WEBHOOK_RETRY_SCHEDULE": "0,,5"}, "GENRELAY_WEBHOOK_RETRY_SCHEDULE"),
+        ({**MINIMAL, "PORT": "http"}, "PORT"),
+        ({**MINIMAL, "PORT": "70000"}, "PORT"),
+    ],
+)
+def test_bad_values_stop_start_up_naming_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Config.from_env(env)
+
+
+def test_secrets_do_not_appear_in_the_config_repr() -> None:
+    config = Config.from_env(
+        {**MINIMAL, "GENRELAY_DEEPIMAGE_API_KEY": "di-secret-key",
+         "GENRELAY_CALLBACK_SECRET": "callback-secret-value"}
+    )
+    assert "di-secret-key" not in repr(config)
+    assert "callback-secret-value" not in repr(config)
+
+
+def test_the_cli_reports_a_config_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    monkeypatch.delenv("GENRELAY_DEEPIMAGE_API_KEY", raising=False)
+    assert main(["worker"]) == 2
+    assert "GENRELAY_DEEPIMAGE_API_KEY" in capsys.readouterr().err
