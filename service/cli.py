@@ -75,7 +75,11 @@ def _serve(_args: argparse.Namespace) -> int:
 
     class GenrelayGunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            self.load_config_from_module_name_or_filename("python:service.gunicorn_conf")
+            from service import gunicorn_conf
+
+            for name, value in vars(gunicorn_conf).items():
+                if name in self.cfg.settings:
+                    self.cfg.set(name, value)
 
         def load(self) -> Any:
             from service.app import create_app
