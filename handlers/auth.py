@@ -10,7 +10,7 @@ from service.errors import Unauthorized
 
 def services() -> Services:
     """The service graph of the running app."""
-    return flask.current_app.extensions["genrelay"]  # type: ignore[no-any-return]
+    return flask.current_app.extensions["genrelay"]
 
 
 def require_tenant() -> None:
@@ -28,4 +28,4 @@ def require_tenant() -> None:
 
 
 def tenant_id() -> str:
-    return flask.g.tenant_id  # type: ignore[no-any-return]
+    return flask.g.tenant_id

@@ -57,7 +57,9 @@ def create_generation(body: dict[str, Any], idempotency_key: str | None = None) 
     if outcome.replay is not None:
         status, payload = outcome.replay
         return flask.Response(
-            json.dumps(payload), status=status, mimetype="application/json",
+            json.dumps(payload),
+            status=status,
+            mimetype="application/json",
             headers={"Idempotent-Replayed": "true"},
         )
     generation = outcome.generation

@@ -81,7 +81,7 @@ class StrictJSONParser(FlaskParser):
     would otherwise drop unknown query parameters, hiding typos such as `?statuss=failed`).
     """
 
-    DEFAULT_UNKNOWN_BY_LOCATION: dict[str, str | None] = {}  # noqa: RUF012
+    DEFAULT_UNKNOWN_BY_LOCATION: dict[str, str | None] = {}
 
     def _raw_load_json(self, req: flask.Request) -> Any:
         if not is_json_request(req):
@@ -98,7 +98,7 @@ class StrictJSONParser(FlaskParser):
 class ProblemApi(Api):
     """flask-smorest's Api rendering its HTTP errors as problem details."""
 
-    def handle_http_exception(self, error: HTTPException) -> flask.Response:  # type: ignore[override]
+    def handle_http_exception(self, error: HTTPException) -> flask.Response:
         status = error.code or 500
         data = getattr(error, "data", None) or {}
         errors = _field_errors(data["messages"]) if "messages" in data else None
@@ -106,6 +106,7 @@ class ProblemApi(Api):
             # Not about a field (e.g. unparseable JSON): say it in `detail` alone.
             data = {"message": " ".join(e["message"] for e in errors)}
             errors = None
+        detail: str | None
         if errors:
             shown = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
             more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
@@ -132,7 +133,11 @@ def register_error_handlers(app: flask.Flask) -> None:
     def _service_error(error: ServiceError) -> flask.Response:
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
         return problem_response(
-            error.status, error.title, error.detail, slug=error.slug, errors=error.errors,
+            error.status,
+            error.title,
+            error.detail,
+            slug=error.slug,
+            errors=error.errors,
             headers=headers,
         )
 
@@ -148,9 +153,10 @@ def require_json_body() -> flask.Response | None:
     request = flask.request
     if request.method not in ("POST", "PUT", "PATCH"):
         return None
-    has_body = bool(request.content_length) or "chunked" in request.headers.get(
-        "Transfer-Encoding", ""
-    ).lower()
+    has_body = (
+        bool(request.content_length)
+        or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    )
     if has_body and not is_json_request(request):
         return problem_response(
             415,

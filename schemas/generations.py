@@ -62,9 +62,7 @@ class GenerationListArgsSchema(Schema):
         metadata={"description": "ISO 8601 with a time zone; only generations created later."}
     )
     cursor = fields.String(validate=validate.Length(max=500))
-    limit = fields.Integer(
-        load_default=20, validate=validate.Range(min=1, max=100), strict=False
-    )
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100), strict=False)
 
 
 class UpstreamSchema(Schema):

@@ -28,9 +28,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
         API_SPEC_OPTIONS={
             "security": [{"bearerAuth": []}],
-            "components": {
-                "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}
-            },
+            "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
         },
         MAX_CONTENT_LENGTH=config.max_request_bytes,
     )

@@ -46,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     worker = commands.add_parser("worker", help="run the task loop")
-    worker.add_argument("--threads", type=int, default=int(os.environ.get(
-        "GENRELAY_WORKER_THREADS", "4")))
+    worker.add_argument(
+        "--threads", type=int, default=int(os.environ.get("GENRELAY_WORKER_THREADS", "4"))
+    )
     worker.add_argument("--poll-interval", type=float, default=0.5)
     worker.set_defaults(run=_worker)
 
@@ -73,7 +74,7 @@ def _serve(_args: argparse.Namespace) -> int:
     Config.from_env()  # fail fast, before gunicorn forks, with the variable named
     from gunicorn.app.base import BaseApplication
 
-    class GenrelayGunicorn(BaseApplication):  # type: ignore[misc]
+    class GenrelayGunicorn(BaseApplication):
         def load_config(self) -> None:
             from service import gunicorn_conf
 

@@ -68,7 +68,9 @@ class Config:
         # Callback URLs carry an HMAC of the generation id; without a public URL none are
         # sent (polling-only mode) and no secret is needed. A short secret is refused.
         if values.get("public_url") and not values["callback_secret"]:
-            raise ConfigError("GENRELAY_CALLBACK_SECRET is required when GENRELAY_PUBLIC_URL is set")
+            raise ConfigError(
+                "GENRELAY_CALLBACK_SECRET is required when GENRELAY_PUBLIC_URL is set"
+            )
         if values["callback_secret"] and len(values["callback_secret"]) < 16:
             raise ConfigError("GENRELAY_CALLBACK_SECRET must be at least 16 characters")
         values["gcs_bucket"] = text("GENRELAY_GCS_BUCKET")

@@ -94,9 +94,7 @@ class DeepImageClient:
         except requests.Timeout as exc:
             raise TransientUpstreamError(f"Deep-Image timed out: {type(exc).__name__}") from None
         except requests.RequestException as exc:
-            raise TransientUpstreamError(
-                f"Deep-Image unreachable: {type(exc).__name__}"
-            ) from None
+            raise TransientUpstreamError(f"Deep-Image unreachable: {type(exc).__name__}") from None
         with response:
             return _interpret(response, not_found)
 
@@ -128,7 +126,9 @@ def _interpret(response: requests.Response, not_found: ErrorCode) -> UpstreamJob
     if status == 429 or status >= 500:
         raise TransientUpstreamError(message, http_status=status)
     if status in (401, 403):
-        raise PermanentUpstreamError(message, error_code=ErrorCode.UPSTREAM_AUTH, http_status=status)
+        raise PermanentUpstreamError(
+            message, error_code=ErrorCode.UPSTREAM_AUTH, http_status=status
+        )
     if status == 404:
         raise PermanentUpstreamError(message, error_code=not_found, http_status=status)
     if 400 <= status < 500:

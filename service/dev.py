@@ -80,14 +80,15 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
         "GENRELAY_WEB_PROCESSES": "1",
         "PORT": str(port),
     }
+    # Our own interpreter and module, with arguments we build: no untrusted input.
     command = [sys.executable, "-m", "service.cli"]
     processes = [
-        subprocess.Popen(
+        subprocess.Popen(  # noqa: S603
             [*command, "simulator", "--port", str(simulator_port), "--api-key", DEV_DEEPIMAGE_KEY],
             env=env,
         ),
-        subprocess.Popen([*command, "serve"], env=env),
-        subprocess.Popen([*command, "worker", "--threads", "2"], env=env),
+        subprocess.Popen([*command, "serve"], env=env),  # noqa: S603
+        subprocess.Popen([*command, "worker", "--threads", "2"], env=env),  # noqa: S603
     ]
     stopping = False
 
@@ -98,8 +99,7 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        _wait_until_up(f"http://127.0.0.1:{simulator_port}/rest_api/result/none", processes[:1],
-                       15)
+        _wait_until_up(f"http://127.0.0.1:{simulator_port}/rest_api/result/none", processes[:1], 15)
         _wait_until_up(f"http://127.0.0.1:{port}/healthz", processes, 30)
         print(_banner(port, api_key), flush=True)
         while not stopping and all(p.poll() is None for p in processes):

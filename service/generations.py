@@ -162,8 +162,9 @@ class GenerationService:
                     errors=[{"field": "Idempotency-Key", "message": "reused with another body"}],
                 )
             if record.response_body is not None and record.response_status is not None:
-                return Intake(generation=None, replay=(record.response_status,
-                                                       record.response_body))
+                return Intake(
+                    generation=None, replay=(record.response_status, record.response_body)
+                )
             # The first request has not answered yet (or died before it could): show the
             # generation as it is now.
             return Intake(generation=session.get(Generation, record.generation_id))

@@ -1,4 +1,4 @@
-"""gunicorn settings for `genrelay serve` (shipped in the package: `-c python:service.gunicorn_conf`).
+"""gunicorn settings for `genrelay serve`, shipped inside the package.
 
 Threads, not processes, carry concurrency: requests mostly wait on the database and on
 Deep-Image. Counts come from the environment so Cloud Run can size them per instance.

@@ -62,8 +62,9 @@ class SubmitHandler:
         if not moved:
             # Canceled while the request was in flight. Deep-Image documents no way to cancel
             # a job, so its result will simply be ignored when it arrives.
-            log.info("generation %s left queued before job %s was recorded", task.generation_id,
-                     job.job)
+            log.info(
+                "generation %s left queued before job %s was recorded", task.generation_id, job.job
+            )
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         assert task.generation_id is not None

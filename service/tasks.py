@@ -147,7 +147,9 @@ class TaskQueue:
         session.add(task)
         return _claimed(task)
 
-    def claim_due_tasks(self, limit: int = 1, kinds: Iterable[str] | None = None) -> list[ClaimedTask]:
+    def claim_due_tasks(
+        self, limit: int = 1, kinds: Iterable[str] | None = None
+    ) -> list[ClaimedTask]:
         """Claim up to `limit` due tasks (pending and due, or running with an expired lease)."""
         now = self.clock()
         due = sa.or_(

@@ -42,7 +42,9 @@ class TaskRunner:
         try:
             handler.run(task)
         except RetryableError as exc:
-            log.warning("task %s (%s) attempt %d failed: %s", task.id, task.kind, task.attempts, exc)
+            log.warning(
+                "task %s (%s) attempt %d failed: %s", task.id, task.kind, task.attempts, exc
+            )
             return self._retry(handler, task, str(exc))
         except Exception as exc:
             # A bug or an unexpected outage (e.g. the database): retried like a transient
@@ -64,8 +66,9 @@ class TaskRunner:
         return outcome
 
     def _exhausted(self, handler: TaskHandler, task: ClaimedTask, error: str) -> None:
-        log.error("task %s (%s) is dead after %d attempts: %s", task.id, task.kind,
-                  task.attempts, error)
+        log.error(
+            "task %s (%s) is dead after %d attempts: %s", task.id, task.kind, task.attempts, error
+        )
         try:
             handler.on_exhausted(task, error)
         except Exception:
@@ -75,9 +78,7 @@ class TaskRunner:
 class Worker:
     """Claims due tasks and runs them on N threads until told to stop."""
 
-    def __init__(
-        self, runner: TaskRunner, *, threads: int = 4, poll_interval: float = 0.5
-    ) -> None:
+    def __init__(self, runner: TaskRunner, *, threads: int = 4, poll_interval: float = 0.5) -> None:
         self.runner = runner
         self.threads = threads
         self.poll_interval = poll_interval

@@ -38,7 +38,10 @@ def _postgres_admin_url() -> tuple[str | None, str]:
             connection.execute(sa.text("SELECT 1"))
     except Exception as exc:
         shown = sa.engine.make_url(url).render_as_string(hide_password=True)
-        return None, f"no PostgreSQL at {shown} ({type(exc).__name__}); set GENRELAY_TEST_POSTGRES_URL"
+        return (
+            None,
+            f"no PostgreSQL at {shown} ({type(exc).__name__}); set GENRELAY_TEST_POSTGRES_URL",
+        )
     finally:
         engine.dispose()
     return url, ""

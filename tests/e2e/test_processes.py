@@ -95,8 +95,13 @@ def stack(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
     try:
         migrate = subprocess.run([GENRELAY, "migrate"], env=env, capture_output=True, timeout=60)
         assert migrate.returncode == 0, migrate.stderr.decode()
-        keys = subprocess.run([GENRELAY, "keys", "create", "acme"], env=env, capture_output=True,
-                              timeout=60, text=True)
+        keys = subprocess.run(
+            [GENRELAY, "keys", "create", "acme"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            text=True,
+        )
         assert keys.returncode == 0, keys.stderr
         api_key = keys.stdout.strip()
         assert keys.stdout == api_key + "\n"  # the key alone on stdout
@@ -105,12 +110,22 @@ def stack(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
         stack.start("worker", "worker", "--threads", "2", "--poll-interval", "0.1")
         base = f"http://127.0.0.1:{web_port}"
         sim = f"http://127.0.0.1:{sim_port}"
-        wait_for(lambda: stack.alive() and requests.get(f"{sim}/_sim/stats", timeout=1).ok, 20,
-                 "the simulator")
-        wait_for(lambda: stack.alive() and requests.get(f"{base}/readyz", timeout=1).ok, 30,
-                 "genrelay serve")
-        yield {"base": base, "sim": sim, "auth": {"Authorization": f"Bearer {api_key}"},
-               "stack": stack}
+        wait_for(
+            lambda: stack.alive() and requests.get(f"{sim}/_sim/stats", timeout=1).ok,
+            20,
+            "the simulator",
+        )
+        wait_for(
+            lambda: stack.alive() and requests.get(f"{base}/readyz", timeout=1).ok,
+            30,
+            "genrelay serve",
+        )
+        yield {
+            "base": base,
+            "sim": sim,
+            "auth": {"Authorization": f"Bearer {api_key}"},
+            "stack": stack,
+        }
     except BaseException:
         print(stack.logs())
         raise
@@ -121,8 +136,9 @@ def stack(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
 def test_every_seed_example_goes_through_gunicorn_to_the_simulator(stack: dict[str, Any]) -> None:
     base, auth = stack["base"], stack["auth"]
     for name, example in seed_examples().items():
-        response = requests.post(f"{base}/v1/generations", json={"input": example},
-                                 headers=auth, timeout=30)
+        response = requests.post(
+            f"{base}/v1/generations", json={"input": example}, headers=auth, timeout=30
+        )
         assert response.status_code == 202, (name, response.text)
         body = response.json()
         assert body["status"] == "processing", name
@@ -137,8 +153,12 @@ def test_the_worker_process_submits_what_the_inline_attempt_could_not(
 ) -> None:
     base, auth = stack["base"], stack["auth"]
     set_simulator(stack["sim"], upstream_error_rate=1.0)
-    body = requests.post(f"{base}/v1/generations", json={"input": seed_examples()["text_only"]},
-                         headers=auth, timeout=30).json()
+    body = requests.post(
+        f"{base}/v1/generations",
+        json={"input": seed_examples()["text_only"]},
+        headers=auth,
+        timeout=30,
+    ).json()
     assert body["status"] == "queued"
     set_simulator(stack["sim"], upstream_error_rate=0.0)
 

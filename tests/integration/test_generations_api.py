@@ -81,25 +81,68 @@ def test_the_callback_url_is_added_when_a_public_url_is_configured(
     ("body", "fields"),
     [
         ({}, {"input"}),
-        ({"input": {"width": 100, "height": 100, "background": {"generate": {
-            "description": "x", "model_type": "dalle"}}}}, {"input.background.generate.model_type"}),
-        ({"input": {"width": 0, "height": 100, "background": {"generate": {"description": "x"}}}},
-         {"input.width"}),
-        ({"input": {"url": "https://example.com/a.png",
-                    "background": {"generate": {"controlnet_conditioning_scale": 1.5,
-                                                "adapter_type": "control"}}}},
-         {"input.background.generate.controlnet_conditioning_scale"}),
-        ({"input": {"url": "https://example.com/a.png", "webhooks": {"complete": "https://x.io"}}},
-         {"input.webhooks"}),
+        (
+            {
+                "input": {
+                    "width": 100,
+                    "height": 100,
+                    "background": {"generate": {"description": "x", "model_type": "dalle"}},
+                }
+            },
+            {"input.background.generate.model_type"},
+        ),
+        (
+            {
+                "input": {
+                    "width": 0,
+                    "height": 100,
+                    "background": {"generate": {"description": "x"}},
+                }
+            },
+            {"input.width"},
+        ),
+        (
+            {
+                "input": {
+                    "url": "https://example.com/a.png",
+                    "background": {
+                        "generate": {
+                            "controlnet_conditioning_scale": 1.5,
+                            "adapter_type": "control",
+                        }
+                    },
+                }
+            },
+            {"input.background.generate.controlnet_conditioning_scale"},
+        ),
+        (
+            {
+                "input": {
+                    "url": "https://example.com/a.png",
+                    "webhooks": {"complete": "https://x.io"},
+                }
+            },
+            {"input.webhooks"},
+        ),
         ({"input": {**TEXT_ONLY, "surprise": 1}}, {"input.surprise"}),
         ({"input": TEXT_ONLY, "extra": True}, {"extra"}),
         ({"input": TEXT_ONLY, "webhook": "not a url"}, {"webhook"}),
-        ({"input": TEXT_ONLY, "webhook_events_filter": ["generation.exploded"]},
-         {"webhook_events_filter.0"}),
+        (
+            {"input": TEXT_ONLY, "webhook_events_filter": ["generation.exploded"]},
+            {"webhook_events_filter.0"},
+        ),
         ({"input": TEXT_ONLY, "metadata": {"k": "v" * 501}}, {"metadata.k.value"}),
         ({"input": TEXT_ONLY, "metadata": {str(i): "v" for i in range(51)}}, {"metadata"}),
-        ({"input": {"width": 10**400, "height": 1, "background": {"generate": {
-            "description": "x"}}}}, {"input.width"}),
+        (
+            {
+                "input": {
+                    "width": 10**400,
+                    "height": 1,
+                    "background": {"generate": {"description": "x"}},
+                }
+            },
+            {"input.width"},
+        ),
         ({"input": "a string"}, {"input"}),
         ({"input": None}, {"input"}),
     ],
@@ -138,7 +181,11 @@ def test_invalid_fields_get_a_problem_naming_each_field_and_store_nothing(
     ],
 )
 def test_malformed_requests_get_a_problem_never_a_500(
-    client: Any, auth: dict[str, str], services: Services, data: str, content_type: str,
+    client: Any,
+    auth: dict[str, str],
+    services: Services,
+    data: str,
+    content_type: str,
     status: int,
 ) -> None:
     response = client.post("/v1/generations", data=data, content_type=content_type, headers=auth)
@@ -167,8 +214,12 @@ def test_a_body_over_the_limit_is_refused_with_413(
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer gr_not-a-key"}, {"Authorization": "Basic dXNlcjpwdw=="},
-     {"Authorization": "Bearer "}],
+    [
+        {},
+        {"Authorization": "Bearer gr_not-a-key"},
+        {"Authorization": "Basic dXNlcjpwdw=="},
+        {"Authorization": "Bearer "},
+    ],
 )
 def test_requests_without_a_valid_api_key_are_401(client: Any, headers: dict[str, str]) -> None:
     for response in (
@@ -209,8 +260,9 @@ def test_the_same_idempotency_key_with_another_body_is_422(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
     create(client, auth, {"input": TEXT_ONLY}, **{"Idempotency-Key": "k1"})
-    other = create(client, auth, {"input": TEXT_ONLY, "metadata": {"a": "b"}},
-                   **{"Idempotency-Key": "k1"})
+    other = create(
+        client, auth, {"input": TEXT_ONLY, "metadata": {"a": "b"}}, **{"Idempotency-Key": "k1"}
+    )
     assert other.status_code == 422
     assert other.mimetype == PROBLEM
     assert other.json["type"].endswith("/idempotency-key-reused")
@@ -225,10 +277,17 @@ def test_idempotency_keys_are_per_tenant_and_expire_after_24_hours(
     b = create(client, other, {"input": TEXT_ONLY}, **{"Idempotency-Key": "shared"}).json["id"]
     assert a != b
     with services.store.transaction() as session:
-        session.execute(sa.update(IdempotencyKey).values(
-            expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
-    c = create(client, auth, {"input": TEXT_ONLY, "metadata": {"new": "body"}},
-               **{"Idempotency-Key": "shared"})
+        session.execute(
+            sa.update(IdempotencyKey).values(
+                expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+            )
+        )
+    c = create(
+        client,
+        auth,
+        {"input": TEXT_ONLY, "metadata": {"new": "body"}},
+        **{"Idempotency-Key": "shared"},
+    )
     assert c.status_code == 202
     assert c.json["id"] not in (a, b)
 
@@ -256,19 +315,27 @@ def test_listing_is_newest_first_with_cursor_pages_and_filters(
     assert seen == list(reversed(ids))
     only = client.get("/v1/generations?status=canceled", headers=auth).json["data"]
     assert [g["id"] for g in only] == [ids[0]]
-    after = client.get("/v1/generations", headers=auth,
-                       query_string={"created_after": canceled["created_at"]}).json["data"]
+    after = client.get(
+        "/v1/generations", headers=auth, query_string={"created_after": canceled["created_at"]}
+    ).json["data"]
     assert [g["id"] for g in after] == list(reversed(ids[1:]))
 
 
 @pytest.mark.parametrize(
     ("query", "field"),
-    [("cursor=garbage!", "cursor"), ("limit=0", "limit"), ("limit=101", "limit"),
-     ("status=done", "status"), ("created_after=yesterday", "created_after"),
-     ("created_after=2026-01-01T00:00:00", "created_after"), ("colour=red", "colour")],
+    [
+        ("cursor=garbage!", "cursor"),
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("status=done", "status"),
+        ("created_after=yesterday", "created_after"),
+        ("created_after=2026-01-01T00:00:00", "created_after"),
+        ("colour=red", "colour"),
+    ],
 )
-def test_bad_list_queries_are_named(client: Any, auth: dict[str, str], query: str,
-                                    field: str) -> None:
+def test_bad_list_queries_are_named(
+    client: Any, auth: dict[str, str], query: str, field: str
+) -> None:
     response = client.get(f"/v1/generations?{query}", headers=auth)
     assert response.status_code == 422
     assert response.mimetype == PROBLEM
@@ -331,8 +398,11 @@ def drain(services: Services, seconds: float = 10.0) -> None:
     while dt.datetime.now(dt.UTC) < deadline:
         worker.run_once()
         with services.store.read() as session:
-            active = session.scalar(sa.select(sa.func.count()).select_from(Task).where(
-                Task.status.in_(["pending", "running"])))
+            active = session.scalar(
+                sa.select(sa.func.count())
+                .select_from(Task)
+                .where(Task.status.in_(["pending", "running"]))
+            )
         if not active:
             return
         time.sleep(0.02)
@@ -393,8 +463,9 @@ def test_a_generation_canceled_before_the_worker_runs_is_never_submitted(
     auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
     set_simulator(simulator.url, upstream_error_rate=1.0)
     gen_id = create(client, auth, {"input": TEXT_ONLY}).json["id"]
-    assert client.post(f"/v1/generations/{gen_id}/cancel", headers=auth).json["status"] == \
-        "canceled"
+    assert (
+        client.post(f"/v1/generations/{gen_id}/cancel", headers=auth).json["status"] == "canceled"
+    )
     set_simulator(simulator.url, upstream_error_rate=0.0)
     drain(services)
     assert client.get(f"/v1/generations/{gen_id}", headers=auth).json["status"] == "canceled"
@@ -405,8 +476,11 @@ def test_a_generation_canceled_before_the_worker_runs_is_never_submitted(
 
 def test_the_openapi_document_describes_the_api_from_the_same_schemas(client: Any) -> None:
     spec = client.get("/openapi.json").json
-    assert {"/v1/generations", "/v1/generations/{generation_id}",
-            "/v1/generations/{generation_id}/cancel"} <= set(spec["paths"])
+    assert {
+        "/v1/generations",
+        "/v1/generations/{generation_id}",
+        "/v1/generations/{generation_id}/cancel",
+    } <= set(spec["paths"])
     schemas = spec["components"]["schemas"]
     generate = schemas["DeepImageGenerate"]["properties"]
     assert set(generate["model_type"]["enum"]) >= {"realistic", "fantasy", "premium"}

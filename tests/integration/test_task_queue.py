@@ -37,8 +37,9 @@ def clock() -> FakeClock:
 @pytest.fixture
 def queue(store: Store, clock: FakeClock) -> TaskQueue:
     policy = RetryPolicy(max_attempts=3, base_delay=10.0, max_delay=100.0, max_age=3600.0)
-    return TaskQueue(store, policies={"job": policy}, lease_seconds=60, clock=clock,
-                     rng=random.Random(1))
+    return TaskQueue(
+        store, policies={"job": policy}, lease_seconds=60, clock=clock, rng=random.Random(1)
+    )
 
 
 def enqueue(queue: TaskQueue, kind: str = "job", delay: float = 0.0) -> str:

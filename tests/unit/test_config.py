@@ -56,7 +56,10 @@ def test_every_variable_is_read() -> None:
         ({**MINIMAL, "GENRELAY_PUBLIC_URL": "relay.example.com"}, "GENRELAY_PUBLIC_URL"),
         ({**MINIMAL, "GENRELAY_PUBLIC_URL": "https://r.example"}, "GENRELAY_CALLBACK_SECRET"),
         ({**MINIMAL, "GENRELAY_CALLBACK_SECRET": "short"}, "GENRELAY_CALLBACK_SECRET"),
-        ({**MINIMAL, "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "maybe"}, "GENRELAY_ALLOW_PRIVATE_WEBHOOKS"),
+        (
+            {**MINIMAL, "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "maybe"},
+            "GENRELAY_ALLOW_PRIVATE_WEBHOOKS",
+        ),
         ({**MINIMAL, "GENRELAY_RECONCILE_AFTER": "soon"}, "GENRELAY_RECONCILE_AFTER"),
         ({**MINIMAL, "GENRELAY_GENERATION_TIMEOUT": "-1"}, "GENRELAY_GENERATION_TIMEOUT"),
         ({**MINIMAL, "GENRELAY_GENERATION_TIMEOUT": "nan"}, "GENRELAY_GENERATION_TIMEOUT"),
@@ -72,8 +75,11 @@ def test_bad_values_stop_start_up_naming_the_variable(env: dict[str, str], named
 
 def test_secrets_do_not_appear_in_the_config_repr() -> None:
     config = Config.from_env(
-        {**MINIMAL, "GENRELAY_DEEPIMAGE_API_KEY": "di-secret-key",
-         "GENRELAY_CALLBACK_SECRET": "callback-secret-value"}
+        {
+            **MINIMAL,
+            "GENRELAY_DEEPIMAGE_API_KEY": "di-secret-key",
+            "GENRELAY_CALLBACK_SECRET": "callback-secret-value",
+        }
     )
     assert "di-secret-key" not in repr(config)
     assert "callback-secret-value" not in repr(config)

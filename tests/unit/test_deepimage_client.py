@@ -95,13 +95,27 @@ def test_network_failures_are_transient(client: DeepImageClient, error: Exceptio
 @pytest.mark.parametrize(
     ("status", "body", "code"),
     [
-        (400, {"message": "Unidentified image", "code": "BAD_REQUEST"}, ErrorCode.UPSTREAM_REJECTED),
-        (400, {"message": "You dont have enough credits", "code": "NOT_ENOUGH_CREDITS"},
-         ErrorCode.UPSTREAM_REJECTED),
+        (
+            400,
+            {"message": "Unidentified image", "code": "BAD_REQUEST"},
+            ErrorCode.UPSTREAM_REJECTED,
+        ),
+        (
+            400,
+            {"message": "You dont have enough credits", "code": "NOT_ENOUGH_CREDITS"},
+            ErrorCode.UPSTREAM_REJECTED,
+        ),
         (403, {"message": "No x-api-key header is provided"}, ErrorCode.UPSTREAM_AUTH),
         (404, {"message": "No user found for provided token"}, ErrorCode.UPSTREAM_AUTH),
-        (500, {"message": "We have encountered some technical issues", "status": "failed",
-               "job": JOB}, ErrorCode.UPSTREAM_JOB_FAILED),
+        (
+            500,
+            {
+                "message": "We have encountered some technical issues",
+                "status": "failed",
+                "job": JOB,
+            },
+            ErrorCode.UPSTREAM_JOB_FAILED,
+        ),
         (422, {"message": "odd"}, ErrorCode.UPSTREAM_REJECTED),
         (302, None, ErrorCode.UPSTREAM_PROTOCOL),
         (200, {"status": "received"}, ErrorCode.UPSTREAM_PROTOCOL),  # no job id
@@ -112,8 +126,11 @@ def test_client_errors_and_job_failures_are_permanent_and_keep_the_message(
     client: DeepImageClient, status: int, body: dict[str, str] | None, code: ErrorCode
 ) -> None:
     if body is None:
-        responses.post(f"{BASE}/rest_api/process", status=status,
-                       headers={"Location": "https://elsewhere.test"})
+        responses.post(
+            f"{BASE}/rest_api/process",
+            status=status,
+            headers={"Location": "https://elsewhere.test"},
+        )
     else:
         responses.post(f"{BASE}/rest_api/process", status=status, json=body)
     with pytest.raises(PermanentUpstreamError) as caught:
@@ -141,8 +158,10 @@ def test_long_upstream_messages_are_cut(client: DeepImageClient) -> None:
 
 @responses.activate
 def test_the_api_key_never_appears_in_error_messages(client: DeepImageClient) -> None:
-    responses.post(f"{BASE}/rest_api/process", body=requests.ConnectionError(
-        "failed for header x-api-key: secret-api-key"))
+    responses.post(
+        f"{BASE}/rest_api/process",
+        body=requests.ConnectionError("failed for header x-api-key: secret-api-key"),
+    )
     with pytest.raises(TransientUpstreamError) as caught:
         client.process({})
     assert "secret-api-key" not in str(caught.value)

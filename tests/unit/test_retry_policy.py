@@ -9,7 +9,9 @@ import pytest
 from service.tasks import RetryPolicy
 
 
-@pytest.mark.parametrize(("attempts", "full"), [(1, 2.0), (2, 4.0), (3, 8.0), (6, 64.0), (20, 100.0)])
+@pytest.mark.parametrize(
+    ("attempts", "full"), [(1, 2.0), (2, 4.0), (3, 8.0), (6, 64.0), (20, 100.0)]
+)
 def test_backoff_doubles_per_attempt_up_to_the_cap_with_jitter_in_the_upper_half(
     attempts: int, full: float
 ) -> None:
