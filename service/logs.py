@@ -20,3 +20,5 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Alembic announces each of its plugins at INFO on every run: noise, not news.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
