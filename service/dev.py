@@ -99,7 +99,7 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        _wait_until_up(f"http://127.0.0.1:{simulator_port}/rest_api/result/none", processes[:1], 15)
+        _wait_until_up(f"http://127.0.0.1:{simulator_port}/_sim/health", processes[:1], 15)
         _wait_until_up(f"http://127.0.0.1:{port}/healthz", processes, 30)
         print(_banner(port, api_key), flush=True)
         while not stopping and all(p.poll() is None for p in processes):

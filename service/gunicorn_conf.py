@@ -15,5 +15,9 @@ timeout = 0
 graceful_timeout = 20
 keepalive = 5
 accesslog = "-"
+logger_class = "service.gunicorn_logging.RedactingLogger"
 errorlog = "-"
+# gunicorn 27's control socket sits at one fixed path per user: several servers on one
+# machine (tests, benchmarks) would fight over it, and nothing here uses it.
+control_socket_disable = True
 loglevel = os.environ.get("GENRELAY_LOG_LEVEL", "info").lower()

@@ -16,11 +16,13 @@ from typing import Any
 import pytest
 import requests
 
+from service.callbacks import callback_token, callback_url
 from tests.helpers import seed_examples, set_simulator
 
 pytestmark = pytest.mark.e2e
 
 GENRELAY = str(Path(sys.executable).parent / "genrelay")
+CALLBACK_SECRET = "e2e-callback-secret-0123456789"
 
 
 def free_port() -> int:
@@ -62,9 +64,9 @@ class Stack:
             raise AssertionError(f"{', '.join(dead)} exited early")
         return True
 
-    def logs(self) -> str:
+    def logs(self, tail: int | None = 3000) -> str:
         return "\n".join(
-            f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}"
+            f"--- {p.name} ---\n{p.read_text(errors='replace')[-(tail or 0) :]}"
             for p in sorted(self.tmp_path.glob("*.log"))
         )
 
@@ -88,6 +90,9 @@ def stack(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
         "GENRELAY_DATABASE_URL": database_url,
         "GENRELAY_DEEPIMAGE_URL": f"http://127.0.0.1:{sim_port}",
         "GENRELAY_DEEPIMAGE_API_KEY": "sim-key",
+        # Callbacks reach the web process (its endpoint arrives with the completion path).
+        "GENRELAY_PUBLIC_URL": f"http://127.0.0.1:{web_port}",
+        "GENRELAY_CALLBACK_SECRET": CALLBACK_SECRET,
         "GENRELAY_WEB_PROCESSES": "2",
         "PORT": str(web_port),
     }
@@ -143,7 +148,11 @@ def test_every_seed_example_goes_through_gunicorn_to_the_simulator(stack: dict[s
         body = response.json()
         assert body["status"] == "processing", name
         job = requests.get(f"{stack['sim']}/_sim/jobs/{body['upstream']['job']}", timeout=5).json()
-        assert job["request"] == example
+        sent = dict(job["request"])
+        assert sent.pop("webhooks") == {
+            "complete": callback_url(stack["base"], CALLBACK_SECRET, body["id"])
+        }
+        assert sent == example
     listed = requests.get(f"{base}/v1/generations?limit=100", headers=auth, timeout=10).json()
     assert len(listed["data"]) == len(seed_examples())
 
@@ -174,3 +183,29 @@ def test_worker_and_web_stop_cleanly_on_sigterm(stack: dict[str, Any]) -> None:
     for name in ("worker", "serve"):
         processes[name].send_signal(signal.SIGTERM)
         assert processes[name].wait(timeout=30) == 0, stack["stack"].logs()
+
+
+def test_no_secret_reaches_the_logs(stack: dict[str, Any]) -> None:
+    base, auth = stack["base"], stack["auth"]
+    ids = []
+    for _ in range(3):
+        body = requests.post(
+            f"{base}/v1/generations",
+            json={"input": seed_examples()["face"]},
+            headers=auth,
+            timeout=30,
+        ).json()
+        ids.append(body["id"])
+
+    def called_back() -> bool:
+        stats = requests.get(f"{stack['sim']}/_sim/stats", timeout=5).json()
+        return bool(stats["callbacks_sent"] >= 3)
+
+    wait_for(called_back, 30, "the simulator's callbacks")
+    stack["stack"].stop_all()
+    logs = stack["stack"].logs(tail=None)
+    assert "/v1/callbacks/deepimage/" in logs  # the callbacks were logged...
+    secrets = [CALLBACK_SECRET, auth["Authorization"].split()[1], "sim-key"]
+    secrets += [callback_token(CALLBACK_SECRET, gen_id) for gen_id in ids]
+    for secret in secrets:  # ...without any credential
+        assert secret not in logs
