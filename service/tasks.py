@@ -100,18 +100,8 @@ class TaskQueue:
     ) -> str:
         """Add a pending task inside the caller's transaction; return its id."""
         now = self.clock()
-        task = Task(
-            id=_new_id(),
-            kind=kind,
-            generation_id=generation_id,
-            payload=payload or {},
-            status=TaskStatus.PENDING,
-            attempts=0,
-            max_attempts=self.policy(kind).max_attempts,
-            run_at=now + dt.timedelta(seconds=delay),
-            created_at=now,
-            updated_at=now,
-        )
+        task = self._new_row(kind, payload, generation_id, now)
+        task.run_at = now + dt.timedelta(seconds=delay)
         session.add(task)
         return task.id
 
@@ -129,23 +119,34 @@ class TaskQueue:
         run it twice; if the caller dies, a worker picks it up after the lease.
         """
         now = self.clock()
-        token = uuid.uuid4().hex
-        task = Task(
+        task = self._new_row(kind, payload, generation_id, now)
+        task.status = TaskStatus.RUNNING
+        task.attempts = 1
+        task.claim_token = uuid.uuid4().hex
+        task.lease_expires_at = now + self.lease
+        session.add(task)
+        return _claimed(task)
+
+    def _new_row(
+        self,
+        kind: str,
+        payload: dict[str, Any] | None,
+        generation_id: str | None,
+        now: dt.datetime,
+    ) -> Task:
+        """A pending task due now, with its kind's attempt budget."""
+        return Task(
             id=_new_id(),
             kind=kind,
             generation_id=generation_id,
             payload=payload or {},
-            status=TaskStatus.RUNNING,
-            attempts=1,
+            status=TaskStatus.PENDING,
+            attempts=0,
             max_attempts=self.policy(kind).max_attempts,
             run_at=now,
-            claim_token=token,
-            lease_expires_at=now + self.lease,
             created_at=now,
             updated_at=now,
         )
-        session.add(task)
-        return _claimed(task)
 
     def claim_due_tasks(
         self, limit: int = 1, kinds: Iterable[str] | None = None

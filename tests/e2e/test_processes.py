@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ import pytest
 import requests
 
 from service.callbacks import callback_token, callback_url
+from service.dev import free_port
 from tests.helpers import seed_examples, set_simulator
 
 pytestmark = pytest.mark.e2e
 
 GENRELAY = str(Path(sys.executable).parent / "genrelay")
 CALLBACK_SECRET = "e2e-callback-secret-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +23,27 @@ from tests.helpers import seed_examples, set_simulator
 
 TEXT_ONLY = seed_examples()["text_only"]
 PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+def make_client(store: Any) -> Iterator[Callable[..., tuple[Services, Any, dict[str, str]]]]:
+    """An app on its own config (and fast submit retries if asked): services, client, auth."""
+    from service.app import create_app
+
+    made: list[Services] = []
+
+    def make(config: Config, *, fast_retries: bool = False) -> tuple[Services, Any, dict[str, str]]:
+        policies = None
+        if fast_retries:
+            policies = {SUBMIT: RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.1)}
+        services = build_services(config, store=store, policies=policies)
+        made.append(services)
+        client = create_app(config, services=services).test_client()
+        return services, client, {"Authorization": "Bearer " + services.api_keys.create("acme")}
+
+    yield make
+    for services in made:
+        services.deepimage.close()
 
 
 def create(client: Any, auth: dict[str, str], body: dict[str, Any], **headers: str) -> Any:
@@ -59,22 +81,17 @@ def test_each_seed_example_is_forwarded_unchanged_and_becomes_processing(
 
 
 def test_the_callback_url_is_added_when_a_public_url_is_configured(
-    config: Config, store: Any, simulator: Any
+    config: Config, make_client: Any, simulator: Any
 ) -> None:
-    from service.app import create_app
-
     secret = "s" * 32
     config = config.replace(public_url="https://relay.example.com", callback_secret=secret)
-    services = build_services(config, store=store)
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    _services, client, auth = make_client(config)
     body = create(client, auth, {"input": TEXT_ONLY}).json
     sent = upstream_request(simulator, body["upstream"]["job"])
     assert sent == {
         **TEXT_ONLY,
         "webhooks": {"complete": callback_url("https://relay.example.com", secret, body["id"])},
     }
-    services.deepimage.close()
 
 
 @pytest.mark.parametrize(
@@ -197,19 +214,14 @@ def test_malformed_requests_get_a_problem_never_a_500(
 
 
 def test_a_body_over_the_limit_is_refused_with_413(
-    config: Config, store: Any, simulator: Any
+    config: Config, make_client: Any, simulator: Any
 ) -> None:
-    from service.app import create_app
-
     config = config.replace(max_request_bytes=1024)
-    services = build_services(config, store=store)
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    _services, client, auth = make_client(config)
     body = {"input": {**TEXT_ONLY, "background": {"generate": {"description": "x" * 2000}}}}
     response = create(client, auth, body)
     assert response.status_code == 413
     assert response.mimetype == PROBLEM
-    services.deepimage.close()
 
 
 @pytest.mark.parametrize(
@@ -372,23 +384,13 @@ def test_an_upstream_400_fails_the_generation_with_the_upstream_message(
 
 
 def test_a_wrong_deepimage_api_key_fails_the_generation_as_upstream_auth(
-    config: Config, store: Any
+    config: Config, make_client: Any
 ) -> None:
-    from service.app import create_app
-
     config = config.replace(deepimage_api_key="wrong-key")
-    services = build_services(config, store=store)
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    _services, client, auth = make_client(config)
     body = create(client, auth, {"input": TEXT_ONLY}).json
     assert body["status"] == "failed"
     assert body["error"] == {"code": "upstream_auth", "message": "No user found for provided token"}
-    services.deepimage.close()
-
-
-def fast_retry_services(config: Config, store: Any) -> Services:
-    policy = RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.1)
-    return build_services(config, store=store, policies={SUBMIT: policy})
 
 
 def drain(services: Services, seconds: float = 10.0) -> None:
@@ -411,13 +413,9 @@ def drain(services: Services, seconds: float = 10.0) -> None:
 
 @pytest.mark.parametrize("knob", ["upstream_error_rate", "rate_limit_rate"])
 def test_transient_upstream_errors_leave_the_generation_queued_for_the_worker(
-    config: Config, store: Any, simulator: Any, knob: str
+    config: Config, make_client: Any, simulator: Any, knob: str
 ) -> None:
-    from service.app import create_app
-
-    services = fast_retry_services(config, store)
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    services, client, auth = make_client(config, fast_retries=True)
     set_simulator(simulator.url, **{knob: 1.0})
     body = create(client, auth, {"input": TEXT_ONLY}).json
     assert body["status"] == "queued"
@@ -430,17 +428,12 @@ def test_transient_upstream_errors_leave_the_generation_queued_for_the_worker(
     after = client.get(f"/v1/generations/{body['id']}", headers=auth).json
     assert after["status"] == "processing"
     assert after["upstream"]["job"]
-    services.deepimage.close()
 
 
 def test_a_generation_fails_as_upstream_unavailable_when_retries_run_out(
-    config: Config, store: Any, simulator: Any
+    config: Config, make_client: Any, simulator: Any
 ) -> None:
-    from service.app import create_app
-
-    services = fast_retry_services(config, store)
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    services, client, auth = make_client(config, fast_retries=True)
     set_simulator(simulator.url, upstream_error_rate=1.0)
     gen_id = create(client, auth, {"input": TEXT_ONLY}).json["id"]
     drain(services)
@@ -450,17 +443,12 @@ def test_a_generation_fails_as_upstream_unavailable_when_retries_run_out(
     assert "3 attempts" in after["error"]["message"]
     with services.store.read() as session:
         assert session.scalars(sa.select(Task.status)).one() == "dead"
-    services.deepimage.close()
 
 
 def test_a_generation_canceled_before_the_worker_runs_is_never_submitted(
-    config: Config, store: Any, simulator: Any
+    config: Config, make_client: Any, simulator: Any
 ) -> None:
-    from service.app import create_app
-
-    services = fast_retry_services(config, store)
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    services, client, auth = make_client(config, fast_retries=True)
     set_simulator(simulator.url, upstream_error_rate=1.0)
     gen_id = create(client, auth, {"input": TEXT_ONLY}).json["id"]
     assert (
@@ -471,7 +459,6 @@ def test_a_generation_canceled_before_the_worker_runs_is_never_submitted(
     assert client.get(f"/v1/generations/{gen_id}", headers=auth).json["status"] == "canceled"
     stats = requests.get(f"{simulator.url}/_sim/stats", timeout=5).json()
     assert stats["jobs_created"] == 0
-    services.deepimage.close()
 
 
 def test_the_openapi_document_describes_the_api_from_the_same_schemas(client: Any) -> None:
