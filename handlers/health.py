@@ -14,12 +14,14 @@ blp = Blueprint("health", __name__, description="Probes for the platform.")
 
 
 @blp.route("/healthz", methods=["GET"])
+@blp.doc(security=[])
 def healthz() -> Any:
     """The process is alive."""
     return {"status": "ok"}
 
 
 @blp.route("/readyz", methods=["GET"])
+@blp.doc(security=[])
 def readyz() -> Any:
     """The database answers; 503 otherwise."""
     try:

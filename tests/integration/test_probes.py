@@ -1,0 +1,40 @@
+"""Probes and API documentation need no key."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from service.bootstrap import Services
+from service.config import Config
+from service.store import Store
+
+
+def test_health_ready_and_docs_answer_without_a_key(client: Any) -> None:
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert client.get("/readyz").json == {"status": "ready"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assert b"swagger" in docs.data.lower()
+    spec = client.get("/openapi.json").json
+    assert spec["paths"]["/healthz"]["get"]["security"] == []
+    assert spec["security"] == [{"bearerAuth": []}]
+
+
+def test_readyz_is_503_when_the_database_does_not_answer(
+    config: Config, services: Services
+) -> None:
+    from service.app import create_app
+
+    # Nothing listens on port 1: connections are refused at once.
+    unreachable = Store("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    app = create_app(config, services=dataclasses.replace(services, store=unreachable))
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.mimetype == "application/problem+json"
+    assert client_never_sees_internals(response.json["detail"])
+    unreachable.dispose()
+
+
+def client_never_sees_internals(detail: str) -> bool:
+    return "127.0.0.1" not in detail and "Traceback" not in detail
