@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -11,10 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
+from PIL import Image
 
+from service.blobstore import crc32c_base64
 from service.callbacks import callback_token, callback_url
 from service.dev import free_port
 from tests.helpers import seed_examples, set_simulator
@@ -77,7 +81,9 @@ class Stack:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
+def stack(
+    tmp_path: Path, database_url: str, gcs_server: Any, gcs_bucket: str
+) -> Iterator[dict[str, Any]]:
     sim_port, web_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -87,6 +93,10 @@ def stack(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
         # Callbacks reach the web process (its endpoint arrives with the completion path).
         "GENRELAY_PUBLIC_URL": f"http://127.0.0.1:{web_port}",
         "GENRELAY_CALLBACK_SECRET": CALLBACK_SECRET,
+        # Callbacks are the path under test here; polling is only a late fallback.
+        "GENRELAY_RECONCILE_AFTER": "600",
+        "GENRELAY_GCS_BUCKET": gcs_bucket,
+        "STORAGE_EMULATOR_HOST": gcs_server.url,
         "GENRELAY_WEB_PROCESSES": "2",
         "PORT": str(web_port),
     }
@@ -119,11 +129,19 @@ def stack(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
             30,
             "genrelay serve",
         )
+        # Its SIGTERM handler is in place once it says so (a cold start compiles bytecode).
+        wait_for(
+            lambda: stack.alive() and "worker started" in stack.logs(tail=None),
+            30,
+            "genrelay worker",
+        )
         yield {
             "base": base,
             "sim": sim,
             "auth": {"Authorization": f"Bearer {api_key}"},
             "stack": stack,
+            "gcs": gcs_server.url,
+            "bucket": gcs_bucket,
         }
     except BaseException:
         print(stack.logs())
@@ -132,9 +150,51 @@ def stack(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
         stack.stop_all()
 
 
-def test_every_seed_example_goes_through_gunicorn_to_the_simulator(stack: dict[str, Any]) -> None:
+# What the simulator makes of each seed example (docs/simulator.md: a url input counts as a
+# 1024x1024 source; generation requests default to PNG, others to JPEG).
+EXPECTED = {
+    "text_only": ((2048, 1024), "image/png"),
+    "text_only_fantasy": ((2048, 1024), "image/png"),
+    "text_only_premium": ((2048, 1024), "image/png"),
+    "generate_background": ((1024, 1024), "image/png"),
+    "face": ((1024, 1024), "image/png"),
+    "control": ((1024, 1024), "image/png"),
+    "generative_upscale": ((3000, 3000), "image/jpeg"),
+}
+
+
+def wait_for_status(stack: dict[str, Any], generation_id: str, timeout: float = 30) -> Any:
+    """The generation once it is finished."""
+    found: dict[str, Any] = {}
+
+    def finished() -> bool:
+        response = requests.get(
+            f"{stack['base']}/v1/generations/{generation_id}", headers=stack["auth"], timeout=5
+        )
+        found.update(response.json())
+        return found["status"] in ("succeeded", "failed", "canceled")
+
+    wait_for(finished, timeout, f"generation {generation_id} to finish")
+    return found
+
+
+def read_object(stack: dict[str, Any], uri: str) -> bytes:
+    """An object's bytes, read from fake-gcs-server over its JSON API."""
+    bucket, _, name = uri.removeprefix("gs://").partition("/")
+    response = requests.get(
+        f"{stack['gcs']}/storage/v1/b/{bucket}/o/{quote(name, safe='')}",
+        params={"alt": "media"},
+        timeout=10,
+    )
+    response.raise_for_status()
+    return response.content
+
+
+def test_every_seed_example_is_called_back_and_stored_in_gcs(stack: dict[str, Any]) -> None:
     base, auth = stack["base"], stack["auth"]
-    for name, example in seed_examples().items():
+    created = {}
+    for name in EXPECTED:
+        example = seed_examples()[name]
         response = requests.post(
             f"{base}/v1/generations", json={"input": example}, headers=auth, timeout=30
         )
@@ -147,8 +207,36 @@ def test_every_seed_example_goes_through_gunicorn_to_the_simulator(stack: dict[s
             "complete": callback_url(stack["base"], CALLBACK_SECRET, body["id"])
         }
         assert sent == example
-    listed = requests.get(f"{base}/v1/generations?limit=100", headers=auth, timeout=10).json()
-    assert len(listed["data"]) == len(seed_examples())
+        created[name] = body["id"]
+    for name, generation_id in created.items():
+        done = wait_for_status(stack, generation_id)
+        assert done["status"] == "succeeded", (name, done["error"])
+        result = done["result"]
+        (width, height), content_type = EXPECTED[name]
+        data = read_object(stack, result["uri"])
+        assert Image.open(io.BytesIO(data)).size == (width, height), name
+        assert (result["width"], result["height"]) == (width, height)
+        assert result["content_type"] == content_type
+        assert result["crc32c"] == crc32c_base64(data)
+        assert result["size"] == len(data)
+    stats = requests.get(f"{stack['sim']}/_sim/stats", timeout=5).json()
+    assert stats["callbacks_delivered"] == len(EXPECTED)  # the callback path, not polling
+
+
+def test_duplicate_callbacks_store_one_object(stack: dict[str, Any]) -> None:
+    set_simulator(stack["sim"], duplicate_callback_rate=1.0)
+    body = requests.post(
+        f"{stack['base']}/v1/generations",
+        json={"input": seed_examples()["text_only"]},
+        headers=stack["auth"],
+        timeout=30,
+    ).json()
+    done = wait_for_status(stack, body["id"])
+    assert done["status"] == "succeeded"
+    listing = requests.get(f"{stack['gcs']}/storage/v1/b/{stack['bucket']}/o", timeout=10).json()
+    assert [item["name"] for item in listing["items"]] == [done["result"]["uri"].split("/", 3)[3]]
+    stats = requests.get(f"{stack['sim']}/_sim/stats", timeout=5).json()
+    assert stats["callbacks_delivered"] == 2
 
 
 def test_the_worker_process_submits_what_the_inline_attempt_could_not(
@@ -167,9 +255,10 @@ def test_the_worker_process_submits_what_the_inline_attempt_could_not(
 
     def processing() -> bool:
         current = requests.get(f"{base}/v1/generations/{body['id']}", headers=auth, timeout=5)
-        return bool(current.json()["status"] == "processing")
+        return bool(current.json()["status"] in ("processing", "succeeded"))
 
     wait_for(processing, 30, "the worker to submit the generation")
+    assert wait_for_status(stack, body["id"])["status"] == "succeeded"
 
 
 def test_worker_and_web_stop_cleanly_on_sigterm(stack: dict[str, Any]) -> None:
