@@ -9,8 +9,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.domain import GenerationStatus, allowed_predecessors
-from service.models import Generation
+from service.domain import ErrorCode, GenerationStatus, allowed_predecessors
+from service.models import Generation, utcnow
+from service.store import Store
 
 
 def change_status(
@@ -36,3 +37,16 @@ def change_status(
     )
     result = session.execute(statement)
     return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def fail_generation(store: Store, generation_id: str, code: ErrorCode, message: str) -> bool:
+    """Mark a generation failed with `error {code, message}`, unless it already finished."""
+    with store.transaction() as session:
+        return change_status(
+            session,
+            generation_id,
+            GenerationStatus.FAILED,
+            now=utcnow(),
+            error_code=code.value,
+            error_message=message,
+        )

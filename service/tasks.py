@@ -227,6 +227,22 @@ class TaskQueue:
         )
         return TaskStatus.DEAD if held else None
 
+    def snooze(
+        self, task: ClaimedTask, delay: float, *, payload: dict[str, Any] | None = None
+    ) -> TaskStatus | None:
+        """Run again after `delay` seconds; not a failure, so the attempt is not counted."""
+        changes: dict[str, Any] = {} if payload is None else {"payload": payload}
+        held = self._update_held(
+            task,
+            **changes,
+            status=TaskStatus.PENDING,
+            run_at=self.clock() + dt.timedelta(seconds=delay),
+            attempts=Task.attempts - 1,
+            claim_token=None,
+            lease_expires_at=None,
+        )
+        return TaskStatus.PENDING if held else None
+
     def release(self, task: ClaimedTask) -> bool:
         """Hand a task back unrun (worker shutting down): due now, the attempt not counted."""
         return self._update_held(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from service.tasks import ClaimedTask, TaskQueue, TaskStatus
 
@@ -14,6 +14,17 @@ log = logging.getLogger("genrelay.worker")
 
 class RetryableError(Exception):
     """The attempt failed for a reason that may pass (network, 5xx, 429): try again later."""
+
+
+class Snooze(Exception):
+    """Nothing to do yet (e.g. the upstream job is still running): run again after `delay`."""
+
+    def __init__(
+        self, delay: float, reason: str = "", *, payload: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(reason or f"snoozed for {delay:.1f} s")
+        self.delay = delay
+        self.payload = payload  # replaces the task's payload when given
 
 
 class TaskHandler(Protocol):
@@ -41,6 +52,8 @@ class TaskRunner:
             return self._give_up(handler, task, "attempts exhausted (leases expired)")
         try:
             handler.run(task)
+        except Snooze as snooze:
+            return self.queue.snooze(task, snooze.delay, payload=snooze.payload)
         except RetryableError as exc:
             log.warning(
                 "task %s (%s) attempt %d failed: %s", task.id, task.kind, task.attempts, exc

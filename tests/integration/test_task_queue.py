@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from service.models import Task
 from service.store import Store
 from service.tasks import ClaimedTask, RetryPolicy, TaskQueue, TaskStatus
-from service.worker import RetryableError, TaskRunner, Worker
+from service.worker import RetryableError, Snooze, TaskRunner, Worker
 
 START = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
 
@@ -240,3 +240,25 @@ def test_the_worker_threads_drain_the_queue_and_stop_on_request(store: Store) ->
     with store.read() as session:
         statuses = set(session.scalars(sa.select(Task.status)))
     assert statuses == {TaskStatus.DONE}
+
+
+class SnoozingHandler(RecordingHandler):
+    def run(self, task: ClaimedTask) -> None:
+        super().run(task)
+        raise Snooze(30)
+
+
+def test_a_snoozed_task_runs_again_later_without_using_an_attempt(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    handler = SnoozingHandler()
+    runner = TaskRunner(queue, {"job": handler})
+    enqueue(queue)
+    for _ in range(5):  # more than max_attempts (3): snoozes never exhaust the task
+        [task] = queue.claim_due_tasks()
+        assert task.attempts == 1
+        assert runner.execute(task) is TaskStatus.PENDING
+        assert queue.claim_due_tasks() == []
+        clock.advance(30)
+    assert len(handler.runs) == 5
+    assert handler.exhausted == []
