@@ -10,7 +10,7 @@ from flask_smorest import Blueprint
 from marshmallow import EXCLUDE, Schema, fields, validate
 
 from handlers.auth import require_tenant, services, tenant_id
-from handlers.problems import StrictJSONParser
+from handlers.problems import StrictJSONParser, require_json_body
 from schemas.generations import (
     GenerationCreateSchema,
     GenerationListArgsSchema,
@@ -28,6 +28,7 @@ blp = Blueprint(
 )
 blp.ARGUMENTS_PARSER = StrictJSONParser()
 blp.before_request(require_tenant)
+blp.before_request(require_json_body)
 
 
 class IdempotencyHeaderSchema(Schema):

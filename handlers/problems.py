@@ -149,7 +149,7 @@ def register_error_handlers(app: flask.Flask) -> None:
 
 
 def require_json_body() -> flask.Response | None:
-    """before_request hook: a request that carries a body must say it is JSON (else 415)."""
+    """Blueprint before_request hook (after authentication): a body must be JSON, else 415."""
     request = flask.request
     if request.method not in ("POST", "PUT", "PATCH"):
         return None

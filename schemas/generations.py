@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
+from marshmallow import RAISE, Schema, ValidationError, fields, post_dump, validate, validates
 
 from schemas.deepimage import ProcessRequestSchema
 from service.domain import EVENT_TYPES, GenerationStatus
@@ -103,6 +103,13 @@ class GenerationSchema(Schema):
 
     def _upstream(self, generation: Any) -> dict[str, Any]:
         return {"job": generation.upstream_job}
+
+    @post_dump(pass_original=True)
+    def _signed_url(self, data: dict[str, Any], generation: Any, **_: Any) -> dict[str, Any]:
+        # Signed when shown (it expires), so it lives beside the stored result, not in it.
+        if data.get("result") is not None and getattr(generation, "signed_url", None):
+            data["result"]["url"] = generation.signed_url
+        return data
 
     def _error(self, generation: Any) -> dict[str, Any] | None:
         if generation.error_code is None:

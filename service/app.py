@@ -12,8 +12,8 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     """Build the web app; config is read from the environment when not given."""
     # Handlers import the service layer, never the reverse: the import stays local to the
     # factory so `service` can be used (worker, CLI) without the web layer loaded.
-    from handlers import generations, health
-    from handlers.problems import ProblemApi, register_error_handlers, require_json_body
+    from handlers import callbacks, generations, health
+    from handlers.problems import ProblemApi, register_error_handlers
 
     config = config or Config.from_env()
     services = services or build_services(config)
@@ -35,7 +35,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     app.extensions["genrelay"] = services
     api = ProblemApi(app)
     api.register_blueprint(generations.blp)
+    api.register_blueprint(callbacks.blp)
     api.register_blueprint(health.blp)
     register_error_handlers(app)
-    app.before_request(require_json_body)
     return app

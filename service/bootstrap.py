@@ -1,17 +1,23 @@
 """The composition root: builds every adapter and service from a Config, in one place.
 
 The web app (`service.app.create_app`) and the worker (`genrelay worker`) both start here;
-tests pass their own adapters (a simulator-backed client, a scratch database) instead.
+tests pass their own adapters (a simulator-backed client, a scratch database, a fake-gcs
+bucket) instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import requests
+
 from service.auth import ApiKeys
+from service.blobstore import BlobStore, GcsBlobStore
+from service.completion import POLL, CompletionService, PollHandler
 from service.config import Config
 from service.deepimage import DeepImageClient
 from service.generations import GenerationService
+from service.results import STORE, StoreHandler
 from service.store import Store
 from service.submission import SUBMIT, SubmitHandler
 from service.tasks import RetryPolicy, TaskQueue
@@ -19,6 +25,10 @@ from service.worker import TaskRunner
 
 # Submit: 10 attempts over roughly 40 minutes before the generation fails as unavailable.
 SUBMIT_POLICY = RetryPolicy(max_attempts=10, base_delay=2.0, max_delay=600.0, max_age=6 * 3600)
+# Store: GCS or the result URL may be away for a while; keep trying for about 6 hours.
+STORE_POLICY = RetryPolicy(max_attempts=20, base_delay=2.0, max_delay=1800.0, max_age=6 * 3600)
+# Poll: snoozes are free; attempts count only real failures (crashes), which are rare.
+POLL_POLICY = RetryPolicy(max_attempts=10, base_delay=5.0, max_delay=600.0, max_age=48 * 3600)
 
 
 @dataclasses.dataclass
@@ -26,13 +36,17 @@ class Services:
     config: Config
     store: Store
     deepimage: DeepImageClient
+    blobs: BlobStore
     queue: TaskQueue
     runner: TaskRunner
     generations: GenerationService
+    completion: CompletionService
     api_keys: ApiKeys
+    downloads: requests.Session
 
     def close(self) -> None:
         self.deepimage.close()
+        self.downloads.close()
         self.store.dispose()
 
 
@@ -41,6 +55,7 @@ def build_services(
     *,
     store: Store | None = None,
     deepimage: DeepImageClient | None = None,
+    blobs: BlobStore | None = None,
     policies: dict[str, RetryPolicy] | None = None,
     lease_seconds: float = 300.0,
 ) -> Services:
@@ -49,16 +64,37 @@ def build_services(
     deepimage = deepimage or DeepImageClient(
         config.deepimage_url, config.deepimage_api_key, timeout=config.deepimage_timeout
     )
-    queue = TaskQueue(
-        store, policies={SUBMIT: SUBMIT_POLICY, **(policies or {})}, lease_seconds=lease_seconds
+    blobs = blobs or GcsBlobStore.from_environment(
+        config.gcs_bucket, signing_service_account=config.gcs_signing_account
     )
-    runner = TaskRunner(queue, {SUBMIT: SubmitHandler(store, deepimage, config)})
+    queue = TaskQueue(
+        store,
+        policies={
+            SUBMIT: SUBMIT_POLICY,
+            STORE: STORE_POLICY,
+            POLL: POLL_POLICY,
+            **(policies or {}),
+        },
+        lease_seconds=lease_seconds,
+    )
+    downloads = requests.Session()
+    runner = TaskRunner(
+        queue,
+        {
+            SUBMIT: SubmitHandler(store, queue, deepimage, config),
+            STORE: StoreHandler(store, deepimage, blobs, config, http=downloads),
+            POLL: PollHandler(store, queue, deepimage, config),
+        },
+    )
     return Services(
         config=config,
         store=store,
         deepimage=deepimage,
+        blobs=blobs,
         queue=queue,
         runner=runner,
-        generations=GenerationService(store, queue, runner),
+        generations=GenerationService(store, queue, runner, blobs, config),
+        completion=CompletionService(store, queue, config),
         api_keys=ApiKeys(store),
+        downloads=downloads,
     )

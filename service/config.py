@@ -32,8 +32,15 @@ class Config:
     deepimage_api_key: str = dataclasses.field(default="", repr=False)
     public_url: str | None = None
     callback_secret: str = dataclasses.field(default="", repr=False)
-    gcs_bucket: str | None = None
+    gcs_bucket: str = ""
     gcs_prefix: str = ""
+    # Service account that signs result URLs through IAM (Cloud Run has no private key).
+    gcs_signing_account: str | None = None
+    signed_url_ttl: float = 3600.0
+    # Check a completion with GET /rest_api/result/{job} before downloading (callbacks are
+    # unsigned; the URL token proves who they are for, the upstream confirms what they say).
+    confirm_results: bool = True
+    max_result_bytes: int = 256 * 1024 * 1024
     allow_private_webhooks: bool = False
     reconcile_after: float = 120.0
     generation_timeout: float = 3600.0
@@ -73,7 +80,23 @@ class Config:
             )
         if values["callback_secret"] and len(values["callback_secret"]) < 16:
             raise ConfigError("GENRELAY_CALLBACK_SECRET must be at least 16 characters")
-        values["gcs_bucket"] = text("GENRELAY_GCS_BUCKET")
+        values["gcs_bucket"] = text("GENRELAY_GCS_BUCKET") or ""
+        if not values["gcs_bucket"]:
+            raise ConfigError("GENRELAY_GCS_BUCKET is required (results are stored there)")
+        values["gcs_signing_account"] = text("GENRELAY_GCS_SIGNING_ACCOUNT")
+        if (v := text("GENRELAY_SIGNED_URL_TTL")) is not None:
+            ttl = _seconds("GENRELAY_SIGNED_URL_TTL", v)
+            if not 1 <= ttl <= 7 * 24 * 3600:
+                raise ConfigError(
+                    "GENRELAY_SIGNED_URL_TTL must be between 1 s and 7 days (V4 limit)"
+                )
+            values["signed_url_ttl"] = ttl
+        if (v := text("GENRELAY_CONFIRM_RESULTS")) is not None:
+            values["confirm_results"] = _boolean("GENRELAY_CONFIRM_RESULTS", v)
+        if (v := text("GENRELAY_MAX_RESULT_BYTES")) is not None:
+            if not v.isdigit() or int(v) < 1:
+                raise ConfigError("GENRELAY_MAX_RESULT_BYTES must be a positive number of bytes")
+            values["max_result_bytes"] = int(v)
         values["gcs_prefix"] = (text("GENRELAY_GCS_PREFIX") or "").strip("/")
         if (v := text("GENRELAY_ALLOW_PRIVATE_WEBHOOKS")) is not None:
             values["allow_private_webhooks"] = _boolean("GENRELAY_ALLOW_PRIVATE_WEBHOOKS", v)

@@ -52,6 +52,11 @@ class ErrorCode(enum.StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"  # no result before GENRELAY_GENERATION_TIMEOUT
     UPSTREAM_NOT_FOUND = "upstream_not_found"  # Deep-Image does not know the job (any more)
     UPSTREAM_PROTOCOL = "upstream_protocol"  # an answer outside the documented API
+    RESULT_NOT_IMAGE = "result_not_image"  # the result is not a PNG, JPEG or WEBP
+    RESULT_TOO_LARGE = "result_too_large"  # over GENRELAY_MAX_RESULT_BYTES
+    RESULT_UNAVAILABLE = "result_unavailable"  # the result URL could not be downloaded
+    STORAGE_FAILED = "storage_failed"  # GCS refused the write, or stayed unreachable
+    STORAGE_CONFLICT = "storage_conflict"  # another object already has this result's name
     INTERNAL = "internal"
 
 

@@ -15,6 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from service.blobstore import BlobError, BlobStore
+from service.config import Config
 from service.domain import GenerationStatus
 from service.errors import Conflict, IdempotencyKeyReused, InvalidRequest, NotFound
 from service.lifecycle import change_status
@@ -61,10 +63,28 @@ class Page:
 class GenerationService:
     """Owns the transactions of every generation use case."""
 
-    def __init__(self, store: Store, queue: TaskQueue, runner: TaskRunner) -> None:
+    def __init__(
+        self, store: Store, queue: TaskQueue, runner: TaskRunner, blobs: BlobStore, config: Config
+    ) -> None:
         self.store = store
         self.queue = queue
         self.runner = runner
+        self.blobs = blobs
+        self.config = config
+
+    def _with_signed_url(self, generation: Generation) -> Generation:
+        """Attach a V4 URL for the stored result, where the credentials can sign one."""
+        uri = (generation.result or {}).get("uri")
+        prefix = f"gs://{self.blobs.bucket}/"
+        if isinstance(uri, str) and uri.startswith(prefix):
+            try:
+                generation.signed_url = self.blobs.signed_url(
+                    uri.removeprefix(prefix), dt.timedelta(seconds=self.config.signed_url_ttl)
+                )
+            except BlobError as exc:
+                # Signing through IAM can fail for a moment; the result stays readable by URI.
+                log.warning("could not sign a URL for %s: %s", generation.id, exc)
+        return generation
 
     def create(
         self, tenant_id: str, new: NewGeneration, *, idempotency_key: str | None = None
@@ -175,7 +195,7 @@ class GenerationService:
             generation = session.get(Generation, generation_id)
         if generation is None or generation.tenant_id != tenant_id:
             raise NotFound(f"no generation {generation_id!r}")
-        return generation
+        return self._with_signed_url(generation)
 
     def list(
         self,
@@ -203,7 +223,7 @@ class GenerationService:
         query = query.order_by(Generation.created_at.desc(), Generation.id.desc()).limit(limit + 1)
         with self.store.read() as session:
             rows = list(session.scalars(query))
-        items = rows[:limit]
+        items = [self._with_signed_url(g) for g in rows[:limit]]
         next_cursor = _encode_cursor(items[-1]) if len(rows) > limit else None
         return Page(items=items, next_cursor=next_cursor)
 

@@ -68,6 +68,11 @@ class ApiKey(Base):
 class Generation(Base):
     __tablename__ = "generations"
     __table_args__ = (sa.Index("ix_generations_tenant_created", "tenant_id", "created_at", "id"),)
+    # Lets `signed_url` below be a plain attribute the mapper ignores.
+    __allow_unmapped__ = True
+
+    # Not stored: a time-limited download URL, set by the service when a generation is shown.
+    signed_url: str | None = None
 
     id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"))
@@ -84,6 +89,10 @@ class Generation(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     submitted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # Where Deep-Image put the finished image (from its callback or from polling), and when
+    # that became known: set once, so a duplicate callback finds it set and changes nothing.
+    source_url: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    source_found_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 
 from service.callbacks import callback_url
+from service.completion import POLL, first_poll_delay
 from service.config import Config
 from service.deepimage import DeepImageClient, PermanentUpstreamError, TransientUpstreamError
 from service.domain import ErrorCode, GenerationStatus
-from service.lifecycle import change_status
+from service.lifecycle import change_status, fail_generation
 from service.models import Generation, utcnow
 from service.store import Store
-from service.tasks import ClaimedTask
+from service.tasks import ClaimedTask, TaskQueue
 from service.worker import RetryableError
 
 log = logging.getLogger("genrelay.submit")
@@ -22,8 +23,11 @@ SUBMIT = "submit"
 class SubmitHandler:
     """Sends the caller's `input` plus our callback URL to `POST /rest_api/process`."""
 
-    def __init__(self, store: Store, deepimage: DeepImageClient, config: Config) -> None:
+    def __init__(
+        self, store: Store, queue: TaskQueue, deepimage: DeepImageClient, config: Config
+    ) -> None:
         self.store = store
+        self.queue = queue
         self.deepimage = deepimage
         self.config = config
 
@@ -45,7 +49,7 @@ class SubmitHandler:
         except TransientUpstreamError as exc:
             raise RetryableError(exc.message) from None
         except PermanentUpstreamError as exc:
-            self._fail(task.generation_id, exc.error_code, exc.message)
+            fail_generation(self.store, task.generation_id, exc.error_code, exc.message)
             return
         now = utcnow()
         with self.store.transaction() as session:
@@ -56,9 +60,13 @@ class SubmitHandler:
                 now=now,
                 upstream_job=job.job,
                 submitted_at=now,
-                error_code=None,
-                error_message=None,
             )
+            if moved:
+                # The fallback for a lost callback, and the only path in polling-only mode.
+                delay = first_poll_delay(self.config)
+                self.queue.enqueue(
+                    session, POLL, {"delay": delay}, generation_id=task.generation_id, delay=delay
+                )
         if not moved:
             # Canceled while the request was in flight. Deep-Image documents no way to cancel
             # a job, so its result will simply be ignored when it arrives.
@@ -68,19 +76,9 @@ class SubmitHandler:
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         assert task.generation_id is not None
-        self._fail(
+        fail_generation(
+            self.store,
             task.generation_id,
             ErrorCode.UPSTREAM_UNAVAILABLE,
             f"Deep-Image could not be reached after {task.attempts} attempts: {error}",
         )
-
-    def _fail(self, generation_id: str, code: ErrorCode, message: str) -> None:
-        with self.store.transaction() as session:
-            change_status(
-                session,
-                generation_id,
-                GenerationStatus.FAILED,
-                now=utcnow(),
-                error_code=code.value,
-                error_message=message,
-            )

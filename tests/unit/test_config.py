@@ -6,7 +6,7 @@ import pytest
 
 from service.config import DEFAULT_WEBHOOK_RETRY_SCHEDULE, Config, ConfigError
 
-MINIMAL = {"GENRELAY_DEEPIMAGE_API_KEY": "k"}
+MINIMAL = {"GENRELAY_DEEPIMAGE_API_KEY": "k", "GENRELAY_GCS_BUCKET": "results"}
 
 
 def test_minimal_environment_gives_the_documented_defaults() -> None:
@@ -14,6 +14,9 @@ def test_minimal_environment_gives_the_documented_defaults() -> None:
     assert config.database_url == "sqlite:///var/genrelay.db"
     assert config.deepimage_url == "https://deep-image.ai"
     assert config.public_url is None
+    assert config.confirm_results is True
+    assert config.max_result_bytes == 256 * 1024 * 1024
+    assert config.signed_url_ttl == 3600
     assert config.webhook_retry_schedule == DEFAULT_WEBHOOK_RETRY_SCHEDULE
     assert config.port == 8080
 
@@ -27,6 +30,10 @@ def test_every_variable_is_read() -> None:
             "GENRELAY_PUBLIC_URL": "https://relay.example.com",
             "GENRELAY_CALLBACK_SECRET": "s" * 32,
             "GENRELAY_GCS_BUCKET": "bucket",
+            "GENRELAY_GCS_SIGNING_ACCOUNT": "signer@p.iam.gserviceaccount.com",
+            "GENRELAY_SIGNED_URL_TTL": "600",
+            "GENRELAY_CONFIRM_RESULTS": "false",
+            "GENRELAY_MAX_RESULT_BYTES": "1000",
             "GENRELAY_GCS_PREFIX": "/results/",
             "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
             "GENRELAY_RECONCILE_AFTER": "30",
@@ -40,6 +47,10 @@ def test_every_variable_is_read() -> None:
     assert config.public_url == "https://relay.example.com"
     assert config.gcs_bucket == "bucket"
     assert config.gcs_prefix == "results"
+    assert config.gcs_signing_account == "signer@p.iam.gserviceaccount.com"
+    assert config.signed_url_ttl == 600
+    assert config.confirm_results is False
+    assert config.max_result_bytes == 1000
     assert config.allow_private_webhooks is True
     assert config.reconcile_after == 30
     assert config.generation_timeout == 600
@@ -50,7 +61,11 @@ def test_every_variable_is_read() -> None:
 @pytest.mark.parametrize(
     ("env", "named"),
     [
-        ({}, "GENRELAY_DEEPIMAGE_API_KEY"),
+        ({"GENRELAY_GCS_BUCKET": "b"}, "GENRELAY_DEEPIMAGE_API_KEY"),
+        ({"GENRELAY_DEEPIMAGE_API_KEY": "k"}, "GENRELAY_GCS_BUCKET"),
+        ({**MINIMAL, "GENRELAY_SIGNED_URL_TTL": "0"}, "GENRELAY_SIGNED_URL_TTL"),
+        ({**MINIMAL, "GENRELAY_CONFIRM_RESULTS": "sure"}, "GENRELAY_CONFIRM_RESULTS"),
+        ({**MINIMAL, "GENRELAY_MAX_RESULT_BYTES": "1e9"}, "GENRELAY_MAX_RESULT_BYTES"),
         ({**MINIMAL, "GENRELAY_DATABASE_URL": "mysql://x"}, "GENRELAY_DATABASE_URL"),
         ({**MINIMAL, "GENRELAY_DEEPIMAGE_URL": "ftp://x"}, "GENRELAY_DEEPIMAGE_URL"),
         ({**MINIMAL, "GENRELAY_PUBLIC_URL": "relay.example.com"}, "GENRELAY_PUBLIC_URL"),

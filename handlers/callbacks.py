@@ -1,0 +1,47 @@
+"""Deep-Image's completion webhook. No API key: the URL carries a per-generation token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flask
+from flask_smorest import Blueprint
+
+from handlers.auth import services
+from handlers.problems import StrictJSONParser, require_json_body
+from schemas.callbacks import CallbackAckSchema, DeepImageCallbackSchema
+from schemas.problems import ProblemSchema
+from service.completion import Callback
+
+blp = Blueprint(
+    "callbacks",
+    __name__,
+    url_prefix="/v1/callbacks",
+    description="Completion callbacks from Deep-Image.",
+)
+blp.ARGUMENTS_PARSER = StrictJSONParser()
+
+
+@blp.before_request
+def _authenticate() -> None:
+    """The token is checked before anything reads the body."""
+    view_args = flask.request.view_args or {}
+    services().completion.authenticate(
+        view_args.get("generation_id", ""), view_args.get("token", "")
+    )
+
+
+blp.before_request(require_json_body)
+
+
+@blp.route("/deepimage/<string:generation_id>/<string:token>", methods=["POST"])
+@blp.doc(security=[])
+@blp.arguments(DeepImageCallbackSchema)
+@blp.response(200, CallbackAckSchema)
+@blp.alt_response(401, schema=ProblemSchema, description="Wrong token; nothing changes")
+@blp.alt_response(409, schema=ProblemSchema, description="Not this generation's upstream job")
+def deepimage_callback(payload: dict[str, Any], generation_id: str, token: str) -> Any:
+    """Record where the result is; storing it happens in the background."""
+    callback = Callback(job=payload["job"], result_url=payload["result_url"])
+    outcome = services().completion.accept(generation_id, callback)
+    return {"outcome": outcome.value}

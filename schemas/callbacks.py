@@ -1,0 +1,28 @@
+"""Deep-Image's completion callback body (reference §3)."""
+
+from marshmallow import EXCLUDE, Schema, fields, validate
+
+
+class DeepImageCallbackSchema(Schema):
+    """`{job, data, result_url, results}`, as Deep-Image posts it."""
+
+    class Meta:
+        # Deep-Image documents no versioning: fields it may add later must not break intake.
+        unknown = EXCLUDE
+
+    job = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    result_url = fields.Url(
+        required=True,
+        schemes={"http", "https"},
+        require_tld=False,
+        validate=validate.Length(max=4096),
+    )
+    data = fields.Dict(allow_none=True, metadata={"description": "The original request."})
+    results = fields.Raw(allow_none=True, metadata={"description": "Undocumented; null so far."})
+
+
+class CallbackAckSchema(Schema):
+    outcome = fields.String(
+        validate=validate.OneOf(["accepted", "duplicate", "ignored"]),
+        metadata={"description": "accepted, or a no-op: duplicate / ignored (finished)."},
+    )

@@ -1,0 +1,161 @@
+"""How a generation learns its upstream job is done: Deep-Image's callback, or polling.
+
+Both paths end in `record_source`, which stores the result URL once and enqueues the `store`
+task in the same transaction; whichever path comes second finds it set and does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import logging
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.callbacks import token_is_valid
+from service.config import Config
+from service.deepimage import DeepImageClient, PermanentUpstreamError, TransientUpstreamError
+from service.domain import ErrorCode, GenerationStatus
+from service.errors import Conflict, NotFound, Unauthorized
+from service.lifecycle import fail_generation
+from service.models import Generation, utcnow
+from service.results import STORE
+from service.store import Store
+from service.tasks import ClaimedTask, TaskQueue
+from service.worker import Snooze
+
+log = logging.getLogger("genrelay.completion")
+
+POLL = "poll"
+# Polling backs off from FIRST_POLL_DELAY (polling-only mode) up to MAX_POLL_DELAY.
+FIRST_POLL_DELAY = 2.0
+MAX_POLL_DELAY = 60.0
+
+
+def record_source(
+    session: Session, queue: TaskQueue, generation_id: str, url: str, *, now: dt.datetime
+) -> bool:
+    """Remember where the result is and schedule its storage; False if already known."""
+    result = session.execute(
+        sa.update(Generation)
+        .where(
+            Generation.id == generation_id,
+            Generation.status == GenerationStatus.PROCESSING,
+            Generation.source_found_at.is_(None),
+        )
+        .values(source_url=url, source_found_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return False
+    queue.enqueue(session, STORE, generation_id=generation_id)
+    return True
+
+
+def first_poll_delay(config: Config) -> float:
+    """With callbacks, poll only as a fallback after RECONCILE_AFTER; without, soon."""
+    if config.public_url:
+        return config.reconcile_after
+    return min(config.reconcile_after, FIRST_POLL_DELAY)
+
+
+class CallbackOutcome(enum.StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"  # the result was already known
+    IGNORED = "ignored"  # the generation is finished or canceled
+
+
+@dataclasses.dataclass(frozen=True)
+class Callback:
+    job: str
+    result_url: str
+
+
+class CompletionService:
+    """Deep-Image's completion callback (DESIGN §2.3)."""
+
+    def __init__(self, store: Store, queue: TaskQueue, config: Config) -> None:
+        self.store = store
+        self.queue = queue
+        self.config = config
+
+    def authenticate(self, generation_id: str, token: str) -> None:
+        """Check the URL's token before anything else is read; Unauthorized if wrong."""
+        secret = self.config.callback_secret
+        if not secret or not token_is_valid(secret, generation_id, token):
+            raise Unauthorized("the callback token is not valid for this generation")
+
+    def accept(self, generation_id: str, callback: Callback) -> CallbackOutcome:
+        """Record the callback's result URL and schedule storage; idempotent."""
+        now = utcnow()
+        with self.store.transaction() as session:
+            generation = session.get(Generation, generation_id)
+            if generation is None:
+                raise NotFound(f"no generation {generation_id!r}")
+            if GenerationStatus(generation.status).is_terminal:
+                return CallbackOutcome.IGNORED
+            if generation.upstream_job != callback.job:
+                # Also when no job is recorded yet (the callback overtook our own commit):
+                # polling picks the result up after GENRELAY_RECONCILE_AFTER.
+                raise Conflict(f"job {callback.job!r} is not this generation's upstream job")
+            if not record_source(session, self.queue, generation_id, callback.result_url, now=now):
+                return CallbackOutcome.DUPLICATE
+        return CallbackOutcome.ACCEPTED
+
+
+class PollHandler:
+    """The `poll` task: asks Deep-Image about a job whose callback has not come (DESIGN §2.5)."""
+
+    def __init__(
+        self, store: Store, queue: TaskQueue, deepimage: DeepImageClient, config: Config
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.deepimage = deepimage
+        self.config = config
+
+    def run(self, task: ClaimedTask) -> None:
+        assert task.generation_id is not None
+        with self.store.read() as session:
+            generation = session.get(Generation, task.generation_id)
+        if (
+            generation is None
+            or generation.status != GenerationStatus.PROCESSING
+            or generation.source_found_at is not None
+        ):
+            return  # finished, canceled, or the callback came: nothing to reconcile
+        assert generation.upstream_job is not None and generation.submitted_at is not None
+        now = utcnow()
+        if (now - generation.submitted_at).total_seconds() > self.config.generation_timeout:
+            fail_generation(
+                self.store,
+                generation.id,
+                ErrorCode.UPSTREAM_TIMEOUT,
+                f"no result within {self.config.generation_timeout:.0f} s",
+            )
+            return
+        delay = min(MAX_POLL_DELAY, 2 * float(task.payload.get("delay", FIRST_POLL_DELAY)))
+        try:
+            job = self.deepimage.result(generation.upstream_job)
+        except TransientUpstreamError as exc:
+            raise Snooze(delay, f"Deep-Image unavailable: {exc.message}") from None
+        except PermanentUpstreamError as exc:
+            fail_generation(self.store, generation.id, exc.error_code, exc.message)
+            return
+        if job.status == "complete" and job.result_url:
+            with self.store.transaction() as session:
+                record_source(session, self.queue, generation.id, job.result_url, now=now)
+            return
+        # Still running. The next poll doubles its wait; `delay` travels in the payload.
+        raise Snooze(delay, f"job {job.job} is {job.status}", payload={"delay": delay})
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        assert task.generation_id is not None
+        fail_generation(
+            self.store,
+            task.generation_id,
+            ErrorCode.UPSTREAM_UNAVAILABLE,
+            f"polling Deep-Image failed {task.attempts} times: {error}",
+        )

@@ -1,0 +1,293 @@
+"""The `store` task: stream a finished image from Deep-Image into GCS (DESIGN §2.4).
+
+The download is read in chunks and handed to the upload as it arrives: the worker holds one
+chunk at a time plus a small header prefix, whatever the image size. On the way through, a
+`ResultStream` checks the magic number (PNG, JPEG, WEBP), counts bytes against the limit,
+computes the CRC32C and keeps the header for the image's dimensions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+from service.blobstore import (
+    BlobAlreadyExists,
+    BlobStore,
+    Crc32cHasher,
+    PermanentBlobError,
+    StoredBlob,
+    TransientBlobError,
+)
+from service.config import Config
+from service.deepimage import DeepImageClient, PermanentUpstreamError, TransientUpstreamError
+from service.domain import ErrorCode, GenerationStatus
+from service.images import SNIFF_BYTES, ImageKind, dimensions, sniff
+from service.lifecycle import change_status, fail_generation
+from service.models import Generation, utcnow
+from service.store import Store
+from service.tasks import ClaimedTask
+from service.worker import RetryableError
+
+log = logging.getLogger("genrelay.results")
+
+STORE = "store"
+DOWNLOAD_CHUNK = 1024 * 1024
+# Enough of the file to find the dimensions (JPEG headers can follow large EXIF/ICC blocks).
+HEADER_PREFIX = 256 * 1024
+
+
+class ResultRejected(Exception):
+    """The result cannot be stored, and will not become storable by trying again."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ResultStream:
+    """A read()-able view of a download that inspects the bytes as they pass."""
+
+    def __init__(self, chunks: Iterator[bytes], *, max_bytes: int) -> None:
+        self._chunks = chunks
+        self._max_bytes = max_bytes
+        self._buffer = bytearray()
+        self._position = 0
+        self._exhausted = False
+        self.size = 0
+        self.crc32c = Crc32cHasher()
+        self.head = bytearray()
+        self.kind: ImageKind | None = None
+
+    def prime(self) -> ImageKind:
+        """Read just enough to know the format; ResultRejected if it is not an image."""
+        while len(self.head) < SNIFF_BYTES and self._pull():
+            pass
+        if self.kind is None:
+            self.kind = sniff(bytes(self.head))
+        if self.kind is None:
+            raise ResultRejected(
+                ErrorCode.RESULT_NOT_IMAGE,
+                "the result is not a PNG, JPEG or WEBP image "
+                f"(it starts with {bytes(self.head[:8])!r})",
+            )
+        return self.kind
+
+    def read(self, size: int | None = -1) -> bytes:
+        """File protocol for the uploader."""
+        if self.kind is None:
+            self.prime()
+        while (size is None or size < 0 or len(self._buffer) < size) and self._pull():
+            pass
+        if size is None or size < 0:
+            size = len(self._buffer)
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self._position += len(out)
+        return out
+
+    def tell(self) -> int:
+        return self._position
+
+    def drain(self) -> None:
+        """Read the rest without keeping it (to finish the CRC32C after an aborted upload)."""
+        self._buffer.clear()
+        while self._pull():
+            self._buffer.clear()
+
+    def dimensions(self) -> tuple[int, int] | None:
+        return dimensions(bytes(self.head))
+
+    def _pull(self) -> bool:
+        if self._exhausted:
+            return False
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            self._exhausted = True
+            return False
+        except requests.RequestException as exc:
+            raise DownloadInterrupted(f"download failed midway: {type(exc).__name__}") from None
+        self.size += len(chunk)
+        if self.size > self._max_bytes:
+            raise ResultRejected(
+                ErrorCode.RESULT_TOO_LARGE,
+                f"the result is larger than the limit of {self._max_bytes} bytes",
+            )
+        self.crc32c.update(chunk)
+        if len(self.head) < HEADER_PREFIX:
+            self.head += chunk[: HEADER_PREFIX - len(self.head)]
+        self._buffer += chunk
+        return True
+
+
+class DownloadInterrupted(Exception):
+    """The connection failed while the body was being read: worth another try."""
+
+
+class StoreHandler:
+    """Confirms a completed job, streams its image into the bucket, marks it succeeded."""
+
+    def __init__(
+        self,
+        store: Store,
+        deepimage: DeepImageClient,
+        blobs: BlobStore,
+        config: Config,
+        *,
+        http: requests.Session | None = None,
+    ) -> None:
+        self.store = store
+        self.deepimage = deepimage
+        self.blobs = blobs
+        self.config = config
+        self.http = http or requests.Session()
+
+    def run(self, task: ClaimedTask) -> None:
+        assert task.generation_id is not None
+        with self.store.read() as session:
+            generation = session.get(Generation, task.generation_id)
+        if generation is None or generation.status != GenerationStatus.PROCESSING:
+            return  # canceled (cancel wins) or already finished by an earlier attempt
+        try:
+            source = self._confirmed_source(generation)
+            stored, width_height = self._copy(generation, source)
+        except ResultRejected as rejected:
+            fail_generation(self.store, generation.id, rejected.code, rejected.message)
+            return
+        width, height = width_height or (None, None)
+        result: dict[str, Any] = {
+            "uri": stored.uri,
+            "content_type": stored.content_type,
+            "size": stored.size,
+            "crc32c": stored.crc32c,
+            "width": width,
+            "height": height,
+        }
+        with self.store.transaction() as session:
+            moved = change_status(
+                session, generation.id, GenerationStatus.SUCCEEDED, now=utcnow(), result=result
+            )
+        if not moved:
+            log.warning(
+                "generation %s was canceled while its result was stored at %s",
+                generation.id,
+                stored.uri,
+            )
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        assert task.generation_id is not None
+        fail_generation(
+            self.store,
+            task.generation_id,
+            ErrorCode.STORAGE_FAILED,
+            f"the result could not be stored after {task.attempts} attempts: {error}",
+        )
+
+    def _confirmed_source(self, generation: Generation) -> str:
+        """The URL to download: Deep-Image's own answer when confirming, else the callback's."""
+        if not self.config.confirm_results:
+            assert generation.source_url is not None
+            return generation.source_url
+        assert generation.upstream_job is not None
+        try:
+            job = self.deepimage.result(generation.upstream_job)
+        except TransientUpstreamError as exc:
+            raise RetryableError(f"confirming the job: {exc.message}") from None
+        except PermanentUpstreamError as exc:
+            raise ResultRejected(exc.error_code, exc.message) from None
+        if job.status != "complete" or job.result_url is None:
+            raise RetryableError(f"Deep-Image reports job {job.job} as {job.status}, not complete")
+        return job.result_url
+
+    def _copy(self, generation: Generation, url: str) -> tuple[StoredBlob, tuple[int, int] | None]:
+        try:
+            response = self.http.get(url, stream=True, timeout=(5, 60))
+        except requests.RequestException as exc:
+            raise RetryableError(f"downloading the result: {type(exc).__name__}") from None
+        with response:
+            if response.status_code in (404, 410):
+                raise ResultRejected(
+                    ErrorCode.RESULT_UNAVAILABLE,
+                    f"the result URL answered {response.status_code}",
+                )
+            if response.status_code >= 400:
+                raise RetryableError(f"downloading the result: HTTP {response.status_code}")
+            declared = _declared_size(response)
+            if declared is not None and declared > self.config.max_result_bytes:
+                raise ResultRejected(
+                    ErrorCode.RESULT_TOO_LARGE,
+                    f"the result is {declared} bytes, over the limit of "
+                    f"{self.config.max_result_bytes}",
+                )
+            stream = ResultStream(
+                response.iter_content(DOWNLOAD_CHUNK), max_bytes=self.config.max_result_bytes
+            )
+            try:
+                kind = stream.prime()
+                name = object_name(self.config.gcs_prefix, generation, kind)
+                stored = self._write(generation, name, kind, stream, declared)
+            except DownloadInterrupted as exc:
+                raise RetryableError(str(exc)) from None
+            return stored, stream.dimensions()
+
+    def _write(
+        self,
+        generation: Generation,
+        name: str,
+        kind: ImageKind,
+        stream: ResultStream,
+        declared: int | None,
+    ) -> StoredBlob:
+        metadata = {
+            "generation_id": generation.id,
+            "upstream_job": generation.upstream_job or "",
+            "model_type": _model_type(generation.input),
+        }
+        try:
+            return self.blobs.write_new(
+                name, stream, content_type=kind.content_type, metadata=metadata, size=declared
+            )
+        except BlobAlreadyExists as exists:
+            # Most likely our own earlier attempt, which stored the object and then died
+            # before recording it: the same bytes count as stored.
+            stream.drain()
+            ours = stream.crc32c.base64()
+            if exists.existing is not None and exists.existing.crc32c == ours:
+                return exists.existing
+            raise ResultRejected(
+                ErrorCode.STORAGE_CONFLICT,
+                f"gs://{self.blobs.bucket}/{name} already exists with other content",
+            ) from None
+        except TransientBlobError as exc:
+            raise RetryableError(f"writing to GCS: {exc}") from None
+        except PermanentBlobError as exc:
+            raise ResultRejected(
+                ErrorCode.STORAGE_FAILED, f"GCS refused the write: {exc}"
+            ) from None
+
+
+def object_name(prefix: str, generation: Generation, kind: ImageKind) -> str:
+    """`{prefix}/{tenant}/{yyyy}/{mm}/{dd}/{id}.{ext}`, dated by creation (stable on retry)."""
+    created = generation.created_at
+    path = f"{generation.tenant_id}/{created:%Y/%m/%d}/{generation.id}.{kind.extension}"
+    return f"{prefix}/{path}" if prefix else path
+
+
+def _declared_size(response: requests.Response) -> int | None:
+    """Content-Length, when it is the size of the bytes we will read (no content coding)."""
+    length = response.headers.get("Content-Length")
+    if length is None or not length.isdigit() or response.headers.get("Content-Encoding"):
+        return None
+    return int(length)
+
+
+def _model_type(request: dict[str, Any]) -> str:
+    generate = (request.get("background") or {}).get("generate")
+    if not isinstance(generate, dict):
+        return ""
+    return str(generate.get("model_type") or "realistic")
