@@ -10,20 +10,24 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
 
+from service.blobstore import GcsBlobStore
 from service.bootstrap import Services, build_services
 from service.config import Config
 from service.migrate import upgrade_to_head
 from service.models import Base
 from service.store import Store
+from service.submission import SUBMIT
+from service.tasks import RetryPolicy
 
 if TYPE_CHECKING:
+    from service.gcs_emulator import FakeGcsServer
     from service.simulator import SimulatorServer
 
 DEFAULT_TEST_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -111,21 +115,58 @@ def simulator() -> Iterator[SimulatorServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[FakeGcsServer]:
+    """fake-gcs-server (in memory) for the whole test session: it speaks the real GCS API."""
+    from service.gcs_emulator import FakeGcsServer
+
+    with FakeGcsServer(backend="memory") as server:
+        yield server
+
+
 @pytest.fixture
-def config(database_url: str, simulator: SimulatorServer) -> Config:
+def gcs_bucket(gcs_server: FakeGcsServer) -> str:
+    name = f"genrelay-test-{uuid.uuid4().hex[:12]}"
+    gcs_server.create_bucket(name)
+    return name
+
+
+def emulator_blob_store(url: str, bucket: str, **options: Any) -> GcsBlobStore:
+    """The real GCS adapter with an anonymous client pointed at an emulator."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(
+        project="genrelay-test",
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": url},
+    )
+    return GcsBlobStore(bucket, client=client, **options)
+
+
+@pytest.fixture
+def blobs(gcs_server: FakeGcsServer, gcs_bucket: str) -> GcsBlobStore:
+    return emulator_blob_store(gcs_server.url, gcs_bucket)
+
+
+@pytest.fixture
+def config(database_url: str, simulator: SimulatorServer, gcs_bucket: str) -> Config:
     return Config(
         database_url=database_url,
         deepimage_url=simulator.url,
         deepimage_api_key=SIMULATOR_KEY,
         deepimage_timeout=(2.0, 5.0),
+        gcs_bucket=gcs_bucket,
+        reconcile_after=0.1,
     )
 
 
 @pytest.fixture
-def services(config: Config, store: Store) -> Iterator[Services]:
-    services = build_services(config, store=store)
+def services(config: Config, store: Store, blobs: GcsBlobStore) -> Iterator[Services]:
+    services = build_services(config, store=store, blobs=blobs)
     yield services
     services.deepimage.close()
+    services.downloads.close()
 
 
 @pytest.fixture
@@ -148,3 +189,27 @@ def api_key(services: Services) -> str:
 @pytest.fixture
 def auth(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture
+def make_client(
+    store: Store, blobs: GcsBlobStore
+) -> Iterator[Callable[..., tuple[Services, Any, dict[str, str]]]]:
+    """An app on its own config (and fast submit retries if asked): services, client, auth."""
+    from service.app import create_app
+
+    made: list[Services] = []
+
+    def make(config: Config, *, fast_retries: bool = False) -> tuple[Services, Any, dict[str, str]]:
+        policies = None
+        if fast_retries:
+            policies = {SUBMIT: RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.1)}
+        services = build_services(config, store=store, blobs=blobs, policies=policies)
+        made.append(services)
+        client = create_app(config, services=services).test_client()
+        return services, client, {"Authorization": "Bearer " + services.api_keys.create("acme")}
+
+    yield make
+    for services in made:
+        services.deepimage.close()
+        services.downloads.close()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import requests
+import sqlalchemy as sa
+
+from service.bootstrap import Services
+from service.models import Task
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -20,3 +26,34 @@ def set_simulator(simulator_url: str, **knobs: Any) -> None:
     """Change the simulator's fault knobs at run time, over HTTP like any other client."""
     response = requests.post(f"{simulator_url}/_sim/settings", json=knobs, timeout=5)
     response.raise_for_status()
+
+
+def drain(services: Services, seconds: float = 10.0, horizon: float = 5.0) -> None:
+    """Run the worker until no task is running or due within `horizon` seconds.
+
+    Tasks due later (the fallback poll of callback mode, an hour out) do not hold it up.
+    """
+    from service.worker import Worker
+
+    worker = Worker(services.runner, threads=1)
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+    while dt.datetime.now(dt.UTC) < deadline:
+        worker.run_once()
+        with services.store.read() as session:
+            active = session.scalar(
+                sa.select(sa.func.count())
+                .select_from(Task)
+                .where(
+                    sa.or_(
+                        Task.status == "running",
+                        sa.and_(
+                            Task.status == "pending",
+                            Task.run_at <= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=horizon),
+                        ),
+                    )
+                )
+            )
+        if not active:
+            return
+        time.sleep(0.02)
+    raise AssertionError("tasks still active")

@@ -1,0 +1,398 @@
+"""The completion path on real databases, the simulator over HTTP and fake-gcs-server:
+callback -> store -> succeeded, polling, failures, and cancel winning.
+
+Here the test plays Deep-Image's callback through the Flask test client; the e2e tests let
+the simulator call a real gunicorn.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+from PIL import Image
+
+from service.app import create_app
+from service.blobstore import FakeBlobStore, crc32c_base64
+from service.bootstrap import Services, build_services
+from service.callbacks import callback_url
+from service.config import Config
+from service.gcs_emulator import FakeGcsServer
+from service.models import Generation, Task, utcnow
+from service.results import STORE
+from service.worker import Worker
+from tests.conftest import SIMULATOR_KEY, emulator_blob_store
+from tests.helpers import drain, seed_examples, set_simulator
+
+SECRET = "completion-test-secret-0123456789"
+TEXT_ONLY = seed_examples()["text_only"]
+PUBLIC = "http://127.0.0.1:9"  # where the simulator's own callbacks go: nobody listens
+
+
+def callback_config(config: Config, **changes: Any) -> Config:
+    """Callback mode: a public URL and a secret; polling only as a late fallback."""
+    return config.replace(
+        public_url=PUBLIC, callback_secret=SECRET, **{"reconcile_after": 3600.0, **changes}
+    )
+
+
+def create(client: Any, auth: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/generations", json=body, headers=auth)
+    assert response.status_code == 202, response.json
+    return response.json  # type: ignore[no-any-return]
+
+
+def wait_until_complete(simulator: Any, job: str) -> str:
+    """Deep-Image's result URL of `job`, once the simulator has finished it."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        result = requests.get(
+            f"{simulator.url}/rest_api/result/{job}",
+            headers={"x-api-key": SIMULATOR_KEY},
+            timeout=5,
+        ).json()
+        if result.get("status") == "complete":
+            return str(result["result_url"])
+        time.sleep(0.05)
+    raise AssertionError(f"job {job} did not complete")
+
+
+def call_back(client: Any, generation: dict[str, Any], source: str, **overrides: Any) -> Any:
+    """POST what Deep-Image posts, to the URL genrelay gave it."""
+    url = callback_url("http://localhost", SECRET, generation["id"]).removeprefix(
+        "http://localhost"
+    )
+    payload = {
+        "job": generation["upstream"]["job"],
+        "data": generation["input"],
+        "result_url": source,
+        "results": None,
+        **overrides,
+    }
+    return client.post(url, json=payload)
+
+
+def objects(services: Services) -> dict[str, bytes]:
+    """Every object in the test bucket, by name."""
+    client = services.blobs._client  # type: ignore[attr-defined]
+    bucket = client.bucket(services.blobs.bucket)
+    return {blob.name: blob.download_as_bytes() for blob in client.list_blobs(bucket)}
+
+
+def tasks_of(services: Services, kind: str) -> list[Task]:
+    with services.store.read() as session:
+        return list(session.scalars(sa.select(Task).where(Task.kind == kind)))
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "content_type"),
+    [("text_only", (2048, 1024), "image/png"), ("generative_upscale", (3000, 3000), "image/jpeg")],
+)
+def test_polling_only_mode_stores_the_result_and_records_what_was_stored(
+    client: Any,
+    auth: dict[str, str],
+    services: Services,
+    gcs_bucket: str,
+    name: str,
+    size: tuple[int, int],
+    content_type: str,
+) -> None:
+    generation = create(client, auth, {"input": seed_examples()[name]})
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    [(object_name, data)] = objects(services).items()
+    created = generation["created_at"]
+    assert object_name == (
+        f"{_tenant(services, generation['id'])}/"
+        f"{created[:4]}/{created[5:7]}/{created[8:10]}/{generation['id']}."
+        f"{'png' if content_type == 'image/png' else 'jpg'}"
+    )
+    assert result["uri"] == f"gs://{gcs_bucket}/{object_name}"
+    assert result["content_type"] == content_type
+    assert result["size"] == len(data)
+    assert result["crc32c"] == crc32c_base64(data)
+    assert (result["width"], result["height"]) == size
+    assert Image.open(io.BytesIO(data)).size == size
+    assert "url" not in result  # anonymous emulator credentials cannot sign
+    assert done["completed_at"] is not None
+
+
+def _tenant(services: Services, generation_id: str) -> str:
+    with services.store.read() as session:
+        generation = session.get(Generation, generation_id)
+    assert generation is not None
+    return generation.tenant_id
+
+
+def test_a_callback_is_stored_once_and_duplicates_are_no_ops(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    services, client, auth = make_client(callback_config(config))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    result_url = wait_until_complete(simulator, generation["upstream"]["job"])
+    first = call_back(client, generation, result_url)
+    again = call_back(client, generation, result_url)
+    assert (first.status_code, first.json) == (200, {"outcome": "accepted"})
+    assert (again.status_code, again.json) == (200, {"outcome": "duplicate"})
+    assert len(tasks_of(services, STORE)) == 1
+    drain(services)
+    assert client.get(f"/v1/generations/{generation['id']}", headers=auth).json["status"] == (
+        "succeeded"
+    )
+    late = call_back(client, generation, result_url)
+    assert (late.status_code, late.json) == (200, {"outcome": "ignored"})
+    assert len(objects(services)) == 1
+
+
+@pytest.mark.parametrize("token_of", ["nobody", "another generation"])
+def test_a_forged_callback_is_401_and_changes_nothing(
+    config: Config, make_client: Any, token_of: str
+) -> None:
+    services, client, auth = make_client(callback_config(config))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    other = create(client, auth, {"input": TEXT_ONLY})
+    token = "0" * 64
+    if token_of == "another generation":  # a real token, but not this generation's
+        token = callback_url("", SECRET, other["id"]).rsplit("/", 1)[1]
+    payload = {
+        "job": generation["upstream"]["job"],
+        "result_url": "https://x.test/a.png",
+        "data": {},
+        "results": None,
+    }
+    response = client.post(f"/v1/callbacks/deepimage/{generation['id']}/{token}", json=payload)
+    assert response.status_code == 401
+    assert response.mimetype == "application/problem+json"
+    assert tasks_of(services, STORE) == []
+    with services.store.read() as session:
+        stored = session.get(Generation, generation["id"])
+    assert stored is not None
+    assert (stored.status, stored.source_url) == ("processing", None)
+
+
+def test_a_forged_callback_with_garbage_body_is_still_401(config: Config, make_client: Any) -> None:
+    _services, client, auth = make_client(callback_config(config))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    response = client.post(
+        f"/v1/callbacks/deepimage/{generation['id']}/{'0' * 64}",
+        data="{not json",
+        content_type="text/plain",
+    )
+    assert response.status_code == 401
+
+
+def test_a_callback_for_an_unknown_generation_is_404(config: Config, make_client: Any) -> None:
+    _services, client, _auth = make_client(callback_config(config))
+    ghost = {"id": "gen_does_not_exist", "upstream": {"job": "j"}, "input": {}}
+    assert call_back(client, ghost, "https://x.test/a.png").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "field"),
+    [
+        ({"job": "not-the-job"}, 409, None),
+        ({"result_url": "not a url"}, 422, "result_url"),
+        ({"job": None}, 422, "job"),
+    ],
+)
+def test_a_callback_with_the_wrong_job_or_a_bad_body_is_refused(
+    config: Config,
+    make_client: Any,
+    overrides: dict[str, Any],
+    status: int,
+    field: str | None,
+) -> None:
+    services, client, auth = make_client(callback_config(config))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    response = call_back(client, generation, "https://x.test/a.png", **overrides)
+    assert response.status_code == status
+    assert response.mimetype == "application/problem+json"
+    if field:
+        assert [e["field"] for e in response.json["errors"]] == [field]
+    assert tasks_of(services, STORE) == []
+
+
+def test_a_canceled_generation_ignores_its_callback_and_writes_nothing(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    services, client, auth = make_client(callback_config(config))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    client.post(f"/v1/generations/{generation['id']}/cancel", headers=auth)
+    result_url = wait_until_complete(simulator, generation["upstream"]["job"])
+    response = call_back(client, generation, result_url)
+    assert (response.status_code, response.json) == (200, {"outcome": "ignored"})
+    drain(services)
+    assert objects(services) == {}
+    assert client.get(f"/v1/generations/{generation['id']}", headers=auth).json["status"] == (
+        "canceled"
+    )
+
+
+def test_a_generation_canceled_while_its_result_waits_is_never_stored(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    services, client, auth = make_client(callback_config(config))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    call_back(client, generation, wait_until_complete(simulator, generation["upstream"]["job"]))
+    client.post(f"/v1/generations/{generation['id']}/cancel", headers=auth)
+    drain(services)  # the store task finds the generation canceled
+    assert objects(services) == {}
+
+
+def test_a_lost_callback_is_reconciled_by_polling(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    services, client, auth = make_client(callback_config(config, reconcile_after=0.2))
+    set_simulator(simulator.url, lost_callback_rate=1.0)
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert done["status"] == "succeeded"
+    assert len(objects(services)) == 1
+
+
+def test_an_upstream_job_failure_fails_the_generation(
+    client: Any, auth: dict[str, str], services: Services, simulator: Any
+) -> None:
+    set_simulator(simulator.url, failure_rate=1.0)
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "upstream_job_failed"
+    assert "technical issues" in done["error"]["message"]
+    assert objects(services) == {}
+
+
+def test_a_generation_without_a_result_in_time_fails_with_upstream_timeout(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    services, client, auth = make_client(config.replace(generation_timeout=0.5))
+    set_simulator(simulator.url, processing_time=30.0)
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (done["status"], done["error"]["code"]) == ("failed", "upstream_timeout")
+
+
+@pytest.mark.parametrize(
+    ("result_url", "changes", "code"),
+    [
+        ("{sim}/_sim/stats", {}, "result_not_image"),  # JSON where an image should be
+        ("{sim}/no/such/image.png", {}, "result_unavailable"),
+        (None, {"max_result_bytes": 1000}, "result_too_large"),
+    ],
+)
+def test_a_result_that_is_not_a_storable_image_fails_with_a_clear_code(
+    config: Config,
+    make_client: Any,
+    simulator: Any,
+    result_url: str | None,
+    changes: dict[str, Any],
+    code: str,
+) -> None:
+    # Without confirmation the callback's URL is what gets downloaded.
+    services, client, auth = make_client(callback_config(config, confirm_results=False, **changes))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    real = wait_until_complete(simulator, generation["upstream"]["job"])
+    call_back(client, generation, result_url.format(sim=simulator.url) if result_url else real)
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (done["status"], done["error"]["code"]) == ("failed", code)
+    assert objects(services) == {}
+
+
+def test_an_existing_object_with_the_same_bytes_counts_as_stored(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    drain(services)
+    first = client.get(f"/v1/generations/{generation['id']}", headers=auth).json["result"]
+    # As if the worker died after writing the object but before recording it: run again.
+    with services.store.transaction() as session:
+        session.execute(
+            sa.update(Generation).values(status="processing", result=None, completed_at=None)
+        )
+        services.queue.enqueue(session, STORE, generation_id=generation["id"])
+    drain(services)
+    again = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert again["status"] == "succeeded"
+    assert again["result"] == first
+    assert len(objects(services)) == 1
+
+
+def test_an_existing_object_with_other_bytes_is_a_storage_conflict(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    drain(services)
+    [name] = objects(services)
+    services.blobs._client.bucket(services.blobs.bucket).blob(name).upload_from_string(  # type: ignore[attr-defined]
+        b"\x89PNG\r\n\x1a\nsomething else"
+    )
+    with services.store.transaction() as session:
+        session.execute(
+            sa.update(Generation).values(status="processing", result=None, completed_at=None)
+        )
+        services.queue.enqueue(session, STORE, generation_id=generation["id"])
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (done["status"], done["error"]["code"]) == ("failed", "storage_conflict")
+
+
+def test_gcs_unreachable_for_a_while_is_retried_until_stored(config: Config, store: Any) -> None:
+    bucket = "flaky-bucket"
+    server = FakeGcsServer(backend="memory").start()
+    port = server.port
+    server.create_bucket(bucket)
+    blobs = emulator_blob_store(server.url, bucket, retry_timeout=0)
+    config = config.replace(gcs_bucket=bucket)
+    services = build_services(config, store=store, blobs=blobs)
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    try:
+        server.stop()
+        generation = create(client, auth, {"input": TEXT_ONLY})
+        deadline = time.monotonic() + 10
+        while not any(t.last_error for t in tasks_of(services, STORE)):
+            assert time.monotonic() < deadline, "the store task never tried"
+            Worker(services.runner).run_once()
+            time.sleep(0.05)
+        [task] = tasks_of(services, STORE)
+        assert task.status == "pending"
+        assert "GCS" in (task.last_error or "")
+        server = FakeGcsServer(backend="memory", port=port).start()  # back, same address
+        server.create_bucket(bucket)
+        with services.store.transaction() as session:  # skip the backoff wait
+            session.execute(sa.update(Task).where(Task.kind == STORE).values(run_at=utcnow()))
+        drain(services, seconds=20)
+        done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+        assert done["status"] == "succeeded"
+    finally:
+        server.stop()
+        services.deepimage.close()
+        services.downloads.close()
+
+
+def test_a_result_is_shown_with_a_signed_url_where_the_credentials_can_sign(
+    config: Config, store: Any
+) -> None:
+    services = build_services(
+        config, store=store, blobs=FakeBlobStore(config.gcs_bucket, can_sign=True)
+    )
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    drain(services)
+    shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json["result"]
+    assert shown["url"].startswith("https://")
+    listed = client.get("/v1/generations", headers=auth).json["data"][0]["result"]
+    assert listed["url"].startswith("https://")
+    services.deepimage.close()
+    services.downloads.close()
