@@ -1,8 +1,8 @@
 """`genrelay dev`: the whole stack on a laptop with embedded defaults (what `make run` starts).
 
-SQLite under `var/`, the Deep-Image simulator on a free local port, `genrelay serve` and
-`genrelay worker` as child processes; a fresh dev API key and a ready-to-paste curl printed at
-start. Ctrl-C stops everything.
+SQLite and fake-gcs-server's files under `var/`, the Deep-Image simulator on a free local
+port, `genrelay serve` and `genrelay worker` as child processes; a fresh dev API key and a
+ready-to-paste curl printed at start. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from service.migrate import upgrade_to_head
 from service.store import Store
 
 DEV_DEEPIMAGE_KEY = "sim-key"
+DEV_BUCKET = "genrelay-dev"
 TEXT_ONLY_EXAMPLE = {
     "width": 2048,
     "height": 1024,
@@ -68,6 +69,11 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     api_key = ApiKeys(store).create("dev")
     store.dispose()
 
+    from service.gcs_emulator import FakeGcsServer
+
+    # Objects survive restarts with the filesystem backend, like the SQLite file beside them.
+    gcs = FakeGcsServer(backend="filesystem", root=var / "gcs", log_path=var / "gcs.log").start()
+    gcs.create_bucket(DEV_BUCKET)
     simulator_port = free_port()
     env = {
         **os.environ,
@@ -77,6 +83,8 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
         "GENRELAY_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "GENRELAY_CALLBACK_SECRET": secrets.token_urlsafe(32),
         "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
+        "GENRELAY_GCS_BUCKET": DEV_BUCKET,
+        "STORAGE_EMULATOR_HOST": gcs.url,
         "GENRELAY_WEB_PROCESSES": "1",
         "PORT": str(port),
     }
@@ -101,7 +109,7 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     try:
         _wait_until_up(f"http://127.0.0.1:{simulator_port}/_sim/health", processes[:1], 15)
         _wait_until_up(f"http://127.0.0.1:{port}/healthz", processes, 30)
-        print(_banner(port, api_key), flush=True)
+        print(_banner(port, api_key, gcs.url), flush=True)
         while not stopping and all(p.poll() is None for p in processes):
             time.sleep(0.2)
     except RuntimeError as exc:
@@ -116,14 +124,16 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+        gcs.stop()
     return 0 if stopping else 1
 
 
-def _banner(port: int, api_key: str) -> str:
+def _banner(port: int, api_key: str, gcs_url: str) -> str:
     body = json.dumps({"input": TEXT_ONLY_EXAMPLE})
     base = f"http://127.0.0.1:{port}"
     return f"""
-genrelay dev stack is up: API {base} (docs {base}/docs), SQLite and Deep-Image simulator.
+genrelay dev stack is up: API {base} (docs {base}/docs),
+with SQLite, the Deep-Image simulator and a local GCS emulator (files under var/).
 Dev API key: {api_key}
 
 Try the seed's text-only example:
@@ -133,6 +143,11 @@ Try the seed's text-only example:
     -H 'Content-Type: application/json' \\
     -d '{body}'
 
-then GET {base}/v1/generations/<id> with the same Authorization header.
+then GET {base}/v1/generations/<id> with the same Authorization header: within a few
+seconds its status is "succeeded" and result.uri is gs://{DEV_BUCKET}/<object>. The local GCS
+emulator serves it at {gcs_url}/{DEV_BUCKET}/<object>:
+
+  curl -s -o result.png {gcs_url}/{DEV_BUCKET}/<object>
+
 Press Ctrl-C to stop.
 """
