@@ -9,6 +9,7 @@ from flask_smorest import Blueprint
 
 from handlers.auth import services
 from handlers.problems import problem_response
+from service.blobstore import BlobError
 
 blp = Blueprint("health", __name__, description="Probes for the platform.")
 
@@ -23,10 +24,14 @@ def healthz() -> Any:
 @blp.route("/readyz", methods=["GET"])
 @blp.doc(security=[])
 def readyz() -> Any:
-    """The database answers; 503 otherwise."""
+    """The database and the bucket answer; 503 otherwise."""
     try:
         with services().store.read() as session:
             session.execute(sa.text("SELECT 1"))
     except Exception:
         return problem_response(503, "Service Unavailable", "the database is not reachable")
+    try:
+        services().blobs.check()
+    except BlobError:
+        return problem_response(503, "Service Unavailable", "the result bucket is not reachable")
     return {"status": "ready"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from service.blobstore import FakeBlobStore
 from service.bootstrap import Services
 from service.config import Config
 from service.store import Store
@@ -38,3 +39,14 @@ def test_readyz_is_503_when_the_database_does_not_answer(
 
 def client_never_sees_internals(detail: str) -> bool:
     return "127.0.0.1" not in detail and "Traceback" not in detail
+
+
+def test_readyz_is_503_when_the_bucket_does_not_answer(config: Config, services: Services) -> None:
+    from service.app import create_app
+
+    blobs = FakeBlobStore(config.gcs_bucket)
+    blobs.available = False
+    app = create_app(config, services=dataclasses.replace(services, blobs=blobs))
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    assert "bucket" in response.json["detail"]
