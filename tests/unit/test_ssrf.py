@@ -1,0 +1,244 @@
+"""Webhook URLs are refused unless https and public, checked by syntax and after resolution."""
+
+from __future__ import annotations
+
+import socket
+from ipaddress import ip_address
+
+import pytest
+import requests
+
+from service.ssrf import MAX_URL_LENGTH, UnsafeURL, URLPolicy, pinned_session
+
+FAKE_DNS = {
+    "hooks.example.com": ["93.184.216.34"],
+    "public.example.com": ["93.184.216.34"],
+    "x.com": ["93.184.216.34"],
+    "internal.example.com": ["10.1.2.3"],
+    "mixed.example.com": ["93.184.216.34", "2606:4700::1111", "192.168.0.7"],
+    "dual.example.com": ["2606:4700::1111", "93.184.216.34"],
+    "metadata.google.internal": ["93.184.216.34"],  # even if it resolved publicly
+    "mapped.example.com": ["::ffff:127.0.0.1"],
+}
+
+
+def fake_resolver(host: str, port: int) -> list[str]:
+    try:
+        return FAKE_DNS[host]
+    except KeyError:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
+
+
+def no_dns(host: str, port: int) -> list[str]:
+    raise AssertionError(f"check_syntax must not resolve {host}")
+
+
+REFUSED = [
+    "http://10.0.0.1/",
+    "https://10.0.0.1/",
+    "https://127.0.0.1/",
+    "https://[::1]/",
+    "https://169.254.169.254/latest/meta-data",
+    "https://[::ffff:169.254.169.254]/",
+    "https://[::ffff:10.0.0.1]/",
+    "https://0.0.0.0/",
+    "https://0.1.2.3/",
+    "https://[::]/",
+    "https://224.0.0.1/",
+    "https://[ff02::1]/",
+    "https://100.64.0.1/",
+    "https://192.168.1.1/",
+    "https://172.16.0.1/",
+    "https://[fe80::1]/",
+    "https://[fe80::1%25eth0]/",
+    "https://[fc00::1]/",
+    "https://[fec0::1]/",
+    "https://[2002:a00:1::1]/",  # 6to4 around 10.0.0.1
+    "https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",  # Teredo
+    "https://[64:ff9b::a9fe:a9fe]/",  # NAT64 of 169.254.169.254
+    "https://240.0.0.1/",
+    "https://255.255.255.255/",
+    "https://metadata.google.internal/",
+    "https://METADATA.google.internal./computeMetadata/v1/",
+    "https://metadata/",
+    "https://internal.example.com/",
+    "https://mixed.example.com/",
+    "https://mapped.example.com/",
+    "https://does-not-resolve.example.com/",
+    "ftp://x.com/",
+    "file:///etc/passwd",
+    "gopher://x.com/",
+    "x.com/hook",
+    "https://user:pw@x.com/",
+    "https://user@x.com/",
+    "http://public.example.com/",
+    "https://x.com/" + "a" * MAX_URL_LENGTH,
+    "https:///hook",
+    "https://",
+    "https://x.com:0/",
+    "https://x.com:65536/",
+    "https://x.com\\@10.0.0.1/",
+    "https://x.com/ hook",
+    "https://x.com/\r\nHost: 10.0.0.1",
+    "https://[::1/",
+]
+
+
+@pytest.mark.parametrize("url", REFUSED)
+def test_unsafe_urls_are_refused_with_a_reason(url: str) -> None:
+    with pytest.raises(UnsafeURL) as refused:
+        URLPolicy(resolver=fake_resolver).check(url)
+    assert refused.value.reason
+    assert str(refused.value) == refused.value.reason
+
+
+@pytest.mark.parametrize(
+    ("url", "addresses"),
+    [
+        ("https://93.184.216.34/", ["93.184.216.34"]),
+        ("https://hooks.example.com/", ["93.184.216.34"]),
+        ("https://hooks.example.com:8443/path?q=1#frag", ["93.184.216.34"]),
+        ("HTTPS://Hooks.Example.COM/", ["93.184.216.34"]),
+        ("https://dual.example.com/", ["2606:4700::1111", "93.184.216.34"]),
+        ("https://[2606:4700::1111]/", ["2606:4700::1111"]),
+        ("https://[::ffff:93.184.216.34]/", ["::ffff:93.184.216.34"]),
+        ("https://[2002:5db8:d822::1]/", ["2002:5db8:d822::1"]),  # 6to4 around a public one
+    ],
+)
+def test_public_https_urls_are_allowed_and_return_the_checked_addresses(
+    url: str, addresses: list[str]
+) -> None:
+    checked = URLPolicy(resolver=fake_resolver).check(url)
+    assert [ip_address(a) for a in checked] == [ip_address(a) for a in addresses]
+
+
+@pytest.mark.parametrize(
+    ("url", "addresses"),
+    [
+        ("http://127.0.0.1:8080/x", ["127.0.0.1"]),
+        ("https://10.0.0.1/", ["10.0.0.1"]),
+        ("http://[::1]:9/", ["::1"]),
+        ("https://169.254.169.254/", ["169.254.169.254"]),
+        ("http://internal.example.com/", ["10.1.2.3"]),
+        ("https://mixed.example.com/", ["93.184.216.34", "2606:4700::1111", "192.168.0.7"]),
+    ],
+)
+def test_allow_private_allows_http_and_every_address(url: str, addresses: list[str]) -> None:
+    assert URLPolicy(allow_private=True, resolver=fake_resolver).check(url) == addresses
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://metadata.google.internal/",
+        "http://metadata/computeMetadata/v1/",
+        "ftp://x.com/",
+        "https://user:pw@x.com/",
+        "https://does-not-resolve.example.com/",
+    ],
+)
+def test_allow_private_still_refuses_metadata_names_bad_syntax_and_unresolvable_hosts(
+    url: str,
+) -> None:
+    with pytest.raises(UnsafeURL) as refused:
+        URLPolicy(allow_private=True, resolver=fake_resolver).check(url)
+    assert refused.value.reason
+
+
+@pytest.mark.parametrize(
+    ("url", "reason_mentions"),
+    [
+        ("http://hooks.example.com/", "https"),
+        ("ftp://hooks.example.com/", "https"),
+        ("https://u:p@hooks.example.com/", "user name or password"),
+        ("https://hooks.example.com:0/", "port"),
+        ("https:///x", "no host"),
+        ("https://metadata.google.internal/", "metadata"),
+        ("https://hooks.example.com/" + "a" * MAX_URL_LENGTH, "longer than"),
+    ],
+)
+def test_check_syntax_refuses_without_resolving(url: str, reason_mentions: str) -> None:
+    with pytest.raises(UnsafeURL) as refused:
+        URLPolicy(resolver=no_dns).check_syntax(url)
+    assert reason_mentions in refused.value.reason
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.example.com/x",
+        "https://internal.example.com/",  # only `check` resolves, at send time
+        "https://10.0.0.1/",  # addresses are judged by `check`, not by syntax
+        "https://" + "h" * 50 + ".example.com/" + "a" * (MAX_URL_LENGTH - 75),
+    ],
+)
+def test_check_syntax_accepts_well_formed_https_urls(url: str) -> None:
+    URLPolicy(resolver=no_dns).check_syntax(url)
+
+
+def test_the_resolver_gets_the_host_and_the_effective_port() -> None:
+    seen: list[tuple[str, int]] = []
+
+    def recording(host: str, port: int) -> list[str]:
+        seen.append((host, port))
+        return ["93.184.216.34"]
+
+    policy = URLPolicy(resolver=recording)
+    policy.check("https://hooks.example.com/")
+    policy.check("https://hooks.example.com:8443/")
+    assert seen == [("hooks.example.com", 443), ("hooks.example.com", 8443)]
+
+
+def test_an_ip_literal_is_not_resolved() -> None:
+    assert URLPolicy(resolver=no_dns).check("https://93.184.216.34/") == ["93.184.216.34"]
+
+
+def test_a_resolver_answer_that_is_not_an_address_is_refused() -> None:
+    policy = URLPolicy(resolver=lambda host, port: ["not-an-ip"])
+    with pytest.raises(UnsafeURL, match="does not resolve"):
+        policy.check("https://hooks.example.com/")
+
+
+def test_an_empty_resolver_answer_is_refused() -> None:
+    with pytest.raises(UnsafeURL, match="does not resolve"):
+        URLPolicy(resolver=lambda host, port: []).check("https://hooks.example.com/")
+
+
+def test_the_system_resolver_is_the_default_and_refuses_localhost() -> None:
+    with pytest.raises(UnsafeURL):
+        URLPolicy().check("https://localhost/")
+
+
+def test_pinned_session_follows_no_redirects_and_ignores_the_environment() -> None:
+    with pinned_session(URLPolicy()) as session:
+        assert session.max_redirects == 0
+        assert session.trust_env is False
+        assert session.get_adapter("https://x.com/") is session.get_adapter("http://x.com/")
+
+
+def test_pinned_session_refuses_an_unsafe_url_before_any_connection() -> None:
+    with (
+        pinned_session(URLPolicy(resolver=fake_resolver)) as session,
+        pytest.raises(UnsafeURL, match="not public"),
+    ):
+        session.post("https://internal.example.com/hook", data=b"{}", timeout=1)
+
+
+def test_pinned_session_refuses_proxies() -> None:
+    with (
+        pinned_session(URLPolicy(resolver=fake_resolver)) as session,
+        pytest.raises(ValueError, match="proxies"),
+    ):
+        session.get(
+            "https://hooks.example.com/",
+            proxies={"https": "http://proxy.example.com:3128"},
+            timeout=1,
+        )
+
+
+def test_pinned_session_does_not_mount_other_schemes() -> None:
+    with (
+        pinned_session(URLPolicy(allow_private=True)) as session,
+        pytest.raises(requests.exceptions.InvalidSchema),
+    ):
+        session.get("ftp://x.com/", timeout=1)
