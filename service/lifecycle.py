@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.domain import ErrorCode, GenerationStatus, allowed_predecessors
 from service.models import Generation, utcnow
+from service.notifications import record_event
 from service.store import Store
 
 
@@ -22,7 +23,10 @@ def change_status(
     now: dt.datetime,
     **fields: Any,
 ) -> bool:
-    """Move the generation to `new` if its current status allows it; True when it moved."""
+    """Move the generation to `new` if its current status allows it; True when it moved.
+
+    A move also writes its event and queues the event's deliveries, in the same transaction.
+    """
     values: dict[str, Any] = {"status": new, "updated_at": now, **fields}
     if new.is_terminal:
         values["completed_at"] = now
@@ -36,7 +40,10 @@ def change_status(
         .execution_options(synchronize_session=False)
     )
     result = session.execute(statement)
-    return bool(getattr(result, "rowcount", 0) == 1)
+    moved = bool(getattr(result, "rowcount", 0) == 1)
+    if moved:
+        record_event(session, generation_id, new, now=now)
+    return moved
 
 
 def fail_generation(store: Store, generation_id: str, code: ErrorCode, message: str) -> bool:

@@ -50,6 +50,8 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    # Signs notifications to per-request `webhook` URLs; made on first use.
+    webhook_secret: Mapped[str | None] = mapped_column(sa.String(100), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -129,3 +131,86 @@ class Task(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class Event(Base):
+    """A state change of a generation, written in the transaction that made it."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        sa.Index("ix_events_tenant_created", "tenant_id", "created_at", "id"),
+        sa.Index("ix_events_generation", "generation_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"))
+    generation_id: Mapped[str] = mapped_column(sa.String(40))
+    type: Mapped[str] = mapped_column(sa.String(60))
+    # The generation resource as it was at that moment.
+    data: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Subscription(Base):
+    __tablename__ = "subscriptions"
+    __table_args__ = (sa.Index("ix_subscriptions_tenant", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"))
+    url: Mapped[str] = mapped_column(sa.String(2048))
+    events: Mapped[list[str]] = mapped_column(JSONDocument)
+    format: Mapped[str] = mapped_column(sa.String(20))
+    description: Mapped[str] = mapped_column(sa.String(500), default="")
+    enabled: Mapped[bool] = mapped_column(default=True)
+    disabled_reason: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    # Kept to sign with (a hash would not do). The previous secret signs too until it expires.
+    secret: Mapped[str] = mapped_column(sa.String(100))
+    previous_secret: Mapped[str | None] = mapped_column(sa.String(100), default=None)
+    previous_secret_expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # Since when every delivery has failed (None while the last one succeeded).
+    failing_since: Mapped[dt.datetime | None] = mapped_column(default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Delivery(Base):
+    """One event for one target: the outbox row the worker sends and retries."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        sa.Index("ix_deliveries_tenant_created", "tenant_id", "created_at", "id"),
+        sa.Index("ix_deliveries_subscription", "subscription_id", "created_at"),
+        sa.Index("ix_deliveries_event", "event_id"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"))
+    event_id: Mapped[str | None] = mapped_column(sa.String(40))  # None for test pings
+    # None: the generation's own `webhook`, signed with the tenant's default secret.
+    subscription_id: Mapped[str | None] = mapped_column(sa.String(40))
+    event_type: Mapped[str] = mapped_column(sa.String(60))
+    url: Mapped[str] = mapped_column(sa.String(2048))
+    format: Mapped[str] = mapped_column(sa.String(20))
+    # Stable across retries and replays (Standard Webhooks' idempotency key for receivers).
+    webhook_id: Mapped[str] = mapped_column(sa.String(60), unique=True)
+    # The exact bytes sent every time (signatures are computed over them).
+    body: Mapped[str] = mapped_column(sa.Text)
+    status: Mapped[str] = mapped_column(sa.String(20))
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    last_status_code: Mapped[int | None] = mapped_column(default=None)
+    last_error: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class DeliveryAttempt(Base):
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(sa.ForeignKey("deliveries.id"), index=True)
+    attempted_at: Mapped[dt.datetime]
+    status_code: Mapped[int | None]
+    duration_ms: Mapped[int]
+    response_excerpt: Mapped[str | None] = mapped_column(sa.Text)
+    error: Mapped[str | None] = mapped_column(sa.Text)

@@ -68,6 +68,30 @@ def _new_id() -> str:
     return "task_" + uuid.uuid4().hex
 
 
+def new_task_row(
+    kind: str,
+    payload: dict[str, Any] | None,
+    generation_id: str | None,
+    now: dt.datetime,
+    max_attempts: int,
+    *,
+    delay: float = 0.0,
+) -> Task:
+    """A pending task row, due after `delay` seconds (add it to a session to enqueue it)."""
+    return Task(
+        id=_new_id(),
+        kind=kind,
+        generation_id=generation_id,
+        payload=payload or {},
+        status=TaskStatus.PENDING,
+        attempts=0,
+        max_attempts=max_attempts,
+        run_at=now + dt.timedelta(seconds=delay),
+        created_at=now,
+        updated_at=now,
+    )
+
+
 class TaskQueue:
     """Enqueue, claim, finish and reschedule tasks."""
 
@@ -99,9 +123,9 @@ class TaskQueue:
         delay: float = 0.0,
     ) -> str:
         """Add a pending task inside the caller's transaction; return its id."""
-        now = self.clock()
-        task = self._new_row(kind, payload, generation_id, now)
-        task.run_at = now + dt.timedelta(seconds=delay)
+        task = new_task_row(
+            kind, payload, generation_id, self.clock(), self.policy(kind).max_attempts, delay=delay
+        )
         session.add(task)
         return task.id
 
@@ -119,34 +143,13 @@ class TaskQueue:
         run it twice; if the caller dies, a worker picks it up after the lease.
         """
         now = self.clock()
-        task = self._new_row(kind, payload, generation_id, now)
+        task = new_task_row(kind, payload, generation_id, now, self.policy(kind).max_attempts)
         task.status = TaskStatus.RUNNING
         task.attempts = 1
         task.claim_token = uuid.uuid4().hex
         task.lease_expires_at = now + self.lease
         session.add(task)
         return _claimed(task)
-
-    def _new_row(
-        self,
-        kind: str,
-        payload: dict[str, Any] | None,
-        generation_id: str | None,
-        now: dt.datetime,
-    ) -> Task:
-        """A pending task due now, with its kind's attempt budget."""
-        return Task(
-            id=_new_id(),
-            kind=kind,
-            generation_id=generation_id,
-            payload=payload or {},
-            status=TaskStatus.PENDING,
-            attempts=0,
-            max_attempts=self.policy(kind).max_attempts,
-            run_at=now,
-            created_at=now,
-            updated_at=now,
-        )
 
     def claim_due_tasks(
         self, limit: int = 1, kinds: Iterable[str] | None = None

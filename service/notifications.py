@@ -1,0 +1,151 @@
+"""Events and their fan-out to webhook targets (DESIGN §2.6, §4).
+
+`record_event` runs inside the transaction that changed a generation's status: the event row,
+one delivery row per target and one `deliver` task per delivery commit together with the
+change, or not at all. The delivery body is built once, here, and sent as these exact bytes
+on every attempt.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from schemas.generations import GenerationSchema
+from service.domain import GenerationStatus
+from service.models import Delivery, Event, Generation, Subscription, Tenant
+from service.signing import cloudevents_body, new_secret, new_webhook_id, standard_body
+from service.tasks import new_task_row
+
+DELIVER = "deliver"
+# The deliver task's own attempts only count crashes; the retry schedule lives on the
+# delivery row (GENRELAY_WEBHOOK_RETRY_SCHEDULE).
+DELIVER_TASK_ATTEMPTS = 10
+FORMATS = ("standard", "cloudevents")
+CLOUDEVENTS_SOURCE = "/genrelay"
+EVENT_FOR_STATUS = {
+    GenerationStatus.PROCESSING: "generation.processing",
+    GenerationStatus.SUCCEEDED: "generation.succeeded",
+    GenerationStatus.FAILED: "generation.failed",
+    GenerationStatus.CANCELED: "generation.canceled",
+}
+
+
+def generation_resource(generation: Generation) -> dict[str, Any]:
+    """The public representation of a generation (the same the API shows)."""
+    return GenerationSchema().dump(generation)
+
+
+def record_event(
+    session: Session, generation_id: str, status: GenerationStatus, *, now: dt.datetime
+) -> Event | None:
+    """Write the event of a status change and queue its deliveries (same transaction)."""
+    event_type = EVENT_FOR_STATUS.get(status)
+    if event_type is None:
+        return None
+    generation = session.get(Generation, generation_id, populate_existing=True)
+    assert generation is not None
+    event = Event(
+        id="evt_" + uuid.uuid4().hex,
+        tenant_id=generation.tenant_id,
+        generation_id=generation.id,
+        type=event_type,
+        data=generation_resource(generation),
+        created_at=now,
+    )
+    session.add(event)
+    if generation.webhook and (
+        generation.webhook_events_filter is None or event_type in generation.webhook_events_filter
+    ):
+        queue_delivery(session, event, url=generation.webhook, fmt="standard", subscription=None)
+    subscriptions = session.scalars(
+        sa.select(Subscription).where(
+            Subscription.tenant_id == generation.tenant_id, Subscription.enabled.is_(True)
+        )
+    )
+    for subscription in subscriptions:
+        if event_type in subscription.events:
+            queue_delivery(
+                session,
+                event,
+                url=subscription.url,
+                fmt=subscription.format,
+                subscription=subscription,
+            )
+    return event
+
+
+def queue_delivery(
+    session: Session,
+    event: Event,
+    *,
+    url: str,
+    fmt: str,
+    subscription: Subscription | None,
+) -> Delivery:
+    """One delivery row for (event, target) and the task that sends it."""
+    webhook_id = new_webhook_id()
+    body = render_body(
+        fmt,
+        event.type,
+        webhook_id,
+        event.created_at,
+        event.data,
+        subject=event.generation_id or None,
+    )
+    delivery = Delivery(
+        id="dlv_" + uuid.uuid4().hex,
+        tenant_id=event.tenant_id,
+        event_id=event.id,
+        subscription_id=subscription.id if subscription else None,
+        event_type=event.type,
+        url=url,
+        format=fmt,
+        webhook_id=webhook_id,
+        body=body.decode("utf-8"),
+        status="pending",
+        next_attempt_at=event.created_at,
+        created_at=event.created_at,
+        updated_at=event.created_at,
+    )
+    session.add(delivery)
+    session.add(
+        new_task_row(
+            DELIVER,
+            {"delivery_id": delivery.id},
+            event.generation_id,
+            event.created_at,
+            DELIVER_TASK_ATTEMPTS,
+        )
+    )
+    return delivery
+
+
+def render_body(
+    fmt: str,
+    event_type: str,
+    webhook_id: str,
+    timestamp: dt.datetime,
+    data: dict[str, Any],
+    *,
+    subject: str | None,
+) -> bytes:
+    """The bytes a delivery sends: Standard Webhooks JSON or CloudEvents structured JSON."""
+    if fmt == "cloudevents":
+        return cloudevents_body(
+            event_type, webhook_id, timestamp, data, CLOUDEVENTS_SOURCE, subject
+        )
+    return standard_body(event_type, timestamp, data)
+
+
+def tenant_webhook_secret(session: Session, tenant_id: str) -> str:
+    """The secret that signs per-request `webhook` deliveries; created on first use."""
+    tenant = session.get(Tenant, tenant_id, with_for_update=True)
+    assert tenant is not None
+    if tenant.webhook_secret is None:
+        tenant.webhook_secret = new_secret()
+    return tenant.webhook_secret
