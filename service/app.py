@@ -12,7 +12,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     """Build the web app; config is read from the environment when not given."""
     # Handlers import the service layer, never the reverse: the import stays local to the
     # factory so `service` can be used (worker, CLI) without the web layer loaded.
-    from handlers import callbacks, generations, health
+    from handlers import callbacks, feed, generations, health, subscriptions
     from handlers.problems import ProblemApi, register_error_handlers
 
     config = config or Config.from_env()
@@ -35,6 +35,10 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     app.extensions["genrelay"] = services
     api = ProblemApi(app)
     api.register_blueprint(generations.blp)
+    api.register_blueprint(subscriptions.blp)
+    api.register_blueprint(subscriptions.webhooks_blp)
+    api.register_blueprint(feed.events_blp)
+    api.register_blueprint(feed.deliveries_blp)
     api.register_blueprint(callbacks.blp)
     api.register_blueprint(health.blp)
     register_error_handlers(app)

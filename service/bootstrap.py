@@ -16,10 +16,14 @@ from service.blobstore import BlobStore, GcsBlobStore
 from service.completion import POLL, CompletionService, PollHandler
 from service.config import Config
 from service.deepimage import DeepImageClient
+from service.delivery import DeliverHandler
 from service.generations import GenerationService
+from service.notifications import DELIVER
 from service.results import STORE, StoreHandler
+from service.ssrf import URLPolicy, pinned_session
 from service.store import Store
 from service.submission import SUBMIT, SubmitHandler
+from service.subscriptions import NotificationService
 from service.tasks import RetryPolicy, TaskQueue
 from service.worker import TaskRunner
 
@@ -41,12 +45,15 @@ class Services:
     runner: TaskRunner
     generations: GenerationService
     completion: CompletionService
+    notifications: NotificationService
     api_keys: ApiKeys
     downloads: requests.Session
+    webhooks: requests.Session
 
     def close(self) -> None:
         self.deepimage.close()
         self.downloads.close()
+        self.webhooks.close()
         self.store.dispose()
 
 
@@ -78,12 +85,15 @@ def build_services(
         lease_seconds=lease_seconds,
     )
     downloads = requests.Session()
+    policy = URLPolicy(allow_private=config.allow_private_webhooks)
+    webhooks = pinned_session(policy)
     runner = TaskRunner(
         queue,
         {
             SUBMIT: SubmitHandler(store, queue, deepimage, config),
             STORE: StoreHandler(store, deepimage, blobs, config, http=downloads),
             POLL: PollHandler(store, queue, deepimage, config),
+            DELIVER: DeliverHandler(store, config, webhooks),
         },
     )
     return Services(
@@ -93,8 +103,10 @@ def build_services(
         blobs=blobs,
         queue=queue,
         runner=runner,
-        generations=GenerationService(store, queue, runner, blobs, config),
+        generations=GenerationService(store, queue, runner, blobs, config, policy),
         completion=CompletionService(store, queue, config),
+        notifications=NotificationService(store, config, policy),
         api_keys=ApiKeys(store),
         downloads=downloads,
+        webhooks=webhooks,
     )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import datetime as dt
 import hashlib
@@ -18,11 +16,14 @@ from sqlalchemy.exc import IntegrityError
 from service.blobstore import BlobError, BlobStore
 from service.config import Config
 from service.domain import GenerationStatus
-from service.errors import Conflict, IdempotencyKeyReused, InvalidRequest, NotFound
+from service.errors import Conflict, IdempotencyKeyReused, NotFound
 from service.lifecycle import change_status
 from service.models import Generation, IdempotencyKey, utcnow
+from service.pagination import Page, paginate
+from service.ssrf import URLPolicy
 from service.store import Store
 from service.submission import SUBMIT
+from service.subscriptions import require_safe_target
 from service.tasks import TaskQueue
 from service.worker import TaskRunner
 
@@ -54,18 +55,19 @@ class Intake:
     replay: tuple[int, dict[str, Any]] | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Page:
-    items: list[Generation]
-    next_cursor: str | None
-
-
 class GenerationService:
     """Owns the transactions of every generation use case."""
 
     def __init__(
-        self, store: Store, queue: TaskQueue, runner: TaskRunner, blobs: BlobStore, config: Config
+        self,
+        store: Store,
+        queue: TaskQueue,
+        runner: TaskRunner,
+        blobs: BlobStore,
+        config: Config,
+        policy: URLPolicy,
     ) -> None:
+        self.policy = policy
         self.store = store
         self.queue = queue
         self.runner = runner
@@ -91,6 +93,8 @@ class GenerationService:
     ) -> Intake:
         """Store the generation and its submit task in one transaction, then try to submit."""
         fingerprint = new.fingerprint()
+        if new.webhook is not None:
+            require_safe_target(self.policy, new.webhook, "webhook")
         if idempotency_key is not None:
             earlier = self._replay(tenant_id, idempotency_key, fingerprint)
             if earlier is not None:
@@ -205,27 +209,18 @@ class GenerationService:
         created_after: dt.datetime | None = None,
         cursor: str | None = None,
         limit: int = 20,
-    ) -> Page:
+    ) -> Page[Generation]:
         """Newest first; `next_cursor` continues after the last item."""
         query = sa.select(Generation).where(Generation.tenant_id == tenant_id)
         if status is not None:
             query = query.where(Generation.status == status)
         if created_after is not None:
             query = query.where(Generation.created_at > created_after)
-        if cursor is not None:
-            created_at, last_id = _decode_cursor(cursor)
-            query = query.where(
-                sa.or_(
-                    Generation.created_at < created_at,
-                    sa.and_(Generation.created_at == created_at, Generation.id < last_id),
-                )
-            )
-        query = query.order_by(Generation.created_at.desc(), Generation.id.desc()).limit(limit + 1)
         with self.store.read() as session:
-            rows = list(session.scalars(query))
-        items = [self._with_signed_url(g) for g in rows[:limit]]
-        next_cursor = _encode_cursor(items[-1]) if len(rows) > limit else None
-        return Page(items=items, next_cursor=next_cursor)
+            page = paginate(session, query, Generation, cursor=cursor, limit=limit)
+        return Page(
+            items=[self._with_signed_url(g) for g in page.items], next_cursor=page.next_cursor
+        )
 
     def cancel(self, tenant_id: str, generation_id: str) -> Generation:
         """Cancel a queued or processing generation; canceling twice is harmless."""
@@ -243,23 +238,3 @@ class GenerationService:
             generation = session.get(Generation, generation_id)
         assert generation is not None
         return generation
-
-
-def _encode_cursor(last: Generation) -> str:
-    raw = json.dumps([last.created_at.isoformat(), last.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, last_id = json.loads(raw)
-        moment = dt.datetime.fromisoformat(created_at)
-        if moment.tzinfo is None or not isinstance(last_id, str):
-            raise ValueError("bad cursor")
-    except (ValueError, TypeError, binascii.Error):
-        raise InvalidRequest(
-            "the cursor is not one this API returned",
-            errors=[{"field": "cursor", "message": "Invalid cursor."}],
-        ) from None
-    return moment, last_id
