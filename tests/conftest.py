@@ -158,6 +158,8 @@ def config(database_url: str, simulator: SimulatorServer, gcs_bucket: str) -> Co
         deepimage_timeout=(2.0, 5.0),
         gcs_bucket=gcs_bucket,
         reconcile_after=0.1,
+        # Test receivers listen on loopback.
+        allow_private_webhooks=True,
     )
 
 

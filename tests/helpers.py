@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,3 +58,44 @@ def drain(services: Services, seconds: float = 10.0, horizon: float = 5.0) -> No
             return
         time.sleep(0.02)
     raise AssertionError("tasks still active")
+
+
+class Receiver:
+    """A webhook receiver on loopback that answers a script of statuses and records requests.
+
+    `statuses` are used in order; the last one repeats. A 3xx answer carries a Location
+    pointing at `/elsewhere` on the same server, so a followed redirect would show up there.
+    """
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        from werkzeug.serving import make_server
+        from werkzeug.wrappers import Request, Response
+
+        self.statuses = list(statuses or [204])
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+        @Request.application  # type: ignore[misc]
+        def app(request: Request) -> Response:
+            with self._lock:
+                self.requests.append(
+                    {
+                        "path": request.path,
+                        "headers": dict(request.headers),
+                        "body": request.get_data(),
+                    }
+                )
+                index = min(len(self.requests), len(self.statuses)) - 1
+                status = self.statuses[index]
+            headers = {"Location": "/elsewhere"} if 300 <= status < 400 else {}
+            return Response(b"receiver says hi", status=status, headers=headers)
+
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,330 @@
+"""Events, subscriptions and signed, retried deliveries on real databases and loopback HTTP."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import standardwebhooks
+import svix.webhooks
+from cloudevents.core.bindings.http import HTTPMessage, from_structured_event
+
+from service.config import Config
+from service.models import Subscription
+from tests.helpers import Receiver, drain, seed_examples
+
+TEXT_ONLY = seed_examples()["text_only"]
+FAST_SCHEDULE = (0.0, 0.05, 0.05)  # three attempts, quickly
+
+
+@pytest.fixture
+def receivers() -> Iterator[list[Receiver]]:
+    made: list[Receiver] = []
+    yield made
+    for receiver in made:
+        receiver.stop()
+
+
+@pytest.fixture
+def receiver_factory(receivers: list[Receiver]) -> Any:
+    def make(statuses: list[int] | None = None) -> Receiver:
+        receiver = Receiver(statuses)
+        receivers.append(receiver)
+        return receiver
+
+    return make
+
+
+@pytest.fixture
+def api(config: Config, make_client: Any) -> Any:
+    """services, client, auth with a quick retry schedule."""
+    return make_client(config.replace(webhook_retry_schedule=FAST_SCHEDULE))
+
+
+def subscribe(client: Any, auth: dict[str, str], url: str, **fields: Any) -> dict[str, Any]:
+    response = client.post("/v1/subscriptions", json={"url": url, **fields}, headers=auth)
+    assert response.status_code == 201, response.json
+    return response.json  # type: ignore[no-any-return]
+
+
+def generate(client: Any, auth: dict[str, str], **fields: Any) -> dict[str, Any]:
+    response = client.post("/v1/generations", json={"input": TEXT_ONLY, **fields}, headers=auth)
+    assert response.status_code == 202, response.json
+    return response.json  # type: ignore[no-any-return]
+
+
+def verify_both(secret: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Check a received request with the official Standard Webhooks library and with svix."""
+    headers = {k.lower(): v for k, v in request["headers"].items()}
+    payload = standardwebhooks.Webhook(secret).verify(request["body"], headers)
+    svix.webhooks.Webhook(secret).verify(request["body"], headers)
+    return payload  # type: ignore[no-any-return]
+
+
+def types_of(receiver: Receiver) -> list[str]:
+    import json
+
+    return [json.loads(r["body"])["type"] for r in receiver.requests]
+
+
+def test_each_state_change_is_an_event_in_lifecycle_order(api: Any) -> None:
+    services, client, auth = api
+    generation = generate(client, auth)
+    drain(services)
+    events = client.get(f"/v1/events?generation_id={generation['id']}", headers=auth).json
+    assert [e["type"] for e in reversed(events["data"])] == [
+        "generation.processing",
+        "generation.succeeded",
+    ]
+    newest = events["data"][0]
+    assert newest["data"]["status"] == "succeeded"
+    assert newest["data"]["result"]["uri"].startswith("gs://")
+    assert client.get(f"/v1/events/{newest['id']}", headers=auth).json == newest
+    only = client.get("/v1/events?type=generation.processing", headers=auth).json["data"]
+    assert [e["type"] for e in only] == ["generation.processing"]
+
+
+def test_the_per_request_webhook_gets_the_filtered_events_signed_with_the_default_secret(
+    api: Any, receiver_factory: Any
+) -> None:
+    services, client, auth = api
+    receiver = receiver_factory()
+    generate(client, auth, webhook=receiver.url, webhook_events_filter=["generation.succeeded"])
+    drain(services)
+    secret = client.get("/v1/webhooks/default/secret", headers=auth).json["secret"]
+    assert secret.startswith("whsec_")
+    [request] = receiver.requests
+    payload = verify_both(secret, request)
+    assert payload["type"] == "generation.succeeded"
+    assert payload["data"]["status"] == "succeeded"
+    assert request["headers"]["Content-Type"] == "application/json"
+
+
+def test_a_subscription_gets_every_event_in_order_signed_with_its_own_secret(
+    api: Any, receiver_factory: Any
+) -> None:
+    services, client, auth = api
+    receiver = receiver_factory()
+    created = subscribe(client, auth, receiver.url, description="orders")
+    assert created["secret"].startswith("whsec_")
+    assert "secret" not in client.get(f"/v1/subscriptions/{created['id']}", headers=auth).json
+    generate(client, auth)
+    drain(services)
+    assert types_of(receiver) == ["generation.processing", "generation.succeeded"]
+    for request in receiver.requests:
+        verify_both(created["secret"], request)
+    ids = {r["headers"]["Webhook-Id"] for r in receiver.requests}
+    assert len(ids) == 2
+
+
+def test_cloudevents_subscriptions_get_structured_cloudevents(
+    api: Any, receiver_factory: Any
+) -> None:
+    services, client, auth = api
+    receiver = receiver_factory()
+    created = subscribe(
+        client, auth, receiver.url, format="cloudevents", events=["generation.succeeded"]
+    )
+    generation = generate(client, auth)
+    drain(services)
+    [request] = receiver.requests
+    assert request["headers"]["Content-Type"] == "application/cloudevents+json"
+    verify_both(created["secret"], request)
+    event = from_structured_event(HTTPMessage(headers=request["headers"], body=request["body"]))
+    assert event.get_id() == request["headers"]["Webhook-Id"]
+    assert event.get_type() == "generation.succeeded"
+    assert event.get_subject() == generation["id"]
+    assert event.get_data()["status"] == "succeeded"
+
+
+def test_a_failing_receiver_gets_one_successful_delivery_with_the_same_webhook_id(
+    api: Any, receiver_factory: Any
+) -> None:
+    services, client, auth = api
+    receiver = receiver_factory([500, 503, 200])
+    created = subscribe(client, auth, receiver.url, events=["generation.succeeded"])
+    generate(client, auth)
+    drain(services)
+    assert [r["headers"]["Webhook-Id"] for r in receiver.requests] == [
+        receiver.requests[0]["headers"]["Webhook-Id"]
+    ] * 3
+    [delivery] = client.get(f"/v1/deliveries?subscription={created['id']}", headers=auth).json[
+        "data"
+    ]
+    assert (delivery["status"], delivery["attempt_count"]) == ("succeeded", 3)
+    detail = client.get(f"/v1/deliveries/{delivery['id']}", headers=auth).json
+    assert [a["status_code"] for a in detail["attempts"]] == [500, 503, 200]
+    assert detail["attempts"][0]["response_excerpt"] == "receiver says hi"
+
+
+def test_a_410_disables_the_subscription(api: Any, receiver_factory: Any) -> None:
+    services, client, auth = api
+    receiver = receiver_factory([410])
+    created = subscribe(client, auth, receiver.url)
+    generate(client, auth)
+    drain(services)
+    shown = client.get(f"/v1/subscriptions/{created['id']}", headers=auth).json
+    assert shown["enabled"] is False
+    assert "410" in shown["disabled_reason"]
+    assert len(receiver.requests) == 1  # the later event is not sent to a disabled target
+    deliveries = client.get(f"/v1/deliveries?subscription={created['id']}", headers=auth).json
+    # The later event either finds the subscription disabled (no delivery) or fails unsent.
+    assert {d["status"] for d in deliveries["data"]} == {"failed"}
+
+
+def test_redirects_are_not_followed_and_other_4xx_are_final(
+    api: Any, receiver_factory: Any
+) -> None:
+    services, client, auth = api
+    redirecting = receiver_factory([302])
+    refusing = receiver_factory([400])
+    a = subscribe(client, auth, redirecting.url, events=["generation.succeeded"])
+    b = subscribe(client, auth, refusing.url, events=["generation.succeeded"])
+    generate(client, auth)
+    drain(services)
+    assert [r["path"] for r in redirecting.requests] == ["/hook"] * len(FAST_SCHEDULE)
+    [dead] = client.get(f"/v1/deliveries?subscription={a['id']}", headers=auth).json["data"]
+    assert (dead["status"], dead["attempt_count"]) == ("dead", len(FAST_SCHEDULE))
+    [failed] = client.get(f"/v1/deliveries?subscription={b['id']}", headers=auth).json["data"]
+    assert (failed["status"], failed["attempt_count"]) == ("failed", 1)
+
+
+def test_a_dead_delivery_can_be_replayed_with_the_same_webhook_id(
+    api: Any, receiver_factory: Any
+) -> None:
+    services, client, auth = api
+    receiver = receiver_factory([500, 500, 500, 200])
+    created = subscribe(client, auth, receiver.url, events=["generation.succeeded"])
+    generate(client, auth)
+    drain(services)
+    [dead] = client.get("/v1/deliveries?status=dead", headers=auth).json["data"]
+    replay = client.post(f"/v1/deliveries/{dead['id']}/retry", headers=auth)
+    assert replay.status_code == 202
+    drain(services)
+    after = client.get(f"/v1/deliveries/{dead['id']}", headers=auth).json
+    assert (after["status"], after["attempt_count"]) == ("succeeded", 4)
+    assert {r["headers"]["Webhook-Id"] for r in receiver.requests} == {after["webhook_id"]}
+    verify_both(created["secret"], receiver.requests[-1])
+
+
+def test_during_rotation_both_secrets_sign(api: Any, receiver_factory: Any) -> None:
+    services, client, auth = api
+    receiver = receiver_factory()
+    created = subscribe(client, auth, receiver.url, events=["generation.succeeded"])
+    rotated = client.post(f"/v1/subscriptions/{created['id']}/rotate-secret", headers=auth).json
+    assert rotated["secret"] != created["secret"]
+    generate(client, auth)
+    drain(services)
+    [request] = receiver.requests
+    assert len(request["headers"]["Webhook-Signature"].split()) == 2
+    verify_both(created["secret"], request)
+    verify_both(rotated["secret"], request)
+    with services.store.transaction() as session:  # the overlap ends
+        session.execute(
+            sa.update(Subscription).values(
+                previous_secret_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+            )
+        )
+    generate(client, auth)
+    drain(services)
+    assert len(receiver.requests[-1]["headers"]["Webhook-Signature"].split()) == 1
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        verify_both(created["secret"], receiver.requests[-1])
+
+
+def test_the_test_endpoint_sends_a_ping(api: Any, receiver_factory: Any) -> None:
+    services, client, auth = api
+    receiver = receiver_factory()
+    created = subscribe(client, auth, receiver.url)
+    response = client.post(f"/v1/subscriptions/{created['id']}/test", headers=auth)
+    assert response.status_code == 202
+    drain(services)
+    [request] = receiver.requests
+    assert verify_both(created["secret"], request)["type"] == "ping"
+
+
+def test_subscriptions_can_be_listed_changed_and_deleted(api: Any, receiver_factory: Any) -> None:
+    _services, client, auth = api
+    receiver = receiver_factory()
+    created = subscribe(client, auth, receiver.url)
+    listed = client.get("/v1/subscriptions", headers=auth).json["data"]
+    assert [s["id"] for s in listed] == [created["id"]]
+    changed = client.patch(
+        f"/v1/subscriptions/{created['id']}",
+        json={"events": ["generation.failed"], "enabled": False},
+        headers=auth,
+    )
+    assert (changed.json["events"], changed.json["enabled"]) == (["generation.failed"], False)
+    empty = client.patch(f"/v1/subscriptions/{created['id']}", json={}, headers=auth)
+    assert empty.status_code == 422
+    assert client.delete(f"/v1/subscriptions/{created['id']}", headers=auth).status_code == 204
+    assert client.get(f"/v1/subscriptions/{created['id']}", headers=auth).status_code == 404
+
+
+def test_a_subscription_failing_for_five_days_is_disabled(api: Any, receiver_factory: Any) -> None:
+    services, client, auth = api
+    receiver = receiver_factory([400])
+    created = subscribe(client, auth, receiver.url, events=["generation.succeeded"])
+    with services.store.transaction() as session:
+        session.execute(
+            sa.update(Subscription).values(
+                failing_since=dt.datetime.now(dt.UTC) - dt.timedelta(days=5, minutes=1)
+            )
+        )
+    generate(client, auth)
+    drain(services)
+    shown = client.get(f"/v1/subscriptions/{created['id']}", headers=auth).json
+    assert shown["enabled"] is False
+    assert "5 days" in shown["disabled_reason"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1/hook",
+        "https://127.0.0.1/hook",
+        "https://[::1]/hook",
+        "https://169.254.169.254/latest",
+        "http://public.example.com/hook",
+    ],
+)
+def test_private_and_plain_http_targets_are_refused_unless_allowed(
+    config: Config, make_client: Any, url: str
+) -> None:
+    _services, client, auth = make_client(config.replace(allow_private_webhooks=False))
+    refused = client.post("/v1/subscriptions", json={"url": url}, headers=auth)
+    assert refused.status_code == 422
+    assert [e["field"] for e in refused.json["errors"]] == ["url"]
+    webhook = client.post(
+        "/v1/generations", json={"input": TEXT_ONLY, "webhook": url}, headers=auth
+    )
+    assert webhook.status_code == 422
+    assert [e["field"] for e in webhook.json["errors"]] == ["webhook"]
+
+
+def test_tenants_see_only_their_own_notifications(api: Any, receiver_factory: Any) -> None:
+    services, client, auth = api
+    receiver = receiver_factory()
+    created = subscribe(client, auth, receiver.url)
+    generate(client, auth)
+    drain(services)
+    other = {"Authorization": "Bearer " + services.api_keys.create("globex")}
+    delivery = client.get("/v1/deliveries", headers=auth).json["data"][0]
+    event = client.get("/v1/events", headers=auth).json["data"][0]
+    assert client.get("/v1/subscriptions", headers=other).json["data"] == []
+    assert client.get("/v1/events", headers=other).json["data"] == []
+    assert client.get("/v1/deliveries", headers=other).json["data"] == []
+    for path in (
+        f"/v1/subscriptions/{created['id']}",
+        f"/v1/events/{event['id']}",
+        f"/v1/deliveries/{delivery['id']}",
+    ):
+        assert client.get(path, headers=other).status_code == 404
+    assert client.post(f"/v1/deliveries/{delivery['id']}/retry", headers=other).status_code == 404
+    assert (
+        client.get("/v1/webhooks/default/secret", headers=other).json["secret"]
+        != (client.get("/v1/webhooks/default/secret", headers=auth).json["secret"])
+    )
