@@ -1,4 +1,4 @@
-"""The `genrelay` command: serve, worker, migrate, keys create, simulator, dev."""
+"""The `genrelay` command: serve, worker, migrate, keys create, simulator, inbox, dev."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.simulator.cli import main as simulator_main
 
         return simulator_main(args_list[1:])
+    if args_list[:1] == ["inbox"]:
+        from service.inbox import main as inbox_main
+
+        return inbox_main(args_list[1:])
     parser = _parser()
     args = parser.parse_args(args_list)
     if args.command is None:
@@ -62,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     create.set_defaults(run=_keys_create)
 
     commands.add_parser("simulator", help="run the Deep-Image simulator (--help for flags)")
+    commands.add_parser("inbox", help="a local receiver that verifies and prints webhooks")
 
     dev = commands.add_parser("dev", help="run the whole stack locally with embedded defaults")
     dev.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))

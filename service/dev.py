@@ -22,6 +22,7 @@ import requests
 
 from service.auth import ApiKeys
 from service.migrate import upgrade_to_head
+from service.notifications import tenant_webhook_secret
 from service.store import Store
 
 DEV_DEEPIMAGE_KEY = "sim-key"
@@ -66,7 +67,12 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     database_url = f"sqlite:///{var / 'genrelay-dev.db'}"
     upgrade_to_head(database_url)
     store = Store(database_url)
-    api_key = ApiKeys(store).create("dev")
+    keys = ApiKeys(store)
+    api_key = keys.create("dev")
+    tenant_id = keys.tenant_for(api_key)
+    assert tenant_id is not None
+    with store.transaction() as session:
+        inbox_secret = tenant_webhook_secret(session, tenant_id)
     store.dispose()
 
     from service.gcs_emulator import FakeGcsServer
@@ -75,6 +81,7 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     gcs = FakeGcsServer(backend="filesystem", root=var / "gcs", log_path=var / "gcs.log").start()
     gcs.create_bucket(DEV_BUCKET)
     simulator_port = free_port()
+    inbox_port = free_port()
     env = {
         **os.environ,
         "GENRELAY_DATABASE_URL": database_url,
@@ -95,6 +102,9 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
             [*command, "simulator", "--port", str(simulator_port), "--api-key", DEV_DEEPIMAGE_KEY],
             env=env,
         ),
+        subprocess.Popen(  # noqa: S603
+            [*command, "inbox", "--port", str(inbox_port), "--secret", inbox_secret], env=env
+        ),
         subprocess.Popen([*command, "serve"], env=env),  # noqa: S603
         subprocess.Popen([*command, "worker", "--threads", "2"], env=env),  # noqa: S603
     ]
@@ -109,7 +119,7 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     try:
         _wait_until_up(f"http://127.0.0.1:{simulator_port}/_sim/health", processes[:1], 15)
         _wait_until_up(f"http://127.0.0.1:{port}/healthz", processes, 30)
-        print(_banner(port, api_key, gcs.url), flush=True)
+        print(_banner(port, api_key, gcs.url, inbox_port), flush=True)
         while not stopping and all(p.poll() is None for p in processes):
             time.sleep(0.2)
     except RuntimeError as exc:
@@ -128,8 +138,9 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     return 0 if stopping else 1
 
 
-def _banner(port: int, api_key: str, gcs_url: str) -> str:
-    body = json.dumps({"input": TEXT_ONLY_EXAMPLE})
+def _banner(port: int, api_key: str, gcs_url: str, inbox_port: int) -> str:
+    inbox = f"http://127.0.0.1:{inbox_port}/"
+    body = json.dumps({"input": TEXT_ONLY_EXAMPLE, "webhook": inbox})
     base = f"http://127.0.0.1:{port}"
     return f"""
 genrelay dev stack is up: API {base} (docs {base}/docs),
@@ -148,6 +159,9 @@ seconds its status is "succeeded" and result.uri is gs://{DEV_BUCKET}/<object>. 
 emulator serves it at {gcs_url}/{DEV_BUCKET}/<object>:
 
   curl -s -o result.png {gcs_url}/{DEV_BUCKET}/<object>
+
+The local inbox at {inbox} verifies each notification's signature and prints it here
+(generation.processing, then generation.succeeded).
 
 Press Ctrl-C to stop.
 """
