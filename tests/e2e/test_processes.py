@@ -95,6 +95,7 @@ def stack(
         "GENRELAY_CALLBACK_SECRET": CALLBACK_SECRET,
         # Callbacks are the path under test here; polling is only a late fallback.
         "GENRELAY_RECONCILE_AFTER": "600",
+        "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
         "GENRELAY_GCS_BUCKET": gcs_bucket,
         "STORAGE_EMULATOR_HOST": gcs_server.url,
         "GENRELAY_WEB_PROCESSES": "2",
@@ -292,3 +293,28 @@ def test_no_secret_reaches_the_logs(stack: dict[str, Any]) -> None:
     secrets += [callback_token(CALLBACK_SECRET, gen_id) for gen_id in ids]
     for secret in secrets:  # ...without any credential
         assert secret not in logs
+
+
+def test_the_worker_process_delivers_signed_notifications_in_order(stack: dict[str, Any]) -> None:
+    from service.inbox import InboxServer
+
+    base, auth = stack["base"], stack["auth"]
+    secret = requests.get(f"{base}/v1/webhooks/default/secret", headers=auth, timeout=5).json()
+    with InboxServer([secret["secret"]], out=io.StringIO()) as inbox:
+        body = requests.post(
+            f"{base}/v1/generations",
+            json={"input": seed_examples()["text_only"], "webhook": inbox.url + "/"},
+            headers=auth,
+            timeout=30,
+        ).json()
+        assert wait_for_status(stack, body["id"])["status"] == "succeeded"
+
+        def both_arrived() -> bool:
+            return len(requests.get(f"{inbox.url}/events", timeout=5).json()) >= 2
+
+        wait_for(both_arrived, 30, "both notifications")
+        received = requests.get(f"{inbox.url}/events", timeout=5).json()
+    assert [(e["type"], e["verified"]) for e in received] == [
+        ("generation.processing", True),
+        ("generation.succeeded", True),
+    ]
