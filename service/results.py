@@ -9,6 +9,7 @@ computes the CRC32C and keeps the header for the image's dimensions.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,10 @@ log = logging.getLogger("genrelay.results")
 
 STORE = "store"
 DOWNLOAD_CHUNK = 1024 * 1024
+# Up to this size the upload goes as one request, which the client builds in memory; above
+# it, a resumable upload in chunks. (Both honour create-only on GCS; fake-gcs-server 1.54
+# enforces it only on single requests, which is why its tests use results under this size.)
+SINGLE_REQUEST_MAX = 2 * 1024 * 1024
 # Enough of the file to find the dimensions (JPEG headers can follow large EXIF/ICC blocks).
 HEADER_PREFIX = 256 * 1024
 
@@ -85,7 +90,8 @@ class ResultStream:
             pass
         if size is None or size < 0:
             size = len(self._buffer)
-        out = bytes(self._buffer[:size])
+        with memoryview(self._buffer) as view:
+            out = bytes(view[:size])  # one copy: a bytearray slice would make a second
         del self._buffer[:size]
         self._position += len(out)
         return out
@@ -153,6 +159,7 @@ class StoreHandler:
             generation = session.get(Generation, task.generation_id)
         if generation is None or generation.status != GenerationStatus.PROCESSING:
             return  # canceled (cancel wins) or already finished by an earlier attempt
+        started = time.monotonic()
         try:
             source = self._confirmed_source(generation)
             stored, width_height = self._copy(generation, source)
@@ -172,6 +179,14 @@ class StoreHandler:
             moved = change_status(
                 session, generation.id, GenerationStatus.SUCCEEDED, now=utcnow(), result=result
             )
+        log.info(
+            "stored %s (%d bytes, %s) in %.2f s",
+            stored.uri,
+            stored.size,
+            stored.content_type,
+            time.monotonic() - started,
+            extra={"generation_id": generation.id},
+        )
         if not moved:
             log.warning(
                 "generation %s was canceled while its result was stored at %s",
@@ -248,9 +263,10 @@ class StoreHandler:
             "upstream_job": generation.upstream_job or "",
             "model_type": _model_type(generation.input),
         }
+        size = declared if declared is not None and declared <= SINGLE_REQUEST_MAX else None
         try:
             return self.blobs.write_new(
-                name, stream, content_type=kind.content_type, metadata=metadata, size=declared
+                name, stream, content_type=kind.content_type, metadata=metadata, size=size
             )
         except BlobAlreadyExists as exists:
             # Most likely our own earlier attempt, which stored the object and then died
