@@ -11,6 +11,7 @@ A subscription whose deliveries have all failed for 5 days is disabled too.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import logging
@@ -20,10 +21,10 @@ import uuid
 
 import requests
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from service.config import Config
-from service.models import Delivery, DeliveryAttempt, Event, Subscription, utcnow
-from service.notifications import tenant_webhook_secret
+from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
 from service.signing import sign
 from service.ssrf import UnsafeURL
 from service.store import Store
@@ -85,53 +86,53 @@ class DeliverHandler:
     def run(self, task: ClaimedTask) -> None:
         delivery_id = task.payload["delivery_id"]
         replay = bool(task.payload.get("replay"))
-        with self.store.transaction() as session:
+        with self.store.read() as session:
             delivery = session.get(Delivery, delivery_id)
             if delivery is None or (delivery.status != DeliveryStatus.PENDING and not replay):
                 return
-            if self._earlier_pending(session, delivery):
-                raise Snooze(ORDER_WAIT, "an earlier event for this target is still pending")
+            blocked_until = self._earlier_pending(session, delivery)
             secrets = self._secrets(session, delivery)
-            if secrets is None:
-                self._finish(delivery_id, DeliveryStatus.FAILED, None, "subscription disabled")
-                return
-            url, body, webhook_id = delivery.url, delivery.body.encode(), delivery.webhook_id
-            content_type = (
-                "application/cloudevents+json"
-                if delivery.format == "cloudevents"
-                else "application/json"
-            )
-            attempts_before = delivery.attempts
-        signed = sign(webhook_id, utcnow(), body, secrets, content_type)
-        status_code, excerpt, error, duration_ms = self._send(url, signed.headers, signed.body)
-        outcome = (
-            Outcome.FINAL if error and error.startswith("not allowed") else classify(status_code)
-        )
-        self._record_attempt(delivery_id, status_code, excerpt, error, duration_ms)
-        attempts = attempts_before + 1
-        if outcome is Outcome.SUCCESS:
-            self._finish(delivery_id, DeliveryStatus.SUCCEEDED, status_code, None)
+        if blocked_until is not None:
+            wait = max(ORDER_WAIT, (blocked_until - utcnow()).total_seconds())
+            raise Snooze(wait, "an earlier event for this target is still pending")
+        if secrets is None:
+            self._conclude(delivery_id, None, DeliveryStatus.FAILED, "subscription disabled")
             return
-        reason = error or f"HTTP {status_code}"
+        content_type = (
+            "application/cloudevents+json"
+            if delivery.format == "cloudevents"
+            else "application/json"
+        )
+        signed = sign(delivery.webhook_id, utcnow(), delivery.body.encode(), secrets, content_type)
+        attempt = self._send(delivery.url, signed.headers, signed.body)
+        outcome = Outcome.FINAL if attempt.refused else classify(attempt.status_code)
+        if outcome is Outcome.SUCCESS:
+            self._conclude(delivery_id, attempt, DeliveryStatus.SUCCEEDED, None)
+            return
+        reason = attempt.error or f"HTTP {attempt.status_code}"
+        attempts = delivery.attempts + 1
         if outcome is Outcome.RETRY and not replay and attempts < len(self.schedule):
             delay = self.schedule[attempts] * (0.8 + 0.4 * self.rng.random())
-            self._schedule_retry(delivery_id, status_code, reason, delay)
+            self._conclude(delivery_id, attempt, DeliveryStatus.PENDING, reason, retry_in=delay)
             raise Snooze(delay, f"delivery {delivery_id}: {reason}")
         final = DeliveryStatus.DEAD if outcome is Outcome.RETRY else DeliveryStatus.FAILED
-        self._finish(delivery_id, final, status_code, reason, gone=outcome is Outcome.GONE)
+        self._conclude(delivery_id, attempt, final, reason, gone=outcome is Outcome.GONE)
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
-        self._finish(task.payload["delivery_id"], DeliveryStatus.DEAD, None, error)
+        self._conclude(task.payload["delivery_id"], None, DeliveryStatus.DEAD, error)
 
-    def _earlier_pending(self, session: sa.orm.Session, delivery: Delivery) -> bool:
-        """Per generation and target, events go out in lifecycle order."""
+    def _earlier_pending(self, session: Session, delivery: Delivery) -> dt.datetime | None:
+        """Per generation and target, events go out in lifecycle order: when may this one go?
+
+        None when nothing earlier is pending; else the earliest next attempt among those.
+        """
         if delivery.event_id is None:
-            return False
+            return None
         event = session.get(Event, delivery.event_id)
         if event is None:
-            return False
-        earlier = session.scalar(
-            sa.select(sa.func.count())
+            return None
+        earlier = session.execute(
+            sa.select(sa.func.count(), sa.func.min(Delivery.next_attempt_at))
             .select_from(Delivery)
             .join(Event, Event.id == Delivery.event_id)
             .where(
@@ -143,13 +144,18 @@ class DeliverHandler:
                 Delivery.status == DeliveryStatus.PENDING,
                 Delivery.created_at < delivery.created_at,
             )
-        )
-        return bool(earlier)
+        ).one()
+        count, next_attempt = earlier
+        if not count:
+            return None
+        return next_attempt if next_attempt is not None else utcnow()
 
-    def _secrets(self, session: sa.orm.Session, delivery: Delivery) -> list[str] | None:
+    def _secrets(self, session: Session, delivery: Delivery) -> list[str] | None:
         """Every secret that signs this delivery now; None when its subscription is off."""
         if delivery.subscription_id is None:
-            return [tenant_webhook_secret(session, delivery.tenant_id)]
+            tenant = session.get(Tenant, delivery.tenant_id)
+            # Made at fan-out time (record_event), so a plain read finds it.
+            return [tenant.webhook_secret] if tenant and tenant.webhook_secret else None
         subscription = session.get(Subscription, delivery.subscription_id)
         if subscription is None or not subscription.enabled:
             return None
@@ -159,9 +165,7 @@ class DeliverHandler:
             secrets.append(subscription.previous_secret)
         return secrets
 
-    def _send(
-        self, url: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int | None, str | None, str | None, int]:
+    def _send(self, url: str, headers: dict[str, str], body: bytes) -> Attempt:
         started = time.monotonic()
         try:
             response = self.http.post(
@@ -173,101 +177,80 @@ class DeliverHandler:
                 stream=True,
             )
         except UnsafeURL as exc:
-            return None, None, f"not allowed: {exc.reason}", _ms(started)
+            return Attempt(None, None, f"not allowed: {exc.reason}", _ms(started), refused=True)
         except requests.RequestException as exc:
-            return None, None, f"{type(exc).__name__}", _ms(started)
+            return Attempt(None, None, type(exc).__name__, _ms(started))
         with response:
             try:
                 raw = response.raw.read(EXCERPT_BYTES, decode_content=True)
             except Exception:  # a receiver cutting the body short must not lose the status
                 raw = b""
             excerpt = raw.decode("utf-8", errors="replace")
-            return response.status_code, excerpt, None, _ms(started)
+            return Attempt(response.status_code, excerpt, None, _ms(started))
 
-    def _record_attempt(
+    def _conclude(
         self,
         delivery_id: str,
-        status_code: int | None,
-        excerpt: str | None,
-        error: str | None,
-        duration_ms: int,
-    ) -> None:
-        with self.store.transaction() as session:
-            session.add(
-                DeliveryAttempt(
-                    id="att_" + uuid.uuid4().hex,
-                    delivery_id=delivery_id,
-                    attempted_at=utcnow(),
-                    status_code=status_code,
-                    duration_ms=duration_ms,
-                    response_excerpt=excerpt,
-                    error=error,
-                )
-            )
-            session.execute(
-                sa.update(Delivery)
-                .where(Delivery.id == delivery_id)
-                .values(
-                    attempts=Delivery.attempts + 1,
-                    last_status_code=status_code,
-                    last_error=error,
-                    updated_at=utcnow(),
-                )
-            )
-
-    def _schedule_retry(
-        self, delivery_id: str, status_code: int | None, reason: str, delay: float
-    ) -> None:
-        with self.store.transaction() as session:
-            delivery = session.get(Delivery, delivery_id)
-            assert delivery is not None
-            delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
-            self._note_failure(session, delivery, reason)
-
-    def _finish(
-        self,
-        delivery_id: str,
+        attempt: Attempt | None,
         status: DeliveryStatus,
-        status_code: int | None,
         reason: str | None,
         *,
+        retry_in: float | None = None,
         gone: bool = False,
     ) -> None:
+        """Record the attempt and its consequences in one transaction."""
+        now = utcnow()
         with self.store.transaction() as session:
             delivery = session.get(Delivery, delivery_id)
             if delivery is None:
                 return
+            if attempt is not None:
+                session.add(
+                    DeliveryAttempt(
+                        id="att_" + uuid.uuid4().hex,
+                        delivery_id=delivery_id,
+                        attempted_at=now,
+                        status_code=attempt.status_code,
+                        duration_ms=attempt.duration_ms,
+                        response_excerpt=attempt.excerpt,
+                        error=attempt.error,
+                    )
+                )
+                delivery.attempts += 1
+                delivery.last_status_code = attempt.status_code
             delivery.status = status
-            delivery.next_attempt_at = None
-            delivery.updated_at = utcnow()
+            delivery.last_error = reason
+            delivery.next_attempt_at = (
+                now + dt.timedelta(seconds=retry_in) if retry_in is not None else None
+            )
+            delivery.updated_at = now
+            subscription = (
+                session.get(Subscription, delivery.subscription_id)
+                if delivery.subscription_id
+                else None
+            )
+            if subscription is None or not subscription.enabled:
+                return
             if status is DeliveryStatus.SUCCEEDED:
-                delivery.last_error = None
-                self._note_success(session, delivery)
-            else:
-                delivery.last_error = reason
-                self._note_failure(session, delivery, reason or status.value, gone=gone)
-
-    def _note_success(self, session: sa.orm.Session, delivery: Delivery) -> None:
-        if delivery.subscription_id is not None:
-            subscription = session.get(Subscription, delivery.subscription_id)
-            if subscription is not None:
                 subscription.failing_since = None
+                return
+            if subscription.failing_since is None:
+                subscription.failing_since = now
+            if gone:
+                _disable(subscription, "the endpoint answered 410 Gone", now)
+            elif now - subscription.failing_since >= DISABLE_AFTER_FAILING:
+                _disable(subscription, f"every delivery failed for 5 days (last: {reason})", now)
 
-    def _note_failure(
-        self, session: sa.orm.Session, delivery: Delivery, reason: str, *, gone: bool = False
-    ) -> None:
-        if delivery.subscription_id is None:
-            return
-        subscription = session.get(Subscription, delivery.subscription_id)
-        if subscription is None or not subscription.enabled:
-            return
-        now = utcnow()
-        if subscription.failing_since is None:
-            subscription.failing_since = now
-        if gone:
-            _disable(subscription, "the endpoint answered 410 Gone", now)
-        elif now - subscription.failing_since >= DISABLE_AFTER_FAILING:
-            _disable(subscription, f"every delivery failed for 5 days (last: {reason})", now)
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """What one POST to the target gave."""
+
+    status_code: int | None
+    excerpt: str | None
+    error: str | None
+    duration_ms: int
+    refused: bool = False  # the target address is not allowed: final
 
 
 def _disable(subscription: Subscription, reason: str, now: dt.datetime) -> None:

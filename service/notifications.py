@@ -61,6 +61,7 @@ def record_event(
     if generation.webhook and (
         generation.webhook_events_filter is None or event_type in generation.webhook_events_filter
     ):
+        tenant_webhook_secret(session, generation.tenant_id)  # the deliverer only reads it
         queue_delivery(session, event, url=generation.webhook, fmt="standard", subscription=None)
     subscriptions = session.scalars(
         sa.select(Subscription).where(
