@@ -1,22 +1,87 @@
-"""One JSON object per log line, in the shape Cloud Logging reads (`severity`, `message`)."""
+"""One JSON object per log line, in the shape Cloud Logging reads.
+
+Fields: `severity`, `message`, `logger`, and where known `logging.googleapis.com/trace`
+(from the request's X-Cloud-Trace-Context), `request_id` and `generation_id`. The context
+comes from context variables set by the web layer per request and by the task runner per
+task, so code that logs never has to pass it along.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
+
+TRACE_FIELD = "logging.googleapis.com/trace"
+
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
+    "genrelay_log_context",
+    default={},  # noqa: B039 - never mutated: replaced on update
+)
+
+
+@contextlib.contextmanager
+def log_context(**fields: str | None) -> Iterator[None]:
+    """Add fields to every log record made inside the block (None values are skipped)."""
+    token = push_context(**fields)
+    try:
+        yield
+    finally:
+        pop_context(token)
+
+
+def push_context(**fields: str | None) -> contextvars.Token[dict[str, str]]:
+    """Add fields until `pop_context(token)` (for hooks that open and close in two places)."""
+    return _context.set({**_context.get(), **{k: v for k, v in fields.items() if v}})
+
+
+def pop_context(token: contextvars.Token[dict[str, str]]) -> None:
+    _context.reset(token)
+
+
+def trace_from_header(header: str | None, project: str | None) -> str | None:
+    """`projects/P/traces/T` from `X-Cloud-Trace-Context: T/SPAN;o=1` (None without both)."""
+    if not header or not project:
+        return None
+    trace_id = header.split("/", 1)[0].strip()
+    if not trace_id or not all(c in "0123456789abcdefABCDEF" for c in trace_id):
+        return None
+    return f"projects/{project}/traces/{trace_id}"
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _context.get().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+class _Formatter(JsonFormatter):
+    def add_fields(
+        self, log_record: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        super().add_fields(log_record, record, message_dict)
+        # Cloud Logging reads the trace under its documented key.
+        if "trace" in log_record:
+            log_record[TRACE_FIELD] = log_record.pop("trace")
 
 
 def setup_logging(level: str = "INFO") -> None:
     """Send every logger's records to stderr as JSON lines (stdout stays for command output)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter(
+        _Formatter(
             "%(levelname)s %(name)s %(message)s",
             rename_fields={"levelname": "severity", "name": "logger"},
         )
     )
+    handler.addFilter(_ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

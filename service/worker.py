@@ -7,6 +7,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from service.logs import log_context
+from service.metrics import TASK_OUTCOMES
 from service.tasks import ClaimedTask, TaskQueue, TaskStatus
 
 log = logging.getLogger("genrelay.worker")
@@ -44,6 +46,12 @@ class TaskRunner:
 
     def execute(self, task: ClaimedTask) -> TaskStatus | None:
         """Run `task` once; return its new status (None when our lease was lost meanwhile)."""
+        with log_context(generation_id=task.generation_id, task_id=task.id, task_kind=task.kind):
+            outcome = self._execute(task)
+        TASK_OUTCOMES.labels(task.kind, outcome.value if outcome else "lost").inc()
+        return outcome
+
+    def _execute(self, task: ClaimedTask) -> TaskStatus | None:
         handler = self.handlers.get(task.kind)
         if handler is None:
             return self.queue.give_up(task, f"no handler for task kind {task.kind!r}")
