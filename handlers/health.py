@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import flask
 import sqlalchemy as sa
 from flask_smorest import Blueprint
 
 from handlers.auth import services
 from handlers.problems import problem_response
 from service.blobstore import BlobError
+from service.metrics import exposition
 
 blp = Blueprint("health", __name__, description="Probes for the platform.")
 
@@ -19,6 +21,16 @@ blp = Blueprint("health", __name__, description="Probes for the platform.")
 def healthz() -> Any:
     """The process is alive."""
     return {"status": "ok"}
+
+
+@blp.route("/metrics", methods=["GET"])
+@blp.doc(security=[])
+def metrics() -> Any:
+    """Prometheus metrics (text exposition format)."""
+    text, content_type = exposition(services().store)
+    return flask.Response(
+        text, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type}
+    )
 
 
 @blp.route("/readyz", methods=["GET"])

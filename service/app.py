@@ -13,6 +13,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     # Handlers import the service layer, never the reverse: the import stays local to the
     # factory so `service` can be used (worker, CLI) without the web layer loaded.
     from handlers import callbacks, feed, generations, health, subscriptions
+    from handlers.observability import register_observability
     from handlers.problems import ProblemApi, register_error_handlers
 
     config = config or Config.from_env()
@@ -42,4 +43,5 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     api.register_blueprint(callbacks.blp)
     api.register_blueprint(health.blp)
     register_error_handlers(app)
+    register_observability(app, config.gcp_project)
     return app

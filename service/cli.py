@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=int(os.environ.get("GENRELAY_WORKER_THREADS", "4"))
     )
     worker.add_argument("--poll-interval", type=float, default=0.5)
+    worker.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="serve this process's Prometheus metrics on 0.0.0.0:PORT (any path); on Cloud "
+        "Run pass $PORT so the worker service has the listener it requires",
+    )
     worker.set_defaults(run=_worker)
 
     migrate = commands.add_parser("migrate", help="upgrade the database to the newest schema")
@@ -102,6 +109,11 @@ def _worker(args: argparse.Namespace) -> int:
 
     services = build_services(Config.from_env())
     worker = Worker(services.runner, threads=args.threads, poll_interval=args.poll_interval)
+    if args.http_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.http_port, addr="0.0.0.0")  # noqa: S104 - a container's port
+        log.info("worker metrics on port %d", args.http_port)
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: finishing the tasks in hand, then stopping", signum)

@@ -46,8 +46,13 @@ class Config:
     generation_timeout: float = 3600.0
     webhook_retry_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
     port: int = 8080
+    # For Cloud Logging's trace field (projects/P/traces/T); Cloud Run does not set it.
+    gcp_project: str | None = None
     # Outgoing HTTP to Deep-Image: (connect, read) seconds.
     deepimage_timeout: tuple[float, float] = (5.0, 30.0)
+    # Per API key and per process (see service/ratelimit.py); 0 turns the limit off.
+    rate_limit: float = 50.0
+    rate_limit_burst: int = 100
     # Largest request body accepted, in bytes (inline base64 images make bodies large).
     max_request_bytes: int = 25 * 1024 * 1024
 
@@ -109,6 +114,20 @@ class Config:
             values["webhook_retry_schedule"] = tuple(
                 _seconds("GENRELAY_WEBHOOK_RETRY_SCHEDULE", p) for p in parts
             )
+        values["gcp_project"] = text("GOOGLE_CLOUD_PROJECT")
+        if (v := text("GENRELAY_RATE_LIMIT")) is not None:
+            try:
+                values["rate_limit"] = float(v)
+            except ValueError:
+                values["rate_limit"] = -1.0
+            if not math.isfinite(values["rate_limit"]) or values["rate_limit"] < 0:
+                raise ConfigError(
+                    "GENRELAY_RATE_LIMIT must be requests per second per key (0 turns it off)"
+                )
+        if (v := text("GENRELAY_RATE_LIMIT_BURST")) is not None:
+            if not v.isdigit() or int(v) < 1:
+                raise ConfigError("GENRELAY_RATE_LIMIT_BURST must be a whole number above 0")
+            values["rate_limit_burst"] = int(v)
         if (v := text("PORT")) is not None:
             if not v.isdigit() or not 0 < int(v) < 65536:
                 raise ConfigError("PORT must be a TCP port number (1-65535)")

@@ -11,11 +11,13 @@ Every failure is classified once, here:
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import requests
 
 from service.domain import ErrorCode
+from service.metrics import UPSTREAM_LATENCY
 
 MAX_MESSAGE_CHARS = 500
 
@@ -68,13 +70,36 @@ class DeepImageClient:
 
     def process(self, payload: dict[str, Any]) -> UpstreamJob:
         """Schedule a job (`POST /rest_api/process`)."""
-        return self._call("POST", "/rest_api/process", payload, not_found=ErrorCode.UPSTREAM_AUTH)
+        return self._measured(
+            "process", "POST", "/rest_api/process", payload, ErrorCode.UPSTREAM_AUTH
+        )
 
     def result(self, job: str) -> UpstreamJob:
         """Poll a job (`GET /rest_api/result/{job}`)."""
-        return self._call(
-            "GET", f"/rest_api/result/{job}", None, not_found=ErrorCode.UPSTREAM_NOT_FOUND
+        return self._measured(
+            "result", "GET", f"/rest_api/result/{job}", None, ErrorCode.UPSTREAM_NOT_FOUND
         )
+
+    def _measured(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None,
+        not_found: ErrorCode,
+    ) -> UpstreamJob:
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return self._call(method, path, payload, not_found=not_found)
+        except TransientUpstreamError:
+            outcome = "transient"
+            raise
+        except PermanentUpstreamError:
+            outcome = "permanent"
+            raise
+        finally:
+            UPSTREAM_LATENCY.labels(operation, outcome).observe(time.perf_counter() - started)
 
     def close(self) -> None:
         self.session.close()

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.config import Config
+from service.metrics import DELIVERY_OUTCOMES
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
 from service.signing import sign
 from service.ssrf import UnsafeURL
@@ -199,6 +200,7 @@ class DeliverHandler:
         gone: bool = False,
     ) -> None:
         """Record the attempt and its consequences in one transaction."""
+        DELIVERY_OUTCOMES.labels("retry" if retry_in is not None else status.value).inc()
         now = utcnow()
         with self.store.transaction() as session:
             delivery = session.get(Delivery, delivery_id)

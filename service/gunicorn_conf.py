@@ -5,6 +5,15 @@ Deep-Image. Counts come from the environment so Cloud Run can size them per inst
 """
 
 import os
+import tempfile
+
+# prometheus-client's multiprocess mode: every worker process writes its metrics to files
+# here and /metrics aggregates them. Set before the workers import the app; a fresh
+# directory per start, so no stale files from an earlier run are counted.
+_metrics_dir = None
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    _metrics_dir = tempfile.mkdtemp(prefix="genrelay-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
 worker_class = "gthread"
@@ -21,3 +30,18 @@ errorlog = "-"
 # machine (tests, benchmarks) would fight over it, and nothing here uses it.
 control_socket_disable = True
 loglevel = os.environ.get("GENRELAY_LOG_LEVEL", "info").lower()
+
+
+def child_exit(_server: object, worker: object) -> None:
+    """Drop a finished worker's live gauges from the multiprocess metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_exit(_server: object) -> None:
+    """Remove the metrics directory this server made."""
+    if _metrics_dir is not None:
+        import shutil
+
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

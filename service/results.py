@@ -28,6 +28,7 @@ from service.deepimage import DeepImageClient, PermanentUpstreamError, Transient
 from service.domain import ErrorCode, GenerationStatus
 from service.images import SNIFF_BYTES, ImageKind, dimensions, sniff
 from service.lifecycle import change_status, fail_generation
+from service.metrics import GCS_UPLOAD_LATENCY
 from service.models import Generation, utcnow
 from service.store import Store
 from service.tasks import ClaimedTask
@@ -164,8 +165,13 @@ class StoreHandler:
             source = self._confirmed_source(generation)
             stored, width_height = self._copy(generation, source)
         except ResultRejected as rejected:
+            GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
             fail_generation(self.store, generation.id, rejected.code, rejected.message)
             return
+        except RetryableError:
+            GCS_UPLOAD_LATENCY.labels("retry").observe(time.monotonic() - started)
+            raise
+        GCS_UPLOAD_LATENCY.labels("stored").observe(time.monotonic() - started)
         width, height = width_height or (None, None)
         result: dict[str, Any] = {
             "uri": stored.uri,

@@ -1,0 +1,126 @@
+"""Prometheus metrics (DESIGN §5).
+
+Two kinds:
+- Instruments counted by the process that does the work: HTTP latency by route (web),
+  Deep-Image calls, GCS uploads, delivery outcomes and task outcomes (worker). Under gunicorn
+  the web processes share them through prometheus-client's multiprocess mode
+  (`PROMETHEUS_MULTIPROC_DIR`, set up in service/gunicorn_conf.py); the worker serves its own
+  with `genrelay worker --http-port N`.
+- Gauges read from the database at scrape time: generations by status, pending tasks and the
+  age of the oldest, deliveries by status. They are the same whichever process answers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from service.models import Delivery, Generation, Task, utcnow
+from service.store import Store
+
+HTTP_LATENCY = Histogram(
+    "genrelay_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template.",
+    ["method", "route", "status"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "genrelay_upstream_request_duration_seconds",
+    "Deep-Image API calls, by operation and outcome (ok, transient, permanent).",
+    ["operation", "outcome"],
+)
+GCS_UPLOAD_LATENCY = Histogram(
+    "genrelay_gcs_upload_duration_seconds",
+    "Streaming a result into GCS (download included), by outcome.",
+    ["outcome"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+DELIVERY_OUTCOMES = Counter(
+    "genrelay_delivery_attempts_total",
+    "Webhook delivery attempts, by outcome (succeeded, retry, failed, dead).",
+    ["outcome"],
+)
+TASK_OUTCOMES = Counter(
+    "genrelay_tasks_total",
+    "Task executions, by kind and outcome (done, pending, dead, lost).",
+    ["kind", "outcome"],
+)
+
+
+class DatabaseCollector:
+    """Gauges computed from the database on each scrape."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        generations = GaugeMetricFamily(
+            "genrelay_generations", "Generations by status.", labels=["status"]
+        )
+        pending = GaugeMetricFamily(
+            "genrelay_tasks_pending",
+            "Tasks waiting to run (pending or held), by kind.",
+            labels=["kind"],
+        )
+        oldest = GaugeMetricFamily(
+            "genrelay_tasks_oldest_due_seconds",
+            "How long the longest-waiting due task has been due, by kind.",
+            labels=["kind"],
+        )
+        deliveries = GaugeMetricFamily(
+            "genrelay_deliveries", "Deliveries by status.", labels=["status"]
+        )
+        now = utcnow()
+        with self.store.read() as session:
+            for status, count in session.execute(
+                sa.select(Generation.status, sa.func.count()).group_by(Generation.status)
+            ):
+                generations.add_metric([status], count)
+            for kind, count in session.execute(
+                sa.select(Task.kind, sa.func.count())
+                .where(Task.status.in_(["pending", "running"]))
+                .group_by(Task.kind)
+            ):
+                pending.add_metric([kind], count)
+            for kind, due in session.execute(
+                sa.select(Task.kind, sa.func.min(Task.run_at))
+                .where(Task.status == "pending", Task.run_at <= now)
+                .group_by(Task.kind)
+            ):
+                oldest.add_metric([kind], max(0.0, (now - due).total_seconds()))
+            for status, count in session.execute(
+                sa.select(Delivery.status, sa.func.count()).group_by(Delivery.status)
+            ):
+                deliveries.add_metric([status], count)
+        yield from (generations, pending, oldest, deliveries)
+
+    def describe(self) -> list[Any]:
+        return []  # collected on demand only: registering must not query the database
+
+
+def exposition(store: Store | None) -> tuple[bytes, str]:
+    """The text to serve at /metrics: this process's (or all gunicorn workers') metrics,
+    and the database gauges when a store is given."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        text = generate_latest(registry)
+    else:
+        text = generate_latest(REGISTRY)
+    if store is not None:
+        database = CollectorRegistry(auto_describe=False)
+        database.register(DatabaseCollector(store))
+        text += generate_latest(database)
+    return text, CONTENT_TYPE_LATEST
