@@ -1,4 +1,4 @@
-"""gunicorn logger that keeps credentials out of the access log.
+"""gunicorn logger: JSON access lines in Cloud Logging's shape, with credentials removed.
 
 Deep-Image's callbacks authenticate with a token in the URL path
 (`/v1/callbacks/deepimage/{id}/{token}`); gunicorn would print it in every access line.
@@ -6,6 +6,7 @@ Deep-Image's callbacks authenticate with a token in the URL path
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -20,7 +21,7 @@ def redact(text: str) -> str:
 
 
 class RedactingLogger(Logger):
-    """Access log atoms with callback tokens removed from the request line and path."""
+    """One JSON object per request (`httpRequest` as Cloud Logging reads it), token-free."""
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
         atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
@@ -28,3 +29,27 @@ class RedactingLogger(Logger):
             if isinstance(atoms.get(key), str):
                 atoms[key] = redact(atoms[key])
         return atoms
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        if not self.access_log_enabled:
+            return
+        atoms = self.atoms(resp, req, environ, request_time)
+        status = str(atoms.get("s", "-"))
+        entry = {
+            "severity": "WARNING" if status.startswith("5") else "INFO",
+            "message": atoms.get("r", ""),
+            "logger": "gunicorn.access",
+            "httpRequest": {
+                "requestMethod": atoms.get("m"),
+                "requestUrl": atoms.get("U"),
+                "status": int(status) if status.isdigit() else None,
+                "responseSize": atoms.get("B"),
+                "userAgent": atoms.get("a"),
+                "remoteIp": atoms.get("h"),
+                "latency": f"{request_time.total_seconds():.6f}s",
+            },
+        }
+        request_id = environ.get("HTTP_X_REQUEST_ID")
+        if request_id:
+            entry["request_id"] = request_id
+        self.access_log.info(json.dumps(entry))
