@@ -131,7 +131,9 @@ def register_error_handlers(app: flask.Flask) -> None:
 
     @app.errorhandler(ServiceError)
     def _service_error(error: ServiceError) -> flask.Response:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        headers = dict(error.headers)
+        if error.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         return problem_response(
             error.status,
             error.title,

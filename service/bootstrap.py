@@ -19,6 +19,7 @@ from service.deepimage import DeepImageClient
 from service.delivery import DeliverHandler
 from service.generations import GenerationService
 from service.notifications import DELIVER
+from service.ratelimit import RateLimiter
 from service.results import STORE, StoreHandler
 from service.ssrf import URLPolicy, pinned_session
 from service.store import Store
@@ -47,6 +48,7 @@ class Services:
     completion: CompletionService
     notifications: NotificationService
     api_keys: ApiKeys
+    rate_limiter: RateLimiter
     downloads: requests.Session
     webhooks: requests.Session
 
@@ -107,6 +109,7 @@ def build_services(
         completion=CompletionService(store, queue, config),
         notifications=NotificationService(store, config, policy),
         api_keys=ApiKeys(store),
+        rate_limiter=RateLimiter(config.rate_limit, config.rate_limit_burst),
         downloads=downloads,
         webhooks=webhooks,
     )

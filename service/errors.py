@@ -18,10 +18,17 @@ class ServiceError(Exception):
     slug = "internal"
     title = "Internal error"
 
-    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.errors = errors
+        self.headers = headers or {}
 
     @property
     def type(self) -> str:
@@ -56,3 +63,9 @@ class IdempotencyKeyReused(ServiceError):
     status = 422
     slug = "idempotency-key-reused"
     title = "Idempotency-Key was used with a different request body"
+
+
+class RateLimited(ServiceError):
+    status = 429
+    slug = "rate-limited"
+    title = "Too many requests for this API key"
