@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -117,7 +118,17 @@ def stack(
         assert keys.stdout == api_key + "\n"  # the key alone on stdout
         stack.start("simulator", "simulator", "--port", str(sim_port), "--processing-time", "0.3")
         stack.start("serve", "serve")
-        stack.start("worker", "worker", "--threads", "2", "--poll-interval", "0.1")
+        worker_metrics = free_port()
+        stack.start(
+            "worker",
+            "worker",
+            "--threads",
+            "2",
+            "--poll-interval",
+            "0.1",
+            "--http-port",
+            str(worker_metrics),
+        )
         base = f"http://127.0.0.1:{web_port}"
         sim = f"http://127.0.0.1:{sim_port}"
         wait_for(
@@ -143,6 +154,7 @@ def stack(
             "stack": stack,
             "gcs": gcs_server.url,
             "bucket": gcs_bucket,
+            "worker_metrics": f"http://127.0.0.1:{worker_metrics}",
         }
     except BaseException:
         print(stack.logs())
@@ -318,3 +330,45 @@ def test_the_worker_process_delivers_signed_notifications_in_order(stack: dict[s
         ("generation.processing", True),
         ("generation.succeeded", True),
     ]
+
+
+def test_metrics_add_up_across_web_processes_and_the_worker_serves_its_own(
+    stack: dict[str, Any],
+) -> None:
+    base, auth = stack["base"], stack["auth"]
+    ids = []
+    for _ in range(6):  # spread over both gunicorn processes
+        ids.append(
+            requests.post(
+                f"{base}/v1/generations",
+                json={"input": seed_examples()["text_only"]},
+                headers=auth,
+                timeout=30,
+            ).json()["id"]
+        )
+    for generation_id in ids:
+        assert wait_for_status(stack, generation_id)["status"] == "succeeded"
+    web = requests.get(f"{base}/metrics", timeout=10).text
+    [count] = [
+        line
+        for line in web.splitlines()
+        if line.startswith("genrelay_http_request_duration_seconds_count")
+        and 'method="POST"' in line
+        and 'route="/v1/generations"' in line
+    ]
+    assert float(count.rsplit(" ", 1)[1]) == 6  # every process's requests, whoever answers
+    assert 'genrelay_generations{status="succeeded"} 6.0' in web
+    worker = requests.get(stack["worker_metrics"], timeout=10).text
+    assert 'genrelay_tasks_total{kind="store",outcome="done"} 6.0' in worker
+    assert 'genrelay_gcs_upload_duration_seconds_count{outcome="stored"} 6.0' in worker
+
+
+def test_access_lines_are_json(stack: dict[str, Any]) -> None:
+    requests.get(f"{stack['base']}/healthz", headers={"X-Request-Id": "abc-123"}, timeout=5)
+    stack["stack"].stop_all()
+    lines = (stack["stack"].tmp_path / "serve.log").read_text().splitlines()
+    access = [json.loads(line) for line in lines if '"gunicorn.access"' in line]
+    [health] = [a for a in access if a["httpRequest"]["requestUrl"] == "/healthz"]
+    assert health["httpRequest"]["status"] == 200
+    assert health["request_id"] == "abc-123"
+    assert health["severity"] == "INFO"

@@ -1,0 +1,113 @@
+"""Metrics, structured logs with request context, and the per-key rate limit."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from service.config import Config
+from service.logs import setup_logging
+from tests.helpers import drain, seed_examples
+
+TEXT_ONLY = seed_examples()["text_only"]
+
+
+def test_metrics_show_http_latency_by_route_and_database_gauges(
+    client: Any, auth: dict[str, str], services: Any
+) -> None:
+    generation = client.post("/v1/generations", json={"input": TEXT_ONLY}, headers=auth).json
+    drain(services)
+    client.get(f"/v1/generations/{generation['id']}", headers=auth)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = response.get_data(as_text=True)
+    assert (
+        'genrelay_http_request_duration_seconds_count{method="GET",'
+        'route="/v1/generations/<string:generation_id>",status="200"}' in text
+    )
+    assert 'genrelay_generations{status="succeeded"} 1.0' in text
+    assert 'genrelay_upstream_request_duration_seconds_count{operation="process",outcome="ok"}' in (
+        text
+    )
+    assert 'genrelay_gcs_upload_duration_seconds_count{outcome="stored"}' in text
+    assert 'genrelay_tasks_total{kind="store",outcome="done"}' in text
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """The service's JSON log lines, captured."""
+    import sys
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    original = sys.stderr
+    sys.stderr = stream
+    try:
+        setup_logging("INFO")
+    finally:
+        sys.stderr = original
+    yield stream
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+def test_worker_logs_are_json_and_carry_the_task_context(
+    client: Any, auth: dict[str, str], services: Any, json_logs: io.StringIO
+) -> None:
+    generation = client.post("/v1/generations", json={"input": TEXT_ONLY}, headers=auth).json
+    logging.getLogger("genrelay.test").info("outside any request or task")
+    drain(services)
+    lines = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    assert lines and all({"severity", "message", "logger"} <= line.keys() for line in lines)
+    [stored] = [line for line in lines if line["message"].startswith("stored gs://")]
+    assert stored["generation_id"] == generation["id"]
+    assert stored["task_kind"] == "store"
+    assert stored["severity"] == "INFO"
+    [outside] = [line for line in lines if line["message"] == "outside any request or task"]
+    assert "generation_id" not in outside and "request_id" not in outside
+
+
+def test_a_log_inside_a_request_carries_its_context(
+    config: Config, make_client: Any, json_logs: io.StringIO
+) -> None:
+    import flask
+
+    _services, client, _auth = make_client(config.replace(gcp_project="my-project"))
+    app = client.application
+
+    @app.route("/log-something/<generation_id>")
+    def _log(generation_id: str) -> str:
+        logging.getLogger("genrelay.test").warning("hello from %s", generation_id)
+        return flask.g.request_id  # type: ignore[no-any-return]
+
+    response = client.get(
+        "/log-something/gen_1",
+        headers={"X-Cloud-Trace-Context": "105445aa7843bc8bf206b12000100000/1;o=1"},
+    )
+    [line] = [json.loads(x) for x in json_logs.getvalue().splitlines() if "hello from" in x]
+    assert line["severity"] == "WARNING"
+    assert line["logging.googleapis.com/trace"] == (
+        "projects/my-project/traces/105445aa7843bc8bf206b12000100000"
+    )
+    assert line["request_id"] == response.get_data(as_text=True)
+    assert line["generation_id"] == "gen_1"
+
+
+def test_too_many_requests_for_a_key_get_429_with_retry_after(
+    config: Config, make_client: Any
+) -> None:
+    services, client, auth = make_client(config.replace(rate_limit=0.5, rate_limit_burst=2))
+    answers = [client.get("/v1/generations", headers=auth) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    limited = answers[-1]
+    assert limited.mimetype == "application/problem+json"
+    assert limited.headers["Retry-After"] == "2"
+    other = {"Authorization": "Bearer " + services.api_keys.create("globex")}
+    assert client.get("/v1/generations", headers=other).status_code == 200
