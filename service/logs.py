@@ -77,8 +77,9 @@ def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         _Formatter(
-            "%(levelname)s %(name)s %(message)s",
-            rename_fields={"levelname": "severity", "name": "logger"},
+            "%(levelname)s %(name)s %(message)s %(process)d",
+            rename_fields={"levelname": "severity", "name": "logger", "process": "pid"},
+            timestamp="time",  # RFC 3339, which Cloud Logging takes as the entry's time
         )
     )
     handler.addFilter(_ContextFilter())

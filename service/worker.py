@@ -47,7 +47,10 @@ class TaskRunner:
     def execute(self, task: ClaimedTask) -> TaskStatus | None:
         """Run `task` once; return its new status (None when our lease was lost meanwhile)."""
         with log_context(generation_id=task.generation_id, task_id=task.id, task_kind=task.kind):
+            # DEBUG: the scale-out test reads these to prove no task ran twice at once.
+            log.debug("task started (attempt %d)", task.attempts)
             outcome = self._execute(task)
+            log.debug("task finished: %s", outcome.value if outcome else "lease lost")
         TASK_OUTCOMES.labels(task.kind, outcome.value if outcome else "lost").inc()
         return outcome
 
