@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 import flask
@@ -11,6 +12,7 @@ from flask_smorest import Blueprint
 from handlers.auth import services
 from handlers.problems import problem_response
 from service.blobstore import BlobError
+from service.errors import Unauthorized
 from service.metrics import exposition
 
 blp = Blueprint("health", __name__, description="Probes for the platform.")
@@ -26,7 +28,12 @@ def healthz() -> Any:
 @blp.route("/metrics", methods=["GET"])
 @blp.doc(security=[])
 def metrics() -> Any:
-    """Prometheus metrics (text exposition format)."""
+    """Prometheus metrics (text exposition format); needs the metrics token when one is set."""
+    token = services().config.metrics_token
+    if token is not None:
+        given = flask.request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise Unauthorized("send the metrics token as 'Authorization: Bearer <token>'")
     text, content_type = exposition(services().store)
     return flask.Response(
         text, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type}

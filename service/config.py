@@ -50,6 +50,8 @@ class Config:
     gcp_project: str | None = None
     # Outgoing HTTP to Deep-Image: (connect, read) seconds.
     deepimage_timeout: tuple[float, float] = (5.0, 30.0)
+    # When set, GET /metrics needs `Authorization: Bearer <token>` (the web service is public).
+    metrics_token: str | None = dataclasses.field(default=None, repr=False)
     # Per API key and per process (see service/ratelimit.py); 0 turns the limit off.
     rate_limit: float = 50.0
     rate_limit_burst: int = 100
@@ -115,6 +117,7 @@ class Config:
                 _seconds("GENRELAY_WEBHOOK_RETRY_SCHEDULE", p) for p in parts
             )
         values["gcp_project"] = text("GOOGLE_CLOUD_PROJECT")
+        values["metrics_token"] = text("GENRELAY_METRICS_TOKEN")
         if (v := text("GENRELAY_RATE_LIMIT")) is not None:
             try:
                 values["rate_limit"] = float(v)

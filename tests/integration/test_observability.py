@@ -111,3 +111,12 @@ def test_too_many_requests_for_a_key_get_429_with_retry_after(
     assert limited.headers["Retry-After"] == "2"
     other = {"Authorization": "Bearer " + services.api_keys.create("globex")}
     assert client.get("/v1/generations", headers=other).status_code == 200
+
+
+def test_metrics_need_the_token_when_one_is_configured(config: Config, make_client: Any) -> None:
+    _services, client, _auth = make_client(config.replace(metrics_token="scrape-secret"))
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    allowed = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+    assert allowed.status_code == 200
+    assert b"genrelay_http_request_duration_seconds" in allowed.data

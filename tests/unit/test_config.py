@@ -33,6 +33,10 @@ def test_every_variable_is_read() -> None:
             "GENRELAY_GCS_SIGNING_ACCOUNT": "signer@p.iam.gserviceaccount.com",
             "GENRELAY_SIGNED_URL_TTL": "600",
             "GENRELAY_CONFIRM_RESULTS": "false",
+            "GENRELAY_METRICS_TOKEN": "m-token",
+            "GENRELAY_RATE_LIMIT": "2.5",
+            "GENRELAY_RATE_LIMIT_BURST": "7",
+            "GOOGLE_CLOUD_PROJECT": "proj",
             "GENRELAY_MAX_RESULT_BYTES": "1000",
             "GENRELAY_GCS_PREFIX": "/results/",
             "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
@@ -51,6 +55,9 @@ def test_every_variable_is_read() -> None:
     assert config.signed_url_ttl == 600
     assert config.confirm_results is False
     assert config.max_result_bytes == 1000
+    assert config.metrics_token == "m-token"
+    assert (config.rate_limit, config.rate_limit_burst) == (2.5, 7)
+    assert config.gcp_project == "proj"
     assert config.allow_private_webhooks is True
     assert config.reconcile_after == 30
     assert config.generation_timeout == 600
@@ -66,6 +73,9 @@ def test_every_variable_is_read() -> None:
         ({**MINIMAL, "GENRELAY_SIGNED_URL_TTL": "0"}, "GENRELAY_SIGNED_URL_TTL"),
         ({**MINIMAL, "GENRELAY_CONFIRM_RESULTS": "sure"}, "GENRELAY_CONFIRM_RESULTS"),
         ({**MINIMAL, "GENRELAY_MAX_RESULT_BYTES": "1e9"}, "GENRELAY_MAX_RESULT_BYTES"),
+        ({**MINIMAL, "GENRELAY_RATE_LIMIT": "fast"}, "GENRELAY_RATE_LIMIT"),
+        ({**MINIMAL, "GENRELAY_RATE_LIMIT": "-1"}, "GENRELAY_RATE_LIMIT"),
+        ({**MINIMAL, "GENRELAY_RATE_LIMIT_BURST": "0"}, "GENRELAY_RATE_LIMIT_BURST"),
         ({**MINIMAL, "GENRELAY_DATABASE_URL": "mysql://x"}, "GENRELAY_DATABASE_URL"),
         ({**MINIMAL, "GENRELAY_DEEPIMAGE_URL": "ftp://x"}, "GENRELAY_DEEPIMAGE_URL"),
         ({**MINIMAL, "GENRELAY_PUBLIC_URL": "relay.example.com"}, "GENRELAY_PUBLIC_URL"),
