@@ -162,19 +162,23 @@ class TaskQueue:
         )
         if kinds is not None:
             due = sa.and_(due, Task.kind.in_(list(kinds)))
+        # A MATERIALIZED CTE runs once. As `id IN (subquery)` PostgreSQL may plan a semi-join
+        # that re-runs the subquery per row, and with SKIP LOCKED each run returns a row not
+        # yet taken: one claim would then take the whole backlog.
         candidates = (
             sa.select(Task.id)
             .where(due)
             .order_by(Task.run_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
+            .cte("candidates")
+            .prefix_with("MATERIALIZED")
         )
         token = uuid.uuid4().hex
         statement = (
             sa.update(Task)
-            # `due` again: the UPDATE itself is the guard, whatever the subquery saw.
-            .where(Task.id.in_(candidates), due)
+            # `due` again: the UPDATE itself is the guard, whatever the CTE saw.
+            .where(Task.id == candidates.c.id, due)
             .values(
                 status=TaskStatus.RUNNING,
                 claim_token=token,

@@ -262,3 +262,21 @@ def test_a_snoozed_task_runs_again_later_without_using_an_attempt(
         clock.advance(30)
     assert len(handler.runs) == 5
     assert handler.exhausted == []
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_a_claim_never_takes_more_than_its_limit(store: Store, limit: int) -> None:
+    # On PostgreSQL an `id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` can be planned as
+    # a semi-join that re-runs the subquery per row, each run skipping what the statement
+    # already locked: one claim then takes the whole backlog.
+    queue = TaskQueue(store)
+    with store.transaction() as session:
+        for _ in range(200):
+            queue.enqueue(session, "job")
+    claimed = queue.claim_due_tasks(limit=limit)
+    assert len(claimed) == limit
+    with store.read() as session:
+        running = session.scalar(
+            sa.select(sa.func.count()).select_from(Task).where(Task.status == "running")
+        )
+    assert running == limit
