@@ -116,6 +116,11 @@ class Config:
             values["webhook_retry_schedule"] = tuple(
                 _seconds("GENRELAY_WEBHOOK_RETRY_SCHEDULE", p) for p in parts
             )
+        if (v := text("GENRELAY_DEEPIMAGE_TIMEOUT")) is not None:
+            read_timeout = _seconds("GENRELAY_DEEPIMAGE_TIMEOUT", v)
+            if read_timeout <= 0:
+                raise ConfigError("GENRELAY_DEEPIMAGE_TIMEOUT must be above 0 seconds")
+            values["deepimage_timeout"] = (min(5.0, read_timeout), read_timeout)
         values["gcp_project"] = text("GOOGLE_CLOUD_PROJECT")
         values["metrics_token"] = text("GENRELAY_METRICS_TOKEN")
         if (v := text("GENRELAY_RATE_LIMIT")) is not None:
