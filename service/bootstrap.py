@@ -66,7 +66,6 @@ def build_services(
     deepimage: DeepImageClient | None = None,
     blobs: BlobStore | None = None,
     policies: dict[str, RetryPolicy] | None = None,
-    lease_seconds: float = 300.0,
 ) -> Services:
     """Wire the service graph for `config`; any adapter may be passed in instead."""
     store = store or Store(config.database_url)
@@ -84,7 +83,7 @@ def build_services(
             POLL: POLL_POLICY,
             **(policies or {}),
         },
-        lease_seconds=lease_seconds,
+        lease_seconds=config.task_lease,
     )
     downloads = requests.Session()
     policy = URLPolicy(allow_private=config.allow_private_webhooks)

@@ -52,6 +52,8 @@ class Config:
     deepimage_timeout: tuple[float, float] = (5.0, 30.0)
     # When set, GET /metrics needs `Authorization: Bearer <token>` (the web service is public).
     metrics_token: str | None = dataclasses.field(default=None, repr=False)
+    # How long a claimed task is held before another process may take it (holder died).
+    task_lease: float = 300.0
     # Per API key and per process (see service/ratelimit.py); 0 turns the limit off.
     rate_limit: float = 50.0
     rate_limit_burst: int = 100
@@ -121,6 +123,10 @@ class Config:
             if read_timeout <= 0:
                 raise ConfigError("GENRELAY_DEEPIMAGE_TIMEOUT must be above 0 seconds")
             values["deepimage_timeout"] = (min(5.0, read_timeout), read_timeout)
+        if (v := text("GENRELAY_TASK_LEASE")) is not None:
+            values["task_lease"] = _seconds("GENRELAY_TASK_LEASE", v)
+            if values["task_lease"] < 1:
+                raise ConfigError("GENRELAY_TASK_LEASE must be at least 1 second")
         values["gcp_project"] = text("GOOGLE_CLOUD_PROJECT")
         values["metrics_token"] = text("GENRELAY_METRICS_TOKEN")
         if (v := text("GENRELAY_RATE_LIMIT")) is not None:
