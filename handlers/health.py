@@ -11,15 +11,19 @@ from flask_smorest import Blueprint
 
 from handlers.auth import services
 from handlers.problems import problem_response
+from schemas.problems import ProblemSchema
 from service.blobstore import BlobError
 from service.errors import Unauthorized
 from service.metrics import exposition
 
 blp = Blueprint("health", __name__, description="Probes for the platform.")
 
+_STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
+
 
 @blp.route("/healthz", methods=["GET"])
 @blp.doc(security=[])
+@blp.alt_response(200, schema=_STATUS, success=True, description="Alive")
 def healthz() -> Any:
     """The process is alive."""
     return {"status": "ok"}
@@ -27,6 +31,7 @@ def healthz() -> Any:
 
 @blp.route("/metrics", methods=["GET"])
 @blp.doc(security=[])
+@blp.alt_response(200, schema={"type": "string"}, content_type="text/plain", success=True)
 def metrics() -> Any:
     """Prometheus metrics (text exposition format); needs the metrics token when one is set."""
     token = services().config.metrics_token
@@ -42,6 +47,8 @@ def metrics() -> Any:
 
 @blp.route("/readyz", methods=["GET"])
 @blp.doc(security=[])
+@blp.alt_response(200, schema=_STATUS, success=True, description="Ready")
+@blp.alt_response(503, schema=ProblemSchema, description="The database or the bucket is down")
 def readyz() -> Any:
     """The database and the bucket answer; 503 otherwise."""
     try:

@@ -7,11 +7,13 @@ import logging
 from typing import Any, NoReturn
 
 import flask
+from apispec import BasePlugin
 from flask_smorest import Api
 from webargs import core
 from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.exceptions import HTTPException
 
+from schemas.problems import ProblemSchema
 from service.errors import PROBLEM_BASE, ServiceError
 
 log = logging.getLogger("genrelay.http")
@@ -95,8 +97,43 @@ class StrictJSONParser(FlaskParser):
             abort(400, exc=exc, messages={"json": ["Invalid JSON body."]})
 
 
+def _as_problem(response: Any) -> None:
+    """Move an error response documented as application/json to application/problem+json."""
+    content = response.get("content") if isinstance(response, dict) else None
+    if content and "application/json" in content:
+        content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
+
+
+class ProblemMediaTypePlugin(BasePlugin):
+    """Document error responses with the media type they are sent with."""
+
+    def response_helper(self, response: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        # flask-smorest registers only error responses as components (DEFAULT_ERROR, 4xx/5xx).
+        _as_problem(response)
+        return response
+
+    def operation_helper(self, path: Any = None, operations: Any = None, **kwargs: Any) -> None:
+        for operation in (operations or {}).values():
+            for status, response in (operation.get("responses") or {}).items():
+                if str(status) == "default" or int(status) >= 400:
+                    _as_problem(response)
+
+
+class SchemaExtrasPlugin(BasePlugin):
+    """Publish a marshmallow schema's `Meta.openapi`: keywords apispec cannot infer."""
+
+    def schema_helper(self, name: str, definition: dict[str, Any], **kwargs: Any) -> Any:
+        return getattr(getattr(kwargs.get("schema"), "Meta", None), "openapi", None)
+
+
 class ProblemApi(Api):
     """flask-smorest's Api rendering its HTTP errors as problem details."""
+
+    ERROR_SCHEMA = ProblemSchema
+
+    def _init_spec(self, *, extra_plugins: Any = None, **options: Any) -> None:
+        plugins = [*(extra_plugins or ()), ProblemMediaTypePlugin(), SchemaExtrasPlugin()]
+        super()._init_spec(extra_plugins=plugins, **options)
 
     def handle_http_exception(self, error: HTTPException) -> flask.Response:
         status = error.code or 500

@@ -32,7 +32,10 @@ class GenerationCreateSchema(Schema):
     webhook_events_filter = fields.List(
         fields.String(validate=validate.OneOf(EVENT_TYPES)),
         validate=validate.Length(min=1, max=len(EVENT_TYPES)),
-        metadata={"description": "Which events go to `webhook` (default: all)."},
+        metadata={
+            "description": "Which events go to `webhook` (default: all).",
+            "uniqueItems": True,
+        },
     )
     metadata = fields.Dict(
         keys=fields.String(validate=validate.Length(min=1, max=40)),

@@ -24,7 +24,7 @@ def _event_list(**kwargs: Any) -> fields.List:
     return fields.List(
         fields.String(validate=validate.OneOf(EVENT_TYPES)),
         validate=validate.Length(min=1, max=len(EVENT_TYPES)),
-        **kwargs,
+        **{**kwargs, "metadata": {"uniqueItems": True, **kwargs.get("metadata", {})}},
     )
 
 
@@ -69,6 +69,9 @@ class SubscriptionCreateSchema(_SubscriptionFields):
 
 class SubscriptionUpdateSchema(_SubscriptionFields):
     """Body of `PATCH /v1/subscriptions/{id}`: any of the fields."""
+
+    class Meta(_SubscriptionFields.Meta):
+        openapi = {"minProperties": 1}  # published by handlers.problems.SchemaExtrasPlugin
 
     @validates_schema
     def _something(self, data: dict[str, Any], **_: Any) -> None:
