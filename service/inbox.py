@@ -17,25 +17,23 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, TextIO
 
 import standardwebhooks
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import BaseWSGIServer, ThreadedWSGIServer, WSGIRequestHandler, make_server
+
+from service.background_server import BackgroundServer
 
 logger = logging.getLogger("genrelay.inbox")
 
@@ -46,8 +44,6 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 # A rejected request is kept for diagnosis only; no need to hold megabytes of it.
 _REJECTED_BODY_BYTES = 4096
 _FIELD_CHARS = 200
-_STOP_TIMEOUT = 5.0
-_POLL_INTERVAL = 0.1
 
 
 def _now_iso() -> str:
@@ -256,53 +252,10 @@ def create_inbox_app(secrets: Sequence[str], *, out: TextIO | None = None) -> Fl
     return app
 
 
-class _Connections:
-    """The sockets of open client connections, so stop() can wake idle keep-alive threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-
-    def add(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.add(sock)
-
-    def discard(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.discard(sock)
-
-    def shutdown_all(self) -> None:
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            # OSError: the connection's own thread closed it meanwhile.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
-def _handler_class(connections: _Connections) -> type[WSGIRequestHandler]:
-    class Handler(WSGIRequestHandler):
-        def setup(self) -> None:
-            super().setup()
-            connections.add(self.connection)
-
-        def finish(self) -> None:
-            try:
-                super().finish()
-            finally:
-                connections.discard(self.connection)
-
-        def log(self, type: str, message: str, *args: Any) -> None:
-            # Werkzeug would otherwise attach its own stderr handler and log every request;
-            # the printed blocks already say what arrived.
-            level = logging.DEBUG if type == "info" else logging.WARNING
-            logger.log(level, "inbox http: " + message, *args)
-
-    return Handler
-
-
-class InboxServer:
+class InboxServer(BackgroundServer):
     """The inbox served on ``host:port`` (0 = any free port) from a background thread."""
+
+    label = "inbox"
 
     def __init__(
         self,
@@ -311,83 +264,7 @@ class InboxServer:
         port: int = 0,
         out: TextIO | None = None,
     ) -> None:
-        self.host = host
-        self.port = port
-        self.app = create_inbox_app(secrets, out=out)
-        self._connections = _Connections()
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._stopped = False
-
-    @property
-    def url(self) -> str:
-        """Base URL of the running inbox, e.g. ``http://127.0.0.1:54321``."""
-        if self._server is None:
-            raise RuntimeError("InboxServer is not started")
-        host = self.host if ":" not in self.host else f"[{self.host}]"
-        return f"http://{host}:{self._server.server_port}"
-
-    def start(self) -> InboxServer:
-        """Bind, then serve in a background thread; returns once the socket is listening."""
-        with self._lock:
-            if self._stopped:
-                raise RuntimeError("a stopped InboxServer cannot be restarted")
-            if self._server is not None:
-                return self
-            try:
-                server = make_server(
-                    self.host,
-                    self.port,
-                    self.app,
-                    threaded=True,
-                    request_handler=_handler_class(self._connections),
-                )
-            except SystemExit as exc:
-                # werkzeug exits the process when the port is taken; a library must not.
-                raise OSError(f"cannot listen on {self.host}:{self.port}") from exc
-            assert isinstance(server, ThreadedWSGIServer)
-            # Track request threads so server_close() joins them instead of abandoning them.
-            server.daemon_threads = False
-            self._server = server
-            self._thread = threading.Thread(
-                target=server.serve_forever,
-                kwargs={"poll_interval": _POLL_INTERVAL},
-                name=f"inbox-server-{server.server_port}",
-                daemon=True,
-            )
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving, close open connections and join every thread; idempotent."""
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        server.shutdown()
-        # serve_forever's own cleanup joins the request threads; keep closing connections
-        # (idle keep-alive ones block on a read) until it is done.
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while thread.is_alive() and time.monotonic() < deadline:
-            self._connections.shutdown_all()
-            thread.join(0.05)
-        if thread.is_alive():
-            logger.warning("inbox server thread did not stop in time")
-
-    def __enter__(self) -> InboxServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+        super().__init__(create_inbox_app(secrets, out=out), host, port, logger=logger)
 
 
 def build_parser() -> argparse.ArgumentParser:
