@@ -32,8 +32,21 @@ pytest: $(VENV)/.installed-dev
 
 test: lint typecheck pytest
 
+# Every benchmark, one after the other (they share the machine); JSON reports in var/bench,
+# figures in docs/img. About 25 minutes on 2 cores.
+BENCH_OUT ?= var/bench
 bench: $(VENV)/.installed-dev
-	$(BIN)/python bench/intake.py
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	mkdir -p $(BENCH_OUT)
+	$(BIN)/python bench/intake.py --database sqlite --json-out $(BENCH_OUT)/intake-sqlite.json
+	$(BIN)/python bench/intake.py --database postgresql --json-out $(BENCH_OUT)/intake-postgresql.json
+	$(BIN)/python bench/completion.py --json-out $(BENCH_OUT)/completion.json
+	$(BIN)/python bench/deliveries.py --database sqlite --json-out $(BENCH_OUT)/deliveries-sqlite.json
+	$(BIN)/python bench/deliveries.py --database postgresql --json-out $(BENCH_OUT)/deliveries-postgresql.json
+	$(BIN)/python bench/scale.py --json-out $(BENCH_OUT)/scale.json
+	$(BIN)/python bench/large_table.py --json-out $(BENCH_OUT)/large-table.json
+	$(BIN)/python bench/soak.py --database postgresql --crash --json-out $(BENCH_OUT)/soak.json
+	$(BIN)/python bench/plots.py $(BENCH_OUT) docs/img
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info

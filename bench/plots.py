@@ -1,0 +1,129 @@
+"""Draw the figures of docs/performance.md from the benchmarks' JSON reports.
+
+    python bench/plots.py var/bench docs/img
+
+Reads `<dir>/<name>.json` as written by `make bench` (each benchmark's `--json-out`) and
+writes one PNG per benchmark it finds; a missing report is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+GENRELAY = "#2b6cb0"
+BASELINE = "#a0aec0"
+
+
+def _bars(
+    ax: Any, labels: list[str], pairs: list[tuple[float, float]], names: tuple[str, str], unit: str
+) -> None:
+    """Grouped bars: genrelay next to its baseline for each label."""
+    xs = range(len(labels))
+    width = 0.38
+    ax.bar(
+        [x - width / 2 for x in xs], [p[0] for p in pairs], width, label=names[0], color=GENRELAY
+    )
+    ax.bar(
+        [x + width / 2 for x in xs], [p[1] for p in pairs], width, label=names[1], color=BASELINE
+    )
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel(unit)
+    ax.legend(frameon=False, loc="best", fontsize="small")
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def intake(reports: dict[str, Any], out: Path) -> None:
+    """Intake: req/s and latency percentiles, genrelay next to the minimal forwarder."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    labels, throughput, p50, p99 = [], [], [], []
+    for name, report in reports.items():
+        genrelay, forwarder = report["targets"]["genrelay"], report["targets"]["forwarder"]
+        labels.append(name)
+        throughput.append((genrelay["req_per_s"], forwarder["req_per_s"]))
+        p50.append((genrelay["p50_ms"], forwarder["p50_ms"]))
+        p99.append((genrelay["p99_ms"], forwarder["p99_ms"]))
+    names = ("genrelay", "minimal forwarder")
+    _bars(left, labels, throughput, names, "requests/s")
+    left.set_title("POST /v1/generations throughput")
+    _bars(
+        right,
+        [f"{label}\np50" for label in labels] + [f"{label}\np99" for label in labels],
+        p50 + p99,
+        names,
+        "ms",
+    )
+    right.set_title("latency")
+    fig.tight_layout()
+    fig.savefig(out / "intake.png", dpi=120)
+    plt.close(fig)
+
+
+def completion(report: dict[str, Any], out: Path) -> None:
+    """Callback -> succeeded per result size, next to the bare streamed copy."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    labels = [size["label"] for size in report["sizes"]]
+    pairs = [
+        (size["phases"]["server"]["median"], size["raw"]["stream"]["median"])
+        for size in report["sizes"]
+    ]
+    _bars(ax, labels, pairs, ("callback → succeeded", "bare download → upload"), "seconds")
+    ax.set_title("completion path, median")
+    fig.tight_layout()
+    fig.savefig(out / "completion.png", dpi=120)
+    plt.close(fig)
+
+
+def deliveries(reports: dict[str, Any], out: Path) -> None:
+    """Deliveries/s of one worker next to a bare requests pool."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    labels = list(reports)
+    pairs = [
+        (r["targets"]["genrelay"]["deliveries_per_s"], r["targets"]["bare"]["deliveries_per_s"])
+        for r in reports.values()
+    ]
+    _bars(ax, labels, pairs, ("genrelay worker", "bare requests pool"), "deliveries/s")
+    ax.set_title("signed webhook deliveries")
+    fig.tight_layout()
+    fig.savefig(out / "deliveries.png", dpi=120)
+    plt.close(fig)
+
+
+def _load(directory: Path, name: str) -> dict[str, Any] | None:
+    path = directory / f"{name}.json"
+    if not path.exists():
+        print(f"skipped {name}: no {path}")
+        return None
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__)
+        return 2
+    source, out = Path(argv[0]), Path(argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    plots: list[tuple[list[str], Callable[..., None], bool]] = [
+        (["intake-sqlite", "intake-postgresql"], intake, True),
+        (["completion"], completion, False),
+        (["deliveries-sqlite", "deliveries-postgresql"], deliveries, True),
+    ]
+    for names, draw, by_database in plots:
+        loaded = {n.rsplit("-", 1)[-1]: r for n in names if (r := _load(source, n))}
+        if not loaded:
+            continue
+        draw(loaded if by_database else next(iter(loaded.values())), out)
+        print(f"drew {draw.__name__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
