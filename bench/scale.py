@@ -1,0 +1,855 @@
+"""Scale-out benchmark: generations/s through the whole path with 1 and 2 worker processes.
+
+What is measured
+    Generations per second from ``POST /v1/generations`` to ``succeeded`` (result stored in
+    GCS), on PostgreSQL, with N ``genrelay worker --threads T`` processes (N = 1 and 2 by
+    default; T = 4). The issue's target: 2 workers give at least 1.8x the rate of 1.
+
+    The path of one generation: the web process validates and stores it, then submits it to
+    Deep-Image inline (in the request); the simulator finishes the job after 0.2 s and POSTs
+    its callback to the same web server, which records the result URL and queues a ``store``
+    task; a worker claims it, confirms the job (``GET /rest_api/result``), streams the image
+    from the simulator into fake-gcs-server and marks the generation ``succeeded``. Each
+    generation also has a ``poll`` task, the fallback for a lost callback, due
+    ``GENRELAY_RECONCILE_AFTER`` after the submit (``--reconcile-after``, 2 s here, 120 s by
+    default): it finds the result already known and does nothing, as every generation's poll
+    eventually does in a steady state; and it rescues the generations whose callback came
+    before the submit had recorded the job (genrelay answers such a callback 409: the
+    ``cb 409`` column). So the workers run the ``store`` and ``poll`` tasks; intake (with
+    the first submit) and callbacks are the web server's work.
+
+    Two variants, each with a fresh database, repeated ``--repeats`` times (the worker counts
+    alternate: 1, 2 in odd repeats, 2, 1 in even ones):
+
+    - ``whole``: the workers run from the start; G generations (default 400) are posted as
+      fast as 16 client threads can; the clock runs from the first POST to the last
+      ``completed_at``. The report splits it into the submit phase (first POST to last 202)
+      and the tail (last 202 to last ``succeeded``), and gives per-generation medians: inline
+      submit (``created_at -> submitted_at``), upstream + callback (``-> source_found_at``),
+      store (``-> completed_at``: waiting for a worker thread, then the copy).
+    - ``backlog``: G generations are posted with no worker running, and every callback has
+      been answered (the simulator's counters). Every pending task (G ``store`` and G ``poll``
+      tasks, less the 409s' store tasks) gets its ``run_at`` moved an hour ahead, the workers
+      are started, and once they have logged "worker started" the tasks are made due again
+      in one UPDATE. The clock runs from that UPDATE until the last task has finished (the
+      last ``finished_at`` or ``completed_at``): the workers' throughput alone, their
+      start-up excluded, with an idle web server. In ``whole`` the clock stops at the last
+      ``succeeded``; the poll tasks that fall due later are left out (the tasks line shows
+      how many were still pending).
+
+How to read the report
+    - ``gen/s``: generations succeeded / elapsed; ``mid80``: the rate between the 10th and the
+      90th percentile of ``completed_at`` (start-up and tail left out). Pooled rows: all
+      generations / summed elapsed time over the repeats. ``2/1``: pooled rate with 2
+      workers / with 1, printed with PASS or FAIL against 1.8 (the exit code stays 0).
+    - ``CPU``: CPU seconds each process group used in the measured window, from
+      ``/proc/<pid>/stat`` (utime + stime of the processes alive at the snapshots), as % of
+      one core over the window and as ms per generation. ``postgres (this db)`` sums the
+      backends of the run's database; ``postgres (server)`` every PostgreSQL process (other
+      databases' too); ``other`` is the machine's busy time (``/proc/stat``) minus all of
+      ours: load that is not this benchmark (the busiest such processes are listed by name).
+      ``machine`` is busy time as % of nproc cores: near 100 % means CPU-saturated, and then
+      a second worker can only take CPU from the other processes.
+    - ``store copy``: the worker's own "stored ... in X s" log line (confirm + download +
+      upload; 10 ms steps), median per run: the per-task work without the queue wait.
+    - ``PostgreSQL client backends``: pg_stat_activity of the run's database every 50 ms,
+      mean number of backends in each state and wait event (lock waits would show
+      contention between workers; WALWrite/WALSync are commit flushes).
+    Everything (client, web, workers, simulator, fake-gcs-server, PostgreSQL) shares this
+    machine; the ratio says how genrelay scales *here*, the CPU table says what bounds it.
+
+Run from the repository root:
+
+    .venv/bin/python bench/scale.py [--generations 400] [--workers 1,2] [--threads 4]
+        [--repeats 2] [--json-out FILE] [--log-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import requests
+from _stack import (
+    BENCH_ERRORS,
+    CLIENT_TIMEOUT,
+    DEFAULT_POSTGRES_URL,
+    GENRELAY,
+    LOOPBACK,
+    SIMULATOR_KEY,
+    BenchError,
+    CpuProbe,
+    Database,
+    LoadResult,
+    PidSource,
+    Processes,
+    WaitSampler,
+    base_env,
+    closed_loop,
+    free_port,
+    fresh_database,
+    latency_stats,
+    machine_facts,
+    own_process,
+    run_command,
+    scan_log,
+    start_simulator,
+    tree_of,
+    wait_for_log,
+    wait_until,
+)
+
+from service.gcs_emulator import FakeGcsServer
+
+BUCKET = "genrelay-bench"
+SIM_PROCESSING_TIME = 0.2
+TARGET_RATIO = 1.8
+SETTLE = 1.0  # seconds after the workers said "worker started", before the clock starts
+DB_POLL = 0.05  # seconds between the benchmark's counts of finished generations
+MODES = ("whole", "backlog")
+_STORED = re.compile(r"stored \S+ \(\d+ bytes, [^)]*\) in ([0-9.]+) s")
+
+
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+# -- one run -------------------------------------------------------------------------------
+
+
+class Context:
+    """What every run shares: options, the simulator, fake-gcs-server, directories."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        tmp_dir: Path,
+        log_dir: Path,
+        shared: Processes,
+        gcs: FakeGcsServer,
+        sim_url: str,
+        stop: threading.Event,
+    ) -> None:
+        self.args = args
+        self.tmp_dir = tmp_dir
+        self.log_dir = log_dir
+        self.shared = shared
+        self.gcs = gcs
+        self.sim_url = sim_url
+        self.stop = stop
+        size = args.image_size
+        text_only = {"generate": {"description": "bench"}}
+        body = {"input": {"width": size, "height": size, "background": text_only}}
+        self.body = json.dumps(body).encode()
+
+
+def run_case(ctx: Context, mode: str, workers: int, repeat: int) -> dict[str, Any]:
+    """One measured run on a fresh database; every process of the run is stopped after it."""
+    args = ctx.args
+    label = f"{mode} {workers}w #{repeat}"
+    case_dir = ctx.log_dir / f"{mode}-{workers}w-{repeat}"
+    case_dir.mkdir(parents=True, exist_ok=True)
+    processes = Processes(case_dir)
+    print(f"-- {label}", flush=True)
+    with fresh_database("postgresql", ctx.tmp_dir, args.postgres_url) as (db_url, db_desc):
+        port = free_port()
+        api = f"http://{LOOPBACK}:{port}"
+        env = {
+            **base_env(),
+            "GENRELAY_DATABASE_URL": db_url,
+            "GENRELAY_DEEPIMAGE_URL": ctx.sim_url,
+            "GENRELAY_DEEPIMAGE_API_KEY": SIMULATOR_KEY,
+            "GENRELAY_PUBLIC_URL": api,
+            "GENRELAY_CALLBACK_SECRET": secrets.token_hex(16),
+            "GENRELAY_GCS_BUCKET": BUCKET,
+            "STORAGE_EMULATOR_HOST": ctx.gcs.url,
+            "GENRELAY_RATE_LIMIT": "0",
+            "GENRELAY_RECONCILE_AFTER": str(args.reconcile_after),
+            "GENRELAY_WEB_PROCESSES": str(args.web_processes),
+            "GENRELAY_WEB_THREADS": str(args.web_threads),
+            "PORT": str(port),
+            "XDG_RUNTIME_DIR": str(case_dir),
+        }
+        run_command([GENRELAY, "migrate"], env)
+        if args.pg_set:
+            with Database(db_url) as db:
+                for name, value in args.pg_set:
+                    db.execute(f'ALTER DATABASE "{db.name}" SET {name} = {value}')
+        api_key = run_command([GENRELAY, "keys", "create", "bench"], env).strip()
+        if not api_key or "\n" in api_key:
+            raise BenchError("genrelay keys create did not print a key alone on stdout")
+        try:
+            with Database(db_url) as db:
+                processes.start("serve", [GENRELAY, "serve"], env)
+                wait_until(lambda: requests.get(f"{api}/readyz", timeout=2).ok, processes, "serve")
+                groups: dict[str, PidSource] = {
+                    "serve": tree_of(processes.children["serve"]),
+                    **{f"worker-{n}": worker_pids(processes, n) for n in range(1, workers + 1)},
+                    "simulator": tree_of(ctx.shared.children["simulator"]),
+                    "fake-gcs": tree_of(ctx.gcs.process),
+                    "postgres (this db)": db.backends,
+                    "postgres (server)": db.postmaster,
+                    "bench client": own_process,
+                }
+                probe = CpuProbe(groups)
+                run = Run(ctx, processes, db, env, api, api_key, workers, probe)
+                result = run.whole() if mode == "whole" else run.backlog()
+        finally:
+            processes.stop_all()
+        logs = {name: scan_log(processes.log_path(name)) for name in processes.children}
+    copies = []
+    for n in range(1, workers + 1):
+        text = processes.log_path(f"worker-{n}").read_text(errors="replace")
+        copies += [float(m.group(1)) for m in _STORED.finditer(text)]
+    result.update(
+        {
+            "label": label,
+            "mode": mode,
+            "workers": workers,
+            "repeat": repeat,
+            "database": db_desc,
+            "store_copy_ms_p50": round(statistics.median(copies) * 1000, 1) if copies else None,
+            "store_copies_logged": len(copies),
+            "logs": {k: v for k, v in logs.items() if v["counts"]},
+        }
+    )
+    print(
+        f"   {result['succeeded']}/{result['generations']} succeeded in "
+        f"{result['elapsed_s']:.2f} s: {result['gen_per_s']:.1f} gen/s "
+        f"(machine busy {result['cpu']['machine_pct']:.0f} % of {result['cpu']['nproc']} cores)",
+        flush=True,
+    )
+    return result
+
+
+def worker_pids(processes: Processes, number: int) -> PidSource:
+    """The pids of worker N, once it is started (none before)."""
+
+    def pids() -> list[int]:
+        return list(tree_of(processes.children.get(f"worker-{number}"))())
+
+    return pids
+
+
+class Run:
+    """The measurement of one case, on a database with `genrelay serve` already up."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        processes: Processes,
+        db: Database,
+        env: dict[str, str],
+        api: str,
+        api_key: str,
+        workers: int,
+        probe: CpuProbe,
+    ) -> None:
+        self.ctx = ctx
+        self.processes = processes
+        self.db = db
+        self.env = env
+        self.api = api
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self.workers = workers
+        self.probe = probe
+
+    def start_workers(self) -> None:
+        args = self.ctx.args
+        for n in range(1, self.workers + 1):
+            argv = [GENRELAY, "worker", "--threads", str(args.threads)]
+            argv += ["--poll-interval", str(args.worker_poll_interval)]
+            self.processes.start(f"worker-{n}", argv, self.env)
+        for n in range(1, self.workers + 1):
+            wait_for_log(self.processes, f"worker-{n}", "worker started")
+        time.sleep(SETTLE)
+
+    def submit(self) -> LoadResult:
+        """POST G generations from C client threads as fast as they are answered."""
+        args = self.ctx.args
+        url = f"{self.api}/v1/generations"
+
+        def send(session: requests.Session, _n: int) -> requests.Response:
+            return session.post(
+                url, data=self.ctx.body, headers=self.headers, timeout=CLIENT_TIMEOUT
+            )
+
+        def check(_n: int, response: requests.Response) -> str | None:
+            try:
+                body = response.json()
+            except ValueError:
+                return "bad: not JSON"
+            # "processing", or already "succeeded" when the callback and the store overtook
+            # this answer; without an upstream job the inline submit failed.
+            if not (body.get("upstream") or {}).get("job"):
+                return f"bad: {body.get('status')} without a job"
+            return None
+
+        load = closed_loop(args.generations, args.concurrency, send, self.ctx.stop, check)
+        if load.errors:
+            print(f"   intake errors: {dict(load.outcomes)}", flush=True)
+        return load
+
+    def wait_finished(self, expected: int) -> None:
+        """Until every generation in the database is finished (and there are `expected`)."""
+        bound = 60 + self.ctx.args.generations * 0.5
+        deadline = time.monotonic() + bound
+        while True:
+            self.processes.check_alive()
+            total, finished = self.db.rows(
+                "SELECT count(*), count(*) FILTER (WHERE status IN "
+                "('succeeded', 'failed', 'canceled')) FROM generations"
+            )[0]
+            if total >= expected and finished == total:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"{total - finished} of {total} not finished after {bound:.0f} s")
+            time.sleep(DB_POLL)
+
+    def sim_stats(self) -> dict[str, int]:
+        response = requests.get(f"{self.ctx.sim_url}/_sim/stats", timeout=CLIENT_TIMEOUT)
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return {k: int(v) for k, v in body.items() if isinstance(v, int)}
+
+    def callbacks(self, before: dict[str, int]) -> dict[str, int]:
+        """The simulator's callback counters since `before` (it serves every run)."""
+        after = self.sim_stats()
+        names = ("jobs_created", "callbacks_sent", "callbacks_delivered", "callbacks_failed")
+        return {name: after[name] - before[name] for name in names}
+
+    def wait_callbacks(self, before: dict[str, int], expected: int) -> dict[str, int]:
+        """Until the simulator has sent `expected` callbacks since `before` (bounded)."""
+        bound = 60 + self.ctx.args.generations * 0.1
+        deadline = time.monotonic() + bound
+        while True:
+            self.processes.check_alive()
+            counts = self.callbacks(before)
+            if counts["callbacks_sent"] >= expected:
+                return counts
+            if time.monotonic() > deadline:
+                raise BenchError(f"{counts['callbacks_sent']} of {expected} callbacks in {bound} s")
+            time.sleep(DB_POLL)
+
+    def wait_drained(self) -> float:
+        """Until no task is pending or running; the epoch time the last one finished."""
+        bound = 60 + self.ctx.args.generations * 0.5
+        deadline = time.monotonic() + bound
+        while True:
+            self.processes.check_alive()
+            left = self.db.scalar(
+                "SELECT count(*) FROM tasks WHERE status IN ('pending', 'running')"
+            )
+            if left == 0:
+                return float(
+                    self.db.scalar(
+                        "SELECT extract(epoch FROM greatest(max(t.finished_at), "
+                        "(SELECT max(completed_at) FROM generations)))::float8 FROM tasks t"
+                    )
+                )
+            if time.monotonic() > deadline:
+                raise BenchError(f"{left} tasks still pending or running after {bound:.0f} s")
+            time.sleep(DB_POLL)
+
+    def tasks(self) -> dict[str, int]:
+        rows = self.db.rows("SELECT kind, status, count(*) FROM tasks GROUP BY 1, 2 ORDER BY 1, 2")
+        return {f"{kind} {status}": int(n) for kind, status, n in rows}
+
+    def generations(self) -> list[dict[str, Any]]:
+        rows = self.db.rows(
+            "SELECT status, extract(epoch FROM created_at)::float8, "
+            "extract(epoch FROM submitted_at)::float8, "
+            "extract(epoch FROM source_found_at)::float8, "
+            "extract(epoch FROM completed_at)::float8 FROM generations"
+        )
+        keys = ("status", "created", "submitted", "source_found", "completed")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def whole(self) -> dict[str, Any]:
+        self.start_workers()
+        sim_before = self.sim_stats()
+        with WaitSampler(self.db) as waits:
+            before = self.probe.snapshot()
+            load = self.submit()
+            accepted = sum(n for k, n in load.outcomes.items() if k.startswith("2"))
+            self.wait_finished(accepted)
+            after = self.probe.snapshot()
+        callbacks = self.callbacks(sim_before)
+        gens = self.generations()
+        done = [g for g in gens if g["status"] == "succeeded"]
+        end = max((g["completed"] for g in gens if g["completed"]), default=time.time())
+        last_answer = max(load.ended_at)
+        result = figures(gens, start=load.started_at, end=end)
+        result.update(
+            {
+                "submit_phase_s": round(last_answer - load.started_at, 3),
+                "intake_per_s": round(len(load.latencies) / (last_answer - load.started_at), 1),
+                "tail_s": round(end - last_answer, 3),
+                "intake_latency": latency_stats(load.latencies),
+                "intake_outcomes": dict(load.outcomes),
+                "phases_p50_ms": {
+                    "inline_submit": median_ms(done, "created", "submitted"),
+                    "upstream_and_callback": median_ms(done, "submitted", "source_found"),
+                    "store_wait_and_copy": median_ms(done, "source_found", "completed"),
+                    "post_to_succeeded": median_ms(done, "created", "completed"),
+                },
+                "post_to_succeeded_p90_ms": percentile_ms(done, "created", "completed", 90),
+                "cpu": cpu_figures(self.probe.delta(before, after), len(done)),
+                "callbacks": callbacks,
+                "tasks": self.tasks(),
+                "db_waits": {"samples": waits.samples, "counts": dict(waits.counts)},
+            }
+        )
+        return result
+
+    def backlog(self) -> dict[str, Any]:
+        sim_before = self.sim_stats()
+        load = self.submit()  # no worker yet: intake and callbacks only
+        accepted = sum(n for k, n in load.outcomes.items() if k.startswith("2"))
+        intake_s = max(load.ended_at) - load.started_at
+        callbacks = self.wait_callbacks(sim_before, accepted)
+        callbacks_in = time.time()
+        parked = self.db.rows(
+            "UPDATE tasks SET run_at = now() + interval '1 hour' WHERE status = 'pending' "
+            "RETURNING kind"
+        )
+        backlog = {kind: sum(1 for (k,) in parked if k == kind) for kind in ("store", "poll")}
+        self.start_workers()
+        with WaitSampler(self.db) as waits:
+            before = self.probe.snapshot()
+            released_at = time.time()
+            released = self.db.execute("UPDATE tasks SET run_at = now() WHERE status = 'pending'")
+            if released != len(parked):
+                raise BenchError(f"parked {len(parked)} tasks but released {released}")
+            end = self.wait_drained()  # every released task, the no-op polls included
+            after = self.probe.snapshot()
+        gens = self.generations()
+        done = [g for g in gens if g["status"] == "succeeded"]
+        result = figures(gens, start=released_at, end=end)
+        result.update(
+            {
+                "backlog": released,
+                "backlog_by_kind": backlog,
+                "callbacks": callbacks,
+                "db_waits": {"samples": waits.samples, "counts": dict(waits.counts)},
+                "tasks": self.tasks(),
+                "intake_s": round(intake_s, 3),
+                "intake_per_s": round(len(load.latencies) / intake_s, 1),
+                "callbacks_in_s": round(callbacks_in - load.started_at, 3),
+                "intake_latency": latency_stats(load.latencies),
+                "intake_outcomes": dict(load.outcomes),
+                "cpu": cpu_figures(self.probe.delta(before, after), len(done)),
+            }
+        )
+        return result
+
+
+def figures(gens: list[dict[str, Any]], *, start: float, end: float) -> dict[str, Any]:
+    """Counts and rates of one run, timed from `start` to `end` (epoch seconds)."""
+    done = sorted(g["completed"] for g in gens if g["status"] == "succeeded")
+    elapsed = end - start
+    mid80 = None
+    if len(done) >= 10:
+        low, high = int(len(done) * 0.1), int(len(done) * 0.9) - 1
+        if done[high] > done[low]:
+            mid80 = round((high - low) / (done[high] - done[low]), 1)
+    return {
+        "generations": len(gens),
+        "succeeded": len(done),
+        "failed": sum(1 for g in gens if g["status"] != "succeeded"),
+        "elapsed_s": round(elapsed, 3),
+        "gen_per_s": round(len(done) / elapsed, 2) if elapsed > 0 else None,
+        "mid80_gen_per_s": mid80,
+    }
+
+
+def median_ms(rows: list[dict[str, Any]], start: str, end: str) -> float | None:
+    values = [r[end] - r[start] for r in rows if r[start] is not None and r[end] is not None]
+    return round(statistics.median(values) * 1000, 1) if values else None
+
+
+def percentile_ms(rows: list[dict[str, Any]], start: str, end: str, p: float) -> float | None:
+    values = sorted(r[end] - r[start] for r in rows if r[start] is not None and r[end] is not None)
+    if not values:
+        return None
+    return round(values[max(0, int(len(values) * p / 100 + 0.999999) - 1)] * 1000, 1)
+
+
+def cpu_figures(delta: dict[str, Any], generations: int) -> dict[str, Any]:
+    """CPU seconds by group, plus what the machine did beyond our processes."""
+    groups = dict(delta["groups"])
+    ours = sum(s for name, s in groups.items() if name != "postgres (this db)")
+    groups["other (not ours)"] = round(max(0.0, delta["machine_s"] - ours), 3)
+    wall = delta["wall_s"]
+    nproc = len(os.sched_getaffinity(0))
+    return {
+        "wall_s": wall,
+        "nproc": nproc,
+        "machine_s": delta["machine_s"],
+        "machine_pct": round(100 * delta["machine_s"] / (wall * nproc), 1) if wall else None,
+        "seconds": groups,
+        "generations": generations,
+        "others": delta["others"],
+    }
+
+
+# -- summary and report --------------------------------------------------------------------
+
+
+def summarize(cases: list[dict[str, Any]], workers: list[int]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for mode in MODES:
+        per: dict[str, Any] = {}
+        for n in workers:
+            runs = [c for c in cases if c["mode"] == mode and c["workers"] == n]
+            if not runs:
+                continue
+            succeeded = sum(c["succeeded"] for c in runs)
+            elapsed = sum(c["elapsed_s"] for c in runs)
+            wall = sum(c["cpu"]["wall_s"] for c in runs)
+            seconds: dict[str, float] = {}
+            for c in runs:
+                for name, s in c["cpu"]["seconds"].items():
+                    seconds[name] = seconds.get(name, 0.0) + s
+            nproc = runs[0]["cpu"]["nproc"]
+            machine = sum(c["cpu"]["machine_s"] for c in runs)
+            per[str(n)] = {
+                "runs": len(runs),
+                "gen_per_s": round(succeeded / elapsed, 2) if elapsed else None,
+                "gen_per_s_each": [c["gen_per_s"] for c in runs],
+                "mid80_each": [c["mid80_gen_per_s"] for c in runs],
+                "mid80_mean": mean_of([c["mid80_gen_per_s"] for c in runs]),
+                "cpu_pct_of_core": {k: round(100 * s / wall, 1) for k, s in seconds.items()},
+                "cpu_ms_per_gen": {k: round(1000 * s / succeeded, 1) for k, s in seconds.items()},
+                "machine_pct": round(100 * machine / (wall * nproc), 1),
+                "db_backends": db_waits(runs),
+            }
+        ratio = ratio_mid80 = None
+        if len(workers) >= 2 and str(workers[0]) in per and str(workers[-1]) in per:
+            first, last = per[str(workers[0])], per[str(workers[-1])]
+            low, high = first["gen_per_s"], last["gen_per_s"]
+            ratio = round(high / low, 3) if low else None
+            low, high = first["mid80_mean"], last["mid80_mean"]
+            ratio_mid80 = round(high / low, 3) if low and high else None
+        summary[mode] = {
+            "per_workers": per,
+            "ratio": ratio,
+            "ratio_mid80": ratio_mid80,
+            "ratio_of": f"{workers[-1]}/{workers[0]}" if len(workers) >= 2 else None,
+            "pass": None if ratio is None else ratio >= TARGET_RATIO,
+        }
+    return summary
+
+
+def db_waits(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean number of the database's client backends in each state, over every sample."""
+    samples = sum(c["db_waits"]["samples"] for c in runs)
+    counts: dict[str, int] = {}
+    for c in runs:
+        for key, n in c["db_waits"]["counts"].items():
+            counts[key] = counts.get(key, 0) + n
+    ordered = sorted(counts.items(), key=lambda kv: -kv[1])
+    return {k: round(n / samples, 3) for k, n in ordered} if samples else {}
+
+
+def mean_of(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.fmean(known), 2) if known else None
+
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print()
+    print("== genrelay scale-out benchmark (PostgreSQL) ==")
+    for key, value in report["machine"].items():
+        print(f"{key:>26}: {value}")
+    cases = report["cases"]
+    whole = [c for c in cases if c["mode"] == "whole"]
+    backlog = [c for c in cases if c["mode"] == "backlog"]
+    if whole:
+        print()
+        print("whole path: POST -> inline submit -> simulator -> callback -> store (worker)")
+        header = (
+            f"{'run':<14}{'ok':>5}{'err':>5}{'submit s':>10}{'intake/s':>10}{'tail s':>8}"
+            f"{'elapsed':>9}{'gen/s':>8}{'mid80':>8}{'e2e p50':>9}{'e2e p90':>9}"
+            f"{'store':>8}{'machine':>9}{'cb':>5}"
+        )
+        print(header)
+        print(f"{'':<14}{'':>5}{'':>5}{'':>10}{'':>10}{'':>8}{'s':>9}{'':>8}{'gen/s':>8}"
+              f"{'ms':>9}{'ms':>9}{'copy ms':>8}{'busy %':>9}{'409':>5}")  # fmt: skip
+        print("-" * len(header))
+        for c in whole:
+            print(
+                f"{c['label']:<14}{c['succeeded']:>5}{c['failed']:>5}"
+                f"{c['submit_phase_s']:>10.2f}{c['intake_per_s']:>10.1f}{c['tail_s']:>8.2f}"
+                f"{c['elapsed_s']:>9.2f}{fmt(c['gen_per_s']):>8}{fmt(c['mid80_gen_per_s']):>8}"
+                f"{fmt(c['phases_p50_ms']['post_to_succeeded'], '.0f'):>9}"
+                f"{fmt(c['post_to_succeeded_p90_ms'], '.0f'):>9}"
+                f"{fmt(c['store_copy_ms_p50']):>8}{c['cpu']['machine_pct']:>9.0f}"
+                f"{c['callbacks']['callbacks_failed']:>5}"
+            )
+        print()
+        print("  medians per generation, ms: inline submit / upstream + callback / store")
+        for c in whole:
+            p = c["phases_p50_ms"]
+            print(
+                f"  {c['label']:<14}{fmt(p['inline_submit'], '.0f'):>6} / "
+                f"{fmt(p['upstream_and_callback'], '.0f'):>6} / "
+                f"{fmt(p['store_wait_and_copy'], '.0f'):>6}   "
+                f"intake p50 {c['intake_latency']['p50_ms']:.0f} ms, "
+                f"p99 {c['intake_latency']['p99_ms']:.0f} ms"
+            )
+    if backlog:
+        print()
+        print("backlog drain: G store tasks pending (intake and callbacks done), workers released")
+        header = (
+            f"{'run':<14}{'ok':>5}{'err':>5}{'intake/s':>10}{'backlog':>10}{'drain s':>9}"
+            f"{'gen/s':>8}{'mid80':>8}{'store':>9}{'machine':>9}{'cb':>5}"
+        )
+        print(header)
+        print(f"{'':<14}{'':>5}{'':>5}{'(no wkr)':>10}{'store+poll':>10}{'':>9}{'':>8}"
+              f"{'gen/s':>8}{'copy ms':>9}{'busy %':>9}{'409':>5}")  # fmt: skip
+        print("-" * len(header))
+        for c in backlog:
+            print(
+                f"{c['label']:<14}{c['succeeded']:>5}{c['failed']:>5}{c['intake_per_s']:>10.1f}"
+                f"{c['backlog_by_kind']['store']:>6}+{c['backlog_by_kind']['poll']:<3}"
+                f"{c['elapsed_s']:>9.2f}{fmt(c['gen_per_s']):>8}"
+                f"{fmt(c['mid80_gen_per_s']):>8}{fmt(c['store_copy_ms_p50']):>9}"
+                f"{c['cpu']['machine_pct']:>9.0f}{c['callbacks']['callbacks_failed']:>5}"
+            )
+    print()
+    print("tasks at the end of each run (kind status: count)")
+    for c in cases:
+        print(f"  {c['label']:<14}" + ", ".join(f"{k}: {n}" for k, n in c["tasks"].items()))
+    summary = report["summary"]
+    print()
+    print(f"pooled over the repeats (all generations / summed elapsed); target >= {TARGET_RATIO}x")
+    for mode in MODES:
+        s = summary.get(mode)
+        if not s or not s["per_workers"]:
+            continue
+        rates = ", ".join(
+            f"{n} worker{'s' if n != '1' else ''} {v['gen_per_s']:.1f} gen/s "
+            f"(runs: {', '.join(fmt(x) for x in v['gen_per_s_each'])})"
+            for n, v in s["per_workers"].items()
+        )
+        verdict = "" if s["ratio"] is None else ("PASS" if s["pass"] else "FAIL")
+        print(f"  {mode:<8} {rates}; {s['ratio_of'] or ''} = {fmt(s['ratio'], '.2f')}x {verdict}")
+        mid = ", ".join(f"{n}w {fmt(v['mid80_mean'])}" for n, v in s["per_workers"].items())
+        mid_verdict = ""
+        if s["ratio_mid80"] is not None:
+            mid_verdict = "PASS" if s["ratio_mid80"] >= TARGET_RATIO else "FAIL"
+        print(
+            f"  {'':<8} mid80 (10th to 90th percentile of completions, mean of runs): {mid}; "
+            f"{fmt(s['ratio_mid80'], '.2f')}x {mid_verdict}"
+        )
+    print()
+    print("CPU in the measured window, pooled: % of one core (CPU ms per generation)")
+    columns = [
+        (mode, n, v)
+        for mode in MODES
+        for n, v in summary.get(mode, {}).get("per_workers", {}).items()
+    ]
+    if columns:
+        names: list[str] = []
+        for _, _, v in columns:
+            names += [k for k in v["cpu_pct_of_core"] if k not in names]
+        print(f"{'':<20}" + "".join(f"{f'{mode} {n}w':>18}" for mode, n, _ in columns))
+        for name in names:
+            cells = []
+            for _, _, v in columns:
+                pct, ms = v["cpu_pct_of_core"].get(name), v["cpu_ms_per_gen"].get(name)
+                cells.append("-" if pct is None else f"{pct:.0f} % ({ms:.1f})")
+            print(f"{name:<20}" + "".join(f"{c:>18}" for c in cells))
+        nproc = cases[0]["cpu"]["nproc"] if cases else 0
+        busy = [f"{v['machine_pct']:.0f} % of {nproc}" for _, _, v in columns]
+        print(f"{'machine busy':<20}" + "".join(f"{cell:>18}" for cell in busy))
+    if cases:
+        print()
+        print("busiest processes that are not this benchmark's, CPU s in each run's window")
+        for c in cases:
+            others = ", ".join(f"{name} {sec:.2f}" for name, sec in c["cpu"]["others"].items())
+            print(f"  {c['label']:<14}{others or '-'}")
+    if columns:
+        print()
+        print(
+            "PostgreSQL client backends of the run's database, sampled every 50 ms: mean number "
+            "in each state"
+        )
+        states: list[str] = []
+        for _, _, v in columns:
+            states += [k for k in v["db_backends"] if k not in states]
+        print(f"{'':<36}" + "".join(f"{f'{mode} {n}w':>12}" for mode, n, _ in columns))
+        for state in states:
+            cells = [fmt(v["db_backends"].get(state), ".2f") for _, _, v in columns]
+            print(f"{state[:36]:<36}" + "".join(f"{cell:>12}" for cell in cells))
+    noisy = {c["label"]: c["logs"] for c in cases if c["logs"]}
+    if noisy:
+        print()
+        for label, logs in noisy.items():
+            for name, scan in logs.items():
+                print(f"{label} {name} log: {scan['counts']}")
+                for kind, lines in scan["samples"].items():
+                    for line in lines[:2]:
+                        print(f"    [{kind}] {line}")
+    print(f"\nmeasuring took {report['seconds']} s")
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def pg_setting(text: str) -> tuple[str, str]:
+    name, _, value = text.partition("=")
+    if not re.fullmatch(r"[a-z_]+", name) or not re.fullmatch(r"[A-Za-z0-9_.]+", value):
+        raise argparse.ArgumentTypeError(f"not NAME=VALUE (a PostgreSQL setting): {text!r}")
+    return name, value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--generations", type=int, default=400, help="per run (400)")
+    parser.add_argument("--concurrency", type=int, default=16, help="client threads (16)")
+    parser.add_argument(
+        "--workers",
+        type=lambda text: [int(part) for part in text.split(",") if part.strip()],
+        default=[1, 2],
+        help="worker process counts to compare, e.g. 1,2 (default); the ratio is last/first",
+    )
+    parser.add_argument("--threads", type=int, default=4, help="genrelay worker --threads (4)")
+    parser.add_argument(
+        "--worker-poll-interval",
+        type=float,
+        default=0.1,
+        help="genrelay worker --poll-interval (0.1; genrelay's default is 0.5)",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="runs per mode and count (2)")
+    parser.add_argument(
+        "--modes",
+        type=lambda text: [part for part in text.split(",") if part.strip()],
+        default=list(MODES),
+        help="whole,backlog (default both)",
+    )
+    parser.add_argument(
+        "--reconcile-after",
+        type=float,
+        default=2.0,
+        help="GENRELAY_RECONCILE_AFTER: seconds before a generation's poll task is due (2)",
+    )
+    parser.add_argument(
+        "--pg-set",
+        action="append",
+        default=[],
+        type=pg_setting,
+        metavar="NAME=VALUE",
+        help="ALTER DATABASE ... SET NAME = VALUE on each run's database, for experiments "
+        "(e.g. synchronous_commit=off); repeatable; none by default",
+    )
+    parser.add_argument("--image-size", type=int, default=256, help="result width=height (256)")
+    parser.add_argument("--web-processes", type=int, default=2, help="GENRELAY_WEB_PROCESSES")
+    parser.add_argument("--web-threads", type=int, default=8, help="GENRELAY_WEB_THREADS")
+    parser.add_argument(
+        "--postgres-url",
+        default=DEFAULT_POSTGRES_URL,
+        help="an existing database used only to CREATE/DROP DATABASE (loopback only)",
+    )
+    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--log-dir", type=Path, help="keep the process logs here")
+    args = parser.parse_args(argv)
+    for name in ("generations", "concurrency", "threads", "repeats", "web_processes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.workers or min(args.workers) < 1:
+        parser.error("--workers needs counts of at least 1")
+    if set(args.modes) - set(MODES) or not args.modes:
+        parser.error(f"--modes takes {', '.join(MODES)}")
+    if not 16 <= args.image_size <= 4096:
+        parser.error("--image-size must be between 16 and 4096")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    facts = machine_facts()
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="genrelay-bench-") as tmp:
+        tmp_dir = Path(tmp)
+        log_dir = args.log_dir or tmp_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        shared = Processes(log_dir)
+        # Memory backend: the results are small (a 256x256 PNG is about 20 KB).
+        gcs = FakeGcsServer(backend="memory", log_path=log_dir / "gcs.log")
+        stop = threading.Event()
+        cases: list[dict[str, Any]] = []
+        try:
+            try:
+                gcs.start()
+                gcs.create_bucket(BUCKET)
+                sim_url = start_simulator(shared, base_env(), SIM_PROCESSING_TIME)
+                with Database(args.postgres_url) as admin:
+                    facts["postgres"] = admin.settings()
+                ctx = Context(args, tmp_dir, log_dir, shared, gcs, sim_url, stop)
+                for repeat in range(1, args.repeats + 1):
+                    order = args.workers if repeat % 2 else list(reversed(args.workers))
+                    for mode in args.modes:
+                        for workers in order:
+                            cases.append(run_case(ctx, mode, workers, repeat))
+                            shared.check_alive()
+            finally:
+                stop.set()
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the clean-up
+                shared.stop_all()
+                gcs.stop()
+        except BENCH_ERRORS as exc:
+            print(f"\nbenchmark failed: {exc}\n\n{shared.logs()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\ninterrupted; every process stopped, databases dropped", file=sys.stderr)
+            return 130
+    facts.update(
+        {
+            "path": "POST /v1/generations -> inline submit -> simulator -> callback -> store",
+            "simulator": f"--processing-time {SIM_PROCESSING_TIME} --concurrency-limit 1000000",
+            "result image": f"{args.image_size}x{args.image_size} PNG (text-only input)",
+            "fake_gcs": "fake-gcs-server, memory backend",
+            "serve": f"genrelay serve, {args.web_processes} processes x {args.web_threads} "
+            f"threads, GENRELAY_RATE_LIMIT=0, GENRELAY_RECONCILE_AFTER={args.reconcile_after:g}",
+            "workers": f"genrelay worker --threads {args.threads} --poll-interval "
+            f"{args.worker_poll_interval}, counts {args.workers}",
+            "load": f"{args.generations} generations per run, {args.concurrency} client threads",
+            "repeats": f"{args.repeats}, each on a fresh database",
+            "database settings": ", ".join(f"{n}={v}" for n, v in args.pg_set) or "server's",
+        }
+    )
+    report = {
+        "machine": facts,
+        "cases": cases,
+        "summary": summarize(cases, args.workers),
+        "seconds": round(time.monotonic() - began, 1),
+    }
+    print_report(report)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nJSON report: {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
