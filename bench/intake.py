@@ -569,6 +569,27 @@ def run(
     db_desc: str,
     stop: threading.Event,
 ) -> dict[str, Any]:
+    """Measure with a GCS emulator running: genrelay needs a bucket to be ready (/readyz)."""
+    from service.gcs_emulator import FakeGcsServer
+
+    with FakeGcsServer(backend="memory") as gcs:
+        gcs.create_bucket(BENCH_BUCKET)
+        return _run(args, processes, tmp_dir, db_url, db_desc, stop, gcs_url=gcs.url)
+
+
+BENCH_BUCKET = "genrelay-bench"
+
+
+def _run(
+    args: argparse.Namespace,
+    processes: Processes,
+    tmp_dir: Path,
+    db_url: str,
+    db_desc: str,
+    stop: threading.Event,
+    *,
+    gcs_url: str,
+) -> dict[str, Any]:
     sim_port, genrelay_port, forwarder_port = free_port(), free_port(), free_port()
     sim_url = f"http://{LOOPBACK}:{sim_port}"
     genrelay_url = f"http://{LOOPBACK}:{genrelay_port}"
@@ -589,6 +610,9 @@ def run(
     genrelay_env = {
         **shared,
         "GENRELAY_DATABASE_URL": db_url,
+        "GENRELAY_GCS_BUCKET": BENCH_BUCKET,
+        "STORAGE_EMULATOR_HOST": gcs_url,
+        "GENRELAY_RATE_LIMIT": "0",
         "PORT": str(genrelay_port),
         "XDG_RUNTIME_DIR": str(runtime["genrelay"]),
     }
