@@ -19,7 +19,7 @@ from service.config import Config
 from service.deepimage import DeepImageClient, PermanentUpstreamError, TransientUpstreamError
 from service.domain import ErrorCode, GenerationStatus
 from service.errors import Conflict, NotFound, Unauthorized
-from service.lifecycle import fail_generation
+from service.lifecycle import change_status, fail_generation
 from service.models import Generation, utcnow
 from service.results import STORE
 from service.store import Store
@@ -96,9 +96,18 @@ class CompletionService:
                 raise NotFound(f"no generation {generation_id!r}")
             if GenerationStatus(generation.status).is_terminal:
                 return CallbackOutcome.IGNORED
-            if generation.upstream_job != callback.job:
-                # Also when no job is recorded yet (the callback overtook our own commit):
-                # polling picks the result up after GENRELAY_RECONCILE_AFTER.
+            if generation.upstream_job is None and generation.status == GenerationStatus.QUEUED:
+                # The callback overtook the commit of our own submit (a fast job): the URL's
+                # token says which generation it is for, so its job is recorded from here.
+                change_status(
+                    session,
+                    generation_id,
+                    GenerationStatus.PROCESSING,
+                    now=now,
+                    upstream_job=callback.job,
+                    submitted_at=now,
+                )
+            elif generation.upstream_job != callback.job:
                 raise Conflict(f"job {callback.job!r} is not this generation's upstream job")
             if not record_source(session, self.queue, generation_id, callback.result_url, now=now):
                 return CallbackOutcome.DUPLICATE

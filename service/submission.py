@@ -68,8 +68,9 @@ class SubmitHandler:
                     session, POLL, {"delay": delay}, generation_id=task.generation_id, delay=delay
                 )
         if not moved:
-            # Canceled while the request was in flight. Deep-Image documents no way to cancel
-            # a job, so its result will simply be ignored when it arrives.
+            # Canceled while the request was in flight (Deep-Image documents no way to cancel
+            # a job: its result is ignored when it arrives), or the job's callback came first
+            # and recorded the job itself (service/completion.py).
             log.info(
                 "generation %s left queued before job %s was recorded", task.generation_id, job.job
             )

@@ -396,3 +396,27 @@ def test_a_result_is_shown_with_a_signed_url_where_the_credentials_can_sign(
     assert listed["url"].startswith("https://")
     services.deepimage.close()
     services.downloads.close()
+
+
+def test_a_callback_that_overtakes_the_submit_records_the_job_itself(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    services, client, auth = make_client(callback_config(config))
+    set_simulator(simulator.url, upstream_error_rate=1.0)
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    assert (generation["status"], generation["upstream"]["job"]) == ("queued", None)
+    set_simulator(simulator.url, upstream_error_rate=0.0)
+    # The job Deep-Image made for it, whose callback beat genrelay's own commit of the job id.
+    job = requests.post(
+        f"{simulator.url}/rest_api/process",
+        json=TEXT_ONLY,
+        headers={"x-api-key": SIMULATOR_KEY},
+        timeout=5,
+    ).json()["job"]
+    overtaking = {**generation, "upstream": {"job": job}}
+    response = call_back(client, overtaking, wait_until_complete(simulator, job))
+    assert (response.status_code, response.json) == (200, {"outcome": "accepted"})
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (done["status"], done["upstream"]["job"]) == ("succeeded", job)
+    assert len(objects(services)) == 1
