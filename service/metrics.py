@@ -13,6 +13,9 @@ Two kinds:
 from __future__ import annotations
 
 import os
+import threading
+import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,12 +63,30 @@ TASK_OUTCOMES = Counter(
 
 
 class DatabaseCollector:
-    """Gauges computed from the database on each scrape."""
+    """Gauges computed from the database, at most every CACHE_SECONDS per process.
+
+    Counting a million-row table takes tens of milliseconds; scrapes come every 15-60 s from
+    each scraper, and gauges a few seconds old are as good.
+    """
+
+    CACHE_SECONDS = 15.0
+    # Per engine (weakly held: a disposed engine's entry goes with it), per process.
+    _cache: weakref.WeakKeyDictionary[Any, tuple[float, list[Metric]]] = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
+        key = self.store.engine
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is None or time.monotonic() - cached[0] > self.CACHE_SECONDS:
+                cached = (time.monotonic(), list(self._query()))
+                self._cache[key] = cached
+        yield from cached[1]
+
+    def _query(self) -> Iterator[Metric]:
         generations = GaugeMetricFamily(
             "genrelay_generations", "Generations by status.", labels=["status"]
         )
