@@ -97,6 +97,42 @@ def deliveries(reports: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def scale(report: dict[str, Any], out: Path) -> None:
+    """Generations/s with 1 and 2 worker processes, whole path and backlog drain."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    summary = report["summary"]
+    labels = ["whole path", "backlog drain"]
+    pairs = [
+        (
+            summary[case]["per_workers"]["1"]["gen_per_s"],
+            summary[case]["per_workers"]["2"]["gen_per_s"],
+        )
+        for case in ("whole", "backlog")
+    ]
+    _bars(ax, labels, pairs, ("1 worker", "2 workers"), "generations/s")
+    ax.set_title("scale-out on PostgreSQL (2 cores, shared)")
+    fig.tight_layout()
+    fig.savefig(out / "scale.png", dpi=120)
+    plt.close(fig)
+
+
+def large_table(report: dict[str, Any], out: Path) -> None:
+    """Latency on an empty database next to one with 1 M generations and 100 k tasks."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    summary = report["summary"]
+    labels, pairs = [], []
+    for operation in ("intake", "list", "read"):
+        targets = summary[operation]["per_target"]
+        for quantile in ("p50_ms", "p99_ms"):
+            labels.append(f"{operation}\n{quantile[:3]}")
+            pairs.append((targets["large"][quantile], targets["empty"][quantile]))
+    _bars(ax, labels, pairs, ("1 M generations", "empty"), "ms")
+    ax.set_title("latency with large tables (PostgreSQL)")
+    fig.tight_layout()
+    fig.savefig(out / "large-table.png", dpi=120)
+    plt.close(fig)
+
+
 def _load(directory: Path, name: str) -> dict[str, Any] | None:
     path = directory / f"{name}.json"
     if not path.exists():
@@ -115,6 +151,8 @@ def main(argv: list[str]) -> int:
         (["intake-sqlite", "intake-postgresql"], intake, True),
         (["completion"], completion, False),
         (["deliveries-sqlite", "deliveries-postgresql"], deliveries, True),
+        (["scale"], scale, False),
+        (["large-table"], large_table, False),
     ]
     for names, draw, by_database in plots:
         loaded = {n.rsplit("-", 1)[-1]: r for n in names if (r := _load(source, n))}
