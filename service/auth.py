@@ -9,6 +9,7 @@ import uuid
 import sqlalchemy as sa
 
 from service.models import ApiKey, Tenant
+from service.signing import new_secret
 from service.store import Store
 
 KEY_PREFIX = "gr_"
@@ -32,7 +33,7 @@ class ApiKeys:
             tenant_id = session.scalar(sa.select(Tenant.id).where(Tenant.name == tenant_name))
             if tenant_id is None:
                 tenant_id = "ten_" + uuid.uuid4().hex
-                session.add(Tenant(id=tenant_id, name=tenant_name))
+                session.add(Tenant(id=tenant_id, name=tenant_name, webhook_secret=new_secret()))
                 session.flush()
             session.add(
                 ApiKey(

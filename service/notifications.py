@@ -144,9 +144,22 @@ def render_body(
 
 
 def tenant_webhook_secret(session: Session, tenant_id: str) -> str:
-    """The secret that signs per-request `webhook` deliveries; created on first use."""
-    tenant = session.get(Tenant, tenant_id, with_for_update=True)
-    assert tenant is not None
-    if tenant.webhook_secret is None:
-        tenant.webhook_secret = new_secret()
-    return tenant.webhook_secret
+    """The secret that signs per-request `webhook` deliveries; created on first use.
+
+    Called with every event that has a webhook target, so it takes no lock on the tenant's
+    row: locking it there made concurrent status changes of one tenant deadlock (the soak
+    test found it). Tenants get their secret at creation; older ones on first use, by a
+    conditional UPDATE that only one transaction can win.
+    """
+    current = sa.select(Tenant.webhook_secret).where(Tenant.id == tenant_id)
+    secret = session.scalar(current)
+    if secret is None:
+        session.execute(
+            sa.update(Tenant)
+            .where(Tenant.id == tenant_id, Tenant.webhook_secret.is_(None))
+            .values(webhook_secret=new_secret())
+            .execution_options(synchronize_session=False)
+        )
+        secret = session.scalar(current)
+    assert secret is not None
+    return secret

@@ -328,3 +328,36 @@ def test_tenants_see_only_their_own_notifications(api: Any, receiver_factory: An
         client.get("/v1/webhooks/default/secret", headers=other).json["secret"]
         != (client.get("/v1/webhooks/default/secret", headers=auth).json["secret"])
     )
+
+
+def test_status_changes_take_no_lock_on_the_tenant_row(
+    api: Any, receiver_factory: Any, database_url: str
+) -> None:
+    """A lock there made concurrent status changes of one tenant deadlock (found by the soak)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("row locks are a PostgreSQL matter; SQLite locks the whole database")
+    import threading
+
+    _services, client, auth = api
+    receiver = receiver_factory()
+    generation = generate(client, auth, webhook=receiver.url)
+    engine = sa.create_engine(database_url)
+    done = threading.Event()
+    with engine.connect() as blocker:
+        # As another transaction updating the row (FK checks on tenant_id take KEY SHARE, which
+        # does not conflict with this; the FOR UPDATE the deadlock came from does).
+        blocker.execute(sa.text("SELECT id FROM tenants FOR NO KEY UPDATE"))
+
+        def cancel() -> None:
+            client.post(f"/v1/generations/{generation['id']}/cancel", headers=auth)
+            done.set()
+
+        thread = threading.Thread(target=cancel)
+        thread.start()
+        finished = done.wait(timeout=10)
+        blocker.rollback()
+        thread.join(timeout=10)
+    engine.dispose()
+    assert finished, "the status change waited for the tenant row's lock"
+    event = client.get(f"/v1/events?generation_id={generation['id']}", headers=auth).json
+    assert event["data"][0]["type"] == "generation.canceled"
