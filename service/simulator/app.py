@@ -13,7 +13,7 @@ import logging
 import math
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from service.simulator.errors import SimulatorError, bad_request
@@ -27,6 +27,8 @@ EXTENSION_KEY = "genrelay_simulator"
 # Upper bound of a request body; multipart uploads of real photos fit easily.
 MAX_CONTENT_LENGTH = 64 * 1024 * 1024
 FILE_PARTS = ("fileName", "image")  # the spec's part name first, then the one real code uses
+# Endpoints (view names) whose answers the timeout_rate fault may hold back.
+TIMEOUT_ENDPOINTS = frozenset({"process", "result"})
 
 
 def get_engine(app: Flask | None = None) -> SimulatorEngine:
@@ -179,10 +181,25 @@ def _register_hooks(app: Flask) -> None:
             # An Event wait rather than sleep, so shutting down does not wait it out.
             engine.stopping.wait(latency)
 
+    @app.before_request
+    def draw_timeout() -> None:
+        if request.endpoint in TIMEOUT_ENDPOINTS:
+            # Drawn before the call is handled; the answer (whatever it is) waits in
+            # hold_answer, so a held process call has still created its job.
+            g.sim_hold_seconds = get_engine().injected_timeout()
+
     @app.after_request
     def count_response(response: Response) -> Response:
         if request.path.startswith("/rest_api/"):
             get_engine().record_response(response.status_code)
+        return response
+
+    @app.after_request
+    def hold_answer(response: Response) -> Response:
+        hold = g.get("sim_hold_seconds")
+        if hold:
+            # An Event wait rather than sleep, so shutting down does not wait it out.
+            get_engine().stopping.wait(hold)
         return response
 
     @app.errorhandler(SimulatorError)

@@ -4,7 +4,8 @@ A job's status is a function of the clock (received, in_progress, then complete 
 due time), so polling always sees a consistent state even if the background thread lags: a due
 job is finalised by whichever comes first, the scheduler thread or a request looking at it.
 Every random draw happens at submission, under the lock, so a seeded run is reproducible no
-matter how threads interleave.
+matter how threads interleave; the one exception is the opt-in timeout fault (`timeout_rate`),
+which also draws for each result call as it arrives.
 """
 
 from __future__ import annotations
@@ -255,6 +256,19 @@ class SimulatorEngine:
             503: ("SERVICE_UNAVAILABLE", "Service temporarily unavailable."),
         }[status]
         return SimulatorError(status, message, code)
+
+    def injected_timeout(self) -> float | None:
+        """Draw the timeout_rate fault for one call: seconds to hold its answer, or None.
+
+        Nothing is drawn while the rate is 0, so seeded runs without this fault repeat the
+        same draws as before it existed.
+        """
+        with self._lock:
+            settings = self._settings
+            if settings.timeout_rate <= 0 or self._rng.random() >= settings.timeout_rate:
+                return None
+            self._stats["injected_timeouts"] += 1
+            return settings.timeout_seconds
 
     def submit(self, account: str, request: ProcessRequest, endpoint: str, base_url: str) -> Job:
         """Create a job or raise the 400 (credits) / 429 (limit) the upstream would answer."""
@@ -597,6 +611,7 @@ class SimulatorEngine:
                 "concurrency_rejections",
                 "injected_rate_limits",
                 "injected_upstream_errors",
+                "injected_timeouts",
             )
             stats: dict[str, Any] = {name: self._stats[name] for name in names}
             stats["jobs_active"] = sum(len(p) for p in self._pending.values())

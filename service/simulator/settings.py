@@ -31,6 +31,8 @@ KNOB_KINDS: dict[str, KnobKind] = {
     "callback_timeout": "float",
     "duplicate_callback_rate": "float",
     "lost_callback_rate": "float",
+    "timeout_rate": "float",
+    "timeout_seconds": "float",
     "send_failure_callbacks": "bool",
     "account_webhook_url": "str?",
     "max_pixels_side": "int",
@@ -48,12 +50,14 @@ _RATES = (
     "rate_limit_rate",
     "duplicate_callback_rate",
     "lost_callback_rate",
+    "timeout_rate",
 )
 _NON_NEGATIVE = (
     "latency",
     "processing_time",
     "process_result_wait",
     "callback_delay",
+    "timeout_seconds",
     "concurrency_limit",
     "result_padding_bytes",
     "credits",
@@ -88,6 +92,12 @@ class SimulatorSettings:
     duplicate_callback_rate: float = 0.0
     # Fraction of webhooks never sent (the result can still be polled).
     lost_callback_rate: float = 0.0
+    # Fraction of POST /rest_api/process and GET /rest_api/result/<job> calls whose answer is
+    # held back `timeout_seconds` (the call itself is handled normally: a held process call
+    # has created its job), so a client with a shorter read timeout sees a timeout.
+    timeout_rate: float = 0.0
+    # How long a call drawn by timeout_rate is held before its answer goes out.
+    timeout_seconds: float = 5.0
     # Whether failed jobs also fire the webhook (the docs only describe "complete").
     send_failure_callbacks: bool = False
     # Account-level webhook (set up by Deep-Image staff in reality); used when a request has none.
