@@ -27,7 +27,17 @@ from hypothesis import settings
 from service.config import Config
 
 # The fuzz run needs one database, not the SQLite + PostgreSQL pair conftest gives.
-pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+# Hypothesis warns when the global `random` state changes while it draws a case. The app
+# under test runs background threads (task and HTTP libraries with retry jitter) that may
+# touch it meanwhile: harmless to what is checked here, and only a matter of replay.
+_RANDOM_IN_STRATEGY = pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies"
+    ":hypothesis.errors.HypothesisDeprecationWarning"
+)
+pytestmark = [
+    pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
+    _RANDOM_IN_STRATEGY,
+]
 
 PROBLEM = "application/problem+json"
 CALLBACKS = "^/v1/callbacks/"
