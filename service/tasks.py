@@ -214,6 +214,25 @@ class TaskQueue:
             task, status=TaskStatus.DONE, finished_at=now, claim_token=None, lease_expires_at=None
         )
 
+    def out_of_retries(self, task: ClaimedTask) -> bool:
+        """True when a failed attempt should be the last: out of attempts, or too old."""
+        policy = self.policy(task.kind)
+        next_run = self.clock() + dt.timedelta(seconds=policy.backoff(task.attempts, self.rng))
+        too_old = (next_run - task.created_at).total_seconds() > policy.max_age
+        return task.attempts >= task.max_attempts or too_old
+
+    def defer(self, task: ClaimedTask, delay: float, error: str) -> TaskStatus | None:
+        """Hand a task back to run after `delay`, its attempts unchanged."""
+        held = self._update_held(
+            task,
+            status=TaskStatus.PENDING,
+            run_at=self.clock() + dt.timedelta(seconds=delay),
+            last_error=error[:2000],
+            claim_token=None,
+            lease_expires_at=None,
+        )
+        return TaskStatus.PENDING if held else None
+
     def retry_later(self, task: ClaimedTask, error: str) -> TaskStatus | None:
         """Reschedule after a failed attempt, or mark dead once out of attempts or age.
 

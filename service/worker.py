@@ -14,6 +14,10 @@ from service.tasks import ClaimedTask, TaskQueue, TaskStatus
 log = logging.getLogger("genrelay.worker")
 
 
+# Wait before trying again to record a dead task's outcome, after that failed.
+RECORD_OUTCOME_RETRY = 30.0
+
+
 class RetryableError(Exception):
     """The attempt failed for a reason that may pass (network, 5xx, 429): try again later."""
 
@@ -78,25 +82,30 @@ class TaskRunner:
         return TaskStatus.DONE if self.queue.complete(task) else None
 
     def _retry(self, handler: TaskHandler, task: ClaimedTask, error: str) -> TaskStatus | None:
-        outcome = self.queue.retry_later(task, error)
-        if outcome is TaskStatus.DEAD:
-            self._exhausted(handler, task, error)
-        return outcome
+        if self.queue.out_of_retries(task):
+            return self._give_up(handler, task, error)
+        return self.queue.retry_later(task, error)
 
     def _give_up(self, handler: TaskHandler, task: ClaimedTask, error: str) -> TaskStatus | None:
-        outcome = self.queue.give_up(task, error)
-        if outcome is TaskStatus.DEAD:
-            self._exhausted(handler, task, error)
-        return outcome
+        """Record the outcome on what the task served, then mark it dead.
 
-    def _exhausted(self, handler: TaskHandler, task: ClaimedTask, error: str) -> None:
+        In that order: if recording fails (e.g. the database is briefly away), the task stays
+        pending and comes back, over its attempts, to this point — a dead task whose outcome
+        was never recorded would leave its generation waiting forever.
+        """
         log.error(
             "task %s (%s) is dead after %d attempts: %s", task.id, task.kind, task.attempts, error
         )
         try:
             handler.on_exhausted(task, error)
         except Exception:
-            log.exception("task %s (%s): recording the dead outcome failed", task.id, task.kind)
+            log.exception(
+                "task %s (%s): recording the dead outcome failed; trying again later",
+                task.id,
+                task.kind,
+            )
+            return self.queue.defer(task, RECORD_OUTCOME_RETRY, error)
+        return self.queue.give_up(task, error)
 
 
 class Worker:

@@ -280,3 +280,37 @@ def test_a_claim_never_takes_more_than_its_limit(store: Store, limit: int) -> No
             sa.select(sa.func.count()).select_from(Task).where(Task.status == "running")
         )
     assert running == limit
+
+
+class FlakyExhaustionHandler(RecordingHandler):
+    """Fails every run; recording the dead outcome fails the first time."""
+
+    def __init__(self) -> None:
+        super().__init__(RetryableError("down"))
+        self.recording_failures = 1
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        if self.recording_failures:
+            self.recording_failures -= 1
+            raise RuntimeError("database briefly away")
+        super().on_exhausted(task, error)
+
+
+def test_a_task_whose_outcome_could_not_be_recorded_comes_back_until_it_is(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    handler = FlakyExhaustionHandler()
+    runner = TaskRunner(queue, {"job": handler})
+    task_id = enqueue(queue)
+    for _ in range(3):  # max_attempts 3: the third failure is the last
+        clock.advance(1000)
+        [task] = queue.claim_due_tasks()
+        outcome = runner.execute(task)
+    assert outcome is TaskStatus.PENDING  # not dead: nobody has recorded the outcome yet
+    assert handler.exhausted == []
+    clock.advance(60)
+    [again] = queue.claim_due_tasks()
+    assert runner.execute(again) is TaskStatus.DEAD
+    assert [tid for tid, _ in handler.exhausted] == [task_id]
+    assert len(handler.runs) == 3  # the work itself was not run again
+    assert row(queue.store, task_id).status == TaskStatus.DEAD
