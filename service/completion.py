@@ -1,7 +1,8 @@
 """How a generation learns its upstream job is done: Deep-Image's callback, or polling.
 
-Both paths end in `record_source`, which stores the result URL once and enqueues the `store`
-task in the same transaction; whichever path comes second finds it set and does nothing.
+Both paths end in `record_source`, which stores the result URL once, enqueues the `store`
+task and retires the pending `poll` task in the same transaction; whichever path comes second
+finds the URL set and does nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def record_source(
     if getattr(result, "rowcount", 0) != 1:
         return False
     queue.enqueue(session, STORE, generation_id=generation_id)
+    # The fallback poll has nothing left to do: retire it rather than have a worker claim it.
+    queue.retire_pending(session, POLL, generation_id, "the result was found before it ran")
     return True
 
 

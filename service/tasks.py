@@ -151,6 +151,26 @@ class TaskQueue:
         session.add(task)
         return _claimed(task)
 
+    def retire_pending(self, session: Session, kind: str, generation_id: str, reason: str) -> int:
+        """Mark a generation's pending tasks of `kind` done, inside the caller's transaction.
+
+        For a task whose work another path has already done (a `poll` once the callback has
+        come): no worker needs to claim it just to find nothing to do. A task a worker holds
+        right now is left alone; its handler checks the state itself. Returns how many.
+        """
+        now = self.clock()
+        result = session.execute(
+            sa.update(Task)
+            .where(
+                Task.generation_id == generation_id,
+                Task.kind == kind,
+                Task.status == TaskStatus.PENDING,
+            )
+            .values(status=TaskStatus.DONE, finished_at=now, updated_at=now, last_error=reason)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
     def claim_due_tasks(
         self, limit: int = 1, kinds: Iterable[str] | None = None
     ) -> list[ClaimedTask]:

@@ -20,6 +20,7 @@ from service.app import create_app
 from service.blobstore import FakeBlobStore, crc32c_base64
 from service.bootstrap import Services, build_services
 from service.callbacks import callback_url
+from service.completion import POLL
 from service.config import Config
 from service.gcs_emulator import FakeGcsServer
 from service.models import Generation, Task, utcnow
@@ -148,6 +149,22 @@ def test_a_callback_is_stored_once_and_duplicates_are_no_ops(
     late = call_back(client, generation, result_url)
     assert (late.status_code, late.json) == (200, {"outcome": "ignored"})
     assert len(objects(services)) == 1
+
+
+def test_a_callback_retires_the_fallback_poll_so_no_worker_claims_it(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    services, client, auth = make_client(callback_config(config, reconcile_after=0.0))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    (poll,) = tasks_of(services, POLL)
+    assert (poll.status, poll.attempts) == ("pending", 0)  # due now: a worker could claim it
+    result_url = wait_until_complete(simulator, generation["upstream"]["job"])
+    assert call_back(client, generation, result_url).status_code == 200
+    (poll,) = tasks_of(services, POLL)
+    assert (poll.status, poll.attempts) == ("done", 0)
+    assert poll.last_error == "the result was found before it ran"
+    claimed = services.queue.claim_due_tasks(limit=10)
+    assert [task.kind for task in claimed] == [STORE]
 
 
 @pytest.mark.parametrize("token_of", ["nobody", "another generation"])
