@@ -1,18 +1,51 @@
-"""API keys: created per tenant, stored as SHA-256, looked up on every request."""
+"""API keys: created per tenant, stored as SHA-256, looked up on every request.
+
+Nothing caches a key's validity: every request reads the `api_keys` row, so a revoked key is
+refused from the next request on.
+"""
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
+import datetime as dt
 import hashlib
+import logging
 import secrets
 import uuid
 
 import sqlalchemy as sa
 
-from service.models import ApiKey, Tenant
+from service.models import ApiKey, Tenant, utcnow
 from service.signing import new_secret
 from service.store import Store
 
 KEY_PREFIX = "gr_"
+
+log = logging.getLogger("genrelay.auth")
+
+
+class UnknownApiKey(LookupError):
+    """No API key has the given id."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKeyInfo:
+    """What may be shown about a key: never the key itself nor its hash."""
+
+    id: str
+    tenant: str  # the tenant's name, as given to `create`
+    prefix: str
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Revocation:
+    """The outcome of `ApiKeys.revoke`: the key as it now is, and whether this call revoked it."""
+
+    key: ApiKeyInfo
+    already_revoked: bool
 
 
 def hash_api_key(key: str) -> str:
@@ -35,15 +68,52 @@ class ApiKeys:
                 tenant_id = "ten_" + uuid.uuid4().hex
                 session.add(Tenant(id=tenant_id, name=tenant_name, webhook_secret=new_secret()))
                 session.flush()
+            key_id = "key_" + uuid.uuid4().hex
+            prefix = key[: len(KEY_PREFIX) + 6]
             session.add(
-                ApiKey(
-                    id="key_" + uuid.uuid4().hex,
-                    tenant_id=tenant_id,
-                    key_hash=hash_api_key(key),
-                    prefix=key[: len(KEY_PREFIX) + 6],
-                )
+                ApiKey(id=key_id, tenant_id=tenant_id, key_hash=hash_api_key(key), prefix=prefix)
             )
+        # The id (what `revoke` takes) and the prefix identify the key without revealing it.
+        log.info("created API key %s (%s…) for tenant %s", key_id, prefix, tenant_name)
         return key
+
+    def list(self, tenant_name: str | None = None) -> builtins.list[ApiKeyInfo]:
+        """Every key (or `tenant_name`'s), active and revoked, by tenant then creation time."""
+        query = (
+            sa.select(ApiKey, Tenant.name)
+            .join(Tenant, Tenant.id == ApiKey.tenant_id)
+            .order_by(Tenant.name, ApiKey.created_at, ApiKey.id)
+        )
+        if tenant_name is not None:
+            query = query.where(Tenant.name == tenant_name)
+        with self.store.read() as session:
+            return [_info(key, name) for key, name in session.execute(query)]
+
+    def revoke(self, key_id: str) -> Revocation:
+        """Revoke the key `key_id` (once: a revoked key keeps its first revocation time).
+
+        Raises UnknownApiKey if no key has that id.
+        """
+        with self.store.transaction() as session:
+            # Conditional, so concurrent revocations agree on who revoked and when.
+            result = session.execute(
+                sa.update(ApiKey)
+                .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            revoked_now = getattr(result, "rowcount", 0) == 1
+            row = session.execute(
+                sa.select(ApiKey, Tenant.name)
+                .join(Tenant, Tenant.id == ApiKey.tenant_id)
+                .where(ApiKey.id == key_id)
+            ).one_or_none()
+        if row is None:
+            raise UnknownApiKey(key_id)
+        info = _info(*row)
+        if revoked_now:
+            log.info("revoked API key %s (%s…) of tenant %s", info.id, info.prefix, info.tenant)
+        return Revocation(key=info, already_revoked=not revoked_now)
 
     def tenant_for(self, key: str) -> str | None:
         """The tenant id owning an active `key`, or None."""
@@ -55,3 +125,13 @@ class ApiKeys:
                     ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None)
                 )
             )
+
+
+def _info(key: ApiKey, tenant_name: str) -> ApiKeyInfo:
+    return ApiKeyInfo(
+        id=key.id,
+        tenant=tenant_name,
+        prefix=key.prefix,
+        created_at=key.created_at,
+        revoked_at=key.revoked_at,
+    )

@@ -1,8 +1,14 @@
-"""The `genrelay` command: serve, worker, migrate, keys create, simulator, inbox, dev."""
+"""The `genrelay` command: serve, worker, migrate, keys, simulator, inbox, dev.
+
+`keys create TENANT` prints a new API key alone on stdout (its id goes to the log on stderr);
+`keys list [TENANT]` shows each key's id, tenant, prefix, creation time and state, never the
+key; `keys revoke KEY_ID` revokes a key by that id, refused from the next request on.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import os
 import signal
@@ -71,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     create = key_commands.add_parser("create", help="create a key; prints it alone on stdout")
     create.add_argument("tenant")
     create.set_defaults(run=_keys_create)
+    list_ = key_commands.add_parser(
+        "list", help="list keys (id, tenant, prefix, created, state); never the keys themselves"
+    )
+    list_.add_argument("tenant", nargs="?", help="only this tenant's keys")
+    list_.set_defaults(run=_keys_list)
+    revoke = key_commands.add_parser(
+        "revoke", help="revoke a key by the id `keys list` shows; refused from the next request"
+    )
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=_keys_revoke)
 
     commands.add_parser("simulator", help="run the Deep-Image simulator (--help for flags)")
     commands.add_parser("inbox", help="a local receiver that verifies and prints webhooks")
@@ -145,6 +161,47 @@ def _keys_create(args: argparse.Namespace) -> int:
         store.dispose()
     sys.stdout.write(key + "\n")
     return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from service.auth import ApiKeys
+    from service.store import Store
+
+    store = Store(Config.database_url_from_env())
+    try:
+        keys = ApiKeys(store).list(args.tenant)
+    finally:
+        store.dispose()
+    for key in keys:
+        state = "active" if key.revoked_at is None else f"revoked {_utc_iso(key.revoked_at)}"
+        fields = (key.id, key.tenant, key.prefix, _utc_iso(key.created_at), state)
+        sys.stdout.write("\t".join(fields) + "\n")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from service.auth import ApiKeys, UnknownApiKey
+    from service.store import Store
+
+    store = Store(Config.database_url_from_env())
+    try:
+        revocation = ApiKeys(store).revoke(args.key_id)
+    except UnknownApiKey:
+        print(f"genrelay: no API key has the id {args.key_id!r}", file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+    key = revocation.key
+    assert key.revoked_at is not None
+    verb = "was already revoked" if revocation.already_revoked else "revoked"
+    line = f"{key.id} ({key.tenant}, {key.prefix}…) {verb} at {_utc_iso(key.revoked_at)}"
+    sys.stdout.write(line + "\n")
+    return 0
+
+
+def _utc_iso(moment: dt.datetime) -> str:
+    """ISO 8601 in UTC to the second, e.g. 2025-01-31T12:00:00Z."""
+    return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _dev(args: argparse.Namespace) -> int:

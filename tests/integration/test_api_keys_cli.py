@@ -1,0 +1,175 @@
+"""`genrelay keys create|list|revoke` against a real database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from service.auth import hash_api_key
+from service.cli import main
+from service.models import ApiKey
+from service.store import Store
+
+ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def genrelay(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Callable[..., Run]]:
+    """Run the `genrelay` command in-process on the test database; its output, captured."""
+    monkeypatch.setenv("GENRELAY_DATABASE_URL", database_url)
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+
+    def run(*argv: str) -> Run:
+        capsys.readouterr()
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+
+    yield run
+    # The command sets up JSON logging on the (captured) stderr; give pytest its handlers back.
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+def create_key(genrelay: Callable[..., Run], tenant: str) -> str:
+    created = genrelay("keys", "create", tenant)
+    assert created.code == 0, created.err
+    return created.out.strip()
+
+
+def listed(genrelay: Callable[..., Run], *tenant: str) -> list[list[str]]:
+    result = genrelay("keys", "list", *tenant)
+    assert result.code == 0, result.err
+    return [line.split("\t") for line in result.out.splitlines()]
+
+
+def key_id(genrelay: Callable[..., Run], key: str) -> str:
+    """The id `keys list` shows for `key` (the line whose prefix the key starts with)."""
+    [row] = [row for row in listed(genrelay) if key.startswith(row[2])]
+    return row[0]
+
+
+def test_create_prints_the_key_alone_and_logs_its_id_on_stderr(
+    genrelay: Callable[..., Run],
+) -> None:
+    created = genrelay("keys", "create", "acme")
+    assert created.code == 0
+    key = created.out.strip()
+    assert created.out == key + "\n"
+    [log_line] = [
+        json.loads(line) for line in created.err.splitlines() if "created API key" in line
+    ]
+    [row] = listed(genrelay)
+    assert row[0] in log_line["message"]
+    assert key not in created.err
+    assert hash_api_key(key) not in created.err
+
+
+def test_list_shows_every_key_by_tenant_then_age_without_the_secret(
+    genrelay: Callable[..., Run], database_url: str
+) -> None:
+    keys = [create_key(genrelay, tenant) for tenant in ("globex", "acme", "acme")]
+    result = genrelay("keys", "list")
+    assert result.code == 0
+    rows = [line.split("\t") for line in result.out.splitlines()]
+    assert [row[1] for row in rows] == ["acme", "acme", "globex"]
+    # Each acme key in creation order, then globex's: matched by their prefixes.
+    assert [row[2] for row in rows] == [keys[1][:9], keys[2][:9], keys[0][:9]]
+    for row in rows:
+        key_id_, _tenant, prefix, created_at, state = row
+        assert key_id_.startswith("key_")
+        assert prefix.startswith("gr_")
+        assert re.fullmatch(ISO_UTC, created_at)
+        assert state == "active"
+    assert [row[3] for row in rows[:2]] == sorted(row[3] for row in rows[:2])
+    store = Store(database_url)
+    try:
+        with store.read() as session:
+            hashes = list(session.scalars(sa.select(ApiKey.key_hash)))
+    finally:
+        store.dispose()
+    for secret in [*keys, *hashes]:
+        assert secret not in result.out
+        assert secret not in result.err
+
+
+def test_list_filters_by_tenant(genrelay: Callable[..., Run]) -> None:
+    acme = create_key(genrelay, "acme")
+    create_key(genrelay, "globex")
+    [row] = listed(genrelay, "acme")
+    assert row[1] == "acme"
+    assert acme.startswith(row[2])
+    assert [row[1] for row in listed(genrelay, "globex")] == ["globex"]
+    assert listed(genrelay, "initech") == []
+
+
+def test_list_with_no_keys_prints_nothing_and_succeeds(genrelay: Callable[..., Run]) -> None:
+    assert genrelay("keys", "list") == Run(0, "", "")
+
+
+def test_a_revoked_key_is_refused_from_the_next_request(
+    genrelay: Callable[..., Run], client: Any
+) -> None:
+    key = create_key(genrelay, "acme")
+    auth = {"Authorization": f"Bearer {key}"}
+    assert client.get("/v1/generations", headers=auth).status_code == 200
+    revoked = genrelay("keys", "revoke", key_id(genrelay, key))
+    assert revoked.code == 0, revoked.err
+    assert "revoked at" in revoked.out
+    assert key not in revoked.out + revoked.err
+    response = client.get("/v1/generations", headers=auth)
+    assert response.status_code == 401
+    assert response.content_type == "application/problem+json"
+    [row] = listed(genrelay)
+    assert re.fullmatch(f"revoked {ISO_UTC}", row[4])
+
+
+def test_revoking_leaves_the_tenants_other_keys_working(
+    genrelay: Callable[..., Run], client: Any
+) -> None:
+    old, new = create_key(genrelay, "acme"), create_key(genrelay, "acme")
+    assert genrelay("keys", "revoke", key_id(genrelay, old)).code == 0
+    response = client.get("/v1/generations", headers={"Authorization": f"Bearer {new}"})
+    assert response.status_code == 200
+    states = {row[2]: row[4] for row in listed(genrelay, "acme")}
+    assert states[new[:9]] == "active"
+    assert states[old[:9]].startswith("revoked ")
+
+
+def test_revoking_twice_says_so_and_keeps_the_first_time(genrelay: Callable[..., Run]) -> None:
+    key_id_ = key_id(genrelay, create_key(genrelay, "acme"))
+    first = genrelay("keys", "revoke", key_id_)
+    [before] = listed(genrelay)
+    again = genrelay("keys", "revoke", key_id_)
+    assert again.code == 0, again.err
+    assert "already revoked" in again.out
+    assert "already" not in first.out
+    assert listed(genrelay) == [before]
+
+
+def test_revoking_an_unknown_id_fails_with_a_message_on_stderr(
+    genrelay: Callable[..., Run],
+) -> None:
+    create_key(genrelay, "acme")
+    result = genrelay("keys", "revoke", "key_doesnotexist")
+    assert result.code == 1
+    assert result.out == ""
+    assert "key_doesnotexist" in result.err
+    assert listed(genrelay)[0][4] == "active"
