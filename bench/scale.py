@@ -58,10 +58,22 @@ How to read the report
     Everything (client, web, workers, simulator, fake-gcs-server, PostgreSQL) shares this
     machine; the ratio says how genrelay scales *here*, the CPU table says what bounds it.
 
+Worker CPU cap (``--worker-cpu CORES``)
+    In production each worker process runs on an instance of its own (a Cloud Run instance
+    with 1 vCPU, say), so a second worker brings its own CPU. Here a second worker can only
+    take CPU from the web server, the simulator, fake-gcs-server and PostgreSQL, which share
+    the same two cores. With ``--worker-cpu 0.25`` each worker process is put in a cgroup of
+    its own limited to 0.25 core (CFS quota; ``_cpulimit.py``): a small "instance" per worker,
+    the rest of the stack keeping the remaining cores. The ratio then says whether worker
+    capacity adds up, i.e. whether anything in genrelay (the claim, locks, the database)
+    serializes the workers. The report prints, per worker, the share of 100 ms periods in
+    which it hit its cap: near 100 % means the workers were the bottleneck, as the
+    comparison needs. Needs root or a delegated cgroup (the option says why when it cannot).
+
 Run from the repository root:
 
     .venv/bin/python bench/scale.py [--generations 400] [--workers 1,2] [--threads 4]
-        [--repeats 2] [--json-out FILE] [--log-dir DIR]
+        [--repeats 2] [--worker-cpu CORES] [--json-out FILE] [--log-dir DIR]
 """
 
 from __future__ import annotations
@@ -82,6 +94,8 @@ from types import FrameType
 from typing import Any
 
 import requests
+from _cpulimit import CpuQuota, CpuQuotaError
+from _cpulimit import available as quotas_available
 from _stack import (
     BENCH_ERRORS,
     CLIENT_TIMEOUT,
@@ -162,6 +176,7 @@ def run_case(ctx: Context, mode: str, workers: int, repeat: int) -> dict[str, An
     case_dir = ctx.log_dir / f"{mode}-{workers}w-{repeat}"
     case_dir.mkdir(parents=True, exist_ok=True)
     processes = Processes(case_dir)
+    quotas: list[CpuQuota] = []
     print(f"-- {label}", flush=True)
     with fresh_database("postgresql", ctx.tmp_dir, args.postgres_url) as (db_url, db_desc):
         port = free_port()
@@ -204,10 +219,14 @@ def run_case(ctx: Context, mode: str, workers: int, repeat: int) -> dict[str, An
                     "bench client": own_process,
                 }
                 probe = CpuProbe(groups)
-                run = Run(ctx, processes, db, env, api, api_key, workers, probe)
+                quotas = make_quotas(args.worker_cpu, workers)
+                run = Run(ctx, processes, db, env, api, api_key, workers, probe, quotas)
                 result = run.whole() if mode == "whole" else run.backlog()
+                result["worker_quota"] = quota_figures(quotas, result["cpu"]["wall_s"])
         finally:
             processes.stop_all()
+            for quota in quotas:
+                quota.close()
         logs = {name: scan_log(processes.log_path(name)) for name in processes.children}
     copies = []
     for n in range(1, workers + 1):
@@ -234,6 +253,37 @@ def run_case(ctx: Context, mode: str, workers: int, repeat: int) -> dict[str, An
     return result
 
 
+def make_quotas(cores: float | None, workers: int) -> list[CpuQuota]:
+    """One CPU quota per worker process (none without --worker-cpu)."""
+    quotas: list[CpuQuota] = []
+    if not cores:
+        return quotas
+    try:
+        for n in range(1, workers + 1):
+            quotas.append(CpuQuota(f"genrelay-bench-worker-{n}", cores))
+    except (CpuQuotaError, OSError) as exc:
+        for quota in quotas:
+            quota.close()
+        raise BenchError(f"--worker-cpu: {exc}") from None
+    return quotas
+
+
+def quota_figures(quotas: list[CpuQuota], wall_s: float) -> dict[str, Any] | None:
+    """How hard each worker pressed against its quota in the run (throttled periods)."""
+    if not quotas:
+        return None
+    each = [quota.stats() for quota in quotas]
+    return {
+        "cores_each": quotas[0].cores,
+        "throttled_pct_of_periods": [
+            round(100 * s["throttled_periods"] / s["periods"], 1) if s["periods"] else None
+            for s in each
+        ],
+        "throttled_s": [round(s["throttled_s"], 2) for s in each],
+        "wall_s": wall_s,
+    }
+
+
 def worker_pids(processes: Processes, number: int) -> PidSource:
     """The pids of worker N, once it is started (none before)."""
 
@@ -256,6 +306,7 @@ class Run:
         api_key: str,
         workers: int,
         probe: CpuProbe,
+        quotas: list[CpuQuota],
     ) -> None:
         self.ctx = ctx
         self.processes = processes
@@ -265,13 +316,16 @@ class Run:
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.workers = workers
         self.probe = probe
+        self.quotas = quotas
 
     def start_workers(self) -> None:
         args = self.ctx.args
         for n in range(1, self.workers + 1):
             argv = [GENRELAY, "worker", "--threads", str(args.threads)]
             argv += ["--poll-interval", str(args.worker_poll_interval)]
-            self.processes.start(f"worker-{n}", argv, self.env)
+            process = self.processes.start(f"worker-{n}", argv, self.env)
+            if self.quotas:
+                self.quotas[n - 1].add(process.pid)  # before it has started a thread
         for n in range(1, self.workers + 1):
             wait_for_log(self.processes, f"worker-{n}", "worker started")
         time.sleep(SETTLE)
@@ -708,6 +762,20 @@ def print_report(report: dict[str, Any]) -> None:
                 for kind, lines in scan["samples"].items():
                     for line in lines[:2]:
                         print(f"    [{kind}] {line}")
+    capped = [c for c in cases if c.get("worker_quota")]
+    if capped:
+        print()
+        print(
+            f"worker CPU cap: {capped[0]['worker_quota']['cores_each']} core per worker process; "
+            "% of 100 ms periods in which each worker hit its cap (throttled s)"
+        )
+        for c in capped:
+            q = c["worker_quota"]
+            each = ", ".join(
+                f"{fmt(pct, '.0f')} % ({sec:.1f} s)"
+                for pct, sec in zip(q["throttled_pct_of_periods"], q["throttled_s"], strict=True)
+            )
+            print(f"  {c['label']:<14}{each}")
     print(f"\nmeasuring took {report['seconds']} s")
 
 
@@ -737,6 +805,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.1,
         help="genrelay worker --poll-interval (0.1; genrelay's default is 0.5)",
+    )
+    parser.add_argument(
+        "--worker-cpu",
+        type=float,
+        default=None,
+        metavar="CORES",
+        help="cap each worker process at CORES of CPU with a cgroup quota (e.g. 0.25), as if "
+        "each ran on its own instance; default: no cap (every process shares the machine)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode and count (2)")
     parser.add_argument(
@@ -780,6 +856,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--modes takes {', '.join(MODES)}")
     if not 16 <= args.image_size <= 4096:
         parser.error("--image-size must be between 16 and 4096")
+    if args.worker_cpu is not None:
+        if not 0.05 <= args.worker_cpu <= 8:
+            parser.error("--worker-cpu must be between 0.05 and 8 cores")
+        reason = quotas_available()
+        if reason:
+            parser.error(f"--worker-cpu needs a cgroup CPU quota, and here: {reason}")
     return args
 
 
@@ -833,6 +915,9 @@ def main(argv: list[str] | None = None) -> int:
             f"threads, GENRELAY_RATE_LIMIT=0, GENRELAY_RECONCILE_AFTER={args.reconcile_after:g}",
             "workers": f"genrelay worker --threads {args.threads} --poll-interval "
             f"{args.worker_poll_interval}, counts {args.workers}",
+            "worker CPU cap": f"{args.worker_cpu} core per worker process (cgroup CFS quota)"
+            if args.worker_cpu
+            else "none: every process shares the machine's cores",
             "load": f"{args.generations} generations per run, {args.concurrency} client threads",
             "repeats": f"{args.repeats}, each on a fresh database",
             "database settings": ", ".join(f"{n}={v}" for n, v in args.pg_set) or "server's",
