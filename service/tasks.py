@@ -314,6 +314,30 @@ class TaskQueue:
             lease_expires_at=None,
         )
 
+    def renew(self, tasks: Iterable[ClaimedTask]) -> set[str]:
+        """Extend the leases of tasks still held; return the ids of those (lost ones left out).
+
+        One transaction for all of them: the worker calls this every third of a lease for the
+        tasks it is running, so a task that runs longer than a lease is not claimed again.
+        """
+        held: set[str] = set()
+        now = self.clock()
+        with self.store.transaction() as session:
+            for task in tasks:
+                result = session.execute(
+                    sa.update(Task)
+                    .where(
+                        Task.id == task.id,
+                        Task.claim_token == task.claim_token,
+                        Task.status == TaskStatus.RUNNING,
+                    )
+                    .values(updated_at=now, lease_expires_at=now + self.lease)
+                    .execution_options(synchronize_session=False)
+                )
+                if getattr(result, "rowcount", 0) == 1:
+                    held.add(task.id)
+        return held
+
     def _update_held(self, task: ClaimedTask, **values: Any) -> bool:
         statement = (
             sa.update(Task)

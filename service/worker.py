@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 from service.logs import log_context
@@ -108,6 +109,63 @@ class TaskRunner:
         return self.queue.give_up(task, error)
 
 
+class LeaseKeeper:
+    """Renews the leases of the tasks this process is running, every third of a lease.
+
+    A claim holds a task for GENRELAY_TASK_LEASE; without renewal a task running longer (a
+    large result on a slow link) would be claimed and run again by another worker while the
+    first still works on it. A holder that dies stops renewing, so its tasks still come back
+    one lease later. A lease found lost (another worker claimed the task after this process
+    stalled longer than a lease) is logged; that task's outcome will not be recorded by us.
+    """
+
+    def __init__(self, queue: TaskQueue) -> None:
+        self.queue = queue
+        self.interval = queue.lease.total_seconds() / 3
+        self._held: dict[str, ClaimedTask] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def holding(self, task: ClaimedTask) -> Iterator[None]:
+        with self._lock:
+            self._held[task.id] = task
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop(task.id, None)
+
+    def renew_once(self) -> int:
+        """Renew every held lease now; return how many are still ours."""
+        with self._lock:
+            tasks = list(self._held.values())
+        if not tasks:
+            return 0
+        kept = self.queue.renew(tasks)
+        for task in tasks:
+            if task.id not in kept:
+                with self._lock:
+                    still_running = self._held.pop(task.id, None) is not None
+                if still_running:
+                    log.warning(
+                        "task %s (%s): lease lost to another claim while running",
+                        task.id,
+                        task.kind,
+                    )
+        return len(kept)
+
+    def run(self, stopping: threading.Event) -> None:
+        """Renew until `stopping` is set (and a last time then, for the tasks still running)."""
+        while not stopping.wait(self.interval):
+            self._renew_logging_errors()
+
+    def _renew_logging_errors(self) -> None:
+        try:
+            self.renew_once()
+        except Exception:
+            log.exception("renewing task leases failed (database unreachable?); next try soon")
+
+
 class Worker:
     """Claims due tasks and runs them on N threads until told to stop."""
 
@@ -116,6 +174,7 @@ class Worker:
         self.threads = threads
         self.poll_interval = poll_interval
         self.stopping = threading.Event()
+        self.leases = LeaseKeeper(runner.queue)
 
     def run_once(self, limit: int = 1) -> int:
         """Claim and run up to `limit` due tasks on this thread; return how many ran."""
@@ -125,7 +184,8 @@ class Worker:
                 for unrun in tasks[index:]:
                     self.runner.queue.release(unrun)
                 break
-            self.runner.execute(task)
+            with self.leases.holding(task):
+                self.runner.execute(task)
         return len(tasks)
 
     def _loop(self) -> None:
@@ -147,9 +207,18 @@ class Worker:
         ]
         for thread in pool:
             thread.start()
+        # Runs until the task threads are done, so the tasks finished during shutdown keep
+        # their leases too.
+        done = threading.Event()
+        keeper = threading.Thread(
+            target=self.leases.run, args=(done,), name="genrelay-leases", daemon=True
+        )
+        keeper.start()
         self.stopping.wait()
         for thread in pool:
             thread.join()
+        done.set()
+        keeper.join()
         log.info("worker stopped")
 
     def stop(self) -> None:

@@ -314,3 +314,56 @@ def test_a_task_whose_outcome_could_not_be_recorded_comes_back_until_it_is(
     assert [tid for tid, _ in handler.exhausted] == [task_id]
     assert len(handler.runs) == 3  # the work itself was not run again
     assert row(queue.store, task_id).status == TaskStatus.DEAD
+
+
+def test_renew_extends_the_leases_still_held_and_reports_the_lost_ones(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    kept_id, lost_id = enqueue(queue), enqueue(queue)
+    held = {task.id: task for task in queue.claim_due_tasks(limit=2)}
+    clock.advance(50)
+    assert queue.renew([held[kept_id]]) == {kept_id}  # kept_id's lease now ends at 110 s
+    clock.advance(11)  # 61 s: lost_id's lease (60 s) ran out, kept_id's has not
+    [other] = queue.claim_due_tasks(limit=2)
+    assert other.id == lost_id
+    assert queue.renew(held.values()) == {kept_id}
+    assert row(queue.store, kept_id).lease_expires_at == START + dt.timedelta(seconds=121)
+    assert queue.complete(held[kept_id]) is True
+    assert queue.complete(held[lost_id]) is False  # the new holder's now
+
+
+class SlowHandler(RecordingHandler):
+    """Runs for `seconds`, longer than the lease, while another claimer keeps trying."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def run(self, task: ClaimedTask) -> None:
+        super().run(task)
+        threading.Event().wait(self.seconds)
+
+
+def test_a_task_running_longer_than_its_lease_is_not_claimed_by_another_worker(
+    store: Store,
+) -> None:
+    queue = TaskQueue(store, lease_seconds=1.0)  # renewed every 1/3 s while it runs
+    handler = SlowHandler(seconds=3.0)
+    task_id = enqueue(queue)
+    worker = Worker(TaskRunner(queue, {"job": handler}), threads=1, poll_interval=0.05)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    rival = TaskQueue(store, lease_seconds=1.0)
+    stolen: list[ClaimedTask] = []
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=20)
+    while not handler.runs and dt.datetime.now(dt.UTC) < deadline:
+        threading.Event().wait(0.01)  # the worker has claimed it and is running it
+    while row(store, task_id).status != TaskStatus.DONE and dt.datetime.now(dt.UTC) < deadline:
+        stolen += rival.claim_due_tasks()
+        threading.Event().wait(0.1)
+    worker.stop()
+    thread.join(timeout=10)
+    assert stolen == []
+    assert handler.runs == [task_id]
+    finished = row(store, task_id)
+    assert (finished.status, finished.attempts) == (TaskStatus.DONE, 1)
