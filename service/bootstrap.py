@@ -18,6 +18,7 @@ from service.config import Config
 from service.deepimage import DeepImageClient
 from service.delivery import DeliverHandler
 from service.generations import GenerationService
+from service.housekeeping import HOUSEKEEPING, HousekeepingHandler
 from service.notifications import DELIVER
 from service.ratelimit import RateLimiter
 from service.results import STORE, StoreHandler
@@ -95,6 +96,7 @@ def build_services(
             STORE: StoreHandler(store, deepimage, blobs, config, http=downloads),
             POLL: PollHandler(store, queue, deepimage, config),
             DELIVER: DeliverHandler(store, config, webhooks),
+            HOUSEKEEPING: HousekeepingHandler(store),
         },
     )
     return Services(

@@ -121,9 +121,11 @@ def _serve(_args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from service.bootstrap import build_services
+    from service.housekeeping import ensure_scheduled
     from service.worker import Worker
 
     services = build_services(Config.from_env())
+    ensure_scheduled(services.queue)
     worker = Worker(services.runner, threads=args.threads, poll_interval=args.poll_interval)
     if args.http_port is not None:
         from prometheus_client import start_http_server

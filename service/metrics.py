@@ -60,6 +60,11 @@ TASK_OUTCOMES = Counter(
     "Task executions, by kind and outcome (done, pending, dead, lost).",
     ["kind", "outcome"],
 )
+PURGED_ROWS = Counter(
+    "genrelay_purged_rows_total",
+    "Rows deleted by housekeeping, by what they were (idempotency_keys, done_tasks, dead_tasks).",
+    ["what"],
+)
 
 
 class DatabaseCollector:
