@@ -59,7 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--threads", type=int, default=int(os.environ.get("GENRELAY_WORKER_THREADS", "4"))
     )
-    worker.add_argument("--poll-interval", type=float, default=0.5)
+    worker.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.5,
+        help="seconds an idle thread waits before looking for due tasks again (0.5); on "
+        "PostgreSQL a NOTIFY wakes it as soon as a task is queued",
+    )
     worker.add_argument(
         "--http-port",
         type=int,
@@ -122,11 +128,18 @@ def _serve(_args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from service.bootstrap import build_services
     from service.housekeeping import ensure_scheduled
+    from service.wakeup import libpq_url
     from service.worker import Worker
 
-    services = build_services(Config.from_env())
+    config = Config.from_env()
+    services = build_services(config)
     ensure_scheduled(services.queue)
-    worker = Worker(services.runner, threads=args.threads, poll_interval=args.poll_interval)
+    worker = Worker(
+        services.runner,
+        threads=args.threads,
+        poll_interval=args.poll_interval,
+        wake_url=libpq_url(config.database_url),
+    )
     if args.http_port is not None:
         from prometheus_client import start_http_server
 

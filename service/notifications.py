@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from schemas.generations import GenerationSchema
+from service import wakeup
 from service.domain import GenerationStatus
 from service.models import Delivery, Event, Generation, Subscription, Tenant
 from service.signing import cloudevents_body, new_secret, new_webhook_id, standard_body
@@ -123,6 +124,7 @@ def queue_delivery(
             DELIVER_TASK_ATTEMPTS,
         )
     )
+    wakeup.request_wake(session)  # due now
     return delivery
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import wakeup
+
 
 def create_db_engine(url: str) -> sa.Engine:
     """An engine configured for the service: WAL + IMMEDIATE writes on SQLite, pre-ping on PG."""
@@ -54,6 +56,7 @@ class Store:
         self._reader = sessionmaker(
             self.engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False
         )
+        wakeup.install(self._writer)  # NOTIFY idle workers of tasks queued (PostgreSQL)
 
     @property
     def dialect(self) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from service import wakeup
 from service.config import Config
 from service.domain import EVENT_TYPES
 from service.errors import InvalidRequest, NotFound
@@ -241,6 +242,7 @@ class NotificationService:
                     DELIVER_TASK_ATTEMPTS,
                 )
             )
+            wakeup.request_wake(session)  # due now
         return delivery
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from service import wakeup
 from service.models import Task, utcnow
 from service.store import Store
 
@@ -127,6 +128,8 @@ class TaskQueue:
             kind, payload, generation_id, self.clock(), self.policy(kind).max_attempts, delay=delay
         )
         session.add(task)
+        if delay <= 0:
+            wakeup.request_wake(session)
         return task.id
 
     def enqueue_claimed(

@@ -169,11 +169,21 @@ class LeaseKeeper:
 class Worker:
     """Claims due tasks and runs them on N threads until told to stop."""
 
-    def __init__(self, runner: TaskRunner, *, threads: int = 4, poll_interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        runner: TaskRunner,
+        *,
+        threads: int = 4,
+        poll_interval: float = 0.5,
+        wake_url: str | None = None,
+    ) -> None:
+        """`wake_url`: a PostgreSQL (libpq) URL to LISTEN on for queued tasks, or None to poll."""
         self.runner = runner
         self.threads = threads
         self.poll_interval = poll_interval
+        self.wake_url = wake_url
         self.stopping = threading.Event()
+        self.wake = threading.Event()  # set when a task may be due: idle threads look at once
         self.leases = LeaseKeeper(runner.queue)
 
     def run_once(self, limit: int = 1) -> int:
@@ -195,8 +205,8 @@ class Worker:
             except Exception:
                 log.exception("worker loop error (database unreachable?); backing off")
                 ran = 0
-            if ran == 0:
-                self.stopping.wait(self.poll_interval)
+            if ran == 0 and self.wake.wait(self.poll_interval):
+                self.wake.clear()
 
     def run(self) -> None:
         """Block until `stop()`: each thread finishes the task it holds before returning."""
@@ -214,12 +224,26 @@ class Worker:
             target=self.leases.run, args=(done,), name="genrelay-leases", daemon=True
         )
         keeper.start()
+        listener = None
+        if self.wake_url:
+            from service.wakeup import Listener
+
+            listener = threading.Thread(
+                target=Listener(self.wake_url, self.wake).run,
+                args=(self.stopping,),
+                name="genrelay-wakeup",
+                daemon=True,
+            )
+            listener.start()
         self.stopping.wait()
         for thread in pool:
             thread.join()
         done.set()
         keeper.join()
+        if listener is not None:
+            listener.join()
         log.info("worker stopped")
 
     def stop(self) -> None:
         self.stopping.set()
+        self.wake.set()  # idle threads see `stopping` at once
