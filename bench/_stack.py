@@ -1,92 +1,501 @@
-"""Shared helpers of ``bench/scale.py`` and ``bench/large_table.py``.
+"""Shared helpers of the benchmark scripts (``intake.py``, ``completion.py``, ``deliveries.py``,
+``soak.py``, ``scale.py``, ``large_table.py``).
 
-Not a benchmark itself. The process handling, the throwaway PostgreSQL database, the
-percentiles and the log scan come from the existing benchmarks (``completion.py`` and
-``intake.py``) and are re-exported here; what is new:
+Not a benchmark itself. Every script imports from here, never from another script:
 
+- Set-up: the paths, ``genrelay`` and the simulator's key, the seed's text-only body,
+  ``BenchError``, ``base_env``, ``run_command``, ``prepare_database`` (migrate and an API key),
+  ``fresh_database`` (a SQLite file or a throwaway PostgreSQL database) and ``free_port``.
+- ``Processes``: child processes in their own sessions, one log file each (or one per
+  incarnation, for the soak's restarts), checked for early exits, stopped with SIGTERM and then
+  SIGKILL of their process groups; ``wait_until``, ``wait_for_log`` and ``start_simulator``.
+- A script's ``main``: ``add_common_options`` (``--postgres-url``, ``--json-out``,
+  ``--log-dir``), ``require_positive``, ``handle_signals``, ``work_dirs``, ``clean_up``,
+  ``failed``, ``interrupted`` and ``finish`` (print the report, write it as JSON). ``Context`` and
+  ``shared_stack``: the simulator and fake-gcs-server that every run of ``scale.py`` and
+  ``large_table.py`` shares.
 - ``CpuProbe``: CPU seconds of named groups of processes (a process tree, the PostgreSQL
   backends of one database, the whole PostgreSQL server) and of the machine, from
   ``/proc/<pid>/stat`` (utime + stime of the processes alive at each snapshot) and
-  ``/proc/stat``, between two snapshots.
+  ``/proc/stat``, between two snapshots; ``process_cpu`` and ``machine_busy`` alone.
+- ``Database``: an autocommit psycopg connection to the benchmark's database (loopback only);
+  ``WaitSampler``, what its client backends wait for (a ``Sampler``: a thread in a ``with``).
 - ``closed_loop``: C client threads, each with its own keep-alive ``requests.Session``, sending
-  N requests built by a callback; every latency and outcome recorded.
-- ``Database``: an autocommit psycopg connection to the benchmark's database (loopback only).
-- ``start_simulator``, ``wait_for_log`` and ``machine_facts``.
+  N requests built by a callback; every latency and outcome recorded. ``percentile`` and
+  ``latency_stats``.
+- ``scan_log`` and ``print_log_scan``: counts and first lines of the log lines worth a look;
+  ``machine_facts``.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import dataclasses
 import datetime
+import json
 import math
 import os
 import platform
+import random
+import re
+import secrets
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, Self
 
 import requests
-from completion import (
-    BenchError,
-    Processes,
-    base_env,
-    free_port,
-    run_command,
-    scan_log,
-    wait_until,
-)
-from intake import (
-    DEFAULT_POSTGRES_URL,
-    GENRELAY,
-    LOOPBACK,
-    LOOPBACK_NAMES,
-    SIMULATOR_KEY,
-    fresh_database,
-    percentile,
-)
-from intake import BenchError as IntakeBenchError
 
-__all__ = [
-    "BENCH_ERRORS",
-    "DEFAULT_POSTGRES_URL",
-    "GENRELAY",
-    "LOOPBACK",
-    "SIMULATOR_KEY",
-    "BenchError",
-    "CpuProbe",
-    "CpuSnapshot",
-    "Database",
-    "LoadResult",
-    "PidSource",
-    "Processes",
-    "WaitSampler",
-    "base_env",
-    "closed_loop",
-    "free_port",
-    "fresh_database",
-    "latency_stats",
-    "machine_busy",
-    "machine_facts",
-    "own_process",
-    "percentile",
-    "run_command",
-    "scan_log",
-    "start_simulator",
-    "tree_of",
-    "wait_for_log",
-    "wait_until",
-]
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+GENRELAY = str(Path(sys.executable).parent / "genrelay")
+SIMULATOR_KEY = "sim-key"
+LOOPBACK = "127.0.0.1"
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
-# Both modules define their own BenchError: catch either.
-BENCH_ERRORS: tuple[type[Exception], ...] = (BenchError, IntakeBenchError)
+# The seed's text-only request body.
+SEED_BODY: dict[str, Any] = {
+    "input": {
+        "width": 2048,
+        "height": 1024,
+        "background": {
+            "generate": {
+                "description": "woman in a futuristic suit holding a gun in her hand, looking at "
+                "the camera, cyberpunk art, neo-figurative, anime"
+            }
+        },
+    }
+}
 
 CLIENT_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds, for every benchmark request
+SETUP_TIMEOUT = 120.0  # migrate, keys create
+START_TIMEOUT = 60.0  # until a process answers
+STOP_TIMEOUT = 25.0  # SIGTERM grace before SIGKILL (gunicorn's graceful_timeout is 20)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run; the message says why (process logs are printed too)."""
+
+
+# -- set-up --------------------------------------------------------------------------------
+
+
+def base_env() -> dict[str, str]:
+    """Our environment without any genrelay, Prometheus or GCS setting, so the children get
+    only the benchmark's."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GENRELAY_", "PROMETHEUS_"))
+        and k not in ("PORT", "STORAGE_EMULATOR_HOST")
+    }
+
+
+def run_command(argv: list[str], env: dict[str, str]) -> str:
+    """Run a set-up command to completion; its stdout, or BenchError with its output."""
+    done = subprocess.run(
+        argv, env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=SETUP_TIMEOUT
+    )
+    if done.returncode != 0:
+        raise BenchError(
+            f"{' '.join(argv[1:])} exited {done.returncode}:\n"
+            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    return done.stdout
+
+
+def prepare_database(env: dict[str, str], tenant: str = "bench") -> str:
+    """``genrelay migrate`` and ``genrelay keys create TENANT``; the new API key."""
+    run_command([GENRELAY, "migrate"], env)
+    api_key = run_command([GENRELAY, "keys", "create", tenant], env).strip()
+    if not api_key or "\n" in api_key:
+        raise BenchError("genrelay keys create did not print a key alone on stdout")
+    return api_key
+
+
+@contextlib.contextmanager
+def fresh_database(
+    kind: str,
+    tmp_dir: Path,
+    admin_url: str,
+    *,
+    name: str = "genrelay-bench",
+    settings: tuple[str, ...] = (),
+) -> Iterator[tuple[str, str]]:
+    """A new, empty database: (GENRELAY_DATABASE_URL, description); dropped afterwards.
+
+    SQLite: ``<name>.db`` in ``tmp_dir``. PostgreSQL: ``<name>_<random>`` made through
+    ``admin_url`` (loopback only); the description names the server's version and the
+    ``settings`` asked for (``SHOW`` names).
+    """
+    if kind == "sqlite":
+        import sqlite3
+
+        path = tmp_dir / f"{name}.db"
+        yield f"sqlite:///{path}", f"sqlite {sqlite3.sqlite_version} (file in {tmp_dir})"
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_url)
+    if url.host not in LOOPBACK_NAMES:
+        raise BenchError(f"refusing a non-loopback PostgreSQL host: {url.host}")
+    database = f"{name.replace('-', '_')}_{secrets.token_hex(4)}"
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+        shown = {}
+        for setting in ("server_version", *settings):
+            row = conn.execute(f"SHOW {setting}").fetchone()
+            shown[setting] = str(row[0]) if row else "?"
+        conn.execute(f'CREATE DATABASE "{database}"')
+    version = shown.pop("server_version")
+    details = "; " + ", ".join(f"{k}={v}" for k, v in shown.items()) if shown else ""
+    try:
+        target = url.set(drivername="postgresql+psycopg", database=database)
+        yield (
+            target.render_as_string(hide_password=False),
+            f"postgresql {version} ({database}{details})",
+        )
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        print(f"dropped database {database}", flush=True)
+
+
+def free_port() -> int:
+    """A free loopback TCP port below the ephemeral range.
+
+    A server may be stopped and started again on its port (the soak's GCS windows and kills).
+    A port from the ephemeral range could meanwhile be taken as the local port of some outgoing
+    connection, and the restart would fail; ports below the range are only ever taken on
+    purpose.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+class Processes:
+    """Child processes, each in its own session (Ctrl-C reaches only us), logs in files.
+
+    A name can be started again once it was stopped or killed (the soak restarts the web
+    process and the worker): each start is an incarnation, and ``children`` holds the latest.
+    With ``numbered_logs`` every incarnation logs to ``<name>-<n>.log`` (n from 0), else to
+    ``<name>.log``. Safe to use from several threads.
+    """
+
+    def __init__(self, log_dir: Path, *, numbered_logs: bool = False) -> None:
+        self.log_dir = log_dir
+        self.numbered_logs = numbered_logs
+        self.children: dict[str, subprocess.Popen[bytes]] = {}  # the latest incarnations
+        self.started: list[subprocess.Popen[bytes]] = []  # every incarnation
+        self.incarnations: collections.Counter[str] = collections.Counter()
+        self.stopped: set[str] = set()  # stopped or killed on purpose: not a crash
+        self._lock = threading.Lock()
+
+    def log_path(self, name: str, incarnation: int | None = None) -> Path:
+        """The log of the latest (or the given) incarnation of ``name``."""
+        if not self.numbered_logs:
+            return self.log_dir / f"{name}.log"
+        n = self.incarnations[name] - 1 if incarnation is None else incarnation
+        return self.log_dir / f"{name}-{n}.log"
+
+    def logs_of(self, name: str) -> list[Path]:
+        """The logs of every incarnation of ``name``, oldest first."""
+        paths = [self.log_path(name, n) for n in range(self.incarnations[name])]
+        return list(dict.fromkeys(paths))
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with self._lock:
+            self.incarnations[name] += 1
+            with self.log_path(name).open("wb") as log:
+                process = subprocess.Popen(
+                    argv,
+                    env=env,
+                    cwd=REPO_DIR,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self.children[name] = process
+            self.started.append(process)
+            self.stopped.discard(name)
+            return process
+
+    def check_alive(self, names: Collection[str] | None = None) -> None:
+        """BenchError if a child (of ``names``; all by default) exited without being stopped."""
+        with self._lock:
+            items = [
+                (n, p)
+                for n, p in self.children.items()
+                if n not in self.stopped and (names is None or n in names)
+            ]
+        dead = {n: p.returncode for n, p in items if p.poll() is not None}
+        if dead:
+            raise BenchError(f"process exited early: {dead}")
+
+    def logs(self, tail: int = 4000) -> str:
+        """The end of every child's latest log, for a failure message."""
+        parts = []
+        for name in list(self.children):
+            path = self.log_path(name)
+            text = path.read_text(errors="replace") if path.exists() else ""
+            parts.append(f"--- {path.name} (last {tail} characters) ---\n{text[-tail:]}")
+        return "\n".join(parts)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process group of ``name`` (a gunicorn master and its workers) at once."""
+        with self._lock:
+            process = self.children[name]
+            self.stopped.add(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def stop(self, name: str) -> int | None:
+        """SIGTERM one child, wait up to STOP_TIMEOUT, then SIGKILL its group; its exit code."""
+        with self._lock:
+            process = self.children[name]
+            self.stopped.add(name)
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                print(f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killing", flush=True)
+        self._kill_group(process)
+        return process.returncode
+
+    def stop_all(self) -> None:
+        """SIGTERM every running child, wait, then SIGKILL the group of every incarnation."""
+        with self._lock:
+            running = [(n, p) for n, p in self.children.items() if p.poll() is None]
+            started = list(self.started)
+            self.stopped.update(self.children)
+        for _, process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for name, process in running:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killing", flush=True)
+        for process in started:
+            self._kill_group(process)
+
+    @staticmethod
+    def _kill_group(process: subprocess.Popen[bytes]) -> None:
+        # The group id is the child's pid (start_new_session); it also holds the gunicorn
+        # workers, which must not outlive a killed master.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+
+
+def wait_until(check: Callable[[], bool], processes: Processes, what: str) -> None:
+    """Poll ``check`` until it is true; fail if a child dies or START_TIMEOUT passes."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        processes.check_alive()
+        try:
+            if check():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise BenchError(f"{what} did not answer within {START_TIMEOUT:.0f} s")
+
+
+def wait_for_log(processes: Processes, name: str, text: str) -> None:
+    """Until ``text`` appears in the log of ``name`` (bounded; fails if a child dies)."""
+    wait_until(
+        lambda: text in processes.log_path(name).read_text(errors="replace"), processes, name
+    )
+
+
+def start_simulator(
+    processes: Processes,
+    env: dict[str, str],
+    processing_time: float,
+    name: str = "simulator",
+    **knobs: object,
+) -> str:
+    """``genrelay simulator`` on a free port; its base URL once it answers.
+
+    Each knob is a flag (``failure_rate=0.1``: ``--failure-rate 0.1``). The concurrency limit
+    is 1000000 (never a 429 for too many jobs) unless ``concurrency_limit`` says otherwise.
+    """
+    port = free_port()
+    argv = [GENRELAY, "simulator", "--host", LOOPBACK, "--port", str(port)]
+    argv += ["--api-key", SIMULATOR_KEY, "--log-level", "WARNING"]
+    knobs = {"processing_time": processing_time, "concurrency_limit": 1_000_000, **knobs}
+    for knob, value in knobs.items():
+        argv += [f"--{knob.replace('_', '-')}", str(value)]
+    processes.start(name, argv, env)
+    url = f"http://{LOOPBACK}:{port}"
+    wait_until(lambda: requests.get(f"{url}/_sim/health", timeout=1).ok, processes, name)
+    return url
+
+
+# -- a script's main -----------------------------------------------------------------------
+
+
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def handle_signals() -> None:
+    """Ctrl-C (even when started from a shell that ignores it, as ``cmd &`` does) and SIGTERM
+    both raise KeyboardInterrupt, so every clean-up runs."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+@contextlib.contextmanager
+def work_dirs(keep: Path | None) -> Iterator[tuple[Path, Path]]:
+    """(temp dir, log dir): the temp dir is deleted afterwards; the logs go to ``keep`` (the
+    script's ``--log-dir``) if given, else into the temp dir."""
+    with tempfile.TemporaryDirectory(prefix="genrelay-bench-") as tmp:
+        tmp_dir = Path(tmp)
+        log_dir = keep or tmp_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        yield tmp_dir, log_dir
+
+
+def postgres_url_from_env() -> str:
+    """GENRELAY_TEST_POSTGRES_URL (the test suite's server), else DEFAULT_POSTGRES_URL."""
+    return os.environ.get("GENRELAY_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+def add_common_options(
+    parser: argparse.ArgumentParser,
+    *,
+    postgres_url: str | None = None,
+    logs: str = "the process logs",
+) -> None:
+    """``--postgres-url`` (if the script takes one: its default), ``--json-out``, ``--log-dir``."""
+    if postgres_url is not None:
+        parser.add_argument(
+            "--postgres-url",
+            default=postgres_url,
+            help="an existing database used only to CREATE/DROP DATABASE (loopback only)",
+        )
+    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--log-dir", type=Path, help=f"keep {logs} here")
+
+
+def require_positive(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]
+) -> None:
+    """``parser.error`` unless each of these options is at least 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def clean_up(processes: Processes, stop: threading.Event | None = None) -> None:
+    """Set ``stop`` and stop every process, SIGINT ignored meanwhile: a second Ctrl-C cannot
+    cut the clean-up short."""
+    if stop is not None:
+        stop.set()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    processes.stop_all()
+
+
+def failed(exc: BaseException, processes: Processes) -> int:
+    """Say why the benchmark could not run, with the ends of the process logs; exit status 1."""
+    print(f"\nbenchmark failed: {exc}\n\n{processes.logs()}", file=sys.stderr)
+    return 1
+
+
+def interrupted(what: str = "every process stopped") -> int:
+    """Say that Ctrl-C or SIGTERM ended the run; exit status 130."""
+    print(f"\ninterrupted; {what}", file=sys.stderr)
+    return 130
+
+
+def finish(
+    report: dict[str, Any],
+    print_report: Callable[[dict[str, Any]], None],
+    json_out: Path | None,
+    **json_options: Any,
+) -> int:
+    """Print the report, write it as JSON to ``json_out`` if given; exit status 0."""
+    print_report(report)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2, **json_options) + "\n")
+        print(f"\nJSON report: {json_out}")
+    return 0
+
+
+@dataclasses.dataclass
+class Context:
+    """What every run of a script shares: options, directories, the processes that outlive a
+    run (the simulator), fake-gcs-server, the stop event."""
+
+    args: argparse.Namespace
+    tmp_dir: Path
+    log_dir: Path
+    shared: Processes
+    gcs: Any  # service.gcs_emulator.FakeGcsServer
+    sim_url: str
+    stop: threading.Event
+
+
+@contextlib.contextmanager
+def shared_stack(
+    args: argparse.Namespace,
+    tmp_dir: Path,
+    log_dir: Path,
+    shared: Processes,
+    bucket: str,
+    processing_time: float,
+) -> Iterator[Context]:
+    """fake-gcs-server (memory backend) with ``bucket``, and the simulator in ``shared``;
+    on the way out ``clean_up``, then fake-gcs-server stopped."""
+    from service.gcs_emulator import FakeGcsServer
+
+    gcs = FakeGcsServer(backend="memory", log_path=log_dir / "gcs.log")
+    stop = threading.Event()
+    try:
+        gcs.start()
+        gcs.create_bucket(bucket)
+        sim_url = start_simulator(shared, base_env(), processing_time)
+        yield Context(args, tmp_dir, log_dir, shared, gcs, sim_url, stop)
+    finally:
+        clean_up(shared, stop)
+        gcs.stop()
 
 
 # -- CPU accounting ------------------------------------------------------------------------
@@ -341,7 +750,29 @@ class Database:
         return {name: str(self.scalar(f"SHOW {name}")) for name in names}
 
 
-class WaitSampler:
+class Sampler:
+    """A daemon thread running ``_run`` while in a ``with`` block; ``_stop`` is set on the way
+    out. ``began`` is ``time.monotonic()`` at the start."""
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.began = 0.0
+
+    def __enter__(self) -> Self:
+        self.began = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class WaitSampler(Sampler):
     """What the database's client backends are doing, sampled from pg_stat_activity.
 
     Every ``interval`` seconds, each client backend of the database (but the benchmark's own)
@@ -353,20 +784,11 @@ class WaitSampler:
     """
 
     def __init__(self, db: Database, interval: float = 0.05) -> None:
+        super().__init__("wait-sampler")
         self.db = db
         self.interval = interval
         self.counts: collections.Counter[str] = collections.Counter()
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wait-sampler", daemon=True)
-
-    def __enter__(self) -> WaitSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -395,34 +817,15 @@ class WaitSampler:
         return {k: round(n / self.samples, 3) for k, n in self.counts.most_common()}
 
 
-# -- processes -----------------------------------------------------------------------------
-
-
-def start_simulator(
-    processes: Processes, env: dict[str, str], processing_time: float, name: str = "simulator"
-) -> str:
-    """``genrelay simulator`` that never answers 429; its base URL once it answers."""
-    port = free_port()
-    argv = [GENRELAY, "simulator", "--host", LOOPBACK, "--port", str(port)]
-    argv += ["--api-key", SIMULATOR_KEY, "--processing-time", str(processing_time)]
-    argv += ["--concurrency-limit", "1000000", "--log-level", "WARNING"]
-    processes.start(name, argv, env)
-    url = f"http://{LOOPBACK}:{port}"
-    wait_until(lambda: requests.get(f"{url}/_sim/health", timeout=1).ok, processes, name)
-    return url
-
-
-def wait_for_log(processes: Processes, name: str, text: str) -> None:
-    """Until ``text`` appears in the log of ``name`` (bounded; fails if a child dies)."""
-    wait_until(
-        lambda: text in processes.log_path(name).read_text(errors="replace"), processes, name
-    )
-
-
 # -- load ----------------------------------------------------------------------------------
 
 Send = Callable[[requests.Session, int], requests.Response]
 Check = Callable[[int, requests.Response], str | None]
+
+
+def is_2xx(outcome: str) -> bool:
+    """Whether an outcome ("202", "500", "ReadTimeout", ...) is a 2xx answer."""
+    return outcome.isdigit() and outcome.startswith("2")
 
 
 @dataclasses.dataclass
@@ -437,7 +840,7 @@ class LoadResult:
 
     @property
     def errors(self) -> int:
-        return sum(n for k, n in self.outcomes.items() if not (k.isdigit() and k[0] == "2"))
+        return sum(n for k, n in self.outcomes.items() if not is_2xx(k))
 
 
 def closed_loop(
@@ -500,6 +903,14 @@ def closed_loop(
     return LoadResult(time.perf_counter() - began, started_at, latencies, ended, outcomes)
 
 
+def percentile(ordered: list[float], p: float, empty: float = math.nan) -> float:
+    """Nearest-rank percentile of an ascending list (``empty`` if there is nothing)."""
+    if not ordered:
+        return empty
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
 def latency_stats(latencies: list[float]) -> dict[str, float]:
     """n, mean, p50, p90, p99 and max in milliseconds (nearest-rank percentiles)."""
     ordered = sorted(latencies)
@@ -516,26 +927,89 @@ def latency_stats(latencies: list[float]) -> dict[str, float]:
     }
 
 
+# -- logs ----------------------------------------------------------------------------------
+
+WARNING_OR_ERROR = re.compile(r'"severity": "(WARNING|ERROR|CRITICAL)"|\[(WARNING|ERROR)\]')
+TRACEBACK = re.compile(r"Traceback \(most recent call last\)")
+DATABASE_LOCKED = re.compile(r"database is locked", re.IGNORECASE)
+GUNICORN_TIMEOUT = re.compile(r"WORKER TIMEOUT|was sent SIGKILL", re.IGNORECASE)
+
+# What is worth a look in the logs of genrelay serve and worker, the simulator, fake-gcs-server.
+LOG_PATTERNS = {
+    "warning_or_error": WARNING_OR_ERROR,
+    "traceback": TRACEBACK,
+    "task_retry": re.compile(r"attempt \d+ failed|crashed|is dead after"),
+    "database_locked": DATABASE_LOCKED,
+    "gunicorn_timeout": GUNICORN_TIMEOUT,
+    "fake_gcs_error": re.compile(r'level=error|"level":"error"', re.IGNORECASE),
+}
+
+
+def scan_log(
+    paths: Path | Iterable[Path],
+    patterns: dict[str, re.Pattern[str]] = LOG_PATTERNS,
+    *,
+    excerpts: int = 3,
+    width: int = 400,
+    found_only: bool = False,
+) -> dict[str, Any]:
+    """Counts (and the first ``excerpts`` lines, cut at ``width``) of the lines of one log, or
+    of several together, that match each pattern: {"counts", "samples"}. "counts" holds every
+    pattern, or with ``found_only`` those that matched; "samples" those that matched."""
+    counts: dict[str, int] = dict.fromkeys(patterns, 0)
+    samples: dict[str, list[str]] = {name: [] for name in patterns}
+    for path in [paths] if isinstance(paths, Path) else paths:
+        if not path.exists():
+            continue
+        with path.open(errors="replace") as log:
+            for line in log:
+                for name, pattern in patterns.items():
+                    if pattern.search(line):
+                        counts[name] += 1
+                        if len(samples[name]) < excerpts:
+                            samples[name].append(line.rstrip()[:width])
+    return {
+        "counts": {k: v for k, v in counts.items() if v or not found_only},
+        "samples": {k: v for k, v in samples.items() if v},
+    }
+
+
+def print_log_scan(title: str, scan: dict[str, Any], lines: int = 2) -> None:
+    """``<title> log:`` the kinds of lines found (or "nothing unusual"), then the first
+    ``lines`` of each kind."""
+    found = {k: v for k, v in scan["counts"].items() if v}
+    print(f"{title} log: {found or 'nothing unusual'}")
+    for kind, samples in scan["samples"].items():
+        for line in samples[:lines]:
+            print(f"    [{kind}] {line}")
+
+
 # -- report --------------------------------------------------------------------------------
 
 
-def machine_facts() -> dict[str, Any]:
+def machine_facts(*, memory: bool = False) -> dict[str, Any]:
+    """Date, nproc, CPU model (and with ``memory`` the RAM), load average, Python, platform."""
     cpu_model = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    memory = ""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        kib = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
-        memory = f"{kib / 1024 / 1024:.1f} GiB"
-    return {
+    facts: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "nproc": len(os.sched_getaffinity(0)),
         "cpu": cpu_model,
-        "memory": memory,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
     }
+    if memory:
+        facts["memory"] = ""
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            kib = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
+            facts["memory"] = f"{kib / 1024 / 1024:.1f} GiB"
+    facts.update(
+        {
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
+    )
+    return facts

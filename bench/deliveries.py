@@ -81,238 +81,58 @@ import datetime
 import hashlib
 import json
 import math
-import os
-import platform
 import re
-import secrets
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any, cast
 
 import requests
+from _stack import (
+    DATABASE_LOCKED,
+    GENRELAY,
+    LOOPBACK,
+    SEED_BODY,
+    TRACEBACK,
+    WARNING_OR_ERROR,
+    BenchError,
+    Processes,
+    add_common_options,
+    base_env,
+    clean_up,
+    failed,
+    finish,
+    free_port,
+    fresh_database,
+    handle_signals,
+    interrupted,
+    is_2xx,
+    machine_busy,
+    machine_facts,
+    percentile,
+    postgres_url_from_env,
+    prepare_database,
+    print_log_scan,
+    process_cpu,
+    require_positive,
+    scan_log,
+    wait_until,
+    work_dirs,
+)
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
-GENRELAY = str(Path(sys.executable).parent / "genrelay")
-LOOPBACK = "127.0.0.1"
-LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 WORKER_APPLICATION_NAME = "genrelay-bench-worker"  # finds the worker's PostgreSQL backends
 POLL_INTERVAL = "0.05"  # genrelay worker --poll-interval
 EVENT_TYPE = "generation.succeeded"
 
 SEND_TIMEOUT = 15.0  # bare pool, as service.delivery.SEND_TIMEOUT
 CONTROL_TIMEOUT = (2.0, 10.0)  # (connect, read) of the benchmark's calls to the receiver
-SETUP_TIMEOUT = 120.0  # migrate, keys create
-START_TIMEOUT = 60.0  # until the receiver answers
-STOP_TIMEOUT = 25.0  # SIGTERM grace before SIGKILL
 BACKLOG_BATCH = 500  # deliveries per transaction while building a backlog
 WATCH_INTERVAL = 0.02  # how often a genrelay round looks at the receiver's counter
 DB_CHECK_INTERVAL = 1.0  # how often it looks at the database before the receiver has N
-
-SEED_INPUT: dict[str, Any] = {
-    "width": 2048,
-    "height": 1024,
-    "background": {
-        "generate": {
-            "description": "woman in a futuristic suit holding a gun in her hand, looking at "
-            "the camera, cyberpunk art, neo-figurative, anime"
-        }
-    },
-}
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run; the message says why (process logs are printed too)."""
-
-
-# -- processes ---------------------------------------------------------------------------
-
-
-class Processes:
-    """Child processes, each in its own session (Ctrl-C reaches only us), logs in files."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.stopped: set[str] = set()
-
-    def log_path(self, name: str) -> Path:
-        return self.log_dir / f"{name}.log"
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> int:
-        with self.log_path(name).open("wb") as log:
-            process = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=REPO_DIR,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.children[name] = process
-        return process.pid
-
-    def check_alive(self) -> None:
-        dead = {
-            n: p.returncode
-            for n, p in self.children.items()
-            if n not in self.stopped and p.poll() is not None
-        }
-        if dead:
-            raise BenchError(f"process exited early: {dead}")
-
-    def logs(self, tail: int = 4000) -> str:
-        parts = []
-        for name in self.children:
-            text = self.log_path(name).read_text(errors="replace")
-            parts.append(f"--- {name} (last {tail} characters) ---\n{text[-tail:]}")
-        return "\n".join(parts)
-
-    def stop(self, name: str) -> int | None:
-        """SIGTERM one child, wait up to STOP_TIMEOUT, then SIGKILL its group; its exit code."""
-        process = self.children[name]
-        self.stopped.add(name)
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killing", flush=True)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=5)
-        return process.returncode
-
-    def stop_all(self) -> None:
-        """SIGTERM every child, wait, SIGKILL what is left (the child's whole group)."""
-        for process in self.children.values():
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for name, process in self.children.items():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killing", flush=True)
-        for process in self.children.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
-        self.stopped.update(self.children)
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], processes: Processes, what: str) -> None:
-    """Poll ``check`` until it is true; fail if a child dies or START_TIMEOUT passes."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        processes.check_alive()
-        try:
-            if check():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"{what} did not answer within {START_TIMEOUT:.0f} s")
-
-
-def run_command(argv: list[str], env: dict[str, str]) -> str:
-    """Run a set-up command to completion; its stdout, or BenchError with its output."""
-    done = subprocess.run(
-        argv, env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=SETUP_TIMEOUT
-    )
-    if done.returncode != 0:
-        raise BenchError(
-            f"{' '.join(argv[1:])} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-        )
-    return done.stdout
-
-
-def base_env() -> dict[str, str]:
-    """Our environment without any genrelay setting, so the worker gets only ours."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("GENRELAY_") and k != "PORT"}
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all cores have spent not idle since boot (/proc/stat), whoever used them."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (OSError, IndexError):
-        return None
-    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of a live process (all its threads), from /proc; None if unreadable."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime (14), stime (15)
-
-
-# -- database ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def fresh_database(kind: str, tmp_dir: Path, admin_url: str) -> Iterator[tuple[str, str]]:
-    """A new, empty database: (GENRELAY_DATABASE_URL, description); dropped afterwards."""
-    if kind == "sqlite":
-        import sqlite3
-
-        path = tmp_dir / "genrelay-bench.db"
-        yield f"sqlite:///{path}", f"sqlite {sqlite3.sqlite_version} (file in {tmp_dir})"
-        return
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    url = make_url(admin_url)
-    if url.host not in LOOPBACK_NAMES:
-        raise BenchError(f"refusing a non-loopback PostgreSQL host: {url.host}")
-    name = f"genrelay_bench_{secrets.token_hex(4)}"
-    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-        settings = {}
-        for setting in ("server_version", "fsync", "synchronous_commit"):
-            row = conn.execute(f"SHOW {setting}").fetchone()
-            settings[setting] = str(row[0]) if row else "?"
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        target = url.set(drivername="postgresql+psycopg", database=name)
-        yield (
-            target.render_as_string(hide_password=False),
-            f"postgresql {settings['server_version']} ({name}; fsync={settings['fsync']}, "
-            f"synchronous_commit={settings['synchronous_commit']})",
-        )
-    finally:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        print(f"dropped database {name}", flush=True)
 
 
 # -- receiver (its own process: `python bench/deliveries.py --receiver-port PORT`) -------
@@ -753,7 +573,7 @@ def synthetic_generation(tenant_id: str, now: datetime.datetime) -> Any:
         id=generation_id,
         tenant_id=tenant_id,
         status="succeeded",
-        input=SEED_INPUT,
+        input=SEED_BODY["input"],
         meta={"order": str(uuid.uuid4().int % 10**8)},
         webhook=None,
         webhook_events_filter=None,
@@ -935,10 +755,6 @@ class Round:
         return sum(n for k, n in self.outcomes.items() if not is_2xx(k))
 
 
-def is_2xx(outcome: str) -> bool:
-    return outcome.isdigit() and outcome.startswith("2")
-
-
 def cpu_share(before: float | None, after: float | None, wall: float) -> float | None:
     if before is None or after is None or wall <= 0:
         return None
@@ -946,8 +762,13 @@ def cpu_share(before: float | None, after: float | None, wall: float) -> float |
 
 
 def backends_cpu(pids: list[int]) -> dict[int, float]:
-    found = {pid: cpu_seconds(pid) for pid in pids}
+    found = {pid: process_cpu(pid) for pid in pids}
     return {pid: cpu for pid, cpu in found.items() if cpu is not None}
+
+
+def cpu_now(sender: float | None, receiver: ReceiverClient) -> dict[str, float | None]:
+    """CPU seconds so far of the sender, the receiver and the whole machine."""
+    return {"sender": sender, "receiver": process_cpu(receiver.pid), "machine": machine_busy()}
 
 
 def receiver_checks(stats: dict[str, Any], batch: Batch) -> dict[str, Any]:
@@ -981,7 +802,7 @@ def genrelay_round(
         name,
         [GENRELAY, "worker", "--threads", str(threads), "--poll-interval", POLL_INTERVAL],
         worker_env,
-    )
+    ).pid
     deadline = time.monotonic() + timeout
     window_start: float | None = None
     cpu_start: dict[str, float | None] = {}
@@ -999,11 +820,7 @@ def genrelay_round(
         posts = receiver.stats()["posts"]
         if posts and window_start is None:
             window_start = time.monotonic()
-            cpu_start = {
-                "sender": cpu_seconds(pid),
-                "receiver": cpu_seconds(receiver.pid),
-                "machine": machine_busy_seconds(),
-            }
+            cpu_start = cpu_now(process_cpu(pid), receiver)
             backends_start = backends_cpu(bench.worker_backend_pids())
             most_held = max(most_held, bench.held_count(batch))
         now = time.monotonic()
@@ -1015,11 +832,7 @@ def genrelay_round(
                 break
         time.sleep(WATCH_INTERVAL)
     window_end = time.monotonic()
-    cpu_end = {
-        "sender": cpu_seconds(pid),
-        "receiver": cpu_seconds(receiver.pid),
-        "machine": machine_busy_seconds(),
-    }
+    cpu_end = cpu_now(process_cpu(pid), receiver)
     backends_end = backends_cpu(bench.worker_backend_pids())
     stats = receiver.stats()
     exit_code = processes.stop(name)
@@ -1100,11 +913,7 @@ def bare_round(bench: Bench, batch: Batch, number: int, threads: int, timeout: f
         max_workers=threads, thread_name_prefix="bare", initializer=open_session
     )
     try:
-        cpu_before = {
-            "sender": time.process_time(),
-            "receiver": cpu_seconds(receiver.pid),
-            "machine": machine_busy_seconds(),
-        }
+        cpu_before = cpu_now(time.process_time(), receiver)
         window_start = time.monotonic()
         began = time.perf_counter()
         pending = {pool.submit(send, row) for row in rows}
@@ -1117,11 +926,7 @@ def bare_round(bench: Bench, batch: Batch, number: int, threads: int, timeout: f
             done |= finished
         wall = time.perf_counter() - began
         window = time.monotonic() - window_start
-        cpu_after = {
-            "sender": time.process_time(),
-            "receiver": cpu_seconds(receiver.pid),
-            "machine": machine_busy_seconds(),
-        }
+        cpu_after = cpu_now(time.process_time(), receiver)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for session in sessions:
@@ -1142,14 +947,6 @@ def bare_round(bench: Bench, batch: Batch, number: int, threads: int, timeout: f
 
 
 # -- statistics --------------------------------------------------------------------------
-
-
-def percentile(ordered: list[float], p: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not ordered:
-        return math.nan
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def _round3(value: float | None) -> float | None:
@@ -1190,46 +987,19 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
 # -- logs --------------------------------------------------------------------------------
 
 _LOG_PATTERNS = {
-    "warning_or_error": re.compile(r'"severity": "(WARNING|ERROR|CRITICAL)"'),
-    "traceback": re.compile(r"Traceback \(most recent call last\)"),
-    "database_locked": re.compile(r"database is locked", re.IGNORECASE),
+    "warning_or_error": WARNING_OR_ERROR,
+    "traceback": TRACEBACK,
+    "database_locked": DATABASE_LOCKED,
     "task_crashed": re.compile(r"crashed|is dead after"),
 }
-
-
-def scan_log(path: Path, excerpts: int = 3) -> dict[str, Any]:
-    """Counts (and a few first lines) of the log lines worth a look."""
-    counts: dict[str, int] = dict.fromkeys(_LOG_PATTERNS, 0)
-    samples: dict[str, list[str]] = {name: [] for name in _LOG_PATTERNS}
-    if not path.exists():
-        return {"counts": counts, "samples": {}}
-    with path.open(errors="replace") as log:
-        for line in log:
-            for name, pattern in _LOG_PATTERNS.items():
-                if pattern.search(line):
-                    counts[name] += 1
-                    if len(samples[name]) < excerpts:
-                        samples[name].append(line.rstrip()[:400])
-    return {"counts": counts, "samples": {k: v for k, v in samples.items() if v}}
 
 
 # -- report ------------------------------------------------------------------------------
 
 
-def machine_facts(args: argparse.Namespace, database: str, body_bytes: float) -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+def run_facts(args: argparse.Namespace, database: str, body_bytes: float) -> dict[str, Any]:
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu_model,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        **machine_facts(),
         "database": database,
         "deliveries_per_round": args.deliveries,
         "threads": args.threads,
@@ -1368,11 +1138,7 @@ def print_report(report: dict[str, Any]) -> None:
         if odd:
             print(f"    non-2xx outcomes: {odd}")
     for name, scan in report["logs"].items():
-        noisy = {k: v for k, v in scan["counts"].items() if v}
-        print(f"{name} log: {noisy or 'nothing unusual'}")
-        for kind, lines in scan["samples"].items():
-            for line in lines:
-                print(f"    [{kind}] {line}")
+        print_log_scan(name, scan, lines=3)
 
 
 # -- main --------------------------------------------------------------------------------
@@ -1392,18 +1158,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--round-timeout", type=float, default=180.0, help="seconds a round may take (180)"
     )
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("GENRELAY_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL),
-        help="an existing database to connect to for CREATE/DROP DATABASE (loopback only)",
+    add_common_options(
+        parser, postgres_url=postgres_url_from_env(), logs="the worker and receiver logs"
     )
-    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
-    parser.add_argument("--log-dir", type=Path, help="keep the worker and receiver logs here")
     parser.add_argument("--receiver-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("deliveries", "threads", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+    require_positive(parser, args, ("deliveries", "threads", "rounds"))
     if args.probe < 0:
         parser.error("--probe must not be negative")
     if args.round_timeout <= 0:
@@ -1411,46 +1171,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.receiver_port is not None:
         return serve_receiver(args.receiver_port)
-    # Ctrl-C (even when started from a shell that ignores it, as `cmd &` does) and SIGTERM
-    # both end in the clean-up below.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    with tempfile.TemporaryDirectory(prefix="genrelay-bench-") as tmp:
-        tmp_dir = Path(tmp)
-        log_dir = args.log_dir or tmp_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
+    handle_signals()
+    with work_dirs(args.log_dir) as (tmp_dir, log_dir):
         processes = Processes(log_dir)
         try:
-            with fresh_database(args.database, tmp_dir, args.postgres_url) as (db_url, db_desc):
+            with fresh_database(
+                args.database,
+                tmp_dir,
+                args.postgres_url,
+                settings=("fsync", "synchronous_commit"),
+            ) as (db_url, db_desc):
                 try:
                     report = run(args, processes, db_url, db_desc)
                 finally:
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the clean-up
-                    processes.stop_all()
+                    clean_up(processes)
                 report["logs"] = {
-                    name: scan_log(processes.log_path(name))
+                    name: scan_log(processes.log_path(name), _LOG_PATTERNS)
                     for name in processes.children
                     if name.startswith("worker")
                 }
         except BenchError as exc:
-            print(f"\nbenchmark failed: {exc}\n\n{processes.logs()}", file=sys.stderr)
-            return 1
+            return failed(exc, processes)
         except KeyboardInterrupt:
-            print("\ninterrupted; every process stopped", file=sys.stderr)
-            return 130
-    print_report(report)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nJSON report: {args.json_out}")
-    return 0
+            return interrupted()
+    return finish(report, print_report, args.json_out)
 
 
 def run(
@@ -1473,15 +1221,14 @@ def run(
     }
 
     print(f"database: {db_desc}; migrating and creating a key", flush=True)
-    run_command([GENRELAY, "migrate"], setup_env)
-    run_command([GENRELAY, "keys", "create", "bench"], setup_env)
+    prepare_database(setup_env)
 
     port = free_port()
     receiver_pid = processes.start(
         "receiver",
         [sys.executable, str(Path(__file__).resolve()), "--receiver-port", str(port)],
         base_env(),
-    )
+    ).pid
     receiver = ReceiverClient(port, receiver_pid)
     bench = Bench(db_url, receiver)
     try:
@@ -1528,7 +1275,7 @@ def run(
     g_rate = per_target["genrelay"]["deliveries_per_s"]
     b_rate = per_target["bare"]["deliveries_per_s"]
     return {
-        "machine": machine_facts(args, db_desc, sum(body_bytes) / len(body_bytes)),
+        "machine": run_facts(args, db_desc, sum(body_bytes) / len(body_bytes)),
         "anatomy": anatomy,
         "rounds": [
             {

@@ -48,190 +48,56 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import re
-import secrets
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import requests
+from _stack import (
+    BENCH_DIR,
+    CLIENT_TIMEOUT,
+    DATABASE_LOCKED,
+    GENRELAY,
+    GUNICORN_TIMEOUT,
+    LOOPBACK,
+    SEED_BODY,
+    SIMULATOR_KEY,
+    TRACEBACK,
+    WARNING_OR_ERROR,
+    BenchError,
+    Processes,
+    add_common_options,
+    base_env,
+    clean_up,
+    closed_loop,
+    failed,
+    finish,
+    free_port,
+    fresh_database,
+    handle_signals,
+    interrupted,
+    is_2xx,
+    machine_facts,
+    percentile,
+    postgres_url_from_env,
+    prepare_database,
+    require_positive,
+    scan_log,
+    start_simulator,
+    wait_until,
+    work_dirs,
+)
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
-GENRELAY = str(Path(sys.executable).parent / "genrelay")
-SIMULATOR_KEY = "sim-key"
-LOOPBACK = "127.0.0.1"
-LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from service.gcs_emulator import FakeGcsServer
 
-SEED_BODY: dict[str, Any] = {
-    "input": {
-        "width": 2048,
-        "height": 1024,
-        "background": {
-            "generate": {
-                "description": "woman in a futuristic suit holding a gun in her hand, looking at "
-                "the camera, cyberpunk art, neo-figurative, anime"
-            }
-        },
-    }
-}
-
-CLIENT_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds, for every benchmark request
-SETUP_TIMEOUT = 120.0  # migrate, keys create
-START_TIMEOUT = 60.0  # until a server answers
-STOP_TIMEOUT = 25.0  # SIGTERM grace before SIGKILL (gunicorn's graceful_timeout is 20)
+BUCKET = "genrelay-bench"
 ROUND_PAUSE = 1.0  # seconds between rounds, to let access logs drain
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run; the message says why (process logs are printed too)."""
-
-
-# -- processes ---------------------------------------------------------------------------
-
-
-class Processes:
-    """Child processes, each in its own session (Ctrl-C reaches only us), logs in files."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
-
-    def log_path(self, name: str) -> Path:
-        return self.log_dir / f"{name}.log"
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        with self.log_path(name).open("wb") as log:
-            self.children[name] = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=REPO_DIR,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def check_alive(self) -> None:
-        dead = {n: p.returncode for n, p in self.children.items() if p.poll() is not None}
-        if dead:
-            raise BenchError(f"process exited early: {dead}")
-
-    def logs(self, tail: int = 4000) -> str:
-        parts = []
-        for name in self.children:
-            text = self.log_path(name).read_text(errors="replace")
-            parts.append(f"--- {name} (last {tail} characters) ---\n{text[-tail:]}")
-        return "\n".join(parts)
-
-    def stop_all(self) -> None:
-        """SIGTERM every child, wait, SIGKILL what is left (the child's whole group)."""
-        for process in self.children.values():
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for name, process in self.children.items():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killing", flush=True)
-        for process in self.children.values():
-            # The group id is the child's pid (start_new_session); it also holds the gunicorn
-            # workers, which must not outlive a killed master.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], processes: Processes, what: str) -> None:
-    """Poll ``check`` until it is true; fail if a child dies or START_TIMEOUT passes."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        processes.check_alive()
-        try:
-            if check():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"{what} did not answer within {START_TIMEOUT:.0f} s")
-
-
-def run_command(argv: list[str], env: dict[str, str]) -> str:
-    """Run a set-up command to completion; its stdout, or BenchError with its output."""
-    done = subprocess.run(
-        argv, env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=SETUP_TIMEOUT
-    )
-    if done.returncode != 0:
-        raise BenchError(
-            f"{' '.join(argv[1:])} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-        )
-    return done.stdout
-
-
-def base_env() -> dict[str, str]:
-    """Our environment without any genrelay setting, so both targets get only ours."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("GENRELAY_") and k != "PORT"}
-
-
-# -- database ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def fresh_database(kind: str, tmp_dir: Path, admin_url: str) -> Iterator[tuple[str, str]]:
-    """A new, empty database: (GENRELAY_DATABASE_URL, description); dropped afterwards."""
-    if kind == "sqlite":
-        path = tmp_dir / "genrelay-bench.db"
-        yield f"sqlite:///{path}", f"sqlite {sqlite_version()} (file in {tmp_dir})"
-        return
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    url = make_url(admin_url)
-    if url.host not in LOOPBACK_NAMES:
-        raise BenchError(f"refusing a non-loopback PostgreSQL host: {url.host}")
-    name = f"genrelay_bench_{secrets.token_hex(4)}"
-    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-        version = str(row[0]) if row else "?"
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        target = url.set(drivername="postgresql+psycopg", database=name)
-        yield target.render_as_string(hide_password=False), f"postgresql {version} ({name})"
-    finally:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        print(f"dropped database {name}", flush=True)
-
-
-def sqlite_version() -> str:
-    import sqlite3
-
-    return sqlite3.sqlite_version
 
 
 # -- load --------------------------------------------------------------------------------
@@ -257,10 +123,6 @@ class Round:
         return sum(n for k, n in self.outcomes.items() if is_2xx(k)) - self.queued
 
 
-def is_2xx(outcome: str) -> bool:
-    return outcome.isdigit() and outcome.startswith("2")
-
-
 def drive(
     target: str,
     number: int,
@@ -274,57 +136,19 @@ def drive(
     body = json.dumps(SEED_BODY).encode()
     headers = {**headers, "Content-Type": "application/json"}
     lock = threading.Lock()
-    issued = 0
-    latencies: list[float] = []
-    outcomes: collections.Counter[str] = collections.Counter()
     queued = 0
-    start = threading.Barrier(concurrency + 1)
 
-    def client() -> None:
-        nonlocal issued, queued
-        my_latencies: list[float] = []
-        my_outcomes: collections.Counter[str] = collections.Counter()
-        my_queued = 0
-        with requests.Session() as session:
-            with contextlib.suppress(threading.BrokenBarrierError):
-                start.wait(timeout=30)
-            while not stop.is_set():
-                with lock:
-                    if issued >= requests_total:
-                        break
-                    issued += 1
-                began = time.perf_counter()
-                try:
-                    response = session.post(url, data=body, headers=headers, timeout=CLIENT_TIMEOUT)
-                    outcome = str(response.status_code)
-                except requests.RequestException as exc:
-                    response, outcome = None, type(exc).__name__
-                my_latencies.append(time.perf_counter() - began)
-                my_outcomes[outcome] += 1
-                if response is not None and response.ok and not forwarded(response):
-                    my_queued += 1
-        with lock:
-            latencies.extend(my_latencies)
-            outcomes.update(my_outcomes)
-            queued += my_queued
+    def send(session: requests.Session, _n: int) -> requests.Response:
+        return session.post(url, data=body, headers=headers, timeout=CLIENT_TIMEOUT)
 
-    threads = [
-        threading.Thread(target=client, name=f"client-{i}", daemon=True) for i in range(concurrency)
-    ]
-    for thread in threads:
-        thread.start()
-    start.wait(timeout=30)
-    began = time.perf_counter()
-    # Each request is bounded by CLIENT_TIMEOUT, so each thread is bounded too.
-    deadline = time.monotonic() + requests_total * sum(CLIENT_TIMEOUT) + 60
-    for thread in threads:
-        while thread.is_alive():
-            if time.monotonic() > deadline:
-                stop.set()
-                raise BenchError(f"{target} round {number} did not finish in time")
-            thread.join(timeout=0.5)  # short joins keep Ctrl-C responsive
-    wall = time.perf_counter() - began
-    return Round(target, number, wall, latencies, outcomes, queued)
+    def check(_n: int, response: requests.Response) -> None:
+        nonlocal queued
+        if not forwarded(response):
+            with lock:
+                queued += 1
+
+    load = closed_loop(requests_total, concurrency, send, stop, check)
+    return Round(target, number, load.wall, load.latencies, load.outcomes, queued)
 
 
 def forwarded(response: requests.Response) -> bool:
@@ -342,14 +166,6 @@ def forwarded(response: requests.Response) -> bool:
 
 
 # -- statistics --------------------------------------------------------------------------
-
-
-def percentile(ordered: list[float], p: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not ordered:
-        return math.nan
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def summarize(rounds: list[Round]) -> dict[str, Any]:
@@ -375,50 +191,22 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
 
 # -- logs --------------------------------------------------------------------------------
 
-_ACCESS_5XX = re.compile(r'" 5\d\d ')
 _LOG_PATTERNS = {
-    "warning_or_error": re.compile(r'"severity": "(WARNING|ERROR|CRITICAL)"|\[(WARNING|ERROR)\]'),
-    "traceback": re.compile(r"Traceback \(most recent call last\)"),
-    "database_locked": re.compile(r"database is locked", re.IGNORECASE),
-    "access_5xx": _ACCESS_5XX,
-    "worker_timeout": re.compile(r"WORKER TIMEOUT|was sent SIGKILL", re.IGNORECASE),
+    "warning_or_error": WARNING_OR_ERROR,
+    "traceback": TRACEBACK,
+    "database_locked": DATABASE_LOCKED,
+    "access_5xx": re.compile(r'" 5\d\d '),
+    "worker_timeout": GUNICORN_TIMEOUT,
     "worker_boot": re.compile(r"Booting worker with pid"),  # one per process is normal
 }
-
-
-def scan_log(path: Path, excerpts: int = 5) -> dict[str, Any]:
-    """Counts (and a few first lines) of the log lines worth a look."""
-    counts: dict[str, int] = dict.fromkeys(_LOG_PATTERNS, 0)
-    samples: dict[str, list[str]] = {name: [] for name in _LOG_PATTERNS}
-    if not path.exists():
-        return {"counts": counts, "samples": samples}
-    with path.open(errors="replace") as log:
-        for line in log:
-            for name, pattern in _LOG_PATTERNS.items():
-                if pattern.search(line):
-                    counts[name] += 1
-                    if len(samples[name]) < excerpts:
-                        samples[name].append(line.rstrip()[:400])
-    return {"counts": counts, "samples": {k: v for k, v in samples.items() if v}}
 
 
 # -- report ------------------------------------------------------------------------------
 
 
-def machine_facts(args: argparse.Namespace, database: str) -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+def run_facts(args: argparse.Namespace, database: str) -> dict[str, Any]:
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu_model,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        **machine_facts(),
         "database": database,
         "requests_per_round": args.requests,
         "concurrency": args.concurrency,
@@ -505,60 +293,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=int(os.environ.get("GENRELAY_WEB_THREADS", "8")),
         help="gunicorn threads per process of both targets (GENRELAY_WEB_THREADS, default 8)",
     )
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("GENRELAY_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL),
-        help="an existing database to connect to for CREATE/DROP DATABASE (loopback only)",
-    )
-    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
-    parser.add_argument("--log-dir", type=Path, help="keep the process logs here")
+    add_common_options(parser, postgres_url=postgres_url_from_env())
     args = parser.parse_args(argv)
-    for name in ("requests", "concurrency", "rounds", "processes", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+    require_positive(parser, args, ("requests", "concurrency", "rounds", "processes", "threads"))
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
     return args
 
 
-def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Ctrl-C (even when started from a shell that ignores it, as `cmd &` does) and SIGTERM
-    # both end in the clean-up below.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    with tempfile.TemporaryDirectory(prefix="genrelay-bench-") as tmp:
-        tmp_dir = Path(tmp)
-        log_dir = args.log_dir or tmp_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
+    handle_signals()
+    with work_dirs(args.log_dir) as (tmp_dir, log_dir):
         processes = Processes(log_dir)
         stop = threading.Event()
         try:
-            with fresh_database(args.database, tmp_dir, args.postgres_url) as (db_url, db_desc):
+            # genrelay needs a bucket to be ready (/readyz): fake-gcs-server, memory backend.
+            with (
+                fresh_database(args.database, tmp_dir, args.postgres_url) as (db_url, db_desc),
+                FakeGcsServer(backend="memory") as gcs,
+            ):
+                gcs.create_bucket(BUCKET)
                 try:
-                    report = run(args, processes, tmp_dir, db_url, db_desc, stop)
+                    report = run(args, processes, tmp_dir, db_url, db_desc, stop, gcs.url)
                 finally:
-                    stop.set()
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the clean-up
-                    processes.stop_all()
+                    clean_up(processes, stop)
                 report["logs"] = {
-                    name: scan_log(processes.log_path(name)) for name in ("genrelay", "forwarder")
+                    name: scan_log(processes.log_path(name), _LOG_PATTERNS, excerpts=5)
+                    for name in ("genrelay", "forwarder")
                 }
         except BenchError as exc:
-            print(f"\nbenchmark failed: {exc}\n\n{processes.logs()}", file=sys.stderr)
-            return 1
+            return failed(exc, processes)
         except KeyboardInterrupt:
-            print("\ninterrupted; every process stopped", file=sys.stderr)
-            return 130
-    print_report(report)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nJSON report: {args.json_out}")
-    return 0
+            return interrupted()
+    return finish(report, print_report, args.json_out)
 
 
 def run(
@@ -568,32 +336,12 @@ def run(
     db_url: str,
     db_desc: str,
     stop: threading.Event,
-) -> dict[str, Any]:
-    """Measure with a GCS emulator running: genrelay needs a bucket to be ready (/readyz)."""
-    from service.gcs_emulator import FakeGcsServer
-
-    with FakeGcsServer(backend="memory") as gcs:
-        gcs.create_bucket(BENCH_BUCKET)
-        return _run(args, processes, tmp_dir, db_url, db_desc, stop, gcs_url=gcs.url)
-
-
-BENCH_BUCKET = "genrelay-bench"
-
-
-def _run(
-    args: argparse.Namespace,
-    processes: Processes,
-    tmp_dir: Path,
-    db_url: str,
-    db_desc: str,
-    stop: threading.Event,
-    *,
     gcs_url: str,
 ) -> dict[str, Any]:
-    sim_port, genrelay_port, forwarder_port = free_port(), free_port(), free_port()
-    sim_url = f"http://{LOOPBACK}:{sim_port}"
+    genrelay_port, forwarder_port = free_port(), free_port()
     genrelay_url = f"http://{LOOPBACK}:{genrelay_port}"
     forwarder_url = f"http://{LOOPBACK}:{forwarder_port}"
+    sim_url = start_simulator(processes, base_env(), 5)
     shared = {
         **base_env(),
         "GENRELAY_DEEPIMAGE_URL": sim_url,
@@ -610,7 +358,7 @@ def _run(
     genrelay_env = {
         **shared,
         "GENRELAY_DATABASE_URL": db_url,
-        "GENRELAY_GCS_BUCKET": BENCH_BUCKET,
+        "GENRELAY_GCS_BUCKET": BUCKET,
         "STORAGE_EMULATOR_HOST": gcs_url,
         "GENRELAY_RATE_LIMIT": "0",
         "PORT": str(genrelay_port),
@@ -623,34 +371,8 @@ def _run(
     }
 
     print(f"database: {db_desc}; migrating and creating a key", flush=True)
-    run_command([GENRELAY, "migrate"], genrelay_env)
-    api_key = run_command([GENRELAY, "keys", "create", "bench"], genrelay_env).strip()
-    if not api_key or "\n" in api_key:
-        raise BenchError("genrelay keys create did not print a key alone on stdout")
+    api_key = prepare_database(genrelay_env)
 
-    processes.start(
-        "simulator",
-        [
-            GENRELAY,
-            "simulator",
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(sim_port),
-            "--api-key",
-            SIMULATOR_KEY,
-            "--processing-time",
-            "5",
-            "--concurrency-limit",
-            "1000000",
-            "--log-level",
-            "WARNING",
-        ],
-        shared,
-    )
-    wait_until(
-        lambda: requests.get(f"{sim_url}/_sim/health", timeout=1).ok, processes, "the simulator"
-    )
     processes.start("genrelay", [GENRELAY, "serve"], genrelay_env)
     processes.start(
         "forwarder",
@@ -681,7 +403,7 @@ def _run(
         "genrelay": (f"{genrelay_url}/v1/generations", {"Authorization": f"Bearer {api_key}"}),
         "forwarder": (f"{forwarder_url}/v1/generations", {}),
     }
-    facts = machine_facts(args, db_desc)
+    facts = run_facts(args, db_desc)
     print(
         f"all up; {args.rounds} rounds x {args.requests} requests per target, "
         f"concurrency {args.concurrency}",

@@ -66,48 +66,50 @@ import contextlib
 import json
 import re
 import secrets
-import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import requests
 import sqlalchemy as sa
 from _stack import (
-    BENCH_ERRORS,
     CLIENT_TIMEOUT,
     DEFAULT_POSTGRES_URL,
     GENRELAY,
     LOOPBACK,
+    SEED_BODY,
     SIMULATOR_KEY,
     BenchError,
+    Context,
     CpuProbe,
     Database,
     LoadResult,
     Processes,
+    add_common_options,
     base_env,
     closed_loop,
+    failed,
+    finish,
     free_port,
     fresh_database,
+    handle_signals,
+    interrupted,
     latency_stats,
     machine_facts,
     own_process,
-    run_command,
+    prepare_database,
+    print_log_scan,
+    require_positive,
     scan_log,
-    start_simulator,
+    shared_stack,
     tree_of,
     wait_until,
+    work_dirs,
 )
-from intake import SEED_BODY
-
-from service.gcs_emulator import FakeGcsServer
 
 BUCKET = "genrelay-bench"
 SIM_PROCESSING_TIME = 5.0  # jobs stay pending; there are no callbacks (no public URL)
@@ -117,10 +119,6 @@ LIST_LIMIT = 20
 METRICS_REQUESTS = 10
 ROUND_PAUSE = 1.0
 TARGETS = ("empty", "large")
-
-
-def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 # -- the fill ------------------------------------------------------------------------------
@@ -295,26 +293,6 @@ class Target:
         self.tenant_id = str(db.scalar("SELECT id FROM tenants WHERE name = %s", (TENANT,)))
 
 
-class Context:
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        tmp_dir: Path,
-        log_dir: Path,
-        shared: Processes,
-        gcs: FakeGcsServer,
-        sim_url: str,
-        stop: threading.Event,
-    ) -> None:
-        self.args = args
-        self.tmp_dir = tmp_dir
-        self.log_dir = log_dir
-        self.shared = shared
-        self.gcs = gcs
-        self.sim_url = sim_url
-        self.stop = stop
-
-
 def measure_round(ctx: Context, target: Target, number: int) -> dict[str, Any]:
     """`genrelay serve` on one database: warm-up, then intake, list, read, /metrics."""
     args = ctx.args
@@ -442,7 +420,9 @@ def measure_round(ctx: Context, target: Target, number: int) -> dict[str, Any]:
         "metrics_latency": latency_stats(metrics),
         "_metrics_raw": metrics,
         "logs": {
-            k: v for k, v in {"serve": scan_log(processes.log_path("serve"))}.items() if v["counts"]
+            k: v
+            for k, v in {"serve": scan_log(processes.log_path("serve"), found_only=True)}.items()
+            if v["counts"]
         },
     }
     for phase, load in loads.items():
@@ -976,10 +956,7 @@ def print_report(report: dict[str, Any]) -> None:
                 print(f"     {line}")
     for r in report["rounds"]:
         for name, scan in r["logs"].items():
-            print(f"{r['target']} {r['round']} {name} log: {scan['counts']}")
-            for kind, lines in scan["samples"].items():
-                for line in lines[:2]:
-                    print(f"    [{kind}] {line}")
+            print_log_scan(f"{r['target']} {r['round']} {name}", scan)
     print(f"\nmeasuring took {report['seconds']} s")
 
 
@@ -1005,28 +982,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--web-processes", type=int, default=2, help="GENRELAY_WEB_PROCESSES")
     parser.add_argument("--web-threads", type=int, default=8, help="GENRELAY_WEB_THREADS")
-    parser.add_argument(
-        "--postgres-url",
-        default=DEFAULT_POSTGRES_URL,
-        help="an existing database used only to CREATE/DROP DATABASE (loopback only)",
-    )
-    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
-    parser.add_argument("--log-dir", type=Path, help="keep the process logs here")
+    add_common_options(parser, postgres_url=DEFAULT_POSTGRES_URL)
     args = parser.parse_args(argv)
-    for name in ("requests", "reads", "concurrency", "rounds", "probe", "web_processes"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(
+        parser, args, ("requests", "reads", "concurrency", "rounds", "probe", "web_processes")
+    )
     if args.generations < 1000 or args.tenants < 1 or args.tasks < 0 or args.warmup < 0:
         parser.error("--generations >= 1000, --tenants >= 1, --tasks and --warmup >= 0")
     return args
 
 
 def setup(name: str, url: str, desc: str) -> tuple[str, Database]:
-    env = {**base_env(), "GENRELAY_DATABASE_URL": url}
-    run_command([GENRELAY, "migrate"], env)
-    api_key = run_command([GENRELAY, "keys", "create", TENANT], env).strip()
-    if not api_key or "\n" in api_key:
-        raise BenchError("genrelay keys create did not print a key alone on stdout")
+    api_key = prepare_database({**base_env(), "GENRELAY_DATABASE_URL": url}, TENANT)
     print(f"{name}: {desc}, migrated, key created", flush=True)
     return api_key, Database(url)
 
@@ -1089,37 +1056,23 @@ def raw_latencies(rounds: list[dict[str, Any]]) -> dict[str, dict[str, list[floa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    facts = machine_facts()
+    handle_signals()
+    facts = machine_facts(memory=True)
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="genrelay-bench-") as tmp:
-        tmp_dir = Path(tmp)
-        log_dir = args.log_dir or tmp_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
+    with work_dirs(args.log_dir) as (tmp_dir, log_dir):
         shared = Processes(log_dir)
-        gcs = FakeGcsServer(backend="memory", log_path=log_dir / "gcs.log")
-        stop = threading.Event()
         try:
-            # The ExitStack drops both databases on the way out, Ctrl-C included.
-            with contextlib.ExitStack() as stack:
-                try:
-                    gcs.start()
-                    gcs.create_bucket(BUCKET)
-                    sim_url = start_simulator(shared, base_env(), SIM_PROCESSING_TIME)
-                    ctx = Context(args, tmp_dir, log_dir, shared, gcs, sim_url, stop)
-                    measured = run(ctx, stack)
-                finally:
-                    stop.set()
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the clean-up
-                    shared.stop_all()
-                    gcs.stop()
-        except BENCH_ERRORS as exc:
-            print(f"\nbenchmark failed: {exc}\n\n{shared.logs()}", file=sys.stderr)
-            return 1
+            # The ExitStack drops both databases on the way out (after every process is
+            # stopped), Ctrl-C included.
+            with (
+                contextlib.ExitStack() as stack,
+                shared_stack(args, tmp_dir, log_dir, shared, BUCKET, SIM_PROCESSING_TIME) as ctx,
+            ):
+                measured = run(ctx, stack)
+        except BenchError as exc:
+            return failed(exc, shared)
         except KeyboardInterrupt:
-            print("\ninterrupted; every process stopped, databases dropped", file=sys.stderr)
-            return 130
+            return interrupted("every process stopped, databases dropped")
     facts.update(
         {
             "postgres": measured.pop("postgres"),
@@ -1142,11 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarize(measured["rounds"], raw),
         "seconds": round(time.monotonic() - began, 1),
     }
-    print_report(report)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"\nJSON report: {args.json_out}")
-    return 0
+    return finish(report, print_report, args.json_out, default=str)
 
 
 if __name__ == "__main__":

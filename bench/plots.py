@@ -41,6 +41,22 @@ def _bars(
     ax.spines[["top", "right"]].set_visible(False)
 
 
+def _save(fig: Any, out: Path, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+
+
+def _bar_chart(
+    out: Path, name: str, title: str, *bars: Any, figsize: tuple[float, float] = (6, 3.6)
+) -> None:
+    """One figure, ``_bars(ax, *bars)`` titled ``title``, saved as ``out/name``."""
+    fig, ax = plt.subplots(figsize=figsize)
+    _bars(ax, *bars)
+    ax.set_title(title)
+    _save(fig, out, name)
+
+
 def intake(reports: dict[str, Any], out: Path) -> None:
     """Intake: req/s and latency percentiles, genrelay next to the minimal forwarder."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -62,46 +78,36 @@ def intake(reports: dict[str, Any], out: Path) -> None:
         "ms",
     )
     right.set_title("latency")
-    fig.tight_layout()
-    fig.savefig(out / "intake.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out, "intake.png")
 
 
 def completion(report: dict[str, Any], out: Path) -> None:
     """Callback -> succeeded per result size, next to the bare streamed copy."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
     labels = [size["label"] for size in report["sizes"]]
     pairs = [
         (size["phases"]["server"]["median"], size["raw"]["stream"]["median"])
         for size in report["sizes"]
     ]
-    _bars(ax, labels, pairs, ("callback → succeeded", "bare download → upload"), "seconds")
-    ax.set_title("completion path, median")
-    fig.tight_layout()
-    fig.savefig(out / "completion.png", dpi=120)
-    plt.close(fig)
+    names = ("callback → succeeded", "bare download → upload")
+    _bar_chart(out, "completion.png", "completion path, median", labels, pairs, names, "seconds")
 
 
 def deliveries(reports: dict[str, Any], out: Path) -> None:
     """Deliveries/s of one worker next to a bare requests pool."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
     labels = list(reports)
     pairs = [
         (r["targets"]["genrelay"]["deliveries_per_s"], r["targets"]["bare"]["deliveries_per_s"])
         for r in reports.values()
     ]
-    _bars(ax, labels, pairs, ("genrelay worker", "bare requests pool"), "deliveries/s")
-    ax.set_title("signed webhook deliveries")
-    fig.tight_layout()
-    fig.savefig(out / "deliveries.png", dpi=120)
-    plt.close(fig)
+    names = ("genrelay worker", "bare requests pool")
+    _bar_chart(
+        out, "deliveries.png", "signed webhook deliveries", labels, pairs, names, "deliveries/s"
+    )
 
 
 def scale(report: dict[str, Any], out: Path) -> None:
     """Generations/s with 1 and 2 worker processes, whole path and backlog drain."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
     summary = report["summary"]
-    labels = ["whole path", "backlog drain"]
     pairs = [
         (
             summary[case]["per_workers"]["1"]["gen_per_s"],
@@ -109,16 +115,13 @@ def scale(report: dict[str, Any], out: Path) -> None:
         )
         for case in ("whole", "backlog")
     ]
-    _bars(ax, labels, pairs, ("1 worker", "2 workers"), "generations/s")
-    ax.set_title("scale-out on PostgreSQL (2 cores, shared)")
-    fig.tight_layout()
-    fig.savefig(out / "scale.png", dpi=120)
-    plt.close(fig)
+    labels, names = ["whole path", "backlog drain"], ("1 worker", "2 workers")
+    title = "scale-out on PostgreSQL (2 cores, shared)"
+    _bar_chart(out, "scale.png", title, labels, pairs, names, "generations/s")
 
 
 def large_table(report: dict[str, Any], out: Path) -> None:
     """Latency on an empty database next to one with 1 M generations and 100 k tasks."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
     summary = report["summary"]
     labels, pairs = [], []
     for operation in ("intake", "list", "read"):
@@ -126,11 +129,8 @@ def large_table(report: dict[str, Any], out: Path) -> None:
         for quantile in ("p50_ms", "p99_ms"):
             labels.append(f"{operation}\n{quantile[:3]}")
             pairs.append((targets["large"][quantile], targets["empty"][quantile]))
-    _bars(ax, labels, pairs, ("1 M generations", "empty"), "ms")
-    ax.set_title("latency with large tables (PostgreSQL)")
-    fig.tight_layout()
-    fig.savefig(out / "large-table.png", dpi=120)
-    plt.close(fig)
+    title, names = "latency with large tables (PostgreSQL)", ("1 M generations", "empty")
+    _bar_chart(out, "large-table.png", title, labels, pairs, names, "ms", figsize=(7, 3.6))
 
 
 def _load(directory: Path, name: str) -> dict[str, Any] | None:

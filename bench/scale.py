@@ -83,49 +83,50 @@ import json
 import os
 import re
 import secrets
-import signal
 import statistics
 import sys
-import tempfile
-import threading
 import time
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import requests
 from _cpulimit import CpuQuota, CpuQuotaError
 from _cpulimit import available as quotas_available
 from _stack import (
-    BENCH_ERRORS,
     CLIENT_TIMEOUT,
     DEFAULT_POSTGRES_URL,
     GENRELAY,
     LOOPBACK,
     SIMULATOR_KEY,
     BenchError,
+    Context,
     CpuProbe,
     Database,
     LoadResult,
     PidSource,
     Processes,
     WaitSampler,
+    add_common_options,
     base_env,
     closed_loop,
+    failed,
+    finish,
     free_port,
     fresh_database,
+    handle_signals,
+    interrupted,
     latency_stats,
     machine_facts,
     own_process,
-    run_command,
+    prepare_database,
+    print_log_scan,
+    require_positive,
     scan_log,
-    start_simulator,
+    shared_stack,
     tree_of,
     wait_for_log,
     wait_until,
+    work_dirs,
 )
-
-from service.gcs_emulator import FakeGcsServer
 
 BUCKET = "genrelay-bench"
 SIM_PROCESSING_TIME = 0.2
@@ -133,40 +134,12 @@ TARGET_RATIO = 1.8
 SETTLE = 1.0  # seconds after the workers said "worker started", before the clock starts
 DB_POLL = 0.05  # seconds between the benchmark's counts of finished generations
 MODES = ("whole", "backlog")
+# Task queries below leave out kind 'housekeeping': the workers' own hourly sweep
+# (service/housekeeping.py) is always pending and is not the workload.
 _STORED = re.compile(r"stored \S+ \(\d+ bytes, [^)]*\) in ([0-9.]+) s")
 
 
-def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 # -- one run -------------------------------------------------------------------------------
-
-
-class Context:
-    """What every run shares: options, the simulator, fake-gcs-server, directories."""
-
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        tmp_dir: Path,
-        log_dir: Path,
-        shared: Processes,
-        gcs: FakeGcsServer,
-        sim_url: str,
-        stop: threading.Event,
-    ) -> None:
-        self.args = args
-        self.tmp_dir = tmp_dir
-        self.log_dir = log_dir
-        self.shared = shared
-        self.gcs = gcs
-        self.sim_url = sim_url
-        self.stop = stop
-        size = args.image_size
-        text_only = {"generate": {"description": "bench"}}
-        body = {"input": {"width": size, "height": size, "background": text_only}}
-        self.body = json.dumps(body).encode()
 
 
 def run_case(ctx: Context, mode: str, workers: int, repeat: int) -> dict[str, Any]:
@@ -197,14 +170,11 @@ def run_case(ctx: Context, mode: str, workers: int, repeat: int) -> dict[str, An
             "PORT": str(port),
             "XDG_RUNTIME_DIR": str(case_dir),
         }
-        run_command([GENRELAY, "migrate"], env)
+        api_key = prepare_database(env)
         if args.pg_set:
             with Database(db_url) as db:
                 for name, value in args.pg_set:
                     db.execute(f'ALTER DATABASE "{db.name}" SET {name} = {value}')
-        api_key = run_command([GENRELAY, "keys", "create", "bench"], env).strip()
-        if not api_key or "\n" in api_key:
-            raise BenchError("genrelay keys create did not print a key alone on stdout")
         try:
             with Database(db_url) as db:
                 processes.start("serve", [GENRELAY, "serve"], env)
@@ -227,7 +197,9 @@ def run_case(ctx: Context, mode: str, workers: int, repeat: int) -> dict[str, An
             processes.stop_all()
             for quota in quotas:
                 quota.close()
-        logs = {name: scan_log(processes.log_path(name)) for name in processes.children}
+        logs = {
+            name: scan_log(processes.log_path(name), found_only=True) for name in processes.children
+        }
     copies = []
     for n in range(1, workers + 1):
         text = processes.log_path(f"worker-{n}").read_text(errors="replace")
@@ -317,6 +289,10 @@ class Run:
         self.workers = workers
         self.probe = probe
         self.quotas = quotas
+        size = ctx.args.image_size
+        text_only = {"generate": {"description": "bench"}}
+        body = {"input": {"width": size, "height": size, "background": text_only}}
+        self.body = json.dumps(body).encode()
 
     def start_workers(self) -> None:
         args = self.ctx.args
@@ -336,9 +312,7 @@ class Run:
         url = f"{self.api}/v1/generations"
 
         def send(session: requests.Session, _n: int) -> requests.Response:
-            return session.post(
-                url, data=self.ctx.body, headers=self.headers, timeout=CLIENT_TIMEOUT
-            )
+            return session.post(url, data=self.body, headers=self.headers, timeout=CLIENT_TIMEOUT)
 
         def check(_n: int, response: requests.Response) -> str | None:
             try:
@@ -404,7 +378,8 @@ class Run:
         while True:
             self.processes.check_alive()
             left = self.db.scalar(
-                "SELECT count(*) FROM tasks WHERE status IN ('pending', 'running')"
+                "SELECT count(*) FROM tasks WHERE status IN ('pending', 'running') "
+                "AND kind <> 'housekeeping'"
             )
             if left == 0:
                 return float(
@@ -477,6 +452,7 @@ class Run:
         callbacks_in = time.time()
         parked = self.db.rows(
             "UPDATE tasks SET run_at = now() + interval '1 hour' WHERE status = 'pending' "
+            "AND kind <> 'housekeeping' "
             "RETURNING kind"
         )
         backlog = {kind: sum(1 for (k,) in parked if k == kind) for kind in ("store", "poll")}
@@ -484,7 +460,10 @@ class Run:
         with WaitSampler(self.db) as waits:
             before = self.probe.snapshot()
             released_at = time.time()
-            released = self.db.execute("UPDATE tasks SET run_at = now() WHERE status = 'pending'")
+            released = self.db.execute(
+                "UPDATE tasks SET run_at = now() "
+                "WHERE status = 'pending' AND kind <> 'housekeeping'"
+            )
             if released != len(parked):
                 raise BenchError(f"parked {len(parked)} tasks but released {released}")
             end = self.wait_drained()  # every released task, the no-op polls included
@@ -627,6 +606,30 @@ def fmt(value: Any, spec: str = ".1f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+# (title, unit, width) of each column of the two tables
+# fmt: off
+WHOLE_COLUMNS = [
+    ("run", "", 14), ("ok", "", 5), ("err", "", 5), ("submit s", "", 10), ("intake/s", "", 10),
+    ("tail s", "", 8), ("elapsed", "s", 9), ("gen/s", "", 8), ("mid80", "gen/s", 8),
+    ("e2e p50", "ms", 9), ("e2e p90", "ms", 9), ("store", "copy ms", 8),
+    ("machine", "busy %", 9), ("cb", "409", 5),
+]
+BACKLOG_COLUMNS = [
+    ("run", "", 14), ("ok", "", 5), ("err", "", 5), ("intake/s", "(no wkr)", 10),
+    ("backlog", "store+poll", 10), ("drain s", "", 9), ("gen/s", "", 8), ("mid80", "gen/s", 8),
+    ("store", "copy ms", 9), ("machine", "busy %", 9), ("cb", "409", 5),
+]
+# fmt: on
+
+
+def print_header(columns: list[tuple[str, str, int]]) -> None:
+    """A table's head: (title, unit, width) per column, the first one left-aligned."""
+    first, *rest = columns
+    for row in (0, 1):  # the titles, then the units
+        print(f"{first[row]:<{first[2]}}" + "".join(f"{c[row]:>{c[2]}}" for c in rest))
+    print("-" * sum(width for _, _, width in columns))
+
+
 def print_report(report: dict[str, Any]) -> None:
     print()
     print("== genrelay scale-out benchmark (PostgreSQL) ==")
@@ -638,15 +641,7 @@ def print_report(report: dict[str, Any]) -> None:
     if whole:
         print()
         print("whole path: POST -> inline submit -> simulator -> callback -> store (worker)")
-        header = (
-            f"{'run':<14}{'ok':>5}{'err':>5}{'submit s':>10}{'intake/s':>10}{'tail s':>8}"
-            f"{'elapsed':>9}{'gen/s':>8}{'mid80':>8}{'e2e p50':>9}{'e2e p90':>9}"
-            f"{'store':>8}{'machine':>9}{'cb':>5}"
-        )
-        print(header)
-        print(f"{'':<14}{'':>5}{'':>5}{'':>10}{'':>10}{'':>8}{'s':>9}{'':>8}{'gen/s':>8}"
-              f"{'ms':>9}{'ms':>9}{'copy ms':>8}{'busy %':>9}{'409':>5}")  # fmt: skip
-        print("-" * len(header))
+        print_header(WHOLE_COLUMNS)
         for c in whole:
             print(
                 f"{c['label']:<14}{c['succeeded']:>5}{c['failed']:>5}"
@@ -671,14 +666,7 @@ def print_report(report: dict[str, Any]) -> None:
     if backlog:
         print()
         print("backlog drain: G store tasks pending (intake and callbacks done), workers released")
-        header = (
-            f"{'run':<14}{'ok':>5}{'err':>5}{'intake/s':>10}{'backlog':>10}{'drain s':>9}"
-            f"{'gen/s':>8}{'mid80':>8}{'store':>9}{'machine':>9}{'cb':>5}"
-        )
-        print(header)
-        print(f"{'':<14}{'':>5}{'':>5}{'(no wkr)':>10}{'store+poll':>10}{'':>9}{'':>8}"
-              f"{'gen/s':>8}{'copy ms':>9}{'busy %':>9}{'409':>5}")  # fmt: skip
-        print("-" * len(header))
+        print_header(BACKLOG_COLUMNS)
         for c in backlog:
             print(
                 f"{c['label']:<14}{c['succeeded']:>5}{c['failed']:>5}{c['intake_per_s']:>10.1f}"
@@ -758,10 +746,7 @@ def print_report(report: dict[str, Any]) -> None:
         print()
         for label, logs in noisy.items():
             for name, scan in logs.items():
-                print(f"{label} {name} log: {scan['counts']}")
-                for kind, lines in scan["samples"].items():
-                    for line in lines[:2]:
-                        print(f"    [{kind}] {line}")
+                print_log_scan(f"{label} {name}", scan)
     capped = [c for c in cases if c.get("worker_quota")]
     if capped:
         print()
@@ -839,17 +824,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256, help="result width=height (256)")
     parser.add_argument("--web-processes", type=int, default=2, help="GENRELAY_WEB_PROCESSES")
     parser.add_argument("--web-threads", type=int, default=8, help="GENRELAY_WEB_THREADS")
-    parser.add_argument(
-        "--postgres-url",
-        default=DEFAULT_POSTGRES_URL,
-        help="an existing database used only to CREATE/DROP DATABASE (loopback only)",
-    )
-    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
-    parser.add_argument("--log-dir", type=Path, help="keep the process logs here")
+    add_common_options(parser, postgres_url=DEFAULT_POSTGRES_URL)
     args = parser.parse_args(argv)
-    for name in ("generations", "concurrency", "threads", "repeats", "web_processes"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(
+        parser, args, ("generations", "concurrency", "threads", "repeats", "web_processes")
+    )
     if not args.workers or min(args.workers) < 1:
         parser.error("--workers needs counts of at least 1")
     if set(args.modes) - set(MODES) or not args.modes:
@@ -867,44 +846,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    facts = machine_facts()
+    handle_signals()
+    facts = machine_facts(memory=True)
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="genrelay-bench-") as tmp:
-        tmp_dir = Path(tmp)
-        log_dir = args.log_dir or tmp_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
+    with work_dirs(args.log_dir) as (tmp_dir, log_dir):
         shared = Processes(log_dir)
-        # Memory backend: the results are small (a 256x256 PNG is about 20 KB).
-        gcs = FakeGcsServer(backend="memory", log_path=log_dir / "gcs.log")
-        stop = threading.Event()
         cases: list[dict[str, Any]] = []
         try:
-            try:
-                gcs.start()
-                gcs.create_bucket(BUCKET)
-                sim_url = start_simulator(shared, base_env(), SIM_PROCESSING_TIME)
+            # Memory backend: the results are small (a 256x256 PNG is about 20 KB).
+            with shared_stack(args, tmp_dir, log_dir, shared, BUCKET, SIM_PROCESSING_TIME) as ctx:
                 with Database(args.postgres_url) as admin:
                     facts["postgres"] = admin.settings()
-                ctx = Context(args, tmp_dir, log_dir, shared, gcs, sim_url, stop)
                 for repeat in range(1, args.repeats + 1):
                     order = args.workers if repeat % 2 else list(reversed(args.workers))
                     for mode in args.modes:
                         for workers in order:
                             cases.append(run_case(ctx, mode, workers, repeat))
                             shared.check_alive()
-            finally:
-                stop.set()
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the clean-up
-                shared.stop_all()
-                gcs.stop()
-        except BENCH_ERRORS as exc:
-            print(f"\nbenchmark failed: {exc}\n\n{shared.logs()}", file=sys.stderr)
-            return 1
+        except BenchError as exc:
+            return failed(exc, shared)
         except KeyboardInterrupt:
-            print("\ninterrupted; every process stopped, databases dropped", file=sys.stderr)
-            return 130
+            return interrupted("every process stopped, databases dropped")
     facts.update(
         {
             "path": "POST /v1/generations -> inline submit -> simulator -> callback -> store",
@@ -929,11 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarize(cases, args.workers),
         "seconds": round(time.monotonic() - began, 1),
     }
-    print_report(report)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nJSON report: {args.json_out}")
-    return 0
+    return finish(report, print_report, args.json_out)
 
 
 if __name__ == "__main__":

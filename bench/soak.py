@@ -85,9 +85,7 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -102,14 +100,31 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
-GENRELAY = str(Path(sys.executable).parent / "genrelay")
-LOOPBACK = "127.0.0.1"
-LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
-SIMULATOR_KEY = "sim-key"
+# The shared helpers sit next to this file; the test suite imports it as bench.soak.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+from _stack import (
+    DATABASE_LOCKED,
+    DEFAULT_POSTGRES_URL,
+    GENRELAY,
+    LOOPBACK,
+    SIMULATOR_KEY,
+    BenchError,
+    Processes,
+    add_common_options,
+    base_env,
+    free_port,
+    fresh_database,
+    handle_signals,
+    percentile,
+    postgres_url_from_env,
+    prepare_database,
+    scan_log,
+    start_simulator,
+    wait_until,
+)
+
 BUCKET = "genrelay-soak"
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 EVENT_TYPES = (
     "generation.processing",
     "generation.succeeded",
@@ -122,10 +137,7 @@ CALLBACK_PATH = re.compile(r"/v1/callbacks/deepimage/([^/?#]+)/")
 
 API_TIMEOUT = (3.0, 30.0)  # (connect, read) seconds of every call to genrelay
 SIM_TIMEOUT = (3.0, 30.0)
-SETUP_TIMEOUT = 120.0  # migrate, keys create
-START_TIMEOUT = 60.0  # until a process answers
 READY_TIMEOUT = 30.0  # until a restarted process answers again
-STOP_TIMEOUT = 25.0  # SIGTERM grace before SIGKILL of the process group
 SUBMIT_DEADLINE = 180.0  # how long one generation's POST is retried without an answer
 RETRY_PAUSE = 0.2  # between POST retries after a connection error
 POLL_EVERY = 0.1  # the poller's pace
@@ -136,8 +148,8 @@ RECEIVER_MAX_FAILURES = 4
 SHOWN_VIOLATIONS = 10
 
 
-class SoakError(RuntimeError):
-    """The soak could not run (a process did not start, a deadline passed); not a finding."""
+# The soak could not run (a process did not start, a deadline passed): not a finding.
+SoakError = BenchError
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -338,143 +350,6 @@ class SoakReport:
         return "\n".join(lines)
 
 
-# -- processes -----------------------------------------------------------------------------
-
-
-class Processes:
-    """Child processes, each in its own session, one log file per incarnation."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
-        self.started: list[subprocess.Popen[bytes]] = []
-        self.incarnations: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
-
-    def log_path(self, name: str, incarnation: int | None = None) -> Path:
-        n = self.incarnations[name] - 1 if incarnation is None else incarnation
-        return self.log_dir / f"{name}-{n}.log"
-
-    def logs_of(self, name: str) -> list[Path]:
-        return [self.log_path(name, n) for n in range(self.incarnations[name])]
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with self._lock:
-            self.incarnations[name] += 1
-            with self.log_path(name).open("wb") as log:
-                process = subprocess.Popen(
-                    argv,
-                    env=env,
-                    cwd=REPO_DIR,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            self.running[name] = process
-            self.started.append(process)
-            return process
-
-    def kill(self, name: str) -> None:
-        """SIGKILL the process group of `name` (a gunicorn master and its workers).
-
-        It leaves `running` until started again, so check_alive does not take it for a crash.
-        """
-        with self._lock:
-            process = self.running.pop(name)
-        # The group id is the child's pid (start_new_session).
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-    def check_alive(self, names: tuple[str, ...] | None = None) -> None:
-        with self._lock:
-            items = [(n, p) for n, p in self.running.items() if names is None or n in names]
-        dead = {n: p.returncode for n, p in items if p.poll() is not None}
-        if dead:
-            raise SoakError(f"process exited on its own: {dead}")
-
-    def tail(self, chars: int = 3000) -> str:
-        parts = []
-        for name in sorted(self.incarnations):
-            path = self.log_path(name)
-            text = path.read_text(errors="replace") if path.exists() else ""
-            parts.append(f"--- {path.name} (last {chars} characters) ---\n{text[-chars:]}")
-        return "\n".join(parts)
-
-    def stop_all(self) -> None:
-        """SIGTERM what runs, wait, then SIGKILL every group this run started."""
-        with self._lock:
-            running = list(self.running.items())
-            started = list(self.started)
-        for _, process in running:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for name, process in running:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killing", flush=True)
-        for process in started:
-            # Also reaches gunicorn workers whose master is gone.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
-
-
-def free_port() -> int:
-    """A free loopback TCP port below the ephemeral range.
-
-    The soak stops and restarts servers on their ports (GCS windows, kills). A port from the
-    ephemeral range could meanwhile be taken as the local port of some outgoing connection,
-    and the restart would fail; ports below the range are only ever taken on purpose.
-    """
-    low = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(max(1024, low - 12000), low)
-        with socket.socket() as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def run_command(argv: list[str], env: dict[str, str]) -> str:
-    done = subprocess.run(
-        argv, env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=SETUP_TIMEOUT
-    )
-    if done.returncode != 0:
-        raise SoakError(f"{' '.join(argv[1:])} exited {done.returncode}:\n{done.stderr[-3000:]}")
-    return done.stdout
-
-
-def base_env() -> dict[str, str]:
-    """Our environment without any genrelay setting."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GENRELAY_", "PROMETHEUS_")) and k not in ("PORT",)
-    }
-
-
-def percentile(ordered: list[float], p: float) -> float:
-    """Nearest-rank percentile of sorted values (0 for none)."""
-    if not ordered:
-        return 0.0
-    rank = max(1, min(len(ordered), int(-(-p * len(ordered) // 100))))
-    return ordered[rank - 1]
-
-
 def spread(rng: random.Random, count: int, start: float, end: float) -> list[float]:
     """`count` random moments in [start, end], one in each of `count` equal slots."""
     if count <= 0:
@@ -495,35 +370,16 @@ def parse_time(value: str) -> float:
 
 
 @contextlib.contextmanager
-def fresh_database(config: SoakConfig, work_dir: Path) -> Iterator[tuple[str, str]]:
-    """(GENRELAY_DATABASE_URL, description); a made-up PostgreSQL database is dropped after."""
+def soak_database(config: SoakConfig, work_dir: Path) -> Iterator[tuple[str, str]]:
+    """(GENRELAY_DATABASE_URL, description): the given database, or a fresh one (a made-up
+    PostgreSQL database is dropped after)."""
     if config.database_url is not None:
         yield config.database_url, f"{config.database} (given)"
         return
-    if config.database == "sqlite":
-        import sqlite3
-
-        path = work_dir / "genrelay-soak.db"
-        yield f"sqlite:///{path}", f"sqlite {sqlite3.sqlite_version} (file in {work_dir})"
-        return
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    url = make_url(config.postgres_admin_url)
-    if url.host not in LOOPBACK_NAMES:
-        raise SoakError(f"refusing a non-loopback PostgreSQL host: {url.host}")
-    name = f"genrelay_soak_{secrets.token_hex(4)}"
-    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-        version = str(row[0]) if row else "?"
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        target = url.set(drivername="postgresql+psycopg", database=name)
-        yield target.render_as_string(hide_password=False), f"postgresql {version} ({name})"
-    finally:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(
+        config.database, work_dir, config.postgres_admin_url, name="genrelay-soak"
+    ) as found:
+        yield found
 
 
 # -- the flaky receiver (a process of its own) ---------------------------------------------
@@ -705,7 +561,7 @@ class Soak:
         self.config = config
         self.work_dir = work_dir
         self.rng = random.Random(config.seed)
-        self.processes = Processes(work_dir)
+        self.processes = Processes(work_dir, numbered_logs=True)
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.sessions: list[requests.Session] = []
@@ -775,19 +631,6 @@ class Soak:
                 f"{what}: {method} {path} answered {response.status_code}: {response.text[:200]!r}"
             )
 
-    def wait_until(self, check: Callable[[], bool], what: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.stop.is_set():
-                raise SoakError("stopped")
-            try:
-                if check():
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        raise SoakError(f"{what} did not happen within {timeout:.0f} s")
-
     def ready_within(self, ready: Callable[[], bool], timeout: float) -> bool:
         """Whether `ready` holds within `timeout`; a process that exited raises SoakError."""
         deadline = time.monotonic() + timeout
@@ -833,10 +676,6 @@ class Soak:
             self.env,
         )
 
-    def answers(self, name: str, url: str) -> bool:
-        self.processes.check_alive((name,))
-        return self.http().get(url, timeout=1).ok
-
     def serve_ready(self) -> bool:
         self.processes.check_alive(("serve",))
         response = self.http().get(f"{self.base}/healthz", timeout=(0.5, 2))
@@ -858,8 +697,22 @@ class Soak:
         )
         self.gcs.start()
         self.gcs.create_bucket(BUCKET)
-        sim_port, web_port, self.receiver_port = free_port(), free_port(), free_port()
-        self.sim = f"http://{LOOPBACK}:{sim_port}"
+        self.sim = start_simulator(
+            self.processes,
+            base_env(),
+            config.processing_time,
+            concurrency_limit=1_000_000,  # only the injected 429s
+            max_jobs=max(10_000, config.generations * 5),
+            upstream_error_rate=faults.upstream_error_rate,
+            rate_limit_rate=faults.rate_limit_rate,
+            timeout_rate=faults.timeout_rate,
+            timeout_seconds=config.sim_timeout_seconds,
+            failure_rate=faults.failure_rate,
+            duplicate_callback_rate=faults.duplicate_callback_rate,
+            lost_callback_rate=faults.lost_callback_rate,
+            seed=config.seed,
+        )
+        web_port, self.receiver_port = free_port(), free_port()
         self.base = f"http://{LOOPBACK}:{web_port}"
         self.receiver = f"http://{LOOPBACK}:{self.receiver_port}"
         self.env = {
@@ -882,36 +735,12 @@ class Soak:
             "GENRELAY_LOG_LEVEL": "INFO",
             "PORT": str(web_port),
         }
-        run_command([GENRELAY, "migrate"], self.env)
-        api_key = run_command([GENRELAY, "keys", "create", "soak"], self.env).strip()
+        api_key = prepare_database(self.env, "soak")
         self.auth = {"Authorization": f"Bearer {api_key}"}
-        knobs = {
-            "processing-time": config.processing_time,
-            "concurrency-limit": 1_000_000,  # only the injected 429s
-            "max-jobs": max(10_000, config.generations * 5),
-            "upstream-error-rate": faults.upstream_error_rate,
-            "rate-limit-rate": faults.rate_limit_rate,
-            "timeout-rate": faults.timeout_rate,
-            "timeout-seconds": config.sim_timeout_seconds,
-            "failure-rate": faults.failure_rate,
-            "duplicate-callback-rate": faults.duplicate_callback_rate,
-            "lost-callback-rate": faults.lost_callback_rate,
-            "seed": config.seed,
-        }
-        argv = [GENRELAY, "simulator", "--host", LOOPBACK, "--port", str(sim_port)]
-        argv += ["--api-key", SIMULATOR_KEY, "--log-level", "WARNING"]
-        for flag, value in knobs.items():
-            argv += [f"--{flag}", str(value)]
-        self.processes.start("simulator", argv, self.env)
         self.start_serve()
         self.start_worker()
-        self.wait_until(
-            lambda: self.answers("simulator", f"{self.sim}/_sim/health"),
-            "the simulator",
-            START_TIMEOUT,
-        )
-        self.wait_until(self.serve_ready, "genrelay serve", START_TIMEOUT)
-        self.wait_until(self.worker_ready, "genrelay worker", START_TIMEOUT)
+        wait_until(self.serve_ready, self.processes, "genrelay serve")
+        wait_until(self.worker_ready, self.processes, "genrelay worker")
         subscription = self.api(
             "POST",
             "/v1/subscriptions",
@@ -948,10 +777,10 @@ class Soak:
             ],
             self.env,
         )
-        self.wait_until(
-            lambda: self.answers("receiver", f"{self.receiver}/health"),
+        wait_until(
+            lambda: self.http().get(f"{self.receiver}/health", timeout=1).ok,
+            self.processes,
             "the receiver",
-            START_TIMEOUT,
         )
 
     # -- load and faults --------------------------------------------------------------------
@@ -1618,23 +1447,15 @@ class Soak:
         patterns = {
             "error": re.compile(r'"severity": "(ERROR|CRITICAL)"|\bERROR\b'),
             "traceback": re.compile(r"Traceback|\"exc_info\""),
-            "database_locked": re.compile(r"database is locked"),
+            "database_locked": DATABASE_LOCKED,
             "task_dead": re.compile(r"is dead after"),
             "task_retry": re.compile(r"attempt \d+ failed"),
         }
         scans: dict[str, Any] = {}
         for name in sorted(self.processes.incarnations):
-            counts = dict.fromkeys(patterns, 0)
-            samples: dict[str, list[str]] = {k: [] for k in patterns}
-            for path in self.processes.logs_of(name):
-                for line in path.read_text(errors="replace").splitlines():
-                    for kind, pattern in patterns.items():
-                        if pattern.search(line):
-                            counts[kind] += 1
-                            if len(samples[kind]) < 3:
-                                samples[kind].append(line[:300])
-            shown = {k: v for k, v in samples.items() if v and k != "task_retry"}
-            scans[name] = {"counts": counts, "samples": shown}
+            scan = scan_log(self.processes.logs_of(name), patterns, width=300)
+            scan["samples"].pop("task_retry", None)
+            scans[name] = scan
         return scans
 
     def timings(
@@ -1661,9 +1482,9 @@ class Soak:
             "end_to_end_s": round(end_to_end, 2),
             "generations_per_s": round(len(self.submissions) / end_to_end, 2),
             "time_to_terminal_s": {
-                "p50": round(percentile(durations, 50), 2),
-                "p90": round(percentile(durations, 90), 2),
-                "p99": round(percentile(durations, 99), 2),
+                "p50": round(percentile(durations, 50, empty=0.0), 2),
+                "p90": round(percentile(durations, 90, empty=0.0), 2),
+                "p99": round(percentile(durations, 99, empty=0.0), 2),
                 "max": round(durations[-1] if durations else 0.0, 2),
             },
         }
@@ -1747,8 +1568,8 @@ class Soak:
         intake = {
             "requests": sum(s.attempts for s in self.submissions),
             "answered_latency_s": {
-                "p50": round(percentile(latencies, 50), 3),
-                "p99": round(percentile(latencies, 99), 3),
+                "p50": round(percentile(latencies, 50, empty=0.0), 3),
+                "p99": round(percentile(latencies, 99, empty=0.0), 3),
                 "max": round(latencies[-1] if latencies else 0.0, 3),
             },
             "connection_errors_retried": sum(s.connection_errors for s in self.submissions),
@@ -1795,11 +1616,11 @@ def run_soak(config: SoakConfig) -> SoakReport:
     soak = Soak(config, work_dir)
     keep = True
     try:
-        with fresh_database(config, work_dir) as (database_url, database_desc):
+        with soak_database(config, work_dir) as (database_url, database_desc):
             try:
                 report = soak.run(database_url, database_desc)
             except SoakError as exc:
-                raise SoakError(f"{exc}\n\n{soak.processes.tail()}") from None
+                raise SoakError(f"{exc}\n\n{soak.processes.logs(3000)}") from None
         keep = not report.ok
         return report
     finally:
@@ -1819,13 +1640,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rate", type=float, default=15.0, help="submissions/s (default 15)")
     parser.add_argument("--concurrency", type=int, default=8, help="submitting threads (8)")
-    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
-    parser.add_argument("--log-dir", type=Path, help="keep logs and files here")
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("GENRELAY_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL),
-        help="an existing database used only for CREATE/DROP DATABASE (loopback only)",
-    )
+    add_common_options(parser, postgres_url=postgres_url_from_env(), logs="logs and files")
     receiver = parser.add_argument_group("receiver mode (started by the soak itself)")
     receiver.add_argument("--receiver-port", type=int, help="run as the flaky receiver")
     receiver.add_argument("--secret", help="whsec_ secret of the subscription (/sub)")
@@ -1841,16 +1656,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.receiver_port is not None:
         return receiver_main(args)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    handle_signals()
     config = SoakConfig(
         generations=args.generations,
         database=args.database,
