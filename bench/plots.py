@@ -105,19 +105,24 @@ def deliveries(reports: dict[str, Any], out: Path) -> None:
     )
 
 
-def scale(report: dict[str, Any], out: Path) -> None:
-    """Generations/s with 1 and 2 worker processes, whole path and backlog drain."""
-    summary = report["summary"]
-    pairs = [
-        (
-            summary[case]["per_workers"]["1"]["gen_per_s"],
-            summary[case]["per_workers"]["2"]["gen_per_s"],
-        )
-        for case in ("whole", "backlog")
-    ]
-    labels, names = ["whole path", "backlog drain"], ("1 worker", "2 workers")
-    title = "scale-out on PostgreSQL (2 cores, shared)"
-    _bar_chart(out, "scale.png", title, labels, pairs, names, "generations/s")
+def scale(reports: dict[str, dict[str, Any]], out: Path) -> None:
+    """Generations/s with 1 and 2 worker processes, whole path and backlog drain: every process
+    sharing the cores ("scale"), and each worker capped to a CPU quota of its own ("capped")."""
+    labels, pairs = [], []
+    for key, setting in (("scale", "shared cores"), ("capped", "{cores} core per worker")):
+        report = reports.get(key)
+        if report is None:
+            continue
+        cases = report["cases"]
+        quota = cases[0].get("worker_quota") if cases else None
+        setting = setting.format(cores=quota["cores_each"] if quota else "?")
+        for case in ("whole", "backlog"):
+            per = report["summary"][case]["per_workers"]
+            labels.append(f"{'whole path' if case == 'whole' else 'backlog'}\n{setting}")
+            pairs.append((per["1"]["gen_per_s"], per["2"]["gen_per_s"]))
+    title = "scale-out on PostgreSQL (2 cores)"
+    names = ("1 worker", "2 workers")
+    _bar_chart(out, "scale.png", title, labels, pairs, names, "generations/s", figsize=(7, 3.6))
 
 
 def large_table(report: dict[str, Any], out: Path) -> None:
@@ -151,7 +156,7 @@ def main(argv: list[str]) -> int:
         (["intake-sqlite", "intake-postgresql"], intake, True),
         (["completion"], completion, False),
         (["deliveries-sqlite", "deliveries-postgresql"], deliveries, True),
-        (["scale"], scale, False),
+        (["scale", "scale-capped"], scale, True),
         (["large-table"], large_table, False),
     ]
     for names, draw, by_database in plots:
