@@ -4,7 +4,8 @@ An idle worker thread polls for due tasks every `--poll-interval` (0.5 s), so a 
 another process (a callback's `store`, a status change's `deliver`) waited up to that long.
 On PostgreSQL a transaction that queues a task due now sends `NOTIFY genrelay_tasks` as it
 commits (once per transaction, however many tasks), and each worker process keeps one
-connection LISTENing: a notification wakes its idle threads at once. Polling stays as the
+connection LISTENing: a notification wakes one idle thread at once (which wakes the next
+once it has claimed a task: `service.worker.Wakeups`). Polling stays as the
 fallback (for delayed tasks, and for a notification lost while the listener reconnects), so
 nothing depends on a notification arriving. SQLite has no such channel; there the workers
 poll as before.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import psycopg
 import sqlalchemy as sa
@@ -56,9 +58,9 @@ def libpq_url(url: str) -> str | None:
 
 
 class Listener:
-    """Sets `wake` on every notification on CHANNEL, until `stopping` is set."""
+    """Calls `wake()` on every notification on CHANNEL, until `stopping` is set."""
 
-    def __init__(self, url: str, wake: threading.Event) -> None:
+    def __init__(self, url: str, wake: Callable[[], None]) -> None:
         self.url = url
         self.wake = wake
         self.connected = threading.Event()  # for tests and the log: LISTEN is in place
@@ -81,7 +83,7 @@ class Listener:
         with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
             self.connected.set()
-            self.wake.set()  # anything queued while we were not listening
+            self.wake()  # anything queued while we were not listening
             while not stopping.is_set():
                 for _ in conn.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):
-                    self.wake.set()
+                    self.wake()

@@ -166,6 +166,42 @@ class LeaseKeeper:
             log.exception("renewing task leases failed (database unreachable?); next try soon")
 
 
+class Wakeups:
+    """Wakes idle worker threads, one per signal.
+
+    A signal says "a task may be due". Waking one thread rather than all of them keeps a
+    notification from turning into N empty claims; the woken thread, once it has claimed a
+    task, signals the next (`Worker.run_once`), so a batch of tasks queued together still
+    spreads over the idle threads, and the chain stops at the first claim that finds nothing.
+    A signal given while no thread waits is kept (up to `limit`) for the next one that does.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._pending = 0
+        self._cond = threading.Condition()
+
+    def signal(self) -> None:
+        with self._cond:
+            self._pending = min(self.limit, self._pending + 1)
+            self._cond.notify()
+
+    def signal_all(self) -> None:
+        with self._cond:
+            self._pending = self.limit
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Until signalled (True) or `timeout` seconds (False)."""
+        with self._cond:
+            if not self._pending:
+                self._cond.wait(timeout)
+            if self._pending:
+                self._pending -= 1
+                return True
+            return False
+
+
 class Worker:
     """Claims due tasks and runs them on N threads until told to stop."""
 
@@ -183,12 +219,14 @@ class Worker:
         self.poll_interval = poll_interval
         self.wake_url = wake_url
         self.stopping = threading.Event()
-        self.wake = threading.Event()  # set when a task may be due: idle threads look at once
+        self.wake = Wakeups(threads)  # a task may be due: an idle thread looks at once
         self.leases = LeaseKeeper(runner.queue)
 
     def run_once(self, limit: int = 1) -> int:
         """Claim and run up to `limit` due tasks on this thread; return how many ran."""
         tasks = self.runner.queue.claim_due_tasks(limit=limit)
+        if tasks:
+            self.wake.signal()  # there may be more: another idle thread looks while we work
         for index, task in enumerate(tasks):
             if self.stopping.is_set():
                 for unrun in tasks[index:]:
@@ -205,8 +243,8 @@ class Worker:
             except Exception:
                 log.exception("worker loop error (database unreachable?); backing off")
                 ran = 0
-            if ran == 0 and self.wake.wait(self.poll_interval):
-                self.wake.clear()
+            if ran == 0:
+                self.wake.wait(self.poll_interval)
 
     def run(self) -> None:
         """Block until `stop()`: each thread finishes the task it holds before returning."""
@@ -229,7 +267,7 @@ class Worker:
             from service.wakeup import Listener
 
             listener = threading.Thread(
-                target=Listener(self.wake_url, self.wake).run,
+                target=Listener(self.wake_url, self.wake.signal).run,
                 args=(self.stopping,),
                 name="genrelay-wakeup",
                 daemon=True,
@@ -246,4 +284,4 @@ class Worker:
 
     def stop(self) -> None:
         self.stopping.set()
-        self.wake.set()  # idle threads see `stopping` at once
+        self.wake.signal_all()  # idle threads see `stopping` at once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -70,17 +71,17 @@ class RecordingHandler:
         raise AssertionError("not expected")
 
 
-def test_a_task_queued_by_another_process_wakes_an_idle_worker_at_once(
-    database_url: str, store: Store
-) -> None:
-    url = postgres_only(database_url)
-    handler = RecordingHandler()
+@contextlib.contextmanager
+def listening_worker(
+    database_url: str, store: Store, handler: RecordingHandler, threads: int
+) -> Iterator[None]:
+    """A worker that polls only every POLL_INTERVAL, LISTENing; ready when this yields."""
     worker_store = Store(database_url)
     worker = Worker(
         TaskRunner(TaskQueue(worker_store), {"job": handler}),
-        threads=2,
+        threads=threads,
         poll_interval=POLL_INTERVAL,
-        wake_url=url,
+        wake_url=postgres_only(database_url),
     )
     thread = threading.Thread(target=worker.run)
     thread.start()
@@ -93,15 +94,49 @@ def test_a_task_queued_by_another_process_wakes_an_idle_worker_at_once(
                     break
             time.sleep(0.05)
         time.sleep(0.3)  # the threads have taken the wake-up the listener gives as it starts
-        queued_at = time.monotonic()
-        enqueue(TaskQueue(store))  # "another process": its own engine and connection
-        assert handler.ran.wait(5), "the idle worker was not woken"
-        assert time.monotonic() - queued_at < 5 < POLL_INTERVAL
+        yield
     finally:
         worker.stop()
         thread.join(timeout=10)
         worker_store.dispose()
     assert not thread.is_alive()
+
+
+def test_a_task_queued_by_another_process_wakes_an_idle_worker_at_once(
+    database_url: str, store: Store
+) -> None:
+    handler = RecordingHandler()
+    with listening_worker(database_url, store, handler, threads=2):
+        queued_at = time.monotonic()
+        enqueue(TaskQueue(store))  # "another process": its own engine and connection
+        assert handler.ran.wait(5), "the idle worker was not woken"
+        assert time.monotonic() - queued_at < 5 < POLL_INTERVAL
+
+
+class SlowHandler(RecordingHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[float] = []
+
+    def run(self, task: ClaimedTask) -> None:
+        self.started.append(time.monotonic())
+        time.sleep(1.0)
+
+
+def test_tasks_queued_together_spread_over_the_idle_threads(
+    database_url: str, store: Store
+) -> None:
+    """One NOTIFY for 4 tasks: the first thread to claim wakes the next, and so on."""
+    handler = SlowHandler()
+    with listening_worker(database_url, store, handler, threads=4):
+        queued_at = time.monotonic()
+        enqueue(TaskQueue(store), count=4)
+        deadline = time.monotonic() + 10
+        while len(handler.started) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    # On one thread the fourth would start 3 s in; on four threads they start together.
+    assert len(handler.started) == 4
+    assert max(handler.started) - queued_at < 2.0
 
 
 def test_a_sqlite_url_has_no_listener() -> None:
