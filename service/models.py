@@ -69,7 +69,11 @@ class ApiKey(Base):
 
 class Generation(Base):
     __tablename__ = "generations"
-    __table_args__ = (sa.Index("ix_generations_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        sa.Index("ix_generations_tenant_created", "tenant_id", "created_at", "id"),
+        # Lists filtered by status (migration 0004).
+        sa.Index("ix_generations_tenant_status_created", "tenant_id", "status", "created_at", "id"),
+    )
     # Lets `signed_url` below be a plain attribute the mapper ignores.
     __allow_unmapped__ = True
 

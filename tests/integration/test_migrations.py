@@ -1,0 +1,46 @@
+"""The migrations build exactly the schema the models describe, and run down and up again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from service.migrate import alembic_config
+from service.models import Base
+from service.store import create_db_engine
+
+
+def schema_drift(database_url: str) -> list[Any]:
+    """What autogenerate would write to bring the database to the models (nothing, if equal)."""
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": False})
+            return list(compare_metadata(context, Base.metadata))
+    finally:
+        engine.dispose()
+
+
+def index_names(database_url: str, table: str) -> set[str]:
+    engine = create_db_engine(database_url)
+    try:
+        return {str(index["name"]) for index in sa.inspect(engine).get_indexes(table)}
+    finally:
+        engine.dispose()
+
+
+def test_the_migrated_schema_matches_the_models(database_url: str) -> None:
+    assert schema_drift(database_url) == []
+    assert "ix_generations_tenant_status_created" in index_names(database_url, "generations")
+
+
+def test_the_newest_migration_goes_down_and_up_again(database_url: str) -> None:
+    config = alembic_config(database_url)
+    command.downgrade(config, "-1")
+    assert "ix_generations_tenant_status_created" not in index_names(database_url, "generations")
+    command.upgrade(config, "head")
+    assert schema_drift(database_url) == []
