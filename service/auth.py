@@ -12,10 +12,10 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
-import uuid
 
 import sqlalchemy as sa
 
+from service.ids import new_id
 from service.models import ApiKey, Tenant, utcnow
 from service.signing import new_secret
 from service.store import Store
@@ -65,10 +65,10 @@ class ApiKeys:
         with self.store.transaction() as session:
             tenant_id = session.scalar(sa.select(Tenant.id).where(Tenant.name == tenant_name))
             if tenant_id is None:
-                tenant_id = "ten_" + uuid.uuid4().hex
+                tenant_id = new_id("ten_")
                 session.add(Tenant(id=tenant_id, name=tenant_name, webhook_secret=new_secret()))
                 session.flush()
-            key_id = "key_" + uuid.uuid4().hex
+            key_id = new_id("key_")
             prefix = key[: len(KEY_PREFIX) + 6]
             session.add(
                 ApiKey(id=key_id, tenant_id=tenant_id, key_hash=hash_api_key(key), prefix=prefix)

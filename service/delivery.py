@@ -17,13 +17,13 @@ import enum
 import logging
 import random
 import time
-import uuid
 
 import requests
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.config import Config
+from service.ids import new_id
 from service.metrics import DELIVERY_OUTCOMES
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
 from service.signing import sign
@@ -209,7 +209,7 @@ class DeliverHandler:
             if attempt is not None:
                 session.add(
                     DeliveryAttempt(
-                        id="att_" + uuid.uuid4().hex,
+                        id=new_id("att_"),
                         delivery_id=delivery_id,
                         attempted_at=now,
                         status_code=attempt.status_code,

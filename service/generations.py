@@ -7,7 +7,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import uuid
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,6 +16,7 @@ from service.blobstore import BlobError, BlobStore
 from service.config import Config
 from service.domain import GenerationStatus
 from service.errors import Conflict, IdempotencyKeyReused, NotFound
+from service.ids import new_id
 from service.lifecycle import change_status
 from service.models import Generation, IdempotencyKey, utcnow
 from service.pagination import Page, paginate
@@ -100,7 +100,7 @@ class GenerationService:
             if earlier is not None:
                 return earlier
         now = utcnow()
-        generation_id = "gen_" + uuid.uuid4().hex
+        generation_id = new_id("gen_")
         try:
             with self.store.transaction() as session:
                 session.add(

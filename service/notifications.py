@@ -9,7 +9,6 @@ on every attempt.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,6 +17,7 @@ from sqlalchemy.orm import Session
 from schemas.generations import GenerationSchema
 from service import wakeup
 from service.domain import GenerationStatus
+from service.ids import new_id
 from service.models import Delivery, Event, Generation, Subscription, Tenant
 from service.signing import cloudevents_body, new_secret, new_webhook_id, standard_body
 from service.tasks import new_task_row
@@ -51,7 +51,7 @@ def record_event(
     generation = session.get(Generation, generation_id, populate_existing=True)
     assert generation is not None
     event = Event(
-        id="evt_" + uuid.uuid4().hex,
+        id=new_id("evt_"),
         tenant_id=generation.tenant_id,
         generation_id=generation.id,
         type=event_type,
@@ -100,7 +100,7 @@ def queue_delivery(
         subject=event.generation_id or None,
     )
     delivery = Delivery(
-        id="dlv_" + uuid.uuid4().hex,
+        id=new_id("dlv_"),
         tenant_id=event.tenant_id,
         event_id=event.id,
         subscription_id=subscription.id if subscription else None,

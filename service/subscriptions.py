@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import uuid
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,6 +13,7 @@ from service import wakeup
 from service.config import Config
 from service.domain import EVENT_TYPES
 from service.errors import InvalidRequest, NotFound
+from service.ids import new_id
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, utcnow
 from service.notifications import (
     DELIVER,
@@ -78,7 +78,7 @@ class NotificationService:
         now = utcnow()
         secret = new_secret()
         subscription = Subscription(
-            id="sub_" + uuid.uuid4().hex,
+            id=new_id("sub_"),
             tenant_id=tenant_id,
             url=url,
             events=list(events or EVENT_TYPES),
@@ -145,7 +145,7 @@ class NotificationService:
         with self.store.transaction() as session:
             subscription = _owned(session, Subscription, tenant_id, subscription_id, "subscription")
             ping = Event(
-                id="evt_ping_" + uuid.uuid4().hex,
+                id=new_id("evt_ping_"),
                 tenant_id=tenant_id,
                 generation_id="",
                 type=PING,

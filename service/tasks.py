@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service import wakeup
+from service.ids import new_id
 from service.models import Task, utcnow
 from service.store import Store
 
@@ -66,7 +67,7 @@ class ClaimedTask:
 
 
 def _new_id() -> str:
-    return "task_" + uuid.uuid4().hex
+    return new_id("task_")
 
 
 def new_task_row(
