@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,7 +134,6 @@ def _worker(args: argparse.Namespace) -> int:
 
     config = Config.from_env()
     services = build_services(config)
-    ensure_scheduled(services.queue)
     worker = Worker(
         services.runner,
         threads=args.threads,
@@ -152,6 +152,23 @@ def _worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+
+    def _schedule_housekeeping() -> None:
+        # Retried: the database may be away for a moment when the worker starts.
+        while True:
+            try:
+                ensure_scheduled(services.queue)
+                return
+            except Exception as exc:
+                log.warning(
+                    "could not schedule housekeeping (%s); retrying in 60 s", type(exc).__name__
+                )
+            if worker.stopping.wait(60):
+                return
+
+    threading.Thread(
+        target=_schedule_housekeeping, name="genrelay-housekeeping", daemon=True
+    ).start()
     worker.run()
     services.close()
     return 0

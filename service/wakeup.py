@@ -69,7 +69,7 @@ class Listener:
         while not stopping.is_set():
             try:
                 self._listen(stopping)
-            except psycopg.Error as exc:
+            except Exception as exc:  # the database away, a bad URL: never end the thread
                 self.connected.clear()
                 log.warning(
                     "task wake-up listener lost its connection (%s); polling meanwhile, "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
@@ -20,6 +21,9 @@ from PIL import Image
 from service.blobstore import crc32c_base64
 from service.callbacks import callback_token, callback_url
 from service.dev import free_port
+from service.housekeeping import TASK_ID
+from service.models import Task, utcnow
+from service.store import Store
 from tests.e2e.processes import GENRELAY, Stack, wait_for
 from tests.helpers import seed_examples, set_simulator
 
@@ -102,6 +106,7 @@ def stack(
             "gcs": gcs_server.url,
             "bucket": gcs_bucket,
             "worker_metrics": f"http://127.0.0.1:{worker_metrics}",
+            "database_url": database_url,
         }
     except BaseException:
         print(stack.logs())
@@ -226,6 +231,27 @@ def test_worker_and_web_stop_cleanly_on_sigterm(stack: dict[str, Any]) -> None:
     for name in ("worker", "serve"):
         processes[name].send_signal(signal.SIGTERM)
         assert processes[name].wait(timeout=30) == 0, stack["stack"].logs()
+
+
+def test_the_worker_process_schedules_housekeeping_and_sweeps_at_once(
+    stack: dict[str, Any],
+) -> None:
+    store = Store(stack["database_url"])
+    task: dict[str, Any] = {}
+
+    def swept() -> bool:
+        with store.read() as session:
+            row = session.get(Task, TASK_ID)
+            if row is not None:
+                task.update(status=row.status, run_at=row.run_at, kind=row.kind)
+        # After its first sweep it waits, pending, for the next one an hour later.
+        return bool(task) and task["run_at"] > utcnow() + dt.timedelta(minutes=50)
+
+    try:
+        wait_for(swept, 20, "the first housekeeping sweep")
+    finally:
+        store.dispose()
+    assert (task["kind"], task["status"]) == ("housekeeping", "pending")
 
 
 def test_no_secret_reaches_the_logs(stack: dict[str, Any]) -> None:
