@@ -93,7 +93,7 @@ def build_services(
         queue,
         {
             SUBMIT: SubmitHandler(store, queue, deepimage, config),
-            STORE: StoreHandler(store, deepimage, blobs, config, http=downloads),
+            STORE: StoreHandler(store, queue, deepimage, blobs, config, http=downloads),
             POLL: PollHandler(store, queue, deepimage, config),
             DELIVER: DeliverHandler(store, config, webhooks),
             HOUSEKEEPING: HousekeepingHandler(store),

@@ -31,8 +31,8 @@ from service.lifecycle import change_status, fail_generation
 from service.metrics import GCS_UPLOAD_LATENCY
 from service.models import Generation, utcnow
 from service.store import Store
-from service.tasks import ClaimedTask
-from service.worker import RetryableError
+from service.tasks import ClaimedTask, TaskQueue
+from service.worker import COMPLETED, RetryableError
 
 log = logging.getLogger("genrelay.results")
 
@@ -142,6 +142,7 @@ class StoreHandler:
     def __init__(
         self,
         store: Store,
+        queue: TaskQueue,
         deepimage: DeepImageClient,
         blobs: BlobStore,
         config: Config,
@@ -149,17 +150,18 @@ class StoreHandler:
         http: requests.Session | None = None,
     ) -> None:
         self.store = store
+        self.queue = queue
         self.deepimage = deepimage
         self.blobs = blobs
         self.config = config
         self.http = http or requests.Session()
 
-    def run(self, task: ClaimedTask) -> None:
+    def run(self, task: ClaimedTask) -> str | None:
         assert task.generation_id is not None
         with self.store.read() as session:
             generation = session.get(Generation, task.generation_id)
         if generation is None or generation.status != GenerationStatus.PROCESSING:
-            return  # canceled (cancel wins) or already finished by an earlier attempt
+            return None  # canceled (cancel wins) or already finished by an earlier attempt
         started = time.monotonic()
         try:
             source = self._confirmed_source(generation)
@@ -167,7 +169,7 @@ class StoreHandler:
         except ResultRejected as rejected:
             GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
             fail_generation(self.store, generation.id, rejected.code, rejected.message)
-            return
+            return None
         except RetryableError:
             GCS_UPLOAD_LATENCY.labels("retry").observe(time.monotonic() - started)
             raise
@@ -185,6 +187,7 @@ class StoreHandler:
             moved = change_status(
                 session, generation.id, GenerationStatus.SUCCEEDED, now=utcnow(), result=result
             )
+            completed = self.queue.complete_in(session, task)
         log.info(
             "stored %s (%d bytes, %s) in %.2f s",
             stored.uri,
@@ -199,6 +202,7 @@ class StoreHandler:
                 generation.id,
                 stored.uri,
             )
+        return COMPLETED if completed else None
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         assert task.generation_id is not None

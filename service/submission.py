@@ -13,7 +13,7 @@ from service.lifecycle import change_status, fail_generation
 from service.models import Generation, utcnow
 from service.store import Store
 from service.tasks import ClaimedTask, TaskQueue
-from service.worker import RetryableError
+from service.worker import COMPLETED, RetryableError
 
 log = logging.getLogger("genrelay.submit")
 
@@ -31,12 +31,12 @@ class SubmitHandler:
         self.deepimage = deepimage
         self.config = config
 
-    def run(self, task: ClaimedTask) -> None:
+    def run(self, task: ClaimedTask) -> str | None:
         assert task.generation_id is not None
         with self.store.read() as session:
             generation = session.get(Generation, task.generation_id)
             if generation is None or generation.status != GenerationStatus.QUEUED:
-                return  # canceled, or already submitted by an earlier attempt: nothing to do
+                return None  # canceled, or already submitted by an earlier attempt
             payload = dict(generation.input)
         if self.config.public_url:
             payload["webhooks"] = {
@@ -50,7 +50,7 @@ class SubmitHandler:
             raise RetryableError(exc.message) from None
         except PermanentUpstreamError as exc:
             fail_generation(self.store, task.generation_id, exc.error_code, exc.message)
-            return
+            return None
         now = utcnow()
         with self.store.transaction() as session:
             moved = change_status(
@@ -67,6 +67,7 @@ class SubmitHandler:
                 self.queue.enqueue(
                     session, POLL, {"delay": delay}, generation_id=task.generation_id, delay=delay
                 )
+            completed = self.queue.complete_in(session, task)
         if not moved:
             # Canceled while the request was in flight (Deep-Image documents no way to cancel
             # a job: its result is ignored when it arrives), or the job's callback came first
@@ -74,6 +75,7 @@ class SubmitHandler:
             log.info(
                 "generation %s left queued before job %s was recorded", task.generation_id, job.job
             )
+        return COMPLETED if completed else None
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         assert task.generation_id is not None

@@ -233,9 +233,20 @@ class TaskQueue:
 
     def complete(self, task: ClaimedTask) -> bool:
         """Mark a held task done; False when the lease was lost to another claimer."""
+        with self.store.transaction() as session:
+            return self.complete_in(session, task)
+
+    def complete_in(self, session: Session, task: ClaimedTask) -> bool:
+        """Mark a held task done inside the caller's transaction (the one that records the
+        task's outcome, saving a transaction); False when the lease was lost."""
         now = self.clock()
-        return self._update_held(
-            task, status=TaskStatus.DONE, finished_at=now, claim_token=None, lease_expires_at=None
+        return self._update_held_in(
+            session,
+            task,
+            status=TaskStatus.DONE,
+            finished_at=now,
+            claim_token=None,
+            lease_expires_at=None,
         )
 
     def out_of_retries(self, task: ClaimedTask) -> bool:
@@ -343,6 +354,10 @@ class TaskQueue:
         return held
 
     def _update_held(self, task: ClaimedTask, **values: Any) -> bool:
+        with self.store.transaction() as session:
+            return self._update_held_in(session, task, **values)
+
+    def _update_held_in(self, session: Session, task: ClaimedTask, **values: Any) -> bool:
         statement = (
             sa.update(Task)
             .where(
@@ -353,9 +368,8 @@ class TaskQueue:
             .values(updated_at=self.clock(), **values)
             .execution_options(synchronize_session=False)
         )
-        with self.store.transaction() as session:
-            result = session.execute(statement)
-            return bool(getattr(result, "rowcount", 0) == 1)
+        result = session.execute(statement)
+        return bool(getattr(result, "rowcount", 0) == 1)
 
 
 def _claimed(row: Task) -> ClaimedTask:

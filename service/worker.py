@@ -34,9 +34,15 @@ class Snooze(Exception):
         self.payload = payload  # replaces the task's payload when given
 
 
+# What `TaskHandler.run` returns when it has marked its task done itself, with
+# `TaskQueue.complete_in`, in the transaction that recorded the task's outcome.
+COMPLETED = "completed"
+
+
 class TaskHandler(Protocol):
-    def run(self, task: ClaimedTask) -> None:
-        """Do the work. Return normally when done; raise RetryableError to try again later."""
+    def run(self, task: ClaimedTask) -> str | None:
+        """Do the work. Return when done (COMPLETED if the task was marked done in the
+        handler's own transaction); raise RetryableError to try again later."""
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         """The task is dead (out of attempts or age): record the outcome on what it served."""
@@ -67,7 +73,7 @@ class TaskRunner:
             # Claimed again after its holders kept dying: never loop forever on it.
             return self._give_up(handler, task, "attempts exhausted (leases expired)")
         try:
-            handler.run(task)
+            outcome = handler.run(task)
         except Snooze as snooze:
             return self.queue.snooze(task, snooze.delay, payload=snooze.payload)
         except RetryableError as exc:
@@ -80,6 +86,8 @@ class TaskRunner:
             # error so nothing is lost, with the traceback logged for whoever investigates.
             log.exception("task %s (%s) crashed", task.id, task.kind)
             return self._retry(handler, task, f"{type(exc).__name__}: {exc}")
+        if outcome == COMPLETED:
+            return TaskStatus.DONE
         return TaskStatus.DONE if self.queue.complete(task) else None
 
     def _retry(self, handler: TaskHandler, task: ClaimedTask, error: str) -> TaskStatus | None:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from service.models import Task
 from service.store import Store
 from service.tasks import ClaimedTask, RetryPolicy, TaskQueue, TaskStatus
-from service.worker import RetryableError, Snooze, TaskRunner, Worker
+from service.worker import COMPLETED, RetryableError, Snooze, TaskRunner, Worker
 
 START = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
 
@@ -367,3 +367,51 @@ def test_a_task_running_longer_than_its_lease_is_not_claimed_by_another_worker(
     assert handler.runs == [task_id]
     finished = row(store, task_id)
     assert (finished.status, finished.attempts) == (TaskStatus.DONE, 1)
+
+
+class SelfCompletingHandler(RecordingHandler):
+    """Records its outcome and marks the task done in one transaction, as submit and store do."""
+
+    def __init__(self, queue: TaskQueue) -> None:
+        super().__init__()
+        self.queue = queue
+        self.completed: list[bool] = []
+
+    def run(self, task: ClaimedTask) -> str | None:
+        super().run(task)
+        with self.queue.store.transaction() as session:
+            self.completed.append(self.queue.complete_in(session, task))
+        return COMPLETED if self.completed[-1] else None
+
+
+def test_a_handler_can_complete_its_task_in_its_own_transaction(queue: TaskQueue) -> None:
+    handler = SelfCompletingHandler(queue)
+    task_id = enqueue(queue)
+    [task] = queue.claim_due_tasks()
+    commits: list[object] = []
+
+    def count(connection: object) -> None:
+        commits.append(connection)
+
+    sa.event.listen(queue.store.engine, "commit", count)
+    try:
+        assert TaskRunner(queue, {"job": handler}).execute(task) is TaskStatus.DONE
+    finally:
+        sa.event.remove(queue.store.engine, "commit", count)
+    assert handler.completed == [True]
+    assert len(commits) == 1  # no second transaction to mark it done
+    done = row(queue.store, task_id)
+    assert (done.status, done.claim_token) == (TaskStatus.DONE, None)
+
+
+def test_a_handler_that_lost_its_lease_cannot_complete_the_task(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    handler = SelfCompletingHandler(queue)
+    enqueue(queue)
+    [stale] = queue.claim_due_tasks()
+    clock.advance(61)
+    [fresh] = queue.claim_due_tasks()  # another worker holds it now
+    assert TaskRunner(queue, {"job": handler}).execute(stale) is None
+    assert handler.completed == [False]
+    assert row(queue.store, fresh.id).status == TaskStatus.RUNNING
