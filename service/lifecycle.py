@@ -37,13 +37,15 @@ def change_status(
             Generation.status.in_([s.value for s in allowed_predecessors(new)]),
         )
         .values(**values)
-        .execution_options(synchronize_session=False)
+        # The row as it now is, for the event, without a second SELECT.
+        .returning(Generation)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
-    result = session.execute(statement)
-    moved = bool(getattr(result, "rowcount", 0) == 1)
-    if moved:
-        record_event(session, generation_id, new, now=now)
-    return moved
+    generation = session.scalars(statement).one_or_none()
+    if generation is None:
+        return False
+    record_event(session, generation, new, now=now)
+    return True
 
 
 def fail_generation(store: Store, generation_id: str, code: ErrorCode, message: str) -> bool:

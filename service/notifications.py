@@ -42,14 +42,15 @@ def generation_resource(generation: Generation) -> dict[str, Any]:
 
 
 def record_event(
-    session: Session, generation_id: str, status: GenerationStatus, *, now: dt.datetime
+    session: Session, generation: Generation, status: GenerationStatus, *, now: dt.datetime
 ) -> Event | None:
-    """Write the event of a status change and queue its deliveries (same transaction)."""
+    """Write the event of a status change and queue its deliveries (same transaction).
+
+    `generation` is the row as the change left it (change_status's UPDATE ... RETURNING).
+    """
     event_type = EVENT_FOR_STATUS.get(status)
     if event_type is None:
         return None
-    generation = session.get(Generation, generation_id, populate_existing=True)
-    assert generation is not None
     event = Event(
         id=new_id("evt_"),
         tenant_id=generation.tenant_id,

@@ -368,7 +368,8 @@ class TaskQueue:
             .values(updated_at=self.clock(), **values)
             .execution_options(synchronize_session=False)
         )
-        result = session.execute(statement)
+        # Core execution: a plain guarded UPDATE, without the ORM's bulk-update bookkeeping.
+        result = session.connection().execute(statement)
         return bool(getattr(result, "rowcount", 0) == 1)
 
 
