@@ -163,7 +163,7 @@ class LeaseKeeper:
         return len(kept)
 
     def run(self, stopping: threading.Event) -> None:
-        """Renew until `stopping` is set (and a last time then, for the tasks still running)."""
+        """Renew every `interval` until `stopping` is set (after the task threads are done)."""
         while not stopping.wait(self.interval):
             self._renew_logging_errors()
 
