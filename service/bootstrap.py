@@ -95,7 +95,7 @@ def build_services(
             SUBMIT: SubmitHandler(store, queue, deepimage, config),
             STORE: StoreHandler(store, queue, deepimage, blobs, config, http=downloads),
             POLL: PollHandler(store, queue, deepimage, config),
-            DELIVER: DeliverHandler(store, config, webhooks),
+            DELIVER: DeliverHandler(store, queue, config, webhooks),
             HOUSEKEEPING: HousekeepingHandler(store),
         },
     )

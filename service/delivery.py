@@ -29,8 +29,8 @@ from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenan
 from service.signing import sign
 from service.ssrf import UnsafeURL
 from service.store import Store
-from service.tasks import ClaimedTask
-from service.worker import Snooze
+from service.tasks import ClaimedTask, TaskQueue
+from service.worker import COMPLETED, Snooze
 
 log = logging.getLogger("genrelay.delivery")
 
@@ -74,31 +74,34 @@ class DeliverHandler:
     def __init__(
         self,
         store: Store,
+        queue: TaskQueue,
         config: Config,
         http: requests.Session,
         *,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
+        self.queue = queue
         self.schedule = config.webhook_retry_schedule
         self.http = http
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
 
-    def run(self, task: ClaimedTask) -> None:
+    def run(self, task: ClaimedTask) -> str | None:
         delivery_id = task.payload["delivery_id"]
         replay = bool(task.payload.get("replay"))
         with self.store.read() as session:
             delivery = session.get(Delivery, delivery_id)
             if delivery is None or (delivery.status != DeliveryStatus.PENDING and not replay):
-                return
+                return None
             blocked_until = self._earlier_pending(session, delivery)
             secrets = self._secrets(session, delivery)
         if blocked_until is not None:
             wait = max(ORDER_WAIT, (blocked_until - utcnow()).total_seconds())
             raise Snooze(wait, "an earlier event for this target is still pending")
         if secrets is None:
-            self._conclude(delivery_id, None, DeliveryStatus.FAILED, "subscription disabled")
-            return
+            return self._conclude(
+                delivery_id, None, DeliveryStatus.FAILED, "subscription disabled", task=task
+            )
         content_type = (
             "application/cloudevents+json"
             if delivery.format == "cloudevents"
@@ -108,8 +111,7 @@ class DeliverHandler:
         attempt = self._send(delivery.url, signed.headers, signed.body)
         outcome = Outcome.FINAL if attempt.refused else classify(attempt.status_code)
         if outcome is Outcome.SUCCESS:
-            self._conclude(delivery_id, attempt, DeliveryStatus.SUCCEEDED, None)
-            return
+            return self._conclude(delivery_id, attempt, DeliveryStatus.SUCCEEDED, None, task=task)
         reason = attempt.error or f"HTTP {attempt.status_code}"
         attempts = delivery.attempts + 1
         if outcome is Outcome.RETRY and not replay and attempts < len(self.schedule):
@@ -117,7 +119,8 @@ class DeliverHandler:
             self._conclude(delivery_id, attempt, DeliveryStatus.PENDING, reason, retry_in=delay)
             raise Snooze(delay, f"delivery {delivery_id}: {reason}")
         final = DeliveryStatus.DEAD if outcome is Outcome.RETRY else DeliveryStatus.FAILED
-        self._conclude(delivery_id, attempt, final, reason, gone=outcome is Outcome.GONE)
+        gone = outcome is Outcome.GONE
+        return self._conclude(delivery_id, attempt, final, reason, gone=gone, task=task)
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         self._conclude(task.payload["delivery_id"], None, DeliveryStatus.DEAD, error)
@@ -198,14 +201,16 @@ class DeliverHandler:
         *,
         retry_in: float | None = None,
         gone: bool = False,
-    ) -> None:
-        """Record the attempt and its consequences in one transaction."""
+        task: ClaimedTask | None = None,
+    ) -> str | None:
+        """Record the attempt and its consequences in one transaction; with `task`, mark the
+        task done in it too (COMPLETED, or None if that could not be done here)."""
         DELIVERY_OUTCOMES.labels("retry" if retry_in is not None else status.value).inc()
         now = utcnow()
         with self.store.transaction() as session:
             delivery = session.get(Delivery, delivery_id)
             if delivery is None:
-                return
+                return None
             if attempt is not None:
                 session.add(
                     DeliveryAttempt(
@@ -226,22 +231,15 @@ class DeliverHandler:
                 now + dt.timedelta(seconds=retry_in) if retry_in is not None else None
             )
             delivery.updated_at = now
+            completed = task is not None and self.queue.complete_in(session, task)
             subscription = (
                 session.get(Subscription, delivery.subscription_id)
                 if delivery.subscription_id
                 else None
             )
-            if subscription is None or not subscription.enabled:
-                return
-            if status is DeliveryStatus.SUCCEEDED:
-                subscription.failing_since = None
-                return
-            if subscription.failing_since is None:
-                subscription.failing_since = now
-            if gone:
-                _disable(subscription, "the endpoint answered 410 Gone", now)
-            elif now - subscription.failing_since >= DISABLE_AFTER_FAILING:
-                _disable(subscription, f"every delivery failed for 5 days (last: {reason})", now)
+            if subscription is not None and subscription.enabled:
+                _track_failures(subscription, status, reason, now, gone=gone)
+        return COMPLETED if completed else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +251,26 @@ class Attempt:
     error: str | None
     duration_ms: int
     refused: bool = False  # the target address is not allowed: final
+
+
+def _track_failures(
+    subscription: Subscription,
+    status: DeliveryStatus,
+    reason: str | None,
+    now: dt.datetime,
+    *,
+    gone: bool,
+) -> None:
+    """A success clears the failing streak; a 410 or 5 days of failures disable."""
+    if status is DeliveryStatus.SUCCEEDED:
+        subscription.failing_since = None
+        return
+    if subscription.failing_since is None:
+        subscription.failing_since = now
+    if gone:
+        _disable(subscription, "the endpoint answered 410 Gone", now)
+    elif now - subscription.failing_since >= DISABLE_AFTER_FAILING:
+        _disable(subscription, f"every delivery failed for 5 days (last: {reason})", now)
 
 
 def _disable(subscription: Subscription, reason: str, now: dt.datetime) -> None:
