@@ -15,7 +15,6 @@ once its processes have exited. Needs root, or a delegated cgroup; `available()`
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -106,16 +105,3 @@ class CpuQuota:
                 if time.monotonic() > deadline:
                     return  # left behind; harmless, and named after our pid
                 time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def quota_or_none(name: str, cores: float | None):  # type: ignore[no-untyped-def]
-    """A CpuQuota when `cores` is set, else None; the group is removed on the way out."""
-    if not cores:
-        yield None
-        return
-    quota = CpuQuota(name, cores)
-    try:
-        yield quota
-    finally:
-        quota.close()

@@ -17,7 +17,6 @@ import logging
 import threading
 from collections.abc import Callable
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -63,14 +62,12 @@ class Listener:
     def __init__(self, url: str, wake: Callable[[], None]) -> None:
         self.url = url
         self.wake = wake
-        self.connected = threading.Event()  # for tests and the log: LISTEN is in place
 
     def run(self, stopping: threading.Event) -> None:
         while not stopping.is_set():
             try:
                 self._listen(stopping)
             except Exception as exc:  # the database away, a bad URL: never end the thread
-                self.connected.clear()
                 log.warning(
                     "task wake-up listener lost its connection (%s); polling meanwhile, "
                     "reconnecting in %.0f s",
@@ -80,9 +77,10 @@ class Listener:
                 stopping.wait(RECONNECT_DELAY)
 
     def _listen(self, stopping: threading.Event) -> None:
+        import psycopg  # only worker processes on PostgreSQL listen; SQLite never loads it
+
         with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
-            self.connected.set()
             self.wake()  # anything queued while we were not listening
             while not stopping.is_set():
                 for _ in conn.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):

@@ -165,13 +165,10 @@ class LeaseKeeper:
     def run(self, stopping: threading.Event) -> None:
         """Renew every `interval` until `stopping` is set (after the task threads are done)."""
         while not stopping.wait(self.interval):
-            self._renew_logging_errors()
-
-    def _renew_logging_errors(self) -> None:
-        try:
-            self.renew_once()
-        except Exception:
-            log.exception("renewing task leases failed (database unreachable?); next try soon")
+            try:
+                self.renew_once()
+            except Exception:
+                log.exception("renewing task leases failed (database unreachable?); next try soon")
 
 
 class Wakeups:
