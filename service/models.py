@@ -40,6 +40,12 @@ class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
 
 JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
+# A generation holds an upstream slot from its admission until Deep-Image is done with its job
+# (the result is known) or it ends. The condition of the partial index that counts them.
+IN_FLIGHT_SQL = (
+    "admitted_at IS NOT NULL AND source_found_at IS NULL AND status IN ('queued', 'processing')"
+)
+
 
 class Base(DeclarativeBase):
     type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSONDocument}
@@ -52,6 +58,10 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(sa.String(200), unique=True)
     # Signs notifications to per-request `webhook` URLs; made on first use.
     webhook_secret: Mapped[str | None] = mapped_column(sa.String(100), default=None)
+    # Share of the upstream slots when several tenants wait (`genrelay tenants set`).
+    weight: Mapped[int] = mapped_column(default=1, server_default="1")
+    # At most this many of the tenant's jobs at Deep-Image at once (None: no cap of its own).
+    max_in_flight: Mapped[int | None] = mapped_column(default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -73,6 +83,24 @@ class Generation(Base):
         sa.Index("ix_generations_tenant_created", "tenant_id", "created_at", "id"),
         # Lists filtered by status (migration 0004).
         sa.Index("ix_generations_tenant_status_created", "tenant_id", "status", "created_at", "id"),
+        # The line (service/line.py): waiting generations per tenant, in the order they go.
+        sa.Index(
+            "ix_generations_waiting",
+            "tenant_id",
+            sa.desc(sa.column("priority")),
+            "created_at",
+            "id",
+            postgresql_where=sa.text("status = 'queued' AND admitted_at IS NULL"),
+            sqlite_where=sa.text("status = 'queued' AND admitted_at IS NULL"),
+        ),
+        # ...and the ones holding an upstream slot (counted before every admission).
+        sa.Index(
+            "ix_generations_in_flight",
+            "tenant_id",
+            postgresql_where=sa.text(IN_FLIGHT_SQL),
+            sqlite_where=sa.text(IN_FLIGHT_SQL),
+        ),
+        sa.Index("ix_generations_batch", "batch_id", "status"),
     )
     # Lets `signed_url` below be a plain attribute the mapper ignores.
     __allow_unmapped__ = True
@@ -100,6 +128,57 @@ class Generation(Base):
     source_url: Mapped[str | None] = mapped_column(sa.Text, default=None)
     source_found_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # The line: higher priority goes first within a tenant; a generation still waiting at its
+    # deadline is canceled; `admitted_at` is set when it is given an upstream slot (and
+    # cleared when a 429 hands the slot back).
+    priority: Mapped[int] = mapped_column(default=0, server_default="0")
+    deadline_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    admitted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    batch_id: Mapped[str | None] = mapped_column(sa.String(40), default=None)
+    custom_id: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+
+
+class Batch(Base):
+    """Many generations sent in one request (`POST /v1/batches`)."""
+
+    __tablename__ = "batches"
+    __table_args__ = (sa.Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"))
+    status: Mapped[str] = mapped_column(sa.String(20))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata")
+    template: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, default=None)
+    webhook: Mapped[str | None] = mapped_column(sa.String(2048), default=None)
+    webhook_events_filter: Mapped[list[str] | None] = mapped_column(JSONDocument, default=None)
+    total: Mapped[int]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    canceled_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class UpstreamAccount(Base):
+    """Deep-Image's concurrency limit as genrelay knows it; one row per account.
+
+    Its row is also the lock that admissions take, so every process agrees on who gets a slot.
+    """
+
+    __tablename__ = "upstream_accounts"
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    # The limit admissions respect now, and where it came from: "configured"
+    # (GENRELAY_UPSTREAM_CONCURRENCY), "stated" (a 429 said it), "probing" (learned).
+    limit: Mapped[int] = mapped_column("concurrency_limit")
+    limit_source: Mapped[str] = mapped_column(sa.String(20))
+    # Probing: submissions accepted at the limit since it last changed.
+    accepted_at_limit: Mapped[int] = mapped_column(default=0)
+    # After a 429: no admissions before this time (it doubles while 429s keep coming).
+    paused_until: Mapped[dt.datetime | None] = mapped_column(default=None)
+    refusals_in_a_row: Mapped[int] = mapped_column(default=0)
+    # False until the first 429: till then the learned limit grows fast (slow start).
+    refused_before: Mapped[bool] = mapped_column(default=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class IdempotencyKey(Base):
@@ -108,7 +187,9 @@ class IdempotencyKey(Base):
     tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"), primary_key=True)
     key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
     request_hash: Mapped[str] = mapped_column(sa.String(64))
-    generation_id: Mapped[str] = mapped_column(sa.ForeignKey("generations.id"))
+    # What the key made: a generation, or a batch.
+    generation_id: Mapped[str | None] = mapped_column(sa.ForeignKey("generations.id"))
+    batch_id: Mapped[str | None] = mapped_column(sa.String(40), default=None)
     response_status: Mapped[int | None] = mapped_column(default=None)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -36,11 +36,12 @@ def index_names(database_url: str, table: str) -> set[str]:
 def test_the_migrated_schema_matches_the_models(database_url: str) -> None:
     assert schema_drift(database_url) == []
     assert "ix_generations_tenant_status_created" in index_names(database_url, "generations")
+    assert "ix_generations_waiting" in index_names(database_url, "generations")
 
 
 def test_the_newest_migration_goes_down_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
     command.downgrade(config, "-1")
-    assert "ix_generations_tenant_status_created" not in index_names(database_url, "generations")
+    assert "ix_generations_in_flight" not in index_names(database_url, "generations")
     command.upgrade(config, "head")
     assert schema_drift(database_url) == []
