@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_dump, validate, validates
@@ -10,6 +11,7 @@ from schemas.deepimage import ProcessRequestSchema
 from service.domain import EVENT_TYPES, GenerationStatus
 
 MAX_METADATA_KEYS = 50
+PRIORITY_MIN, PRIORITY_MAX = 0, 9
 
 
 class GenerationCreateSchema(Schema):
@@ -42,6 +44,28 @@ class GenerationCreateSchema(Schema):
         values=fields.String(validate=validate.Length(max=500)),
         metadata={"description": "Up to 50 string pairs of your own, returned as given."},
     )
+
+    priority = fields.Integer(
+        load_default=0,
+        strict=True,
+        validate=validate.Range(min=PRIORITY_MIN, max=PRIORITY_MAX),
+        metadata={
+            "description": "Within your own line, higher goes first (0-9, default 0); order "
+            "among equal priorities is first come, first served."
+        },
+    )
+    deadline = fields.AwareDateTime(
+        metadata={
+            "description": "RFC 3339 time with a zone. Still waiting for a Deep-Image slot "
+            "then, the generation is canceled with `error.code` `deadline_exceeded`, never "
+            "submitted and never charged."
+        },
+    )
+
+    @validates("deadline")
+    def _in_the_future(self, value: dt.datetime, **_: Any) -> None:
+        if value <= dt.datetime.now(dt.UTC):
+            raise ValidationError("Must be in the future.")
 
     @validates("metadata")
     def _few_keys(self, value: dict[str, Any], **_: Any) -> None:
@@ -99,6 +123,17 @@ class GenerationSchema(Schema):
     created_at = fields.AwareDateTime()
     updated_at = fields.AwareDateTime()
     completed_at = fields.AwareDateTime(allow_none=True)
+    priority = fields.Integer()
+    deadline = fields.AwareDateTime(attribute="deadline_at", allow_none=True)
+    queue_position = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "While `queued` and waiting for a Deep-Image slot: 1 for the next of "
+            "your generations to go. Shown when one generation is read; null otherwise."
+        },
+    )
+    batch_id = fields.String(allow_none=True)
+    custom_id = fields.String(allow_none=True)
     upstream = fields.Method("_upstream", metadata={"type": "object"})
     result = fields.Nested(ResultSchema, allow_none=True)
     error = fields.Method("_error", allow_none=True)

@@ -19,6 +19,7 @@ from service.deepimage import DeepImageClient
 from service.delivery import DeliverHandler
 from service.generations import GenerationService
 from service.housekeeping import HOUSEKEEPING, HousekeepingHandler
+from service.line import LINE, Line, LineHandler
 from service.notifications import DELIVER
 from service.ratelimit import RateLimiter
 from service.results import STORE, StoreHandler
@@ -44,6 +45,7 @@ class Services:
     deepimage: DeepImageClient
     blobs: BlobStore
     queue: TaskQueue
+    line: Line
     runner: TaskRunner
     generations: GenerationService
     completion: CompletionService
@@ -86,17 +88,20 @@ def build_services(
         },
         lease_seconds=config.task_lease,
     )
+    line = Line(store, queue, configured_limit=config.upstream_concurrency)
+    line.install()
     downloads = requests.Session()
     policy = URLPolicy(allow_private=config.allow_private_webhooks)
     webhooks = pinned_session(policy)
     runner = TaskRunner(
         queue,
         {
-            SUBMIT: SubmitHandler(store, queue, deepimage, config),
+            SUBMIT: SubmitHandler(store, queue, deepimage, config, line),
             STORE: StoreHandler(store, queue, deepimage, blobs, config, http=downloads),
             POLL: PollHandler(store, queue, deepimage, config),
             DELIVER: DeliverHandler(store, queue, config, webhooks),
             HOUSEKEEPING: HousekeepingHandler(store),
+            LINE: LineHandler(line),
         },
     )
     return Services(
@@ -105,8 +110,9 @@ def build_services(
         deepimage=deepimage,
         blobs=blobs,
         queue=queue,
+        line=line,
         runner=runner,
-        generations=GenerationService(store, queue, runner, blobs, config, policy),
+        generations=GenerationService(store, queue, line, runner, blobs, config, policy),
         completion=CompletionService(store, queue, config),
         notifications=NotificationService(store, config, policy),
         api_keys=ApiKeys(store),

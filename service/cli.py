@@ -129,6 +129,7 @@ def _serve(_args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from service.bootstrap import build_services
     from service.housekeeping import ensure_scheduled
+    from service.line import ensure_line_task
     from service.wakeup import libpq_url
     from service.worker import Worker
 
@@ -158,10 +159,12 @@ def _worker(args: argparse.Namespace) -> int:
         while True:
             try:
                 ensure_scheduled(services.queue)
+                ensure_line_task(services.queue)
                 return
             except Exception as exc:
                 log.warning(
-                    "could not schedule housekeeping (%s); retrying in 60 s", type(exc).__name__
+                    "could not schedule housekeeping and the line (%s); retrying in 60 s",
+                    type(exc).__name__,
                 )
             if worker.stopping.wait(60):
                 return

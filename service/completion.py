@@ -21,6 +21,7 @@ from service.deepimage import DeepImageClient, PermanentUpstreamError, Transient
 from service.domain import ErrorCode, GenerationStatus
 from service.errors import Conflict, NotFound, Unauthorized
 from service.lifecycle import change_status, fail_generation
+from service.line import slot_freed
 from service.models import Generation, utcnow
 from service.results import STORE
 from service.store import Store
@@ -51,6 +52,7 @@ def record_source(
     )
     if getattr(result, "rowcount", 0) != 1:
         return False
+    slot_freed(session)  # Deep-Image is done with the job: its slot goes to the next in line
     queue.enqueue(session, STORE, generation_id=generation_id)
     # The fallback poll has nothing left to do: retire it rather than have a worker claim it.
     queue.retire_pending(session, POLL, generation_id, "the result was found before it ran")

@@ -59,6 +59,8 @@ class Config:
     rate_limit_burst: int = 100
     # Largest request body accepted, in bytes (inline base64 images make bodies large).
     max_request_bytes: int = 25 * 1024 * 1024
+    # Jobs the Deep-Image account may have processing at once; None: learned (service/line.py).
+    upstream_concurrency: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -142,6 +144,13 @@ class Config:
             if not v.isdigit() or int(v) < 1:
                 raise ConfigError("GENRELAY_RATE_LIMIT_BURST must be a whole number above 0")
             values["rate_limit_burst"] = int(v)
+        if (v := text("GENRELAY_UPSTREAM_CONCURRENCY")) is not None:
+            if not v.isdigit() or int(v) < 1:
+                raise ConfigError(
+                    "GENRELAY_UPSTREAM_CONCURRENCY must be a whole number above 0 (jobs the "
+                    "Deep-Image account may have processing at once)"
+                )
+            values["upstream_concurrency"] = int(v)
         if (v := text("PORT")) is not None:
             if not v.isdigit() or not 0 < int(v) < 65536:
                 raise ConfigError("PORT must be a TCP port number (1-65535)")

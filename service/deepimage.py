@@ -11,6 +11,7 @@ Every failure is classified once, here:
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ from service.domain import ErrorCode
 from service.metrics import UPSTREAM_LATENCY
 
 MAX_MESSAGE_CHARS = 500
+_LIMIT = re.compile(r"rate limit is (\d+)", re.IGNORECASE)
+_ACTIVE = re.compile(r"currently processing (\d+)", re.IGNORECASE)
 
 
 class DeepImageError(Exception):
@@ -33,6 +36,19 @@ class DeepImageError(Exception):
 
 class TransientUpstreamError(DeepImageError):
     """May succeed when tried again later."""
+
+
+class UpstreamBusy(TransientUpstreamError):
+    """429: the account has as many jobs processing as its plan allows (or so Deep-Image says).
+
+    `limit` and `active` are read from the documented message ("Your rate limit is N and you
+    are currently processing M images") when it has them.
+    """
+
+    def __init__(self, message: str, *, limit: int | None, active: int | None) -> None:
+        super().__init__(message, http_status=429)
+        self.limit = limit
+        self.active = active
 
 
 class PermanentUpstreamError(DeepImageError):
@@ -148,7 +164,14 @@ def _interpret(response: requests.Response, not_found: ErrorCode) -> UpstreamJob
         raise PermanentUpstreamError(
             message, error_code=ErrorCode.UPSTREAM_JOB_FAILED, http_status=status
         )
-    if status == 429 or status >= 500:
+    if status == 429:
+        limit, active = _LIMIT.search(message), _ACTIVE.search(message)
+        raise UpstreamBusy(
+            message,
+            limit=int(limit.group(1)) if limit else None,
+            active=int(active.group(1)) if active else None,
+        )
+    if status >= 500:
         raise TransientUpstreamError(message, http_status=status)
     if status in (401, 403):
         raise PermanentUpstreamError(

@@ -18,11 +18,11 @@ from service.domain import GenerationStatus
 from service.errors import Conflict, IdempotencyKeyReused, NotFound
 from service.ids import new_id
 from service.lifecycle import change_status
+from service.line import Line
 from service.models import Generation, IdempotencyKey, utcnow
 from service.pagination import Page, paginate
 from service.ssrf import URLPolicy
 from service.store import Store
-from service.submission import SUBMIT
 from service.subscriptions import require_safe_target
 from service.tasks import TaskQueue
 from service.worker import TaskRunner
@@ -40,10 +40,16 @@ class NewGeneration:
     webhook: str | None = None
     webhook_events_filter: list[str] | None = None
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Within the tenant's line: higher goes first. A generation still waiting for a slot at
+    # `deadline` is canceled without ever being submitted.
+    priority: int = 0
+    deadline: dt.datetime | None = None
 
     def fingerprint(self) -> str:
         """A hash of the request body, to tell a retry from a different request."""
-        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(
+            dataclasses.asdict(self), sort_keys=True, separators=(",", ":"), default=str
+        )
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -62,6 +68,7 @@ class GenerationService:
         self,
         store: Store,
         queue: TaskQueue,
+        line: Line,
         runner: TaskRunner,
         blobs: BlobStore,
         config: Config,
@@ -70,6 +77,7 @@ class GenerationService:
         self.policy = policy
         self.store = store
         self.queue = queue
+        self.line = line
         self.runner = runner
         self.blobs = blobs
         self.config = config
@@ -91,7 +99,12 @@ class GenerationService:
     def create(
         self, tenant_id: str, new: NewGeneration, *, idempotency_key: str | None = None
     ) -> Intake:
-        """Store the generation and its submit task in one transaction, then try to submit."""
+        """Store the generation and let the line admit it; if it gets a slot now, submit it.
+
+        One transaction stores the generation (and its key) and runs an admission pass; a
+        generation admitted there gets its submit task already claimed by this request, which
+        then makes the first attempt itself. Without a free slot it waits, `queued`.
+        """
         fingerprint = new.fingerprint()
         if new.webhook is not None:
             require_safe_target(self.policy, new.webhook, "webhook")
@@ -112,6 +125,8 @@ class GenerationService:
                         meta=new.metadata,
                         webhook=new.webhook,
                         webhook_events_filter=new.webhook_events_filter,
+                        priority=new.priority,
+                        deadline_at=new.deadline,
                         created_at=now,
                         updated_at=now,
                     )
@@ -136,7 +151,8 @@ class GenerationService:
                             expires_at=now + IDEMPOTENCY_TTL,
                         )
                     )
-                task = self.queue.enqueue_claimed(session, SUBMIT, generation_id=generation_id)
+                session.flush()
+                task = self.line.admit(session, now=now, claim_for=generation_id).claimed
         except IntegrityError:
             # Another request with the same key committed first: answer as it did.
             if idempotency_key is None:
@@ -145,11 +161,13 @@ class GenerationService:
             if earlier is None:
                 raise
             return earlier
-        try:
-            self.runner.execute(task)
-        except Exception:
-            # The generation and its task are committed: a worker takes over after the lease.
-            log.exception("inline submit of %s failed; left to the worker", generation_id)
+        if task is not None:
+            try:
+                self.runner.execute(task)
+            except Exception:
+                # The generation and its task are committed: a worker takes over after the
+                # lease.
+                log.exception("inline submit of %s failed; left to the worker", generation_id)
         return Intake(generation=self._load(generation_id))
 
     def record_response(
@@ -194,11 +212,15 @@ class GenerationService:
             return Intake(generation=session.get(Generation, record.generation_id))
 
     def get(self, tenant_id: str, generation_id: str) -> Generation:
-        """One generation of this tenant; NotFound for unknown ids and other tenants' ids."""
+        """One generation of this tenant; NotFound for unknown ids and other tenants' ids.
+
+        A generation waiting for a slot also shows its place in its tenant's line.
+        """
         with self.store.read() as session:
             generation = session.get(Generation, generation_id)
-        if generation is None or generation.tenant_id != tenant_id:
-            raise NotFound(f"no generation {generation_id!r}")
+            if generation is None or generation.tenant_id != tenant_id:
+                raise NotFound(f"no generation {generation_id!r}")
+            generation.queue_position = self.line.position(session, generation)
         return self._with_signed_url(generation)
 
     def list(

@@ -19,12 +19,11 @@ import logging
 import time
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 
 from service.metrics import PURGED_ROWS
 from service.models import IdempotencyKey, Task, utcnow
 from service.store import Store
-from service.tasks import ClaimedTask, TaskQueue, TaskStatus, new_task_row
+from service.tasks import ClaimedTask, TaskQueue, TaskStatus
 from service.worker import Snooze
 
 log = logging.getLogger("genrelay.housekeeping")
@@ -119,17 +118,4 @@ class HousekeepingHandler:
 
 def ensure_scheduled(queue: TaskQueue) -> None:
     """Create the housekeeping task if it does not exist; revive it if it died."""
-    try:
-        with queue.store.transaction() as session:
-            task = session.get(Task, TASK_ID)
-            if task is None:
-                row = new_task_row(HOUSEKEEPING, {}, None, queue.clock(), MAX_ATTEMPTS)
-                row.id = TASK_ID
-                session.add(row)
-            elif task.status in (TaskStatus.DEAD, TaskStatus.DONE):
-                task.status = TaskStatus.PENDING
-                task.run_at = queue.clock()
-                task.attempts = 0
-                task.finished_at = None
-    except IntegrityError:
-        pass  # another worker created it at the same moment
+    queue.ensure_singleton(TASK_ID, HOUSEKEEPING, max_attempts=MAX_ATTEMPTS)

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.domain import ErrorCode, GenerationStatus, allowed_predecessors
+from service.line import slot_freed
 from service.models import Generation, utcnow
 from service.notifications import record_event
 from service.store import Store
@@ -25,7 +26,8 @@ def change_status(
 ) -> bool:
     """Move the generation to `new` if its current status allows it; True when it moved.
 
-    A move also writes its event and queues the event's deliveries, in the same transaction.
+    A move also writes its event and queues the event's deliveries, in the same transaction;
+    a move that ends a generation holding an upstream slot has the line hand that slot on.
     """
     values: dict[str, Any] = {"status": new, "updated_at": now, **fields}
     if new.is_terminal:
@@ -44,6 +46,9 @@ def change_status(
     generation = session.scalars(statement).one_or_none()
     if generation is None:
         return False
+    held_a_slot = generation.admitted_at is not None and generation.source_found_at is None
+    if new.is_terminal and held_a_slot:
+        slot_freed(session)  # it held an upstream slot until now: someone waiting may have it
     record_event(session, generation, new, now=now)
     return True
 

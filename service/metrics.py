@@ -60,6 +60,10 @@ TASK_OUTCOMES = Counter(
     "Task executions, by kind and outcome (done, pending, dead, lost).",
     ["kind", "outcome"],
 )
+UPSTREAM_REFUSALS = Counter(
+    "genrelay_upstream_refusals_total",
+    "429 answers from Deep-Image to a submission (the generation waits in the line again).",
+)
 PURGED_ROWS = Counter(
     "genrelay_purged_rows_total",
     "Rows deleted by housekeeping, by what they were (idempotency_keys, done_tasks, dead_tasks).",

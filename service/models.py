@@ -107,6 +107,8 @@ class Generation(Base):
 
     # Not stored: a time-limited download URL, set by the service when a generation is shown.
     signed_url: str | None = None
+    # Not stored: its place in its tenant's line while it waits (shown by GET of one).
+    queue_position: int | None = None
 
     id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -56,6 +56,16 @@ class Store:
         self._reader = sessionmaker(
             self.engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False
         )
+        # Work a transaction asked for, done inside it just before it commits (e.g. the
+        # admission pass after a slot was freed: service/line.py). Registered before the
+        # wake-up hook, so tasks these hooks queue are announced too.
+        self.before_commit: dict[str, Callable[[Session], None]] = {}
+
+        @sa.event.listens_for(self._writer, "before_commit")
+        def _run_hooks(session: Session) -> None:
+            for hook in list(self.before_commit.values()):
+                hook(session)
+
         wakeup.install(self._writer)  # NOTIFY idle workers of tasks queued (PostgreSQL)
 
     @property

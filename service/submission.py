@@ -1,4 +1,9 @@
-"""The `submit` task: forward a queued generation to Deep-Image (DESIGN §2.2)."""
+"""The `submit` task: forward an admitted generation to Deep-Image.
+
+It runs once the line (service/line.py) has given the generation an upstream slot. A 429 is
+not a failed attempt: the generation hands its slot back and waits in the line again. Other
+transient errors (5xx, timeouts) are retried with backoff while the slot is kept.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,16 @@ import logging
 from service.callbacks import callback_url
 from service.completion import POLL, first_poll_delay
 from service.config import Config
-from service.deepimage import DeepImageClient, PermanentUpstreamError, TransientUpstreamError
+from service.deepimage import (
+    DeepImageClient,
+    PermanentUpstreamError,
+    TransientUpstreamError,
+    UpstreamBusy,
+)
 from service.domain import ErrorCode, GenerationStatus
 from service.lifecycle import change_status, fail_generation
+from service.line import SUBMIT, Line
+from service.metrics import UPSTREAM_REFUSALS
 from service.models import Generation, utcnow
 from service.store import Store
 from service.tasks import ClaimedTask, TaskQueue
@@ -17,27 +29,40 @@ from service.worker import COMPLETED, RetryableError
 
 log = logging.getLogger("genrelay.submit")
 
-SUBMIT = "submit"
+__all__ = ["SUBMIT", "SubmitHandler"]
 
 
 class SubmitHandler:
     """Sends the caller's `input` plus our callback URL to `POST /rest_api/process`."""
 
     def __init__(
-        self, store: Store, queue: TaskQueue, deepimage: DeepImageClient, config: Config
+        self,
+        store: Store,
+        queue: TaskQueue,
+        deepimage: DeepImageClient,
+        config: Config,
+        line: Line,
     ) -> None:
         self.store = store
         self.queue = queue
         self.deepimage = deepimage
         self.config = config
+        self.line = line
 
     def run(self, task: ClaimedTask) -> str | None:
         assert task.generation_id is not None
+        now = utcnow()
         with self.store.read() as session:
             generation = session.get(Generation, task.generation_id)
             if generation is None or generation.status != GenerationStatus.QUEUED:
                 return None  # canceled, or already submitted by an earlier attempt
+            if generation.admitted_at is None:
+                return None  # not (or no longer) admitted: the line admits it again
+            deadline = generation.deadline_at
             payload = dict(generation.input)
+        if deadline is not None and deadline <= now:
+            self._cancel_overdue(task)
+            return None
         if self.config.public_url:
             payload["webhooks"] = {
                 "complete": callback_url(
@@ -46,6 +71,13 @@ class SubmitHandler:
             }
         try:
             job = self.deepimage.process(payload)
+        except UpstreamBusy as exc:
+            UPSTREAM_REFUSALS.inc()
+            with self.store.transaction() as session:
+                self.line.note_refused(session, task.generation_id, stated=exc.limit, now=utcnow())
+                completed = self.queue.complete_in(session, task)
+            log.info("Deep-Image is at its limit (429); %s waits again", task.generation_id)
+            return COMPLETED if completed else None
         except TransientUpstreamError as exc:
             raise RetryableError(exc.message) from None
         except PermanentUpstreamError as exc:
@@ -67,6 +99,7 @@ class SubmitHandler:
                 self.queue.enqueue(
                     session, POLL, {"delay": delay}, generation_id=task.generation_id, delay=delay
                 )
+                self.line.note_accepted(session)
             completed = self.queue.complete_in(session, task)
         if not moved:
             # Canceled while the request was in flight (Deep-Image documents no way to cancel
@@ -76,6 +109,19 @@ class SubmitHandler:
                 "generation %s left queued before job %s was recorded", task.generation_id, job.job
             )
         return COMPLETED if completed else None
+
+    def _cancel_overdue(self, task: ClaimedTask) -> None:
+        assert task.generation_id is not None
+        with self.store.transaction() as session:
+            change_status(
+                session,
+                task.generation_id,
+                GenerationStatus.CANCELED,
+                now=utcnow(),
+                error_code=ErrorCode.DEADLINE_EXCEEDED.value,
+                error_message="the deadline passed before the generation could be submitted; "
+                "it was never sent to Deep-Image",
+            )
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         assert task.generation_id is not None

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import wakeup
@@ -155,6 +156,29 @@ class TaskQueue:
         session.add(task)
         return _claimed(task)
 
+    def ensure_singleton(self, task_id: str, kind: str, *, max_attempts: int) -> None:
+        """Create the one task of `kind` (fixed id) if missing, or revive it if it ended.
+
+        For the self-rescheduling tasks (housekeeping, the line): whichever worker claims it
+        does the work, so there is never more than one run at a time. Workers call this as
+        they start; two starting together race harmlessly.
+        """
+        now = self.clock()
+        try:
+            with self.store.transaction() as session:
+                task = session.get(Task, task_id)
+                if task is None:
+                    row = new_task_row(kind, {}, None, now, max_attempts)
+                    row.id = task_id
+                    session.add(row)
+                elif task.status in (TaskStatus.DEAD, TaskStatus.DONE):
+                    task.status = TaskStatus.PENDING
+                    task.run_at = now
+                    task.attempts = 0
+                    task.finished_at = None
+        except IntegrityError:
+            pass  # another worker created it at the same moment
+
     def retire_pending(self, session: Session, kind: str, generation_id: str, reason: str) -> int:
         """Mark a generation's pending tasks of `kind` done, inside the caller's transaction.
 
@@ -249,12 +273,20 @@ class TaskQueue:
             lease_expires_at=None,
         )
 
-    def out_of_retries(self, task: ClaimedTask) -> bool:
-        """True when a failed attempt should be the last: out of attempts, or too old."""
+    def retry_delay(self, task: ClaimedTask) -> float | None:
+        """After a failed attempt: seconds until the next one, or None to give up.
+
+        The one decision about a retry, made once: out of attempts, or the next run would come
+        after the task's max age, means give up. The caller acts on exactly this answer.
+        """
         policy = self.policy(task.kind)
-        next_run = self.clock() + dt.timedelta(seconds=policy.backoff(task.attempts, self.rng))
-        too_old = (next_run - task.created_at).total_seconds() > policy.max_age
-        return task.attempts >= task.max_attempts or too_old
+        if task.attempts >= task.max_attempts:
+            return None
+        delay = policy.backoff(task.attempts, self.rng)
+        run_at = self.clock() + dt.timedelta(seconds=delay)
+        if (run_at - task.created_at).total_seconds() > policy.max_age:
+            return None
+        return delay
 
     def defer(self, task: ClaimedTask, delay: float, error: str) -> TaskStatus | None:
         """Hand a task back to run after `delay`, its attempts unchanged."""
@@ -271,19 +303,21 @@ class TaskQueue:
     def retry_later(self, task: ClaimedTask, error: str) -> TaskStatus | None:
         """Reschedule after a failed attempt, or mark dead once out of attempts or age.
 
-        Returns the new status, or None when the lease was lost (someone else holds it now).
+        For tasks nothing else depends on; the runner decides with `retry_delay` itself, so
+        that a task given up records its outcome first. Returns the new status, or None when
+        the lease was lost (someone else holds it now).
         """
-        now = self.clock()
-        policy = self.policy(task.kind)
-        delay = policy.backoff(task.attempts, self.rng)
-        run_at = now + dt.timedelta(seconds=delay)
-        too_old = (run_at - task.created_at).total_seconds() > policy.max_age
-        if task.attempts >= task.max_attempts or too_old:
+        delay = self.retry_delay(task)
+        if delay is None:
             return self.give_up(task, error)
+        return self.reschedule(task, delay, error)
+
+    def reschedule(self, task: ClaimedTask, delay: float, error: str) -> TaskStatus | None:
+        """Run a failed task again after `delay` seconds (the attempt counts)."""
         held = self._update_held(
             task,
             status=TaskStatus.PENDING,
-            run_at=run_at,
+            run_at=self.clock() + dt.timedelta(seconds=delay),
             last_error=error[:2000],
             claim_token=None,
             lease_expires_at=None,

@@ -91,9 +91,12 @@ class TaskRunner:
         return TaskStatus.DONE if self.queue.complete(task) else None
 
     def _retry(self, handler: TaskHandler, task: ClaimedTask, error: str) -> TaskStatus | None:
-        if self.queue.out_of_retries(task):
+        # One decision (one jitter draw), then exactly that: a task given up always records
+        # its outcome through `on_exhausted` first.
+        delay = self.queue.retry_delay(task)
+        if delay is None:
             return self._give_up(handler, task, error)
-        return self.queue.retry_later(task, error)
+        return self.queue.reschedule(task, delay, error)
 
     def _give_up(self, handler: TaskHandler, task: ClaimedTask, error: str) -> TaskStatus | None:
         """Record the outcome on what the task served, then mark it dead.

@@ -367,10 +367,32 @@ def test_a_wrong_deepimage_api_key_fails_the_generation_as_upstream_auth(
     assert body["error"] == {"code": "upstream_auth", "message": "No user found for provided token"}
 
 
-@pytest.mark.parametrize("knob", ["upstream_error_rate", "rate_limit_rate"])
-def test_transient_upstream_errors_leave_the_generation_queued_for_the_worker(
-    config: Config, make_client: Any, simulator: Any, knob: str
+def test_a_429_is_not_a_failed_attempt_the_generation_waits_in_the_line_again(
+    config: Config, make_client: Any, simulator: Any
 ) -> None:
+    services, client, auth = make_client(config, fast_retries=True)
+    set_simulator(simulator.url, rate_limit_rate=1.0)
+    body = create(client, auth, {"input": TEXT_ONLY}).json
+    assert body["status"] == "queued"
+    with services.store.read() as session:
+        task = session.scalars(sa.select(Task)).one()
+        generation = session.get(Generation, body["id"])
+        assert generation is not None
+        assert generation.admitted_at is None  # its slot was handed back
+    assert task.status == "done"  # no retry budget spent: the line admits it again
+    shown = client.get(f"/v1/generations/{body['id']}", headers=auth).json
+    assert (shown["status"], shown["queue_position"]) == ("queued", 1)
+    set_simulator(simulator.url, rate_limit_rate=0.0)
+    drain(services)
+    after = client.get(f"/v1/generations/{body['id']}", headers=auth).json
+    assert after["status"] == "succeeded"
+    assert after["queue_position"] is None
+
+
+def test_transient_upstream_errors_leave_the_generation_queued_for_the_worker(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    knob = "upstream_error_rate"
     services, client, auth = make_client(config, fast_retries=True)
     set_simulator(simulator.url, **{knob: 1.0})
     body = create(client, auth, {"input": TEXT_ONLY}).json
@@ -398,7 +420,7 @@ def test_a_generation_fails_as_upstream_unavailable_when_retries_run_out(
     assert after["error"]["code"] == "upstream_unavailable"
     assert "3 attempts" in after["error"]["message"]
     with services.store.read() as session:
-        assert session.scalars(sa.select(Task.status)).one() == "dead"
+        assert session.scalars(sa.select(Task.status).where(Task.kind == "submit")).one() == "dead"
 
 
 def test_a_generation_canceled_before_the_worker_runs_is_never_submitted(
