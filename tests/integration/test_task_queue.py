@@ -415,3 +415,48 @@ def test_a_handler_that_lost_its_lease_cannot_complete_the_task(
     assert TaskRunner(queue, {"job": handler}).execute(stale) is None
     assert handler.completed == [False]
     assert row(queue.store, fresh.id).status == TaskStatus.RUNNING
+
+
+class ScriptedJitter(random.Random):
+    """Jitter draws taken from a script, so a test can pin what each draw says."""
+
+    def __init__(self, draws: list[float]) -> None:
+        super().__init__(0)
+        self.draws = list(draws)
+
+    def random(self) -> float:
+        return self.draws.pop(0)
+
+
+class AlwaysFailing:
+    def __init__(self) -> None:
+        self.exhausted: list[str] = []
+
+    def run(self, task: ClaimedTask) -> None:
+        raise RetryableError("upstream 503")
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        self.exhausted.append(error)
+
+
+@pytest.mark.parametrize("draws", [[0.0, 1.0], [1.0, 0.0]])
+def test_a_failed_attempt_is_decided_once_and_a_task_given_up_records_its_outcome(
+    store: Store, clock: FakeClock, draws: list[float]
+) -> None:
+    # Backoff after the first attempt is 5 s (draw 0.0) or 10 s (draw 1.0); the task may
+    # not run later than 7 s after its creation. Deciding twice with two draws could say
+    # "retry" and then "too old", killing the task without recording the outcome.
+    policy = RetryPolicy(max_attempts=5, base_delay=10.0, max_delay=100.0, max_age=7.0)
+    queue = TaskQueue(store, policies={"job": policy}, clock=clock, rng=ScriptedJitter(draws))
+    handler = AlwaysFailing()
+    task_id = enqueue(queue)
+    [task] = queue.claim_due_tasks()
+    outcome = TaskRunner(queue, {"job": handler}).execute(task)
+    if draws[0] == 0.0:
+        assert outcome is TaskStatus.PENDING
+        assert handler.exhausted == []
+        assert row(store, task_id).run_at == START + dt.timedelta(seconds=5)
+    else:
+        assert outcome is TaskStatus.DEAD
+        assert handler.exhausted == ["upstream 503"]
+    assert row(store, task_id).status == outcome
