@@ -95,6 +95,30 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     revoke.set_defaults(run=_keys_revoke)
 
+    tenants = commands.add_parser("tenants", help="show and change tenants' settings")
+    tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
+    tenants_list = tenant_commands.add_parser(
+        "list", help="one line per tenant: name, id, weight, max in flight"
+    )
+    tenants_list.set_defaults(run=_tenants_list)
+    show = tenant_commands.add_parser("show", help="one tenant's settings")
+    show.add_argument("tenant")
+    show.set_defaults(run=_tenants_show)
+    set_ = tenant_commands.add_parser(
+        "set", help="change a tenant's share of the Deep-Image account (see the README)"
+    )
+    set_.add_argument("tenant")
+    set_.add_argument(
+        "--weight", type=int, help="share of free slots when tenants wait (1-1000; default 1)"
+    )
+    set_.add_argument(
+        "--max-in-flight",
+        type=_cap,
+        default=argparse.SUPPRESS,  # absent unless given: 'none' (None) removes the cap
+        help="at most this many of its jobs at Deep-Image at once; 'none' removes the cap",
+    )
+    set_.set_defaults(run=_tenants_set)
+
     commands.add_parser("simulator", help="run the Deep-Image simulator (--help for flags)")
     commands.add_parser("inbox", help="a local receiver that verifies and prints webhooks")
 
@@ -232,6 +256,61 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     line = f"{key.id} ({key.tenant}, {key.prefix}…) {verb} at {_utc_iso(key.revoked_at)}"
     sys.stdout.write(line + "\n")
     return 0
+
+
+def _cap(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("a whole number above 0, or 'none'")
+    return int(value)
+
+
+def _tenant_line(settings: Any) -> str:
+    cap = "-" if settings.max_in_flight is None else str(settings.max_in_flight)
+    return "\t".join(
+        (settings.name, settings.id, f"weight={settings.weight}", f"max_in_flight={cap}")
+    )
+
+
+def _with_tenants(action: Any) -> int:
+    from service.store import Store
+    from service.tenants import InvalidSetting, Tenants, UnknownTenant
+
+    store = Store(Config.database_url_from_env())
+    try:
+        for line in action(Tenants(store)):
+            sys.stdout.write(line + "\n")
+    except UnknownTenant as exc:
+        print(
+            f"genrelay: no tenant is named {exc.args[0]!r} (create one with `keys create`)",
+            file=sys.stderr,
+        )
+        return 1
+    except InvalidSetting as exc:
+        print(f"genrelay: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.dispose()
+    return 0
+
+
+def _tenants_list(_args: argparse.Namespace) -> int:
+    return _with_tenants(lambda tenants: [_tenant_line(t) for t in tenants.list()])
+
+
+def _tenants_show(args: argparse.Namespace) -> int:
+    return _with_tenants(lambda tenants: [_tenant_line(tenants.get(args.tenant))])
+
+
+def _tenants_set(args: argparse.Namespace) -> int:
+    from service.tenants import UNCHANGED
+
+    changes: dict[str, Any] = {
+        "weight": args.weight,
+        "max_in_flight": vars(args).get("max_in_flight", UNCHANGED),
+    }
+    return _with_tenants(lambda tenants: [_tenant_line(tenants.set(args.tenant, **changes))])
 
 
 def _utc_iso(moment: dt.datetime) -> str:

@@ -1,0 +1,315 @@
+"""The line on real SQLite and PostgreSQL with the simulator over HTTP: admissions under the
+limit, slots freed by every way a job ends, learned limits, priority, deadlines, tenants."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from service.bootstrap import Services
+from service.config import Config
+from service.line import IN_FLIGHT, LINE, ensure_line_task
+from service.models import Generation, Task, UpstreamAccount
+from service.tenants import Tenants
+from service.worker import Worker
+from tests.helpers import drain, seed_examples, set_simulator
+from tests.integration.test_api_keys_cli import Run, create_key, genrelay  # noqa: F401
+
+TEXT_ONLY = seed_examples()["text_only"]
+
+
+def post(client: Any, auth: dict[str, str], **body: Any) -> dict[str, Any]:
+    response = client.post("/v1/generations", json={"input": TEXT_ONLY, **body}, headers=auth)
+    assert response.status_code == 202, response.json
+    return response.json  # type: ignore[no-any-return]
+
+
+def in_flight(services: Services) -> int:
+    with services.store.read() as session:
+        return session.scalar(sa.select(sa.func.count()).where(IN_FLIGHT)) or 0
+
+
+def statuses(services: Services) -> dict[str, str]:
+    with services.store.read() as session:
+        return dict(session.execute(sa.select(Generation.id, Generation.status)).all())
+
+
+def sim_stats(simulator: Any) -> dict[str, Any]:
+    return requests.get(f"{simulator.url}/_sim/stats", timeout=5).json()  # type: ignore[no-any-return]
+
+
+def run_line_task(services: Services) -> None:
+    """What the worker's `line` task does every second, once, now."""
+    ensure_line_task(services.queue)
+    with services.store.transaction() as session:
+        session.execute(
+            sa.update(Task).where(Task.kind == LINE).values(run_at=dt.datetime.now(dt.UTC))
+        )
+    [task] = services.queue.claim_due_tasks(kinds=[LINE])
+    services.runner.execute(task)
+
+
+@pytest.fixture
+def slow_upstream(simulator: Any) -> Any:
+    """Jobs that stay at Deep-Image for the length of a test."""
+    set_simulator(simulator.url, processing_time=60.0)
+    return simulator
+
+
+def test_only_the_limit_goes_upstream_and_the_rest_wait_in_order(
+    config: Config, make_client: Any, slow_upstream: Any
+) -> None:
+    services, client, auth = make_client(config.replace(upstream_concurrency=2))
+    made = [post(client, auth) for _ in range(5)]
+    assert [g["status"] for g in made] == ["processing"] * 2 + ["queued"] * 3
+    assert in_flight(services) == 2
+    assert sim_stats(slow_upstream)["jobs_created"] == 2
+    positions = [
+        client.get(f"/v1/generations/{g['id']}", headers=auth).json["queue_position"]
+        for g in made
+    ]
+    assert positions == [None, None, 1, 2, 3]
+
+
+@pytest.mark.parametrize("ending", ["cancel", "failure", "result"])
+def test_a_slot_is_handed_on_the_moment_its_job_ends(
+    config: Config, make_client: Any, slow_upstream: Any, ending: str
+) -> None:
+    services, client, auth = make_client(config.replace(upstream_concurrency=1))
+    first, second = post(client, auth), post(client, auth)
+    assert (first["status"], second["status"]) == ("processing", "queued")
+    if ending == "cancel":
+        client.post(f"/v1/generations/{first['id']}/cancel", headers=auth)
+    elif ending == "failure":
+        from service.domain import ErrorCode
+        from service.lifecycle import fail_generation
+
+        fail_generation(services.store, first["id"], ErrorCode.UPSTREAM_JOB_FAILED, "boom")
+    else:
+        from service.completion import Callback
+
+        services.completion.accept(
+            first["id"], Callback(first["upstream"]["job"], "http://x/result.png")
+        )
+    # The same transaction admitted the next one: its submit task is due now.
+    with services.store.read() as session:
+        admitted = session.get(Generation, second["id"])
+        assert admitted is not None and admitted.admitted_at is not None
+        tasks = session.scalars(
+            sa.select(Task.status).where(
+                Task.generation_id == second["id"], Task.kind == "submit"
+            )
+        ).all()
+    assert tasks == ["pending"]
+    assert in_flight(services) == 1
+
+
+def test_a_stated_limit_is_learned_and_never_exceeded_again(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    set_simulator(simulator.url, concurrency_limit=3, processing_time=0.3)
+    services, client, auth = make_client(config)  # no configured limit: learned
+    made = [post(client, auth) for _ in range(12)]
+    drain(services, seconds=60)
+    assert set(statuses(services).values()) == {"succeeded"}, made
+    with services.store.read() as session:
+        account = session.get(UpstreamAccount, "deepimage")
+        assert account is not None
+        assert (account.limit, account.limit_source) == (3, "stated")
+    stats = sim_stats(simulator)
+    assert stats["jobs_created"] == 12
+    # Slow start from 2 finds the limit with at most a few refusals.
+    assert stats["responses_429"] <= 3
+
+
+def test_an_unstated_429_halves_a_learned_limit_and_pauses(
+    config: Config, make_client: Any, services: Services
+) -> None:
+    from service.models import utcnow
+
+    now = utcnow()
+    with services.store.transaction() as session:
+        services.line.admit(session, now=now)  # creates the account row
+        account = session.get(UpstreamAccount, "deepimage")
+        assert account is not None
+        account.limit = 8
+    with services.store.transaction() as session:
+        services.line.note_refused(session, "gen_none", stated=None, now=now)
+    with services.store.read() as session:
+        account = session.get(UpstreamAccount, "deepimage")
+        assert account is not None
+        assert (account.limit, account.limit_source, account.refusals_in_a_row) == (
+            1,
+            "probing",
+            1,
+        )
+        assert account.paused_until is not None and account.paused_until > now
+
+
+def test_higher_priority_passes_earlier_work_of_the_same_tenant(
+    config: Config, make_client: Any, slow_upstream: Any
+) -> None:
+    services, client, auth = make_client(config.replace(upstream_concurrency=1))
+    running = post(client, auth)
+    batch_work = [post(client, auth) for _ in range(3)]
+    interactive = post(client, auth, priority=5)
+    shown = client.get(f"/v1/generations/{interactive['id']}", headers=auth).json
+    assert shown["queue_position"] == 1
+    client.post(f"/v1/generations/{running['id']}/cancel", headers=auth)
+    with services.store.read() as session:
+        admitted = session.scalars(
+            sa.select(Generation.id).where(Generation.admitted_at.is_not(None), IN_FLIGHT)
+        ).all()
+    assert admitted == [interactive["id"]]
+    assert all(
+        client.get(f"/v1/generations/{g['id']}", headers=auth).json["status"] == "queued"
+        for g in batch_work
+    )
+
+
+def test_a_generation_still_waiting_at_its_deadline_is_canceled_unsubmitted(
+    config: Config, make_client: Any, slow_upstream: Any
+) -> None:
+    services, client, auth = make_client(config.replace(upstream_concurrency=1))
+    post(client, auth)
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    late = post(client, auth, deadline=deadline.isoformat())
+    assert late["status"] == "queued" and late["deadline"] is not None
+    assert sim_stats(slow_upstream)["jobs_created"] == 1
+    threading.Event().wait(1.2)
+    run_line_task(services)
+    after = client.get(f"/v1/generations/{late['id']}", headers=auth).json
+    assert after["status"] == "canceled"
+    assert after["error"]["code"] == "deadline_exceeded"
+    assert sim_stats(slow_upstream)["jobs_created"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"priority": 10}, "priority"),
+        ({"priority": "high"}, "priority"),
+        ({"deadline": "2001-01-01T00:00:00Z"}, "deadline"),
+        ({"deadline": "tomorrow"}, "deadline"),
+    ],
+)
+def test_bad_priorities_and_deadlines_are_refused_naming_the_field(
+    client: Any, auth: dict[str, str], body: dict[str, Any], field: str
+) -> None:
+    response = client.post("/v1/generations", json={"input": TEXT_ONLY, **body}, headers=auth)
+    assert response.status_code == 422
+    assert response.content_type == "application/problem+json"
+    assert [e["field"] for e in response.json["errors"]] == [field]
+
+
+def test_tenants_share_slots_by_weight_and_respect_their_cap(
+    config: Config, make_client: Any, slow_upstream: Any
+) -> None:
+    services, client, auth_a = make_client(config.replace(upstream_concurrency=1))
+    auth_b = {"Authorization": "Bearer " + services.api_keys.create("beta")}
+    auth_c = {"Authorization": "Bearer " + services.api_keys.create("gamma")}
+    tenants = Tenants(services.store)
+    tenants.set("acme", weight=3)
+    tenants.set("gamma", max_in_flight=1)
+    blocker = post(client, auth_a)
+    for auth in (auth_a, auth_b, auth_c):
+        for _ in range(6):
+            post(client, auth)
+    # Raise the limit to 10: gamma stops at its cap of 1; acme (weight 3, one slot held
+    # already) and beta (weight 1) share the other 9 as closely to 3:1 as whole slots allow.
+    services2, _client, _auth = make_client(config.replace(upstream_concurrency=10))
+    with services2.store.transaction() as session:
+        services2.line.admit(session, now=dt.datetime.now(dt.UTC))
+    with services2.store.read() as session:
+        held = dict(
+            session.execute(
+                sa.select(Generation.tenant_id, sa.func.count())
+                .where(IN_FLIGHT)
+                .group_by(Generation.tenant_id)
+            ).all()
+        )
+    names = {t.id: t.name for t in tenants.list()}
+    assert {names[t]: n for t, n in held.items()} == {"acme": 7, "beta": 2, "gamma": 1}
+    assert blocker["status"] == "processing"
+
+
+def test_concurrent_intakes_never_admit_more_than_the_limit(
+    config: Config, make_client: Any, slow_upstream: Any
+) -> None:
+    services, _client, auth = make_client(config.replace(upstream_concurrency=3))
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            for _ in range(4):
+                services.generations.create(
+                    tenant_of(services, auth),
+                    _new(),
+                )
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert in_flight(services) == 3
+    assert sim_stats(slow_upstream)["jobs_created"] == 3
+    assert list(statuses(services).values()).count("queued") == 21
+
+
+def tenant_of(services: Services, auth: dict[str, str]) -> str:
+    tenant = services.api_keys.tenant_for(auth["Authorization"].split()[1])
+    assert tenant is not None
+    return tenant
+
+
+def _new() -> Any:
+    from service.generations import NewGeneration
+
+    return NewGeneration(input=TEXT_ONLY)
+
+
+def test_the_worker_line_task_admits_after_a_pause(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    services, client, auth = make_client(config.replace(upstream_concurrency=2))
+    set_simulator(simulator.url, rate_limit_rate=1.0)
+    waiting = post(client, auth)
+    assert waiting["status"] == "queued"
+    set_simulator(simulator.url, rate_limit_rate=0.0)
+    ensure_line_task(services.queue)
+    worker = Worker(services.runner, threads=2, poll_interval=0.05)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=20)
+        while dt.datetime.now(dt.UTC) < deadline:
+            if statuses(services)[waiting["id"]] == "succeeded":
+                break
+            threading.Event().wait(0.1)
+    finally:
+        worker.stop()
+        runner.join()
+    assert statuses(services)[waiting["id"]] == "succeeded"
+
+
+def test_tenants_cli_shows_and_changes_settings(genrelay: Callable[..., Run]) -> None:  # noqa: F811
+    create_key(genrelay, "acme")
+    changed = genrelay("tenants", "set", "acme", "--weight", "3", "--max-in-flight", "5")
+    assert changed.code == 0, changed.err
+    assert changed.out.split("\t")[2:] == ["weight=3", "max_in_flight=5\n"]
+    uncapped = genrelay("tenants", "set", "acme", "--max-in-flight", "none")
+    assert uncapped.out.strip().split("\t")[2:] == ["weight=3", "max_in_flight=-"]
+    listed = genrelay("tenants", "list")
+    assert [line.split("\t")[0] for line in listed.out.splitlines()] == ["acme"]
+    assert genrelay("tenants", "show", "nobody").code == 1
+    assert genrelay("tenants", "set", "acme", "--weight", "0").code == 2
