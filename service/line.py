@@ -169,6 +169,24 @@ class LineState:
     paused_until: dt.datetime | None
 
 
+def read_state(session: Session) -> LineState:
+    """The limit, the slots in use and who waits (for /metrics)."""
+    account = session.get(UpstreamAccount, ACCOUNT)
+    in_flight = session.scalar(sa.select(sa.func.count()).where(IN_FLIGHT)) or 0
+    waiting = session.execute(
+        sa.select(Generation.tenant_id, sa.func.count())
+        .where(WAITING)
+        .group_by(Generation.tenant_id)
+    ).all()
+    return LineState(
+        limit=account.limit if account else INITIAL_LIMIT,
+        limit_source=account.limit_source if account else "probing",
+        in_flight=int(in_flight),
+        waiting_by_tenant={str(tenant): int(count) for tenant, count in waiting},
+        paused_until=account.paused_until if account else None,
+    )
+
+
 class Line:
     """Admissions under the account's concurrency limit (see the module docstring)."""
 
@@ -424,25 +442,6 @@ class Line:
                     "Deep-Image slot; it was never submitted",
                 )
         return len(overdue)
-
-    def state(self, session: Session) -> LineState:
-        """The limit, the slots in use and who waits (for /metrics)."""
-        account = session.get(UpstreamAccount, ACCOUNT)
-        in_flight = session.scalar(sa.select(sa.func.count()).where(IN_FLIGHT)) or 0
-        waiting = dict(
-            session.execute(
-                sa.select(Generation.tenant_id, sa.func.count())
-                .where(WAITING)
-                .group_by(Generation.tenant_id)
-            ).all()
-        )
-        return LineState(
-            limit=account.limit if account else (self.configured_limit or INITIAL_LIMIT),
-            limit_source=account.limit_source if account else "probing",
-            in_flight=int(in_flight),
-            waiting_by_tenant={str(k): int(v) for k, v in waiting.items()},
-            paused_until=account.paused_until if account else None,
-        )
 
     def position(self, session: Session, generation: Generation) -> int | None:
         """1 for the next of its tenant's waiting generations to go; None if not waiting."""

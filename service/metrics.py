@@ -31,7 +31,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service.models import Delivery, Generation, Task, utcnow
+from service.line import read_state
+from service.models import Delivery, Generation, Task, Tenant, utcnow
 from service.store import Store
 
 HTTP_LATENCY = Histogram(
@@ -69,6 +70,10 @@ PURGED_ROWS = Counter(
     "Rows deleted by housekeeping, by what they were (idempotency_keys, done_tasks, dead_tasks).",
     ["what"],
 )
+
+
+# Tenants named in genrelay_generations_waiting; the rest are summed as `other`.
+WAITING_TENANT_LABELS = 10
 
 
 class DatabaseCollector:
@@ -112,6 +117,22 @@ class DatabaseCollector:
         deliveries = GaugeMetricFamily(
             "genrelay_deliveries", "Deliveries by status.", labels=["status"]
         )
+        in_flight = GaugeMetricFamily(
+            "genrelay_upstream_in_flight",
+            "Jobs holding one of the Deep-Image account's slots (submitted, result not known).",
+        )
+        limit = GaugeMetricFamily(
+            "genrelay_upstream_concurrency_limit",
+            "The account's concurrency limit admissions respect, by where it came from "
+            "(configured, stated by a 429, probing).",
+            labels=["source"],
+        )
+        waiting = GaugeMetricFamily(
+            "genrelay_generations_waiting",
+            f"Generations waiting for a slot, for the {WAITING_TENANT_LABELS} tenants with the "
+            "most waiting (by name) and the rest as `other`.",
+            labels=["tenant"],
+        )
         now = utcnow()
         with self.store.read() as session:
             for status, count in session.execute(
@@ -134,7 +155,21 @@ class DatabaseCollector:
                 sa.select(Delivery.status, sa.func.count()).group_by(Delivery.status)
             ):
                 deliveries.add_metric([status], count)
-        yield from (generations, pending, oldest, deliveries)
+            line = read_state(session)
+            in_flight.add_metric([], line.in_flight)
+            limit.add_metric([line.limit_source], line.limit)
+            ranked = sorted(line.waiting_by_tenant.items(), key=lambda item: -item[1])
+            shown = dict(ranked[:WAITING_TENANT_LABELS])
+            names: dict[str, str] = {
+                tenant_id: name
+                for tenant_id, name in session.execute(
+                    sa.select(Tenant.id, Tenant.name).where(Tenant.id.in_(shown))
+                )
+            }
+            for tenant_id, count in shown.items():
+                waiting.add_metric([names.get(tenant_id, tenant_id)], count)
+            waiting.add_metric(["other"], sum(n for _, n in ranked[WAITING_TENANT_LABELS:]))
+        yield from (generations, pending, oldest, deliveries, in_flight, limit, waiting)
 
     def describe(self) -> list[Any]:
         return []  # collected on demand only: registering must not query the database

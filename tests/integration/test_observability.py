@@ -120,3 +120,26 @@ def test_metrics_need_the_token_when_one_is_configured(config: Config, make_clie
     allowed = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
     assert allowed.status_code == 200
     assert b"genrelay_http_request_duration_seconds" in allowed.data
+
+
+def test_metrics_show_the_line_with_a_bounded_tenant_label(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    from service.metrics import WAITING_TENANT_LABELS, DatabaseCollector
+    from tests.helpers import set_simulator
+
+    set_simulator(simulator.url, processing_time=60.0)
+    services, client, _auth = make_client(config.replace(upstream_concurrency=1))
+    for n in range(WAITING_TENANT_LABELS + 3):
+        auth = {"Authorization": "Bearer " + services.api_keys.create(f"tenant-{n:02d}")}
+        for _ in range(1 + n % 2):
+            client.post("/v1/generations", json={"input": TEXT_ONLY}, headers=auth)
+    DatabaseCollector._cache.clear()  # gauges are cached for a few seconds per process
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "genrelay_upstream_in_flight 1.0" in text
+    assert 'genrelay_upstream_concurrency_limit{source="configured"} 1.0' in text
+    label = "genrelay_generations_waiting{"
+    waiting = [line for line in text.splitlines() if line.startswith(label)]
+    assert len(waiting) == WAITING_TENANT_LABELS + 1  # ten names and `other`
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in waiting)
+    assert total == sum(1 + n % 2 for n in range(WAITING_TENANT_LABELS + 3)) - 1
