@@ -111,21 +111,36 @@ def test_a_slot_is_handed_on_the_moment_its_job_ends(
 
 
 def test_a_stated_limit_is_learned_and_never_exceeded_again(
-    config: Config, make_client: Any, simulator: Any
+    config: Config, make_client: Any, slow_upstream: Any
 ) -> None:
-    set_simulator(simulator.url, concurrency_limit=3, processing_time=0.3)
+    set_simulator(slow_upstream.url, concurrency_limit=3)
     services, client, auth = make_client(config)  # no configured limit: learned
     made = [post(client, auth) for _ in range(12)]
-    drain(services, seconds=60)
-    assert set(statuses(services).values()) == {"succeeded"}, made
+    # Slow start from 2: the limit grows with each job accepted at the limit, until the 4th
+    # submission is refused with "Your rate limit is 3"; that one waits again, and so does
+    # everything after it, without another call upstream.
+    assert [g["status"] for g in made] == ["processing"] * 3 + ["queued"] * 9
     with services.store.read() as session:
         account = session.get(UpstreamAccount, "deepimage")
         assert account is not None
         assert (account.limit, account.limit_source) == (3, "stated")
-    stats = sim_stats(simulator)
-    assert stats["jobs_created"] == 12
-    # Slow start from 2 finds the limit with at most a few refusals.
-    assert stats["responses_429"] <= 3
+    stats = sim_stats(slow_upstream)
+    assert (stats["jobs_created"], stats["responses_429"]) == (3, 1)
+    assert in_flight(services) == 3
+    shown = client.get(f"/v1/generations/{made[3]['id']}", headers=auth).json
+    assert shown["queue_position"] == 1  # the refused one kept its place
+
+
+def test_a_learned_limit_carries_a_backlog_through(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    set_simulator(simulator.url, concurrency_limit=3, processing_time=0.3)
+    services, client, auth = make_client(config)
+    for _ in range(10):
+        post(client, auth)
+    drain(services, seconds=60)
+    assert set(statuses(services).values()) == {"succeeded"}
+    assert sim_stats(simulator)["jobs_created"] == 10
 
 
 def test_an_unstated_429_halves_a_learned_limit_and_pauses(
