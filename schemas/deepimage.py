@@ -37,6 +37,7 @@ __all__ = [
     "IMAGE_ADAPTER_TYPES",
     "MAX_JSON_INTEGER",
     "MODEL_TYPES",
+    "NULL_MESSAGE",
     "PRINT_SIZES",
     "UNKNOWN_FIELD_MESSAGE",
     "WEBHOOKS_RESERVED_MESSAGE",
@@ -137,6 +138,9 @@ _LONG_DIGITS = 16  # 2**53 has 16 digits; longer digit strings are certainly out
 
 WEBHOOKS_RESERVED_MESSAGE = (
     "webhooks is set by genrelay; register a webhook on the generation instead."
+)
+NULL_MESSAGE = (
+    "Must not be null: Deep-Image's fields are not nullable; leave the field out instead."
 )
 UNKNOWN_FIELD_MESSAGE = (
     "Unknown field. Deep-Image would silently ignore it, so genrelay refuses it to catch "
@@ -483,6 +487,8 @@ class FitMode(fields.Field):
     ) -> str | dict[str, str]:
         if isinstance(value, str) and value in FIT_MODES:
             return value
+        if isinstance(value, Mapping) and "crop" in value and len(value) > 1:
+            raise ValidationError(f'Only the key "crop" is known here. {UNKNOWN_FIELD_MESSAGE}')
         if isinstance(value, Mapping) and list(value) == ["crop"]:
             crop = value["crop"]
             if isinstance(crop, str) and crop in CROP_MODES:
@@ -799,6 +805,27 @@ class DeepImageProcessRequestSchema(_Strict):
         if reasons:
             raise ValidationError({"url": reasons})
 
+
+def _explain_nulls(*schemas: type[Schema]) -> None:
+    """Give every field's "may not be null" error the reason."""
+    for schema in schemas:
+        for field in schema._declared_fields.values():
+            for each in (field, getattr(field, "inner", None)):
+                if isinstance(each, fields.Field) and not isinstance(each, Reserved):
+                    each.error_messages = {**each.error_messages, "null": NULL_MESSAGE}
+
+
+_explain_nulls(
+    DeepImageGenerateSchema,
+    DeepImageBackgroundSchema,
+    DeepImageFilterParametersSchema,
+    DeepImageToneParametersSchema,
+    DeepImageWhiteBalanceParametersSchema,
+    DeepImageUpscaleParametersSchema,
+    DeepImageNsfwParametersSchema,
+    DeepImageCaptionSchema,
+    DeepImageProcessRequestSchema,
+)
 
 # The name the rest of genrelay uses; the class keeps the DeepImage prefix for apispec.
 ProcessRequestSchema = DeepImageProcessRequestSchema
