@@ -271,10 +271,10 @@ def _dimension(value: Any, name: str, minimum: int = 1) -> Dimension | None:
             raise bad_request(problem)
         return Dimension(pixels=value)
     if isinstance(value, str):
-        digits = _DIGITS.match(value)
+        digits = _DIGITS.fullmatch(value)
         if digits:
             return _dimension(int(digits.group(1)), name, minimum)
-        percent = _PERCENT.match(value)
+        percent = _PERCENT.fullmatch(value)
         if percent and (float(percent.group(1)) > 0 or minimum == 0):
             return Dimension(percent=float(percent.group(1)))
     raise bad_request(problem)
@@ -293,7 +293,7 @@ def _http_url(value: Any) -> bool:
 
 def _storage_file(value: str) -> None:
     """Deep-Image's storage errors for a storage:// image that names no file."""
-    match = _STORAGE.match(value)
+    match = _STORAGE.fullmatch(value)
     if match is None:
         raise bad_request("Invalid source storage.")
     if not match.group(2):
@@ -374,13 +374,13 @@ def _check_fields(body: Mapping[str, Any]) -> None:
     present, caption = _at(body, ("caption",))
     if present and "url" not in caption:
         raise bad_request("caption.url is required")
-    if present and "position" in caption and not _POSITION.match(caption["position"]):
+    if present and "position" in caption and not _POSITION.fullmatch(caption["position"]):
         raise bad_request("caption.position must be two letters such as RB")
     present, replace = _at(body, ("background", "replace"))
     if present:
         _image_reference(replace, "background.replace")
     present, target = _at(body, ("target",))
-    if present and not (isinstance(target, str) and _STORAGE.match(target)):
+    if present and not (isinstance(target, str) and _STORAGE.fullmatch(target)):
         raise bad_request("Make sure your target url/storage is correct.")
     present, padding = _at(body, ("padding",))
     if present:
@@ -393,7 +393,7 @@ def _check_fields(body: Mapping[str, Any]) -> None:
 def _file_size(value: Any) -> bool:
     if _is_int(value):
         return bool(value > 0)
-    match = _FILE_SIZE.match(value) if isinstance(value, str) else None
+    match = _FILE_SIZE.fullmatch(value) if isinstance(value, str) else None
     return match is not None and float(match.group(1)) > 0
 
 

@@ -182,6 +182,12 @@ ROWS: list[Row] = [
     ("background_not_object", url(background="white"), ("background",), None),
     ("sample_num_float", generate(description="x", sample_num=1.5), ("background", "generate", "sample_num"), None),
     ("description_not_string", generate(description=5), ("background", "generate", "description"), None),
+    # a trailing newline must not slip past a pattern ($ matches before it in Python)
+    ("width_percent_newline", url(width="200%\n"), ("width",), None),
+    ("width_digits_newline", url(width="200\n"), ("width",), None),
+    ("target_newline", url(target="storage://s3/out/\n"), ("target",), None),
+    ("position_newline", url(caption={"url": IMAGE, "position": "RB\n"}), ("caption", "position"), None),
+    ("max_file_size_newline", url(max_file_size="1MB\n"), ("max_file_size",), None),
     # -- deliberate differences (docs/compatibility.md)
     ("webhooks", url(webhooks={"complete": "https://example.com/hook"}), ("webhooks",), RESERVED),
     ("unknown_top_level_field", url(sharpen=True), ("sharpen",), UNKNOWN),
