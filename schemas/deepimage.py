@@ -397,7 +397,9 @@ class JsonNumber(fields.Field):
 class JsonInteger(JsonNumber):
     """A JSON integer (1.0 is refused: the vendor types these fields integer)."""
 
-    default_error_messages = {"invalid": "Not a valid integer."}
+    default_error_messages = {
+        "invalid": "Not a valid integer: Deep-Image types this field integer (1.0 is not one)."
+    }
 
     def __init__(
         self, minimum: float | None = None, maximum: float | None = None, **kwargs: Any
@@ -418,8 +420,8 @@ class PixelsOrPercent(fields.Field):
 
     default_error_messages = {
         "invalid": 'Must be a whole number of pixels or a percent string such as "200%".',
-        "pixels": "Pixels must be at least {minimum}.",
-        "percent": "A percent must be {lowest}.",
+        "pixels": "Must be at least {minimum} (pixels): a size cannot be smaller.",
+        "percent": "A percent must be above 0%: no image can be 0 pixels wide.",
     }
 
     def __init__(self, *, min_pixels: int, **kwargs: Any) -> None:
@@ -449,7 +451,7 @@ class PixelsOrPercent(fields.Field):
         if isinstance(value, str) and (match := _PERCENT_RE.fullmatch(value)):
             # "0%" is allowed exactly when 0 pixels is (padding), never for an output size.
             if self.min_pixels > 0 and Decimal(match[1]) == 0:
-                raise self.make_error("percent", lowest="above 0")
+                raise self.make_error("percent")
             return value
         raise self.make_error("invalid")
 
