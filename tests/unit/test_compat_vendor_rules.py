@@ -532,6 +532,35 @@ def test_what_intake_accepts_is_forwarded_unchanged(payload: dict[str, Any]) -> 
     assert forwarded(payload) == payload
 
 
+# The defaults of the vendor's OpenAPI description, which its generated client fills in for
+# every object it sends.
+CLIENT_DEFAULTS: dict[tuple[str, ...], dict[str, Any]] = {
+    (): {"fit": "canvas", "quality": 85, "dpi": 300, "print_reorientation": True},
+    ("background",): {"remove": "auto"},
+    ("background", "generate"): {"adapter_type": "generate_background", "item_area_percentage": 1},
+    ("denoise_parameters",): {"type": "v1"},
+    ("deblur_parameters",): {"type": "v1"},
+    ("light_parameters",): {"level": 1},
+    ("color_parameters",): {"level": 1},
+    ("white_balance_parameters",): {"level": 1},
+}
+
+
+@SETTINGS
+@given(vendor_payloads())
+def test_the_defaults_the_vendor_client_fills_in_change_no_verdict(
+    payload: dict[str, Any],
+) -> None:
+    for path, defaults in CLIENT_DEFAULTS.items():
+        present, node = _get(payload, path) if path else (True, payload)
+        if present:
+            for field, default in defaults.items():
+                node.setdefault(field, default)
+    assert intake(payload) == {}
+    assert simulator_accepts(payload)
+    assert forwarded(payload) == payload
+
+
 @SETTINGS
 @given(vendor_payloads(), st.integers(JSON_INTEGER + 1, 2**200))
 def test_integers_beyond_json_precision_are_refused_naming_the_field(
