@@ -59,48 +59,17 @@ TONE_TYPES = frozenset({"contrast", "hdr_light", "hdr_light_advanced"})
 UPSCALE_TYPES = frozenset({"v1", "text_x4"})
 # Deep-Image's 74 paper names (OpenAPI PrintSize).
 PRINT_SIZES = frozenset(
-    [f"{series}{n}" for series in "abc" for n in range(11)]
-    + [f"arch{n}" for n in range(1, 7)]
-    + [
-        "a2extra",
-        "a3extra",
-        "a3super",
-        "supera3",
-        "a4extra",
-        "a4super",
-        "supera4",
-        "a4long",
-        "a5extra",
-        "sob5extra",
-        "letter",
-        "legal",
-        "executive",
-        "tabloid",
-        "statement",
-        "halfletter",
-        "folio",
-        "flsa",
-        "flse",
-        "note",
-        "11x17",
-        "10x14",
-        "juniorlegal",
-        "memo",
-        "governmentletter",
-        "governmentlegal",
-        "ledger",
-        "archa",
-        "archb",
-        "archc",
-        "archd",
-        "arche",
-        "arche1",
-        "arche2",
-        "arche3",
-    ]
+    (
+        *(f"{series}{n}" for series in "abc" for n in range(11)),
+        *(f"arch{n}" for n in (1, 2, 3, 4, 5, 6, "a", "b", "c", "d", "e", "e1", "e2", "e3")),
+        *("a2extra", "a3extra", "a3super", "supera3", "a4extra", "a4super", "supera4"),
+        *("a4long", "a5extra", "sob5extra", "letter", "legal", "executive", "tabloid"),
+        *("statement", "halfletter", "folio", "flsa", "flse", "note", "11x17", "10x14"),
+        *("juniorlegal", "memo", "governmentletter", "governmentlegal", "ledger"),
+    )
 )
 Path = tuple[str, ...]
-# Objects of the request; anything else there must not be an object.
+# Fields that hold an object.
 OBJECTS: tuple[Path, ...] = (
     ("background",),
     ("background", "generate"),
