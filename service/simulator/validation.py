@@ -1,9 +1,10 @@
 """The simulated upstream's own view of a process request.
 
-Deliberately light and independent of genrelay's request schema: it rejects what Deep-Image
-documents as errors (or what reference section 5.8 tells the simulator to reject) and works out
-what the result will look like (size, format), nothing more. Unknown fields are ignored, as an
-upstream that grows new options would.
+Independent of genrelay's request schema: it applies Deep-Image's documented field rules (the
+vocabularies and ranges of its OpenAPI description and docs pages, kept here in small tables),
+rejects what Deep-Image documents as errors (or what docs/simulator.md decision 8 chooses), and
+works out what the result will look like (size, format), nothing more. Unknown fields are
+ignored, as an upstream that grows new options would.
 """
 
 from __future__ import annotations
@@ -51,6 +52,82 @@ OUTPUT_FORMATS: dict[str, OutputFormat] = {
     "webp": "webp",
 }
 FITS = frozenset({"canvas", "crop", "bounds", "cover"})
+CROPS = frozenset({"item", "content", "center"})
+REMOVE_MODES = frozenset({"auto", "v2", "human", "item", "generative"})
+FILTER_TYPES = frozenset({"v1", "v2"})
+TONE_TYPES = frozenset({"contrast", "hdr_light", "hdr_light_advanced"})
+UPSCALE_TYPES = frozenset({"v1", "text_x4"})
+# Deep-Image's 74 paper names (OpenAPI PrintSize).
+PRINT_SIZES = frozenset(
+    (
+        *(f"{series}{n}" for series in "abc" for n in range(11)),
+        *(f"arch{n}" for n in (1, 2, 3, 4, 5, 6, "a", "b", "c", "d", "e", "e1", "e2", "e3")),
+        *("a2extra", "a3extra", "a3super", "supera3", "a4extra", "a4super", "supera4"),
+        *("a4long", "a5extra", "sob5extra", "letter", "legal", "executive", "tabloid"),
+        *("statement", "halfletter", "folio", "flsa", "flse", "note", "11x17", "10x14"),
+        *("juniorlegal", "memo", "governmentletter", "governmentlegal", "ledger"),
+    )
+)
+Path = tuple[str, ...]
+# Fields that hold an object.
+OBJECTS: tuple[Path, ...] = (
+    ("background",),
+    ("background", "generate"),
+    ("upscale_parameters",),
+    ("denoise_parameters",),
+    ("deblur_parameters",),
+    ("light_parameters",),
+    ("color_parameters",),
+    ("white_balance_parameters",),
+    ("nsfw_parameters",),
+    ("caption",),
+    ("webhooks",),
+)
+CHOICES: dict[Path, frozenset[str]] = {
+    ("background", "remove"): REMOVE_MODES,
+    ("upscale_parameters", "type"): UPSCALE_TYPES,
+    ("denoise_parameters", "type"): FILTER_TYPES,
+    ("deblur_parameters", "type"): FILTER_TYPES,
+    ("light_parameters", "type"): TONE_TYPES,
+    ("color_parameters", "type"): TONE_TYPES,
+    ("print_size",): PRINT_SIZES,
+}
+# Numbers: (minimum, maximum, whole numbers only); None = no documented bound.
+NUMBERS: dict[Path, tuple[float | None, float | None, bool]] = {
+    ("background", "generate", "item_area_percentage"): (0, 1, False),
+    ("background", "generate", "strength"): (None, None, False),
+    ("light_parameters", "level"): (0, 1, False),
+    ("color_parameters", "level"): (0, 1, False),
+    ("white_balance_parameters", "level"): (0, 1, False),
+    ("nsfw_parameters", "threshold"): (0, 1, False),
+    ("upscale_strength",): (1, 9, True),
+    ("dpi",): (None, None, True),
+    ("caption", "target_width_percentage"): (0, 100, False),
+    ("caption", "opacity"): (0, 100, False),
+    ("caption", "padding"): (0, None, True),
+}
+BOOLEANS: tuple[Path, ...] = (
+    ("safe",),
+    ("print_reorientation",),
+    ("background", "generate", "face_id"),
+)
+TEXTS: tuple[Path, ...] = (
+    ("preset",),
+    ("background", "color"),
+    ("background", "prompt"),
+    ("background", "generate", "color"),
+    ("background", "generate", "additional_prompt"),
+    ("background", "generate", "negative_prompt"),
+    ("background", "generate", "avatar_generation_type"),
+    ("caption", "position"),
+)
+# Images the docs give only as web URLs.
+WEB_IMAGES: tuple[Path, ...] = (
+    ("background", "generate", "ip_image2"),
+    ("nsfw_parameters", "image_url"),
+    ("nsfw_parameters", "nsfw_image_url"),
+    ("caption", "url"),
+)
 ENHANCEMENTS = frozenset(
     {
         "denoise",
@@ -87,8 +164,12 @@ OPERATION_KEYS = frozenset(
         "preset",
     }
 )
-_PERCENT = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,9})?)\s*%\s*$")
-_DIGITS = re.compile(r"^\s*(\d{1,9})\s*$")
+_PERCENT = re.compile(r"^(\d{1,16}(?:\.\d{1,16})?)%$")
+_DIGITS = re.compile(r"^(\d{1,16})$")
+_FILE_SIZE = re.compile(r"^(\d{1,16}(?:\.\d{1,16})?)([kmg]b)?$", re.IGNORECASE)
+_POSITION = re.compile(r"^(?:[LMR][TMB]|[TMB][LMR])$")
+_STORAGE = re.compile(r"^storage://([^/\s]+)/(\S*)$")
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -148,43 +229,157 @@ def _object(body: Mapping[str, Any], key: str, where: str = "") -> dict[str, Any
     return value
 
 
-def _dimension(value: Any, name: str) -> Dimension | None:
+def _dimension(value: Any, name: str, minimum: int = 1) -> Dimension | None:
+    """Pixels (an integer or a string of digits) or a percentage such as "200%"."""
     if value is None:
         return None
+    kind = "a positive" if minimum > 0 else "a non-negative"
+    problem = f"{name} must be {kind} integer or a percentage like '200%'"
     if _is_int(value):
-        if value < 1:
-            raise bad_request(f"{name} must be a positive integer or a percentage like '200%'")
+        if value < minimum:
+            raise bad_request(problem)
         return Dimension(pixels=value)
     if isinstance(value, str):
-        digits = _DIGITS.match(value)
+        digits = _DIGITS.fullmatch(value)
         if digits:
-            return _dimension(int(digits.group(1)), name)
-        percent = _PERCENT.match(value)
-        if percent and float(percent.group(1)) > 0:
+            return _dimension(int(digits.group(1)), name, minimum)
+        percent = _PERCENT.fullmatch(value)
+        if percent and (float(percent.group(1)) > 0 or minimum == 0):
             return Dimension(percent=float(percent.group(1)))
-    raise bad_request(f"{name} must be a positive integer or a percentage like '200%'")
+    raise bad_request(problem)
 
 
 def _http_url(value: Any) -> bool:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or _SPACE_OR_CONTROL.search(value):
         return False
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:  # e.g. an unbalanced "[" in an IPv6 host
+        return False
+    return parts.scheme in ("http", "https") and bool(host)
+
+
+def _storage_file(value: str) -> None:
+    """Deep-Image's storage errors for a storage:// image that names no file."""
+    match = _STORAGE.fullmatch(value)
+    if match is None:
+        raise bad_request("Invalid source storage.")
+    if not match.group(2):
+        raise bad_request("File path not specified")
+    if match.group(2).endswith("/"):
+        raise bad_request("Found folder instead of file")
+
+
+def _image_reference(value: Any, name: str) -> None:
+    """Check an image given by reference (``background.replace``), as ``url`` is checked."""
+    if not isinstance(value, str):
+        raise bad_request(f"{name} must be a string")
+    inline = inline_image_bytes(value.strip())
+    if inline is not None:
+        image_size(inline)
+    elif value.startswith("storage://"):
+        _storage_file(value)
+    elif not _http_url(value):
+        raise bad_request("Unidentified image")
+
+
+def _at(body: Mapping[str, Any], path: Path) -> tuple[bool, Any]:
+    """Whether ``path`` is present in ``body`` and its value."""
+    node: Any = body
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def _refuse_nulls(node: Any, path: str = "") -> None:
+    """Deep-Image's fields are not nullable: a null is not the same as leaving a field out."""
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, value in items:
+        name = f"{path}.{key}" if path else str(key)
+        if value is None:
+            raise bad_request(f"{name} must not be null")
+        _refuse_nulls(value, name)
+
+
+def _check_fields(body: Mapping[str, Any]) -> None:
+    """Deep-Image's documented types, vocabularies and ranges, one table at a time."""
+    for path in OBJECTS:
+        present, value = _at(body, path)
+        if present and not isinstance(value, dict):
+            raise bad_request(f"{'.'.join(path)} must be an object")
+    for path, choices in CHOICES.items():
+        present, value = _at(body, path)
+        if present and not _one_of(value, choices):
+            raise bad_request(f"{'.'.join(path)} must be one of {', '.join(sorted(choices))}")
+    for path, (low, high, whole) in NUMBERS.items():
+        present, value = _at(body, path)
+        if not present:
+            continue
+        if not (_is_int(value) if whole else _is_number(value)):
+            raise bad_request(f"{'.'.join(path)} must be {'an integer' if whole else 'a number'}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise bad_request(f"{'.'.join(path)} must be between {low} and {high}")
+    for path in BOOLEANS:
+        present, value = _at(body, path)
+        if present and not isinstance(value, bool):
+            raise bad_request(f"{'.'.join(path)} must be true or false")
+    for path in TEXTS:
+        present, value = _at(body, path)
+        if present and not isinstance(value, str):
+            raise bad_request(f"{'.'.join(path)} must be a string")
+    for path in WEB_IMAGES:
+        present, value = _at(body, path)
+        if present and not _http_url(value):
+            raise bad_request(f"{'.'.join(path)} must be an http(s) image URL")
+    present, caption = _at(body, ("caption",))
+    if present and "url" not in caption:
+        raise bad_request("caption.url is required")
+    if present and "position" in caption and not _POSITION.fullmatch(caption["position"]):
+        raise bad_request("caption.position must be two letters such as RB")
+    present, replace = _at(body, ("background", "replace"))
+    if present:
+        _image_reference(replace, "background.replace")
+    present, target = _at(body, ("target",))
+    if present and not (isinstance(target, str) and _STORAGE.fullmatch(target)):
+        raise bad_request("Make sure your target url/storage is correct.")
+    present, padding = _at(body, ("padding",))
+    if present:
+        _dimension(padding, "padding", minimum=0)
+    present, size = _at(body, ("max_file_size",))
+    if present and not _file_size(size):
+        raise bad_request("max_file_size must be a number of bytes or a size such as '1MB'")
+
+
+def _file_size(value: Any) -> bool:
+    if _is_int(value):
+        return bool(value > 0)
+    match = _FILE_SIZE.fullmatch(value) if isinstance(value, str) else None
+    return match is not None and float(match.group(1)) > 0
 
 
 def _source(body: Mapping[str, Any], upload: Upload | None) -> tuple[str, tuple[int, int] | None]:
     # Decision (reference 5.13): an uploaded file wins over "url" when both are sent.
     if upload is not None:
         return "file", image_size(upload.data)
-    url = body.get("url")
-    if url is None or url == "":
+    if "url" not in body:
         return "none", None
+    url = body["url"]
     if not isinstance(url, str):
         raise bad_request("url must be a string")
     inline = inline_image_bytes(url.strip())
     if inline is not None:
         return "inline", image_size(inline)
     if url.startswith("storage://"):
+        _storage_file(url)
         return "storage", NOMINAL_SOURCE_SIZE
     if _http_url(url):
         # Never fetched: the simulator has no network and a nominal size is enough.
@@ -214,7 +409,7 @@ def _check_generate(generate: Mapping[str, Any], has_image: bool) -> None:
         raise bad_request("sample_num must be an integer")
     context_images = generate.get("context_images")
     if context_images is not None and not (
-        isinstance(context_images, list) and all(isinstance(u, str) for u in context_images)
+        isinstance(context_images, list) and all(_http_url(u) for u in context_images)
     ):
         raise bad_request("context_images must be a list of image URLs")
     if adapter in IMAGE_ADAPTERS and not has_image:
@@ -236,7 +431,9 @@ def _check_misc(body: Mapping[str, Any]) -> None:
     ):
         raise bad_request(f"enhancements must be a list of: {', '.join(sorted(ENHANCEMENTS))}")
     fit = body.get("fit")
-    if fit is not None and not (_one_of(fit, FITS) or isinstance(fit, dict)):
+    if fit is not None and not (
+        _one_of(fit, FITS) or (isinstance(fit, dict) and _one_of(fit.get("crop"), CROPS))
+    ):
         raise bad_request(f"fit must be one of {', '.join(sorted(FITS))} or an object")
     generative_upscale = body.get("generative_upscale")
     if generative_upscale is not None and not isinstance(generative_upscale, bool):
@@ -252,9 +449,9 @@ def _output_format(body: Mapping[str, Any], generation: bool, transparent_bg: bo
         # Decision (reference 5.10): generated images default to PNG, as in the generation
         # examples; a transparent background needs alpha, so PNG too; everything else JPEG.
         return "png" if generation or transparent_bg else "jpeg"
-    if not isinstance(value, str) or value.lower() not in OUTPUT_FORMATS:
+    if not _one_of(value, frozenset(OUTPUT_FORMATS)):
         raise bad_request("output_format must be one of jpeg, jpg, png, webp")
-    return OUTPUT_FORMATS[value.lower()]
+    return OUTPUT_FORMATS[value]
 
 
 def _quality(body: Mapping[str, Any]) -> int:
@@ -285,8 +482,10 @@ def validate_process_request(
     """Validate a process payload the way the simulated upstream does; raise 400s."""
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object")
+    _refuse_nulls(body)
     background = _object(body, "background")
     generate = _object(background, "generate", "background.") if background else None
+    _check_fields(body)
     _check_misc(body)
     webhook_url = _webhook_url(body)
     quality = _quality(body)

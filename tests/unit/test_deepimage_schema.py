@@ -16,7 +16,7 @@ from marshmallow import Schema, ValidationError, fields
 
 from schemas.deepimage import (
     ADAPTER_TYPES,
-    MAX_BASE64_LENGTH,
+    MAX_JSON_INTEGER,
     MODEL_TYPES,
     PRINT_SIZES,
     WEBHOOKS_RESERVED_MESSAGE,
@@ -121,7 +121,7 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("url_http", {"url": "http://example.com/a.jpg"}),
     ("url_uppercase_scheme", {"url": "HTTPS://example.com/a.jpg"}),
     ("url_with_query", {"url": "https://example.com/a.jpg?x=1&y=%20"}),
-    ("url_at_2048_chars", {"url": "https://example.com/" + "a" * (2048 - 20)}),
+    ("url_long", {"url": "https://example.com/" + "a" * 10_000}),
     ("url_base64_prefix", {"url": "base64,iVBORw0KGgoAAAANSUhEUg=="}),
     ("url_data_uri", {"url": "data:image/png;base64,iVBORw0KGgo="}),
     ("url_base64_with_line_breaks", {"url": "base64,iVBOR\r\nw0KGgo="}),
@@ -291,7 +291,7 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("preset_64_chars", with_url(preset="p" * 64)),
     *(
         (f"print_size_{size}", with_url(print_size=size))
-        for size in ("a0", "a10", "b5", "c10", "letter", "ledger", "arch-a", "arch-e1")
+        for size in ("a0", "a10", "b5", "c10", "letter", "ledger", "archa", "arche1", "11x17")
     ),
     ("dpi_min", with_url(print_size="a4", dpi=1)),
     ("dpi_max", with_url(print_size="a4", dpi=2400, print_reorientation=False)),
@@ -305,13 +305,10 @@ def test_valid_request_loads_unchanged(payload: dict[str, Any]) -> None:
     assert_loads_unchanged(payload)
 
 
-def test_base64_image_is_accepted_up_to_the_length_limit() -> None:
-    prefix = "base64,"
-    at_limit = prefix + "A" * (MAX_BASE64_LENGTH - len(prefix))
-    assert load({"url": at_limit}) == {"url": at_limit}
-    with pytest.raises(ValidationError) as excinfo:
-        load({"url": at_limit + "A"})
-    assert "url" in excinfo.value.messages
+def test_a_large_base64_image_is_accepted() -> None:
+    # The body limit of POST /v1/generations bounds it; the field itself has no limit.
+    large = "base64," + "A" * (4 * 1024 * 1024)
+    assert load({"url": large}) == {"url": large}
 
 
 # --- Invalid requests ------------------------------------------------------------------------
@@ -341,7 +338,6 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
     ("url_plain_text", {"url": "not a url"}, ("url",)),
     ("url_with_space", {"url": "https://exa mple.com/a.jpg"}, ("url",)),
     ("url_bad_ipv6", {"url": "http://[::1/a.jpg"}, ("url",)),
-    ("url_2049_chars", {"url": "https://example.com/" + "a" * (2049 - 20)}, ("url",)),
     ("url_empty_base64", {"url": "base64,"}, ("url",)),
     ("url_base64_not_base64", {"url": "base64,@@@"}, ("url",)),
     ("url_empty_data_uri", {"url": "data:image/png;base64,"}, ("url",)),
@@ -354,14 +350,11 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
         for name, value in [
             ("zero", 0),
             ("negative", -1),
-            ("too_large", 16385),
             ("huge", HUGE),
             ("float", 1.5),
             ("whole_float", 1024.0),
             ("bool", True),
-            ("numeric_string", "1024"),
             ("zero_percent", "0%"),
-            ("percent_too_large", "1001%"),
             ("negative_percent", "-5%"),
             ("percent_with_space", "50 %"),
             ("percent_trailing_dot", "50.%"),
@@ -372,14 +365,11 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
             ("nan", NAN),
         ]
     ),
-    ("height_too_large", with_url(height=16385), ("height",)),
     ("height_bool", with_url(height=False), ("height",)),
-    ("height_percent_too_large", with_url(height="1000.5%"), ("height",)),
     ("min_length_zero", with_url(min_length=0), ("min_length",)),
     ("min_length_float", with_url(min_length=1.5), ("min_length",)),
     ("min_length_huge", with_url(min_length=HUGE), ("min_length",)),
     ("padding_negative", with_url(padding=-1), ("padding",)),
-    ("padding_percent_too_large", with_url(padding="101%"), ("padding",)),
     ("padding_word", with_url(padding="wide"), ("padding",)),
     # fit
     ("fit_unknown_mode", with_url(fit="stretch"), ("fit",)),
@@ -395,30 +385,7 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
     ("background_null", with_url(background=None), ("background",)),
     ("background_unknown_field", with_background(foo=1), ("background", "foo")),
     ("background_remove_unknown", with_background(remove="magic"), ("background", "remove")),
-    ("background_prompt_without_remove", with_background(prompt="chair"), ("background", "prompt")),
-    (
-        "background_prompt_with_other_remove",
-        with_background(remove="auto", prompt="chair"),
-        ("background", "prompt"),
-    ),
-    (
-        "background_empty_prompt",
-        with_background(remove="generative", prompt=""),
-        ("background", "prompt"),
-    ),
-    *(
-        (f"background_color_{name}", with_background(color=color), ("background", "color"))
-        for name, color in [
-            ("hex5", "#12345"),
-            ("hex_bad_digit", "#GGGGGG"),
-            ("rgb_two_args", "rgb(1,2)"),
-            ("rgb_word", "rgb(red, green, blue)"),
-            ("punctuation", "red!"),
-            ("empty", ""),
-            ("number", 123),
-            ("too_long_word", "a" * 33),
-        ]
-    ),
+    ("background_color_number", with_background(color=123), ("background", "color")),
     ("background_replace_ftp", with_background(replace="ftp://x/y.jpg"), ("background", "replace")),
     # background.generate
     ("generate_string", with_url(background={"generate": "a cat"}), ("background", "generate")),
@@ -431,12 +398,6 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
             ("background", "generate", "model_type"),
         )
         for name, value in [("unknown", "dall-e"), ("wrong_case", "Realistic"), ("number", 1)]
-    ),
-    ("description_empty", text_to_image(description=""), ("background", "generate", "description")),
-    (
-        "description_too_long",
-        text_to_image(description="x" * 4001),
-        ("background", "generate", "description"),
     ),
     ("description_number", text_to_image(description=5), ("background", "generate", "description")),
     (
@@ -451,8 +412,6 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
             ("background", "generate", "sample_num"),
         )
         for name, value in [
-            ("negative", -1),
-            ("too_large", 2**32),
             ("huge", HUGE),
             ("float", 1.5),
             ("string", "1"),
@@ -463,16 +422,6 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
         "adapter_type_unknown",
         with_generate(adapter_type="magic"),
         ("background", "generate", "adapter_type"),
-    ),
-    (
-        "face_id_without_face",
-        with_generate(adapter_type="control", face_id=True),
-        ("background", "generate", "face_id"),
-    ),
-    (
-        "face_id_default_adapter",
-        with_generate(face_id=False),
-        ("background", "generate", "face_id"),
     ),
     (
         "face_id_string",
@@ -501,26 +450,14 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
         ]
     ),
     (
-        "item_area_zero",
-        with_generate(item_area_percentage=0),
-        ("background", "generate", "item_area_percentage"),
-    ),
-    (
         "item_area_above_one",
         with_generate(item_area_percentage=1.01),
         ("background", "generate", "item_area_percentage"),
     ),
-    ("strength_above_one", with_generate(strength=1.5), ("background", "generate", "strength")),
-    ("generate_color_bad", with_generate(color="#1"), ("background", "generate", "color")),
     (
         "negative_prompt_number",
         with_generate(negative_prompt=1),
         ("background", "generate", "negative_prompt"),
-    ),
-    (
-        "avatar_generation_type_empty",
-        with_generate(avatar_generation_type=""),
-        ("background", "generate", "avatar_generation_type"),
     ),
     (
         "inpainting_without_mask",
@@ -533,21 +470,6 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
         ("background", "generate", "ip_image2"),
     ),
     (
-        "img2img_without_context_images",
-        with_generate(adapter_type="img2img"),
-        ("background", "generate", "context_images"),
-    ),
-    (
-        "context_images_empty",
-        with_generate(adapter_type="img2img", context_images=[]),
-        ("background", "generate", "context_images"),
-    ),
-    (
-        "context_images_too_many",
-        with_generate(adapter_type="img2img", context_images=[IMAGE] * 17),
-        ("background", "generate", "context_images"),
-    ),
-    (
         "context_images_bad_item",
         with_generate(adapter_type="img2img", context_images=[IMAGE, "x"]),
         ("background", "generate", "context_images", 1),
@@ -557,25 +479,7 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
         with_generate(adapter_type="img2img", context_images=IMAGE),
         ("background", "generate", "context_images"),
     ),
-    # text-to-image needs a size in pixels and a prompt
-    (
-        "text_to_image_without_width",
-        {"height": 512, "background": {"generate": {"description": "a cat"}}},
-        ("width",),
-    ),
-    (
-        "text_to_image_without_height",
-        {"width": 512, "background": {"generate": {"description": "a cat"}}},
-        ("height",),
-    ),
-    ("text_to_image_percent_width", {**text_to_image(), "width": "200%"}, ("width",)),
-    ("text_to_image_percent_height", {**text_to_image(), "height": "50%"}, ("height",)),
-    (
-        "text_to_image_without_description",
-        {"width": 512, "height": 512, "background": {"generate": {"model_type": "fantasy"}}},
-        ("background", "generate", "description"),
-    ),
-    # adapters that read an input image need url
+    # adapters that read an input image need one (Deep-Image: "File or image url is required")
     *(
         (
             f"adapter_{adapter}_without_url",
@@ -583,22 +487,22 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
             ("url",),
         )
         for adapter, companions in ADAPTER_COMPANIONS.items()
-        if adapter != "img2img"
+        if adapter not in ("img2img", "generate_background")
+    ),
+    (
+        "img2img_without_url_or_context_images",
+        text_to_image(adapter_type="img2img"),
+        ("url",),
+    ),
+    (
+        "img2img_without_url_and_empty_context_images",
+        text_to_image(adapter_type="img2img", context_images=[]),
+        ("url",),
     ),
     # upscale
     ("generative_upscale_without_url", {**text_to_image(), "generative_upscale": True}, ("url",)),
     ("generative_upscale_string", with_url(generative_upscale="true"), ("generative_upscale",)),
     ("generative_upscale_one", with_url(generative_upscale=1), ("generative_upscale",)),
-    (
-        "upscale_strength_without_generative_upscale",
-        with_url(upscale_strength=5),
-        ("upscale_strength",),
-    ),
-    (
-        "upscale_strength_with_generative_upscale_false",
-        with_url(generative_upscale=False, upscale_strength=5),
-        ("upscale_strength",),
-    ),
     (
         "upscale_strength_zero",
         with_url(generative_upscale=True, upscale_strength=0),
@@ -622,30 +526,10 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
     ("upscale_parameters_string", with_url(upscale_parameters="v1"), ("upscale_parameters",)),
     # enhancements
     ("enhancements_string", with_url(enhancements="denoise"), ("enhancements",)),
-    ("enhancements_duplicate", with_url(enhancements=["denoise", "denoise"]), ("enhancements",)),
     ("enhancements_unknown", with_url(enhancements=["sharpen"]), ("enhancements", 0)),
     ("enhancements_number", with_url(enhancements=["light", 1]), ("enhancements", 1)),
     ("enhancements_nested_list", with_url(enhancements=[["light"]]), ("enhancements", 0)),
     ("enhancements_null", with_url(enhancements=None), ("enhancements",)),
-    *(
-        (
-            f"{name}_parameters_without_{name}",
-            with_url(enhancements=["clean"], **{f"{name}_parameters": params}),
-            (f"{name}_parameters",),
-        )
-        for name, params in [
-            ("denoise", {"type": "v2"}),
-            ("deblur", {"type": "v2"}),
-            ("light", {"level": 0.5}),
-            ("color", {"level": 0.5}),
-            ("white_balance", {"level": 0.5}),
-        ]
-    ),
-    (
-        "light_parameters_without_enhancements",
-        with_url(light_parameters={"level": 1}),
-        ("light_parameters",),
-    ),
     (
         "denoise_type_unknown",
         with_url(enhancements=["denoise"], denoise_parameters={"type": "v3"}),
@@ -685,21 +569,14 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
             ("zero", 0),
             ("negative", -1),
             ("zero_kb", "0kb"),
-            ("no_unit", "500"),
             ("space_before_unit", "500 kb"),
             ("terabytes", "5tb"),
             ("negative_string", "-1mb"),
             ("float", 1.5),
             ("bool", True),
-            ("above_limit", "11gb"),
             ("huge", HUGE),
             ("list", ["1MB"]),
         ]
-    ),
-    (
-        "max_file_size_with_png",
-        with_url(output_format="png", max_file_size="1MB"),
-        ("max_file_size",),
     ),
     ("safe_one", with_url(safe=1), ("safe",)),
     ("safe_yes", with_url(safe="yes"), ("safe",)),
@@ -713,11 +590,6 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
         "nsfw_docs_typo_thresold",
         with_url(nsfw_parameters={"thresold": 0.5}),
         ("nsfw_parameters", "thresold"),
-    ),
-    (
-        "nsfw_both_image_urls",
-        with_url(nsfw_parameters={"image_url": LOGO, "nsfw_image_url": LOGO}),
-        ("nsfw_parameters", "nsfw_image_url"),
     ),
     (
         "nsfw_image_url_not_url",
@@ -739,11 +611,6 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
         ]
     ),
     (
-        "caption_width_zero",
-        caption(target_width_percentage=0),
-        ("caption", "target_width_percentage"),
-    ),
-    (
         "caption_width_above_100",
         caption(target_width_percentage=101),
         ("caption", "target_width_percentage"),
@@ -753,35 +620,25 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
     ("caption_opacity_above_100", caption(opacity=101), ("caption", "opacity")),
     ("caption_unknown_field", caption(size=10), ("caption", "size")),
     # preset / print / target
-    *(
-        (f"preset_{name}", with_url(preset=value), ("preset",))
-        for name, value in [
-            ("with_spaces", "Real Estate"),
-            ("empty", ""),
-            ("too_long", "p" * 65),
-            ("hyphen", "real-estate"),
-            ("list", ["real_estate"]),
-        ]
-    ),
+    ("preset_list", with_url(preset=["real_estate"]), ("preset",)),
+    ("preset_null", with_url(preset=None), ("preset",)),
     ("print_size_upper_case", with_url(print_size="A4"), ("print_size",)),
     ("print_size_a11", with_url(print_size="a11"), ("print_size",)),
     ("print_size_arch_f", with_url(print_size="arch-f"), ("print_size",)),
-    ("dpi_without_print_size", with_url(dpi=300), ("dpi",)),
-    (
-        "print_reorientation_without_print_size",
-        with_url(print_reorientation=True),
-        ("print_reorientation",),
+    *(
+        (f"print_size_hyphenated_{size}", with_url(print_size=size), ("print_size",))
+        for size in ("arch-a", "arch-b", "arch-c", "arch-d", "arch-e", "arch-e1")
     ),
-    ("dpi_zero", with_url(print_size="a4", dpi=0), ("dpi",)),
-    ("dpi_too_large", with_url(print_size="a4", dpi=2401), ("dpi",)),
+    ("print_size_number", with_url(print_size=4), ("print_size",)),
+    ("dpi_float", with_url(print_size="a4", dpi=300.0), ("dpi",)),
+    ("dpi_huge", with_url(print_size="a4", dpi=HUGE), ("dpi",)),
+    ("print_reorientation_string", with_url(print_reorientation="true"), ("print_reorientation",)),
     ("target_s3_url", with_url(target="s3://bucket/folder/"), ("target",)),
     ("target_without_name", with_url(target="storage://"), ("target",)),
     ("target_https", with_url(target="https://example.com/folder/"), ("target",)),
     # a trailing newline must not slip past a pattern ($ matches before it in Python)
     ("width_percent_newline", with_url(width="200%\n"), ("width",)),
-    ("color_newline", with_background(color="white\n"), ("background", "color")),
     ("position_newline", caption(position="RB\n"), ("caption", "position")),
-    ("preset_newline", with_url(preset="real_estate\n"), ("preset",)),
     ("max_file_size_newline", with_url(max_file_size="1MB\n"), ("max_file_size",)),
     ("target_newline", with_url(target="storage://s3/out/\n"), ("target",)),
     # webhooks are genrelay's
@@ -823,11 +680,37 @@ def test_webhooks_are_refused_with_a_pointer_to_genrelay(value: Any) -> None:
     assert excinfo.value.messages == {"webhooks": [WEBHOOKS_RESERVED_MESSAGE]}
 
 
-def test_several_cross_field_errors_are_reported_together() -> None:
-    payload = with_url(dpi=300, upscale_strength=3, light_parameters={"level": 1})
+def test_several_missing_image_reasons_are_reported_together() -> None:
+    payload = {**text_to_image(adapter_type="face"), "generative_upscale": True}
     with pytest.raises(ValidationError) as excinfo:
         load(payload)
-    assert set(excinfo.value.messages) == {"dpi", "upscale_strength", "light_parameters"}
+    assert set(excinfo.value.messages) == {"url"}
+    assert len(excinfo.value.messages["url"]) == 2
+
+
+def test_a_hyphenated_paper_name_gets_the_vendor_spelling() -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        load(with_url(print_size="arch-e1"))
+    assert excinfo.value.messages == {"print_size": ['Deep-Image spells this paper size "arche1".']}
+
+
+def test_unknown_fields_are_refused_with_the_reason() -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        load(with_generate(seed=1))
+    (message,) = excinfo.value.messages["background"]["generate"]["seed"]
+    assert "misspell" in message
+    assert "docs/compatibility.md" in message
+
+
+def test_integers_beyond_json_precision_are_refused_with_the_reason() -> None:
+    assert (
+        load(text_to_image(sample_num=MAX_JSON_INTEGER))["background"]["generate"]["sample_num"]
+        == MAX_JSON_INTEGER
+    )
+    with pytest.raises(ValidationError) as excinfo:
+        load(text_to_image(sample_num=MAX_JSON_INTEGER + 1))
+    (message,) = excinfo.value.messages["background"]["generate"]["sample_num"]
+    assert "JSON" in message
 
 
 def test_loading_does_not_mutate_the_input() -> None:
@@ -929,9 +812,11 @@ def test_vocabularies_match_the_reference() -> None:
     assert len(MODEL_TYPES) == 9
     assert "realistic" in MODEL_TYPES
     assert set(ADAPTER_TYPES) == set(ADAPTER_COMPANIONS)
-    assert {"a0", "a10", "b10", "c0", "letter", "legal", "tabloid", "ledger", "arch-e1"} <= set(
+    assert len(PRINT_SIZES) == len(set(PRINT_SIZES)) == 74
+    assert {"a0", "a10", "b10", "c0", "letter", "legal", "ledger", "archa", "arche1"} <= set(
         PRINT_SIZES
     )
+    assert not any("-" in size for size in PRINT_SIZES)
 
 
 @pytest.mark.parametrize(
@@ -967,5 +852,8 @@ def test_openapi_components_are_all_prefixed_and_carry_defaults() -> None:
     assert model_type["enum"] == list(MODEL_TYPES)
     request = components["DeepImageProcessRequest"]["properties"]
     assert request["quality"]["default"] == 85
-    assert {"type": "integer", "minimum": 1, "maximum": 16384} in request["width"]["oneOf"]
+    assert {"type": "integer", "minimum": 1, "maximum": MAX_JSON_INTEGER} in request["width"][
+        "oneOf"
+    ]
+    assert request["print_size"]["enum"] == list(PRINT_SIZES)
     assert request["fit"]["default"] == "canvas"
