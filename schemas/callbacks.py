@@ -1,4 +1,4 @@
-"""Deep-Image's completion callback body (reference §3)."""
+"""Deep-Image's completion callback body: the `ProcessResult` it POSTs to `webhooks.complete`."""
 
 from marshmallow import EXCLUDE, Schema, fields, validate
 

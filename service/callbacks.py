@@ -1,4 +1,4 @@
-"""Per-generation callback URLs handed to Deep-Image (DESIGN §2.2-2.3).
+"""Per-generation callback URLs handed to Deep-Image.
 
 Deep-Image signs nothing, so the URL itself is the credential: it carries
 HMAC-SHA256(GENRELAY_CALLBACK_SECRET, generation id), checked in constant time on arrival.

@@ -79,7 +79,7 @@ class Callback:
 
 
 class CompletionService:
-    """Deep-Image's completion callback (DESIGN §2.3)."""
+    """Deep-Image's completion callback: authenticated by the URL's token, recorded once."""
 
     def __init__(self, store: Store, queue: TaskQueue, config: Config) -> None:
         self.store = store
@@ -120,7 +120,7 @@ class CompletionService:
 
 
 class PollHandler:
-    """The `poll` task: asks Deep-Image about a job whose callback has not come (DESIGN §2.5)."""
+    """The `poll` task: asks Deep-Image about a job whose callback has not come."""
 
     def __init__(
         self, store: Store, queue: TaskQueue, deepimage: DeepImageClient, config: Config

@@ -1,4 +1,4 @@
-"""Service configuration, read once from the environment (DESIGN §5).
+"""Service configuration, read once from the environment.
 
 Every setting has one environment variable. `Config.from_env` parses them all and raises
 `ConfigError` naming the variable at fault, so a bad deployment stops at start-up instead of

@@ -1,4 +1,4 @@
-"""Deep-Image.ai REST client (reference/deep-image-api.md §1 and §4).
+"""Deep-Image.ai REST client: `POST /rest_api/process` and `GET /rest_api/result/{job}`.
 
 Every failure is classified once, here:
 - `TransientUpstreamError`: 429, 5xx that is not a job failure, timeouts, connection errors.

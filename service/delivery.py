@@ -1,4 +1,4 @@
-"""The `deliver` task: send one delivery, record the attempt, decide what comes next (DESIGN §4).
+"""The `deliver` task: send one delivery, record the attempt, decide what comes next.
 
 Outcomes, classified once here:
 - 2xx: succeeded.

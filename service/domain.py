@@ -1,4 +1,4 @@
-"""The generation state machine (DESIGN §2) and the error codes a generation can end with."""
+"""The generation state machine and the error codes a generation can end with."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
 
 
-# Outgoing notification types (DESIGN §4): one per status a generation can move into.
+# Outgoing notification types: one per status a generation can move into.
 EVENT_TYPES = (
     "generation.processing",
     "generation.succeeded",

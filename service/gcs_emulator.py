@@ -7,7 +7,7 @@ success when its server has already died. Here the binary is launched directly, 
 binary exits with code 1 at once) is noticed instead of timing out.
 
 This module never touches `STORAGE_EMULATOR_HOST`; callers pass `url` on explicitly.
-fake-gcs-server v1.54 gaps worth knowing (docs: /work/shared/reference/tooling-notes.md):
+fake-gcs-server v1.54 gaps worth knowing (found while testing against it):
 preconditions are ignored on resumable uploads, signed-URL signatures are never checked, and
 the server holds whole objects in memory.
 """

@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §5).
+"""Prometheus metrics.
 
 Two kinds:
 - Instruments counted by the process that does the work: HTTP latency by route (web),

@@ -1,4 +1,4 @@
-"""Events and their fan-out to webhook targets (DESIGN §2.6, §4).
+"""Events and their fan-out to webhook targets.
 
 `record_event` runs inside the transaction that changed a generation's status: the event row,
 one delivery row per target and one `deliver` task per delivery commit together with the

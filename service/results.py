@@ -1,4 +1,4 @@
-"""The `store` task: stream a finished image from Deep-Image into GCS (DESIGN §2.4).
+"""The `store` task: stream a finished image from Deep-Image into GCS.
 
 The download is read in chunks and handed to the upload as it arrives: the worker holds one
 chunk at a time plus a small header prefix, whatever the image size. On the way through, a

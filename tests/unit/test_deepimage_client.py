@@ -1,4 +1,4 @@
-"""The Deep-Image client classifies every upstream answer (reference §4)."""
+"""The Deep-Image client classifies every upstream answer (the documented errors and more)."""
 
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def test_seed_example_loads_unchanged(name: str) -> None:
 # --- Valid requests --------------------------------------------------------------------------
 
 VALID: list[tuple[str, dict[str, Any]]] = [
-    # url forms (reference §1.3)
+    # url forms: http(s), base64, storage://
     ("url_https", with_url()),
     ("url_http", {"url": "http://example.com/a.jpg"}),
     ("url_uppercase_scheme", {"url": "HTTPS://example.com/a.jpg"}),
