@@ -21,7 +21,7 @@ TERMINAL_STATUSES = frozenset(
     {GenerationStatus.SUCCEEDED, GenerationStatus.FAILED, GenerationStatus.CANCELED}
 )
 
-# Which status may follow which. Anything else is refused by `can_transition`.
+# Which status may follow which; `lifecycle.change_status` refuses anything else.
 _TRANSITIONS: dict[GenerationStatus, frozenset[GenerationStatus]] = {
     GenerationStatus.QUEUED: frozenset(
         {GenerationStatus.PROCESSING, GenerationStatus.FAILED, GenerationStatus.CANCELED}
@@ -30,11 +30,6 @@ _TRANSITIONS: dict[GenerationStatus, frozenset[GenerationStatus]] = {
         {GenerationStatus.SUCCEEDED, GenerationStatus.FAILED, GenerationStatus.CANCELED}
     ),
 }
-
-
-def can_transition(current: GenerationStatus, new: GenerationStatus) -> bool:
-    """True when `new` may follow `current` in the lifecycle."""
-    return new in _TRANSITIONS.get(current, frozenset())
 
 
 def allowed_predecessors(new: GenerationStatus) -> frozenset[GenerationStatus]:

@@ -26,7 +26,6 @@ DELIVER = "deliver"
 # The deliver task's own attempts only count crashes; the retry schedule lives on the
 # delivery row (GENRELAY_WEBHOOK_RETRY_SCHEDULE).
 DELIVER_TASK_ATTEMPTS = 10
-FORMATS = ("standard", "cloudevents")
 CLOUDEVENTS_SOURCE = "/genrelay"
 EVENT_FOR_STATUS = {
     GenerationStatus.PROCESSING: "generation.processing",
