@@ -61,6 +61,7 @@ __all__ = [
     "StorageFolder",
     "StrictBoolean",
     "Text",
+    "base64_payload",
     "image_reference_problem",
     "model_type_of",
 ]
@@ -192,7 +193,7 @@ def _http_problem(value: str) -> str | None:
     return None
 
 
-def _base64_payload(text: str) -> str | None:
+def base64_payload(text: str) -> str | None:
     """Return the encoded part of a ``base64,`` or ``data:image/...;base64,`` value."""
     if text.startswith("base64,"):
         return text[len("base64,") :]
@@ -206,7 +207,7 @@ def image_reference_problem(value: str, kinds: frozenset[str]) -> str | None:
     Every image field goes through here, so a new kind of reference (or a policy on storage
     names) is added in one place.
     """
-    encoded = _base64_payload(value)
+    encoded = base64_payload(value)
     if encoded is not None:
         if BASE64 not in kinds:
             return "Must be an http(s) URL; base64 images are only taken in url and replace."

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import hashlib
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_dump, validate, validates
 
-from schemas.deepimage import ProcessRequestSchema
+from schemas.deepimage import ProcessRequestSchema, base64_payload
 from service.domain import EVENT_TYPES, GenerationStatus
 
 MAX_METADATA_KEYS = 50
@@ -159,6 +161,53 @@ class GenerationSchema(Schema):
         return {"self": base, "cancel": base + "/cancel"}
 
 
+# Where Deep-Image takes inline (base64) image data; see schemas/deepimage.py.
+INLINE_IMAGE_FIELDS = (("url",), ("background", "replace"))
+
+
+def compact_input(request: dict[str, Any]) -> dict[str, Any]:
+    """The request with inline image data replaced by its size and SHA-256.
+
+    Events, delivery bodies and list items carry this form: a 2 MiB base64 image would
+    otherwise be stored again in every event and every delivery, and sent in every list page.
+    `GET /v1/generations/{id}` shows the request as it was sent.
+    """
+    compacted: dict[str, Any] | None = None
+    for path in INLINE_IMAGE_FIELDS:
+        *parents, leaf = path
+        holder: Any = request
+        for key in parents:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        value = holder.get(leaf) if isinstance(holder, dict) else None
+        if not isinstance(value, str) or base64_payload(value) is None:
+            continue
+        if compacted is None:
+            compacted = copy.deepcopy(request)
+        target = compacted
+        for key in parents:
+            target = target[key]
+        target[leaf] = {
+            "omitted": "inline image data",
+            "bytes": len(value.encode()),
+            "sha256": hashlib.sha256(value.encode()).hexdigest(),
+        }
+    return request if compacted is None else compacted
+
+
+class GenerationSummarySchema(GenerationSchema):
+    """The generation resource as events, deliveries and lists show it (inline images
+    replaced by their size and hash)."""
+
+    input = fields.Function(  # type: ignore[assignment]
+        lambda generation: compact_input(generation.input),
+        metadata={
+            "type": "object",
+            "description": "The Deep-Image request; inline base64 image data (in `url` or "
+            "`background.replace`) is shown as `{omitted, bytes, sha256}`.",
+        },
+    )
+
+
 class GenerationPageSchema(Schema):
-    data = fields.List(fields.Nested(GenerationSchema))
+    data = fields.List(fields.Nested(GenerationSummarySchema))
     next_cursor = fields.String(allow_none=True)

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from schemas.generations import GenerationSchema
+from schemas.generations import GenerationSummarySchema
 from service import wakeup
 from service.domain import GenerationStatus
 from service.ids import new_id
@@ -36,8 +36,8 @@ EVENT_FOR_STATUS = {
 
 
 def generation_resource(generation: Generation) -> dict[str, Any]:
-    """The public representation of a generation (the same the API shows)."""
-    return GenerationSchema().dump(generation)
+    """The generation as events and deliveries carry it (inline image data by size and hash)."""
+    return GenerationSummarySchema().dump(generation)
 
 
 def record_event(

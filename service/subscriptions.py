@@ -14,7 +14,7 @@ from service.config import Config
 from service.domain import EVENT_TYPES
 from service.errors import InvalidRequest, NotFound
 from service.ids import new_id
-from service.models import Delivery, DeliveryAttempt, Event, Subscription, utcnow
+from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
 from service.notifications import (
     DELIVER,
     DELIVER_TASK_ATTEMPTS,
@@ -28,6 +28,8 @@ from service.store import Store
 from service.tasks import new_task_row
 
 ROTATION_OVERLAP = dt.timedelta(hours=24)
+# Each event is stored once per subscription (its delivery body): a cap bounds the fan-out.
+MAX_SUBSCRIPTIONS = 25
 PING = "ping"
 
 
@@ -90,6 +92,21 @@ class NotificationService:
             updated_at=now,
         )
         with self.store.transaction() as session:
+            # The tenant's row, locked: two creations at once cannot both take the last place.
+            session.execute(
+                sa.select(Tenant.id).where(Tenant.id == tenant_id).with_for_update()
+            )
+            count = session.scalar(
+                sa.select(sa.func.count())
+                .select_from(Subscription)
+                .where(Subscription.tenant_id == tenant_id)
+            )
+            if (count or 0) >= MAX_SUBSCRIPTIONS:
+                raise InvalidRequest(
+                    f"a tenant may have at most {MAX_SUBSCRIPTIONS} subscriptions (each event is "
+                    "stored once more for each); delete one or filter its events instead",
+                    errors=[{"field": "url", "message": "Too many subscriptions."}],
+                )
             session.add(subscription)
         return WithSecret(subscription, secret)
 
