@@ -59,6 +59,27 @@ def record_source(
     return True
 
 
+def job_ended(session: Session, queue: TaskQueue, generation_id: str, *, now: dt.datetime) -> bool:
+    """A canceled generation's upstream job is over: hand on the slot it kept; False if not
+    (already known, or it held none)."""
+    result = session.execute(
+        sa.update(Generation)
+        .where(
+            Generation.id == generation_id,
+            Generation.status == GenerationStatus.CANCELED,
+            Generation.admitted_at.is_not(None),
+            Generation.source_found_at.is_(None),
+        )
+        .values(source_found_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return False
+    slot_freed(session)
+    queue.retire_pending(session, POLL, generation_id, "the canceled job's end is known")
+    return True
+
+
 def first_poll_delay(config: Config) -> float:
     """With callbacks, poll only as a fallback after RECONCILE_AFTER; without, soon."""
     if config.public_url:
@@ -100,6 +121,8 @@ class CompletionService:
             if generation is None:
                 raise NotFound(f"no generation {generation_id!r}")
             if GenerationStatus(generation.status).is_terminal:
+                if generation.upstream_job == callback.job:
+                    job_ended(session, self.queue, generation_id, now=now)  # if canceled
                 return CallbackOutcome.IGNORED
             if generation.upstream_job is None and generation.status == GenerationStatus.QUEUED:
                 # The callback overtook the commit of our own submit (a fast job): the URL's
@@ -134,12 +157,12 @@ class PollHandler:
         assert task.generation_id is not None
         with self.store.read() as session:
             generation = session.get(Generation, task.generation_id)
-        if (
-            generation is None
-            or generation.status != GenerationStatus.PROCESSING
-            or generation.source_found_at is not None
-        ):
-            return  # finished, canceled, or the callback came: nothing to reconcile
+        if generation is None or generation.source_found_at is not None:
+            return  # the callback came: nothing to reconcile
+        if generation.status == GenerationStatus.CANCELED and generation.admitted_at is not None:
+            return self._await_canceled_job(task, generation)
+        if generation.status != GenerationStatus.PROCESSING:
+            return  # finished: nothing to reconcile
         assert generation.upstream_job is not None and generation.submitted_at is not None
         now = utcnow()
         if (now - generation.submitted_at).total_seconds() > self.config.generation_timeout:
@@ -165,6 +188,28 @@ class PollHandler:
         # Still running. The next poll doubles its wait; `delay` travels in the payload.
         raise Snooze(delay, f"job {job.job} is {job.status}", payload={"delay": delay})
 
+    def _await_canceled_job(self, task: ClaimedTask, generation: Generation) -> None:
+        """A canceled generation whose job may still run upstream: free its slot once the job
+        is over (or past the generation timeout: Deep-Image may have lost it)."""
+        assert generation.upstream_job is not None and generation.submitted_at is not None
+        now = utcnow()
+        delay = min(MAX_POLL_DELAY, 2 * float(task.payload.get("delay", FIRST_POLL_DELAY)))
+        timed_out = (now - generation.submitted_at).total_seconds() > self.config.generation_timeout
+        if not timed_out:
+            try:
+                job = self.deepimage.result(generation.upstream_job)
+            except TransientUpstreamError as exc:
+                raise Snooze(delay, f"Deep-Image unavailable: {exc.message}") from None
+            except PermanentUpstreamError:
+                pass  # failed, or unknown to Deep-Image: over either way
+            else:
+                if job.status != "complete":
+                    raise Snooze(
+                        delay, f"canceled job {job.job} is {job.status}", payload={"delay": delay}
+                    )
+        with self.store.transaction() as session:
+            job_ended(session, self.queue, generation.id, now=now)
+
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         assert task.generation_id is not None
         fail_generation(
@@ -173,3 +218,6 @@ class PollHandler:
             ErrorCode.UPSTREAM_UNAVAILABLE,
             f"polling Deep-Image failed {task.attempts} times: {error}",
         )
+        with self.store.transaction() as session:
+            # A canceled generation's slot is not kept forever by a poll that cannot succeed.
+            job_ended(session, self.queue, task.generation_id, now=utcnow())

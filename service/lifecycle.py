@@ -27,7 +27,8 @@ def change_status(
     """Move the generation to `new` if its current status allows it; True when it moved.
 
     A move also writes its event and queues the event's deliveries, in the same transaction;
-    a move that ends a generation holding an upstream slot has the line hand that slot on.
+    a move that ends a generation holding an upstream slot has the line hand that slot on
+    (for a cancel, once its upstream job has ended).
     """
     values: dict[str, Any] = {"status": new, "updated_at": now, **fields}
     if new.is_terminal:
@@ -47,7 +48,10 @@ def change_status(
     if generation is None:
         return False
     held_a_slot = generation.admitted_at is not None and generation.source_found_at is None
-    if new.is_terminal and held_a_slot:
+    # A canceled job still runs at Deep-Image (which has no cancel): its slot is freed when
+    # the job ends there (service/completion.py `job_ended`), not now.
+    job_runs_on = new == GenerationStatus.CANCELED and generation.upstream_job is not None
+    if new.is_terminal and held_a_slot and not job_runs_on:
         slot_freed(session)  # it held an upstream slot until now: someone waiting may have it
     record_event(session, generation, new, now=now)
     return True

@@ -7,7 +7,9 @@ instead of being refused upstream:
 - A generation is *waiting* while it is `queued` without `admitted_at`. An *admission* gives it
   one of the account's slots (sets `admitted_at`) and queues its `submit` task. It holds the
   slot until Deep-Image is done with its job from genrelay's point of view: the result is
-  known (callback or poll), or the generation ends (failed, canceled, timed out). The slots in
+  known (callback or poll), or the generation ends (failed, timed out, canceled before its job
+  was created). A generation canceled while its job runs keeps the slot until Deep-Image has
+  finished that job (it has no cancel), so the next submission is not refused. The slots in
   use are counted from the database (`IN_FLIGHT`), so every process agrees and a crash loses
   none: a slot belongs to a generation's row, not to a process.
 - Admissions run one at a time: each takes the lock on the account's `upstream_accounts` row
@@ -64,7 +66,12 @@ DEADLINE_BATCH = 200
 IN_FLIGHT = sa.and_(
     Generation.admitted_at.is_not(None),
     Generation.source_found_at.is_(None),
-    Generation.status.in_([GenerationStatus.QUEUED, GenerationStatus.PROCESSING]),
+    sa.or_(
+        Generation.status.in_([GenerationStatus.QUEUED, GenerationStatus.PROCESSING]),
+        sa.and_(
+            Generation.status == GenerationStatus.CANCELED, Generation.upstream_job.is_not(None)
+        ),
+    ),
 )
 WAITING = sa.and_(Generation.status == GenerationStatus.QUEUED, Generation.admitted_at.is_(None))
 

@@ -41,9 +41,12 @@ class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
 JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 # A generation holds an upstream slot from its admission until Deep-Image is done with its job
-# (the result is known) or it ends. The condition of the partial index that counts them.
+# (`source_found_at`: the result, or the end of a canceled generation's job, is known) or it
+# ends without one. A generation canceled while its job runs at Deep-Image keeps the slot until
+# that job ends: Deep-Image has no cancel. The condition of the partial index that counts them.
 IN_FLIGHT_SQL = (
-    "admitted_at IS NOT NULL AND source_found_at IS NULL AND status IN ('queued', 'processing')"
+    "admitted_at IS NOT NULL AND source_found_at IS NULL AND (status IN ('queued', "
+    "'processing') OR (status = 'canceled' AND upstream_job IS NOT NULL))"
 )
 
 

@@ -26,7 +26,8 @@ depends_on = None
 JSON_DOCUMENT = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 WAITING = "status = 'queued' AND admitted_at IS NULL"
 IN_FLIGHT = (
-    "admitted_at IS NOT NULL AND source_found_at IS NULL AND status IN ('queued', 'processing')"
+    "admitted_at IS NOT NULL AND source_found_at IS NULL AND (status IN ('queued', "
+    "'processing') OR (status = 'canceled' AND upstream_job IS NOT NULL))"
 )
 
 

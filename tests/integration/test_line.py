@@ -77,15 +77,24 @@ def test_only_the_limit_goes_upstream_and_the_rest_wait_in_order(
     assert positions == [None, None, 1, 2, 3]
 
 
-@pytest.mark.parametrize("ending", ["cancel", "failure", "result"])
+@pytest.mark.parametrize("ending", ["failure", "result", "canceled job ended"])
 def test_a_slot_is_handed_on_the_moment_its_job_ends(
     config: Config, make_client: Any, slow_upstream: Any, ending: str
 ) -> None:
     services, client, auth = make_client(config.replace(upstream_concurrency=1))
     first, second = post(client, auth), post(client, auth)
     assert (first["status"], second["status"]) == ("processing", "queued")
-    if ending == "cancel":
+    if ending == "canceled job ended":
         client.post(f"/v1/generations/{first['id']}/cancel", headers=auth)
+        from service.completion import Callback
+
+        # Deep-Image has no cancel: the job runs on and holds the account's slot until its
+        # callback (or a poll) says it is over.
+        assert in_flight(services) == 1
+        assert statuses(services)[second["id"]] == "queued"
+        services.completion.accept(
+            first["id"], Callback(first["upstream"]["job"], "http://x/result.png")
+        )
     elif ending == "failure":
         from service.domain import ErrorCode
         from service.lifecycle import fail_generation
@@ -108,6 +117,36 @@ def test_a_slot_is_handed_on_the_moment_its_job_ends(
         ).all()
     assert tasks == ["pending"]
     assert in_flight(services) == 1
+
+
+def test_a_canceled_job_keeps_its_slot_until_a_poll_finds_it_over(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    set_simulator(simulator.url, processing_time=1.0)
+    services, client, auth = make_client(config.replace(upstream_concurrency=1))
+    first, second = post(client, auth), post(client, auth)
+    client.post(f"/v1/generations/{first['id']}/cancel", headers=auth)
+    assert in_flight(services) == 1
+    drain(services, seconds=30)  # polls the canceled job until it ends, then runs the next
+    after = statuses(services)
+    assert (after[first["id"]], after[second["id"]]) == ("canceled", "succeeded")
+    assert in_flight(services) == 0
+    stats = sim_stats(simulator)
+    assert (stats["jobs_created"], stats["responses_429"]) == (2, 0)
+
+
+def test_a_generation_canceled_before_its_job_exists_frees_its_slot_at_once(
+    config: Config, make_client: Any, slow_upstream: Any
+) -> None:
+    services, client, auth = make_client(config.replace(upstream_concurrency=1))
+    set_simulator(slow_upstream.url, upstream_error_rate=1.0)
+    first = post(client, auth)  # admitted; its submit failed and waits to be retried
+    second = post(client, auth)
+    assert in_flight(services) == 1 and first["upstream"]["job"] is None
+    client.post(f"/v1/generations/{first['id']}/cancel", headers=auth)
+    with services.store.read() as session:
+        admitted = session.get(Generation, second["id"])
+        assert admitted is not None and admitted.admitted_at is not None
 
 
 def test_a_stated_limit_is_learned_and_never_exceeded_again(
@@ -176,11 +215,12 @@ def test_higher_priority_passes_earlier_work_of_the_same_tenant(
     interactive = post(client, auth, priority=5)
     shown = client.get(f"/v1/generations/{interactive['id']}", headers=auth).json
     assert shown["queue_position"] == 1
-    client.post(f"/v1/generations/{running['id']}/cancel", headers=auth)
+    from service.domain import ErrorCode
+    from service.lifecycle import fail_generation
+
+    fail_generation(services.store, running["id"], ErrorCode.UPSTREAM_JOB_FAILED, "boom")
     with services.store.read() as session:
-        admitted = session.scalars(
-            sa.select(Generation.id).where(Generation.admitted_at.is_not(None), IN_FLIGHT)
-        ).all()
+        admitted = session.scalars(sa.select(Generation.id).where(IN_FLIGHT)).all()
     assert admitted == [interactive["id"]]
     assert all(
         client.get(f"/v1/generations/{g['id']}", headers=auth).json["status"] == "queued"
