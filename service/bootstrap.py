@@ -12,6 +12,7 @@ import dataclasses
 import requests
 
 from service.auth import ApiKeys
+from service.batches import BatchService
 from service.blobstore import BlobStore, GcsBlobStore
 from service.completion import POLL, CompletionService, PollHandler
 from service.config import Config
@@ -48,6 +49,7 @@ class Services:
     line: Line
     runner: TaskRunner
     generations: GenerationService
+    batches: BatchService
     completion: CompletionService
     notifications: NotificationService
     api_keys: ApiKeys
@@ -113,6 +115,7 @@ def build_services(
         line=line,
         runner=runner,
         generations=GenerationService(store, queue, line, runner, blobs, config, policy),
+        batches=BatchService(store, line, policy),
         completion=CompletionService(store, queue, config),
         notifications=NotificationService(store, config, policy),
         api_keys=ApiKeys(store),
