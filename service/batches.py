@@ -254,7 +254,8 @@ class BatchService:
         """
         now = utcnow()
         with self.store.transaction() as session:
-            batch = self._owned(session, tenant_id, batch_id)
+            # Locked, so an item completing the batch meanwhile is seen (after it commits).
+            batch = self._owned(session, tenant_id, batch_id, lock=True)
             if batch.canceled_at is None:
                 if batch.completed_at is not None:
                     raise Conflict(f"batch {batch_id} has already completed")
@@ -285,8 +286,8 @@ class BatchService:
             self._owned(session, tenant_id, batch_id)
 
     @staticmethod
-    def _owned(session: Session, tenant_id: str, batch_id: str) -> Batch:
-        batch = session.get(Batch, batch_id)
+    def _owned(session: Session, tenant_id: str, batch_id: str, *, lock: bool = False) -> Batch:
+        batch = session.get(Batch, batch_id, with_for_update=lock, populate_existing=lock)
         if batch is None or batch.tenant_id != tenant_id:
             raise NotFound(f"no batch {batch_id!r}")
         return batch
