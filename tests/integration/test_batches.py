@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -257,6 +258,21 @@ def test_more_than_ten_thousand_items_or_another_media_type_are_refused(
     assert broken.status_code == 400
 
 
+def test_an_ndjson_line_over_the_limit_is_named_and_the_rest_still_read(
+    client: Any, auth: dict[str, str], services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import handlers.batches
+
+    monkeypatch.setattr(handlers.batches, "MAX_LINE_BYTES", 200)
+    long = {"input": {"url": "https://shop.example.com/" + "p" * 300 + ".jpg"}}
+    lines = [{"batch": {"template": TEMPLATE}}, item(0), long, item(2), _bad_width(3)]
+    response = post_ndjson(client, auth, lines)
+    assert response.status_code == 422
+    assert [e["field"] for e in response.json["errors"]] == ["items[1]", "items[3].input.width"]
+    assert "longer than 200 bytes" in response.json["errors"][0]["message"]
+    assert rows(services, Generation) == 0
+
+
 def test_a_repeated_custom_id_is_named_at_its_repetition(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
@@ -339,6 +355,45 @@ def test_counts_follow_the_items_and_batch_completed_goes_out_once_with_them(
     assert rows(services, Event, Event.type == "batch.completed") == 1
     # A batch that completed on its own cannot be canceled any more.
     assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=auth).status_code == 409
+
+
+def cancel_at_once(services: Services, generation_ids: list[str]) -> list[bool]:
+    """Cancel the generations from as many threads, released together; did each one move?"""
+    from service.domain import GenerationStatus
+    from service.lifecycle import change_status
+    from service.models import utcnow
+
+    start = threading.Barrier(len(generation_ids))
+    moved: list[bool] = []
+
+    def cancel(generation_id: str) -> None:
+        start.wait(timeout=10)
+        with services.store.transaction() as session:
+            now = utcnow()
+            moved.append(change_status(session, generation_id, GenerationStatus.CANCELED, now=now))
+
+    threads = [threading.Thread(target=cancel, args=(g,)) for g in generation_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return moved
+
+
+def test_items_finishing_at_the_same_moment_complete_their_batch_exactly_once(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    batch_ids = [accepted(post(client, auth, catalog(2)))["id"] for _ in range(5)]
+    for batch_id in batch_ids:
+        with services.store.read() as session:
+            items = list(
+                session.scalars(sa.select(Generation.id).where(Generation.batch_id == batch_id))
+            )
+        assert cancel_at_once(services, items) == [True, True]
+        done = client.get(f"/v1/batches/{batch_id}", headers=auth).json
+        assert done["status"] == "completed", done
+        assert done["counts"]["canceled"] == 2
+    assert rows(services, Event, Event.type == "batch.completed") == len(batch_ids)
 
 
 def test_a_failed_item_counts_as_failed_and_the_batch_still_completes(
