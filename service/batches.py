@@ -9,7 +9,8 @@ batch's items in the order they were sent.
 
 Cancel works in chunks of CANCEL_CHUNK items per transaction, waiting items first (so no
 upstream slot is freed, and handed to a sibling that is about to be canceled, before the end),
-each item through `change_status` with its own `generation.canceled` event.
+each item through `change_status` with its own `generation.canceled` event. The request does
+what it can in CANCEL_BUDGET seconds; a `cancel_batch` task finishes a large batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,11 +40,14 @@ from service.pagination import Page, paginate
 from service.ssrf import URLPolicy
 from service.store import Store
 from service.subscriptions import require_safe_target
+from service.tasks import ClaimedTask, TaskQueue
 
 log = logging.getLogger("genrelay.batches")
 
 INSERT_CHUNK = 1000  # generation rows per bulk INSERT
 CANCEL_CHUNK = 250  # items canceled per transaction
+CANCEL_BUDGET = 3.0  # seconds a cancel request spends canceling; a task does the rest
+CANCEL_BATCH = "cancel_batch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +107,9 @@ class BatchIntake:
 class BatchService:
     """Owns the transactions of every batch use case."""
 
-    def __init__(self, store: Store, line: Line, policy: URLPolicy) -> None:
+    def __init__(self, store: Store, queue: TaskQueue, line: Line, policy: URLPolicy) -> None:
         self.store = store
+        self.queue = queue
         self.line = line
         self.policy = policy
 
@@ -250,7 +256,9 @@ class BatchService:
     def cancel(self, tenant_id: str, batch_id: str) -> BatchView:
         """Cancel every item still queued or processing; canceling twice is harmless.
 
-        A batch that completed without being canceled is a Conflict.
+        The request cancels items for up to CANCEL_BUDGET seconds; what is left of a large
+        batch is canceled by a `cancel_batch` task (the answer shows `canceled_at` at once, and
+        the counts as far as they got). A batch that completed uncanceled is a Conflict.
         """
         now = utcnow()
         with self.store.transaction() as session:
@@ -261,6 +269,15 @@ class BatchService:
                     raise Conflict(f"batch {batch_id} has already completed")
                 batch.canceled_at = now
                 batch.updated_at = now
+        if not self.cancel_items(batch_id, budget=CANCEL_BUDGET):
+            with self.store.transaction() as session:
+                self.queue.enqueue(session, CANCEL_BATCH, {"batch_id": batch_id})
+        return self.get(tenant_id, batch_id)
+
+    def cancel_items(self, batch_id: str, *, budget: float | None) -> bool:
+        """Cancel the batch's unfinished items, CANCEL_CHUNK per transaction, waiting ones
+        first; True when none is left, False when `budget` seconds ran out first."""
+        started = time.monotonic()
         while True:
             with self.store.transaction() as session:
                 # Lock the chunk's rows first, then change them: every transaction that
@@ -277,8 +294,9 @@ class BatchService:
                 for generation_id in chunk:
                     change_status(session, generation_id, GenerationStatus.CANCELED, now=utcnow())
             if len(chunk) < CANCEL_CHUNK:
-                break
-        return self.get(tenant_id, batch_id)
+                return True
+            if budget is not None and time.monotonic() - started >= budget:
+                return False
 
     def require(self, tenant_id: str, batch_id: str) -> None:
         """NotFound unless the batch exists and is this tenant's."""
@@ -302,3 +320,16 @@ def _chunks(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str
             chunk = []
     if chunk:
         yield chunk
+
+
+class CancelBatchHandler:
+    """The `cancel_batch` task: cancel what a cancel request left of its batch."""
+
+    def __init__(self, batches: BatchService) -> None:
+        self.batches = batches
+
+    def run(self, task: ClaimedTask) -> None:
+        self.batches.cancel_items(task.payload["batch_id"], budget=None)
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        log.error("could not finish canceling batch %s: %s", task.payload["batch_id"], error)
