@@ -27,6 +27,7 @@ from service.models import Batch, Event, Generation
 from service.notifications import fan_out
 
 UNFINISHED = (GenerationStatus.QUEUED.value, GenerationStatus.PROCESSING.value)
+_DEFERRED = "genrelay_batch_completion_deferred"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +71,25 @@ def batch_resource(batch: BatchView) -> dict[str, Any]:
     return BatchSchema().dump(batch)
 
 
+def defer_completion(session: Session, batch_id: str) -> None:
+    """In this transaction, items of `batch_id` that finish do not check for completion one by
+    one: the caller (a chunk of a batch cancel) calls `complete_if_done` once, at the end."""
+    session.info.setdefault(_DEFERRED, set()).add(batch_id)
+
+
 def note_item_finished(session: Session, batch_id: str, now: dt.datetime) -> bool:
     """An item of `batch_id` just became terminal: complete the batch if it was the last one.
 
     True when this call completed the batch (and recorded `batch.completed`).
     """
+    if batch_id in session.info.get(_DEFERRED, ()):
+        return False
+    return complete_if_done(session, batch_id, now)
+
+
+def complete_if_done(session: Session, batch_id: str, now: dt.datetime) -> bool:
+    """Complete the batch if none of its items is queued or processing (see the module
+    docstring); True when this call completed it."""
     locked = session.execute(
         sa.select(Batch.completed_at).where(Batch.id == batch_id).with_for_update()
     ).one_or_none()

@@ -28,7 +28,14 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.batch_progress import UNFINISHED, BatchView, batch_counts, view
+from service.batch_progress import (
+    UNFINISHED,
+    BatchView,
+    batch_counts,
+    complete_if_done,
+    defer_completion,
+    view,
+)
 from service.domain import BatchStatus, GenerationStatus
 from service.errors import Conflict, IdempotencyKeyReused, NotFound
 from service.generations import IDEMPOTENCY_TTL, record_first_response
@@ -291,8 +298,11 @@ class BatchService:
                         .with_for_update()
                     )
                 )
+                # One completion check for the chunk, after its last item, not one per item.
+                defer_completion(session, batch_id)
                 for generation_id in chunk:
                     change_status(session, generation_id, GenerationStatus.CANCELED, now=utcnow())
+                complete_if_done(session, batch_id, utcnow())
             if len(chunk) < CANCEL_CHUNK:
                 return True
             if budget is not None and time.monotonic() - started >= budget:
