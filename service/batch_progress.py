@@ -8,6 +8,10 @@ is still queued or processing, and if none is, completes the batch with a condit
 `batch.completed` event. The event's `generation_id` holds the batch id (the event's subject)
 and its data is the batch resource; it goes to the batch's `webhook` (subject to its
 `webhook_events_filter`) and to the subscriptions that list `batch.completed`.
+
+A transaction that finishes many items of one batch (a chunk of a batch cancel) defers the
+check (`defer_completion`) and runs it once at its end (`complete_if_done`), after locking
+every item it changes: the lock order stays generation rows, then the batch row.
 """
 
 from __future__ import annotations
