@@ -258,6 +258,19 @@ def test_more_than_ten_thousand_items_or_another_media_type_are_refused(
     assert broken.status_code == 400
 
 
+@pytest.mark.parametrize("form", ["json", "ndjson"])
+def test_a_body_over_the_size_limit_is_413(config: Config, make_client: Any, form: str) -> None:
+    services, client, auth = make_client(config.replace(max_request_bytes=2000))
+    body = catalog(40)
+    if form == "json":
+        response = post(client, auth, body)
+    else:
+        response = post_ndjson(client, auth, [{"batch": {"template": TEMPLATE}}, *body["items"]])
+    assert response.status_code == 413
+    assert response.mimetype == PROBLEM
+    assert rows(services, Generation) == 0
+
+
 def test_an_ndjson_line_over_the_limit_is_named_and_the_rest_still_read(
     client: Any, auth: dict[str, str], services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
