@@ -38,15 +38,15 @@ from schemas.batches import (
     BatchSchema,
     deep_merge,
 )
-from schemas.deepimage import MAX_BASE64_LENGTH, ProcessRequestSchema
+from schemas.deepimage import ProcessRequestSchema
 from schemas.generations import MAX_METADATA_KEYS, GenerationPageSchema
 from schemas.problems import ProblemSchema
 from service.batches import NewBatch, NewBatchItem
 from service.errors import InvalidRequest
 
 NDJSON = "application/x-ndjson"
-# One item with the largest inline (base64) image Deep-Image takes, and room for the rest.
-MAX_LINE_BYTES = MAX_BASE64_LENGTH + 64 * 1024
+# Room for one item with a large inline (base64) image; the body limit (25 MiB) bounds the rest.
+MAX_LINE_BYTES = 20 * 1024 * 1024
 MAX_REPORTED_ERRORS = 100  # a 422 names at most this many fields
 
 blp = Blueprint(

@@ -61,7 +61,7 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
 
 
-# Outgoing notification types (DESIGN §4): one per status a generation can move into...
+# Outgoing notification types: one per status a generation can move into...
 GENERATION_EVENT_TYPES = (
     "generation.processing",
     "generation.succeeded",
