@@ -602,4 +602,6 @@ def test_a_ten_thousand_item_batch_is_accepted_in_one_request(
             f"\n10,000-item batch on {dialect}: accepted in {elapsed:.2f} s (JSON), "
             f"{ndjson_elapsed:.2f} s (NDJSON)"
         )
-    assert elapsed < 20 and ndjson_elapsed < 20
+    # Typically 2-6 s each; the bound only catches a pathological slowdown (a busy machine
+    # must not fail it).
+    assert elapsed < 60 and ndjson_elapsed < 60
