@@ -227,8 +227,7 @@ class GenerationService:
         """Newest first; `next_cursor` continues after the last item.
 
         `batch`: only that batch's items; `metadata`: only generations whose metadata has
-        every one of these key/value pairs (a JSON path lookup on SQLite JSON and on
-        PostgreSQL JSONB alike).
+        every one of these key/value pairs.
         """
         query = sa.select(Generation).where(Generation.tenant_id == tenant_id)
         if status is not None:
@@ -236,7 +235,7 @@ class GenerationService:
         if batch is not None:
             query = query.where(Generation.batch_id == batch)
         for key, value in (metadata or {}).items():
-            query = query.where(Generation.meta[key].as_string() == value)
+            query = query.where(self._metadata_is(key, value))
         if created_after is not None:
             query = query.where(Generation.created_at > created_after)
         with self.store.read() as session:
@@ -244,6 +243,18 @@ class GenerationService:
         return Page(
             items=[self._with_signed_url(g) for g in page.items], next_cursor=page.next_cursor
         )
+
+    def _metadata_is(self, key: str, value: str) -> sa.ColumnElement[bool]:
+        """The generation's metadata has `value` under `key`.
+
+        PostgreSQL: `metadata ->> key` on JSONB. SQLite: a JSON path cannot spell every key
+        (a quote, a backslash or a non-ASCII letter in it never matches), so the pairs are
+        read with json_each instead.
+        """
+        if self.store.dialect != "sqlite":
+            return Generation.meta[key].as_string() == value
+        pairs = sa.func.json_each(Generation.meta).table_valued("key", "value")
+        return sa.exists().select_from(pairs).where(pairs.c.key == key, pairs.c.value == value)
 
     def cancel(self, tenant_id: str, generation_id: str) -> Generation:
         """Cancel a queued or processing generation; canceling twice is harmless."""

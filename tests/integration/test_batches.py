@@ -524,6 +524,20 @@ def test_generations_filter_by_batch_and_by_metadata(client: Any, auth: dict[str
     assert urls(summer) == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
 
 
+def test_a_metadata_filter_finds_any_key(client: Any, auth: dict[str, str]) -> None:
+    keys = ["a.b", 'a"b', "a'b", "a[0]", "$", "ключ", "a\\b", "*", "%", "a b"]
+    items = [item(n, metadata={key: f"v{n}", "other": f"v{n}"}) for n, key in enumerate(keys)]
+    accepted(post(client, auth, {"template": TEMPLATE, "items": items}))
+    for n, key in enumerate(keys):
+        query = {f"metadata[{key}]": f"v{n}"}
+        response = client.get("/v1/generations", headers=auth, query_string=query)
+        assert response.status_code == 200, response.json
+        assert [g["metadata"] for g in response.json["data"]] == [{key: f"v{n}", "other": f"v{n}"}]
+    # A value under another key is no match.
+    query = {f"metadata[{keys[0]}]": "v1"}
+    assert client.get("/v1/generations", headers=auth, query_string=query).json["data"] == []
+
+
 @pytest.mark.parametrize(
     ("query", "field"),
     [
