@@ -91,6 +91,7 @@ def test_a_json_batch_merges_the_template_and_metadata_into_every_item(
     body = {
         "template": {**TEMPLATE, "enhancements": ["denoise", "deblur"]},
         "metadata": {"campaign": "summer", "shop": "eu"},
+        "deadline": "2099-01-01T00:00:00+00:00",
         "items": [
             item(0, custom_id="sku-0", metadata={"sku": "0"}),
             {
@@ -137,6 +138,8 @@ def test_a_json_batch_merges_the_template_and_metadata_into_every_item(
     assert first["metadata"] == {"campaign": "summer", "shop": "eu", "sku": "0"}
     assert second["metadata"] == {"campaign": "summer", "shop": "us", "sku": "1"}
     assert [first["custom_id"], second["custom_id"]] == ["sku-0", "sku-1"]
+    assert {first["deadline"], second["deadline"]} == {"2099-01-01T00:00:00+00:00"}
+    assert {first["priority"], second["priority"]} == {0}
     assert {first["batch_id"], second["batch_id"]} == {batch["id"]}
 
 
