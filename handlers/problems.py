@@ -126,6 +126,13 @@ class SchemaExtrasPlugin(BasePlugin):
         return getattr(getattr(kwargs.get("schema"), "Meta", None), "openapi", None)
 
 
+def _deep_object_parameter(converter: Any, field: Any, **_: Any) -> dict[str, Any]:
+    """A query field with `metadata={"style": "deepObject"}` is sent as `name[key]=value`."""
+    if field.metadata.get("style") == "deepObject":
+        return {"style": "deepObject", "explode": True}
+    return {}
+
+
 class ProblemApi(Api):
     """flask-smorest's Api rendering its HTTP errors as problem details."""
 
@@ -134,6 +141,7 @@ class ProblemApi(Api):
     def _init_spec(self, *, extra_plugins: Any = None, **options: Any) -> None:
         plugins = [*(extra_plugins or ()), ProblemMediaTypePlugin(), SchemaExtrasPlugin()]
         super()._init_spec(extra_plugins=plugins, **options)
+        self.ma_plugin.converter.add_parameter_attribute_function(_deep_object_parameter)
 
     def handle_http_exception(self, error: HTTPException) -> flask.Response:
         status = error.code or 500

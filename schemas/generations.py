@@ -5,14 +5,26 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import re
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, post_dump, validate, validates
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_dump,
+    pre_load,
+    validate,
+    validates,
+)
 
 from schemas.deepimage import ProcessRequestSchema, base64_payload
 from service.domain import EVENT_TYPES, GenerationStatus
 
 MAX_METADATA_KEYS = 50
+METADATA_KEY_MAX, METADATA_VALUE_MAX = 40, 500
+_METADATA_PARAM = re.compile(r"metadata\[(.*)\]", re.DOTALL)
 PRIORITY_MIN, PRIORITY_MAX = 0, 9
 
 
@@ -90,8 +102,48 @@ class GenerationListArgsSchema(Schema):
     created_after = fields.AwareDateTime(
         metadata={"description": "ISO 8601 with a time zone; only generations created later."}
     )
+    batch = fields.String(
+        validate=validate.Length(min=1, max=40),
+        metadata={"description": "Only the items of this batch."},
+    )
+    metadata = fields.Dict(
+        keys=fields.String(validate=validate.Length(min=1, max=METADATA_KEY_MAX)),
+        values=fields.String(validate=validate.Length(max=METADATA_VALUE_MAX)),
+        metadata={
+            "description": "`metadata[key]=value`: only generations whose metadata has that "
+            "value for that key; several are ANDed.",
+            "style": "deepObject",
+        },
+    )
     cursor = fields.String(validate=validate.Length(max=500))
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100), strict=False)
+
+    @pre_load
+    def _metadata_filters(self, data: Any, **_: Any) -> Any:
+        """Gather the `metadata[key]=value` parameters into one `metadata` mapping."""
+        out: dict[str, Any] = {}
+        filters: dict[str, str] = {}
+        errors: dict[str, list[str]] = {}
+        for name in list(data):
+            match = _METADATA_PARAM.fullmatch(name)
+            if match is None:
+                out[name] = data[name]
+                continue
+            key = match.group(1)
+            values = data.data.getlist(name) if hasattr(data, "data") else [data[name]]
+            if not 1 <= len(key) <= METADATA_KEY_MAX:
+                errors[name] = [f"Metadata keys are 1 to {METADATA_KEY_MAX} characters."]
+            elif len(values) != 1:
+                errors[name] = ["Give each metadata key once."]
+            elif len(values[0]) > METADATA_VALUE_MAX:
+                errors[name] = [f"Metadata values are at most {METADATA_VALUE_MAX} characters."]
+            else:
+                filters[key] = values[0]
+        if errors:
+            raise ValidationError(errors)
+        if filters:
+            out["metadata"] = filters
+        return out
 
 
 class UpstreamSchema(Schema):

@@ -41,7 +41,12 @@ class _SubscriptionFields(Schema):
     url = _target_url(
         metadata={"description": "https (http only where private targets are allowed)."}
     )
-    events = _event_list(metadata={"description": "Event types to send (default: all)."})
+    events = _event_list(
+        metadata={
+            "description": "Event types to send (default: every generation.* type; "
+            "batch.completed only when listed)."
+        }
+    )
     format = fields.String(
         validate=validate.OneOf(FORMATS),
         metadata={
@@ -116,9 +121,13 @@ class EventListArgsSchema(PageArgsSchema):
 class EventSchema(Schema):
     id = fields.String()
     type = fields.String()
-    generation_id = fields.String()
+    generation_id = fields.String(
+        metadata={"description": "The event's subject: a generation id, or a batch id."}
+    )
     created_at = fields.AwareDateTime()
-    data = fields.Dict(metadata={"description": "The generation resource at that moment."})
+    data = fields.Dict(
+        metadata={"description": "The generation (or, for batch.completed, the batch) then."}
+    )
 
 
 class EventPageSchema(Schema):

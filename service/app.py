@@ -12,7 +12,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     """Build the web app; config is read from the environment when not given."""
     # Handlers import the service layer, never the reverse: the import stays local to the
     # factory so `service` can be used (worker, CLI) without the web layer loaded.
-    from handlers import callbacks, feed, generations, health, subscriptions
+    from handlers import batches, callbacks, feed, generations, health, subscriptions
     from handlers.observability import register_observability
     from handlers.problems import ProblemApi, register_error_handlers
 
@@ -36,6 +36,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     app.extensions["genrelay"] = services
     api = ProblemApi(app)
     api.register_blueprint(generations.blp)
+    api.register_blueprint(batches.blp)
     api.register_blueprint(subscriptions.blp)
     api.register_blueprint(subscriptions.webhooks_blp)
     api.register_blueprint(feed.events_blp)

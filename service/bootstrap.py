@@ -12,6 +12,7 @@ import dataclasses
 import requests
 
 from service.auth import ApiKeys
+from service.batches import CANCEL_BATCH, BatchService, CancelBatchHandler
 from service.blobstore import BlobStore, GcsBlobStore
 from service.completion import POLL, CompletionService, PollHandler
 from service.config import Config
@@ -48,6 +49,7 @@ class Services:
     line: Line
     runner: TaskRunner
     generations: GenerationService
+    batches: BatchService
     completion: CompletionService
     notifications: NotificationService
     api_keys: ApiKeys
@@ -93,6 +95,7 @@ def build_services(
     downloads = requests.Session()
     policy = URLPolicy(allow_private=config.allow_private_webhooks)
     webhooks = pinned_session(policy)
+    batches = BatchService(store, queue, line, policy)
     runner = TaskRunner(
         queue,
         {
@@ -102,6 +105,7 @@ def build_services(
             DELIVER: DeliverHandler(store, queue, config, webhooks),
             HOUSEKEEPING: HousekeepingHandler(store),
             LINE: LineHandler(line),
+            CANCEL_BATCH: CancelBatchHandler(batches),
         },
     )
     return Services(
@@ -113,6 +117,7 @@ def build_services(
         line=line,
         runner=runner,
         generations=GenerationService(store, queue, line, runner, blobs, config, policy),
+        batches=batches,
         completion=CompletionService(store, queue, config),
         notifications=NotificationService(store, config, policy),
         api_keys=ApiKeys(store),

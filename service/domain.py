@@ -56,10 +56,21 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
 
 
-# Outgoing notification types: one per status a generation can move into.
-EVENT_TYPES = (
+# Outgoing notification types: one per status a generation can move into...
+GENERATION_EVENT_TYPES = (
     "generation.processing",
     "generation.succeeded",
     "generation.failed",
     "generation.canceled",
 )
+# ...and one when every item of a batch has finished (service/batch_progress.py).
+BATCH_COMPLETED = "batch.completed"
+EVENT_TYPES = (*GENERATION_EVENT_TYPES, BATCH_COMPLETED)
+
+
+class BatchStatus(enum.StrEnum):
+    """A batch is `processing` while any of its generations is queued or processing, then
+    `completed` (also when it was canceled: `canceled_at` tells)."""
+
+    PROCESSING = "processing"
+    COMPLETED = "completed"

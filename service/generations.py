@@ -174,17 +174,7 @@ class GenerationService:
         self, tenant_id: str, idempotency_key: str, status: int, body: dict[str, Any]
     ) -> None:
         """Keep the first response sent for a key, so retries get exactly that answer."""
-        with self.store.transaction() as session:
-            session.execute(
-                sa.update(IdempotencyKey)
-                .where(
-                    IdempotencyKey.tenant_id == tenant_id,
-                    IdempotencyKey.key == idempotency_key,
-                    IdempotencyKey.response_body.is_(None),
-                )
-                .values(response_status=status, response_body=body)
-                .execution_options(synchronize_session=False)
-            )
+        record_first_response(self.store, tenant_id, idempotency_key, status, body)
 
     def _replay(self, tenant_id: str, key: str, fingerprint: str) -> Intake | None:
         with self.store.read() as session:
@@ -229,13 +219,23 @@ class GenerationService:
         *,
         status: str | None = None,
         created_after: dt.datetime | None = None,
+        batch: str | None = None,
+        metadata: dict[str, str] | None = None,
         cursor: str | None = None,
         limit: int = 20,
     ) -> Page[Generation]:
-        """Newest first; `next_cursor` continues after the last item."""
+        """Newest first; `next_cursor` continues after the last item.
+
+        `batch`: only that batch's items; `metadata`: only generations whose metadata has
+        every one of these key/value pairs.
+        """
         query = sa.select(Generation).where(Generation.tenant_id == tenant_id)
         if status is not None:
             query = query.where(Generation.status == status)
+        if batch is not None:
+            query = query.where(Generation.batch_id == batch)
+        for key, value in (metadata or {}).items():
+            query = query.where(self._metadata_is(key, value))
         if created_after is not None:
             query = query.where(Generation.created_at > created_after)
         with self.store.read() as session:
@@ -243,6 +243,18 @@ class GenerationService:
         return Page(
             items=[self._with_signed_url(g) for g in page.items], next_cursor=page.next_cursor
         )
+
+    def _metadata_is(self, key: str, value: str) -> sa.ColumnElement[bool]:
+        """The generation's metadata has `value` under `key`.
+
+        PostgreSQL: `metadata ->> key` on JSONB. SQLite: a JSON path cannot spell every key
+        (a quote, a backslash or a non-ASCII letter in it never matches), so the pairs are
+        read with json_each instead.
+        """
+        if self.store.dialect != "sqlite":
+            return Generation.meta[key].as_string() == value
+        pairs = sa.func.json_each(Generation.meta).table_valued("key", "value")
+        return sa.exists().select_from(pairs).where(pairs.c.key == key, pairs.c.value == value)
 
     def cancel(self, tenant_id: str, generation_id: str) -> Generation:
         """Cancel a queued or processing generation; canceling twice is harmless."""
@@ -260,3 +272,20 @@ class GenerationService:
             generation = session.get(Generation, generation_id)
         assert generation is not None
         return generation
+
+
+def record_first_response(
+    store: Store, tenant_id: str, idempotency_key: str, status: int, body: dict[str, Any]
+) -> None:
+    """Keep the first response sent for a key (a generation's or a batch's)."""
+    with store.transaction() as session:
+        session.execute(
+            sa.update(IdempotencyKey)
+            .where(
+                IdempotencyKey.tenant_id == tenant_id,
+                IdempotencyKey.key == idempotency_key,
+                IdempotencyKey.response_body.is_(None),
+            )
+            .values(response_status=status, response_body=body)
+            .execution_options(synchronize_session=False)
+        )

@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from service.batch_progress import note_item_finished
 from service.domain import ErrorCode, GenerationStatus, allowed_predecessors
 from service.line import slot_freed
 from service.models import Generation, utcnow
@@ -54,6 +55,8 @@ def change_status(
     if new.is_terminal and held_a_slot and not job_runs_on:
         slot_freed(session)  # it held an upstream slot until now: someone waiting may have it
     record_event(session, generation, new, now=now)
+    if new.is_terminal and generation.batch_id is not None:
+        note_item_finished(session, generation.batch_id, now)  # the last item completes it
     return True
 
 

@@ -58,19 +58,36 @@ def record_event(
         data=generation_resource(generation),
         created_at=now,
     )
+    fan_out(
+        session,
+        event,
+        webhook=generation.webhook,
+        webhook_events_filter=generation.webhook_events_filter,
+    )
+    return event
+
+
+def fan_out(
+    session: Session,
+    event: Event,
+    *,
+    webhook: str | None,
+    webhook_events_filter: list[str] | None,
+) -> None:
+    """Store `event` and queue a delivery to each target that wants it: the subject's own
+    `webhook` (unless its filter leaves the type out) and the tenant's enabled subscriptions
+    that list the type."""
     session.add(event)
-    if generation.webhook and (
-        generation.webhook_events_filter is None or event_type in generation.webhook_events_filter
-    ):
-        tenant_webhook_secret(session, generation.tenant_id)  # the deliverer only reads it
-        queue_delivery(session, event, url=generation.webhook, fmt="standard", subscription=None)
+    if webhook and (webhook_events_filter is None or event.type in webhook_events_filter):
+        tenant_webhook_secret(session, event.tenant_id)  # the deliverer only reads it
+        queue_delivery(session, event, url=webhook, fmt="standard", subscription=None)
     subscriptions = session.scalars(
         sa.select(Subscription).where(
-            Subscription.tenant_id == generation.tenant_id, Subscription.enabled.is_(True)
+            Subscription.tenant_id == event.tenant_id, Subscription.enabled.is_(True)
         )
     )
     for subscription in subscriptions:
-        if event_type in subscription.events:
+        if event.type in subscription.events:
             queue_delivery(
                 session,
                 event,
@@ -78,7 +95,6 @@ def record_event(
                 fmt=subscription.format,
                 subscription=subscription,
             )
-    return event
 
 
 def queue_delivery(

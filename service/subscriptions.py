@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from service import wakeup
 from service.config import Config
-from service.domain import EVENT_TYPES
+from service.domain import GENERATION_EVENT_TYPES
 from service.errors import InvalidRequest, NotFound
 from service.ids import new_id
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
@@ -83,7 +83,7 @@ class NotificationService:
             id=new_id("sub_"),
             tenant_id=tenant_id,
             url=url,
-            events=list(events or EVENT_TYPES),
+            events=list(events or GENERATION_EVENT_TYPES),
             format=format,
             description=description,
             enabled=enabled,

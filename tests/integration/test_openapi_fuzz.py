@@ -53,6 +53,8 @@ _BEYOND_THE_SCHEMA = {
     # integers refuse 85.0 on purpose (the input is forwarded unchanged, down to int-vs-float),
     # which JSON Schema cannot express: to it 85.0 *is* an integer.
     "POST /v1/generations": "Deep-Image's cross-field rules",
+    # Each item's input is merged over the template, then held to the same rules.
+    "POST /v1/batches": "Deep-Image's cross-field rules, after the template merge",
     # http(s) with a host, https only unless private targets are allowed, SSRF checks.
     "POST /v1/subscriptions": "webhook-target rules",
     "PATCH /v1/subscriptions/{subscription_id}": "webhook-target rules",

@@ -1,0 +1,335 @@
+"""/v1/batches: many generations in one request, as a JSON document or as NDJSON lines.
+
+NDJSON (`Content-Type: application/x-ndjson`) is one JSON object per line, read from the
+request stream line by line (never the whole body as one string; a line may be at most
+MAX_LINE_BYTES). Each line is one item, `{input, metadata?, custom_id?}`; an optional FIRST
+line `{"batch": {template?, webhook?, webhook_events_filter?, metadata?, priority?,
+deadline?}}` carries the batch-level fields. Blank lines are skipped; item lines are numbered
+from 0, like the `items` array of the JSON form, so both name a bad item `items[i]`.
+
+Every item is checked before anything is stored: one bad item refuses the whole batch with a
+422 naming each bad field (`items[3].input.width`, `items[7].custom_id`), and nothing is kept.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import IO, Any, NoReturn
+
+import flask
+from flask_smorest import Blueprint
+from marshmallow import ValidationError
+from webargs.flaskparser import is_json_request
+from werkzeug.exceptions import BadRequest
+
+from handlers.auth import require_tenant, services, tenant_id
+from handlers.generations import IdempotencyHeaderSchema
+from handlers.problems import StrictJSONParser, flatten_messages, problem_response
+from schemas.batches import (
+    MAX_ITEMS,
+    BatchCreateSchema,
+    BatchGenerationsArgsSchema,
+    BatchHeaderSchema,
+    BatchItemSchema,
+    BatchListArgsSchema,
+    BatchOptionsSchema,
+    BatchPageSchema,
+    BatchSchema,
+    deep_merge,
+)
+from schemas.deepimage import ProcessRequestSchema
+from schemas.generations import MAX_METADATA_KEYS, GenerationPageSchema
+from schemas.problems import ProblemSchema
+from service.batches import NewBatch, NewBatchItem
+from service.errors import InvalidRequest
+
+NDJSON = "application/x-ndjson"
+# Room for one item with a large inline (base64) image; the body limit (25 MiB) bounds the rest.
+MAX_LINE_BYTES = 20 * 1024 * 1024
+MAX_REPORTED_ERRORS = 100  # a 422 names at most this many fields
+
+blp = Blueprint(
+    "batches",
+    __name__,
+    url_prefix="/v1/batches",
+    description="Many generations in one request: a catalog with shared settings.",
+)
+blp.ARGUMENTS_PARSER = StrictJSONParser()
+blp.before_request(require_tenant)
+
+_ITEM = BatchItemSchema()
+_INPUT = ProcessRequestSchema()
+_OPTIONS = BatchOptionsSchema()
+_HEADER = BatchHeaderSchema()
+
+_NDJSON_DESCRIPTION = (
+    'One JSON object per line. An optional first line `{"batch": {...}}` holds the '
+    "batch-level fields (as in the JSON form, without `items`); every other line is one item "
+    "`{input, metadata?, custom_id?}`. Blank lines are skipped; item lines are numbered from 0 "
+    f"(`items[i]` in errors). At most {MAX_ITEMS} items; a line may be {MAX_LINE_BYTES} bytes."
+)
+REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": BatchCreateSchema},
+        NDJSON: {"schema": {"type": "string", "description": _NDJSON_DESCRIPTION}},
+    },
+}
+
+
+@blp.before_request
+def _require_batch_body() -> flask.Response | None:
+    """A body must be JSON or NDJSON, else 415 (after authentication)."""
+    request = flask.request
+    if request.method != "POST":
+        return None
+    has_body = (
+        bool(request.content_length)
+        or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    )
+    if has_body and request.mimetype != NDJSON and not is_json_request(request):
+        return problem_response(
+            415,
+            "Unsupported Media Type",
+            f"send the body as application/json or {NDJSON}, "
+            f"not {request.mimetype or 'no content type'}",
+        )
+    return None
+
+
+class BatchBody:
+    """Checks items one at a time against the batch-level `options`; keeps the good ones."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        self.template: dict[str, Any] = options.get("template") or {}
+        self.metadata: dict[str, str] = options.get("metadata") or {}
+        self.items: list[NewBatchItem] = []
+        self.errors: list[dict[str, Any]] = []
+        self.bad_items = 0
+        self.count = 0
+        self._custom_ids: dict[str, int] = {}
+
+    def add(self, raw: Any) -> None:
+        index = self.count
+        self.count += 1
+        if self.count > MAX_ITEMS:
+            _refuse([{"field": "items", "message": f"At most {MAX_ITEMS} items."}])
+        errors = self._check(index, raw)
+        if errors:
+            self.bad_items += 1
+            self.errors.extend(errors[: max(0, MAX_REPORTED_ERRORS - len(self.errors))])
+
+    def add_error(self, field: str, message: str) -> None:
+        """An item that could not even be read (not JSON, a line too long)."""
+        self.count += 1
+        self.bad_items += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append({"field": field, "message": message})
+
+    def _check(self, index: int, raw: Any) -> list[dict[str, Any]]:
+        name = f"items[{index}]"
+        if not isinstance(raw, dict):
+            return [{"field": name, "message": "Must be an object with `input`."}]
+        try:
+            item = _ITEM.load(raw)
+        except ValidationError as exc:
+            return flatten_messages(exc.messages, name)
+        errors: list[dict[str, Any]] = []
+        try:
+            merged = _INPUT.load(deep_merge(self.template, item["input"]))
+        except ValidationError as exc:
+            errors.extend(flatten_messages(exc.messages, f"{name}.input"))
+        metadata = {**self.metadata, **item.get("metadata", {})}
+        if len(metadata) > MAX_METADATA_KEYS:
+            errors.append(
+                {
+                    "field": f"{name}.metadata",
+                    "message": f"At most {MAX_METADATA_KEYS} keys with the batch's metadata.",
+                }
+            )
+        custom_id = item.get("custom_id")
+        if custom_id is not None:
+            first = self._custom_ids.setdefault(custom_id, index)
+            if first != index:
+                errors.append(
+                    {
+                        "field": f"{name}.custom_id",
+                        "message": f"Repeats items[{first}].custom_id; custom ids are unique "
+                        "within a batch.",
+                    }
+                )
+        if not errors:
+            self.items.append(NewBatchItem(input=merged, metadata=metadata, custom_id=custom_id))
+        return errors
+
+    def new_batch(self) -> NewBatch:
+        if self.count == 0:
+            _refuse([{"field": "items", "message": f"Give 1 to {MAX_ITEMS} items."}])
+        if self.bad_items:
+            shown = "; ".join(f"{e['field']}: {e['message']}" for e in self.errors[:3])
+            raise InvalidRequest(
+                f"{self.bad_items} of {self.count} items are invalid; nothing was stored. " + shown,
+                errors=self.errors,
+            )
+        return NewBatch(items=self.items, **self.options)
+
+
+def _refuse(errors: list[dict[str, Any]]) -> NoReturn:
+    shown = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
+    raise InvalidRequest(shown, errors=errors[:MAX_REPORTED_ERRORS])
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load_options(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    try:
+        options: dict[str, Any] = _OPTIONS.load(raw)
+    except ValidationError as exc:
+        _refuse(flatten_messages(exc.messages, prefix))
+    return options
+
+
+def read_json(data: bytes) -> NewBatch:
+    """The application/json form: `{items: [...], ...batch-level fields}`."""
+    try:
+        body = json.loads(data, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequest("JSON body is nested too deeply.") from None
+    except ValueError:
+        raise BadRequest("Invalid JSON body.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object with `items`")
+    items = body.pop("items", None)
+    batch = BatchBody(_load_options(body, ""))
+    if not isinstance(items, list):
+        _refuse([{"field": "items", "message": f"A list of 1 to {MAX_ITEMS} items is required."}])
+    if len(items) > MAX_ITEMS:
+        _refuse([{"field": "items", "message": f"At most {MAX_ITEMS} items."}])
+    for raw in items:
+        batch.add(raw)
+    return batch.new_batch()
+
+
+def _lines(stream: IO[bytes]) -> Iterator[bytes | None]:
+    """The stream's lines, one at a time; None for a line over MAX_LINE_BYTES (skipped)."""
+    while True:
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):  # drop the rest of it, a chunk at a time
+            line = stream.readline(1024 * 1024)
+        yield None
+
+
+def read_ndjson(stream: IO[bytes]) -> NewBatch:
+    """The application/x-ndjson form (see the module docstring)."""
+    batch: BatchBody | None = None
+    for line in _lines(stream):
+        if line is not None and not line.strip():
+            continue
+        value: Any = None
+        problem = None
+        if line is None:
+            problem = f"The line is longer than {MAX_LINE_BYTES} bytes."
+        else:
+            try:
+                value = json.loads(line, parse_constant=_reject_constant)
+            except (ValueError, RecursionError):
+                problem = "Invalid JSON."
+        if batch is None:
+            if isinstance(value, dict) and "batch" in value:
+                try:
+                    header = _HEADER.load(value)
+                except ValidationError as exc:
+                    _refuse(flatten_messages(exc.messages))
+                batch = BatchBody(header["batch"])
+                continue
+            batch = BatchBody(_load_options({}, ""))
+        if problem is not None:
+            if batch.count >= MAX_ITEMS:
+                _refuse([{"field": "items", "message": f"At most {MAX_ITEMS} items."}])
+            batch.add_error(f"items[{batch.count}]", problem)
+        else:
+            batch.add(value)
+    if batch is None:
+        _refuse([{"field": "items", "message": f"Give 1 to {MAX_ITEMS} items."}])
+    return batch.new_batch()
+
+
+@blp.route("", methods=["POST"])
+@blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
+@blp.doc(requestBody=REQUEST_BODY)
+@blp.response(202, BatchSchema)
+@blp.alt_response(413, schema=ProblemSchema, description="The body is over the size limit")
+@blp.alt_response(415, schema=ProblemSchema, description="Neither JSON nor NDJSON")
+@blp.alt_response(
+    422, schema=ProblemSchema, description="Invalid items (named `items[i]…`), or a reused key"
+)
+def create_batch(idempotency_key: str | None = None) -> Any:
+    """Accept up to 10,000 generations at once; they wait in the line and go in turn."""
+    request = flask.request
+    if request.mimetype == NDJSON:
+        new = read_ndjson(request.stream)
+    else:
+        new = read_json(request.get_data(cache=False))
+    tenant = tenant_id()
+    batches = services().batches
+    outcome = batches.create(tenant, new, idempotency_key=idempotency_key)
+    if outcome.replay is not None:
+        status, payload = outcome.replay
+        return flask.Response(
+            json.dumps(payload),
+            status=status,
+            mimetype="application/json",
+            headers={"Idempotent-Replayed": "true"},
+        )
+    batch = outcome.batch
+    assert batch is not None
+    if idempotency_key is not None:
+        batches.record_response(tenant, idempotency_key, 202, BatchSchema().dump(batch))
+    return batch, 202, {"Location": f"/v1/batches/{batch.id}"}
+
+
+@blp.route("", methods=["GET"])
+@blp.arguments(BatchListArgsSchema, location="query", as_kwargs=True)
+@blp.response(200, BatchPageSchema)
+def list_batches(**args: Any) -> Any:
+    """This tenant's batches, newest first, each with its counts."""
+    page = services().batches.list(tenant_id(), **args)
+    return {"data": page.items, "next_cursor": page.next_cursor}
+
+
+@blp.route("/<string:batch_id>", methods=["GET"])
+@blp.response(200, BatchSchema)
+@blp.alt_response(404, schema=ProblemSchema)
+def get_batch(batch_id: str) -> Any:
+    """One batch, with its items counted by status."""
+    return services().batches.get(tenant_id(), batch_id)
+
+
+@blp.route("/<string:batch_id>/generations", methods=["GET"])
+@blp.arguments(BatchGenerationsArgsSchema, location="query", as_kwargs=True)
+@blp.response(200, GenerationPageSchema)
+@blp.alt_response(404, schema=ProblemSchema)
+def list_batch_generations(batch_id: str, **args: Any) -> Any:
+    """The batch's generations, newest first (the last item first); `status` filters."""
+    tenant = tenant_id()
+    services().batches.require(tenant, batch_id)
+    page = services().generations.list(tenant, batch=batch_id, **args)
+    return {"data": page.items, "next_cursor": page.next_cursor}
+
+
+@blp.route("/<string:batch_id>/cancel", methods=["POST"])
+@blp.response(200, BatchSchema)
+@blp.alt_response(404, schema=ProblemSchema)
+@blp.alt_response(409, schema=ProblemSchema, description="Completed before it was canceled")
+def cancel_batch(batch_id: str) -> Any:
+    """Cancel every item still queued or processing (each gets its generation.canceled)."""
+    return services().batches.cancel(tenant_id(), batch_id)
