@@ -21,8 +21,8 @@ from service.generations import GenerationService
 from service.housekeeping import HOUSEKEEPING, HousekeepingHandler
 from service.notifications import DELIVER
 from service.ratelimit import RateLimiter
-from service.results import STORE, StoreHandler
-from service.ssrf import URLPolicy, pinned_session
+from service.results import STORE, StoreHandler, download_session
+from service.ssrf import URLPolicy, pinned_session, timed_resolver
 from service.store import Store
 from service.submission import SUBMIT, SubmitHandler
 from service.subscriptions import NotificationService
@@ -35,6 +35,8 @@ SUBMIT_POLICY = RetryPolicy(max_attempts=10, base_delay=2.0, max_delay=600.0, ma
 STORE_POLICY = RetryPolicy(max_attempts=20, base_delay=2.0, max_delay=1800.0, max_age=6 * 3600)
 # Poll: snoozes are free; attempts count only real failures (crashes), which are rare.
 POLL_POLICY = RetryPolicy(max_attempts=10, base_delay=5.0, max_delay=600.0, max_age=48 * 3600)
+# A webhook URL given in a request is resolved while the client waits: not for long.
+REQUEST_DNS_TIMEOUT = 2.0
 
 
 @dataclasses.dataclass
@@ -86,9 +88,14 @@ def build_services(
         },
         lease_seconds=config.task_lease,
     )
-    downloads = requests.Session()
+    # Results are fetched as carefully as webhooks: allowed hosts, pinned, checked addresses.
+    downloads = download_session(config)
     policy = URLPolicy(allow_private=config.allow_private_webhooks)
     webhooks = pinned_session(policy)
+    request_policy = URLPolicy(
+        allow_private=config.allow_private_webhooks,
+        resolver=timed_resolver(REQUEST_DNS_TIMEOUT),
+    )
     runner = TaskRunner(
         queue,
         {
@@ -106,9 +113,9 @@ def build_services(
         blobs=blobs,
         queue=queue,
         runner=runner,
-        generations=GenerationService(store, queue, runner, blobs, config, policy),
+        generations=GenerationService(store, queue, runner, blobs, config, request_policy),
         completion=CompletionService(store, queue, config),
-        notifications=NotificationService(store, config, policy),
+        notifications=NotificationService(store, config, request_policy),
         api_keys=ApiKeys(store),
         rate_limiter=RateLimiter(config.rate_limit, config.rate_limit_burst),
         downloads=downloads,
