@@ -14,7 +14,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     # factory so `service` can be used (worker, CLI) without the web layer loaded.
     from handlers import callbacks, feed, generations, health, subscriptions
     from handlers.observability import register_observability
-    from handlers.problems import ProblemApi, register_error_handlers
+    from handlers.problems import ProblemApi, refuse_unstorable_url, register_error_handlers
 
     config = config or Config.from_env()
     services = services or build_services(config)
@@ -43,5 +43,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     api.register_blueprint(callbacks.blp)
     api.register_blueprint(health.blp)
     register_error_handlers(app)
+    # Before every blueprint's hooks (authentication reads the database too).
+    app.before_request(refuse_unstorable_url)
     register_observability(app, config.gcp_project)
     return app

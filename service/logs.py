@@ -44,6 +44,7 @@ class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return redact(self.inner.format(record))
 
+
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
     "genrelay_log_context",
     default={},  # noqa: B039 - never mutated: replaced on update
