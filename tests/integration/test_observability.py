@@ -39,6 +39,32 @@ def test_metrics_show_http_latency_by_route_and_database_gauges(
     assert 'genrelay_tasks_total{kind="store",outcome="done"}' in text
 
 
+def _http_series(text: str) -> set[str]:
+    return {
+        line.split(" ", 1)[0]
+        for line in text.splitlines()
+        if line.startswith("genrelay_http_request_duration_seconds_count")
+    }
+
+
+def test_anonymous_requests_cannot_add_metric_series_without_bound(client: Any) -> None:
+    client.open("/healthz", method="FOO0")
+    before = _http_series(client.get("/metrics").get_data(as_text=True))
+    for n in range(1, 6):
+        client.open(f"/no/such/path/{n}", method=f"FOO{n}")
+        client.open("/healthz", method=f"BAR{n}")
+        client.open(f"/v1/generations/gen_{n}", method="GET")  # 401: the route's template
+    after = _http_series(client.get("/metrics").get_data(as_text=True))
+    added = after - before
+    assert all("FOO" not in series and "BAR" not in series for series in after)
+    assert all("/no/such/path" not in series for series in after)
+    assert len(added) <= 4, sorted(added)
+    assert (
+        'genrelay_http_request_duration_seconds_count{method="other",route="unmatched",'
+        'status="405"}' in after
+    )
+
+
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
     """The service's JSON log lines, captured."""
@@ -120,3 +146,29 @@ def test_metrics_need_the_token_when_one_is_configured(config: Config, make_clie
     allowed = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
     assert allowed.status_code == 200
     assert b"genrelay_http_request_duration_seconds" in allowed.data
+
+
+@pytest.mark.parametrize("token", [None, "scrape-secret"])
+def test_the_worker_metrics_listen_on_loopback_or_want_the_token(token: str | None) -> None:
+    import requests
+
+    from service.metrics import serve_worker_metrics
+
+    server = serve_worker_metrics(0, token)
+    try:
+        host, port = server.server_address[:2]
+        url = f"http://127.0.0.1:{port}/metrics"
+        if token is None:
+            assert host == "127.0.0.1"  # nothing outside the machine reaches it
+            assert "genrelay_tasks_total" in requests.get(url, timeout=5).text
+        else:
+            assert host == "0.0.0.0"  # noqa: S104 - what is checked
+            assert requests.get(url, timeout=5).status_code == 401
+            wrong = requests.get(url, headers={"Authorization": "Bearer x"}, timeout=5)
+            assert wrong.status_code == 401
+            right = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5)
+            assert right.status_code == 200
+            assert "genrelay_tasks_total" in right.text
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -376,13 +376,16 @@ def test_runtime_secrets_come_from_secret_manager(
     script = command_text(steps[step_id])
     assert flag_values(script, "--set-secrets") == ["$${secrets}"]
     bindings = dict(re.findall(r"(GENRELAY_[A-Z_]+)=([a-z0-9-]+:latest)", script))
-    assert bindings == {name: f"{secret}:latest" for name, secret in SECRET_NAMES.items()}
+    expected = dict(SECRET_NAMES)
+    if step_id == "deploy-web":  # public: /metrics must want a token
+        expected["GENRELAY_METRICS_TOKEN"] = "genrelay-metrics-token"
+    assert bindings == {name: f"{secret}:latest" for name, secret in expected.items()}
     # The callback secret is bound only with a public URL (polling mode needs none).
     assert re.search(
         r'if \[ -n "\$\{_PUBLIC_URL\}" \]; then\n\s+secrets=.*GENRELAY_CALLBACK_SECRET', script
     )
     env_lines = [line for line in script.splitlines() if "env_vars=" in line]
-    for name in SECRET_NAMES:
+    for name in expected:
         assert all(name not in line for line in env_lines), name
 
 
