@@ -15,7 +15,7 @@ from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.exceptions import HTTPException
 
 from schemas.problems import ProblemSchema
-from service.errors import PROBLEM_BASE, InvalidRequest, ServiceError
+from service.errors import PROBLEM_BASE, ClientTooSlow, InvalidRequest, ServiceError
 
 log = logging.getLogger("genrelay.http")
 
@@ -229,6 +229,18 @@ def register_error_handlers(app: flask.Flask) -> None:
             slug=error.slug,
             errors=error.errors,
             headers=headers,
+        )
+
+    @app.errorhandler(ClientTooSlow)
+    def _too_slow(error: ClientTooSlow) -> flask.Response:
+        log.info(
+            "%s %s: the client sent its body too slowly", flask.request.method, flask.request.path
+        )
+        return problem_response(
+            408,
+            "Request Timeout",
+            "the request body did not arrive in time",
+            headers={"Connection": "close"},
         )
 
     # HTTPExceptions go to ProblemApi.handle_http_exception (Flask picks the closest class).
