@@ -20,7 +20,7 @@ from service.delivery import DeliverHandler
 from service.generations import GenerationService
 from service.housekeeping import HOUSEKEEPING, HousekeepingHandler
 from service.notifications import DELIVER
-from service.ratelimit import RateLimiter
+from service.ratelimit import BAD_KEY_RATE, BadKeyLimiter, RateLimiter
 from service.results import STORE, StoreHandler, download_session
 from service.ssrf import URLPolicy, pinned_session, timed_resolver
 from service.store import Store
@@ -52,6 +52,7 @@ class Services:
     notifications: NotificationService
     api_keys: ApiKeys
     rate_limiter: RateLimiter
+    bad_keys: BadKeyLimiter
     downloads: requests.Session
     webhooks: requests.Session
 
@@ -118,6 +119,8 @@ def build_services(
         notifications=NotificationService(store, config, request_policy),
         api_keys=ApiKeys(store),
         rate_limiter=RateLimiter(config.rate_limit, config.rate_limit_burst),
+        # Off with the per-key limit (GENRELAY_RATE_LIMIT=0).
+        bad_keys=BadKeyLimiter(rate=BAD_KEY_RATE if config.rate_limit > 0 else 0),
         downloads=downloads,
         webhooks=webhooks,
     )

@@ -172,3 +172,39 @@ def test_the_worker_metrics_listen_on_loopback_or_want_the_token(token: str | No
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_invalid_keys_are_limited_per_address_before_the_database(
+    client: Any, auth: dict[str, str], services: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.ratelimit import BAD_KEY_BURST
+
+    lookups = []
+    original = services.api_keys.tenant_for
+
+    def counted(key: str) -> Any:
+        lookups.append(key)
+        return original(key)
+
+    monkeypatch.setattr(services.api_keys, "tenant_for", counted)
+    assert client.get("/v1/generations", headers=auth).status_code == 200  # a valid key
+    attacker = {"X-Forwarded-For": "203.0.113.7"}
+    # Cloud Run appends the caller's address: the last entry counts, not a forged first one.
+    shared = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}
+    for n in range(BAD_KEY_BURST):
+        bad = {"Authorization": f"Bearer gr_not_a_key_{n}", **attacker}
+        assert client.get("/v1/generations", headers=bad).status_code == 401
+    assert len(lookups) == 1 + BAD_KEY_BURST
+    refused = client.get(
+        "/v1/generations", headers={"Authorization": "Bearer gr_not_a_key_x", **shared}
+    )
+    assert refused.status_code == 429
+    assert refused.mimetype == "application/problem+json"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert len(lookups) == 1 + BAD_KEY_BURST  # refused without a lookup
+    # A key valid a moment ago still works from that address (and is still looked up)...
+    assert client.get("/v1/generations", headers={**auth, **attacker}).status_code == 200
+    assert len(lookups) == 2 + BAD_KEY_BURST
+    # ...and other addresses are not affected.
+    other = {"Authorization": "Bearer gr_not_a_key_y", "X-Forwarded-For": "192.0.2.9"}
+    assert client.get("/v1/generations", headers=other).status_code == 401
