@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import importlib.metadata
 import json
 import re
@@ -555,6 +556,23 @@ def test_the_package_ships_migrations_and_gunicorn_settings(package: BuiltPackag
         f"migrations/versions/{p.name}" for p in (ROOT / "migrations" / "versions").glob("*.py")
     }
     assert expected <= package.files, (package.how, sorted(expected - package.files))
+
+
+def test_the_package_ships_the_vendored_swagger_ui_unchanged(package: BuiltPackage) -> None:
+    """/docs serves Swagger UI from the package (no CDN): the files are in, as pinned."""
+    folder = "service/static/swagger-ui"
+    sums = (ROOT / folder / "SHA256SUMS").read_text().split("\n")
+    pinned = dict(reversed(line.split()) for line in sums if line.strip())
+    assert set(pinned) == {
+        "swagger-ui-bundle.js",
+        "swagger-ui-standalone-preset.js",
+        "swagger-ui.css",
+    }
+    for name, digest in pinned.items():
+        assert f"{folder}/{name}" in package.files, (package.how, name)
+        data = (package.root / folder / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest, name
+    assert f"{folder}/LICENSE" in package.files
 
 
 def test_the_package_holds_no_tests_or_benchmarks(package: BuiltPackage) -> None:
