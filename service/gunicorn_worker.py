@@ -110,6 +110,8 @@ class BoundedThreadWorker(ThreadWorker):
         if conn.parser is not None:
             buffered = conn.parser.unreader.take_buffered()  # pipelined bytes
         conn.pending_bytes = bytearray(buffered)
+        conn.scanned = 0  # how much of it was searched for the end of the head
+        conn.head_end = None  # where the head ends, once found
         conn.body_reserved = None  # bytes of body reserved in the budget, once decided
         conn.sock.setblocking(False)
         self.reading[conn] = time.monotonic() + READ_TIMEOUT
@@ -121,9 +123,14 @@ class BoundedThreadWorker(ThreadWorker):
     def _ready(self, conn: Any) -> bool:
         """Whether the request is all here (or the rest is for the thread to read)."""
         buffer = conn.pending_bytes
-        end = buffer.find(_END_OF_HEAD)
-        if end < 0:
-            return len(buffer) > HEAD_MAX  # the parser refuses it at once
+        end = conn.head_end
+        if end is None:
+            # Search only what arrived since the last look (each byte is looked at once).
+            end = buffer.find(_END_OF_HEAD, max(0, conn.scanned - len(_END_OF_HEAD) + 1))
+            conn.scanned = len(buffer)
+            if end < 0:
+                return len(buffer) > HEAD_MAX  # the parser refuses it at once
+            conn.head_end = end
         if conn.body_reserved is None:
             head = bytes(buffer[:end])
             lengths = _CONTENT_LENGTH.findall(head)
