@@ -65,6 +65,8 @@ class Config:
     rate_limit_burst: int = 100
     # Largest request body accepted, in bytes (inline base64 images make bodies large).
     max_request_bytes: int = 25 * 1024 * 1024
+    # Seconds a client has to send its request (read by service/gunicorn_worker.py too).
+    request_timeout: float = 15.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -150,6 +152,10 @@ class Config:
             if not v.isdigit() or int(v) < 1:
                 raise ConfigError("GENRELAY_RATE_LIMIT_BURST must be a whole number above 0")
             values["rate_limit_burst"] = int(v)
+        if (v := text("GENRELAY_REQUEST_TIMEOUT")) is not None:
+            values["request_timeout"] = _seconds("GENRELAY_REQUEST_TIMEOUT", v)
+            if values["request_timeout"] <= 0:
+                raise ConfigError("GENRELAY_REQUEST_TIMEOUT must be above 0 seconds")
         if (v := text("PORT")) is not None:
             if not v.isdigit() or not 0 < int(v) < 65536:
                 raise ConfigError("PORT must be a TCP port number (1-65535)")

@@ -36,7 +36,8 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from service.errors import ClientTooSlow
 
-READ_TIMEOUT = float(os.environ.get("GENRELAY_REQUEST_TIMEOUT") or 15.0)
+# Validated by Config.from_env when `genrelay serve` starts, before gunicorn loads this.
+READ_TIMEOUT = float(os.environ.get("GENRELAY_REQUEST_TIMEOUT", "").strip() or 15.0)
 IDLE_TIMEOUT = 15.0
 BODY_TIMEOUT = 120.0
 # Larger than any body the app accepts (GENRELAY's 25 MiB limit): such bodies still wait here.

@@ -57,6 +57,7 @@ def test_every_variable_is_read() -> None:
             "GENRELAY_WEBHOOK_RETRY_SCHEDULE": "0, 1,2.5",
             "PORT": "9999",
             "GENRELAY_RESULT_HOSTS": "cdn.example.com, *.Store.Example.NET",
+            "GENRELAY_REQUEST_TIMEOUT": "4.5",
         }
     )
     assert config.database_url == "postgresql+psycopg://u@h/db"
@@ -79,6 +80,7 @@ def test_every_variable_is_read() -> None:
     assert config.webhook_retry_schedule == (0, 1, 2.5)
     assert config.port == 9999
     assert config.allowed_result_hosts == ("cdn.example.com", "*.store.example.net")
+    assert config.request_timeout == 4.5
 
 
 @pytest.mark.parametrize(
@@ -109,6 +111,8 @@ def test_every_variable_is_read() -> None:
         ({**MINIMAL, "GENRELAY_WEBHOOK_RETRY_SCHEDULE": "0,,5"}, "GENRELAY_WEBHOOK_RETRY_SCHEDULE"),
         ({**MINIMAL, "GENRELAY_RESULT_HOSTS": "https://x.com/"}, "GENRELAY_RESULT_HOSTS"),
         ({**MINIMAL, "GENRELAY_RESULT_HOSTS": " , "}, "GENRELAY_RESULT_HOSTS"),
+        ({**MINIMAL, "GENRELAY_REQUEST_TIMEOUT": "0"}, "GENRELAY_REQUEST_TIMEOUT"),
+        ({**MINIMAL, "GENRELAY_REQUEST_TIMEOUT": "soon"}, "GENRELAY_REQUEST_TIMEOUT"),
         ({**MINIMAL, "PORT": "http"}, "PORT"),
         ({**MINIMAL, "PORT": "70000"}, "PORT"),
     ],
