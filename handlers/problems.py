@@ -187,6 +187,9 @@ class ProblemApi(Api):
         super()._init_spec(extra_plugins=plugins, **options)
 
     def handle_http_exception(self, error: HTTPException) -> flask.Response:
+        if isinstance(error.__context__, ClientTooSlow):
+            # werkzeug reports a failed body read as ClientDisconnected (400): this one is ours.
+            return too_slow_response()
         status = error.code or 500
         data = getattr(error, "data", None) or {}
         errors = _field_errors(data["messages"]) if "messages" in data else None
@@ -233,21 +236,24 @@ def register_error_handlers(app: flask.Flask) -> None:
 
     @app.errorhandler(ClientTooSlow)
     def _too_slow(error: ClientTooSlow) -> flask.Response:
-        log.info(
-            "%s %s: the client sent its body too slowly", flask.request.method, flask.request.path
-        )
-        return problem_response(
-            408,
-            "Request Timeout",
-            "the request body did not arrive in time",
-            headers={"Connection": "close"},
-        )
+        return too_slow_response()
 
     # HTTPExceptions go to ProblemApi.handle_http_exception (Flask picks the closest class).
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> flask.Response:
         log.exception("unhandled error on %s %s", flask.request.method, flask.request.path)
         return problem_response(500, "Internal Server Error", "The server failed unexpectedly.")
+
+
+def too_slow_response() -> flask.Response:
+    """408 for a body that did not arrive in time (service/gunicorn_worker.py)."""
+    log.info("%s %s: the client sent its body too slowly", flask.request.method, flask.request.path)
+    return problem_response(
+        408,
+        "Request Timeout",
+        "the request body did not arrive in time",
+        headers={"Connection": "close"},
+    )
 
 
 def require_json_body() -> flask.Response | None:
