@@ -12,13 +12,21 @@
 # RUN --mount), so the file builds the same with or without BuildKit; Cloud Build's
 # gcr.io/cloud-builders/docker is not guaranteed to have buildx.
 #
-# Base image: python:3.11-slim on Debian bookworm, minor version pinned. Pin it further to a
-# digest (python:3.11-slim-bookworm@sha256:...) once one is resolved with
-# `docker buildx imagetools inspect python:3.11-slim-bookworm`; no digest is written here
-# because it could not be looked up offline when this file was written.
+# Base image: python:3.11-slim on Debian bookworm, minor version pinned, and
+# NOT pinned to a digest. Why: a digest must be resolved against the registry
+# (`docker buildx imagetools inspect python:3.11-slim-bookworm`), and the machine this file
+# was written on has neither a Docker engine nor registry access; a digest copied from
+# anywhere else could not be checked and would fail the build if wrong. To pin it, resolve
+# the digest where the registry is reachable and write both FROM lines as
+# python:3.11-slim-bookworm@sha256:<digest> (tests/unit/test_packaging.py accepts either
+# form, and checks both stages use the same base).
+#
+# Python packages are pinned fully: requirements.lock holds every dependency of the service
+# (and the build backend) at one version with its sha256 hashes, and pip installs it with
+# --require-hashes, so the image gets exactly the files that were locked.
 
 # ---------------------------------------------------------------------------------------
-# Builder: a virtualenv with the dependencies, and a wheel of genrelay itself.
+# Builder: a virtualenv with the locked dependencies, and genrelay installed into it.
 # ---------------------------------------------------------------------------------------
 FROM python:3.11-slim-bookworm AS builder
 
@@ -28,23 +36,28 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 
-# Dependency layer first, built from the packaging metadata alone: install_requires is read
-# out of setup.cfg into requirements.txt and installed into /opt/venv. This layer is reused
-# until setup.cfg or pyproject.toml change; editing the code does not reinstall anything.
-# (The extras `dev` and `local` are not read: no test or dev tools go into the image.)
-COPY setup.cfg pyproject.toml ./
-RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); print(c['options']['install_requires'])" > requirements.txt \
-    && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --prefer-binary -r requirements.txt
+# Dependency layer first, from the lock file alone: requirements.lock pins every dependency
+# of install_requires (and theirs, and the build backend: setuptools, wheel) to one version
+# and its sha256 hashes. It is made from setup.cfg by pip-tools (`make lock`); pip refuses any
+# file whose hash is not listed. This layer is reused until requirements.lock changes;
+# editing the code does not reinstall anything. (The extras `dev` and `local` are not in the
+# lock: no test or dev tools go into the image.)
+COPY requirements.lock ./
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --require-hashes -r requirements.lock \
+    && /opt/venv/bin/pip check
 
-# Then the code: exactly what the wheel is built from (README.md is the long description).
+# Then the code: exactly what the package is built from (README.md is the long
+# description), installed into the same venv without dependencies (all are in the lock) and
+# without build isolation (the locked setuptools builds it; nothing unhashed is fetched).
 # tests/, bench/, docs/ and the rest of the checkout never enter the build.
-COPY README.md ./
+COPY setup.cfg pyproject.toml README.md ./
 COPY service/ service/
 COPY handlers/ handlers/
 COPY schemas/ schemas/
 COPY migrations/ migrations/
-RUN pip wheel --no-deps --wheel-dir /wheels .
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
+    && /opt/venv/bin/pip check
 
 # ---------------------------------------------------------------------------------------
 # Runtime: no compiler, no sources, no tests; a non-root user.
@@ -64,16 +77,11 @@ RUN groupadd --gid 10001 genrelay \
     && useradd --uid 10001 --gid 10001 --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin genrelay
 
-# The dependencies (a layer that only changes with setup.cfg), then the genrelay wheel
-# installed from it with no index: every dependency must already be in the venv, or the
-# build fails here rather than at start-up. Everything stays owned by root, read-only to
-# the service user. The last two commands check, from outside any checkout, that the
-# command is installed, the modules import and the migration scripts are in the package.
+# The venv, dependencies and genrelay installed; everything stays owned by root, read-only
+# to the service user. The command checks, from outside any checkout, that the command is
+# installed, the modules import and the migration scripts are in the package.
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /wheels/ /tmp/wheels/
-RUN pip install --no-index --find-links=/tmp/wheels genrelay \
-    && rm -rf /tmp/wheels \
-    && cd / \
+RUN cd / \
     && genrelay --help > /dev/null \
     && python -c "import service.app, service.bootstrap, service.worker, service.migrate; from importlib.resources import files; assert (files('migrations') / 'env.py').is_file() and (files('migrations') / 'script.py.mako').is_file()"
 

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ pytest: $(VENV)/.installed-dev
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# requirements.lock, what the Docker image installs (with --require-hashes): every dependency
+# of setup.cfg's install_requires and of the build backend, pinned with its sha256 hashes.
+# Run after changing install_requires; tests/unit/test_packaging.py checks the lock covers it.
+lock: $(VENV)/.installed-dev
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+		--build-deps-for wheel --no-emit-index-url --no-emit-find-links \
+		--output-file requirements.lock setup.cfg
 
 # Every benchmark, one after the other (they share the machine); JSON reports in var/bench,
 # figures in docs/img. About 30 minutes on 2 cores.

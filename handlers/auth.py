@@ -16,6 +16,14 @@ def services() -> Services:
     return flask.current_app.extensions["genrelay"]
 
 
+def client_address(request: flask.Request) -> str:
+    """Who is calling: the last X-Forwarded-For entry (added by the front end, e.g. Cloud
+    Run's, which a client cannot forge), else the connection's peer."""
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    last = forwarded.rsplit(",", 1)[-1].strip()
+    return last or request.remote_addr or "unknown"
+
+
 def require_tenant() -> None:
     """before_request hook: resolve `Authorization: Bearer <key>` to `g.tenant_id`."""
     if flask.request.method == "OPTIONS":
@@ -25,10 +33,22 @@ def require_tenant() -> None:
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("send your API key as 'Authorization: Bearer <key>'")
     key = key.strip()
+    key_hash = hash_api_key(key)
+    bad_keys = services().bad_keys
+    address = client_address(flask.request)
+    wait = bad_keys.refuse(address, key_hash)
+    if wait is not None:  # before the database: invalid keys cost a lookup each
+        seconds = max(1, math.ceil(wait))
+        raise RateLimited(
+            f"too many invalid API keys from this address; retry in {seconds} s",
+            headers={"Retry-After": str(seconds)},
+        )
     tenant_id = services().api_keys.tenant_for(key)
     if tenant_id is None:
+        bad_keys.failed(address)
         raise Unauthorized("the API key is not valid")
-    wait = services().rate_limiter.retry_after(hash_api_key(key))
+    bad_keys.succeeded(key_hash)
+    wait = services().rate_limiter.retry_after(key_hash)
     if wait is not None:
         seconds = max(1, math.ceil(wait))
         raise RateLimited(

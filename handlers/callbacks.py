@@ -39,7 +39,11 @@ blp.before_request(require_json_body)
 @blp.arguments(DeepImageCallbackSchema)
 @blp.response(200, CallbackAckSchema)
 @blp.alt_response(401, schema=ProblemSchema, description="Wrong token; nothing changes")
-@blp.alt_response(409, schema=ProblemSchema, description="Not this generation's upstream job")
+@blp.alt_response(
+    409,
+    schema=ProblemSchema,
+    description="Not this generation's upstream job, or its job is not recorded yet (retry)",
+)
 def deepimage_callback(payload: dict[str, Any], generation_id: str, token: str) -> Any:
     """Record where the result is; storing it happens in the background."""
     callback = Callback(job=payload["job"], result_url=payload["result_url"])

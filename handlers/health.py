@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import threading
+import time
 from typing import Any
 
 import flask
@@ -17,6 +19,12 @@ from service.errors import Unauthorized
 from service.metrics import exposition
 
 blp = Blueprint("health", __name__, description="Probes for the platform.")
+
+# The bucket check is a billed GCS list operation, and /readyz is public: its answer (either
+# way) is reused for this long, per app.
+BUCKET_CHECK_SECONDS = 5.0
+_clock = time.monotonic
+_check_lock = threading.Lock()
 
 _STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
 
@@ -56,8 +64,21 @@ def readyz() -> Any:
             session.execute(sa.text("SELECT 1"))
     except Exception:
         return problem_response(503, "Service Unavailable", "the database is not reachable")
-    try:
-        services().blobs.check()
-    except BlobError:
+    if not _bucket_reachable():
         return problem_response(503, "Service Unavailable", "the result bucket is not reachable")
     return {"status": "ready"}
+
+
+def _bucket_reachable() -> bool:
+    """The bucket check's outcome, at most BUCKET_CHECK_SECONDS old."""
+    cache = flask.current_app.extensions.setdefault("genrelay_bucket_check", {})
+    with _check_lock:  # concurrent probes wait for one check rather than each making one
+        checked_at = cache.get("at")
+        if checked_at is None or _clock() - checked_at >= BUCKET_CHECK_SECONDS:
+            try:
+                services().blobs.check()
+                cache["ok"] = True
+            except BlobError:
+                cache["ok"] = False
+            cache["at"] = _clock()
+        return bool(cache["ok"])

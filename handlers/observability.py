@@ -13,6 +13,46 @@ from service.metrics import HTTP_LATENCY
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
+# Every label of the HTTP histogram comes from a fixed set: anyone can send any method to any
+# path, and each new label combination would be a new series (unbounded memory in every
+# process and in the scraper).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+KNOWN_STATUSES = frozenset(
+    {
+        200,
+        201,
+        202,
+        204,
+        301,
+        302,
+        304,
+        400,
+        401,
+        403,
+        404,
+        405,
+        409,
+        410,
+        413,
+        415,
+        422,
+        429,
+        500,
+        502,
+        503,
+        504,
+    }
+)
+
+
+def metric_labels(method: str, rule: str | None, status: int) -> tuple[str, str, str]:
+    """(method, route, status) for the HTTP histogram, each from a bounded set."""
+    return (
+        method if method in KNOWN_METHODS else "other",
+        rule if rule is not None else "unmatched",  # the app's routes are a fixed set
+        str(status) if status in KNOWN_STATUSES else f"{status // 100}xx",
+    )
+
 
 def register_observability(app: flask.Flask, gcp_project: str | None) -> None:
     """Hooks that open and close each request's context."""
@@ -39,9 +79,9 @@ def register_observability(app: flask.Flask, gcp_project: str | None) -> None:
         if started is not None:
             rule = flask.request.url_rule
             HTTP_LATENCY.labels(
-                flask.request.method,
-                rule.rule if rule else "(unmatched)",
-                str(response.status_code),
+                *metric_labels(
+                    flask.request.method, rule.rule if rule else None, response.status_code
+                )
             ).observe(time.perf_counter() - started)
         return response
 

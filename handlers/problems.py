@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, NoReturn
 
 import flask
@@ -14,7 +15,7 @@ from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.exceptions import HTTPException
 
 from schemas.problems import ProblemSchema
-from service.errors import PROBLEM_BASE, ServiceError
+from service.errors import PROBLEM_BASE, ClientTooSlow, InvalidRequest, ServiceError
 
 log = logging.getLogger("genrelay.http")
 
@@ -76,6 +77,52 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# What no database column can hold: NUL (PostgreSQL text refuses it) and lone surrogates
+# (`\ud800` is valid JSON, yet no UTF-8 encodes it). Refused where requests are parsed, once
+# for every field, rather than as a 500 from the database with the value in the log.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+UNSTORABLE_MESSAGE = "Contains a NUL character or invalid Unicode (a lone surrogate)."
+
+
+def unstorable_fields(data: Any, limit: int = 10) -> list[str]:
+    """Dotted paths (`metadata.order`, `a.0.b`) of strings in `data` no database can store;
+    a bad key names its object."""
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack and len(found) < limit:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                found.append(path or "(body)")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _UNSTORABLE.search(key):
+                    found.append(path or "(body)")
+                    continue
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value))
+    return sorted(set(found))
+
+
+def refuse_unstorable_url() -> None:
+    """before_request hook: path ids and query parameters the database could not store."""
+    request = flask.request
+    fields = [
+        name
+        for name, value in (request.view_args or {}).items()
+        if isinstance(value, str) and _UNSTORABLE.search(value)
+    ]
+    for name, value in request.args.items(multi=True):
+        if _UNSTORABLE.search(name) or _UNSTORABLE.search(value):
+            fields.append(name if not _UNSTORABLE.search(name) else "(query)")
+    if fields:
+        errors = [{"field": name, "message": UNSTORABLE_MESSAGE} for name in sorted(set(fields))]
+        raise InvalidRequest(
+            "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors
+        )
+
+
 class StrictJSONParser(FlaskParser):
     """webargs' parser, refusing NaN/Infinity and turning over-deep nesting into a 400.
 
@@ -90,11 +137,15 @@ class StrictJSONParser(FlaskParser):
             return core.missing
         data = req.get_data(cache=True)
         try:
-            return json.loads(data, parse_constant=_reject_constant)
+            parsed = json.loads(data, parse_constant=_reject_constant)
         except RecursionError:
             abort(400, messages={"json": ["JSON body is nested too deeply."]})
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
             abort(400, exc=exc, messages={"json": ["Invalid JSON body."]})
+        bad = unstorable_fields(parsed)
+        if bad:
+            abort(422, messages={"json": {field: [UNSTORABLE_MESSAGE] for field in bad}})
+        return parsed
 
 
 def _as_problem(response: Any) -> None:
@@ -144,6 +195,9 @@ class ProblemApi(Api):
         self.ma_plugin.converter.add_parameter_attribute_function(_deep_object_parameter)
 
     def handle_http_exception(self, error: HTTPException) -> flask.Response:
+        if isinstance(error.__context__, ClientTooSlow):
+            # werkzeug reports a failed body read as ClientDisconnected (400): this one is ours.
+            return too_slow_response()
         status = error.code or 500
         data = getattr(error, "data", None) or {}
         errors = _field_errors(data["messages"]) if "messages" in data else None
@@ -188,11 +242,26 @@ def register_error_handlers(app: flask.Flask) -> None:
             headers=headers,
         )
 
+    @app.errorhandler(ClientTooSlow)
+    def _too_slow(error: ClientTooSlow) -> flask.Response:
+        return too_slow_response()
+
     # HTTPExceptions go to ProblemApi.handle_http_exception (Flask picks the closest class).
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> flask.Response:
         log.exception("unhandled error on %s %s", flask.request.method, flask.request.path)
         return problem_response(500, "Internal Server Error", "The server failed unexpectedly.")
+
+
+def too_slow_response() -> flask.Response:
+    """408 for a body that did not arrive in time (service/gunicorn_worker.py)."""
+    log.info("%s %s: the client sent its body too slowly", flask.request.method, flask.request.path)
+    return problem_response(
+        408,
+        "Request Timeout",
+        "the request body did not arrive in time",
+        headers={"Connection": "close"},
+    )
 
 
 def require_json_body() -> flask.Response | None:

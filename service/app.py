@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import flask
 
 from service.bootstrap import Services, build_services
 from service.config import Config
+
+# Swagger UI's files, vendored from npm's swagger-ui-dist (see its SOURCE): /docs needs no CDN.
+SWAGGER_UI_DIR = Path(__file__).parent / "static" / "swagger-ui"
+SWAGGER_UI_PATH = "/docs/swagger-ui/"
 
 
 def create_app(config: Config | None = None, *, services: Services | None = None) -> flask.Flask:
@@ -14,7 +20,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     # factory so `service` can be used (worker, CLI) without the web layer loaded.
     from handlers import batches, callbacks, feed, generations, health, subscriptions
     from handlers.observability import register_observability
-    from handlers.problems import ProblemApi, register_error_handlers
+    from handlers.problems import ProblemApi, refuse_unstorable_url, register_error_handlers
 
     config = config or Config.from_env()
     services = services or build_services(config)
@@ -26,7 +32,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        OPENAPI_SWAGGER_UI_URL=SWAGGER_UI_PATH,
         API_SPEC_OPTIONS={
             "security": [{"bearerAuth": []}],
             "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
@@ -44,5 +50,15 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     api.register_blueprint(callbacks.blp)
     api.register_blueprint(health.blp)
     register_error_handlers(app)
+    app.add_url_rule(
+        SWAGGER_UI_PATH + "<path:filename>", "swagger_ui_files", _swagger_ui_file, methods=["GET"]
+    )
+    # Before every blueprint's hooks (authentication reads the database too).
+    app.before_request(refuse_unstorable_url)
     register_observability(app, config.gcp_project)
     return app
+
+
+def _swagger_ui_file(filename: str) -> flask.Response:
+    """One of Swagger UI's vendored files (404 for anything else)."""
+    return flask.send_from_directory(SWAGGER_UI_DIR, filename, max_age=24 * 3600)

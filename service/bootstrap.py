@@ -22,9 +22,9 @@ from service.generations import GenerationService
 from service.housekeeping import HOUSEKEEPING, HousekeepingHandler
 from service.line import LINE, Line, LineHandler
 from service.notifications import DELIVER
-from service.ratelimit import RateLimiter
-from service.results import STORE, StoreHandler
-from service.ssrf import URLPolicy, pinned_session
+from service.ratelimit import BAD_KEY_RATE, BadKeyLimiter, RateLimiter
+from service.results import STORE, StoreHandler, download_session
+from service.ssrf import URLPolicy, pinned_session, timed_resolver
 from service.store import Store
 from service.submission import SUBMIT, SubmitHandler
 from service.subscriptions import NotificationService
@@ -37,6 +37,8 @@ SUBMIT_POLICY = RetryPolicy(max_attempts=10, base_delay=2.0, max_delay=600.0, ma
 STORE_POLICY = RetryPolicy(max_attempts=20, base_delay=2.0, max_delay=1800.0, max_age=6 * 3600)
 # Poll: snoozes are free; attempts count only real failures (crashes), which are rare.
 POLL_POLICY = RetryPolicy(max_attempts=10, base_delay=5.0, max_delay=600.0, max_age=48 * 3600)
+# A webhook URL given in a request is resolved while the client waits: not for long.
+REQUEST_DNS_TIMEOUT = 2.0
 
 
 @dataclasses.dataclass
@@ -54,6 +56,7 @@ class Services:
     notifications: NotificationService
     api_keys: ApiKeys
     rate_limiter: RateLimiter
+    bad_keys: BadKeyLimiter
     downloads: requests.Session
     webhooks: requests.Session
 
@@ -92,10 +95,15 @@ def build_services(
     )
     line = Line(store, queue, configured_limit=config.upstream_concurrency)
     line.install()
-    downloads = requests.Session()
+    # Results are fetched as carefully as webhooks: allowed hosts, pinned, checked addresses.
+    downloads = download_session(config)
     policy = URLPolicy(allow_private=config.allow_private_webhooks)
     webhooks = pinned_session(policy)
-    batches = BatchService(store, queue, line, policy)
+    request_policy = URLPolicy(
+        allow_private=config.allow_private_webhooks,
+        resolver=timed_resolver(REQUEST_DNS_TIMEOUT),
+    )
+    batches = BatchService(store, queue, line, request_policy)
     runner = TaskRunner(
         queue,
         {
@@ -116,12 +124,16 @@ def build_services(
         queue=queue,
         line=line,
         runner=runner,
-        generations=GenerationService(store, queue, line, runner, blobs, config, policy),
+        generations=GenerationService(
+            store, queue, line, runner, blobs, config, request_policy
+        ),
         batches=batches,
         completion=CompletionService(store, queue, config),
-        notifications=NotificationService(store, config, policy),
+        notifications=NotificationService(store, config, request_policy),
         api_keys=ApiKeys(store),
         rate_limiter=RateLimiter(config.rate_limit, config.rate_limit_burst),
+        # Off with the per-key limit (GENRELAY_RATE_LIMIT=0).
+        bad_keys=BadKeyLimiter(rate=BAD_KEY_RATE if config.rate_limit > 0 else 0),
         downloads=downloads,
         webhooks=webhooks,
     )

@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         "--http-port",
         type=int,
         default=None,
-        help="serve this process's Prometheus metrics on 0.0.0.0:PORT (any path); on Cloud "
-        "Run pass $PORT so the worker service has the listener it requires",
+        help="serve this process's Prometheus metrics on PORT (any path): on 127.0.0.1 only, "
+        "or, with GENRELAY_METRICS_TOKEN set, on every interface with that bearer token "
+        "required",
     )
     worker.set_defaults(run=_worker)
 
@@ -166,10 +167,10 @@ def _worker(args: argparse.Namespace) -> int:
         wake_url=libpq_url(config.database_url),
     )
     if args.http_port is not None:
-        from prometheus_client import start_http_server
+        from service.metrics import serve_worker_metrics
 
-        start_http_server(args.http_port, addr="0.0.0.0")  # noqa: S104 - a container's port
-        log.info("worker metrics on port %d", args.http_port)
+        server = serve_worker_metrics(args.http_port, config.metrics_token)
+        log.info("worker metrics on %s:%d", *server.server_address[:2])
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: finishing the tasks in hand, then stopping", signum)

@@ -19,11 +19,12 @@ from service.callbacks import token_is_valid
 from service.config import Config
 from service.deepimage import DeepImageClient, PermanentUpstreamError, TransientUpstreamError
 from service.domain import ErrorCode, GenerationStatus
-from service.errors import Conflict, NotFound, Unauthorized
+from service.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from service.lifecycle import change_status, fail_generation
 from service.line import slot_freed
 from service.models import Generation, utcnow
-from service.results import STORE
+from service.results import STORE, result_url_policy
+from service.ssrf import UnsafeURL
 from service.store import Store
 from service.tasks import ClaimedTask, TaskQueue
 from service.worker import Snooze
@@ -106,6 +107,7 @@ class CompletionService:
         self.store = store
         self.queue = queue
         self.config = config
+        self.result_urls = result_url_policy(config)
 
     def authenticate(self, generation_id: str, token: str) -> None:
         """Check the URL's token before anything else is read; Unauthorized if wrong."""
@@ -115,6 +117,13 @@ class CompletionService:
 
     def accept(self, generation_id: str, callback: Callback) -> CallbackOutcome:
         """Record the callback's result URL and schedule storage; idempotent."""
+        try:
+            # Checked again when the worker downloads it; refused here so nothing is stored.
+            self.result_urls.check_syntax(callback.result_url)
+        except UnsafeURL as exc:
+            raise InvalidRequest(
+                f"result_url: {exc.reason}", errors=[{"field": "result_url", "message": exc.reason}]
+            ) from None
         now = utcnow()
         with self.store.transaction() as session:
             generation = session.get(Generation, generation_id)
@@ -124,9 +133,23 @@ class CompletionService:
                 if generation.upstream_job == callback.job:
                     job_ended(session, self.queue, generation_id, now=now)  # if canceled
                 return CallbackOutcome.IGNORED
+            if (
+                generation.upstream_job is None
+                and generation.status == GenerationStatus.QUEUED
+                and self.config.confirm_results
+            ):
+                # Nothing says the callback's job is this generation's: confirming it with
+                # Deep-Image would only prove it is one of *our* jobs (perhaps another
+                # tenant's). So it is not bound; the submit records its own job, and this
+                # callback, retried, or the fallback poll then finds the result.
+                raise Conflict(
+                    "the generation's upstream job is not recorded yet; retry later",
+                    headers={"Retry-After": "5"},
+                )
             if generation.upstream_job is None and generation.status == GenerationStatus.QUEUED:
-                # The callback overtook the commit of our own submit (a fast job): the URL's
-                # token says which generation it is for, so its job is recorded from here.
+                # Without confirmation the callback is trusted as it is (its result URL is
+                # downloaded as given): it overtook the commit of our own submit (a fast job),
+                # and the URL's token says which generation it is for.
                 change_status(
                     session,
                     generation_id,

@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 DEFAULT_DATABASE_URL = "sqlite:///var/genrelay.db"
 DEFAULT_DEEPIMAGE_URL = "https://deep-image.ai"
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+# Where Deep-Image's result URLs point besides its own host: its API documentation shows
+# both https://deep-image.ai/images/{date}/{uuid}.jpg and this S3 bucket (OpenAPI example).
+DEEPIMAGE_RESULT_STORE = "neuroapi-store.s3.eu-central-1.amazonaws.com"
 
 
 class ConfigError(Exception):
@@ -41,6 +44,9 @@ class Config:
     # unsigned; the URL token proves who they are for, the upstream confirms what they say).
     confirm_results: bool = True
     max_result_bytes: int = 256 * 1024 * 1024
+    # Host names a result URL may name (`*.suffix` for subdomains); None: Deep-Image's own,
+    # see `allowed_result_hosts`.
+    result_hosts: tuple[str, ...] | None = None
     allow_private_webhooks: bool = False
     reconcile_after: float = 120.0
     generation_timeout: float = 3600.0
@@ -61,6 +67,8 @@ class Config:
     max_request_bytes: int = 25 * 1024 * 1024
     # Jobs the Deep-Image account may have processing at once; None: learned (service/line.py).
     upstream_concurrency: int | None = None
+    # Seconds a client has to send its request (read by service/gunicorn_worker.py too).
+    request_timeout: float = 15.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -108,6 +116,8 @@ class Config:
             if not v.isdigit() or int(v) < 1:
                 raise ConfigError("GENRELAY_MAX_RESULT_BYTES must be a positive number of bytes")
             values["max_result_bytes"] = int(v)
+        if (v := text("GENRELAY_RESULT_HOSTS")) is not None:
+            values["result_hosts"] = _host_list("GENRELAY_RESULT_HOSTS", v)
         values["gcs_prefix"] = (text("GENRELAY_GCS_PREFIX") or "").strip("/")
         if (v := text("GENRELAY_ALLOW_PRIVATE_WEBHOOKS")) is not None:
             values["allow_private_webhooks"] = _boolean("GENRELAY_ALLOW_PRIVATE_WEBHOOKS", v)
@@ -151,6 +161,10 @@ class Config:
                     "Deep-Image account may have processing at once)"
                 )
             values["upstream_concurrency"] = int(v)
+        if (v := text("GENRELAY_REQUEST_TIMEOUT")) is not None:
+            values["request_timeout"] = _seconds("GENRELAY_REQUEST_TIMEOUT", v)
+            if values["request_timeout"] <= 0:
+                raise ConfigError("GENRELAY_REQUEST_TIMEOUT must be above 0 seconds")
         if (v := text("PORT")) is not None:
             if not v.isdigit() or not 0 < int(v) < 65536:
                 raise ConfigError("PORT must be a TCP port number (1-65535)")
@@ -168,6 +182,15 @@ class Config:
             )
         return value
 
+    @property
+    def allowed_result_hosts(self) -> tuple[str, ...]:
+        """GENRELAY_RESULT_HOSTS, or by default GENRELAY_DEEPIMAGE_URL's host and Deep-Image's
+        result store."""
+        if self.result_hosts is not None:
+            return self.result_hosts
+        own = (urlsplit(self.deepimage_url).hostname or "").lower()
+        return tuple(dict.fromkeys(h for h in (own, DEEPIMAGE_RESULT_STORE) if h))
+
     def replace(self, **changes: Any) -> Config:
         """Return a copy with some fields changed (tests, dev mode)."""
         return dataclasses.replace(self, **changes)
@@ -178,6 +201,26 @@ def _http_url(name: str, value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
     return value.rstrip("/")
+
+
+def _host_list(name: str, value: str) -> tuple[str, ...]:
+    """Comma-separated host names; `*.example.com` stands for any subdomain of example.com."""
+    hosts = []
+    for part in value.split(","):
+        host = part.strip().lower().rstrip(".")
+        if not host:
+            continue
+        bare = host.removeprefix("*.")
+        if not all(
+            label and all(c.isalnum() or c == "-" for c in label) for label in bare.split(".")
+        ):
+            raise ConfigError(
+                f"{name} must be comma-separated host names (optionally *.suffix), got {part!r}"
+            )
+        hosts.append(host)
+    if not hosts:
+        raise ConfigError(f"{name} must name at least one host")
+    return tuple(hosts)
 
 
 def _boolean(name: str, value: str) -> bool:

@@ -69,3 +69,7 @@ class RateLimited(ServiceError):
     status = 429
     slug = "rate-limited"
     title = "Too many requests for this API key"
+
+
+class ClientTooSlow(TimeoutError):
+    """The client did not send its request in time (service/gunicorn_worker.py); 408."""

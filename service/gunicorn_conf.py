@@ -16,7 +16,9 @@ if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
-worker_class = "gthread"
+# gthread, reading each request before a thread takes it, so slow or stalled clients cannot
+# hold the threads (service/gunicorn_worker.py; GENRELAY_REQUEST_TIMEOUT).
+worker_class = "service.gunicorn_worker.BoundedThreadWorker"
 workers = int(os.environ.get("GENRELAY_WEB_PROCESSES", "2"))
 threads = int(os.environ.get("GENRELAY_WEB_THREADS", "8"))
 # Cloud Run enforces request timeouts itself; gunicorn's would kill healthy slow requests.

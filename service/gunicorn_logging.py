@@ -1,27 +1,31 @@
 """gunicorn logger: JSON access lines in Cloud Logging's shape, with credentials removed.
 
 Deep-Image's callbacks authenticate with a token in the URL path
-(`/v1/callbacks/deepimage/{id}/{token}`); gunicorn would print it in every access line.
+(`/v1/callbacks/deepimage/{id}/{token}`); gunicorn would print it in every access line, and
+in its error log ("Error handling request ..."). Both logs' lines go through `redact`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from gunicorn.glogging import Logger
 
-_CALLBACK_TOKEN = re.compile(r"(/v1/callbacks/deepimage/[^/\s?]+/)[^/\s?]+")
+from service.logs import RedactingFormatter, redact
 
-
-def redact(text: str) -> str:
-    """Replace the token of any callback path in `text` with `***`."""
-    return _CALLBACK_TOKEN.sub(r"\1***", text)
+__all__ = ["RedactingLogger", "redact"]
 
 
 class RedactingLogger(Logger):
     """One JSON object per request (`httpRequest` as Cloud Logging reads it), token-free."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for logger in (self.error_log, self.access_log):
+            for handler in logger.handlers:
+                if not isinstance(handler.formatter, RedactingFormatter):
+                    handler.setFormatter(RedactingFormatter(handler.formatter))
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
         atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)

@@ -4,6 +4,11 @@ Fields: `severity`, `message`, `logger`, and where known `logging.googleapis.com
 (from the request's X-Cloud-Trace-Context), `request_id` and `generation_id`. The context
 comes from context variables set by the web layer per request and by the task runner per
 task, so code that logs never has to pass it along.
+
+Deep-Image's callbacks authenticate with a token in the URL path
+(`/v1/callbacks/deepimage/{id}/{token}`). Every line is passed through `redact` once it is
+formatted (message, exception and traceback included), here and in gunicorn's logs
+(service/gunicorn_logging.py), so no log line carries a token.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +24,26 @@ from typing import Any
 from pythonjsonlogger.json import JsonFormatter
 
 TRACE_FIELD = "logging.googleapis.com/trace"
+
+# Any characters but separators after the id: percent-encoded or JSON-escaped forms included.
+_CALLBACK_TOKEN = re.compile(r"(/v1/callbacks/deepimage/[^/\s?#\"']+/)[^/\s?#\"']+")
+
+
+def redact(text: str) -> str:
+    """Replace the token of any callback path in `text` with `***`."""
+    return _CALLBACK_TOKEN.sub(r"\1***", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Wraps another formatter and redacts what it produces."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
 
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
     "genrelay_log_context",
@@ -63,6 +89,9 @@ class _ContextFilter(logging.Filter):
 
 
 class _Formatter(JsonFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
     def add_fields(
         self, log_record: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
     ) -> None:

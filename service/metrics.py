@@ -5,19 +5,23 @@ Two kinds:
   Deep-Image calls, GCS uploads, delivery outcomes and task outcomes (worker). Under gunicorn
   the web processes share them through prometheus-client's multiprocess mode
   (`PROMETHEUS_MULTIPROC_DIR`, set up in service/gunicorn_conf.py); the worker serves its own
-  with `genrelay worker --http-port N`.
+  with `genrelay worker --http-port N` (`serve_worker_metrics`: loopback only, unless
+  GENRELAY_METRICS_TOKEN is set and required).
 - Gauges read from the database at scrape time: generations by status, pending tasks and the
   age of the oldest, deliveries by status. They are the same whichever process answers.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
+import socketserver
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import sqlalchemy as sa
 from prometheus_client import (
@@ -27,6 +31,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -173,6 +178,41 @@ class DatabaseCollector:
 
     def describe(self) -> list[Any]:
         return []  # collected on demand only: registering must not query the database
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No per-scrape line on stderr."""
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def serve_worker_metrics(port: int, token: str | None) -> WSGIServer:
+    """The worker's metrics on `port`, from a daemon thread (`genrelay worker --http-port`).
+
+    Without a token only loopback can reach it (a sidecar or `kubectl port-forward`); with
+    GENRELAY_METRICS_TOKEN set it listens on every interface and wants the token, as the web
+    service's /metrics does.
+    """
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if token is not None:
+            given = environ.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                start_response(
+                    "401 Unauthorized",
+                    [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
+                )
+                return [b"send the metrics token as 'Authorization: Bearer <token>'\n"]
+        return metrics_app(environ, start_response)
+
+    host = "0.0.0.0" if token is not None else "127.0.0.1"  # noqa: S104 - guarded by the token
+    server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 def exposition(store: Store | None) -> tuple[bytes, str]:

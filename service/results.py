@@ -4,6 +4,14 @@ The download is read in chunks and handed to the upload as it arrives: the worke
 chunk at a time plus a small header prefix, whatever the image size. On the way through, a
 `ResultStream` checks the magic number (PNG, JPEG, WEBP), counts bytes against the limit,
 computes the CRC32C and keeps the header for the image's dimensions.
+
+The result URL comes from outside (Deep-Image's answer, or an unsigned callback), so it is
+fetched like a webhook target (service/ssrf.py): its host must be on GENRELAY_RESULT_HOSTS,
+https (http only in dev mode, GENRELAY_ALLOW_PRIVATE_WEBHOOKS=1), every address it resolves
+to public, the connection pinned to the checked address, no proxy or .netrc from the
+environment, and each redirect checked again as a new URL (at most MAX_REDIRECTS). What the
+tenant sees in `error.message` is our own sentence: never bytes of the answer, nor the text
+of an internal error (those go to the task's `last_error` and the log).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import logging
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urljoin
 
 import requests
 
@@ -30,6 +39,7 @@ from service.images import SNIFF_BYTES, ImageKind, dimensions, sniff
 from service.lifecycle import change_status, fail_generation
 from service.metrics import GCS_UPLOAD_LATENCY
 from service.models import Generation, utcnow
+from service.ssrf import Unresolvable, UnsafeURL, URLPolicy, pinned_session
 from service.store import Store
 from service.tasks import ClaimedTask, TaskQueue
 from service.worker import COMPLETED, RetryableError
@@ -44,6 +54,21 @@ DOWNLOAD_CHUNK = 1024 * 1024
 SINGLE_REQUEST_MAX = 2 * 1024 * 1024
 # Enough of the file to find the dimensions (JPEG headers can follow large EXIF/ICC blocks).
 HEADER_PREFIX = 256 * 1024
+DOWNLOAD_TIMEOUT = (5.0, 60.0)
+MAX_REDIRECTS = 3
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def result_url_policy(config: Config) -> URLPolicy:
+    """Which result URLs may be fetched (and accepted from a callback)."""
+    return URLPolicy(
+        allow_private=config.allow_private_webhooks, allowed_hosts=config.allowed_result_hosts
+    )
+
+
+def download_session(config: Config) -> requests.Session:
+    """The session results are downloaded with: pinned, DNS-checked, no redirects of its own."""
+    return pinned_session(result_url_policy(config), timeout=DOWNLOAD_TIMEOUT)
 
 
 class ResultRejected(Exception):
@@ -76,10 +101,9 @@ class ResultStream:
         if self.kind is None:
             self.kind = sniff(bytes(self.head))
         if self.kind is None:
+            # Not what the bytes were: they could be anything the URL answered.
             raise ResultRejected(
-                ErrorCode.RESULT_NOT_IMAGE,
-                "the result is not a PNG, JPEG or WEBP image "
-                f"(it starts with {bytes(self.head[:8])!r})",
+                ErrorCode.RESULT_NOT_IMAGE, "the result is not a PNG, JPEG or WEBP image"
             )
         return self.kind
 
@@ -154,7 +178,8 @@ class StoreHandler:
         self.deepimage = deepimage
         self.blobs = blobs
         self.config = config
-        self.http = http or requests.Session()
+        self.policy = result_url_policy(config)
+        self.http = http or download_session(config)
 
     def run(self, task: ClaimedTask) -> str | None:
         assert task.generation_id is not None
@@ -206,11 +231,12 @@ class StoreHandler:
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         assert task.generation_id is not None
+        # `error` may be an internal error's text: it stays in the task's last_error.
         fail_generation(
             self.store,
             task.generation_id,
             ErrorCode.STORAGE_FAILED,
-            f"the result could not be stored after {task.attempts} attempts: {error}",
+            f"the result could not be stored after {task.attempts} attempts",
         )
 
     def _confirmed_source(self, generation: Generation) -> str:
@@ -229,18 +255,39 @@ class StoreHandler:
             raise RetryableError(f"Deep-Image reports job {job.job} as {job.status}, not complete")
         return job.result_url
 
+    def _get(self, url: str) -> requests.Response:
+        """GET the result, following redirects one checked hop at a time."""
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                self.policy.check_syntax(url)  # scheme, host list: refused at once, no retry
+                response = self.http.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT)
+            except Unresolvable:
+                raise RetryableError("downloading the result: the host does not resolve") from None
+            except UnsafeURL as exc:
+                raise ResultRejected(
+                    ErrorCode.RESULT_UNAVAILABLE, f"the result URL may not be fetched: {exc.reason}"
+                ) from None
+            except requests.RequestException as exc:
+                raise RetryableError(f"downloading the result: {type(exc).__name__}") from None
+            location = response.headers.get("Location")
+            if response.status_code not in _REDIRECTS or not location:
+                return response
+            response.close()
+            url = urljoin(url, location)
+        raise ResultRejected(
+            ErrorCode.RESULT_UNAVAILABLE,
+            f"the result URL redirected more than {MAX_REDIRECTS} times",
+        )
+
     def _copy(self, generation: Generation, url: str) -> tuple[StoredBlob, tuple[int, int] | None]:
-        try:
-            response = self.http.get(url, stream=True, timeout=(5, 60))
-        except requests.RequestException as exc:
-            raise RetryableError(f"downloading the result: {type(exc).__name__}") from None
+        response = self._get(url)
         with response:
             if response.status_code in (404, 410):
                 raise ResultRejected(
                     ErrorCode.RESULT_UNAVAILABLE,
                     f"the result URL answered {response.status_code}",
                 )
-            if response.status_code >= 400:
+            if not 200 <= response.status_code < 300:
                 raise RetryableError(f"downloading the result: HTTP {response.status_code}")
             declared = _declared_size(response)
             if declared is not None and declared > self.config.max_result_bytes:
@@ -292,9 +339,8 @@ class StoreHandler:
         except TransientBlobError as exc:
             raise RetryableError(f"writing to GCS: {exc}") from None
         except PermanentBlobError as exc:
-            raise ResultRejected(
-                ErrorCode.STORAGE_FAILED, f"GCS refused the write: {exc}"
-            ) from None
+            log.error("GCS refused the write of %s: %s", name, exc)
+            raise ResultRejected(ErrorCode.STORAGE_FAILED, "GCS refused the write") from None
 
 
 def object_name(prefix: str, generation: Generation, kind: ImageKind) -> str:

@@ -19,17 +19,23 @@ So, in two places:
   resolution per request, and the connection goes where the check looked: no rebinding window.
   Redirects are never followed.
 
-`GENRELAY_ALLOW_PRIVATE_WEBHOOKS=1` (`allow_private`) allows http and every address, for
-development and tests; the metadata host names stay refused even then.
+`GENRELAY_ALLOW_PRIVATE_WEBHOOKS=1` (`allow_private`) allows http and private addresses, for
+development and tests; the cloud metadata service stays refused even then, by name
+(metadata.google.internal) and by address (169.254.0.0/16, where every cloud puts it, and
+AWS's fd00:ec2::254), also in IPv4-mapped form.
+
+The same guard downloads results (service/results.py), with `allowed_hosts` set to
+GENRELAY_RESULT_HOSTS: a result URL names a host on that list, or it is never fetched.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import ipaddress
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import requests
@@ -52,6 +58,13 @@ _NON_PUBLIC_V4_NETWORKS = (
     ipaddress.IPv4Network("100.64.0.0/10"),  # shared address space (carrier-grade NAT)
 )
 
+# The cloud metadata service (instance credentials): never reachable, whatever the policy.
+# 169.254.169.254 on GCP, AWS and Azure, 169.254.170.2 on ECS: all of link-local IPv4.
+_METADATA_NETWORKS = (
+    ipaddress.IPv4Network("169.254.0.0/16"),
+    ipaddress.IPv6Network("fd00:ec2::254/128"),
+)
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -63,10 +76,55 @@ class UnsafeURL(ValueError):
         self.reason = reason
 
 
+class Unresolvable(UnsafeURL):
+    """The host did not resolve (or not in time): may change, unlike the other refusals."""
+
+
 def system_resolver(host: str, port: int) -> list[str]:
     """Resolve `host` with getaddrinfo (IPv4 and IPv6), in the system's preference order."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+# getaddrinfo cannot be interrupted; lookups with a deadline run here, and a caller stops
+# waiting when its time is up (a lookup that hangs holds one of these threads, not a request).
+_LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="dns")
+
+
+def timed_resolver(
+    timeout: float, resolve: Callable[[str, int], list[str]] = system_resolver
+) -> Callable[[str, int], list[str]]:
+    """`resolve`, giving up after `timeout` seconds with OSError (for the request path)."""
+
+    def resolver(host: str, port: int) -> list[str]:
+        future = _LOOKUPS.submit(resolve, host, port)
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise OSError(f"no DNS answer within {timeout:g} s") from None
+
+    return resolver
+
+
+def host_allowed(hostname: str, patterns: Iterable[str]) -> bool:
+    """Whether `hostname` is on the list: exact names, or `*.suffix` for any subdomain."""
+    name = hostname.lower().rstrip(".")
+    for pattern in patterns:
+        pattern = pattern.lower().rstrip(".")
+        if pattern.startswith("*."):
+            if name.endswith(pattern[1:]) and len(name) > len(pattern) - 1:
+                return True
+        elif name == pattern:
+            return True
+    return False
+
+
+def is_metadata_address(address: IPAddress) -> bool:
+    """Whether `address` reaches the cloud metadata service (also as IPv4-mapped IPv6)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in _METADATA_NETWORKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +159,14 @@ class _Target:
 
 @dataclasses.dataclass(frozen=True)
 class URLPolicy:
-    """Which webhook URLs may be called; `allow_private` is GENRELAY_ALLOW_PRIVATE_WEBHOOKS."""
+    """Which URLs may be called; `allow_private` is GENRELAY_ALLOW_PRIVATE_WEBHOOKS.
+
+    `allowed_hosts` (None: any host) restricts the host names, e.g. to GENRELAY_RESULT_HOSTS.
+    """
 
     allow_private: bool = False
     resolver: Callable[[str, int], list[str]] = system_resolver
+    allowed_hosts: tuple[str, ...] | None = None
 
     def check_syntax(self, url: str) -> None:
         """Refuse a URL that is malformed or may never be called; no DNS (creation time)."""
@@ -147,26 +209,32 @@ class URLPolicy:
         )
         if target.hostname in _METADATA_HOSTS:
             raise UnsafeURL("the host is a cloud metadata service")
+        if self.allowed_hosts is not None and not host_allowed(target.hostname, self.allowed_hosts):
+            raise UnsafeURL("the host is not on the list of allowed hosts")
         return target
 
     def _resolve(self, target: _Target) -> list[str]:
         literal = target.ip_literal
         if literal is not None:
+            if is_metadata_address(literal):
+                raise UnsafeURL("the host is a cloud metadata service")
             if not self.allow_private and not is_public_address(literal):
                 raise UnsafeURL("the host is not a public internet address")
             return [str(literal)]
         try:
             answers = self.resolver(target.host, target.port)
         except (OSError, UnicodeError):
-            raise UnsafeURL("the host does not resolve") from None
+            raise Unresolvable("the host does not resolve") from None
         addresses: list[IPAddress] = []
         for answer in answers:
             try:
                 addresses.append(ipaddress.ip_address(answer))
             except ValueError:
-                raise UnsafeURL("the host does not resolve") from None
+                raise Unresolvable("the host does not resolve") from None
         if not addresses:
-            raise UnsafeURL("the host does not resolve")
+            raise Unresolvable("the host does not resolve")
+        if any(is_metadata_address(a) for a in addresses):
+            raise UnsafeURL("the host resolves to a cloud metadata service")
         # Any private answer refuses the URL: which address a client ends up using is not ours
         # to predict, and a name that mixes public and private addresses is a probe anyway.
         if not self.allow_private and not all(is_public_address(a) for a in addresses):

@@ -14,17 +14,23 @@ from service import wakeup
 
 
 def create_db_engine(url: str) -> sa.Engine:
-    """An engine configured for the service: WAL + IMMEDIATE writes on SQLite, pre-ping on PG."""
+    """An engine configured for the service: WAL + IMMEDIATE writes on SQLite, pre-ping on PG.
+
+    `hide_parameters`: a database error's message would otherwise carry the statement's bound
+    values (signing secrets, API key hashes, tenants' prompts) into the log.
+    """
     if url.startswith("postgresql:"):
         url = "postgresql+psycopg:" + url.removeprefix("postgresql:")
     if url.startswith("sqlite"):
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        engine = sa.create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         _configure_sqlite(engine)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return sa.create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
+    )
 
 
 def _configure_sqlite(engine: sa.Engine) -> None:

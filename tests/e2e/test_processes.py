@@ -9,13 +9,14 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import requests
+import sqlalchemy as sa
 from PIL import Image
 
 from service.blobstore import crc32c_base64
@@ -254,6 +255,47 @@ def test_the_worker_process_schedules_housekeeping_and_sweeps_at_once(
     assert (task["kind"], task["status"]) == ("housekeeping", "pending")
 
 
+def _refuse_writes(database_url: str) -> Callable[[], None]:
+    """Make two writes fail in the database itself: every subscription insert, and recording
+    a result URL containing `refuse-me`. Returns what undoes it (the PostgreSQL database is
+    shared by the session's tests)."""
+    engine = sa.create_engine(database_url)
+    if engine.dialect.name == "sqlite":
+        statements = [
+            "CREATE TRIGGER e2e_refuse_subscriptions BEFORE INSERT ON subscriptions"
+            " BEGIN SELECT RAISE(ABORT, 'refused by the e2e test'); END",
+            "CREATE TRIGGER e2e_refuse_source BEFORE UPDATE ON generations"
+            " WHEN instr(NEW.source_url, 'refuse-me') > 0"
+            " BEGIN SELECT RAISE(ABORT, 'refused by the e2e test'); END",
+        ]
+        undo = ["DROP TRIGGER e2e_refuse_subscriptions", "DROP TRIGGER e2e_refuse_source"]
+    else:
+        statements = [
+            "CREATE FUNCTION e2e_refuse() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'refused by the e2e test'; END $$",
+            "CREATE TRIGGER e2e_refuse_subscriptions BEFORE INSERT ON subscriptions"
+            " FOR EACH ROW EXECUTE FUNCTION e2e_refuse()",
+            "CREATE TRIGGER e2e_refuse_source BEFORE UPDATE ON generations FOR EACH ROW"
+            " WHEN (position('refuse-me' in NEW.source_url) > 0) EXECUTE FUNCTION e2e_refuse()",
+        ]
+        undo = [
+            "DROP TRIGGER e2e_refuse_subscriptions ON subscriptions",
+            "DROP TRIGGER e2e_refuse_source ON generations",
+            "DROP FUNCTION e2e_refuse()",
+        ]
+    with engine.begin() as connection:
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+
+    def restore() -> None:
+        with engine.begin() as connection:
+            for statement in undo:
+                connection.exec_driver_sql(statement)
+        engine.dispose()
+
+    return restore
+
+
 def test_no_secret_reaches_the_logs(stack: dict[str, Any]) -> None:
     base, auth = stack["base"], stack["auth"]
     ids = []
@@ -271,10 +313,38 @@ def test_no_secret_reaches_the_logs(stack: dict[str, Any]) -> None:
         return bool(stats["callbacks_sent"] >= 3)
 
     wait_for(called_back, 30, "the simulator's callbacks")
+    # Error paths: a database error while a whsec_ secret is a bound value, and a 500 on a
+    # callback (its URL carries the token).
+    set_simulator(stack["sim"], lost_callback_rate=1.0)  # this callback is ours to send
+    pending = requests.post(
+        f"{base}/v1/generations", json={"input": seed_examples()["face"]}, headers=auth, timeout=30
+    ).json()
+    assert pending["upstream"]["job"], pending
+    ids.append(pending["id"])
+    restore = _refuse_writes(stack["database_url"])
+    try:
+        subscription = requests.post(
+            f"{base}/v1/subscriptions",
+            json={"url": "http://127.0.0.1:9/hook"},
+            headers=auth,
+            timeout=30,
+        )
+        assert subscription.status_code == 500, subscription.text
+        callback = requests.post(
+            callback_url(base, CALLBACK_SECRET, pending["id"]),
+            json={"job": pending["upstream"]["job"], "result_url": f"{stack['sim']}/refuse-me.png"},
+            timeout=30,
+        )
+        assert callback.status_code == 500, callback.text
+    finally:
+        restore()
     stack["stack"].stop_all()
     logs = stack["stack"].logs(tail=None)
     assert "/v1/callbacks/deepimage/" in logs  # the callbacks were logged...
-    secrets = [CALLBACK_SECRET, auth["Authorization"].split()[1], "sim-key"]
+    assert "refused by the e2e test" in logs  # ...and both errors, with their tracebacks...
+    assert "unhandled error on POST /v1/subscriptions" in logs
+    assert "unhandled error on POST /v1/callbacks/deepimage/" in logs
+    secrets = [CALLBACK_SECRET, auth["Authorization"].split()[1], "sim-key", "whsec_"]
     secrets += [callback_token(CALLBACK_SECRET, gen_id) for gen_id in ids]
     for secret in secrets:  # ...without any credential
         assert secret not in logs

@@ -32,6 +32,8 @@ from tests.helpers import drain, seed_examples, set_simulator
 SECRET = "completion-test-secret-0123456789"
 TEXT_ONLY = seed_examples()["text_only"]
 PUBLIC = "http://127.0.0.1:9"  # where the simulator's own callbacks go: nobody listens
+# A result URL on an allowed host (Deep-Image's result store) that no test downloads.
+ELSEWHERE = "https://neuroapi-store.s3.eu-central-1.amazonaws.com/2024-03-07/a.jpg"
 
 
 def callback_config(config: Config, **changes: Any) -> Config:
@@ -179,7 +181,7 @@ def test_a_forged_callback_is_401_and_changes_nothing(
         token = callback_url("", SECRET, other["id"]).rsplit("/", 1)[1]
     payload = {
         "job": generation["upstream"]["job"],
-        "result_url": "https://x.test/a.png",
+        "result_url": ELSEWHERE,
         "data": {},
         "results": None,
     }
@@ -207,7 +209,7 @@ def test_a_forged_callback_with_garbage_body_is_still_401(config: Config, make_c
 def test_a_callback_for_an_unknown_generation_is_404(config: Config, make_client: Any) -> None:
     _services, client, _auth = make_client(callback_config(config))
     ghost = {"id": "gen_does_not_exist", "upstream": {"job": "j"}, "input": {}}
-    assert call_back(client, ghost, "https://x.test/a.png").status_code == 404
+    assert call_back(client, ghost, ELSEWHERE).status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -227,7 +229,7 @@ def test_a_callback_with_the_wrong_job_or_a_bad_body_is_refused(
 ) -> None:
     services, client, auth = make_client(callback_config(config))
     generation = create(client, auth, {"input": TEXT_ONLY})
-    response = call_back(client, generation, "https://x.test/a.png", **overrides)
+    response = call_back(client, generation, ELSEWHERE, **overrides)
     assert response.status_code == status
     assert response.mimetype == "application/problem+json"
     if field:
@@ -415,10 +417,11 @@ def test_a_result_is_shown_with_a_signed_url_where_the_credentials_can_sign(
     services.downloads.close()
 
 
-def test_a_callback_that_overtakes_the_submit_records_the_job_itself(
+def test_a_callback_that_overtakes_the_submit_records_the_job_itself_when_trusted(
     config: Config, make_client: Any, simulator: Any
 ) -> None:
-    services, client, auth = make_client(callback_config(config))
+    # Only without confirmation (see test_result_downloads.py for the refusal with it).
+    services, client, auth = make_client(callback_config(config, confirm_results=False))
     set_simulator(simulator.url, upstream_error_rate=1.0)
     generation = create(client, auth, {"input": TEXT_ONLY})
     assert (generation["status"], generation["upstream"]["job"]) == ("queued", None)

@@ -39,6 +39,32 @@ def test_metrics_show_http_latency_by_route_and_database_gauges(
     assert 'genrelay_tasks_total{kind="store",outcome="done"}' in text
 
 
+def _http_series(text: str) -> set[str]:
+    return {
+        line.split(" ", 1)[0]
+        for line in text.splitlines()
+        if line.startswith("genrelay_http_request_duration_seconds_count")
+    }
+
+
+def test_anonymous_requests_cannot_add_metric_series_without_bound(client: Any) -> None:
+    client.open("/healthz", method="FOO0")
+    before = _http_series(client.get("/metrics").get_data(as_text=True))
+    for n in range(1, 6):
+        client.open(f"/no/such/path/{n}", method=f"FOO{n}")
+        client.open("/healthz", method=f"BAR{n}")
+        client.open(f"/v1/generations/gen_{n}", method="GET")  # 401: the route's template
+    after = _http_series(client.get("/metrics").get_data(as_text=True))
+    added = after - before
+    assert all("FOO" not in series and "BAR" not in series for series in after)
+    assert all("/no/such/path" not in series for series in after)
+    assert len(added) <= 4, sorted(added)
+    assert (
+        'genrelay_http_request_duration_seconds_count{method="other",route="unmatched",'
+        'status="405"}' in after
+    )
+
+
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
     """The service's JSON log lines, captured."""
@@ -143,3 +169,65 @@ def test_metrics_show_the_line_with_a_bounded_tenant_label(
     assert len(waiting) == WAITING_TENANT_LABELS + 1  # ten names and `other`
     total = sum(float(line.rsplit(" ", 1)[1]) for line in waiting)
     assert total == sum(1 + n % 2 for n in range(WAITING_TENANT_LABELS + 3)) - 1
+
+
+@pytest.mark.parametrize("token", [None, "scrape-secret"])
+def test_the_worker_metrics_listen_on_loopback_or_want_the_token(token: str | None) -> None:
+    import requests
+
+    from service.metrics import serve_worker_metrics
+
+    server = serve_worker_metrics(0, token)
+    try:
+        host, port = server.server_address[:2]
+        url = f"http://127.0.0.1:{port}/metrics"
+        if token is None:
+            assert host == "127.0.0.1"  # nothing outside the machine reaches it
+            assert "genrelay_tasks_total" in requests.get(url, timeout=5).text
+        else:
+            assert host == "0.0.0.0"  # noqa: S104 - what is checked
+            assert requests.get(url, timeout=5).status_code == 401
+            wrong = requests.get(url, headers={"Authorization": "Bearer x"}, timeout=5)
+            assert wrong.status_code == 401
+            right = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5)
+            assert right.status_code == 200
+            assert "genrelay_tasks_total" in right.text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_invalid_keys_are_limited_per_address_before_the_database(
+    client: Any, auth: dict[str, str], services: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.ratelimit import BAD_KEY_BURST
+
+    lookups = []
+    original = services.api_keys.tenant_for
+
+    def counted(key: str) -> Any:
+        lookups.append(key)
+        return original(key)
+
+    monkeypatch.setattr(services.api_keys, "tenant_for", counted)
+    assert client.get("/v1/generations", headers=auth).status_code == 200  # a valid key
+    attacker = {"X-Forwarded-For": "203.0.113.7"}
+    # Cloud Run appends the caller's address: the last entry counts, not a forged first one.
+    shared = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}
+    for n in range(BAD_KEY_BURST):
+        bad = {"Authorization": f"Bearer gr_not_a_key_{n}", **attacker}
+        assert client.get("/v1/generations", headers=bad).status_code == 401
+    assert len(lookups) == 1 + BAD_KEY_BURST
+    refused = client.get(
+        "/v1/generations", headers={"Authorization": "Bearer gr_not_a_key_x", **shared}
+    )
+    assert refused.status_code == 429
+    assert refused.mimetype == "application/problem+json"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert len(lookups) == 1 + BAD_KEY_BURST  # refused without a lookup
+    # A key valid a moment ago still works from that address (and is still looked up)...
+    assert client.get("/v1/generations", headers={**auth, **attacker}).status_code == 200
+    assert len(lookups) == 2 + BAD_KEY_BURST
+    # ...and other addresses are not affected.
+    other = {"Authorization": "Bearer gr_not_a_key_y", "X-Forwarded-For": "192.0.2.9"}
+    assert client.get("/v1/generations", headers=other).status_code == 401

@@ -50,3 +50,28 @@ def test_readyz_is_503_when_the_bucket_does_not_answer(config: Config, services:
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
     assert "bucket" in response.json["detail"]
+
+
+def test_readyz_checks_the_bucket_at_most_every_few_seconds(
+    config: Config, services: Services, monkeypatch: Any
+) -> None:
+    from handlers import health
+    from service.app import create_app
+
+    now = [1000.0]
+    monkeypatch.setattr(health, "_clock", lambda: now[0])
+    blobs = FakeBlobStore(config.gcs_bucket)
+    checks = []
+    original = blobs.check
+    monkeypatch.setattr(blobs, "check", lambda: (checks.append(1), original())[1])
+    client = create_app(config, services=dataclasses.replace(services, blobs=blobs)).test_client()
+    for _ in range(10):  # anonymous, each a billed list operation before
+        assert client.get("/readyz").status_code == 200
+    assert len(checks) == 1
+    blobs.available = False
+    now[0] += health.BUCKET_CHECK_SECONDS - 0.1
+    assert client.get("/readyz").status_code == 200  # still the cached answer
+    now[0] += 0.2
+    assert client.get("/readyz").status_code == 503  # checked again
+    assert client.get("/readyz").status_code == 503
+    assert len(checks) == 2

@@ -19,6 +19,16 @@ def test_minimal_environment_gives_the_documented_defaults() -> None:
     assert config.signed_url_ttl == 3600
     assert config.webhook_retry_schedule == DEFAULT_WEBHOOK_RETRY_SCHEDULE
     assert config.port == 8080
+    # Results come from Deep-Image's own host and its documented result store, nowhere else.
+    assert config.allowed_result_hosts == (
+        "deep-image.ai",
+        "neuroapi-store.s3.eu-central-1.amazonaws.com",
+    )
+
+
+def test_the_default_result_hosts_follow_the_deepimage_url() -> None:
+    config = Config.from_env({**MINIMAL, "GENRELAY_DEEPIMAGE_URL": "http://127.0.0.1:8090"})
+    assert config.allowed_result_hosts[0] == "127.0.0.1"
 
 
 def test_every_variable_is_read() -> None:
@@ -46,6 +56,8 @@ def test_every_variable_is_read() -> None:
             "GENRELAY_GENERATION_TIMEOUT": "600",
             "GENRELAY_WEBHOOK_RETRY_SCHEDULE": "0, 1,2.5",
             "PORT": "9999",
+            "GENRELAY_RESULT_HOSTS": "cdn.example.com, *.Store.Example.NET",
+            "GENRELAY_REQUEST_TIMEOUT": "4.5",
         }
     )
     assert config.database_url == "postgresql+psycopg://u@h/db"
@@ -67,6 +79,8 @@ def test_every_variable_is_read() -> None:
     assert config.generation_timeout == 600
     assert config.webhook_retry_schedule == (0, 1, 2.5)
     assert config.port == 9999
+    assert config.allowed_result_hosts == ("cdn.example.com", "*.store.example.net")
+    assert config.request_timeout == 4.5
 
 
 @pytest.mark.parametrize(
@@ -95,6 +109,10 @@ def test_every_variable_is_read() -> None:
         ({**MINIMAL, "GENRELAY_GENERATION_TIMEOUT": "-1"}, "GENRELAY_GENERATION_TIMEOUT"),
         ({**MINIMAL, "GENRELAY_GENERATION_TIMEOUT": "nan"}, "GENRELAY_GENERATION_TIMEOUT"),
         ({**MINIMAL, "GENRELAY_WEBHOOK_RETRY_SCHEDULE": "0,,5"}, "GENRELAY_WEBHOOK_RETRY_SCHEDULE"),
+        ({**MINIMAL, "GENRELAY_RESULT_HOSTS": "https://x.com/"}, "GENRELAY_RESULT_HOSTS"),
+        ({**MINIMAL, "GENRELAY_RESULT_HOSTS": " , "}, "GENRELAY_RESULT_HOSTS"),
+        ({**MINIMAL, "GENRELAY_REQUEST_TIMEOUT": "0"}, "GENRELAY_REQUEST_TIMEOUT"),
+        ({**MINIMAL, "GENRELAY_REQUEST_TIMEOUT": "soon"}, "GENRELAY_REQUEST_TIMEOUT"),
         ({**MINIMAL, "PORT": "http"}, "PORT"),
         ({**MINIMAL, "PORT": "70000"}, "PORT"),
     ],

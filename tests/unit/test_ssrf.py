@@ -8,7 +8,14 @@ from ipaddress import ip_address
 import pytest
 import requests
 
-from service.ssrf import MAX_URL_LENGTH, UnsafeURL, URLPolicy, pinned_session
+from service.ssrf import (
+    MAX_URL_LENGTH,
+    UnsafeURL,
+    URLPolicy,
+    host_allowed,
+    pinned_session,
+    timed_resolver,
+)
 
 FAKE_DNS = {
     "hooks.example.com": ["93.184.216.34"],
@@ -19,6 +26,8 @@ FAKE_DNS = {
     "dual.example.com": ["2606:4700::1111", "93.184.216.34"],
     "metadata.google.internal": ["93.184.216.34"],  # even if it resolved publicly
     "mapped.example.com": ["::ffff:127.0.0.1"],
+    "rebind-to-metadata.example.com": ["169.254.169.254"],
+    "aws-v6-metadata.example.com": ["fd00:ec2::254"],
 }
 
 
@@ -118,7 +127,6 @@ def test_public_https_urls_are_allowed_and_return_the_checked_addresses(
         ("http://127.0.0.1:8080/x", ["127.0.0.1"]),
         ("https://10.0.0.1/", ["10.0.0.1"]),
         ("http://[::1]:9/", ["::1"]),
-        ("https://169.254.169.254/", ["169.254.169.254"]),
         ("http://internal.example.com/", ["10.1.2.3"]),
         ("https://mixed.example.com/", ["93.184.216.34", "2606:4700::1111", "192.168.0.7"]),
     ],
@@ -135,6 +143,13 @@ def test_allow_private_allows_http_and_every_address(url: str, addresses: list[s
         "ftp://x.com/",
         "https://user:pw@x.com/",
         "https://does-not-resolve.example.com/",
+        # The metadata service by address: dev mode opens private networks, never this.
+        "http://169.254.169.254/latest/meta-data/",
+        "http://169.254.170.2/v2/credentials",
+        "http://[::ffff:169.254.169.254]/",
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://rebind-to-metadata.example.com/",
+        "http://aws-v6-metadata.example.com/",
     ],
 )
 def test_allow_private_still_refuses_metadata_names_bad_syntax_and_unresolvable_hosts(
@@ -242,3 +257,50 @@ def test_pinned_session_does_not_mount_other_schemes() -> None:
         pytest.raises(requests.exceptions.InvalidSchema),
     ):
         session.get("ftp://x.com/", timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("deep-image.ai", True),
+        ("DEEP-IMAGE.AI.", True),
+        ("images.deep-image.ai", False),  # exact names are exact
+        ("evil-deep-image.ai", False),
+        ("neuroapi-store.s3.eu-central-1.amazonaws.com", True),  # via *.amazonaws.com
+        ("amazonaws.com", False),  # *.suffix is for subdomains only
+        ("evilamazonaws.com", False),
+        ("127.0.0.1", False),
+    ],
+)
+def test_host_allow_lists_match_exact_names_and_star_suffixes(host: str, allowed: bool) -> None:
+    assert host_allowed(host, ("deep-image.ai", "*.amazonaws.com")) is allowed
+
+
+def test_a_policy_with_allowed_hosts_refuses_other_hosts_before_resolving() -> None:
+    policy = URLPolicy(resolver=no_dns, allowed_hosts=("hooks.example.com",))
+    policy.check_syntax("https://hooks.example.com/a.png")
+    with pytest.raises(UnsafeURL, match="allowed hosts"):
+        policy.check_syntax("https://x.com/a.png")
+
+
+def test_the_request_path_resolver_gives_up_after_its_timeout() -> None:
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def hanging(host: str, port: int) -> list[str]:
+        release.wait(10)
+        return ["93.184.216.34"]
+
+    policy = URLPolicy(resolver=timed_resolver(0.2, hanging))
+    started = time.monotonic()
+    try:
+        with pytest.raises(UnsafeURL, match="does not resolve"):
+            policy.check("https://hooks.example.com/")
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+    assert URLPolicy(resolver=timed_resolver(2, fake_resolver)).check("https://x.com/") == [
+        "93.184.216.34"
+    ]

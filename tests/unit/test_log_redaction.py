@@ -1,0 +1,74 @@
+"""No secret in any log line: callback tokens are redacted from every line, and database
+errors do not carry the statement's bound values."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from gunicorn.config import Config as GunicornConfig
+
+from service.gunicorn_logging import RedactingLogger
+from service.logs import setup_logging
+from service.store import create_db_engine
+
+TOKEN = "f" * 64
+PATH = f"/v1/callbacks/deepimage/gen_1/{TOKEN}"
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """What setup_logging's handler writes (to this buffer instead of stderr)."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    setup_logging("INFO")
+    out = io.StringIO()
+    [handler] = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(out)
+    yield out
+    root.handlers[:], root.level = saved
+
+
+def test_a_callback_path_in_a_message_or_a_traceback_is_redacted(json_logs: io.StringIO) -> None:
+    log = logging.getLogger("genrelay.test")
+    try:
+        raise RuntimeError(f"failed on {PATH}")
+    except RuntimeError:
+        log.exception("unhandled error on POST %s", PATH)
+    line = json_logs.getvalue()
+    assert TOKEN not in line
+    entry = json.loads(line)
+    assert entry["message"] == "unhandled error on POST /v1/callbacks/deepimage/gen_1/***"
+    assert "failed on /v1/callbacks/deepimage/gen_1/***" in entry["exc_info"]
+
+
+def test_gunicorn_error_lines_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = GunicornConfig()
+    cfg.set("errorlog", "-")
+    cfg.set("accesslog", "-")
+    logger = RedactingLogger(cfg)
+    try:
+        raise ValueError(PATH)
+    except ValueError:
+        logger.exception("Error handling request %s", PATH)
+    err = capsys.readouterr().err
+    assert "Error handling request /v1/callbacks/deepimage/gen_1/***" in err
+    assert TOKEN not in err
+
+
+def test_a_database_error_does_not_log_the_bound_values(tmp_path: object) -> None:
+    engine = create_db_engine("sqlite://")
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as failed, engine.begin() as connection:
+            connection.execute(
+                sa.text("INSERT INTO no_such_table (secret) VALUES (:secret)"),
+                {"secret": "whsec_c2VjcmV0"},
+            )
+    finally:
+        engine.dispose()
+    assert "whsec_" not in str(failed.value)
