@@ -93,7 +93,7 @@ def test_a_slot_is_handed_on_the_moment_its_job_ends(
         assert in_flight(services) == 1
         assert statuses(services)[second["id"]] == "queued"
         services.completion.accept(
-            first["id"], Callback(first["upstream"]["job"], "http://x/result.png")
+            first["id"], Callback(first["upstream"]["job"], f"{slow_upstream.url}/images/r.png")
         )
     elif ending == "failure":
         from service.domain import ErrorCode
@@ -104,7 +104,7 @@ def test_a_slot_is_handed_on_the_moment_its_job_ends(
         from service.completion import Callback
 
         services.completion.accept(
-            first["id"], Callback(first["upstream"]["job"], "http://x/result.png")
+            first["id"], Callback(first["upstream"]["job"], f"{slow_upstream.url}/images/r.png")
         )
     # The same transaction admitted the next one: its submit task is due now.
     with services.store.read() as session:
