@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from service.gcs_urls import gs_url_problem
+
 __all__ = [
     "ADAPTER_TYPES",
     "DEFAULT_ADAPTER_TYPE",
@@ -47,6 +49,7 @@ __all__ = [
     "FitMode",
     "HttpUrl",
     "ImageSource",
+    "ImageUrl",
     "JsonNumber",
     "PixelsOrPercent",
     "ProcessRequestSchema",
@@ -223,8 +226,23 @@ class HttpUrl(Text):
         return text
 
 
+class ImageUrl(HttpUrl):
+    """An image to read: an http(s) URL, or ``gs://bucket/object`` (genrelay signs it)."""
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any
+    ) -> str:
+        if isinstance(value, str) and value.startswith("gs://"):
+            problem = gs_url_problem(value)
+            if problem:
+                raise ValidationError(problem)
+            return value
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class ImageSource(Text):
-    """The input image reference: an http(s) URL, a base64 image or a ``storage://`` path."""
+    """The input image reference: an http(s) URL, a base64 image, a ``storage://`` path or a
+    ``gs://bucket/object`` (which genrelay signs)."""
 
     def _deserialize(
         self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any
@@ -242,6 +260,11 @@ class ImageSource(Text):
         if text.startswith("storage://"):
             if len(text) > MAX_URL_LENGTH or not _STORAGE_FILE_RE.fullmatch(text):
                 raise ValidationError("A storage URL looks like storage://storage_name/path.")
+            return text
+        if text.startswith("gs://"):
+            gs_problem = gs_url_problem(text)
+            if gs_problem:
+                raise ValidationError(gs_problem)
             return text
         problem = _http_url_problem(text)
         if problem:
@@ -523,7 +546,7 @@ class DeepImageGenerateSchema(Schema):
     color = _color("Colour hint.")
     additional_prompt = _text("Extra prompt text.")
     negative_prompt = _text("What the image must not show.")
-    ip_image2 = HttpUrl(
+    ip_image2 = ImageUrl(
         metadata=_meta("Second image: inpainting mask or face-swap face; required for inpainting.")
     )
     strength = _number(0, 1, "Reimagine strength (face swap).")
@@ -531,7 +554,7 @@ class DeepImageGenerateSchema(Schema):
         "Avatar generation mode, e.g. creative_img2img.", min_length=1, max_length=64
     )
     context_images = fields.List(
-        HttpUrl(),
+        ImageUrl(),
         validate=validate.Length(1, MAX_CONTEXT_IMAGES),
         metadata=_meta("Source images for img2img; required for img2img."),
     )
@@ -559,7 +582,7 @@ class DeepImageBackgroundSchema(Schema):
     remove = _choice(BACKGROUND_REMOVE_MODES, "Background removal mode.", "auto")
     prompt = _text('What stays in the foreground; with remove "generative" only.', min_length=1)
     color = _color("Colour of the new background.")
-    replace = HttpUrl(metadata=_meta("Backdrop image URL."))
+    replace = ImageUrl(metadata=_meta("Backdrop image URL."))
     generate = fields.Nested(
         DeepImageGenerateSchema, metadata=_meta("Generate a new image or background.")
     )
@@ -617,9 +640,9 @@ class DeepImageNsfwParametersSchema(Schema):
         unknown = RAISE
 
     threshold = _number(0, 1, "Score above which the image is replaced.")
-    image_url = HttpUrl(metadata=_meta("Image returned instead of an NSFW result."))
+    image_url = ImageUrl(metadata=_meta("Image returned instead of an NSFW result."))
     # The docs' table names it nsfw_image_url while their example uses image_url; take both.
-    nsfw_image_url = HttpUrl(metadata=_meta("Alias of image_url used by the docs' table."))
+    nsfw_image_url = ImageUrl(metadata=_meta("Alias of image_url used by the docs' table."))
 
     @validates_schema
     def _check_single_replacement(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -635,7 +658,7 @@ class DeepImageCaptionSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    url = HttpUrl(required=True, metadata=_meta("Overlay image URL."))
+    url = ImageUrl(required=True, metadata=_meta("Overlay image URL."))
     position = Text(
         validate=FullMatch(
             _POSITION_RE,
@@ -655,7 +678,10 @@ class DeepImageProcessRequestSchema(Schema):
         unknown = RAISE
 
     url = ImageSource(
-        metadata=_meta("Input image: http(s) URL, base64,… / data:image/…;base64,… or storage://.")
+        metadata=_meta(
+            "Input image: http(s) URL, base64,… / data:image/…;base64,…, storage:// or "
+            "gs://bucket/object."
+        )
     )
     width = PixelsOrPercent(
         min_pixels=1,

@@ -96,7 +96,7 @@ def build_services(
     runner = TaskRunner(
         queue,
         {
-            SUBMIT: SubmitHandler(store, queue, deepimage, config, line),
+            SUBMIT: SubmitHandler(store, queue, deepimage, config, line, blobs=blobs),
             STORE: StoreHandler(store, queue, deepimage, blobs, config, http=downloads),
             POLL: PollHandler(store, queue, deepimage, config),
             DELIVER: DeliverHandler(store, queue, config, webhooks),

@@ -37,6 +37,8 @@ class Config:
     # Service account that signs result URLs through IAM (Cloud Run has no private key).
     gcs_signing_account: str | None = None
     signed_url_ttl: float = 3600.0
+    # Seconds a signed URL of a gs:// input, handed to Deep-Image at submission, stays valid.
+    input_url_ttl: float = 900.0
     # Check a completion with GET /rest_api/result/{job} before downloading (callbacks are
     # unsigned; the URL token proves who they are for, the upstream confirms what they say).
     confirm_results: bool = True
@@ -102,6 +104,13 @@ class Config:
                     "GENRELAY_SIGNED_URL_TTL must be between 1 s and 7 days (V4 limit)"
                 )
             values["signed_url_ttl"] = ttl
+        if (v := text("GENRELAY_INPUT_URL_TTL")) is not None:
+            ttl = _seconds("GENRELAY_INPUT_URL_TTL", v)
+            if not 1 <= ttl <= 7 * 24 * 3600:
+                raise ConfigError(
+                    "GENRELAY_INPUT_URL_TTL must be between 1 s and 7 days (V4 limit)"
+                )
+            values["input_url_ttl"] = ttl
         if (v := text("GENRELAY_CONFIRM_RESULTS")) is not None:
             values["confirm_results"] = _boolean("GENRELAY_CONFIRM_RESULTS", v)
         if (v := text("GENRELAY_MAX_RESULT_BYTES")) is not None:

@@ -16,6 +16,7 @@ from service.blobstore import BlobError, BlobStore
 from service.config import Config
 from service.domain import GenerationStatus
 from service.errors import Conflict, IdempotencyKeyReused, NotFound
+from service.gcp_access import require_access
 from service.ids import new_id
 from service.lifecycle import change_status
 from service.line import Line
@@ -25,6 +26,7 @@ from service.ssrf import URLPolicy
 from service.store import Store
 from service.subscriptions import require_safe_target
 from service.tasks import TaskQueue
+from service.tenants import settings_by_id
 from service.worker import TaskRunner
 
 log = logging.getLogger("genrelay.generations")
@@ -44,12 +46,15 @@ class NewGeneration:
     # `deadline` is canceled without ever being submitted.
     priority: int = 0
     deadline: dt.datetime | None = None
+    # Seconds to keep the stored result (None: the tenant's setting, by default forever).
+    retention: int | None = None
 
     def fingerprint(self) -> str:
         """A hash of the request body, to tell a retry from a different request."""
-        canonical = json.dumps(
-            dataclasses.asdict(self), sort_keys=True, separators=(",", ":"), default=str
-        )
+        fields = dataclasses.asdict(self)
+        if fields["retention"] is None:
+            del fields["retention"]  # as before it existed: earlier keys still match
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -112,6 +117,10 @@ class GenerationService:
             earlier = self._replay(tenant_id, idempotency_key, fingerprint)
             if earlier is not None:
                 return earlier
+        with self.store.read() as session:
+            settings = settings_by_id(session, tenant_id)
+        require_access(settings, new.input)
+        retention = new.retention if new.retention is not None else settings.retention
         now = utcnow()
         generation_id = new_id("gen_")
         try:
@@ -127,6 +136,7 @@ class GenerationService:
                         webhook_events_filter=new.webhook_events_filter,
                         priority=new.priority,
                         deadline_at=new.deadline,
+                        retention_seconds=retention,
                         created_at=now,
                         updated_at=now,
                     )
