@@ -22,6 +22,7 @@ from service.housekeeping import HOUSEKEEPING, HousekeepingHandler
 from service.line import LINE, Line, LineHandler
 from service.notifications import DELIVER
 from service.ratelimit import RateLimiter
+from service.result_access import EXPIRE_POLICY, EXPIRE_RESULT, ExpireResultHandler, ResultAccess
 from service.results import STORE, StoreHandler
 from service.ssrf import URLPolicy, pinned_session
 from service.store import Store
@@ -52,6 +53,7 @@ class Services:
     notifications: NotificationService
     api_keys: ApiKeys
     rate_limiter: RateLimiter
+    results: ResultAccess
     downloads: requests.Session
     webhooks: requests.Session
 
@@ -84,6 +86,7 @@ def build_services(
             SUBMIT: SUBMIT_POLICY,
             STORE: STORE_POLICY,
             POLL: POLL_POLICY,
+            EXPIRE_RESULT: EXPIRE_POLICY,
             **(policies or {}),
         },
         lease_seconds=config.task_lease,
@@ -102,6 +105,7 @@ def build_services(
             DELIVER: DeliverHandler(store, queue, config, webhooks),
             HOUSEKEEPING: HousekeepingHandler(store),
             LINE: LineHandler(line),
+            EXPIRE_RESULT: ExpireResultHandler(store, blobs),
         },
     )
     return Services(
@@ -117,6 +121,7 @@ def build_services(
         notifications=NotificationService(store, config, policy),
         api_keys=ApiKeys(store),
         rate_limiter=RateLimiter(config.rate_limit, config.rate_limit_burst),
+        results=ResultAccess(store, blobs, config),
         downloads=downloads,
         webhooks=webhooks,
     )

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from service.blobstore import BlobError, BlobStore
+from service.blobstore import BlobStore
 from service.config import Config
 from service.domain import GenerationStatus
 from service.errors import Conflict, IdempotencyKeyReused, NotFound
@@ -22,6 +22,7 @@ from service.lifecycle import change_status
 from service.line import Line
 from service.models import Generation, IdempotencyKey, utcnow
 from service.pagination import Page, paginate
+from service.result_access import sign_result
 from service.ssrf import URLPolicy
 from service.store import Store
 from service.subscriptions import require_safe_target
@@ -89,16 +90,10 @@ class GenerationService:
 
     def _with_signed_url(self, generation: Generation) -> Generation:
         """Attach a V4 URL for the stored result, where the credentials can sign one."""
-        uri = (generation.result or {}).get("uri")
-        prefix = f"gs://{self.blobs.bucket}/"
-        if isinstance(uri, str) and uri.startswith(prefix):
-            try:
-                generation.signed_url = self.blobs.signed_url(
-                    uri.removeprefix(prefix), dt.timedelta(seconds=self.config.signed_url_ttl)
-                )
-            except BlobError as exc:
-                # Signing through IAM can fail for a moment; the result stays readable by URI.
-                log.warning("could not sign a URL for %s: %s", generation.id, exc)
+        if generation.result and generation.result_expired_at is None:
+            generation.signed_url = sign_result(
+                self.blobs, generation.result.get("uri"), self.config.signed_url_ttl
+            )
         return generation
 
     def create(

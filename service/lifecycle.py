@@ -22,12 +22,14 @@ def change_status(
     new: GenerationStatus,
     *,
     now: dt.datetime,
+    signed_url: str | None = None,
     **fields: Any,
 ) -> bool:
     """Move the generation to `new` if its current status allows it; True when it moved.
 
     A move also writes its event and queues the event's deliveries, in the same transaction;
     a move that ends a generation holding an upstream slot has the line hand that slot on.
+    `signed_url` (not stored) goes into the event's `result.url`.
     """
     values: dict[str, Any] = {"status": new, "updated_at": now, **fields}
     if new.is_terminal:
@@ -49,6 +51,7 @@ def change_status(
     held_a_slot = generation.admitted_at is not None and generation.source_found_at is None
     if new.is_terminal and held_a_slot:
         slot_freed(session)  # it held an upstream slot until now: someone waiting may have it
+    generation.signed_url = signed_url
     record_event(session, generation, new, now=now)
     return True
 

@@ -30,8 +30,10 @@ from service.images import SNIFF_BYTES, ImageKind, dimensions, sniff
 from service.lifecycle import change_status, fail_generation
 from service.metrics import GCS_UPLOAD_LATENCY
 from service.models import Generation, utcnow
+from service.result_access import output_location, schedule_expiry, sign_result
 from service.store import Store
 from service.tasks import ClaimedTask, TaskQueue
+from service.tenants import settings_by_id
 from service.worker import COMPLETED, RetryableError
 
 log = logging.getLogger("genrelay.results")
@@ -163,9 +165,13 @@ class StoreHandler:
         if generation is None or generation.status != GenerationStatus.PROCESSING:
             return None  # canceled (cancel wins) or already finished by an earlier attempt
         started = time.monotonic()
+        with self.store.read() as session:
+            settings = settings_by_id(session, generation.tenant_id)
+        bucket, prefix = output_location(self.config, settings)
         try:
             source = self._confirmed_source(generation)
-            stored, width_height = self._copy(generation, source)
+            target = self.blobs.for_bucket(bucket)
+            stored, width_height = self._copy(generation, source, target, prefix)
         except ResultRejected as rejected:
             GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
             fail_generation(self.store, generation.id, rejected.code, rejected.message)
@@ -183,10 +189,19 @@ class StoreHandler:
             "width": width,
             "height": height,
         }
+        # Signed once for every notification of this event (see service/result_access.py).
+        link = sign_result(self.blobs, stored.uri, self.config.notification_url_ttl)
         with self.store.transaction() as session:
             moved = change_status(
-                session, generation.id, GenerationStatus.SUCCEEDED, now=utcnow(), result=result
+                session,
+                generation.id,
+                GenerationStatus.SUCCEEDED,
+                now=utcnow(),
+                signed_url=link,
+                result=result,
             )
+            if moved:
+                schedule_expiry(session, self.queue, generation)
             completed = self.queue.complete_in(session, task)
         log.info(
             "stored %s (%d bytes, %s) in %.2f s",
@@ -229,7 +244,9 @@ class StoreHandler:
             raise RetryableError(f"Deep-Image reports job {job.job} as {job.status}, not complete")
         return job.result_url
 
-    def _copy(self, generation: Generation, url: str) -> tuple[StoredBlob, tuple[int, int] | None]:
+    def _copy(
+        self, generation: Generation, url: str, blobs: BlobStore, prefix: str
+    ) -> tuple[StoredBlob, tuple[int, int] | None]:
         try:
             response = self.http.get(url, stream=True, timeout=(5, 60))
         except requests.RequestException as exc:
@@ -254,8 +271,8 @@ class StoreHandler:
             )
             try:
                 kind = stream.prime()
-                name = object_name(self.config.gcs_prefix, generation, kind)
-                stored = self._write(generation, name, kind, stream, declared)
+                name = object_name(prefix, generation, kind)
+                stored = self._write(generation, blobs, name, kind, stream, declared)
             except DownloadInterrupted as exc:
                 raise RetryableError(str(exc)) from None
             return stored, stream.dimensions()
@@ -263,6 +280,7 @@ class StoreHandler:
     def _write(
         self,
         generation: Generation,
+        blobs: BlobStore,
         name: str,
         kind: ImageKind,
         stream: ResultStream,
@@ -275,7 +293,7 @@ class StoreHandler:
         }
         size = declared if declared is not None and declared <= SINGLE_REQUEST_MAX else None
         try:
-            return self.blobs.write_new(
+            return blobs.write_new(
                 name, stream, content_type=kind.content_type, metadata=metadata, size=size
             )
         except BlobAlreadyExists as exists:
@@ -287,7 +305,7 @@ class StoreHandler:
                 return exists.existing
             raise ResultRejected(
                 ErrorCode.STORAGE_CONFLICT,
-                f"gs://{self.blobs.bucket}/{name} already exists with other content",
+                f"gs://{blobs.bucket}/{name} already exists with other content",
             ) from None
         except TransientBlobError as exc:
             raise RetryableError(f"writing to GCS: {exc}") from None
