@@ -12,7 +12,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     """Build the web app; config is read from the environment when not given."""
     # Handlers import the service layer, never the reverse: the import stays local to the
     # factory so `service` can be used (worker, CLI) without the web layer loaded.
-    from handlers import callbacks, feed, generations, health, subscriptions
+    from handlers import callbacks, feed, generations, health, subscriptions, triggers
     from handlers.observability import register_observability
     from handlers.problems import ProblemApi, register_error_handlers
 
@@ -41,6 +41,8 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     api.register_blueprint(feed.events_blp)
     api.register_blueprint(feed.deliveries_blp)
     api.register_blueprint(callbacks.blp)
+    api.register_blueprint(triggers.blp)
+    api.register_blueprint(triggers.push_blp)
     api.register_blueprint(health.blp)
     register_error_handlers(app)
     register_observability(app, config.gcp_project)

@@ -21,6 +21,7 @@ from service.generations import GenerationService
 from service.housekeeping import HOUSEKEEPING, HousekeepingHandler
 from service.line import LINE, Line, LineHandler
 from service.notifications import DELIVER
+from service.oidc import TokenVerifier
 from service.ratelimit import RateLimiter
 from service.result_access import EXPIRE_POLICY, EXPIRE_RESULT, ExpireResultHandler, ResultAccess
 from service.results import STORE, StoreHandler
@@ -29,6 +30,7 @@ from service.store import Store
 from service.submission import SUBMIT, SubmitHandler
 from service.subscriptions import NotificationService
 from service.tasks import RetryPolicy, TaskQueue
+from service.triggers import TriggerService
 from service.worker import TaskRunner
 
 # Submit: 10 attempts over roughly 40 minutes before the generation fails as unavailable.
@@ -54,10 +56,12 @@ class Services:
     api_keys: ApiKeys
     rate_limiter: RateLimiter
     results: ResultAccess
+    triggers: TriggerService
     downloads: requests.Session
     webhooks: requests.Session
 
     def close(self) -> None:
+        self.triggers.verifier.close()
         self.deepimage.close()
         self.downloads.close()
         self.webhooks.close()
@@ -108,6 +112,7 @@ def build_services(
             EXPIRE_RESULT: ExpireResultHandler(store, blobs),
         },
     )
+    generations = GenerationService(store, queue, line, runner, blobs, config, policy)
     return Services(
         config=config,
         store=store,
@@ -116,12 +121,15 @@ def build_services(
         queue=queue,
         line=line,
         runner=runner,
-        generations=GenerationService(store, queue, line, runner, blobs, config, policy),
+        generations=generations,
         completion=CompletionService(store, queue, config),
         notifications=NotificationService(store, config, policy),
         api_keys=ApiKeys(store),
         rate_limiter=RateLimiter(config.rate_limit, config.rate_limit_burst),
         results=ResultAccess(store, blobs, config),
+        triggers=TriggerService(
+            store, generations, config, policy, TokenVerifier(config.oidc_certs_url)
+        ),
         downloads=downloads,
         webhooks=webhooks,
     )

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 DEFAULT_DATABASE_URL = "sqlite:///var/genrelay.db"
 DEFAULT_DEEPIMAGE_URL = "https://deep-image.ai"
+# Google's OIDC signing certificates (JSON of key id -> PEM), as google-auth reads them.
+DEFAULT_OIDC_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
 
 
@@ -39,6 +41,10 @@ class Config:
     signed_url_ttl: float = 3600.0
     # Seconds a signed URL of a gs:// input, handed to Deep-Image at submission, stays valid.
     input_url_ttl: float = 900.0
+    # Trigger pushes (service/triggers.py): where the certificates of Google-signed ID tokens
+    # are read, and the audience they must name (None: each trigger's push URL).
+    oidc_certs_url: str = DEFAULT_OIDC_CERTS_URL
+    oidc_audience: str | None = None
     # Check a completion with GET /rest_api/result/{job} before downloading (callbacks are
     # unsigned; the URL token proves who they are for, the upstream confirms what they say).
     confirm_results: bool = True
@@ -111,6 +117,9 @@ class Config:
                     "GENRELAY_INPUT_URL_TTL must be between 1 s and 7 days (V4 limit)"
                 )
             values["input_url_ttl"] = ttl
+        if (v := text("GENRELAY_OIDC_CERTS_URL")) is not None:
+            values["oidc_certs_url"] = _http_url("GENRELAY_OIDC_CERTS_URL", v)
+        values["oidc_audience"] = text("GENRELAY_OIDC_AUDIENCE")
         if (v := text("GENRELAY_CONFIRM_RESULTS")) is not None:
             values["confirm_results"] = _boolean("GENRELAY_CONFIRM_RESULTS", v)
         if (v := text("GENRELAY_MAX_RESULT_BYTES")) is not None:

@@ -7,10 +7,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from service.blobstore import BlobStore
 from service.config import Config
@@ -97,13 +99,20 @@ class GenerationService:
         return generation
 
     def create(
-        self, tenant_id: str, new: NewGeneration, *, idempotency_key: str | None = None
+        self,
+        tenant_id: str,
+        new: NewGeneration,
+        *,
+        idempotency_key: str | None = None,
+        also: Callable[[Session, str], None] | None = None,
     ) -> Intake:
         """Store the generation and let the line admit it; if it gets a slot now, submit it.
 
         One transaction stores the generation (and its key) and runs an admission pass; a
         generation admitted there gets its submit task already claimed by this request, which
         then makes the first attempt itself. Without a free slot it waits, `queued`.
+        `also(session, generation_id)` runs in that transaction (a trigger records its event
+        there, so a duplicate event rolls the generation back).
         """
         fingerprint = new.fingerprint()
         if new.webhook is not None:
@@ -157,6 +166,9 @@ class GenerationService:
                         )
                     )
                 session.flush()
+                if also is not None:
+                    also(session, generation_id)
+                    session.flush()
                 task = self.line.admit(session, now=now, claim_for=generation_id).claimed
         except IntegrityError:
             # Another request with the same key committed first: answer as it did.

@@ -349,7 +349,7 @@ class TriggerEvent(Base):
     __tablename__ = "trigger_events"
     __table_args__ = (
         sa.UniqueConstraint("trigger_id", "event_id", name="uq_trigger_events_event"),
-        sa.Index("ix_trigger_events_trigger_received", "trigger_id", "received_at", "id"),
+        sa.Index("ix_trigger_events_trigger_created", "trigger_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
@@ -363,4 +363,5 @@ class TriggerEvent(Base):
     reason: Mapped[str | None] = mapped_column(sa.Text, default=None)
     subject: Mapped[str | None] = mapped_column(sa.String(1100), default=None)
     generation_id: Mapped[str | None] = mapped_column(sa.String(40), default=None)
-    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # When it first arrived.
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

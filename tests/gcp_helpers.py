@@ -162,6 +162,14 @@ class OidcIssuer:
 # --- Fixtures (import them into a test module to use them) ------------------------------------
 
 
+@pytest.fixture
+def issuer() -> Iterator[OidcIssuer]:
+    """An OIDC issuer on loopback (its certificates URL goes in GENRELAY_OIDC_CERTS_URL)."""
+    server = OidcIssuer()
+    yield server
+    server.stop()
+
+
 @dataclasses.dataclass
 class GcpStack:
     """An app whose blob store signs with a service-account key, on the emulator."""
@@ -192,8 +200,14 @@ def signer_info() -> dict[str, str]:
 
 
 @pytest.fixture
+def gcp_config(config: Any) -> Any:
+    """The Config of the `gcp` stack (a test module may override this fixture)."""
+    return config
+
+
+@pytest.fixture
 def gcp(
-    config: Any, store: Any, gcs_server: Any, gcs_bucket: str, signer_info: dict[str, str]
+    gcp_config: Any, store: Any, gcs_server: Any, gcs_bucket: str, signer_info: dict[str, str]
 ) -> Iterator[GcpStack]:
     from google.oauth2 import service_account
 
@@ -201,12 +215,14 @@ def gcp(
     from service.bootstrap import build_services
     from tests.conftest import emulator_blob_store
 
+    config = gcp_config
     credentials = service_account.Credentials.from_service_account_info(signer_info)
     blobs = emulator_blob_store(gcs_server.url, gcs_bucket, signing_credentials=credentials)
     services = build_services(config, store=store, blobs=blobs)
     client = create_app(config, services=services).test_client()
     auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
     yield GcpStack(services, client, auth, blobs, signer_info, gcs_server)
+    services.triggers.verifier.close()
     services.deepimage.close()
     services.downloads.close()
 

@@ -68,21 +68,21 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("subject", sa.String(length=1100), nullable=True),
         sa.Column("generation_id", sa.String(length=40), nullable=True),
-        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["trigger_id"], ["triggers.id"], ondelete="CASCADE"),
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"]),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("trigger_id", "event_id", name="uq_trigger_events_event"),
     )
     op.create_index(
-        "ix_trigger_events_trigger_received",
+        "ix_trigger_events_trigger_created",
         "trigger_events",
-        ["trigger_id", "received_at", "id"],
+        ["trigger_id", "created_at", "id"],
     )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_trigger_events_trigger_received", table_name="trigger_events")
+    op.drop_index("ix_trigger_events_trigger_created", table_name="trigger_events")
     op.drop_table("trigger_events")
     op.drop_index("ix_triggers_tenant_created", table_name="triggers")
     op.drop_table("triggers")

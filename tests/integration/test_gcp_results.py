@@ -18,6 +18,7 @@ from service.tenants import Tenants
 from tests.gcp_helpers import (  # noqa: F401
     GcpStack,
     gcp,
+    gcp_config,
     public_key_of,
     signer_info,
     verify_v4_signature,
