@@ -29,7 +29,19 @@ def create_app(config: Config | None = None, *, services: Services | None = None
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
         API_SPEC_OPTIONS={
             "security": [{"bearerAuth": []}],
-            "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
+            "components": {
+                "securitySchemes": {
+                    "bearerAuth": {"type": "http", "scheme": "bearer"},
+                    # Trigger pushes: a Google-signed OIDC ID token (service/oidc.py).
+                    "googleIdToken": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "bearerFormat": "JWT",
+                        "description": "A Google-signed ID token for a service account on the "
+                        "trigger's push_accounts, with the push URL as its audience.",
+                    },
+                }
+            },
         },
         MAX_CONTENT_LENGTH=config.max_request_bytes,
     )

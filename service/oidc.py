@@ -10,7 +10,10 @@ expiry (10 s of clock skew); then the issuer (`https://accounts.google.com` or
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import json
 import re
 import threading
 import time
@@ -104,6 +107,7 @@ class TokenVerifier:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise InvalidToken("send a Google-signed ID token as 'Authorization: Bearer <token>'")
+        _require_jwt_shape(token)  # before the certificates are fetched for it
         try:
             claims = id_token.verify_token(
                 token,
@@ -128,6 +132,19 @@ class TokenVerifier:
 
     def close(self) -> None:
         self._request.close()
+
+
+def _require_jwt_shape(token: str) -> None:
+    """InvalidToken unless `token` is three base64url segments with an RS256 JSON header."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise InvalidToken("the bearer token is not a JWT (an API key is not accepted here)")
+    try:
+        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+    except (ValueError, binascii.Error):
+        raise InvalidToken("the bearer token's header is not base64url JSON") from None
+    if not isinstance(header, dict) or header.get("alg") != "RS256":
+        raise InvalidToken("the ID token must be signed with RS256")
 
 
 def _short(exc: BaseException) -> str:

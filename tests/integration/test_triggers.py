@@ -202,6 +202,8 @@ def test_pubsub_gcs_notifications_and_plain_messages_make_generations(
     ("case", "status"),
     [
         ("missing", 401),
+        ("an API key", 401),
+        ("not a JWT", 401),
         ("forged", 401),
         ("expired", 401),
         ("wrong audience", 401),
@@ -222,6 +224,8 @@ def test_pushes_without_a_good_token_from_a_listed_account_are_refused(
     audience = trigger["audience"]
     token = {
         "missing": None,
+        "an API key": gcp.auth["Authorization"].split(" ", 1)[1],
+        "not a JWT": "a.b.c",
         "forged": issuer.token(audience, PUSHER, key=new_key()),
         "expired": issuer.token(audience, PUSHER, expires_in=-600),
         "wrong audience": issuer.token("https://elsewhere.example/push", PUSHER),
