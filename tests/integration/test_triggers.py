@@ -309,3 +309,35 @@ def test_events_that_can_never_become_generations_are_acknowledged_and_recorded(
     disabled = cloudevent(gcp, trigger, token, bucket, "b.png", event_id="e9")
     assert disabled.json["event"]["status"] == "rejected"
     assert "disabled" in disabled.json["event"]["reason"]
+
+
+def test_the_same_event_pushed_at_once_from_many_threads_makes_one_generation(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    import threading
+
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket)
+    token = issuer.token(trigger["audience"], PUSHER)
+    app = gcp.client.application
+    answers: list[Any] = []
+    start = threading.Barrier(6)
+
+    def push() -> None:
+        client = app.test_client()
+        stack = GcpStack(gcp.services, client, gcp.auth, gcp.blobs, gcp.signer_info, gcp.gcs)
+        start.wait()
+        answers.append(cloudevent(stack, trigger, token, bucket, "same.png", event_id="once"))
+
+    threads = [threading.Thread(target=push) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [a.status_code for a in answers] == [200] * 6, [a.json for a in answers]
+    assert sorted(a.json["duplicate"] for a in answers) == [False] + [True] * 5
+    assert len({a.json["event"]["generation_id"] for a in answers}) == 1
+    assert len(generations(gcp)) == 1
+    assert len(events(gcp, trigger)) == 1
