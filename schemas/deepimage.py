@@ -229,6 +229,12 @@ class HttpUrl(Text):
 class ImageUrl(HttpUrl):
     """An image to read: an http(s) URL, or ``gs://bucket/object`` (genrelay signs it)."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        described = self.metadata.get("description")
+        note = "http(s) URL, or gs://bucket/object in a bucket the tenant may read."
+        self.metadata = {**self.metadata, "description": f"{described} {note}".strip()}
+
     def _deserialize(
         self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any
     ) -> str:

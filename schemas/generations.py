@@ -24,7 +24,10 @@ class GenerationCreateSchema(Schema):
     input = fields.Nested(
         ProcessRequestSchema,
         required=True,
-        metadata={"description": "A Deep-Image processing request, forwarded unchanged."},
+        metadata={
+            "description": "A Deep-Image processing request, forwarded unchanged but for "
+            "gs://bucket/object images, which Deep-Image receives as short-lived signed URLs."
+        },
     )
     webhook = fields.Url(
         schemes={"http", "https"},

@@ -341,3 +341,24 @@ def test_the_same_event_pushed_at_once_from_many_threads_makes_one_generation(
     assert len({a.json["event"]["generation_id"] for a in answers}) == 1
     assert len(generations(gcp)) == 1
     assert len(events(gcp, trigger)) == 1
+
+
+def test_the_openapi_document_describes_triggers_gs_inputs_output_and_retention(
+    gcp: GcpStack,  # noqa: F811
+) -> None:
+    document = gcp.client.get("/openapi.json").json
+    paths = document["paths"]
+    for path in ("/v1/triggers", "/v1/triggers/{trigger_id}", "/v1/triggers/{trigger_id}/events"):
+        assert path in paths
+    push = paths["/v1/triggers/{trigger_id}/push"]["post"]
+    assert push["security"] == [{"googleIdToken": []}]
+    assert {"200", "401", "403", "503"} <= set(push["responses"])
+    assert "googleIdToken" in document["components"]["securitySchemes"]
+    result = paths["/v1/generations/{generation_id}/result"]
+    assert "302" in result["get"]["responses"] and "delete" in result
+    schemas = document["components"]["schemas"]
+    assert "retention" in schemas["GenerationCreate"]["properties"]
+    assert "expired_at" in schemas["Result"]["properties"]
+    assert "push_url" in schemas["Trigger"]["properties"]
+    replace = schemas["DeepImageBackground"]["properties"]["replace"]["description"]
+    assert "gs://bucket/object" in replace
