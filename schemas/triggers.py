@@ -10,6 +10,8 @@ from service.triggers import SOURCES
 
 EVENT_STATUSES = ("accepted", "rejected", "skipped")
 MAX_PUSH_ACCOUNTS = 20
+# A generation takes 50 metadata keys; a trigger adds `trigger` and `object`.
+MAX_TRIGGER_METADATA_KEYS = 48
 
 
 class _TriggerFields(Schema):
@@ -42,7 +44,11 @@ class _TriggerFields(Schema):
     metadata = fields.Dict(
         keys=fields.String(validate=validate.Length(min=1, max=40)),
         values=fields.String(validate=validate.Length(max=500)),
-        metadata={"description": "Copied to every generation (with `trigger` and `object`)."},
+        validate=validate.Length(max=MAX_TRIGGER_METADATA_KEYS),
+        metadata={
+            "description": "Copied to every generation, with `trigger` and `object` added "
+            f"(so at most {MAX_TRIGGER_METADATA_KEYS} keys of your own)."
+        },
     )
     webhook = fields.Url(
         schemes={"http", "https"},

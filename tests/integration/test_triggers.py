@@ -100,6 +100,14 @@ def test_triggers_are_created_listed_changed_and_deleted(gcp: GcpStack) -> None:
     assert bad_template.status_code == 422
     assert [e["field"] for e in bad_template.json["errors"]] == ["input.width"]
 
+    too_much = gcp.client.post(
+        "/v1/triggers",
+        json={"source": "gcs", "bucket": bucket, "push_accounts": [PUSHER],
+              "metadata": {f"k{i}": "v" for i in range(49)}},
+        headers=gcp.auth,
+    )  # fmt: skip
+    assert [e["field"] for e in too_much.json["errors"]] == ["metadata"]
+
     made = make_trigger(gcp, bucket=bucket, name_prefix="in/", name_suffix=".png")
     assert made["push_url"] == f"http://localhost/v1/triggers/{made['id']}/push"
     assert made["audience"] == made["push_url"]
