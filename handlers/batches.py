@@ -41,13 +41,12 @@ from schemas.batches import (
 from schemas.deepimage import ProcessRequestSchema
 from schemas.generations import MAX_METADATA_KEYS, GenerationPageSchema
 from schemas.problems import ProblemSchema
-from service.batches import NewBatch, NewBatchItem
+from service.batches import MAX_REPORTED_ERRORS, NewBatch, NewBatchItem
 from service.errors import InvalidRequest
 
 NDJSON = "application/x-ndjson"
 # Room for one item with a large inline (base64) image; the body limit (25 MiB) bounds the rest.
 MAX_LINE_BYTES = 20 * 1024 * 1024
-MAX_REPORTED_ERRORS = 100  # a 422 names at most this many fields
 
 blp = Blueprint(
     "batches",

@@ -95,3 +95,26 @@ def get_generation(generation_id: str) -> Any:
 def cancel_generation(generation_id: str) -> Any:
     """Cancel a queued or processing generation."""
     return services().generations.cancel(tenant_id(), generation_id)
+
+
+@blp.route("/<string:generation_id>/result", methods=["GET"])
+@blp.response(302, description="Redirects to a fresh V4 signed URL of the stored image")
+@blp.alt_response(404, schema=ProblemSchema)
+@blp.alt_response(409, schema=ProblemSchema, description="The generation has no stored result")
+@blp.alt_response(410, schema=ProblemSchema, description="The result has been deleted")
+@blp.alt_response(501, schema=ProblemSchema, description="The credentials cannot sign URLs")
+def get_result(generation_id: str) -> Any:
+    """Download the result: a redirect to a signed URL, made now."""
+    url = services().results.link(tenant_id(), generation_id)
+    return flask.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
+
+
+@blp.route("/<string:generation_id>/result", methods=["DELETE"])
+@blp.response(200, GenerationSchema)
+@blp.alt_response(404, schema=ProblemSchema)
+@blp.alt_response(409, schema=ProblemSchema, description="The generation has no stored result")
+def delete_result(generation_id: str) -> Any:
+    """Delete the stored image now (the generation stays, with `result.expired_at`)."""
+    tenant = tenant_id()
+    services().results.delete(tenant, generation_id)
+    return services().generations.get(tenant, generation_id)

@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validates_schema
 
+from service.gcs_urls import gs_url_problem
+
 __all__ = [
     "ADAPTER_TYPES",
     "ANY_IMAGE",
@@ -173,10 +175,17 @@ _WHITESPACE_OR_CONTROL_RE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 # Kinds of reference. `url` and `background.replace` take Deep-Image's ImageUrl type (a web URL,
 # a base64 image or a storage file); the fields the docs describe only as "URL" take web URLs.
-HTTP, BASE64, STORAGE = "http", "base64", "storage"
-ANY_IMAGE = frozenset({HTTP, BASE64, STORAGE})
-WEB_IMAGE = frozenset({HTTP})
-_KIND_NAMES = {HTTP: "an http(s) URL", BASE64: "base64,… data", STORAGE: "storage://name/path"}
+# Every one of them may also be `gs://bucket/object`: genrelay checks the tenant may read that
+# bucket and forwards a short-lived signed https URL instead (service/gcp_access.py).
+HTTP, BASE64, STORAGE, GCS = "http", "base64", "storage", "gcs"
+ANY_IMAGE = frozenset({HTTP, BASE64, STORAGE, GCS})
+WEB_IMAGE = frozenset({HTTP, GCS})
+_KIND_NAMES = {
+    HTTP: "an http(s) URL",
+    BASE64: "base64,… data",
+    STORAGE: "storage://name/path",
+    GCS: "gs://bucket/object",
+}
 
 
 def _http_problem(value: str) -> str | None:
@@ -222,6 +231,8 @@ def image_reference_problem(value: str, kinds: frozenset[str]) -> str | None:
             # Deep-Image: "File path not specified" / "Found folder instead of file".
             return "A storage image looks like storage://storage_name/path/to/file."
         return None
+    if value.startswith("gs://") and GCS in kinds:
+        return gs_url_problem(value)
     problem = _http_problem(value)
     if problem and kinds != WEB_IMAGE:
         accepted = ", ".join(_KIND_NAMES[kind] for kind in sorted(kinds))
@@ -658,7 +669,7 @@ class DeepImageBackgroundSchema(_Strict):
     prompt = _text('What stays in the foreground; has an effect with remove "generative".')
     color = _text("Colour of the new background: auto, transparent, #RRGGBB, rgb(), a name…")
     replace = ImageReference(
-        ANY_IMAGE, metadata=_meta("Backdrop image: http(s) URL, base64,… or storage://.")
+        ANY_IMAGE, metadata=_meta("Backdrop image: http(s) URL, base64,…, storage:// or gs://bucket/object.")
     )
     generate = fields.Nested(
         DeepImageGenerateSchema, metadata=_meta("Generate a new image or background.")
@@ -716,7 +727,8 @@ class DeepImageProcessRequestSchema(_Strict):
 
     url = ImageReference(
         ANY_IMAGE,
-        metadata=_meta("Input image: http(s) URL, base64,… / data:image/…;base64,… or storage://."),
+        metadata=_meta("Input image: http(s) URL, base64,… / data:image/…;base64,…, storage:// or "
+            "gs://bucket/object (signed by genrelay)."),
     )
     width = PixelsOrPercent(
         min_pixels=1, metadata=_meta('Output width in pixels, or a scale such as "200%".')

@@ -21,6 +21,7 @@ from marshmallow import (
 
 from schemas.deepimage import ProcessRequestSchema, base64_payload
 from service.domain import EVENT_TYPES, GenerationStatus
+from service.tenants import MAX_RETENTION
 
 MAX_METADATA_KEYS = 50
 METADATA_KEY_MAX, METADATA_VALUE_MAX = 40, 500
@@ -37,7 +38,10 @@ class GenerationCreateSchema(Schema):
     input = fields.Nested(
         ProcessRequestSchema,
         required=True,
-        metadata={"description": "A Deep-Image processing request, forwarded unchanged."},
+        metadata={
+            "description": "A Deep-Image processing request, forwarded unchanged but for "
+            "gs://bucket/object images, which Deep-Image receives as short-lived signed URLs."
+        },
     )
     webhook = fields.Url(
         schemes={"http", "https"},
@@ -73,6 +77,16 @@ class GenerationCreateSchema(Schema):
             "description": "RFC 3339 time with a zone. Still waiting for a Deep-Image slot "
             "then, the generation is canceled with `error.code` `deadline_exceeded`, never "
             "submitted and never charged."
+        },
+    )
+
+    retention = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=1, max=MAX_RETENTION),
+        metadata={
+            "description": "Seconds to keep the stored result; then it is deleted and the "
+            "generation shows `result.expired_at`. Default: the tenant's setting (forever "
+            "unless the operator set one)."
         },
     )
 
@@ -151,13 +165,24 @@ class UpstreamSchema(Schema):
 
 
 class ResultSchema(Schema):
-    uri = fields.String()
-    url = fields.String()
+    uri = fields.String(metadata={"description": "gs://bucket/name of the stored image."})
+    url = fields.String(
+        metadata={
+            "description": "A V4 signed download URL, made when shown (absent where the "
+            "credentials cannot sign, and once the result has expired)."
+        }
+    )
     content_type = fields.String()
     size = fields.Integer()
     crc32c = fields.String()
     width = fields.Integer()
     height = fields.Integer()
+    expired_at = fields.AwareDateTime(
+        metadata={
+            "description": "When the stored image was deleted (its retention ran out, or "
+            "DELETE /v1/generations/{id}/result); absent while it is kept."
+        }
+    )
 
 
 class ErrorSchema(Schema):
@@ -188,6 +213,11 @@ class GenerationSchema(Schema):
     )
     batch_id = fields.String(allow_none=True)
     custom_id = fields.String(allow_none=True)
+    retention = fields.Integer(
+        attribute="retention_seconds",
+        allow_none=True,
+        metadata={"description": "Seconds the result is kept; null: forever."},
+    )
     upstream = fields.Method("_upstream", metadata={"type": "object"})
     result = fields.Nested(ResultSchema, allow_none=True)
     error = fields.Method("_error", allow_none=True)
@@ -201,6 +231,10 @@ class GenerationSchema(Schema):
         # Signed when shown (it expires), so it lives beside the stored result, not in it.
         if data.get("result") is not None and getattr(generation, "signed_url", None):
             data["result"]["url"] = generation.signed_url
+        expired_at = getattr(generation, "result_expired_at", None)
+        if data.get("result") is not None and expired_at is not None:
+            data["result"].pop("url", None)
+            data["result"]["expired_at"] = expired_at.isoformat()
         return data
 
     def _error(self, generation: Any) -> dict[str, Any] | None:
@@ -210,7 +244,7 @@ class GenerationSchema(Schema):
 
     def _links(self, generation: Any) -> dict[str, str]:
         base = f"/v1/generations/{generation.id}"
-        return {"self": base, "cancel": base + "/cancel"}
+        return {"self": base, "cancel": base + "/cancel", "result": base + "/result"}
 
 
 # Where Deep-Image takes inline (base64) image data; see schemas/deepimage.py.

@@ -18,7 +18,15 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     """Build the web app; config is read from the environment when not given."""
     # Handlers import the service layer, never the reverse: the import stays local to the
     # factory so `service` can be used (worker, CLI) without the web layer loaded.
-    from handlers import batches, callbacks, feed, generations, health, subscriptions
+    from handlers import (
+        batches,
+        callbacks,
+        feed,
+        generations,
+        health,
+        subscriptions,
+        triggers,
+    )
     from handlers.observability import register_observability
     from handlers.problems import ProblemApi, refuse_unstorable_url, register_error_handlers
 
@@ -35,7 +43,19 @@ def create_app(config: Config | None = None, *, services: Services | None = None
         OPENAPI_SWAGGER_UI_URL=SWAGGER_UI_PATH,
         API_SPEC_OPTIONS={
             "security": [{"bearerAuth": []}],
-            "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
+            "components": {
+                "securitySchemes": {
+                    "bearerAuth": {"type": "http", "scheme": "bearer"},
+                    # Trigger pushes: a Google-signed OIDC ID token (service/oidc.py).
+                    "googleIdToken": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "bearerFormat": "JWT",
+                        "description": "A Google-signed ID token for a service account on the "
+                        "trigger's push_accounts, with the push URL as its audience.",
+                    },
+                }
+            },
         },
         MAX_CONTENT_LENGTH=config.max_request_bytes,
     )
@@ -48,6 +68,8 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     api.register_blueprint(feed.events_blp)
     api.register_blueprint(feed.deliveries_blp)
     api.register_blueprint(callbacks.blp)
+    api.register_blueprint(triggers.blp)
+    api.register_blueprint(triggers.push_blp)
     api.register_blueprint(health.blp)
     register_error_handlers(app)
     app.add_url_rule(

@@ -37,7 +37,8 @@ from service.batch_progress import (
     view,
 )
 from service.domain import BatchStatus, GenerationStatus
-from service.errors import Conflict, IdempotencyKeyReused, NotFound
+from service.errors import Conflict, IdempotencyKeyReused, InvalidRequest, NotFound
+from service.gcp_access import access_problems
 from service.generations import IDEMPOTENCY_TTL, record_first_response
 from service.ids import new_id
 from service.lifecycle import change_status
@@ -48,10 +49,12 @@ from service.ssrf import URLPolicy
 from service.store import Store
 from service.subscriptions import require_safe_target
 from service.tasks import ClaimedTask, TaskQueue
+from service.tenants import TenantSettings, settings_by_id
 
 log = logging.getLogger("genrelay.batches")
 
 INSERT_CHUNK = 1000  # generation rows per bulk INSERT
+MAX_REPORTED_ERRORS = 100  # field errors listed in one 422 (the detail counts them all)
 CANCEL_CHUNK = 250  # items canceled per transaction
 CANCEL_BUDGET = 3.0  # seconds a cancel request spends canceling; a task does the rest
 CANCEL_BATCH = "cancel_batch"
@@ -111,6 +114,22 @@ class BatchIntake:
     replay: tuple[int, dict[str, Any]] | None = None
 
 
+def _require_item_access(settings: TenantSettings, items: Sequence[NewBatchItem]) -> None:
+    """The tenant's allow-lists (gs:// buckets, storage:// names) hold for every item, as for a
+    single generation; InvalidRequest naming each field as `items[i].input...`."""
+    problems = [
+        {"field": f"items[{index}].{problem['field']}", "message": problem["message"]}
+        for index, item in enumerate(items)
+        for problem in access_problems(settings, item.input)
+    ]
+    if problems:
+        raise InvalidRequest(
+            f"{len({p['field'].split('.')[0] for p in problems})} of {len(items)} items name "
+            "storage the tenant may not use",
+            errors=problems[:MAX_REPORTED_ERRORS],
+        )
+
+
 class BatchService:
     """Owns the transactions of every batch use case."""
 
@@ -126,6 +145,9 @@ class BatchService:
         """Store the batch and its generations in one transaction; admit what fits now."""
         if new.webhook is not None:
             require_safe_target(self.policy, new.webhook, "webhook")
+        with self.store.read() as session:
+            settings = settings_by_id(session, tenant_id)
+        _require_item_access(settings, new.items)
         fingerprint = new.fingerprint() if idempotency_key is not None else ""
         if idempotency_key is not None:
             earlier = self._replay(tenant_id, idempotency_key, fingerprint)
@@ -170,7 +192,8 @@ class BatchService:
                     )
                 )
                 session.flush()
-                for chunk in _chunks(self._rows(tenant_id, batch_id, new, now), INSERT_CHUNK):
+                rows = self._rows(tenant_id, batch_id, new, now, settings.retention)
+                for chunk in _chunks(rows, INSERT_CHUNK):
                     session.execute(sa.insert(Generation), chunk)
                 admitted = self.line.admit(session, now=now).admitted
         except IntegrityError:
@@ -191,7 +214,7 @@ class BatchService:
 
     @staticmethod
     def _rows(
-        tenant_id: str, batch_id: str, new: NewBatch, now: dt.datetime
+        tenant_id: str, batch_id: str, new: NewBatch, now: dt.datetime, retention: int | None
     ) -> Iterator[dict[str, Any]]:
         # Sorted: items created in the same millisecond keep their order in the line.
         ids = sorted(new_id("gen_") for _ in new.items)
@@ -208,6 +231,7 @@ class BatchService:
                 "deadline_at": new.deadline,
                 "batch_id": batch_id,
                 "custom_id": item.custom_id,
+                "retention_seconds": retention,
                 "created_at": now,
                 "updated_at": now,
             }

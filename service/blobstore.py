@@ -158,6 +158,14 @@ class BlobStore(Protocol):
         """Readiness: raise BlobError when the bucket is not reachable."""
         ...
 
+    def delete(self, name: str) -> bool:
+        """Delete `name`; False when there was no such object."""
+        ...
+
+    def for_bucket(self, bucket: str) -> BlobStore:
+        """The same store (client, credentials, options) on another bucket."""
+        ...
+
 
 class GcsBlobStore:
     """`BlobStore` on one Google Cloud Storage bucket through google-cloud-storage.
@@ -178,6 +186,7 @@ class GcsBlobStore:
         timeout: float | tuple[float, float] = (10, 120),
         signing_service_account: str | None = None,
         retry_timeout: float = 30.0,
+        signing_credentials: Any = None,
     ) -> None:
         # Imported here, not at module import: loading google-cloud-storage is slow and only
         # processes that actually store blobs need it.
@@ -190,6 +199,11 @@ class GcsBlobStore:
         self.chunk_size = chunk_size
         self.timeout = timeout
         self.signing_service_account = signing_service_account
+        # Credentials that sign URLs when the client's own cannot (a service-account key
+        # beside an anonymous emulator client, in development and tests).
+        self.signing_credentials = signing_credentials
+        self._retry_timeout = retry_timeout
+        self._other_buckets: dict[str, GcsBlobStore] = {}
         self._owns_client = client is None
         # Nothing is contacted here; without a client, storage.Client() finds the application
         # default credentials (on GCE/Cloud Run that may ask the metadata server).
@@ -217,6 +231,15 @@ class GcsBlobStore:
                 credentials=AnonymousCredentials(),
                 client_options={"api_endpoint": emulator},
             )
+            key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "").strip()
+            if key_file and "signing_credentials" not in kwargs:
+                # The emulator takes no credentials, but a service-account key can still sign
+                # URLs pointing at it (the emulator does not check their signatures).
+                from google.oauth2 import service_account
+
+                kwargs["signing_credentials"] = (
+                    service_account.Credentials.from_service_account_file(key_file)
+                )
         else:
             try:
                 client = storage.Client()
@@ -269,13 +292,41 @@ class GcsBlobStore:
             _raise_classified(exc, f"reading gs://{self.bucket}/{name}")
         return None if blob is None else self._stored(blob)
 
+    def for_bucket(self, bucket: str) -> GcsBlobStore:
+        """The same client, credentials and options on `bucket` (this store for its own)."""
+        if bucket == self.bucket:
+            return self
+        other = self._other_buckets.get(bucket)
+        if other is None:
+            other = GcsBlobStore(
+                bucket,
+                client=self._client,
+                chunk_size=self.chunk_size,
+                timeout=self.timeout,
+                signing_service_account=self.signing_service_account,
+                retry_timeout=self._retry_timeout,
+                signing_credentials=self.signing_credentials,
+            )
+            self._other_buckets[bucket] = other
+        return other
+
+    def delete(self, name: str) -> bool:
+        """Delete `name`; False when it was not there (already deleted counts as done)."""
+        try:
+            self._bucket.blob(name).delete(timeout=self.timeout, retry=self._retry)
+        except Exception as exc:
+            if _status_of(exc) == http.client.NOT_FOUND:
+                return False
+            _raise_classified(exc, f"deleting gs://{self.bucket}/{name}")
+        return True
+
     def signed_url(self, name: str, expires_in: datetime.timedelta) -> str | None:
         """A V4 GET URL for `name`; None when the credentials cannot sign (anonymous, emulator)."""
         from google.auth.credentials import AnonymousCredentials, Signing
 
         if not datetime.timedelta(0) < expires_in <= MAX_SIGNED_URL_LIFETIME:
             raise ValueError(f"expires_in must be within (0, 7 days], not {expires_in}")
-        credentials = self._client._credentials
+        credentials = self.signing_credentials or self._client._credentials
         options: dict[str, Any] = {
             "version": "v4",
             "expiration": expires_in,
@@ -357,6 +408,22 @@ class FakeBlobStore:
         self._objects: dict[str, tuple[StoredBlob, bytes]] = {}
         self._generations = itertools.count(1)
         self._lock = threading.Lock()
+        self._buckets: dict[str, FakeBlobStore] = {bucket: self}
+
+    def for_bucket(self, bucket: str) -> FakeBlobStore:
+        """Another in-memory bucket beside this one (made on first use)."""
+        other = self._buckets.get(bucket)
+        if other is None:
+            other = FakeBlobStore(bucket, can_sign=self.can_sign)
+            other._buckets = self._buckets
+            self._buckets[bucket] = other
+        return other
+
+    def delete(self, name: str) -> bool:
+        """Delete `name`; False when it was not there."""
+        self._require_available()
+        with self._lock:
+            return self._objects.pop(name, None) is not None
 
     def write_new(
         self,

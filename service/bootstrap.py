@@ -22,13 +22,16 @@ from service.generations import GenerationService
 from service.housekeeping import HOUSEKEEPING, HousekeepingHandler
 from service.line import LINE, Line, LineHandler
 from service.notifications import DELIVER
+from service.oidc import TokenVerifier
 from service.ratelimit import BAD_KEY_RATE, BadKeyLimiter, RateLimiter
+from service.result_access import EXPIRE_POLICY, EXPIRE_RESULT, ExpireResultHandler, ResultAccess
 from service.results import STORE, StoreHandler, download_session
 from service.ssrf import URLPolicy, pinned_session, timed_resolver
 from service.store import Store
 from service.submission import SUBMIT, SubmitHandler
 from service.subscriptions import NotificationService
 from service.tasks import RetryPolicy, TaskQueue
+from service.triggers import TriggerService
 from service.worker import TaskRunner
 
 # Submit: 10 attempts over roughly 40 minutes before the generation fails as unavailable.
@@ -57,10 +60,13 @@ class Services:
     api_keys: ApiKeys
     rate_limiter: RateLimiter
     bad_keys: BadKeyLimiter
+    results: ResultAccess
+    triggers: TriggerService
     downloads: requests.Session
     webhooks: requests.Session
 
     def close(self) -> None:
+        self.triggers.verifier.close()
         self.deepimage.close()
         self.downloads.close()
         self.webhooks.close()
@@ -89,6 +95,7 @@ def build_services(
             SUBMIT: SUBMIT_POLICY,
             STORE: STORE_POLICY,
             POLL: POLL_POLICY,
+            EXPIRE_RESULT: EXPIRE_POLICY,
             **(policies or {}),
         },
         lease_seconds=config.task_lease,
@@ -107,14 +114,18 @@ def build_services(
     runner = TaskRunner(
         queue,
         {
-            SUBMIT: SubmitHandler(store, queue, deepimage, config, line),
+            SUBMIT: SubmitHandler(store, queue, deepimage, config, line, blobs=blobs),
             STORE: StoreHandler(store, queue, deepimage, blobs, config, http=downloads),
             POLL: PollHandler(store, queue, deepimage, config),
             DELIVER: DeliverHandler(store, queue, config, webhooks),
             HOUSEKEEPING: HousekeepingHandler(store),
             LINE: LineHandler(line),
             CANCEL_BATCH: CancelBatchHandler(batches),
+            EXPIRE_RESULT: ExpireResultHandler(store, blobs),
         },
+    )
+    generations = GenerationService(
+        store, queue, line, runner, blobs, config, request_policy
     )
     return Services(
         config=config,
@@ -124,9 +135,7 @@ def build_services(
         queue=queue,
         line=line,
         runner=runner,
-        generations=GenerationService(
-            store, queue, line, runner, blobs, config, request_policy
-        ),
+        generations=generations,
         batches=batches,
         completion=CompletionService(store, queue, config),
         notifications=NotificationService(store, config, request_policy),
@@ -134,6 +143,10 @@ def build_services(
         rate_limiter=RateLimiter(config.rate_limit, config.rate_limit_burst),
         # Off with the per-key limit (GENRELAY_RATE_LIMIT=0).
         bad_keys=BadKeyLimiter(rate=BAD_KEY_RATE if config.rate_limit > 0 else 0),
+        results=ResultAccess(store, blobs, config),
+        triggers=TriggerService(
+            store, generations, config, request_policy, TokenVerifier(config.oidc_certs_url)
+        ),
         downloads=downloads,
         webhooks=webhooks,
     )

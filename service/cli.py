@@ -99,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     tenants = commands.add_parser("tenants", help="show and change tenants' settings")
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
     tenants_list = tenant_commands.add_parser(
-        "list", help="one line per tenant: name, id, weight, max in flight"
+        "list",
+        help="one line per tenant: name, id, weight, max in flight, input buckets, storages, "
+        "output, retention",
     )
     tenants_list.set_defaults(run=_tenants_list)
     show = tenant_commands.add_parser("show", help="one tenant's settings")
@@ -117,6 +119,38 @@ def _parser() -> argparse.ArgumentParser:
         type=_cap,
         default=argparse.SUPPRESS,  # absent unless given: 'none' (None) removes the cap
         help="at most this many of its jobs at Deep-Image at once; 'none' removes the cap",
+    )
+    set_.add_argument(
+        "--allow-input-bucket",
+        action="append",
+        metavar="BUCKET",
+        help="add a GCS bucket its gs:// inputs may name (repeatable)",
+    )
+    set_.add_argument(
+        "--input-buckets",
+        type=_names,
+        metavar="A,B",
+        help="the GCS buckets its gs:// inputs may name, replacing the list ('' or none: none)",
+    )
+    set_.add_argument(
+        "--storages",
+        type=_names,
+        metavar="A,B",
+        help="the Deep-Image storage:// names it may use in url and target ('' or none: none)",
+    )
+    set_.add_argument(
+        "--output",
+        type=_output,
+        default=argparse.SUPPRESS,
+        metavar="gs://BUCKET/PREFIX",
+        help="where its results are stored; 'default' goes back to GENRELAY_GCS_BUCKET/PREFIX",
+    )
+    set_.add_argument(
+        "--retention",
+        type=_retention,
+        default=argparse.SUPPRESS,
+        metavar="30d|3600|none",
+        help="how long its results are kept (seconds, or with s/m/h/d); 'none': forever",
     )
     set_.set_defaults(run=_tenants_set)
 
@@ -267,10 +301,44 @@ def _cap(value: str) -> int | None:
     return int(value)
 
 
+def _names(value: str) -> list[str]:
+    if value.strip().lower() in ("", "none"):
+        return []
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _output(value: str) -> str | None:
+    return None if value.strip().lower() == "default" else value.strip()
+
+
+def _retention(value: str) -> int | None:
+    from service.tenants import InvalidSetting, parse_duration
+
+    if value.strip().lower() in ("none", "forever"):
+        return None
+    try:
+        return parse_duration(value)
+    except InvalidSetting as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _tenant_line(settings: Any) -> str:
     cap = "-" if settings.max_in_flight is None else str(settings.max_in_flight)
+    buckets = ",".join(settings.allowed_input_buckets) or "-"
+    storages = ",".join(settings.allowed_storages) or "-"
+    output = settings.output or "default"
+    retention = "forever" if settings.retention is None else f"{settings.retention}s"
     return "\t".join(
-        (settings.name, settings.id, f"weight={settings.weight}", f"max_in_flight={cap}")
+        (
+            settings.name,
+            settings.id,
+            f"weight={settings.weight}",
+            f"max_in_flight={cap}",
+            f"input_buckets={buckets}",
+            f"storages={storages}",
+            f"output={output}",
+            f"retention={retention}",
+        )
     )
 
 
@@ -310,6 +378,11 @@ def _tenants_set(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {
         "weight": args.weight,
         "max_in_flight": vars(args).get("max_in_flight", UNCHANGED),
+        "input_buckets": args.input_buckets,
+        "add_input_buckets": args.allow_input_bucket,
+        "storages": args.storages,
+        "output": vars(args).get("output", UNCHANGED),
+        "retention": vars(args).get("retention", UNCHANGED),
     }
     return _with_tenants(lambda tenants: [_tenant_line(tenants.set(args.tenant, **changes))])
 

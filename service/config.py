@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 DEFAULT_DATABASE_URL = "sqlite:///var/genrelay.db"
 DEFAULT_DEEPIMAGE_URL = "https://deep-image.ai"
+# Google's OIDC signing certificates (JSON of key id -> PEM), as google-auth reads them.
+DEFAULT_OIDC_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
 # Where Deep-Image's result URLs point besides its own host: its API documentation shows
 # both https://deep-image.ai/images/{date}/{uuid}.jpg and this S3 bucket (OpenAPI example).
@@ -40,6 +42,12 @@ class Config:
     # Service account that signs result URLs through IAM (Cloud Run has no private key).
     gcs_signing_account: str | None = None
     signed_url_ttl: float = 3600.0
+    # Seconds a signed URL of a gs:// input, handed to Deep-Image at submission, stays valid.
+    input_url_ttl: float = 900.0
+    # Trigger pushes (service/triggers.py): where the certificates of Google-signed ID tokens
+    # are read, and the audience they must name (None: each trigger's push URL).
+    oidc_certs_url: str = DEFAULT_OIDC_CERTS_URL
+    oidc_audience: str | None = None
     # Check a completion with GET /rest_api/result/{job} before downloading (callbacks are
     # unsigned; the URL token proves who they are for, the upstream confirms what they say).
     confirm_results: bool = True
@@ -110,6 +118,16 @@ class Config:
                     "GENRELAY_SIGNED_URL_TTL must be between 1 s and 7 days (V4 limit)"
                 )
             values["signed_url_ttl"] = ttl
+        if (v := text("GENRELAY_INPUT_URL_TTL")) is not None:
+            ttl = _seconds("GENRELAY_INPUT_URL_TTL", v)
+            if not 1 <= ttl <= 7 * 24 * 3600:
+                raise ConfigError(
+                    "GENRELAY_INPUT_URL_TTL must be between 1 s and 7 days (V4 limit)"
+                )
+            values["input_url_ttl"] = ttl
+        if (v := text("GENRELAY_OIDC_CERTS_URL")) is not None:
+            values["oidc_certs_url"] = _http_url("GENRELAY_OIDC_CERTS_URL", v)
+        values["oidc_audience"] = text("GENRELAY_OIDC_AUDIENCE")
         if (v := text("GENRELAY_CONFIRM_RESULTS")) is not None:
             values["confirm_results"] = _boolean("GENRELAY_CONFIRM_RESULTS", v)
         if (v := text("GENRELAY_MAX_RESULT_BYTES")) is not None:
@@ -190,6 +208,18 @@ class Config:
             return self.result_hosts
         own = (urlsplit(self.deepimage_url).hostname or "").lower()
         return tuple(dict.fromkeys(h for h in (own, DEEPIMAGE_RESULT_STORE) if h))
+
+    @property
+    def notification_url_ttl(self) -> float:
+        """Seconds the `result.url` in a notification stays valid.
+
+        The URL is signed once, when the event's deliveries are written, because every
+        attempt sends (and signs) the same stored bytes; it must outlive the whole retry
+        schedule, so it lasts the schedule plus an hour (at least GENRELAY_SIGNED_URL_TTL,
+        at most the V4 limit of 7 days).
+        """
+        schedule = sum(self.webhook_retry_schedule) * 1.2  # the jitter stretches it by 20 %
+        return min(7 * 24 * 3600.0, max(self.signed_url_ttl, schedule + 3600.0))
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with some fields changed (tests, dev mode)."""

@@ -24,9 +24,12 @@ from service.auth import ApiKeys
 from service.migrate import upgrade_to_head
 from service.notifications import tenant_webhook_secret
 from service.store import Store
+from service.tenants import Tenants
 
 DEV_DEEPIMAGE_KEY = "sim-key"
 DEV_BUCKET = "genrelay-dev"
+# The dev tenant may name gs://genrelay-dev-inputs/... as input images.
+DEV_INPUT_BUCKET = "genrelay-dev-inputs"
 TEXT_ONLY_EXAMPLE = {
     "width": 2048,
     "height": 1024,
@@ -73,13 +76,16 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     assert tenant_id is not None
     with store.transaction() as session:
         inbox_secret = tenant_webhook_secret(session, tenant_id)
+    Tenants(store).set("dev", add_input_buckets=[DEV_INPUT_BUCKET])
     store.dispose()
+    signer = dev_signing_key(var)
 
     from service.gcs_emulator import FakeGcsServer
 
     # Objects survive restarts with the filesystem backend, like the SQLite file beside them.
     gcs = FakeGcsServer(backend="filesystem", root=var / "gcs", log_path=var / "gcs.log").start()
     gcs.create_bucket(DEV_BUCKET)
+    gcs.create_bucket(DEV_INPUT_BUCKET)
     simulator_port = free_port()
     inbox_port = free_port()
     env = {
@@ -92,6 +98,10 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
         "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
         "GENRELAY_GCS_BUCKET": DEV_BUCKET,
         "STORAGE_EMULATOR_HOST": gcs.url,
+        # A throwaway service-account key signs result.url and gs:// inputs for the emulator.
+        "GOOGLE_APPLICATION_CREDENTIALS": os.environ.get(
+            "GOOGLE_APPLICATION_CREDENTIALS", str(signer)
+        ),
         "GENRELAY_WEB_PROCESSES": "1",
         "PORT": str(port),
     }
@@ -99,7 +109,15 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     command = [sys.executable, "-m", "service.cli"]
     processes = [
         subprocess.Popen(  # noqa: S603
-            [*command, "simulator", "--port", str(simulator_port), "--api-key", DEV_DEEPIMAGE_KEY],
+            [
+                *command,
+                "simulator",
+                "--port",
+                str(simulator_port),
+                "--api-key",
+                DEV_DEEPIMAGE_KEY,
+                "--fetch-inputs",  # downloads gs:// inputs through their signed URLs
+            ],
             env=env,
         ),
         subprocess.Popen(  # noqa: S603
@@ -138,6 +156,33 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     return 0 if stopping else 1
 
 
+def dev_signing_key(var: Path) -> Path:
+    """A throwaway service-account key file in var/ (made once): it signs URLs for the local
+    emulator, which does not check signatures. It is no key of any real account."""
+    path = var / "dev-signer.json"
+    if path.exists():
+        return path
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    info = {
+        "type": "service_account",
+        "project_id": "genrelay-local",
+        "private_key_id": "dev",
+        "private_key": pem,
+        "client_email": "dev-signer@genrelay-local.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    path.write_text(json.dumps(info))
+    path.chmod(0o600)
+    return path
+
+
 def _banner(port: int, api_key: str, gcs_url: str, inbox_port: int) -> str:
     inbox = f"http://127.0.0.1:{inbox_port}/"
     body = json.dumps({"input": TEXT_ONLY_EXAMPLE, "webhook": inbox})
@@ -155,10 +200,15 @@ Try the seed's text-only example:
     -d '{body}'
 
 then GET {base}/v1/generations/<id> with the same Authorization header: within a few
-seconds its status is "succeeded" and result.uri is gs://{DEV_BUCKET}/<object>. The local GCS
-emulator serves it at {gcs_url}/{DEV_BUCKET}/<object>:
+seconds its status is "succeeded" and result.uri is gs://{DEV_BUCKET}/<object>; result.url (and
+the notification's) is a signed link to the local GCS emulator, and so is the redirect of
 
-  curl -s -o result.png {gcs_url}/{DEV_BUCKET}/<object>
+  curl -s -L -o result.png -H 'Authorization: Bearer {api_key}' \\
+    {base}/v1/generations/<id>/result
+
+Input images may be gs://{DEV_INPUT_BUCKET}/<object> (upload with
+curl -X POST --data-binary @in.png \\
+  '{gcs_url}/upload/storage/v1/b/{DEV_INPUT_BUCKET}/o?uploadType=media&name=in.png').
 
 The local inbox at {inbox} verifies each notification's signature and prints it here
 (generation.processing, then generation.succeeded).

@@ -52,6 +52,7 @@ class ErrorCode(enum.StrEnum):
     RESULT_UNAVAILABLE = "result_unavailable"  # the result URL could not be downloaded
     STORAGE_FAILED = "storage_failed"  # GCS refused the write, or stayed unreachable
     STORAGE_CONFLICT = "storage_conflict"  # another object already has this result's name
+    INPUT_UNAVAILABLE = "input_unavailable"  # a gs:// input could not be signed for Deep-Image
     DEADLINE_EXCEEDED = "deadline_exceeded"  # canceled: still waiting for a slot at its deadline
     INTERNAL = "internal"
 

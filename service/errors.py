@@ -47,6 +47,18 @@ class Unauthorized(ServiceError):
     title = "Authentication required"
 
 
+class Forbidden(ServiceError):
+    status = 403
+    slug = "forbidden"
+    title = "Not allowed"
+
+
+class Unavailable(ServiceError):
+    status = 503
+    slug = "unavailable"
+    title = "Temporarily unavailable"
+
+
 class NotFound(ServiceError):
     status = 404
     slug = "not-found"

@@ -7,24 +7,29 @@ import datetime as dt
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from service.blobstore import BlobError, BlobStore
+from service.blobstore import BlobStore
 from service.config import Config
 from service.domain import GenerationStatus
 from service.errors import Conflict, IdempotencyKeyReused, NotFound
+from service.gcp_access import require_access
 from service.ids import new_id
 from service.lifecycle import change_status
 from service.line import Line
 from service.models import Generation, IdempotencyKey, utcnow
 from service.pagination import Page, paginate
+from service.result_access import sign_result
 from service.ssrf import URLPolicy
 from service.store import Store
 from service.subscriptions import require_safe_target
 from service.tasks import TaskQueue
+from service.tenants import settings_by_id
 from service.worker import TaskRunner
 
 log = logging.getLogger("genrelay.generations")
@@ -44,12 +49,15 @@ class NewGeneration:
     # `deadline` is canceled without ever being submitted.
     priority: int = 0
     deadline: dt.datetime | None = None
+    # Seconds to keep the stored result (None: the tenant's setting, by default forever).
+    retention: int | None = None
 
     def fingerprint(self) -> str:
         """A hash of the request body, to tell a retry from a different request."""
-        canonical = json.dumps(
-            dataclasses.asdict(self), sort_keys=True, separators=(",", ":"), default=str
-        )
+        fields = dataclasses.asdict(self)
+        if fields["retention"] is None:
+            del fields["retention"]  # as before it existed: earlier keys still match
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -84,26 +92,27 @@ class GenerationService:
 
     def _with_signed_url(self, generation: Generation) -> Generation:
         """Attach a V4 URL for the stored result, where the credentials can sign one."""
-        uri = (generation.result or {}).get("uri")
-        prefix = f"gs://{self.blobs.bucket}/"
-        if isinstance(uri, str) and uri.startswith(prefix):
-            try:
-                generation.signed_url = self.blobs.signed_url(
-                    uri.removeprefix(prefix), dt.timedelta(seconds=self.config.signed_url_ttl)
-                )
-            except BlobError as exc:
-                # Signing through IAM can fail for a moment; the result stays readable by URI.
-                log.warning("could not sign a URL for %s: %s", generation.id, exc)
+        if generation.result and generation.result_expired_at is None:
+            generation.signed_url = sign_result(
+                self.blobs, generation.result.get("uri"), self.config.signed_url_ttl
+            )
         return generation
 
     def create(
-        self, tenant_id: str, new: NewGeneration, *, idempotency_key: str | None = None
+        self,
+        tenant_id: str,
+        new: NewGeneration,
+        *,
+        idempotency_key: str | None = None,
+        also: Callable[[Session, str], None] | None = None,
     ) -> Intake:
         """Store the generation and let the line admit it; if it gets a slot now, submit it.
 
         One transaction stores the generation (and its key) and runs an admission pass; a
         generation admitted there gets its submit task already claimed by this request, which
         then makes the first attempt itself. Without a free slot it waits, `queued`.
+        `also(session, generation_id)` runs in that transaction (a trigger records its event
+        there, so a duplicate event rolls the generation back).
         """
         fingerprint = new.fingerprint()
         if new.webhook is not None:
@@ -112,6 +121,10 @@ class GenerationService:
             earlier = self._replay(tenant_id, idempotency_key, fingerprint)
             if earlier is not None:
                 return earlier
+        with self.store.read() as session:
+            settings = settings_by_id(session, tenant_id)
+        require_access(settings, new.input)
+        retention = new.retention if new.retention is not None else settings.retention
         now = utcnow()
         generation_id = new_id("gen_")
         try:
@@ -127,6 +140,7 @@ class GenerationService:
                         webhook_events_filter=new.webhook_events_filter,
                         priority=new.priority,
                         deadline_at=new.deadline,
+                        retention_seconds=retention,
                         created_at=now,
                         updated_at=now,
                     )
@@ -152,6 +166,9 @@ class GenerationService:
                         )
                     )
                 session.flush()
+                if also is not None:
+                    also(session, generation_id)
+                    session.flush()
                 task = self.line.admit(session, now=now, claim_for=generation_id).claimed
         except IntegrityError:
             # Another request with the same key committed first: answer as it did.

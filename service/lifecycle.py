@@ -23,13 +23,15 @@ def change_status(
     new: GenerationStatus,
     *,
     now: dt.datetime,
+    signed_url: str | None = None,
     **fields: Any,
 ) -> bool:
     """Move the generation to `new` if its current status allows it; True when it moved.
 
     A move also writes its event and queues the event's deliveries, in the same transaction;
     a move that ends a generation holding an upstream slot has the line hand that slot on
-    (for a cancel, once its upstream job has ended).
+    (for a cancel, once its upstream job has ended). `signed_url` (not stored) goes into the
+    event's `result.url`.
     """
     values: dict[str, Any] = {"status": new, "updated_at": now, **fields}
     if new.is_terminal:
@@ -54,6 +56,7 @@ def change_status(
     job_runs_on = new == GenerationStatus.CANCELED and generation.upstream_job is not None
     if new.is_terminal and held_a_slot and not job_runs_on:
         slot_freed(session)  # it held an upstream slot until now: someone waiting may have it
+    generation.signed_url = signed_url
     record_event(session, generation, new, now=now)
     if new.is_terminal and generation.batch_id is not None:
         note_item_finished(session, generation.batch_id, now)  # the last item completes it

@@ -65,6 +65,14 @@ class Tenant(Base):
     weight: Mapped[int] = mapped_column(default=1, server_default="1")
     # At most this many of the tenant's jobs at Deep-Image at once (None: no cap of its own).
     max_in_flight: Mapped[int | None] = mapped_column(default=None)
+    # The GCP loop (service/gcp_access.py): buckets its `gs://` inputs may name, Deep-Image
+    # storages (`storage://NAME/...`) it may read and write, where its results go
+    # (`gs://bucket/prefix`; None: GENRELAY_GCS_BUCKET/PREFIX) and how many seconds they are
+    # kept (None: forever). None and [] both mean "none allowed".
+    allowed_input_buckets: Mapped[list[str] | None] = mapped_column(JSONDocument, default=None)
+    allowed_storages: Mapped[list[str] | None] = mapped_column(JSONDocument, default=None)
+    output_uri: Mapped[str | None] = mapped_column(sa.String(1100), default=None)
+    retention_seconds: Mapped[int | None] = mapped_column(default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -141,6 +149,10 @@ class Generation(Base):
     admitted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     batch_id: Mapped[str | None] = mapped_column(sa.String(40), default=None)
     custom_id: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+    # Seconds the stored result is kept (the request's `retention`, else the tenant's); None:
+    # forever. When the result has been deleted (expired, or DELETE .../result): when.
+    retention_seconds: Mapped[int | None] = mapped_column(default=None)
+    result_expired_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Batch(Base):
@@ -304,3 +316,55 @@ class DeliveryAttempt(Base):
     duration_ms: Mapped[int]
     response_excerpt: Mapped[str | None] = mapped_column(sa.Text)
     error: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class Trigger(Base):
+    """A push endpoint that turns GCS object notifications or Pub/Sub messages into generations.
+
+    Eventarc or a Pub/Sub push subscription posts to `/v1/triggers/{id}/push` with a
+    Google-signed OIDC token; `push_accounts` are the service accounts allowed to (service/
+    triggers.py).
+    """
+
+    __tablename__ = "triggers"
+    __table_args__ = (sa.Index("ix_triggers_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"))
+    source: Mapped[str] = mapped_column(sa.String(20))  # "gcs" or "pubsub"
+    bucket: Mapped[str | None] = mapped_column(sa.String(222), default=None)
+    name_prefix: Mapped[str] = mapped_column(sa.String(1024), default="")
+    name_suffix: Mapped[str] = mapped_column(sa.String(1024), default="")
+    # Merged under every generation request the trigger makes (the object goes in `url`).
+    template: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata")
+    webhook: Mapped[str | None] = mapped_column(sa.String(2048), default=None)
+    push_accounts: Mapped[list[str]] = mapped_column(JSONDocument)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    description: Mapped[str] = mapped_column(sa.String(500), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class TriggerEvent(Base):
+    """One pushed event, once: the same (trigger, event id) makes at most one generation."""
+
+    __tablename__ = "trigger_events"
+    __table_args__ = (
+        sa.UniqueConstraint("trigger_id", "event_id", name="uq_trigger_events_event"),
+        sa.Index("ix_trigger_events_trigger_created", "trigger_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    trigger_id: Mapped[str] = mapped_column(sa.ForeignKey("triggers.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"))
+    # The CloudEvent's `ce-id` or the Pub/Sub `messageId`.
+    event_id: Mapped[str] = mapped_column(sa.String(200))
+    kind: Mapped[str] = mapped_column(sa.String(40))  # cloudevent, gcs_notification, message
+    # "accepted" (generation_id is set) or "rejected" (reason says why; never retried).
+    status: Mapped[str] = mapped_column(sa.String(20))
+    reason: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    subject: Mapped[str | None] = mapped_column(sa.String(1100), default=None)
+    generation_id: Mapped[str | None] = mapped_column(sa.String(40), default=None)
+    # When it first arrived.
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -39,9 +39,11 @@ from service.images import SNIFF_BYTES, ImageKind, dimensions, sniff
 from service.lifecycle import change_status, fail_generation
 from service.metrics import GCS_UPLOAD_LATENCY
 from service.models import Generation, utcnow
+from service.result_access import output_location, schedule_expiry, sign_result
 from service.ssrf import Unresolvable, UnsafeURL, URLPolicy, pinned_session
 from service.store import Store
 from service.tasks import ClaimedTask, TaskQueue
+from service.tenants import settings_by_id
 from service.worker import COMPLETED, RetryableError
 
 log = logging.getLogger("genrelay.results")
@@ -188,9 +190,13 @@ class StoreHandler:
         if generation is None or generation.status != GenerationStatus.PROCESSING:
             return None  # canceled (cancel wins) or already finished by an earlier attempt
         started = time.monotonic()
+        with self.store.read() as session:
+            settings = settings_by_id(session, generation.tenant_id)
+        bucket, prefix = output_location(self.config, settings)
         try:
             source = self._confirmed_source(generation)
-            stored, width_height = self._copy(generation, source)
+            target = self.blobs.for_bucket(bucket)
+            stored, width_height = self._copy(generation, source, target, prefix)
         except ResultRejected as rejected:
             GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
             fail_generation(self.store, generation.id, rejected.code, rejected.message)
@@ -208,10 +214,19 @@ class StoreHandler:
             "width": width,
             "height": height,
         }
+        # Signed once for every notification of this event (see service/result_access.py).
+        link = sign_result(self.blobs, stored.uri, self.config.notification_url_ttl)
         with self.store.transaction() as session:
             moved = change_status(
-                session, generation.id, GenerationStatus.SUCCEEDED, now=utcnow(), result=result
+                session,
+                generation.id,
+                GenerationStatus.SUCCEEDED,
+                now=utcnow(),
+                signed_url=link,
+                result=result,
             )
+            if moved:
+                schedule_expiry(session, self.queue, generation)
             completed = self.queue.complete_in(session, task)
         log.info(
             "stored %s (%d bytes, %s) in %.2f s",
@@ -279,7 +294,9 @@ class StoreHandler:
             f"the result URL redirected more than {MAX_REDIRECTS} times",
         )
 
-    def _copy(self, generation: Generation, url: str) -> tuple[StoredBlob, tuple[int, int] | None]:
+    def _copy(
+        self, generation: Generation, url: str, blobs: BlobStore, prefix: str
+    ) -> tuple[StoredBlob, tuple[int, int] | None]:
         response = self._get(url)
         with response:
             if response.status_code in (404, 410):
@@ -301,8 +318,8 @@ class StoreHandler:
             )
             try:
                 kind = stream.prime()
-                name = object_name(self.config.gcs_prefix, generation, kind)
-                stored = self._write(generation, name, kind, stream, declared)
+                name = object_name(prefix, generation, kind)
+                stored = self._write(generation, blobs, name, kind, stream, declared)
             except DownloadInterrupted as exc:
                 raise RetryableError(str(exc)) from None
             return stored, stream.dimensions()
@@ -310,6 +327,7 @@ class StoreHandler:
     def _write(
         self,
         generation: Generation,
+        blobs: BlobStore,
         name: str,
         kind: ImageKind,
         stream: ResultStream,
@@ -322,7 +340,7 @@ class StoreHandler:
         }
         size = declared if declared is not None and declared <= SINGLE_REQUEST_MAX else None
         try:
-            return self.blobs.write_new(
+            return blobs.write_new(
                 name, stream, content_type=kind.content_type, metadata=metadata, size=size
             )
         except BlobAlreadyExists as exists:
@@ -334,7 +352,7 @@ class StoreHandler:
                 return exists.existing
             raise ResultRejected(
                 ErrorCode.STORAGE_CONFLICT,
-                f"gs://{self.blobs.bucket}/{name} already exists with other content",
+                f"gs://{blobs.bucket}/{name} already exists with other content",
             ) from None
         except TransientBlobError as exc:
             raise RetryableError(f"writing to GCS: {exc}") from None

@@ -7,8 +7,11 @@ transient errors (5xx, timeouts) are retried with backoff while the slot is kept
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+from typing import Any
 
+from service.blobstore import BlobError, BlobStore, TransientBlobError
 from service.callbacks import callback_url
 from service.completion import POLL, first_poll_delay
 from service.config import Config
@@ -19,6 +22,7 @@ from service.deepimage import (
     UpstreamBusy,
 )
 from service.domain import ErrorCode, GenerationStatus
+from service.gcp_access import InputNotSignable, with_signed_inputs
 from service.lifecycle import change_status, fail_generation
 from service.line import SUBMIT, Line
 from service.metrics import UPSTREAM_REFUSALS
@@ -42,7 +46,10 @@ class SubmitHandler:
         deepimage: DeepImageClient,
         config: Config,
         line: Line,
+        *,
+        blobs: BlobStore | None = None,
     ) -> None:
+        self.blobs = blobs
         self.store = store
         self.queue = queue
         self.deepimage = deepimage
@@ -62,6 +69,21 @@ class SubmitHandler:
             payload = dict(generation.input)
         if deadline is not None and deadline <= now:
             self._cancel_overdue(task)
+            return None
+        try:
+            payload = self._signed_inputs(payload)
+        except InputNotSignable as exc:
+            fail_generation(self.store, task.generation_id, ErrorCode.INPUT_UNAVAILABLE, str(exc))
+            return None
+        except TransientBlobError as exc:
+            raise RetryableError(f"signing a gs:// input: {exc.message}") from None
+        except BlobError as exc:
+            fail_generation(
+                self.store,
+                task.generation_id,
+                ErrorCode.INPUT_UNAVAILABLE,
+                f"a gs:// input could not be signed: {exc.message}",
+            )
             return None
         if self.config.public_url:
             payload["webhooks"] = {
@@ -109,6 +131,14 @@ class SubmitHandler:
                 "generation %s left queued before job %s was recorded", task.generation_id, job.job
             )
         return COMPLETED if completed else None
+
+    def _signed_inputs(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The payload with its gs:// inputs as signed URLs (only in what goes upstream)."""
+        if self.blobs is None:
+            return payload
+        return with_signed_inputs(
+            payload, self.blobs, dt.timedelta(seconds=self.config.input_url_ttl)
+        )
 
     def _cancel_overdue(self, task: ClaimedTask) -> None:
         assert task.generation_id is not None

@@ -17,6 +17,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from service.simulator.errors import SimulatorError, bad_request
+from service.simulator.fetch import fetch_inputs
 from service.simulator.jobs import Clock, Job, SimulatorEngine
 from service.simulator.settings import SimulatorSettings
 from service.simulator.validation import Upload, validate_process_request
@@ -95,8 +96,9 @@ def _submit(endpoint: str) -> Job:
     process_request = validate_process_request(
         body, upload, max_pixels_side=engine.settings.max_pixels_side
     )
+    fetched = fetch_inputs(body) if engine.settings.fetch_inputs else []
     # root_url keeps a mount prefix, so result URLs point back at this app's /images route.
-    return engine.submit(account, process_request, endpoint, request.root_url)
+    return engine.submit(account, process_request, endpoint, request.root_url, fetched=fetched)
 
 
 def _register_api(app: Flask) -> None:

@@ -1,8 +1,9 @@
 """Output geometry and result-image rendering of the simulator.
 
-The simulator never fetches input URLs (there is no internet here); a remote input is assumed to
-be a nominal 1024x1024 image, while inline ``base64,``/``data:`` images and uploaded files are
-decoded to learn their real size. Output sizes follow the width/height rules of reference 2.4.
+The simulator fetches input URLs only with the `fetch_inputs` knob (service/simulator/fetch.py)
+and never reads their size from them: a remote input is assumed to be a nominal 1024x1024
+image, while inline ``base64,``/``data:`` images and uploaded files are decoded to learn their
+real size. Output sizes follow the width/height rules of reference 2.4.
 Result images are real, cheaply rendered pictures so clients can decode and check them.
 """
 

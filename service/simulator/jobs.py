@@ -189,6 +189,8 @@ class Job:
     finished_at: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
     callbacks: list[dict[str, Any]] = field(default_factory=list)
+    # Inputs downloaded at submission (fetch_inputs knob): field, host, path, size, sha256.
+    fetched_inputs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def result_url(self) -> str:
@@ -270,7 +272,15 @@ class SimulatorEngine:
             self._stats["injected_timeouts"] += 1
             return settings.timeout_seconds
 
-    def submit(self, account: str, request: ProcessRequest, endpoint: str, base_url: str) -> Job:
+    def submit(
+        self,
+        account: str,
+        request: ProcessRequest,
+        endpoint: str,
+        base_url: str,
+        *,
+        fetched: list[dict[str, Any]] | None = None,
+    ) -> Job:
         """Create a job or raise the 400 (credits) / 429 (limit) the upstream would answer."""
         with self._lock:
             settings = self._settings
@@ -309,6 +319,7 @@ class SimulatorEngine:
                 image_date=wall.strftime("%Y-%m-%d"),
                 image_name=f"{uuid.uuid4()}.{EXTENSIONS[request.output_format]}",
                 render_seed=self._rng.getrandbits(32),
+                fetched_inputs=list(fetched or []),
             )
             self._jobs[job.id] = job
             self._images[job.image_name] = job.id
@@ -649,6 +660,7 @@ class SimulatorEngine:
                 if upload is None
                 else {"part": upload.part, "filename": upload.filename, "size": upload.size},
                 "source": {"kind": req.source_kind, "size": req.source_size},
+                "fetched_inputs": [dict(f) for f in job.fetched_inputs],
                 "output": {
                     "width": req.width,
                     "height": req.height,

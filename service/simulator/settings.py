@@ -42,6 +42,7 @@ KNOB_KINDS: dict[str, KnobKind] = {
     "credits": "int",
     "max_jobs": "int",
     "seed": "int?",
+    "fetch_inputs": "bool",
 }
 
 _RATES = (
@@ -116,6 +117,10 @@ class SimulatorSettings:
     max_jobs: int = 10_000
     # Seed of the simulator's own random.Random; None = unpredictable.
     seed: int | None = None
+    # Download http(s) input images at submission, as Deep-Image does; one that cannot be
+    # downloaded as an image is refused with 400 "Unidentified image" (service/simulator/
+    # fetch.py). Off by default: the seed examples name public URLs unreachable here.
+    fetch_inputs: bool = False
 
     def __post_init__(self) -> None:
         # Callers may hand in a set or a list; store a frozenset so the instance stays hashable.

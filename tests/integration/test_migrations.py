@@ -33,6 +33,14 @@ def index_names(database_url: str, table: str) -> set[str]:
         engine.dispose()
 
 
+def has_table(database_url: str, table: str) -> bool:
+    engine = create_db_engine(database_url)
+    try:
+        return bool(sa.inspect(engine).has_table(table))
+    finally:
+        engine.dispose()
+
+
 def test_the_migrated_schema_matches_the_models(database_url: str) -> None:
     assert schema_drift(database_url) == []
     assert "ix_generations_tenant_status_created" in index_names(database_url, "generations")
@@ -42,6 +50,10 @@ def test_the_migrated_schema_matches_the_models(database_url: str) -> None:
 def test_the_newest_migration_goes_down_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
     command.downgrade(config, "-1")
+    assert not has_table(database_url, "triggers")
+    assert not has_table(database_url, "trigger_events")
+    command.downgrade(config, "-1")
     assert "ix_generations_in_flight" not in index_names(database_url, "generations")
     command.upgrade(config, "head")
+    assert has_table(database_url, "triggers")
     assert schema_drift(database_url) == []

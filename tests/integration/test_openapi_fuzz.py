@@ -11,7 +11,8 @@ One exception, narrow:
 
 - `positive_data_acceptance` (a schema-valid request must not be refused) is not applied where
   the API rejects by rules a JSON schema cannot state: opaque pagination cursors, Deep-Image's
-  cross-field rules and webhook-target rules (see `_BEYOND_THE_SCHEMA`).
+  cross-field rules, webhook-target rules and the tenant's allow-lists (see
+  `_BEYOND_THE_SCHEMA`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ _BEYOND_THE_SCHEMA = {
     # http(s) with a host, https only unless private targets are allowed, SSRF checks.
     "POST /v1/subscriptions": "webhook-target rules",
     "PATCH /v1/subscriptions/{subscription_id}": "webhook-target rules",
+    "POST /v1/triggers": "the tenant's bucket allow-list, the template's Deep-Image rules",
+    "PATCH /v1/triggers/{trigger_id}": "the tenant's bucket allow-list, the template's rules",
 }
 
 

@@ -1,0 +1,372 @@
+"""Triggers: management, and pushes from Eventarc (CloudEvents) and Pub/Sub authenticated by
+Google-signed ID tokens minted by the test, with certificates served on loopback (SQLite and
+PostgreSQL)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from service.config import Config
+from service.models import Generation
+from service.tenants import Tenants
+from tests.gcp_helpers import (  # noqa: F401
+    GcpStack,
+    OidcIssuer,
+    gcp,
+    issuer,
+    new_key,
+    png_bytes,
+    signer_info,
+)
+
+PUSHER = "eventarc-trigger@acme-prod.iam.gserviceaccount.com"
+TEMPLATE = {"width": 64, "height": 64, "enhancements": ["denoise"]}
+
+
+@pytest.fixture
+def gcp_config(config: Config, issuer: OidcIssuer) -> Config:  # noqa: F811
+    return config.replace(oidc_certs_url=issuer.certs_url)
+
+
+def make_trigger(stack: GcpStack, **fields: Any) -> dict[str, Any]:
+    body = {"source": "gcs", "input": TEMPLATE, "push_accounts": [PUSHER], **fields}
+    answer = stack.client.post("/v1/triggers", json=body, headers=stack.auth)
+    assert answer.status_code == 201, answer.json
+    return answer.json  # type: ignore[no-any-return]
+
+
+def cloudevent(
+    stack: GcpStack, trigger: dict[str, Any], token: str | None, bucket: str, name: str, **kw: Any
+) -> Any:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": kw.get("event_id", "evt-1"),
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+        "ce-type": kw.get("type", "google.cloud.storage.object.v1.finalized"),
+        "ce-subject": f"objects/{name}",
+        "ce-time": "2026-12-05T10:00:00Z",
+        "Content-Type": "application/json",
+    }
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = {"bucket": bucket, "name": name, "contentType": "image/png", "size": "77"}
+    return stack.client.post(trigger["links"]["push"], data=json.dumps(data), headers=headers)
+
+
+def pubsub(stack: GcpStack, trigger: dict[str, Any], token: str, message: dict[str, Any]) -> Any:
+    envelope = {"message": message, "subscription": "projects/acme-prod/subscriptions/renders"}
+    return stack.client.post(
+        trigger["links"]["push"], json=envelope, headers={"Authorization": f"Bearer {token}"}
+    )
+
+
+def generations(stack: GcpStack) -> list[Generation]:
+    with stack.services.store.read() as session:
+        return list(session.scalars(sa.select(Generation).order_by(Generation.created_at)))
+
+
+def events(stack: GcpStack, trigger: dict[str, Any]) -> list[dict[str, Any]]:
+    answer = stack.client.get(trigger["links"]["events"], headers=stack.auth)
+    assert answer.status_code == 200
+    return answer.json["data"]  # type: ignore[no-any-return]
+
+
+def test_triggers_are_created_listed_changed_and_deleted(gcp: GcpStack) -> None:  # noqa: F811
+    refused = gcp.client.post(
+        "/v1/triggers",
+        json={"source": "gcs", "bucket": "not-ours", "push_accounts": [PUSHER]},
+        headers=gcp.auth,
+    )
+    assert refused.status_code == 422
+    assert [e["field"] for e in refused.json["errors"]] == ["bucket"]
+    no_bucket = gcp.client.post(
+        "/v1/triggers", json={"source": "gcs", "push_accounts": [PUSHER]}, headers=gcp.auth
+    )
+    assert [e["field"] for e in no_bucket.json["errors"]] == ["bucket"]
+
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    bad_template = gcp.client.post(
+        "/v1/triggers",
+        json={"source": "gcs", "bucket": bucket, "input": {"width": "huge"},
+              "push_accounts": [PUSHER]},
+        headers=gcp.auth,
+    )  # fmt: skip
+    assert bad_template.status_code == 422
+    assert [e["field"] for e in bad_template.json["errors"]] == ["input.width"]
+
+    too_much = gcp.client.post(
+        "/v1/triggers",
+        json={"source": "gcs", "bucket": bucket, "push_accounts": [PUSHER],
+              "metadata": {f"k{i}": "v" for i in range(49)}},
+        headers=gcp.auth,
+    )  # fmt: skip
+    assert [e["field"] for e in too_much.json["errors"]] == ["metadata"]
+
+    made = make_trigger(gcp, bucket=bucket, name_prefix="in/", name_suffix=".png")
+    assert made["push_url"] == f"http://localhost/v1/triggers/{made['id']}/push"
+    assert made["audience"] == made["push_url"]
+    assert made["push_accounts"] == [PUSHER]
+    assert gcp.client.get(f"/v1/triggers/{made['id']}", headers=gcp.auth).json == made
+    listed = gcp.client.get("/v1/triggers", headers=gcp.auth).json
+    assert [t["id"] for t in listed["data"]] == [made["id"]]
+    changed = gcp.client.patch(
+        f"/v1/triggers/{made['id']}", json={"enabled": False}, headers=gcp.auth
+    )
+    assert changed.status_code == 200 and changed.json["enabled"] is False
+    other = {"Authorization": "Bearer " + gcp.services.api_keys.create("beta")}
+    assert gcp.client.get(f"/v1/triggers/{made['id']}", headers=other).status_code == 404
+    assert gcp.client.delete(f"/v1/triggers/{made['id']}", headers=gcp.auth).status_code == 204
+    assert gcp.client.get(f"/v1/triggers/{made['id']}", headers=gcp.auth).status_code == 404
+
+
+def test_an_eventarc_event_makes_one_generation_however_often_it_arrives(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket, name_prefix="in/", metadata={"team": "catalog"})
+    gcp.upload(bucket, "in/shoe.png", png_bytes())
+    token = issuer.token(trigger["audience"], PUSHER)
+
+    first = cloudevent(gcp, trigger, token, bucket, "in/shoe.png")
+    assert first.status_code == 200, first.json
+    assert first.json["duplicate"] is False
+    assert first.json["event"]["status"] == "accepted"
+    again = cloudevent(gcp, trigger, token, bucket, "in/shoe.png")
+    assert again.status_code == 200
+    assert again.json["duplicate"] is True
+    assert again.json["event"] == first.json["event"]
+
+    (generation,) = generations(gcp)
+    assert generation.id == first.json["event"]["generation_id"]
+    assert generation.input == {**TEMPLATE, "url": f"gs://{bucket}/in/shoe.png"}
+    assert generation.meta == {
+        "team": "catalog",
+        "trigger": trigger["id"],
+        "object": f"gs://{bucket}/in/shoe.png",
+    }
+    (event,) = events(gcp, trigger)
+    assert event["event_id"] == "evt-1" and event["kind"] == "cloudevent"
+    assert event["subject"] == f"gs://{bucket}/in/shoe.png"
+
+
+def test_pubsub_gcs_notifications_and_plain_messages_make_generations(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, source="pubsub", input={"width": 32, "height": 32})
+    token = issuer.token(trigger["audience"], PUSHER)
+    notification = pubsub(
+        gcp,
+        trigger,
+        token,
+        {
+            "data": base64.b64encode(b'{"kind": "storage#object"}').decode(),
+            "attributes": {"eventType": "OBJECT_FINALIZE", "bucketId": bucket,
+                           "objectId": "a.png", "payloadFormat": "JSON_API_V1"},
+            "messageId": "1001",
+            "publishTime": "2026-12-05T10:00:00Z",
+        },
+    )  # fmt: skip
+    assert notification.json["event"]["status"] == "accepted", notification.json
+    request = {
+        "input": {"background": {"generate": {"description": "a red shoe"}}},
+        "metadata": {"sku": "42"},
+        "priority": 5,
+    }
+    message = pubsub(
+        gcp,
+        trigger,
+        token,
+        {"data": base64.b64encode(json.dumps(request).encode()).decode(), "messageId": "1002"},
+    )
+    assert message.json["event"]["status"] == "accepted", message.json
+    assert pubsub(gcp, trigger, token, {"data": "", "messageId": "1002"}).json["duplicate"]
+
+    by_id = {g.id: g for g in generations(gcp)}
+    assert len(by_id) == 2
+    from_object = by_id[notification.json["event"]["generation_id"]]
+    assert from_object.input == {"width": 32, "height": 32, "url": f"gs://{bucket}/a.png"}
+    from_message = by_id[message.json["event"]["generation_id"]]
+    assert from_message.input == {
+        "width": 32,
+        "height": 32,
+        "background": {"generate": {"description": "a red shoe"}},
+    }
+    assert from_message.meta == {"sku": "42", "trigger": trigger["id"]}
+    assert from_message.priority == 5
+
+
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [
+        ("missing", 401),
+        ("an API key", 401),
+        ("not a JWT", 401),
+        ("forged", 401),
+        ("expired", 401),
+        ("wrong audience", 401),
+        ("wrong issuer", 401),
+        ("unverified email", 401),
+        ("not on the list", 403),
+    ],
+)
+def test_pushes_without_a_good_token_from_a_listed_account_are_refused(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+    case: str,
+    status: int,
+) -> None:
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket)
+    audience = trigger["audience"]
+    token = {
+        "missing": None,
+        "an API key": gcp.auth["Authorization"].split(" ", 1)[1],
+        "not a JWT": "a.b.c",
+        "forged": issuer.token(audience, PUSHER, key=new_key()),
+        "expired": issuer.token(audience, PUSHER, expires_in=-600),
+        "wrong audience": issuer.token("https://elsewhere.example/push", PUSHER),
+        "wrong issuer": issuer.token(audience, PUSHER, issuer="https://evil.example"),
+        "unverified email": issuer.token(audience, PUSHER, email_verified=False),
+        "not on the list": issuer.token(audience, "someone@else.iam.gserviceaccount.com"),
+    }[case]
+    answer = cloudevent(gcp, trigger, token, bucket, "a.png")
+    assert answer.status_code == status, answer.json
+    assert answer.content_type == "application/problem+json"
+    assert generations(gcp) == []
+    assert events(gcp, trigger) == []
+
+
+def test_unreachable_certificates_answer_503_so_the_push_is_redelivered(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket)
+    token = issuer.token(trigger["audience"], PUSHER)
+    issuer.stop()
+    answer = cloudevent(gcp, trigger, token, bucket, "a.png")
+    assert answer.status_code == 503
+    assert generations(gcp) == []
+
+
+def test_events_that_can_never_become_generations_are_acknowledged_and_recorded(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket, name_suffix=".png")
+    pubsub_trigger = make_trigger(gcp, source="pubsub", bucket=None)
+    token = issuer.token(trigger["audience"], PUSHER)
+    pubsub_token = issuer.token(pubsub_trigger["audience"], PUSHER)
+    push = trigger["links"]["push"]
+    authorization = {"Authorization": f"Bearer {token}"}
+
+    answers = [
+        gcp.client.post(push, data=b"\x00not json", headers=authorization),
+        gcp.client.post(push, json={"hello": "world"}, headers=authorization),
+        cloudevent(gcp, trigger, token, bucket, "a.png", event_id="e2",
+                   type="google.cloud.storage.object.v1.deleted"),
+        cloudevent(gcp, trigger, token, bucket, "notes.txt", event_id="e3"),
+        pubsub(gcp, pubsub_trigger, pubsub_token, {"data": "%%%", "messageId": "m1"}),
+        pubsub(gcp, pubsub_trigger, pubsub_token, {
+            "data": base64.b64encode(b'{"input": {"width": "huge"}}').decode(),
+            "messageId": "m2"}),
+        pubsub(gcp, pubsub_trigger, pubsub_token, {
+            "attributes": {"eventType": "OBJECT_FINALIZE", "bucketId": "not-allowed-bucket",
+                           "objectId": "x.png"},
+            "messageId": "m3"}),
+    ]  # fmt: skip
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    assert [a.json["event"]["status"] for a in answers] == [
+        "rejected", "rejected", "rejected", "skipped", "rejected", "rejected", "rejected"
+    ]  # fmt: skip
+    reasons = [a.json["event"]["reason"] for a in answers]
+    assert "not JSON" in reasons[0]
+    assert "google.cloud.storage.object.v1.deleted" in reasons[2]
+    assert "filters" in reasons[3]
+    assert "base64" in reasons[4]
+    assert "input.width" in reasons[5]
+    assert "input.url" in reasons[6] and "not-allowed-bucket" in reasons[6]
+    assert generations(gcp) == []
+
+    # Redelivered, each is acknowledged again and recorded once.
+    again = gcp.client.post(push, data=b"\x00not json", headers=authorization)
+    assert again.status_code == 200 and again.json["duplicate"] is True
+    recorded = events(gcp, trigger)
+    assert len(recorded) == 4
+    rejected = gcp.client.get(
+        trigger["links"]["events"] + "?status=skipped", headers=gcp.auth
+    ).json["data"]
+    assert [e["subject"] for e in rejected] == [f"gs://{bucket}/notes.txt"]
+
+    gcp.client.patch(trigger["links"]["self"], json={"enabled": False}, headers=gcp.auth)
+    disabled = cloudevent(gcp, trigger, token, bucket, "b.png", event_id="e9")
+    assert disabled.json["event"]["status"] == "rejected"
+    assert "disabled" in disabled.json["event"]["reason"]
+
+
+def test_the_same_event_pushed_at_once_from_many_threads_makes_one_generation(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    import threading
+
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket)
+    token = issuer.token(trigger["audience"], PUSHER)
+    app = gcp.client.application
+    answers: list[Any] = []
+    start = threading.Barrier(6)
+
+    def push() -> None:
+        client = app.test_client()
+        stack = GcpStack(gcp.services, client, gcp.auth, gcp.blobs, gcp.signer_info, gcp.gcs)
+        start.wait()
+        answers.append(cloudevent(stack, trigger, token, bucket, "same.png", event_id="once"))
+
+    threads = [threading.Thread(target=push) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [a.status_code for a in answers] == [200] * 6, [a.json for a in answers]
+    assert sorted(a.json["duplicate"] for a in answers) == [False] + [True] * 5
+    assert len({a.json["event"]["generation_id"] for a in answers}) == 1
+    assert len(generations(gcp)) == 1
+    assert len(events(gcp, trigger)) == 1
+
+
+def test_the_openapi_document_describes_triggers_gs_inputs_output_and_retention(
+    gcp: GcpStack,  # noqa: F811
+) -> None:
+    document = gcp.client.get("/openapi.json").json
+    paths = document["paths"]
+    for path in ("/v1/triggers", "/v1/triggers/{trigger_id}", "/v1/triggers/{trigger_id}/events"):
+        assert path in paths
+    push = paths["/v1/triggers/{trigger_id}/push"]["post"]
+    assert push["security"] == [{"googleIdToken": []}]
+    assert {"200", "401", "403", "503"} <= set(push["responses"])
+    assert "googleIdToken" in document["components"]["securitySchemes"]
+    result = paths["/v1/generations/{generation_id}/result"]
+    assert "302" in result["get"]["responses"] and "delete" in result
+    schemas = document["components"]["schemas"]
+    assert "retention" in schemas["GenerationCreate"]["properties"]
+    assert "expired_at" in schemas["Result"]["properties"]
+    assert "push_url" in schemas["Trigger"]["properties"]
+    replace = schemas["DeepImageBackground"]["properties"]["replace"]["description"]
+    assert "gs://bucket/object" in replace
