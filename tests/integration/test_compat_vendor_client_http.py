@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import requests
 
+from service.tenants import Tenants
+
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "vendor_client_payloads.json"
 PAYLOADS: dict[str, dict[str, Any]] = {
     name: payload
@@ -23,8 +25,10 @@ PAYLOADS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("name", sorted(PAYLOADS))
 def test_a_vendor_client_request_is_accepted_and_forwarded_unchanged(
-    client: Any, auth: dict[str, str], simulator: Any, name: str
+    client: Any, auth: dict[str, str], services: Any, simulator: Any, name: str
 ) -> None:
+    # The operator lets this tenant use the Deep-Image storage the examples name.
+    Tenants(services.store).set("acme", storages=["my-storage"])
     payload = PAYLOADS[name]
     response = client.post("/v1/generations", json={"input": payload}, headers=auth)
     assert response.status_code == 202, response.json
