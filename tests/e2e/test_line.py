@@ -1,0 +1,283 @@
+"""The line (service/line.py) end to end: `genrelay serve`, `genrelay worker` and the simulator
+as separate processes, with fake-gcs-server, at a small Deep-Image concurrency limit L.
+
+The simulator counts the most jobs it ever had running at once (`peak_active`); with its own
+limit set to L, any over-admission by genrelay shows as a 429 instead, and with its limit set
+high (where a test says so) as `peak_active > L`. The database's count of slots in use must be
+0 once everything has finished: a slot is never lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from service.models import UpstreamAccount
+from tests.e2e.processes import Deployment, deployment, wait_for
+from tests.helpers import seed_examples
+
+pytestmark = pytest.mark.e2e
+
+TEXT = {"input": seed_examples()["text_only"]}
+
+
+@pytest.fixture
+def start(tmp_path: Path, database_url: str, gcs_server: Any, gcs_bucket: str) -> Iterator[Any]:
+    """`start(simulator=[...], env={...}, web=1, workers=1)`: a deployment for this test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**options: Any) -> Deployment:
+            return stack.enter_context(
+                deployment(tmp_path, database_url, gcs_server.url, gcs_bucket, **options)
+            )
+
+        yield start
+
+
+def create_many(
+    deployed: Deployment, auth: dict[str, str], count: int, body: dict[str, Any] = TEXT
+) -> list[str]:
+    """`count` generations, posted 8 at a time (spread over the web processes); their ids."""
+
+    def create(n: int) -> str:
+        return str(deployed.create(auth, body, web=n % len(deployed.web))["id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(create, range(count)))
+    assert len(set(ids)) == count
+    return ids
+
+
+def account(deployed: Deployment) -> tuple[int, str]:
+    """The line's limit and where it came from, from the database."""
+    with deployed.store.read() as session:
+        row = session.get(UpstreamAccount, "deepimage")
+        assert row is not None
+        return row.limit, row.limit_source
+
+
+def assert_all_succeeded_and_no_slot_held(deployed: Deployment, count: int) -> None:
+    statuses = deployed.wait_all_finished(count, timeout=120)
+    assert statuses == {"succeeded": count}
+    assert deployed.slots_in_use() == 0
+
+
+# 1. Never more than L in flight; everything succeeds.
+
+
+@pytest.mark.parametrize("limit_from", ["configured", "learned"])
+def test_never_more_than_the_limit_in_flight_and_every_generation_succeeds(
+    start: Any, limit_from: str
+) -> None:
+    limit, count = 3, 24
+    env = {"GENRELAY_UPSTREAM_CONCURRENCY": str(limit)} if limit_from == "configured" else {}
+    deployed = start(
+        simulator=["--concurrency-limit", str(limit), "--processing-time", "0.5"], env=env
+    )
+    auth = deployed.create_key("acme")
+    create_many(deployed, auth, count)
+    assert_all_succeeded_and_no_slot_held(deployed, count)
+    stats = deployed.sim_stats()
+    assert stats["jobs_created"] == count  # a 429 creates no job; nothing was sent twice
+    assert stats["peak_active"] == limit  # every slot was used, never one more
+    if limit_from == "configured":
+        assert stats["responses_429"] == 0
+        assert account(deployed) == (limit, "configured")
+    else:
+        # Slow start from 2 overshoots once or twice; the 429 states the limit, which sticks.
+        assert 1 <= stats["responses_429"] <= 5, stats["responses_by_status"]
+        assert account(deployed) == (limit, "stated")
+
+
+# 2. A lost callback frees its slot through the poll path.
+
+
+def test_lost_callbacks_free_their_slots_through_polling(start: Any) -> None:
+    limit, count = 2, 8
+    deployed = start(
+        simulator=[
+            "--concurrency-limit",
+            str(limit),
+            "--processing-time",
+            "0.3",
+            "--lost-callback-rate",
+            "1.0",
+        ],
+        env={"GENRELAY_UPSTREAM_CONCURRENCY": str(limit), "GENRELAY_RECONCILE_AFTER": "1"},
+    )
+    auth = deployed.create_key("acme")
+    create_many(deployed, auth, count)  # a backlog four times the limit
+    assert_all_succeeded_and_no_slot_held(deployed, count)
+    stats = deployed.sim_stats()
+    assert (stats["callbacks_lost"], stats["callbacks_sent"]) == (count, 0)  # polling alone
+    assert stats["jobs_created"] == count
+    assert stats["responses_429"] == 0
+    assert stats["peak_active"] == limit
+
+
+# 3. Cancel frees its slot.
+
+
+def test_cancel_hands_the_slot_to_the_next_in_line_at_once(start: Any) -> None:
+    # Deep-Image has no cancel: the canceled job runs on upstream, so the simulator allows a
+    # second job; genrelay's limit is 1.
+    deployed = start(
+        simulator=["--concurrency-limit", "2", "--processing-time", "60"],
+        env={"GENRELAY_UPSTREAM_CONCURRENCY": "1"},
+    )
+    auth = deployed.create_key("acme")
+    first = deployed.create(auth, TEXT)
+    assert first["status"] == "processing"
+    second = deployed.create(auth, TEXT)
+    assert second["status"] == "queued"
+    time.sleep(1.5)  # the line runs every second: it must not have let the second through
+    assert deployed.get(auth, second["id"])["status"] == "queued"
+    assert deployed.sim_stats()["jobs_created"] == 1
+
+    canceled_at = time.monotonic()
+    response = requests.post(
+        f"{deployed.web[0]}/v1/generations/{first['id']}/cancel", headers=auth, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "canceled"
+    wait_for(
+        lambda: deployed.get(auth, second["id"])["status"] == "processing",
+        15,  # the first job would finish 60 s after its submission
+        "the next generation to be submitted",
+    )
+    took = time.monotonic() - canceled_at
+    stats = deployed.sim_stats()
+    assert stats["jobs_created"] == 2
+    assert stats["responses_429"] == 0
+    assert deployed.slots_in_use() == 1  # the second's; the canceled one holds none
+    print(f"submitted {took:.2f} s after the cancel")
+
+
+# 4. A SIGKILLed worker loses no slot.
+
+
+def test_sigkilled_workers_lose_no_slot(start: Any) -> None:
+    limit, count, kills = 2, 30, 4
+    # The simulator's own limit is high, so genrelay's accounting is what keeps it under L.
+    deployed = start(
+        simulator=["--concurrency-limit", "100", "--processing-time", "0.5"],
+        env={
+            "GENRELAY_UPSTREAM_CONCURRENCY": str(limit),
+            "GENRELAY_TASK_LEASE": "2",
+            "GENRELAY_RECONCILE_AFTER": "1",
+        },
+    )
+    auth = deployed.create_key("acme")
+    create_many(deployed, auth, count)
+    for n in range(kills):
+        time.sleep(1.5)
+        name = "worker-1" if n == 0 else f"worker-restarted-{n}"
+        deployed.stack.kill(name)
+        deployed.start_worker(f"worker-restarted-{n + 1}")
+    assert_all_succeeded_and_no_slot_held(deployed, count)
+    stats = deployed.sim_stats()
+    assert stats["responses_429"] == 0
+    # A worker killed between Deep-Image's answer and its own commit submits that generation
+    # again: the first job runs on unseen. Only such orphans may exceed the limit.
+    orphans = stats["jobs_created"] - count
+    assert 0 <= orphans <= kills
+    assert stats["peak_active"] <= limit + orphans, stats
+
+
+# 5. Two web and two worker processes on PostgreSQL, three tenants.
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_two_web_and_two_worker_processes_never_exceed_the_limit(start: Any) -> None:
+    limit, tenants, each = 4, 3, 80
+    # The simulator's own limit is high: only genrelay's admissions keep it at L.
+    deployed = start(
+        simulator=["--concurrency-limit", "100", "--processing-time", "0.2"],
+        env={"GENRELAY_UPSTREAM_CONCURRENCY": str(limit)},
+        web=2,
+        workers=2,
+    )
+    keys = [deployed.create_key(f"tenant-{n}") for n in range(tenants)]
+    with ThreadPoolExecutor(tenants) as pool:
+        list(pool.map(lambda auth: create_many(deployed, auth, each), keys))
+    assert_all_succeeded_and_no_slot_held(deployed, tenants * each)
+    stats = deployed.sim_stats()
+    assert stats["jobs_created"] == tenants * each
+    assert stats["responses_429"] == 0
+    assert stats["peak_active"] == limit
+
+
+# 6. Deadlines.
+
+
+def test_a_generation_whose_deadline_passes_while_it_waits_is_canceled_unsent(
+    start: Any,
+) -> None:
+    deployed = start(
+        simulator=["--concurrency-limit", "100", "--processing-time", "4"],
+        env={"GENRELAY_UPSTREAM_CONCURRENCY": "1"},
+    )
+    auth = deployed.create_key("acme")
+    first = deployed.create(auth, TEXT)
+    assert first["status"] == "processing"
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
+    late = deployed.create(auth, {**TEXT, "deadline": deadline.isoformat()})
+    assert late["status"] == "queued"
+
+    found: dict[str, Any] = {}
+
+    def canceled() -> bool:
+        found.update(deployed.get(auth, late["id"]))
+        return found["status"] != "queued"
+
+    wait_for(canceled, 30, "the waiting generation's deadline to cancel it")
+    assert found["status"] == "canceled"
+    assert found["error"]["code"] == "deadline_exceeded"
+    assert dt.datetime.fromisoformat(found["completed_at"]) >= deadline
+    # The first one finishes; the canceled one was never sent, before or after.
+    wait_for(lambda: deployed.get(auth, first["id"])["status"] == "succeeded", 60, "the first one")
+    assert deployed.sim_stats()["jobs_created"] == 1
+    jobs = requests.get(f"{deployed.sim}/_sim/jobs", timeout=30).json()["jobs"]
+    assert [job["job"] for job in jobs] == [first["upstream"]["job"]]
+    assert deployed.slots_in_use() == 0
+
+
+# 7. Fairness between tenants.
+
+
+def test_one_tenants_single_generation_passes_another_tenants_backlog(start: Any) -> None:
+    limit, processing, backlog = 2, 0.5, 100
+    deployed = start(
+        simulator=["--concurrency-limit", str(limit), "--processing-time", str(processing)],
+        env={"GENRELAY_UPSTREAM_CONCURRENCY": str(limit)},
+    )
+    big, small = deployed.create_key("big"), deployed.create_key("small")
+    big_ids = create_many(deployed, big, backlog)  # drains in backlog * processing / limit: 25 s
+    submitted = time.monotonic()
+    mine = deployed.create(small, TEXT)
+    wait_for(
+        lambda: deployed.get(small, mine["id"])["status"] == "succeeded",
+        30,
+        "the small tenant's generation",
+    )
+    took = time.monotonic() - submitted
+    big_done = sum(
+        deployed.get(big, generation_id)["status"] == "succeeded" for generation_id in big_ids
+    )
+    print(f"the small tenant's generation took {took:.2f} s; {big_done} of the backlog done")
+    # It waits for one slot to free (at most one job's time), then runs one job, then stored.
+    assert took < 3 * processing + 5
+    assert big_done < backlog / 2
+    stats = deployed.sim_stats()
+    assert stats["responses_429"] == 0
+    assert stats["peak_active"] <= limit
