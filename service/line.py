@@ -42,9 +42,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.domain import ErrorCode, GenerationStatus
-from service.models import Generation, Tenant, UpstreamAccount, utcnow
+from service.models import Generation, Task, Tenant, UpstreamAccount, utcnow
 from service.store import Store
-from service.tasks import ClaimedTask, TaskQueue
+from service.tasks import ClaimedTask, TaskQueue, TaskStatus
 
 log = logging.getLogger("genrelay.line")
 
@@ -55,8 +55,8 @@ LINE_TASK_ID = "task_line"
 INITIAL_LIMIT = 2
 PAUSE_FIRST = 0.5  # seconds without admissions after an unexplained 429, doubling...
 PAUSE_MAX = 30.0  # ...up to this
-TICK_BUSY = 1.0  # seconds between `line` runs while generations wait
-TICK_IDLE = 5.0  # ...and while none does
+TICK_BUSY = 1.0  # seconds between `line` runs while generations wait or hold slots
+TICK_IDLE = 5.0  # ...and while none does (a 429 wakes it: `note_refused`)
 MAX_TENANTS_PER_PASS = 500  # waiting tenants considered by one admission (fewest slots first)
 DEADLINE_BATCH = 200
 
@@ -390,13 +390,23 @@ class Line:
         account.limit, account.limit_source = limit, source
         account.refused_before = True
         account.accepted_at_limit = 0
+        resume = now
         if in_flight < limit:
             # Our own count does not explain the refusal: back off before trying again.
             account.refusals_in_a_row += 1
             account.paused_until = now + dt.timedelta(
                 seconds=pause_after(account.refusals_in_a_row)
             )
+            resume = account.paused_until
         account.updated_at = now
+        # The generation waits again, and nothing else may free a slot: have the `line` task
+        # admit it as soon as admissions resume, not at its idle tick.
+        session.execute(
+            sa.update(Task)
+            .where(Task.id == LINE_TASK_ID, Task.status == TaskStatus.PENDING, Task.run_at > resume)
+            .values(run_at=resume)
+            .execution_options(synchronize_session=False)
+        )
 
     # Deadlines and the periodic pass.
 
@@ -484,11 +494,14 @@ class LineHandler:
             self.line.cancel_overdue(now)
             with self.line.store.transaction() as session:
                 self.line.admit(session, now=now)
-                waiting = session.scalar(sa.select(Generation.id).where(WAITING).limit(1))
+                # Busy while anyone holds a slot too: a 429 may send it back to wait.
+                busy = session.scalar(
+                    sa.select(Generation.id).where(sa.or_(WAITING, IN_FLIGHT)).limit(1)
+                )
         except Exception as exc:
             log.exception("the line's periodic pass failed; trying again shortly")
             raise Snooze(TICK_BUSY, f"pass failed: {type(exc).__name__}") from None
-        raise Snooze(TICK_BUSY if waiting else TICK_IDLE, "next pass")
+        raise Snooze(TICK_BUSY if busy else TICK_IDLE, "next pass")
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         """`ensure_line_task` revives it when a worker starts."""
