@@ -162,16 +162,23 @@ def test_cancel_hands_the_slot_to_the_next_in_line_at_once(start: Any) -> None:
     print(f"submitted {took:.2f} s after the cancel")
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.xfail(
+    strict=True,
+    reason="a cancel frees genrelay's slot but not Deep-Image's: the canceled job runs on "
+    "upstream, the next submission meets 429s whose pause doubles (0.5, 1, 2, 4 s...), and it "
+    "goes up to one whole pause after the canceled job ended",
+)
 def test_cancel_at_deep_images_own_limit_lets_the_next_go_when_the_job_ends(start: Any) -> None:
     # Deep-Image's limit is genrelay's: the canceled job still runs there until it ends.
-    processing = 8.0
+    processing = 6.5
     deployed = start(
         simulator=["--concurrency-limit", "1", "--processing-time", str(processing)],
         env={"GENRELAY_UPSTREAM_CONCURRENCY": "1"},
     )
     auth = deployed.create_key("acme")
     first = deployed.create(auth, TEXT)
-    submitted = time.monotonic()
+    submitted = time.monotonic()  # the first job ends upstream at most `processing` later
     second = deployed.create(auth, TEXT)
     response = requests.post(
         f"{deployed.web[0]}/v1/generations/{first['id']}/cancel", headers=auth, timeout=30
@@ -184,8 +191,10 @@ def test_cancel_at_deep_images_own_limit_lets_the_next_go_when_the_job_ends(star
     )
     took = time.monotonic() - submitted
     stats = deployed.sim_stats()
-    print(f"submitted {took:.2f} s after the first; 429s: {stats['responses_429']}")
-    assert took < processing + 2
+    assert stats["jobs_created"] == 2
+    assert stats["responses_429"] >= 1  # the canceled job still held Deep-Image's slot
+    # Submitted again within a moment of the canceled job's end upstream.
+    assert took < processing + 0.8, f"submitted {took:.2f} s after the first"
 
 
 def test_after_a_429_admissions_resume_once_the_pause_is_over(start: Any) -> None:
