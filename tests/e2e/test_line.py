@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import requests
 
-from service.line import LINE_TASK_ID
-from service.models import Task, UpstreamAccount
+from service.line import LINE_TASK_ID, TICK_BUSY
+from service.models import Task, UpstreamAccount, utcnow
 from tests.e2e.processes import Deployment, deployment, wait_for
 from tests.helpers import seed_examples
 
@@ -63,6 +63,21 @@ def account(deployed: Deployment) -> tuple[int, str]:
         row = session.get(UpstreamAccount, "deepimage")
         assert row is not None
         return row.limit, row.limit_source
+
+
+def after_an_idle_pass_of_the_line(deployed: Deployment) -> None:
+    """Return right after a pass of the `line` task found nothing to do: it sleeps its
+    longest now (TICK_IDLE), unless something wakes it."""
+
+    def line_runs_at() -> dt.datetime:
+        with deployed.store.read() as session:
+            task = session.get(Task, LINE_TASK_ID)
+            assert task is not None
+            return task.run_at
+
+    before = line_runs_at()
+    wait_for(lambda: line_runs_at() != before, 30, "a pass of the line")
+    assert line_runs_at() > utcnow() + dt.timedelta(seconds=TICK_BUSY + 1)  # idle
 
 
 def assert_all_succeeded_and_no_slot_held(deployed: Deployment, count: int) -> None:
@@ -206,15 +221,7 @@ def test_after_a_429_admissions_resume_once_the_pause_is_over(start: Any) -> Non
     )
     auth = deployed.create_key("acme")
 
-    def line_runs_at() -> dt.datetime:
-        with deployed.store.read() as session:
-            task = session.get(Task, LINE_TASK_ID)
-            assert task is not None
-            return task.run_at
-
-    # Start right after a pass of the line found nothing to do, so it sleeps its longest.
-    before = line_runs_at()
-    wait_for(lambda: line_runs_at() != before, 30, "a pass of the line")
+    after_an_idle_pass_of_the_line(deployed)
     refused = deployed.create(auth, TEXT)
     assert refused["status"] == "queued"  # the first attempt, at intake, met the 429
     deployed.set_simulator(rate_limit_rate=0.0)
@@ -307,6 +314,7 @@ def test_a_generation_whose_deadline_passes_while_it_waits_is_canceled_unsent(
         env={"GENRELAY_UPSTREAM_CONCURRENCY": "1"},
     )
     auth = deployed.create_key("acme")
+    after_an_idle_pass_of_the_line(deployed)
     first = deployed.create(auth, TEXT)
     assert first["status"] == "processing"
     deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
@@ -322,7 +330,9 @@ def test_a_generation_whose_deadline_passes_while_it_waits_is_canceled_unsent(
     wait_for(canceled, 30, "the waiting generation's deadline to cancel it")
     assert found["status"] == "canceled"
     assert found["error"]["code"] == "deadline_exceeded"
-    assert dt.datetime.fromisoformat(found["completed_at"]) >= deadline
+    late = (dt.datetime.fromisoformat(found["completed_at"]) - deadline).total_seconds()
+    # The line checks deadlines every second (TICK_BUSY) while anyone waits.
+    assert 0 <= late < TICK_BUSY + 1.5, f"canceled {late:.2f} s after its deadline"
     # The first one finishes; the canceled one was never sent, before or after.
     wait_for(lambda: deployed.get(auth, first["id"])["status"] == "succeeded", 60, "the first one")
     assert deployed.sim_stats()["jobs_created"] == 1
