@@ -56,7 +56,7 @@ INITIAL_LIMIT = 2
 PAUSE_FIRST = 0.5  # seconds without admissions after an unexplained 429, doubling...
 PAUSE_MAX = 30.0  # ...up to this
 TICK_BUSY = 1.0  # seconds between `line` runs while generations wait or hold slots
-TICK_IDLE = 5.0  # ...and while none does (a 429 wakes it: `note_refused`)
+TICK_IDLE = 5.0  # ...and while none does (`_wake` ends the sleep when one starts waiting)
 MAX_TENANTS_PER_PASS = 500  # waiting tenants considered by one admission (fewest slots first)
 DEADLINE_BATCH = 200
 
@@ -236,8 +236,24 @@ class Line:
         """Give free slots to waiting generations, inside the caller's transaction.
 
         `claim_for`: a generation whose submit task, if it is admitted, is created already
-        claimed by the caller (intake runs it at once); the others' tasks are due now.
+        claimed by the caller (intake runs it at once); the others' tasks are due now. If it
+        has to wait, the `line` task is woken to watch it (its deadline) within a second.
         """
+        admission = self._admit(session, now=now, claim_for=claim_for)
+        if claim_for is not None and admission.claimed is None:
+            self._wake(session, now + dt.timedelta(seconds=TICK_BUSY))
+        return admission
+
+    def _wake(self, session: Session, at: dt.datetime) -> None:
+        """Have the pending `line` task run by `at` (it may be sleeping its idle tick)."""
+        session.execute(
+            sa.update(Task)
+            .where(Task.id == LINE_TASK_ID, Task.status == TaskStatus.PENDING, Task.run_at > at)
+            .values(run_at=at)
+            .execution_options(synchronize_session=False)
+        )
+
+    def _admit(self, session: Session, *, now: dt.datetime, claim_for: str | None) -> Admission:
         account = self._lock_account(session)
         if account.paused_until is not None and account.paused_until > now:
             return Admission([])
@@ -401,12 +417,7 @@ class Line:
         account.updated_at = now
         # The generation waits again, and nothing else may free a slot: have the `line` task
         # admit it as soon as admissions resume, not at its idle tick.
-        session.execute(
-            sa.update(Task)
-            .where(Task.id == LINE_TASK_ID, Task.status == TaskStatus.PENDING, Task.run_at > resume)
-            .values(run_at=resume)
-            .execution_options(synchronize_session=False)
-        )
+        self._wake(session, resume)
 
     # Deadlines and the periodic pass.
 
