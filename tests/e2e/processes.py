@@ -8,6 +8,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -179,6 +180,39 @@ class Deployment:
                 )
                 or 0
             )
+
+
+class SlotWatcher:
+    """Samples the database's count of slots in use, in a thread, while in its `with` block:
+    the line's own view of what is in flight, which must never pass its limit."""
+
+    def __init__(self, deployed: Deployment, interval: float = 0.05) -> None:
+        self.deployed = deployed
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="slot-watcher", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.deployed.slots_in_use())
+                self.samples += 1
+                self._stop.wait(self.interval)
+        except BaseException as exc:  # reported by __exit__
+            self._error = exc
+
+    def __enter__(self) -> SlotWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self._error is not None:
+            raise AssertionError(f"the slot watcher failed: {self._error!r}")
 
 
 @contextlib.contextmanager
