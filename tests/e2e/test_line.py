@@ -126,8 +126,13 @@ def test_never_more_than_the_limit_in_flight_and_every_generation_succeeds(
         assert slots.peak == limit  # every slot was used, never one more
         assert account(deployed) == (limit, "configured")
     else:
-        # Slow start from 2 overshoots once or twice; the 429 states the limit, which sticks.
-        assert 1 <= stats["responses_429"] <= 5, stats["responses_by_status"]
+        # Slow start from 2 overshoots: it grows while every slot is in use, and genrelay
+        # holds a slot from admission until the callback is handled, longer than the job runs
+        # upstream, so the more loaded the machine the further (11 slots seen at load 8). The
+        # first 429 states the limit, which sticks; only the overshoot meets 429s.
+        print(f"learned: {stats['responses_429']} 429s, {slots.peak} slots at most")
+        overshoot = slots.peak - limit  # sampled, so perhaps less than the real one
+        assert 1 <= stats["responses_429"] <= max(5, overshoot), stats["responses_by_status"]
         assert account(deployed) == (limit, "stated")
 
 
