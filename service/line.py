@@ -44,9 +44,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.domain import ErrorCode, GenerationStatus
-from service.models import Generation, Tenant, UpstreamAccount, utcnow
+from service.models import Generation, Task, Tenant, UpstreamAccount, utcnow
 from service.store import Store
-from service.tasks import ClaimedTask, TaskQueue
+from service.tasks import ClaimedTask, TaskQueue, TaskStatus
 
 log = logging.getLogger("genrelay.line")
 
@@ -57,8 +57,8 @@ LINE_TASK_ID = "task_line"
 INITIAL_LIMIT = 2
 PAUSE_FIRST = 0.5  # seconds without admissions after an unexplained 429, doubling...
 PAUSE_MAX = 30.0  # ...up to this
-TICK_BUSY = 1.0  # seconds between `line` runs while generations wait
-TICK_IDLE = 5.0  # ...and while none does
+TICK_BUSY = 1.0  # seconds between `line` runs while generations wait or hold slots
+TICK_IDLE = 5.0  # ...and while none does (`_wake` ends the sleep when one starts waiting)
 MAX_TENANTS_PER_PASS = 500  # waiting tenants considered by one admission (fewest slots first)
 DEADLINE_BATCH = 200
 
@@ -288,8 +288,24 @@ class Line:
         """Give free slots to waiting generations, inside the caller's transaction.
 
         `claim_for`: a generation whose submit task, if it is admitted, is created already
-        claimed by the caller (intake runs it at once); the others' tasks are due now.
+        claimed by the caller (intake runs it at once); the others' tasks are due now. If it
+        has to wait, the `line` task is woken to watch it (its deadline) within a second.
         """
+        admission = self._admit(session, now=now, claim_for=claim_for)
+        if claim_for is not None and admission.claimed is None:
+            self._wake(session, now + dt.timedelta(seconds=TICK_BUSY))
+        return admission
+
+    def _wake(self, session: Session, at: dt.datetime) -> None:
+        """Have the pending `line` task run by `at` (it may be sleeping its idle tick)."""
+        session.execute(
+            sa.update(Task)
+            .where(Task.id == LINE_TASK_ID, Task.status == TaskStatus.PENDING, Task.run_at > at)
+            .values(run_at=at)
+            .execution_options(synchronize_session=False)
+        )
+
+    def _admit(self, session: Session, *, now: dt.datetime, claim_for: str | None) -> Admission:
         account = self._lock_account(session)
         if account.paused_until is not None and account.paused_until > now:
             return Admission([])
@@ -440,13 +456,18 @@ class Line:
         account.limit, account.limit_source = limit, source
         account.refused_before = True
         account.accepted_at_limit = 0
+        resume = now
         if in_flight < limit:
             # Our own count does not explain the refusal: back off before trying again.
             account.refusals_in_a_row += 1
             account.paused_until = now + dt.timedelta(
                 seconds=pause_after(account.refusals_in_a_row)
             )
+            resume = account.paused_until
         account.updated_at = now
+        # The generation waits again, and nothing else may free a slot: have the `line` task
+        # admit it as soon as admissions resume, not at its idle tick.
+        self._wake(session, resume)
 
     # Deadlines and the periodic pass.
 
@@ -515,11 +536,14 @@ class LineHandler:
             self.line.cancel_overdue(now)
             with self.line.store.transaction() as session:
                 self.line.admit(session, now=now)
-                waiting = session.scalar(sa.select(Generation.id).where(WAITING).limit(1))
+                # Busy while anyone holds a slot too: a 429 may send it back to wait.
+                busy = session.scalar(
+                    sa.select(Generation.id).where(sa.or_(WAITING, IN_FLIGHT)).limit(1)
+                )
         except Exception as exc:
             log.exception("the line's periodic pass failed; trying again shortly")
             raise Snooze(TICK_BUSY, f"pass failed: {type(exc).__name__}") from None
-        raise Snooze(TICK_BUSY if waiting else TICK_IDLE, "next pass")
+        raise Snooze(TICK_BUSY if busy else TICK_IDLE, "next pass")
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         """`ensure_line_task` revives it when a worker starts."""

@@ -212,6 +212,8 @@ class SimulatorEngine:
         self._consumed: Counter[str] = Counter()
         self._stats: Counter[str] = Counter()
         self._responses: Counter[int] = Counter()
+        # Most jobs ever active at once, per account (the concurrency limit's high-water mark).
+        self._peak_active: Counter[str] = Counter()
         self._cache = _ImageCache(IMAGE_CACHE_BYTES)
         self._scheduler = Scheduler(self._clock)
         self._deliveries: set[threading.Thread] = set()
@@ -285,7 +287,8 @@ class SimulatorEngine:
         with self._lock:
             settings = self._settings
             pending = self._pending.setdefault(account, set())
-            self._finalize_due_locked(pending)
+            # Every account's due jobs, so that `peak_active` counts only jobs still running.
+            self._finalize_all_due_locked()
             active = len(pending)
             if settings.credits - self._consumed[account] - active < 1:
                 raise SimulatorError(
@@ -324,6 +327,9 @@ class SimulatorEngine:
             self._jobs[job.id] = job
             self._images[job.image_name] = job.id
             pending.add(job.id)
+            self._peak_active[account] = max(self._peak_active[account], len(pending))
+            everyone = sum(len(p) for p in self._pending.values())
+            self._stats["peak_active"] = max(self._stats["peak_active"], everyone)
             self._stats["jobs_created"] += 1
             self._evict_locked(settings.max_jobs)
             logger.debug("simulator job %s created (%s, fail=%s)", job.id, endpoint, will_fail)
@@ -626,6 +632,8 @@ class SimulatorEngine:
             )
             stats: dict[str, Any] = {name: self._stats[name] for name in names}
             stats["jobs_active"] = sum(len(p) for p in self._pending.values())
+            stats["peak_active"] = self._stats["peak_active"]
+            stats["peak_active_by_account"] = dict(self._peak_active)
             stats["responses_429"] = self._responses[429]
             stats["responses_5xx"] = sum(n for s, n in self._responses.items() if s >= 500)
             stats["responses_by_status"] = {str(s): n for s, n in sorted(self._responses.items())}
@@ -689,6 +697,7 @@ class SimulatorEngine:
             self._images.clear()
             self._pending.clear()
             self._consumed.clear()
+            self._peak_active.clear()
             self._stats.clear()
             self._responses.clear()
             self._cache.clear()

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+import secrets
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import requests
+import sqlalchemy as sa
+
+from service.dev import free_port
+from service.models import Generation
+from service.store import Store
 
 GENRELAY = str(Path(sys.executable).parent / "genrelay")
 
@@ -43,6 +54,12 @@ class Stack:
         self.processes[name] = process
         return process
 
+    def kill(self, name: str) -> None:
+        """SIGKILL one process and forget it (its log stays)."""
+        process = self.processes.pop(name)
+        process.kill()
+        process.wait()
+
     def alive(self) -> bool:
         dead = [name for name, p in self.processes.items() if p.poll() is not None]
         if dead:
@@ -65,3 +82,209 @@ class Stack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+@dataclasses.dataclass
+class Deployment:
+    """genrelay as in production: gunicorn web and worker processes on one database, in front
+    of the simulator (as its own process) and fake-gcs-server. Callbacks go to `web[0]`."""
+
+    stack: Stack
+    env: dict[str, str]
+    database_url: str
+    sim: str  # the simulator's base URL
+    web: list[str]  # each web process's base URL
+    store: Store  # for the checks that read the database
+
+    def create_key(self, tenant: str) -> dict[str, str]:
+        """`genrelay keys create TENANT` against the same database; the auth header."""
+        created = subprocess.run(
+            [GENRELAY, "keys", "create", tenant],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return {"Authorization": f"Bearer {created.stdout.strip()}"}
+
+    def start_worker(self, name: str, *, threads: int = 4) -> None:
+        """Start `genrelay worker` and wait until it says it has started."""
+        self.stack.start(name, "worker", "--threads", str(threads), "--poll-interval", "0.1")
+        log = self.stack.tmp_path / f"{name}.log"
+        wait_for(
+            lambda: self.stack.alive() and "worker started" in log.read_text(errors="replace"),
+            60,
+            f"genrelay worker {name}",
+        )
+
+    def create(self, auth: Mapping[str, str], body: Mapping[str, Any], *, web: int = 0) -> Any:
+        """POST /v1/generations (through web process `web`); the generation, as answered."""
+        response = requests.post(
+            f"{self.web[web]}/v1/generations", json=dict(body), headers=dict(auth), timeout=60
+        )
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    def get(self, auth: Mapping[str, str], generation_id: str) -> Any:
+        response = requests.get(
+            f"{self.web[0]}/v1/generations/{generation_id}", headers=dict(auth), timeout=30
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def sim_stats(self) -> Any:
+        return requests.get(f"{self.sim}/_sim/stats", timeout=30).json()
+
+    def set_simulator(self, **knobs: Any) -> None:
+        response = requests.post(f"{self.sim}/_sim/settings", json=knobs, timeout=30)
+        response.raise_for_status()
+
+    def statuses(self) -> dict[str, int]:
+        """How many generations are in each status, from the database."""
+        with self.store.read() as session:
+            rows = session.execute(
+                sa.select(Generation.status, sa.func.count()).group_by(Generation.status)
+            ).all()
+        return {str(status): int(count) for status, count in rows}
+
+    def wait_all_finished(self, count: int, timeout: float) -> dict[str, int]:
+        """Wait until `count` generations exist and every one has finished; the statuses."""
+        found: dict[str, int] = {}
+
+        def finished() -> bool:
+            self.stack.alive()
+            found.clear()
+            found.update(self.statuses())
+            return sum(found.values()) == count and set(found) <= set(TERMINAL)
+
+        try:
+            wait_for(finished, timeout, f"all {count} generations to finish")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {found}") from None
+        return found
+
+    def slots_in_use(self) -> int:
+        """Generations holding an upstream slot of the line, from the database."""
+        with self.store.read() as session:
+            return int(
+                session.scalar(
+                    sa.select(sa.func.count()).where(
+                        Generation.admitted_at.is_not(None),
+                        Generation.source_found_at.is_(None),
+                        Generation.status.in_(["queued", "processing"]),
+                    )
+                )
+                or 0
+            )
+
+
+class SlotWatcher:
+    """Samples the database's count of slots in use, in a thread, while in its `with` block:
+    the line's own view of what is in flight, which must never pass its limit."""
+
+    def __init__(self, deployed: Deployment, interval: float = 0.05) -> None:
+        self.deployed = deployed
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="slot-watcher", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.deployed.slots_in_use())
+                self.samples += 1
+                self._stop.wait(self.interval)
+        except BaseException as exc:  # reported by __exit__
+            self._error = exc
+
+    def __enter__(self) -> SlotWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self._error is not None:
+            raise AssertionError(f"the slot watcher failed: {self._error!r}")
+
+
+@contextlib.contextmanager
+def deployment(
+    tmp_path: Path,
+    database_url: str,
+    gcs_url: str,
+    bucket: str,
+    *,
+    simulator: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    web: int = 1,
+    workers: int = 1,
+) -> Iterator[Deployment]:
+    """Start the simulator (with `simulator` as extra flags), `web` gunicorn processes (one
+    worker process each) and `workers` workers named worker-1...; print every log on failure.
+
+    `env` adds to or overrides the defaults (`GENRELAY_UPSTREAM_CONCURRENCY` is unset unless
+    given, so the line learns the limit by default).
+    """
+    sim_port = free_port()
+    ports = [free_port() for _ in range(web)]
+    base_env = {
+        key: value for key, value in os.environ.items() if key != "GENRELAY_UPSTREAM_CONCURRENCY"
+    }
+    full_env = {
+        **base_env,
+        "GENRELAY_DATABASE_URL": database_url,
+        "GENRELAY_DEEPIMAGE_URL": f"http://127.0.0.1:{sim_port}",
+        "GENRELAY_DEEPIMAGE_API_KEY": "sim-key",
+        "GENRELAY_PUBLIC_URL": f"http://127.0.0.1:{ports[0]}",
+        "GENRELAY_CALLBACK_SECRET": secrets.token_urlsafe(32),
+        "GENRELAY_GCS_BUCKET": bucket,
+        "STORAGE_EMULATOR_HOST": gcs_url,
+        "GENRELAY_WEB_PROCESSES": "1",
+        "GENRELAY_RATE_LIMIT": "0",
+        **(env or {}),
+    }
+    stack = Stack(tmp_path, full_env)
+    store = Store(database_url)
+    try:
+        stack.start("simulator", "simulator", "--port", str(sim_port), *simulator)
+        for n, port in enumerate(ports):
+            stack.start(f"serve-{n}", "serve", env={**full_env, "PORT": str(port)})
+        sim = f"http://127.0.0.1:{sim_port}"
+        wait_for(
+            lambda: stack.alive() and requests.get(f"{sim}/_sim/health", timeout=1).ok,
+            30,
+            "the simulator",
+        )
+        for port in ports:
+            wait_for(
+                lambda port=port: (
+                    stack.alive() and requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).ok
+                ),
+                60,
+                "genrelay serve",
+            )
+        deployed = Deployment(
+            stack=stack,
+            env=full_env,
+            database_url=database_url,
+            sim=sim,
+            web=[f"http://127.0.0.1:{port}" for port in ports],
+            store=store,
+        )
+        for n in range(1, workers + 1):
+            deployed.start_worker(f"worker-{n}")
+        yield deployed
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop_all()
+        store.dispose()

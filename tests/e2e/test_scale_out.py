@@ -57,6 +57,7 @@ def test_two_web_and_two_worker_processes_share_one_postgresql(
 ) -> None:
     engine = sa.create_engine(postgres_database)
     with engine.begin() as connection:
+        # Every table (batches refer to tenants: a partial list cannot be truncated).
         tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
         connection.execute(sa.text(f"TRUNCATE {tables}"))
     sim_port, web_a, web_b = free_port(), free_port(), free_port()

@@ -482,6 +482,25 @@ def test_concurrency_limit_answers_429(make_client: MakeClient, clock: FakeClock
     assert submit(client, TEXT_TO_IMAGE).status_code == 200
 
 
+def test_peak_active_is_the_most_jobs_ever_running_at_once(
+    make_client: MakeClient, clock: FakeClock
+) -> None:
+    client = make_client(processing_time=5.0, concurrency_limit=3)
+    for _ in range(2):
+        assert submit(client, TEXT_TO_IMAGE).status_code == 200
+    clock.advance(5.0)  # both finish
+    for _ in range(3):
+        assert submit(client, TEXT_TO_IMAGE).status_code == 200
+    assert submit(client, TEXT_TO_IMAGE).status_code == 429  # refused: never active
+    clock.advance(5.0)
+    assert submit(client, TEXT_TO_IMAGE).status_code == 200
+    stats = client.get("/_sim/stats").json
+    assert (stats["jobs_created"], stats["jobs_active"], stats["peak_active"]) == (6, 1, 3)
+    assert list(stats["peak_active_by_account"].values()) == [3]
+    client.post("/_sim/reset")
+    assert client.get("/_sim/stats").json["peak_active"] == 0
+
+
 def test_rate_limit_rate_answers_429_at_random(make_client: MakeClient) -> None:
     client = make_client(rate_limit_rate=1.0)
     for endpoint in ("process", "process_result"):
