@@ -20,7 +20,7 @@ from service.deepimage import DeepImageClient
 from service.delivery import DeliverHandler
 from service.generations import GenerationService
 from service.housekeeping import HOUSEKEEPING, HousekeepingHandler
-from service.line import LINE, Line, LineHandler
+from service.line import LINE, LINE_LEASE, Line, LineHandler
 from service.notifications import DELIVER
 from service.oidc import TokenVerifier
 from service.ratelimit import BAD_KEY_RATE, BadKeyLimiter, RateLimiter
@@ -99,6 +99,7 @@ def build_services(
             **(policies or {}),
         },
         lease_seconds=config.task_lease,
+        short_leases={LINE: LINE_LEASE},
     )
     line = Line(store, queue, configured_limit=config.upstream_concurrency)
     line.install()

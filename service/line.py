@@ -59,6 +59,10 @@ PAUSE_FIRST = 0.5  # seconds without admissions after an unexplained 429, doubli
 PAUSE_MAX = 30.0  # ...up to this
 TICK_BUSY = 1.0  # seconds between `line` runs while generations wait or hold slots
 TICK_IDLE = 5.0  # ...and while none does (`_wake` ends the sleep when one starts waiting)
+# A pass takes milliseconds: a worker killed during one delays the next pass only this long
+# (not GENRELAY_TASK_LEASE). Two passes at once are harmless: admissions take the account's
+# row lock, and deadline cancels skip rows another transaction holds.
+LINE_LEASE = 3.0
 MAX_TENANTS_PER_PASS = 500  # waiting tenants considered by one admission (fewest slots first)
 DEADLINE_BATCH = 200
 

@@ -104,12 +104,18 @@ class TaskQueue:
         *,
         policies: dict[str, RetryPolicy] | None = None,
         lease_seconds: float = 300.0,
+        short_leases: dict[str, float] | None = None,
         clock: Clock = utcnow,
         rng: random.Random | None = None,
     ) -> None:
+        """`short_leases`: kinds whose runs take moments, held for fewer seconds than
+        `lease_seconds`, so a holder that dies mid-run delays them only that long."""
         self.store = store
         self.policies = policies or {}
         self.lease = dt.timedelta(seconds=lease_seconds)
+        self.short_leases = {
+            kind: dt.timedelta(seconds=seconds) for kind, seconds in (short_leases or {}).items()
+        }
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
 
@@ -244,7 +250,7 @@ class TaskQueue:
             .values(
                 status=TaskStatus.RUNNING,
                 claim_token=token,
-                lease_expires_at=now + self.lease,
+                lease_expires_at=self._lease_until(now),
                 attempts=Task.attempts + 1,
                 updated_at=now,
             )
@@ -254,6 +260,20 @@ class TaskQueue:
         with self.store.transaction() as session:
             rows = session.execute(statement).scalars().all()
             return [_claimed(row) for row in rows]
+
+    def _lease_until(self, now: dt.datetime) -> Any:
+        """When a claim made `now` runs out: the kind's short lease, else the common one."""
+        until = sa.literal(now + self.lease, Task.lease_expires_at.type)
+        if not self.short_leases:
+            return until
+        return sa.case(
+            {
+                kind: sa.literal(now + lease, Task.lease_expires_at.type)
+                for kind, lease in self.short_leases.items()
+            },
+            value=Task.kind,
+            else_=until,
+        )
 
     def complete(self, task: ClaimedTask) -> bool:
         """Mark a held task done; False when the lease was lost to another claimer."""

@@ -460,3 +460,14 @@ def test_a_failed_attempt_is_decided_once_and_a_task_given_up_records_its_outcom
         assert outcome is TaskStatus.DEAD
         assert handler.exhausted == ["upstream 503"]
     assert row(store, task_id).status == outcome
+
+
+def test_kinds_with_a_short_lease_are_held_only_that_long(store: Store, clock: FakeClock) -> None:
+    queue = TaskQueue(store, lease_seconds=60, short_leases={"tick": 3.0}, clock=clock)
+    enqueue(queue, "tick")
+    enqueue(queue, "job")
+    claimed = {task.kind: task for task in queue.claim_due_tasks(limit=5)}
+    assert claimed["tick"].lease_expires_at == START + dt.timedelta(seconds=3)
+    assert claimed["job"].lease_expires_at == START + dt.timedelta(seconds=60)
+    clock.advance(4)  # the tick's holder died: another worker may take it, not the job
+    assert [task.kind for task in queue.claim_due_tasks(limit=5)] == ["tick"]
