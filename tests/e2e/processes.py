@@ -18,6 +18,7 @@ import requests
 import sqlalchemy as sa
 
 from service.dev import free_port
+from service.line import IN_FLIGHT
 from service.models import Generation
 from service.store import Store
 
@@ -171,13 +172,7 @@ class Deployment:
         """Generations holding an upstream slot of the line, from the database."""
         with self.store.read() as session:
             return int(
-                session.scalar(
-                    sa.select(sa.func.count()).where(
-                        Generation.admitted_at.is_not(None),
-                        Generation.source_found_at.is_(None),
-                        Generation.status.in_(["queued", "processing"]),
-                    )
-                )
+                session.scalar(sa.select(sa.func.count()).where(IN_FLIGHT))
                 or 0
             )
 
@@ -249,6 +244,8 @@ def deployment(
         "STORAGE_EMULATOR_HOST": gcs_url,
         "GENRELAY_WEB_PROCESSES": "1",
         "GENRELAY_RATE_LIMIT": "0",
+        # Everything here is on loopback over http: the simulator's result URLs included.
+        "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
         **(env or {}),
     }
     stack = Stack(tmp_path, full_env)
