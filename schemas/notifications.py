@@ -14,10 +14,10 @@ from marshmallow import (
     validates_schema,
 )
 
-from service.domain import EVENT_TYPES
+from service.domain import EVENT_TYPES, DeliveryStatus
 
 FORMATS = ("standard", "cloudevents")
-DELIVERY_STATUSES = ("pending", "succeeded", "failed", "dead")
+DELIVERY_STATUSES = tuple(status.value for status in DeliveryStatus)
 
 
 def _event_list(**kwargs: Any) -> fields.List:

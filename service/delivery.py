@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.config import Config
+from service.domain import DeliveryStatus
 from service.ids import new_id
 from service.metrics import DELIVERY_OUTCOMES
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
@@ -39,13 +40,6 @@ EXCERPT_BYTES = 1024
 DISABLE_AFTER_FAILING = dt.timedelta(days=5)
 # A later event for the same target waits this long while an earlier one is still pending.
 ORDER_WAIT = 1.0
-
-
-class DeliveryStatus(enum.StrEnum):
-    PENDING = "pending"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"  # final: the target refused it (4xx, not allowed)
-    DEAD = "dead"  # final: the retry schedule ran out
 
 
 class Outcome(enum.Enum):

@@ -58,15 +58,24 @@ class ErrorCode(enum.StrEnum):
 
 
 # Outgoing notification types: one per status a generation can move into...
-GENERATION_EVENT_TYPES = (
-    "generation.processing",
-    "generation.succeeded",
-    "generation.failed",
-    "generation.canceled",
-)
+EVENT_FOR_STATUS: dict[GenerationStatus, str] = {
+    status: f"generation.{status.value}"
+    for status in GenerationStatus
+    if status != GenerationStatus.QUEUED
+}
+GENERATION_EVENT_TYPES = tuple(EVENT_FOR_STATUS.values())
 # ...and one when every item of a batch has finished (service/batch_progress.py).
 BATCH_COMPLETED = "batch.completed"
 EVENT_TYPES = (*GENERATION_EVENT_TYPES, BATCH_COMPLETED)
+
+
+class DeliveryStatus(enum.StrEnum):
+    """Where a delivery (one event for one target) stands."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # final: the target refused it (4xx, not allowed)
+    DEAD = "dead"  # final: the retry schedule ran out
 
 
 class BatchStatus(enum.StrEnum):

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from schemas.generations import GenerationSummarySchema
 from service import wakeup
-from service.domain import GenerationStatus
+from service.domain import EVENT_FOR_STATUS, DeliveryStatus, GenerationStatus
 from service.ids import new_id
 from service.models import Delivery, Event, Generation, Subscription, Tenant
 from service.signing import cloudevents_body, new_secret, new_webhook_id, standard_body
@@ -27,12 +27,6 @@ DELIVER = "deliver"
 # delivery row (GENRELAY_WEBHOOK_RETRY_SCHEDULE).
 DELIVER_TASK_ATTEMPTS = 10
 CLOUDEVENTS_SOURCE = "/genrelay"
-EVENT_FOR_STATUS = {
-    GenerationStatus.PROCESSING: "generation.processing",
-    GenerationStatus.SUCCEEDED: "generation.succeeded",
-    GenerationStatus.FAILED: "generation.failed",
-    GenerationStatus.CANCELED: "generation.canceled",
-}
 
 
 def generation_resource(generation: Generation) -> dict[str, Any]:
@@ -125,7 +119,7 @@ def queue_delivery(
         format=fmt,
         webhook_id=webhook_id,
         body=body.decode("utf-8"),
-        status="pending",
+        status=DeliveryStatus.PENDING,
         next_attempt_at=event.created_at,
         created_at=event.created_at,
         updated_at=event.created_at,

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from service import wakeup
 from service.config import Config
-from service.domain import GENERATION_EVENT_TYPES
+from service.domain import GENERATION_EVENT_TYPES, DeliveryStatus
 from service.errors import InvalidRequest, NotFound
 from service.ids import new_id
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
@@ -247,7 +247,7 @@ class NotificationService:
         now = utcnow()
         with self.store.transaction() as session:
             delivery = _owned(session, Delivery, tenant_id, delivery_id, "delivery")
-            delivery.status = "pending"
+            delivery.status = DeliveryStatus.PENDING
             delivery.next_attempt_at = now
             delivery.updated_at = now
             session.add(
