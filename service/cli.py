@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
 
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, ProcessSettings
 
 log = logging.getLogger("genrelay.cli")
 
@@ -41,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from service.logs import setup_logging
 
-    setup_logging(os.environ.get("GENRELAY_LOG_LEVEL", "INFO").upper())
     try:
+        setup_logging(ProcessSettings.from_env().log_level)
         return int(args.run(args))
     except ConfigError as exc:
         print(f"genrelay: configuration error: {exc}", file=sys.stderr)
@@ -58,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run the task loop")
     worker.add_argument(
-        "--threads", type=int, default=int(os.environ.get("GENRELAY_WORKER_THREADS", "4"))
+        "--threads",
+        type=int,
+        default=None,
+        help="task threads (default GENRELAY_WORKER_THREADS, 4)",
     )
     worker.add_argument(
         "--poll-interval",
@@ -158,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("inbox", help="a local receiver that verifies and prints webhooks")
 
     dev = commands.add_parser("dev", help="run the whole stack locally with embedded defaults")
-    dev.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    dev.add_argument("--port", type=int, default=None, help="web port (default PORT, 8080)")
     dev.add_argument("--var", default="var", help="directory for the dev database and files")
     dev.set_defaults(run=_dev)
     return parser
@@ -196,7 +198,7 @@ def _worker(args: argparse.Namespace) -> int:
     services = build_services(config)
     worker = Worker(
         services.runner,
-        threads=args.threads,
+        threads=args.threads or ProcessSettings.from_env().worker_threads,
         poll_interval=args.poll_interval,
         wake_url=libpq_url(config.database_url),
     )
@@ -395,7 +397,7 @@ def _utc_iso(moment: dt.datetime) -> str:
 def _dev(args: argparse.Namespace) -> int:
     from service.dev import run_dev_stack
 
-    return run_dev_stack(port=args.port, var_dir=args.var)
+    return run_dev_stack(port=args.port or ProcessSettings.from_env().port, var_dir=args.var)
 
 
 if __name__ == "__main__":

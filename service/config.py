@@ -179,14 +179,9 @@ class Config:
                     "Deep-Image account may have processing at once)"
                 )
             values["upstream_concurrency"] = int(v)
-        if (v := text("GENRELAY_REQUEST_TIMEOUT")) is not None:
-            values["request_timeout"] = _seconds("GENRELAY_REQUEST_TIMEOUT", v)
-            if values["request_timeout"] <= 0:
-                raise ConfigError("GENRELAY_REQUEST_TIMEOUT must be above 0 seconds")
-        if (v := text("PORT")) is not None:
-            if not v.isdigit() or not 0 < int(v) < 65536:
-                raise ConfigError("PORT must be a TCP port number (1-65535)")
-            values["port"] = int(v)
+        process = ProcessSettings.from_env(env)
+        values["port"] = process.port
+        values["request_timeout"] = process.request_timeout
         return cls(**values)
 
     @staticmethod
@@ -224,6 +219,57 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """Return a copy with some fields changed (tests, dev mode)."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSettings:
+    """How the processes themselves run: what gunicorn, the worker and logging need before
+    (or without) the whole Config. Read from the environment like every other setting."""
+
+    port: int = 8080
+    web_processes: int = 2
+    web_threads: int = 8
+    worker_threads: int = 4
+    log_level: str = "INFO"
+    # Seconds a client has to send its request (service/gunicorn_worker.py).
+    request_timeout: float = 15.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ProcessSettings:
+        """Parse PORT, GENRELAY_WEB_*, GENRELAY_WORKER_THREADS, GENRELAY_LOG_LEVEL and
+        GENRELAY_REQUEST_TIMEOUT; ConfigError naming the first bad one."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+
+        def whole(name: str, low: int, high: int) -> int | None:
+            value = (env.get(name) or "").strip()
+            if not value:
+                return None
+            if not value.isdigit() or not low <= int(value) <= high:
+                raise ConfigError(f"{name} must be a whole number from {low} to {high}")
+            return int(value)
+
+        for name, field, low, high in (
+            ("PORT", "port", 1, 65535),
+            ("GENRELAY_WEB_PROCESSES", "web_processes", 1, 64),
+            ("GENRELAY_WEB_THREADS", "web_threads", 1, 1000),
+            ("GENRELAY_WORKER_THREADS", "worker_threads", 1, 1000),
+        ):
+            if (number := whole(name, low, high)) is not None:
+                values[field] = number
+        level = (env.get("GENRELAY_LOG_LEVEL") or "").strip().upper()
+        if level:
+            if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+                raise ConfigError(
+                    "GENRELAY_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL"
+                )
+            values["log_level"] = level
+        timeout = (env.get("GENRELAY_REQUEST_TIMEOUT") or "").strip()
+        if timeout:
+            values["request_timeout"] = _seconds("GENRELAY_REQUEST_TIMEOUT", timeout)
+            if values["request_timeout"] <= 0:
+                raise ConfigError("GENRELAY_REQUEST_TIMEOUT must be above 0 seconds")
+        return cls(**values)
 
 
 def _http_url(name: str, value: str) -> str:

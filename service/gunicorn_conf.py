@@ -7,6 +7,10 @@ Deep-Image. Counts come from the environment so Cloud Run can size them per inst
 import os
 import tempfile
 
+from service.config import ProcessSettings
+
+_process = ProcessSettings.from_env()
+
 # prometheus-client's multiprocess mode: every worker process writes its metrics to files
 # here and /metrics aggregates them. Set before the workers import the app; a fresh
 # directory per start, so no stale files from an earlier run are counted.
@@ -15,12 +19,12 @@ if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     _metrics_dir = tempfile.mkdtemp(prefix="genrelay-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
+bind = f"0.0.0.0:{_process.port}"
 # gthread, reading each request before a thread takes it, so slow or stalled clients cannot
 # hold the threads (service/gunicorn_worker.py; GENRELAY_REQUEST_TIMEOUT).
 worker_class = "service.gunicorn_worker.BoundedThreadWorker"
-workers = int(os.environ.get("GENRELAY_WEB_PROCESSES", "2"))
-threads = int(os.environ.get("GENRELAY_WEB_THREADS", "8"))
+workers = _process.web_processes
+threads = _process.web_threads
 # Cloud Run enforces request timeouts itself; gunicorn's would kill healthy slow requests.
 timeout = 0
 graceful_timeout = 20
@@ -31,7 +35,7 @@ errorlog = "-"
 # gunicorn 27's control socket sits at one fixed path per user: several servers on one
 # machine (tests, benchmarks) would fight over it, and nothing here uses it.
 control_socket_disable = True
-loglevel = os.environ.get("GENRELAY_LOG_LEVEL", "info").lower()
+loglevel = _process.log_level.lower()
 
 
 def child_exit(_server: object, worker: object) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import re
 import selectors
 import socket
@@ -34,10 +33,11 @@ from typing import Any
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from service.config import ProcessSettings
 from service.errors import ClientTooSlow
 
-# Validated by Config.from_env when `genrelay serve` starts, before gunicorn loads this.
-READ_TIMEOUT = float(os.environ.get("GENRELAY_REQUEST_TIMEOUT", "").strip() or 15.0)
+# Validated (with every other setting) when `genrelay serve` starts, before gunicorn loads this.
+READ_TIMEOUT = ProcessSettings.from_env().request_timeout
 IDLE_TIMEOUT = 15.0
 BODY_TIMEOUT = 120.0
 # Larger than any body the app accepts (GENRELAY's 25 MiB limit): such bodies still wait here.

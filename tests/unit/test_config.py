@@ -142,3 +142,37 @@ def test_the_cli_reports_a_config_error_naming_the_variable(
     monkeypatch.delenv("GENRELAY_DEEPIMAGE_API_KEY", raising=False)
     assert main(["worker"]) == 2
     assert "GENRELAY_DEEPIMAGE_API_KEY" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "0"),
+        ("GENRELAY_WEB_PROCESSES", "two"),
+        ("GENRELAY_WEB_THREADS", "-1"),
+        ("GENRELAY_WORKER_THREADS", "0"),
+        ("GENRELAY_LOG_LEVEL", "LOUD"),
+        ("GENRELAY_REQUEST_TIMEOUT", "0"),
+    ],
+)
+def test_process_settings_are_checked_like_every_other_setting(name: str, value: str) -> None:
+    from service.config import ProcessSettings
+
+    with pytest.raises(ConfigError, match=name):
+        ProcessSettings.from_env({name: value})
+
+
+def test_process_settings_come_from_the_environment() -> None:
+    from service.config import ProcessSettings
+
+    settings = ProcessSettings.from_env(
+        {
+            "PORT": "9000",
+            "GENRELAY_WEB_PROCESSES": "3",
+            "GENRELAY_WEB_THREADS": "16",
+            "GENRELAY_WORKER_THREADS": "6",
+            "GENRELAY_LOG_LEVEL": "debug",
+        }
+    )
+    assert (settings.port, settings.web_processes, settings.web_threads) == (9000, 3, 16)
+    assert (settings.worker_threads, settings.log_level) == (6, "DEBUG")
