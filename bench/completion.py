@@ -609,6 +609,8 @@ def run(
         "STORAGE_EMULATOR_HOST": gcs.url,
         "GENRELAY_MAX_RESULT_BYTES": str(max(GIB, 2 * largest)),
         "GENRELAY_RECONCILE_AFTER": "600",
+        # The client polls every 10 ms, far above the per-key limit (50/s): turn it off.
+        "GENRELAY_RATE_LIMIT": "0",
         "PORT": str(api_port),
         # gunicorn's control socket (if ever turned on) stays in our temp dir.
         "XDG_RUNTIME_DIR": str(tmp_dir),
