@@ -210,6 +210,9 @@ class SimulatorEngine:
         self._consumed: Counter[str] = Counter()
         self._stats: Counter[str] = Counter()
         self._responses: Counter[int] = Counter()
+        # Most jobs active at once, per account and over all accounts (at submission times).
+        self._peak_active: Counter[str] = Counter()
+        self._peak_active_total = 0
         self._cache = _ImageCache(IMAGE_CACHE_BYTES)
         self._scheduler = Scheduler(self._clock)
         self._deliveries: set[threading.Thread] = set()
@@ -314,6 +317,7 @@ class SimulatorEngine:
             self._images[job.image_name] = job.id
             pending.add(job.id)
             self._stats["jobs_created"] += 1
+            self._note_peak_locked(account, len(pending))
             self._evict_locked(settings.max_jobs)
             logger.debug("simulator job %s created (%s, fail=%s)", job.id, endpoint, will_fail)
         if settings.processing_time <= 0:
@@ -321,6 +325,14 @@ class SimulatorEngine:
         else:
             self._scheduler.call_at(job.due_at, lambda: self.refresh(job))
         return job
+
+    def _note_peak_locked(self, account: str, active: int) -> None:
+        # The submitting account's count is exact (its due jobs were just finalised); other
+        # accounts' jobs are finalised by the scheduler at their due time, so the total may
+        # count a job a moment longer than it ran.
+        self._peak_active[account] = max(self._peak_active[account], active)
+        total = sum(len(p) for p in self._pending.values())
+        self._peak_active_total = max(self._peak_active_total, total)
 
     def _evict_locked(self, max_jobs: int) -> None:
         excess = len(self._jobs) - max_jobs
@@ -615,6 +627,8 @@ class SimulatorEngine:
             )
             stats: dict[str, Any] = {name: self._stats[name] for name in names}
             stats["jobs_active"] = sum(len(p) for p in self._pending.values())
+            stats["peak_active"] = self._peak_active_total
+            stats["peak_active_by_account"] = dict(self._peak_active)
             stats["responses_429"] = self._responses[429]
             stats["responses_5xx"] = sum(n for s, n in self._responses.items() if s >= 500)
             stats["responses_by_status"] = {str(s): n for s, n in sorted(self._responses.items())}
@@ -679,6 +693,8 @@ class SimulatorEngine:
             self._consumed.clear()
             self._stats.clear()
             self._responses.clear()
+            self._peak_active.clear()
+            self._peak_active_total = 0
             self._cache.clear()
             self._rng = _new_rng(self._settings.seed)
 

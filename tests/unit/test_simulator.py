@@ -482,6 +482,24 @@ def test_concurrency_limit_answers_429(make_client: MakeClient, clock: FakeClock
     assert submit(client, TEXT_TO_IMAGE).status_code == 200
 
 
+def test_stats_record_the_peak_of_active_jobs(
+    make_client: MakeClient, clock: FakeClock
+) -> None:
+    client = make_client(processing_time=5.0, concurrency_limit=3)
+    for _ in range(2):
+        assert submit(client, TEXT_TO_IMAGE).status_code == 200
+    clock.advance(5.0)  # both finish
+    for _ in range(4):
+        submit(client, TEXT_TO_IMAGE)  # three accepted, one refused
+    stats = client.get("/_sim/stats").json
+    assert stats["peak_active"] == 3
+    assert list(stats["peak_active_by_account"].values()) == [3]
+    assert stats["responses_429"] == 1
+    client.post("/_sim/reset")
+    stats = client.get("/_sim/stats").json
+    assert (stats["peak_active"], stats["peak_active_by_account"]) == (0, {})
+
+
 def test_rate_limit_rate_answers_429_at_random(make_client: MakeClient) -> None:
     client = make_client(rate_limit_rate=1.0)
     for endpoint in ("process", "process_result"):
