@@ -482,9 +482,7 @@ def test_concurrency_limit_answers_429(make_client: MakeClient, clock: FakeClock
     assert submit(client, TEXT_TO_IMAGE).status_code == 200
 
 
-def test_stats_record_the_peak_of_active_jobs(
-    make_client: MakeClient, clock: FakeClock
-) -> None:
+def test_stats_record_the_peak_of_active_jobs(make_client: MakeClient, clock: FakeClock) -> None:
     client = make_client(processing_time=5.0, concurrency_limit=3)
     for _ in range(2):
         assert submit(client, TEXT_TO_IMAGE).status_code == 200
