@@ -97,6 +97,8 @@ from _stack import (
     machine_facts,
     prepare_database,
     print_log_scan,
+    proc_status,
+    reset_peak_rss,
     scan_log,
     start_simulator,
     wait_for_log,
@@ -135,25 +137,6 @@ STATUS_DONE = ("succeeded", "failed", "canceled")
 
 
 # -- /proc -------------------------------------------------------------------------------
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM (and the other Vm* lines) of a process, in bytes."""
-    values: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Vm") and line.endswith(" kB"):
-            name, _, rest = line.partition(":")
-            values[name] = int(rest.split()[0]) * KIB
-    return values
-
-
-def reset_peak_rss(pid: int) -> bool:
-    """Reset VmHWM to the current VmRSS (Linux >= 4.0); False where it is refused."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def describe_process(pid: int) -> dict[str, Any]:
