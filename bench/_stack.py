@@ -80,6 +80,12 @@ SEED_BODY: dict[str, Any] = {
     }
 }
 
+# The simulator's concurrency limit unless a script asks for another: never a 429 for too many
+# jobs. Scripts that measure intake or throughput, not the line, tell genrelay the same limit
+# (GENRELAY_UPSTREAM_CONCURRENCY): it would otherwise learn it from 2 upwards and keep
+# generations waiting (`queued`, not forwarded inline) meanwhile.
+SIMULATOR_LIMIT = 1_000_000
+
 CLIENT_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds, for every benchmark request
 SETUP_TIMEOUT = 120.0  # migrate, keys create
 START_TIMEOUT = 60.0  # until a process answers
@@ -361,7 +367,7 @@ def start_simulator(
     port = free_port()
     argv = [GENRELAY, "simulator", "--host", LOOPBACK, "--port", str(port)]
     argv += ["--api-key", SIMULATOR_KEY, "--log-level", "WARNING"]
-    knobs = {"processing_time": processing_time, "concurrency_limit": 1_000_000, **knobs}
+    knobs = {"processing_time": processing_time, "concurrency_limit": SIMULATOR_LIMIT, **knobs}
     for knob, value in knobs.items():
         argv += [f"--{knob.replace('_', '-')}", str(value)]
     processes.start(name, argv, env)
