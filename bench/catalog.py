@@ -741,6 +741,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--baseline-path", type=Path, default=DEFAULT_BASELINE, help="checkout of 535494f"
     )
     parser.add_argument(
+        "--genrelay-path",
+        type=Path,
+        default=REPO_DIR,
+        help="the genrelay arm's code (PYTHONPATH; default: this repository)",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="tiny sizes (a: N=40 L=4 T=0.2; c: N=12 L=2 T=0.5, budget 2 s; intake 200)",
@@ -767,7 +773,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> tuple[list[tuple[Case, Arm]], list[str]]:
     notes: list[str] = []
-    arms = [Arm("genrelay", str(REPO_DIR), args.intake)]
+    arms = [Arm("genrelay", str(args.genrelay_path), args.intake)]
     if "baseline" in args.arms:
         if (args.baseline_path / "service" / "line.py").exists():
             notes.append(f"{args.baseline_path} has service/line.py: is it the baseline?")
@@ -802,6 +808,30 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[Case, Arm]], list[str]]:
     return runs, notes
 
 
+def code_version(path: Path) -> str:
+    """The commit of a checkout (and whether it has changes), or "unknown"."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return head + (" with uncommitted changes" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     handle_signals()
@@ -832,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     facts.update(
         {
             "database": args.database,
+            "genrelay code": f"{args.genrelay_path}: {code_version(args.genrelay_path)}",
             "simulator": "genrelay simulator --concurrency-limit L --processing-time T, "
             "callbacks on (GENRELAY_PUBLIC_URL)",
             "serve": f"genrelay serve, {args.web_processes} x {args.web_threads}, "
@@ -843,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
             "intake": f"{args.intake}"
             + (f", {args.intake_threads} client threads" if args.intake == "single" else ""),
             "result image": f"{args.image_size}x{args.image_size} PNG, fake-gcs-server (memory)",
-            "baseline": f"{args.baseline_path} (PYTHONPATH), single intake"
+            "baseline": f"{args.baseline_path}: {code_version(args.baseline_path)} "
+            "(PYTHONPATH), single intake"
             if any(a.name == "baseline" for _, a in runs)
             else "not run",
         }
