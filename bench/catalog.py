@@ -753,6 +753,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_common_options(parser, postgres_url=postgres_url_from_env())
     args = parser.parse_args(argv)
+    args.baseline_path = args.baseline_path.resolve()
+    args.genrelay_path = args.genrelay_path.resolve()
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if set(args.cases) - {"a", "c", "intake"} or set(args.arms) - {"genrelay", "baseline"}:
