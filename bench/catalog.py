@@ -185,21 +185,30 @@ class Reader:
             found.setdefault(str(tenant), {})[str(status)] = int(count)
         return found
 
+    def has_admitted_at(self) -> bool:
+        try:
+            self.rows("SELECT admitted_at FROM generations LIMIT 0")
+        except Exception:  # the baseline's schema has no admitted_at
+            return False
+        return True
+
     def generations(self) -> list[dict[str, Any]]:
+        admitted = "g.admitted_at" if self.has_admitted_at() else "NULL"
         rows = self.rows(
-            "SELECT g.id, t.name, g.status, g.created_at, g.completed_at, g.error_code "
+            "SELECT g.id, t.name, g.status, g.error_code, g.created_at, g.completed_at, "  # noqa: S608 - no input
+            f"{admitted}, g.submitted_at, g.source_found_at "
             "FROM generations g JOIN tenants t ON t.id = g.tenant_id"
         )
+        keys = ("created", "completed", "admitted", "submitted", "source_found")
         return [
             {
-                "id": gid,
-                "tenant": tenant,
-                "status": status,
-                "created": epoch(created),
-                "completed": epoch(completed),
-                "error": error,
+                "id": row[0],
+                "tenant": row[1],
+                "status": row[2],
+                "error": row[3],
+                **{key: epoch(value) for key, value in zip(keys, row[4:], strict=True)},
             }
-            for gid, tenant, status, created, completed, error in rows
+            for row in rows
         ]
 
     def close(self) -> None:
@@ -514,6 +523,26 @@ class Run:
                 print(f"   {time.time() - began:6.0f} s  {tenant}: {counts}", flush=True)
             time.sleep(DB_POLL)
 
+    def phases(self, catalog: list[dict[str, Any]], makespan: float) -> dict[str, Any]:
+        """Where a catalog generation's slot time goes, median and p90 in seconds.
+
+        A slot is held from the admission (`admitted_at`, genrelay only) until the result is
+        known (`source_found_at`, the callback); upstream, the job takes T of that.
+        """
+        t = self.case.processing_time
+        held = spans(catalog, "admitted", "source_found")
+        return {
+            "admitted_to_submitted_s": p50_p90(spans(catalog, "admitted", "submitted")),
+            "submitted_to_callback_minus_T_s": p50_p90(
+                spans(catalog, "submitted", "source_found", t)
+            ),
+            "callback_to_succeeded_s": p50_p90(spans(catalog, "source_found", "completed")),
+            # Slot-seconds genrelay held for the catalog over slot-seconds available.
+            "slot_time_held_share": round(sum(held) / (self.case.limit * makespan), 3)
+            if held and makespan > 0
+            else None,
+        }
+
     # -- figures -------------------------------------------------------------------------
 
     def figures(
@@ -584,6 +613,7 @@ class Run:
                 "catalog_done_seen_s": round((catalog_done or last) - began, 1),
             }
         )
+        result["per_generation"] = self.phases(catalog, makespan)
         if second is not None:
             waits = sorted(
                 g["completed"] - second.sent[g["id"]]
@@ -601,6 +631,20 @@ class Run:
                 "p99_over_T": round(percentile(waits, 99) / case.processing_time, 2),
             }
         return result
+
+
+def spans(gens: list[dict[str, Any]], start: str, end: str, minus: float = 0.0) -> list[float]:
+    return sorted(
+        g[end] - g[start] - minus
+        for g in gens
+        if g["status"] == "succeeded" and g[start] is not None and g[end] is not None
+    )
+
+
+def p50_p90(values: list[float]) -> list[float] | None:
+    if not values:
+        return None
+    return [round(percentile(values, 50), 3), round(percentile(values, 90), 3)]
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -656,6 +700,15 @@ def print_report(report: dict[str, Any]) -> None:
                     f"p50 {fmt(s['p50_s'])} s, p99 {fmt(s['p99_s'])} s, max {fmt(s['max_s'])} s; "
                     f"p99/T = {fmt(s['p99_over_T'])}"
                     + (f"; errors {s['errors']}" if s["errors"] else "")
+                )
+        for r in rows:
+            ph = r.get("per_generation")
+            if ph:
+                print(
+                    f"{r['arm']:<9} per catalog generation, p50/p90 s: admitted -> submitted "
+                    f"{ph['admitted_to_submitted_s']}, submitted -> callback recorded - T "
+                    f"{ph['submitted_to_callback_minus_T_s']}, callback -> succeeded "
+                    f"{ph['callback_to_succeeded_s']}; slot time held {ph['slot_time_held_share']}"
                 )
         for r in rows:
             if r["arm"] != "genrelay":
