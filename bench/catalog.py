@@ -117,6 +117,7 @@ CATALOG_TENANT = "catalog"
 SECOND_TENANT = "interactive"
 TERMINAL = ("succeeded", "failed", "canceled")
 DB_POLL = 0.5  # seconds between looks at the generations' statuses
+STRANDED_FOR = 15.0  # seconds every open generation must look stranded before we stop waiting
 MAX_BATCH_ITEMS = 10_000
 MIB = 1024 * 1024
 
@@ -191,6 +192,22 @@ class Reader:
         except Exception:  # the baseline's schema has no admitted_at
             return False
         return True
+
+    def stranded(self, tenant: str) -> int:
+        """Open generations of `tenant` whose submit task is dead and that have no task left
+        to run: nothing will ever finish them (the baseline's retry could give a task up
+        without recording its outcome when the budget ran out between two jitter draws)."""
+        name = tenant.replace("'", "")
+        return int(
+            self.rows(
+                "SELECT count(*) FROM generations g JOIN tenants t ON t.id = g.tenant_id "  # noqa: S608 - our own constant
+                f"WHERE t.name = '{name}' AND g.status IN ('queued', 'processing') "
+                "AND EXISTS (SELECT 1 FROM tasks k WHERE k.generation_id = g.id "
+                "AND k.kind = 'submit' AND k.status = 'dead') "
+                "AND NOT EXISTS (SELECT 1 FROM tasks k WHERE k.generation_id = g.id "
+                "AND k.status IN ('pending', 'running'))"
+            )[0][0]
+        )
 
     def generations(self) -> list[dict[str, Any]]:
         admitted = "g.admitted_at" if self.has_admitted_at() else "NULL"
@@ -282,6 +299,7 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.processes = Processes(self.dir)
         self.gave_up: dict[str, int] = {}  # tenant -> generations left unfinished
+        self.stranded: dict[str, int] = {}  # tenant -> open generations nothing will finish
         size = args.image_size
         text_only = {"generate": {"description": "catalog item"}}
         self.input = {"width": size, "height": size, "background": text_only}
@@ -509,11 +527,21 @@ class Run:
         bound = 420 + 4 * case.bound + 2 * case.catalog * case.processing_time
         deadline = time.monotonic() + bound
         last_note = time.monotonic()
+        stuck_since: float | None = None
         while True:
             self.processes.check_alive()
             counts = reader.statuses().get(tenant, {})
             if counts and not unfinished(counts):
                 return time.time()
+            # Every open generation stranded, for STRANDED_FOR seconds: stop waiting.
+            if counts and reader.stranded(tenant) == unfinished(counts):
+                stuck_since = stuck_since or time.monotonic()
+                if time.monotonic() - stuck_since > STRANDED_FOR:
+                    print(f"   {tenant}: {counts}, every open one stranded", flush=True)
+                    self.stranded[tenant] = unfinished(counts)
+                    return time.time()
+            else:
+                stuck_since = None
             if time.monotonic() > deadline:
                 print(f"   {tenant}: {counts} after {bound:.0f} s: giving up", flush=True)
                 self.gave_up[tenant] = unfinished(counts)
@@ -582,6 +610,7 @@ class Run:
             "not_succeeded": errors,
             "failed": sum(1 for g in gens if g["status"] in ("failed", "canceled")),
             "unfinished": sum(1 for g in gens if g["status"] not in TERMINAL),
+            "stranded": self.stranded,
             "simulator": {
                 k: sim.get(k)
                 for k in (
@@ -732,6 +761,11 @@ def print_report(report: dict[str, Any]) -> None:
         for r in rows:
             if r["not_succeeded"]:
                 print(f"{r['arm']:<9} not succeeded: {r['not_succeeded']}")
+            if r["stranded"]:
+                print(
+                    f"{r['arm']:<9} stranded (open, submit task dead, nothing left to run): "
+                    f"{r['stranded']}"
+                )
             if r["batches"]:
                 print(f"{r['arm']:<9} batches: {r['batches']}")
     for r in (r for r in runs if r["case"] == "intake"):
