@@ -41,8 +41,10 @@ lock: $(VENV)/.installed-dev
 		--output-file requirements.lock setup.cfg
 
 # Every benchmark, one after the other (they share the machine); JSON reports in var/bench,
-# figures in docs/img. About 30 minutes on 2 cores.
+# figures in docs/img. About 70 minutes on 2 cores (the catalog benchmark alone about 40).
+# The catalog benchmark's baseline arm runs the code before the line, exported from git.
 BENCH_OUT ?= var/bench
+BASELINE_COMMIT ?= 535494f
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	mkdir -p $(BENCH_OUT)
@@ -56,6 +58,9 @@ bench: $(VENV)/.installed-dev
 	-$(BIN)/python bench/scale.py --worker-cpu 0.2 --json-out $(BENCH_OUT)/scale-capped.json
 	$(BIN)/python bench/large_table.py --json-out $(BENCH_OUT)/large-table.json
 	$(BIN)/python bench/soak.py --database postgresql --crash --json-out $(BENCH_OUT)/soak.json
+	rm -rf $(BENCH_OUT)/baseline && mkdir -p $(BENCH_OUT)/baseline
+	git archive $(BASELINE_COMMIT) | tar -x -C $(BENCH_OUT)/baseline
+	$(BIN)/python bench/catalog.py --database postgresql --baseline-path $(BENCH_OUT)/baseline --json-out $(BENCH_OUT)/catalog.json
 	$(BIN)/python bench/plots.py $(BENCH_OUT) docs/img
 
 clean:

@@ -14,6 +14,8 @@ Not a benchmark itself. Every script imports from here, never from another scrip
   ``failed``, ``interrupted`` and ``finish`` (print the report, write it as JSON). ``Context`` and
   ``shared_stack``: the simulator and fake-gcs-server that every run of ``scale.py`` and
   ``large_table.py`` shares.
+- ``proc_status``, ``reset_peak_rss`` and ``TreeRssSampler``: memory of processes from
+  ``/proc/<pid>/status`` (VmRSS, VmHWM).
 - ``CpuProbe``: CPU seconds of named groups of processes (a process tree, the PostgreSQL
   backends of one database, the whole PostgreSQL server) and of the machine, from
   ``/proc/<pid>/stat`` (utime + stime of the processes alive at each snapshot) and
@@ -77,6 +79,12 @@ SEED_BODY: dict[str, Any] = {
         },
     }
 }
+
+# The simulator's concurrency limit unless a script asks for another: never a 429 for too many
+# jobs. Scripts that measure intake or throughput, not the line, tell genrelay the same limit
+# (GENRELAY_UPSTREAM_CONCURRENCY): it would otherwise learn it from 2 upwards and keep
+# generations waiting (`queued`, not forwarded inline) meanwhile.
+SIMULATOR_LIMIT = 1_000_000
 
 CLIENT_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds, for every benchmark request
 SETUP_TIMEOUT = 120.0  # migrate, keys create
@@ -359,7 +367,7 @@ def start_simulator(
     port = free_port()
     argv = [GENRELAY, "simulator", "--host", LOOPBACK, "--port", str(port)]
     argv += ["--api-key", SIMULATOR_KEY, "--log-level", "WARNING"]
-    knobs = {"processing_time": processing_time, "concurrency_limit": 1_000_000, **knobs}
+    knobs = {"processing_time": processing_time, "concurrency_limit": SIMULATOR_LIMIT, **knobs}
     for knob, value in knobs.items():
         argv += [f"--{knob.replace('_', '-')}", str(value)]
     processes.start(name, argv, env)
@@ -496,6 +504,28 @@ def shared_stack(
     finally:
         clean_up(shared, stop)
         gcs.stop()
+
+
+# -- memory --------------------------------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM (and the other Vm* lines) of a process, in bytes."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Vm") and line.endswith(" kB"):
+            name, _, rest = line.partition(":")
+            values[name] = int(rest.split()[0]) * 1024
+    return values
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current VmRSS (Linux >= 4.0); False where it is refused."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 # -- CPU accounting ------------------------------------------------------------------------
@@ -815,6 +845,34 @@ class WaitSampler(Sampler):
         if not self.samples:
             return {}
         return {k: round(n / self.samples, 3) for k, n in self.counts.most_common()}
+
+
+class TreeRssSampler(Sampler):
+    """VmRSS of a process tree (a gunicorn master and its workers) every ``interval`` s.
+
+    ``peak_by_pid``: the largest sample of each process; ``peak_total``: the largest sum of
+    one sample round. Samples miss spikes shorter than the interval: read VmHWM (after a
+    ``reset_peak_rss``) for the true peak of one process.
+    """
+
+    def __init__(self, pids: Callable[[], Iterable[int]], interval: float = 0.05) -> None:
+        super().__init__("tree-rss-sampler")
+        self.pids = pids
+        self.interval = interval
+        self.peak_by_pid: dict[int, int] = {}
+        self.peak_total = 0
+
+    def _run(self) -> None:
+        while True:
+            total = 0
+            for pid in self.pids():
+                with contextlib.suppress(OSError, KeyError):
+                    rss = proc_status(pid)["VmRSS"]
+                    total += rss
+                    self.peak_by_pid[pid] = max(self.peak_by_pid.get(pid, 0), rss)
+            self.peak_total = max(self.peak_total, total)
+            if self._stop.wait(self.interval):
+                return
 
 
 # -- load ----------------------------------------------------------------------------------

@@ -97,6 +97,8 @@ from _stack import (
     machine_facts,
     prepare_database,
     print_log_scan,
+    proc_status,
+    reset_peak_rss,
     scan_log,
     start_simulator,
     wait_for_log,
@@ -135,25 +137,6 @@ STATUS_DONE = ("succeeded", "failed", "canceled")
 
 
 # -- /proc -------------------------------------------------------------------------------
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM (and the other Vm* lines) of a process, in bytes."""
-    values: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Vm") and line.endswith(" kB"):
-            name, _, rest = line.partition(":")
-            values[name] = int(rest.split()[0]) * KIB
-    return values
-
-
-def reset_peak_rss(pid: int) -> bool:
-    """Reset VmHWM to the current VmRSS (Linux >= 4.0); False where it is refused."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def describe_process(pid: int) -> dict[str, Any]:
@@ -609,6 +592,8 @@ def run(
         "STORAGE_EMULATOR_HOST": gcs.url,
         "GENRELAY_MAX_RESULT_BYTES": str(max(GIB, 2 * largest)),
         "GENRELAY_RECONCILE_AFTER": "600",
+        # The client polls every 10 ms, far above the per-key limit (50/s): turn it off.
+        "GENRELAY_RATE_LIMIT": "0",
         "PORT": str(api_port),
         # gunicorn's control socket (if ever turned on) stays in our temp dir.
         "XDG_RUNTIME_DIR": str(tmp_dir),

@@ -678,8 +678,8 @@ def probe(bench: Bench, size: int) -> dict[str, Any]:
     store = CountingStore(bench.db_url)
     http = pinned_session(bench.policy)
     try:
-        handler = TimedHandler(store, bench.config, http)
         queue = CountingQueue(store)
+        handler = TimedHandler(store, queue, bench.config, http)
         worker = Worker(TaskRunner(queue, {DELIVER: handler}), threads=1)
         # One delivery first, not counted: it opens the connections.
         warm = bench.new_batch(1, "anatomy probe warm-up")

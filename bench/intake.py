@@ -68,6 +68,7 @@ from _stack import (
     LOOPBACK,
     SEED_BODY,
     SIMULATOR_KEY,
+    SIMULATOR_LIMIT,
     TRACEBACK,
     WARNING_OR_ERROR,
     BenchError,
@@ -361,6 +362,7 @@ def run(
         "GENRELAY_GCS_BUCKET": BUCKET,
         "STORAGE_EMULATOR_HOST": gcs_url,
         "GENRELAY_RATE_LIMIT": "0",
+        "GENRELAY_UPSTREAM_CONCURRENCY": str(SIMULATOR_LIMIT),  # every request forwarded inline
         "PORT": str(genrelay_port),
         "XDG_RUNTIME_DIR": str(runtime["genrelay"]),
     }

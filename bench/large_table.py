@@ -83,6 +83,7 @@ from _stack import (
     LOOPBACK,
     SEED_BODY,
     SIMULATOR_KEY,
+    SIMULATOR_LIMIT,
     BenchError,
     Context,
     CpuProbe,
@@ -309,6 +310,7 @@ def measure_round(ctx: Context, target: Target, number: int) -> dict[str, Any]:
         "GENRELAY_GCS_BUCKET": BUCKET,
         "STORAGE_EMULATOR_HOST": ctx.gcs.url,
         "GENRELAY_RATE_LIMIT": "0",
+        "GENRELAY_UPSTREAM_CONCURRENCY": str(SIMULATOR_LIMIT),  # every request forwarded inline
         "GENRELAY_WEB_PROCESSES": str(args.web_processes),
         "GENRELAY_WEB_THREADS": str(args.web_threads),
         "PORT": str(port),
@@ -611,6 +613,7 @@ class InProcess:
             deepimage_api_key=SIMULATOR_KEY,
             gcs_bucket=BUCKET,
             rate_limit=0.0,
+            upstream_concurrency=SIMULATOR_LIMIT,
         )
         self.target = target
         self.services = build_services(config, blobs=FakeBlobStore(BUCKET))

@@ -97,6 +97,7 @@ from _stack import (
     GENRELAY,
     LOOPBACK,
     SIMULATOR_KEY,
+    SIMULATOR_LIMIT,
     BenchError,
     Context,
     CpuProbe,
@@ -164,6 +165,7 @@ def run_case(ctx: Context, mode: str, workers: int, repeat: int) -> dict[str, An
             "GENRELAY_GCS_BUCKET": BUCKET,
             "STORAGE_EMULATOR_HOST": ctx.gcs.url,
             "GENRELAY_RATE_LIMIT": "0",
+            "GENRELAY_UPSTREAM_CONCURRENCY": str(SIMULATOR_LIMIT),  # no waiting in the line
             "GENRELAY_RECONCILE_AFTER": str(args.reconcile_after),
             "GENRELAY_WEB_PROCESSES": str(args.web_processes),
             "GENRELAY_WEB_THREADS": str(args.web_threads),

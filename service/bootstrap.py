@@ -34,7 +34,8 @@ from service.tasks import RetryPolicy, TaskQueue
 from service.triggers import TriggerService
 from service.worker import TaskRunner
 
-# Submit: 10 attempts over roughly 40 minutes before the generation fails as unavailable.
+# Submit: 10 attempts over roughly 40 minutes before the generation fails as unavailable
+# (max_age: GENRELAY_SUBMIT_MAX_AGE).
 SUBMIT_POLICY = RetryPolicy(max_attempts=10, base_delay=2.0, max_delay=600.0, max_age=6 * 3600)
 # Store: GCS or the result URL may be away for a while; keep trying for about 6 hours.
 STORE_POLICY = RetryPolicy(max_attempts=20, base_delay=2.0, max_delay=1800.0, max_age=6 * 3600)
@@ -89,10 +90,13 @@ def build_services(
     blobs = blobs or GcsBlobStore.from_environment(
         config.gcs_bucket, signing_service_account=config.gcs_signing_account
     )
+    submit_policy = SUBMIT_POLICY
+    if config.submit_max_age is not None:
+        submit_policy = dataclasses.replace(SUBMIT_POLICY, max_age=config.submit_max_age)
     queue = TaskQueue(
         store,
         policies={
-            SUBMIT: SUBMIT_POLICY,
+            SUBMIT: submit_policy,
             STORE: STORE_POLICY,
             POLL: POLL_POLICY,
             EXPIRE_RESULT: EXPIRE_POLICY,

@@ -68,6 +68,9 @@ class Config:
     metrics_token: str | None = dataclasses.field(default=None, repr=False)
     # How long a claimed task is held before another process may take it (holder died).
     task_lease: float = 300.0
+    # How long a submit task is retried (transient errors) before its generation fails;
+    # None: service/bootstrap.py's SUBMIT_POLICY (6 h).
+    submit_max_age: float | None = None
     # Per API key and per process (see service/ratelimit.py); 0 turns the limit off.
     rate_limit: float = 50.0
     rate_limit_burst: int = 100
@@ -157,6 +160,10 @@ class Config:
             values["task_lease"] = _seconds("GENRELAY_TASK_LEASE", v)
             if values["task_lease"] < 1:
                 raise ConfigError("GENRELAY_TASK_LEASE must be at least 1 second")
+        if (v := text("GENRELAY_SUBMIT_MAX_AGE")) is not None:
+            values["submit_max_age"] = _seconds("GENRELAY_SUBMIT_MAX_AGE", v)
+            if values["submit_max_age"] < 1:
+                raise ConfigError("GENRELAY_SUBMIT_MAX_AGE must be at least 1 second")
         values["gcp_project"] = text("GOOGLE_CLOUD_PROJECT")
         values["metrics_token"] = text("GENRELAY_METRICS_TOKEN")
         if (v := text("GENRELAY_RATE_LIMIT")) is not None:

@@ -6,6 +6,7 @@ import datetime as dt
 import random
 import threading
 from collections import Counter
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -471,3 +472,22 @@ def test_kinds_with_a_short_lease_are_held_only_that_long(store: Store, clock: F
     assert claimed["job"].lease_expires_at == START + dt.timedelta(seconds=60)
     clock.advance(4)  # the tick's holder died: another worker may take it, not the job
     assert [task.kind for task in queue.claim_due_tasks(limit=5)] == ["tick"]
+
+
+def test_genrelay_submit_max_age_shortens_the_submit_policy(config: Any, store: Store) -> None:
+    from service.blobstore import BlobStore
+    from service.bootstrap import SUBMIT_POLICY, build_services
+    from service.submission import SUBMIT
+
+    blobs = cast(BlobStore, object())  # never used: only the queue's policies are looked at
+    default = build_services(config, store=store, blobs=blobs)
+    short = build_services(config.replace(submit_max_age=60.0), store=store, blobs=blobs)
+    try:
+        assert default.queue.policy(SUBMIT) == SUBMIT_POLICY
+        assert short.queue.policy(SUBMIT).max_age == 60.0
+        assert short.queue.policy(SUBMIT).max_attempts == SUBMIT_POLICY.max_attempts
+    finally:
+        for services in (default, short):
+            services.deepimage.close()
+            services.downloads.close()
+            services.webhooks.close()

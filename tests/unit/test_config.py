@@ -49,6 +49,7 @@ def test_every_variable_is_read() -> None:
             "GOOGLE_CLOUD_PROJECT": "proj",
             "GENRELAY_DEEPIMAGE_TIMEOUT": "2",
             "GENRELAY_TASK_LEASE": "5",
+            "GENRELAY_SUBMIT_MAX_AGE": "60",
             "GENRELAY_MAX_RESULT_BYTES": "1000",
             "GENRELAY_GCS_PREFIX": "/results/",
             "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
@@ -74,6 +75,7 @@ def test_every_variable_is_read() -> None:
     assert config.gcp_project == "proj"
     assert config.deepimage_timeout == (2.0, 2.0)
     assert config.task_lease == 5
+    assert config.submit_max_age == 60
     assert config.allow_private_webhooks is True
     assert config.reconcile_after == 30
     assert config.generation_timeout == 600
@@ -94,6 +96,7 @@ def test_every_variable_is_read() -> None:
         ({**MINIMAL, "GENRELAY_RATE_LIMIT": "fast"}, "GENRELAY_RATE_LIMIT"),
         ({**MINIMAL, "GENRELAY_DEEPIMAGE_TIMEOUT": "0"}, "GENRELAY_DEEPIMAGE_TIMEOUT"),
         ({**MINIMAL, "GENRELAY_TASK_LEASE": "0.5"}, "GENRELAY_TASK_LEASE"),
+        ({**MINIMAL, "GENRELAY_SUBMIT_MAX_AGE": "0"}, "GENRELAY_SUBMIT_MAX_AGE"),
         ({**MINIMAL, "GENRELAY_RATE_LIMIT": "-1"}, "GENRELAY_RATE_LIMIT"),
         ({**MINIMAL, "GENRELAY_RATE_LIMIT_BURST": "0"}, "GENRELAY_RATE_LIMIT_BURST"),
         ({**MINIMAL, "GENRELAY_DATABASE_URL": "mysql://x"}, "GENRELAY_DATABASE_URL"),
