@@ -37,9 +37,9 @@ from service.batch_progress import (
     view,
 )
 from service.domain import BatchStatus, GenerationStatus
-from service.errors import Conflict, IdempotencyKeyReused, InvalidRequest, NotFound
+from service.errors import Conflict, InvalidRequest, NotFound
 from service.gcp_access import access_problems
-from service.generations import IDEMPOTENCY_TTL, record_first_response
+from service.generations import IDEMPOTENCY_TTL, earlier_use, record_first_response
 from service.ids import new_id
 from service.lifecycle import change_status
 from service.line import Line
@@ -238,26 +238,15 @@ class BatchService:
 
     def _replay(self, tenant_id: str, key: str, fingerprint: str) -> BatchIntake | None:
         with self.store.read() as session:
-            record = session.scalar(
-                sa.select(IdempotencyKey).where(
-                    IdempotencyKey.tenant_id == tenant_id,
-                    IdempotencyKey.key == key,
-                    IdempotencyKey.expires_at > utcnow(),
-                )
-            )
+            record = earlier_use(session, tenant_id, key, fingerprint, made="batch")
             if record is None:
                 return None
-            if record.request_hash != fingerprint or record.batch_id is None:
-                raise IdempotencyKeyReused(
-                    "this Idempotency-Key was first used with a different request body; "
-                    "use a new key for a new request",
-                    errors=[{"field": "Idempotency-Key", "message": "reused with another body"}],
-                )
             if record.response_body is not None and record.response_status is not None:
                 return BatchIntake(
                     batch=None, replay=(record.response_status, record.response_body)
                 )
             batch_id = record.batch_id
+        assert batch_id is not None
         # The first request has not answered yet (or died before it could): show the batch.
         return BatchIntake(batch=self.get(tenant_id, batch_id))
 

@@ -195,21 +195,9 @@ class GenerationService:
 
     def _replay(self, tenant_id: str, key: str, fingerprint: str) -> Intake | None:
         with self.store.read() as session:
-            record = session.scalar(
-                sa.select(IdempotencyKey).where(
-                    IdempotencyKey.tenant_id == tenant_id,
-                    IdempotencyKey.key == key,
-                    IdempotencyKey.expires_at > utcnow(),
-                )
-            )
+            record = earlier_use(session, tenant_id, key, fingerprint, made="generation")
             if record is None:
                 return None
-            if record.request_hash != fingerprint:
-                raise IdempotencyKeyReused(
-                    "this Idempotency-Key was first used with a different request body; "
-                    "use a new key for a new request",
-                    errors=[{"field": "Idempotency-Key", "message": "reused with another body"}],
-                )
             if record.response_body is not None and record.response_status is not None:
                 return Intake(
                     generation=None, replay=(record.response_status, record.response_body)
@@ -289,6 +277,30 @@ class GenerationService:
             generation = session.get(Generation, generation_id)
         assert generation is not None
         return generation
+
+
+def earlier_use(
+    session: Session, tenant_id: str, key: str, fingerprint: str, *, made: str
+) -> IdempotencyKey | None:
+    """The unexpired record of `key`, or None; IdempotencyKeyReused when it was first used
+    with another body, or for another kind of resource (`made`: "generation" or "batch")."""
+    record = session.scalar(
+        sa.select(IdempotencyKey).where(
+            IdempotencyKey.tenant_id == tenant_id,
+            IdempotencyKey.key == key,
+            IdempotencyKey.expires_at > utcnow(),
+        )
+    )
+    if record is None:
+        return None
+    made_that = record.batch_id is not None if made == "batch" else record.generation_id is not None
+    if record.request_hash != fingerprint or not made_that:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was first used with a different request body; "
+            "use a new key for a new request",
+            errors=[{"field": "Idempotency-Key", "message": "reused with another body"}],
+        )
+    return record
 
 
 def record_first_response(
