@@ -316,6 +316,8 @@ class Run:
             "GENRELAY_GCS_BUCKET": BUCKET,
             "STORAGE_EMULATOR_HOST": self.gcs.url,
             "GENRELAY_RATE_LIMIT": "0",
+            # Loopback http everywhere: result URLs from the simulator included.
+            "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
             "GENRELAY_WEB_PROCESSES": str(self.args.web_processes),
             "GENRELAY_WEB_THREADS": str(self.args.web_threads),
             "PORT": str(port),

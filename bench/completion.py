@@ -594,6 +594,8 @@ def run(
         "GENRELAY_RECONCILE_AFTER": "600",
         # The client polls every 10 ms, far above the per-key limit (50/s): turn it off.
         "GENRELAY_RATE_LIMIT": "0",
+        # Loopback http everywhere: result URLs from the simulator included.
+        "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
         "PORT": str(api_port),
         # gunicorn's control socket (if ever turned on) stays in our temp dir.
         "XDG_RUNTIME_DIR": str(tmp_dir),

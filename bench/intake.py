@@ -362,6 +362,8 @@ def run(
         "GENRELAY_GCS_BUCKET": BUCKET,
         "STORAGE_EMULATOR_HOST": gcs_url,
         "GENRELAY_RATE_LIMIT": "0",
+        # Loopback http everywhere: result URLs from the simulator included.
+        "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
         "GENRELAY_UPSTREAM_CONCURRENCY": str(SIMULATOR_LIMIT),  # every request forwarded inline
         "PORT": str(genrelay_port),
         "XDG_RUNTIME_DIR": str(runtime["genrelay"]),

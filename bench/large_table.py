@@ -310,6 +310,8 @@ def measure_round(ctx: Context, target: Target, number: int) -> dict[str, Any]:
         "GENRELAY_GCS_BUCKET": BUCKET,
         "STORAGE_EMULATOR_HOST": ctx.gcs.url,
         "GENRELAY_RATE_LIMIT": "0",
+        # Loopback http everywhere: result URLs from the simulator included.
+        "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
         "GENRELAY_UPSTREAM_CONCURRENCY": str(SIMULATOR_LIMIT),  # every request forwarded inline
         "GENRELAY_WEB_PROCESSES": str(args.web_processes),
         "GENRELAY_WEB_THREADS": str(args.web_threads),

@@ -165,6 +165,8 @@ def run_case(ctx: Context, mode: str, workers: int, repeat: int) -> dict[str, An
             "GENRELAY_GCS_BUCKET": BUCKET,
             "STORAGE_EMULATOR_HOST": ctx.gcs.url,
             "GENRELAY_RATE_LIMIT": "0",
+            # Loopback http everywhere: result URLs from the simulator included.
+            "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
             "GENRELAY_UPSTREAM_CONCURRENCY": str(SIMULATOR_LIMIT),  # no waiting in the line
             "GENRELAY_RECONCILE_AFTER": str(args.reconcile_after),
             "GENRELAY_WEB_PROCESSES": str(args.web_processes),
