@@ -73,6 +73,11 @@ def test_two_web_and_two_worker_processes_share_one_postgresql(
         "STORAGE_EMULATOR_HOST": gcs_server.url,
         "GENRELAY_WEB_PROCESSES": "1",
         "GENRELAY_RATE_LIMIT": "0",
+        # Loopback http everywhere: the simulator's result URLs included.
+        "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
+        # The simulator's limit (below): every intake finds a slot and submits inline, as this
+        # test of scale-out expects; the line itself is tested in test_line_processes.py.
+        "GENRELAY_UPSTREAM_CONCURRENCY": "100000",
         "GENRELAY_LOG_LEVEL": "DEBUG",
     }
     stack = Stack(tmp_path, env)
