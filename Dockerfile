@@ -83,7 +83,7 @@ RUN groupadd --gid 10001 genrelay \
 COPY --from=builder /opt/venv /opt/venv
 RUN cd / \
     && genrelay --help > /dev/null \
-    && python -c "import service.app, service.bootstrap, service.worker, service.migrate; from importlib.resources import files; assert (files('migrations') / 'env.py').is_file() and (files('migrations') / 'script.py.mako').is_file()"
+    && python -c "import service.app, service.bootstrap, service.runtime.worker, service.migrate; from importlib.resources import files; assert (files('migrations') / 'env.py').is_file() and (files('migrations') / 'script.py.mako').is_file()"
 
 # A neutral working directory: nothing of the repository is here, the package runs from
 # site-packages.

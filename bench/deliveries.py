@@ -438,7 +438,7 @@ class Bench:
         import sqlalchemy as sa
 
         from service.models import Delivery, Event, Task
-        from service.notifications import DELIVER
+        from service.runtime.kinds import DELIVER
 
         with self.store.read() as session:
             pending = session.scalar(
@@ -462,7 +462,7 @@ class Bench:
         import sqlalchemy as sa
 
         from service.models import Delivery, Event, Task
-        from service.notifications import DELIVER
+        from service.runtime.kinds import DELIVER
 
         with self.store.read() as session:
             held = session.scalar(
@@ -480,7 +480,7 @@ class Bench:
         import sqlalchemy as sa
 
         from service.models import Delivery, DeliveryAttempt, Event, Task
-        from service.notifications import DELIVER
+        from service.runtime.kinds import DELIVER
 
         with self.store.read() as session:
             deliveries = session.execute(
@@ -604,12 +604,13 @@ def probe(bench: Bench, size: int) -> dict[str, Any]:
     from sqlalchemy.orm import Session
 
     from service.delivery import DeliverHandler
-    from service.notifications import DELIVER
+    from service.runtime.kinds import DELIVER
+    from service.runtime.queue import ClaimedTask, TaskQueue
+    from service.runtime.runner import TaskRunner
+    from service.runtime.worker import Worker
     from service.signing import sign
     from service.ssrf import pinned_session
     from service.store import Store
-    from service.tasks import ClaimedTask, TaskQueue
-    from service.worker import TaskRunner, Worker
 
     class CountingStore(Store):
         def __init__(self, url: str) -> None:
@@ -679,7 +680,7 @@ def probe(bench: Bench, size: int) -> dict[str, Any]:
     http = pinned_session(bench.policy)
     try:
         queue = CountingQueue(store)
-        handler = TimedHandler(store, queue, bench.config, http)
+        handler = TimedHandler(store, http)
         worker = Worker(TaskRunner(queue, {DELIVER: handler}), threads=1)
         # One delivery first, not counted: it opens the connections.
         warm = bench.new_batch(1, "anatomy probe warm-up")

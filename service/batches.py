@@ -45,10 +45,12 @@ from service.lifecycle import change_status
 from service.line import Line
 from service.models import Batch, Generation, IdempotencyKey, utcnow
 from service.pagination import Page, paginate
+from service.runtime.kinds import CANCEL_BATCH
+from service.runtime.outcomes import DONE, Done
+from service.runtime.queue import ClaimedTask, TaskQueue
 from service.ssrf import URLPolicy
 from service.store import Store
 from service.subscriptions import require_safe_target
-from service.tasks import ClaimedTask, TaskQueue
 from service.tenants import TenantSettings, settings_by_id
 
 log = logging.getLogger("genrelay.batches")
@@ -57,7 +59,6 @@ INSERT_CHUNK = 1000  # generation rows per bulk INSERT
 MAX_REPORTED_ERRORS = 100  # field errors listed in one 422 (the detail counts them all)
 CANCEL_CHUNK = 250  # items canceled per transaction
 CANCEL_BUDGET = 3.0  # seconds a cancel request spends canceling; a task does the rest
-CANCEL_BATCH = "cancel_batch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,8 +352,9 @@ class CancelBatchHandler:
     def __init__(self, batches: BatchService) -> None:
         self.batches = batches
 
-    def run(self, task: ClaimedTask) -> None:
+    def run(self, task: ClaimedTask) -> Done:
         self.batches.cancel_items(task.payload["batch_id"], budget=None)
+        return DONE
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         log.error("could not finish canceling batch %s: %s", task.payload["batch_id"], error)

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 import google_crc32c
 import requests
 
+from service.errors import TransientError
+
 if TYPE_CHECKING:
     from google.cloud import storage
 
@@ -102,7 +104,7 @@ class BlobError(Exception):
         self.http_status = http_status
 
 
-class TransientBlobError(BlobError):
+class TransientBlobError(BlobError, TransientError):
     """May succeed when tried again later."""
 
 

@@ -12,35 +12,28 @@ import dataclasses
 import requests
 
 from service.auth import ApiKeys
-from service.batches import CANCEL_BATCH, BatchService, CancelBatchHandler
+from service.batches import BatchService, CancelBatchHandler
 from service.blobstore import BlobStore, GcsBlobStore
-from service.completion import POLL, CompletionService, PollHandler
+from service.completion import CompletionService, PollHandler
 from service.config import Config
 from service.deepimage import DeepImageClient
 from service.delivery import DeliverHandler
 from service.generations import GenerationService
-from service.housekeeping import HOUSEKEEPING, HousekeepingHandler
-from service.line import LINE, LINE_LEASE, Line, LineHandler
-from service.notifications import DELIVER
+from service.line import Line, LineHandler
 from service.oidc import TokenVerifier
 from service.ratelimit import BAD_KEY_RATE, BadKeyLimiter, RateLimiter
-from service.result_access import EXPIRE_POLICY, EXPIRE_RESULT, ExpireResultHandler, ResultAccess
-from service.results import STORE, StoreHandler, download_session
+from service.result_access import ExpireResultHandler, ResultAccess
+from service.results import StoreHandler, download_session
+from service.runtime import kinds
+from service.runtime.housekeeping import HousekeepingHandler
+from service.runtime.queue import RetryPolicy, TaskQueue
+from service.runtime.runner import TaskRunner
 from service.ssrf import URLPolicy, pinned_session, timed_resolver
 from service.store import Store
-from service.submission import SUBMIT, SubmitHandler
+from service.submission import SubmitHandler
 from service.subscriptions import NotificationService
-from service.tasks import RetryPolicy, TaskQueue
 from service.triggers import TriggerService
-from service.worker import TaskRunner
 
-# Submit: 10 attempts over roughly 40 minutes before the generation fails as unavailable
-# (max_age: GENRELAY_SUBMIT_MAX_AGE).
-SUBMIT_POLICY = RetryPolicy(max_attempts=10, base_delay=2.0, max_delay=600.0, max_age=6 * 3600)
-# Store: GCS or the result URL may be away for a while; keep trying for about 6 hours.
-STORE_POLICY = RetryPolicy(max_attempts=20, base_delay=2.0, max_delay=1800.0, max_age=6 * 3600)
-# Poll: snoozes are free; attempts count only real failures (crashes), which are rare.
-POLL_POLICY = RetryPolicy(max_attempts=10, base_delay=5.0, max_delay=600.0, max_age=48 * 3600)
 # A webhook URL given in a request is resolved while the client waits: not for long.
 REQUEST_DNS_TIMEOUT = 2.0
 
@@ -90,20 +83,11 @@ def build_services(
     blobs = blobs or GcsBlobStore.from_environment(
         config.gcs_bucket, signing_service_account=config.gcs_signing_account
     )
-    submit_policy = SUBMIT_POLICY
-    if config.submit_max_age is not None:
-        submit_policy = dataclasses.replace(SUBMIT_POLICY, max_age=config.submit_max_age)
     queue = TaskQueue(
         store,
-        policies={
-            SUBMIT: submit_policy,
-            STORE: STORE_POLICY,
-            POLL: POLL_POLICY,
-            EXPIRE_RESULT: EXPIRE_POLICY,
-            **(policies or {}),
-        },
+        policies={**kinds.retry_policies(config), **(policies or {})},
         lease_seconds=config.task_lease,
-        short_leases={LINE: LINE_LEASE},
+        short_leases=kinds.SHORT_LEASES,
     )
     line = Line(store, queue, configured_limit=config.upstream_concurrency)
     line.install()
@@ -119,19 +103,17 @@ def build_services(
     runner = TaskRunner(
         queue,
         {
-            SUBMIT: SubmitHandler(store, queue, deepimage, config, line, blobs=blobs),
-            STORE: StoreHandler(store, queue, deepimage, blobs, config, http=downloads),
-            POLL: PollHandler(store, queue, deepimage, config),
-            DELIVER: DeliverHandler(store, queue, config, webhooks),
-            HOUSEKEEPING: HousekeepingHandler(store),
-            LINE: LineHandler(line),
-            CANCEL_BATCH: CancelBatchHandler(batches),
-            EXPIRE_RESULT: ExpireResultHandler(store, blobs),
+            kinds.SUBMIT: SubmitHandler(store, queue, deepimage, config, line, blobs=blobs),
+            kinds.STORE: StoreHandler(store, queue, deepimage, blobs, config, http=downloads),
+            kinds.POLL: PollHandler(store, queue, deepimage, config),
+            kinds.DELIVER: DeliverHandler(store, webhooks),
+            kinds.HOUSEKEEPING: HousekeepingHandler(store),
+            kinds.LINE: LineHandler(line),
+            kinds.CANCEL_BATCH: CancelBatchHandler(batches),
+            kinds.EXPIRE_RESULT: ExpireResultHandler(store, blobs),
         },
     )
-    generations = GenerationService(
-        store, queue, line, runner, blobs, config, request_policy
-    )
+    generations = GenerationService(store, queue, line, runner, blobs, config, request_policy)
     return Services(
         config=config,
         store=store,

@@ -189,10 +189,10 @@ def _serve(_args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from service.bootstrap import build_services
-    from service.housekeeping import ensure_scheduled
     from service.line import ensure_line_task
-    from service.wakeup import libpq_url
-    from service.worker import Worker
+    from service.runtime.housekeeping import ensure_scheduled
+    from service.runtime.wakeup import libpq_url
+    from service.runtime.worker import Worker
 
     config = Config.from_env()
     services = build_services(config)

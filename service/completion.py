@@ -20,18 +20,18 @@ from service.config import Config
 from service.deepimage import DeepImageClient, PermanentUpstreamError, TransientUpstreamError
 from service.domain import ErrorCode, GenerationStatus
 from service.errors import Conflict, InvalidRequest, NotFound, Unauthorized
-from service.lifecycle import change_status, fail_generation
+from service.lifecycle import change_status, failing
 from service.line import slot_freed
 from service.models import Generation, utcnow
-from service.results import STORE, result_url_policy
+from service.results import result_url_policy
+from service.runtime.kinds import POLL, STORE
+from service.runtime.outcomes import DONE, Apply, Done, Later, Outcome
+from service.runtime.queue import ClaimedTask, TaskQueue
 from service.ssrf import UnsafeURL
 from service.store import Store
-from service.tasks import ClaimedTask, TaskQueue
-from service.worker import Snooze
 
 log = logging.getLogger("genrelay.completion")
 
-POLL = "poll"
 # Polling backs off from FIRST_POLL_DELAY (polling-only mode) up to MAX_POLL_DELAY.
 FIRST_POLL_DELAY = 2.0
 MAX_POLL_DELAY = 60.0
@@ -176,71 +176,75 @@ class PollHandler:
         self.deepimage = deepimage
         self.config = config
 
-    def run(self, task: ClaimedTask) -> None:
+    def run(self, task: ClaimedTask) -> Outcome:
         assert task.generation_id is not None
         with self.store.read() as session:
             generation = session.get(Generation, task.generation_id)
         if generation is None or generation.source_found_at is not None:
-            return  # the callback came: nothing to reconcile
+            return DONE  # the callback came: nothing to reconcile
         if generation.status == GenerationStatus.CANCELED and generation.admitted_at is not None:
             return self._await_canceled_job(task, generation)
         if generation.status != GenerationStatus.PROCESSING:
-            return  # finished: nothing to reconcile
+            return DONE  # finished: nothing to reconcile
         assert generation.upstream_job is not None and generation.submitted_at is not None
+        generation_id = generation.id
         now = utcnow()
         if (now - generation.submitted_at).total_seconds() > self.config.generation_timeout:
-            fail_generation(
-                self.store,
-                generation.id,
-                ErrorCode.UPSTREAM_TIMEOUT,
-                f"no result within {self.config.generation_timeout:.0f} s",
-            )
-            return
-        delay = min(MAX_POLL_DELAY, 2 * float(task.payload.get("delay", FIRST_POLL_DELAY)))
+            message = f"no result within {self.config.generation_timeout:.0f} s"
+            return Done(failing(generation_id, ErrorCode.UPSTREAM_TIMEOUT, message))
+        delay = _next_delay(task)
         try:
             job = self.deepimage.result(generation.upstream_job)
         except TransientUpstreamError as exc:
-            raise Snooze(delay, f"Deep-Image unavailable: {exc.message}") from None
+            return Later(delay, f"Deep-Image unavailable: {exc.message}")
         except PermanentUpstreamError as exc:
-            fail_generation(self.store, generation.id, exc.error_code, exc.message)
-            return
+            return Done(failing(generation_id, exc.error_code, exc.message))
         if job.status == "complete" and job.result_url:
-            with self.store.transaction() as session:
-                record_source(session, self.queue, generation.id, job.result_url, now=now)
-            return
+            url = job.result_url
+            return Done(
+                lambda session: record_source(session, self.queue, generation_id, url, now=now)
+            )
         # Still running. The next poll doubles its wait; `delay` travels in the payload.
-        raise Snooze(delay, f"job {job.job} is {job.status}", payload={"delay": delay})
+        return Later(delay, f"job {job.job} is {job.status}", payload={"delay": delay})
 
-    def _await_canceled_job(self, task: ClaimedTask, generation: Generation) -> None:
+    def _await_canceled_job(self, task: ClaimedTask, generation: Generation) -> Outcome:
         """A canceled generation whose job may still run upstream: free its slot once the job
         is over (or past the generation timeout: Deep-Image may have lost it)."""
         assert generation.upstream_job is not None and generation.submitted_at is not None
+        generation_id = generation.id
         now = utcnow()
-        delay = min(MAX_POLL_DELAY, 2 * float(task.payload.get("delay", FIRST_POLL_DELAY)))
+        delay = _next_delay(task)
         timed_out = (now - generation.submitted_at).total_seconds() > self.config.generation_timeout
         if not timed_out:
             try:
                 job = self.deepimage.result(generation.upstream_job)
             except TransientUpstreamError as exc:
-                raise Snooze(delay, f"Deep-Image unavailable: {exc.message}") from None
+                return Later(delay, f"Deep-Image unavailable: {exc.message}")
             except PermanentUpstreamError:
                 pass  # failed, or unknown to Deep-Image: over either way
             else:
                 if job.status != "complete":
-                    raise Snooze(
-                        delay, f"canceled job {job.job} is {job.status}", payload={"delay": delay}
-                    )
-        with self.store.transaction() as session:
-            job_ended(session, self.queue, generation.id, now=now)
+                    reason = f"canceled job {job.job} is {job.status}"
+                    return Later(delay, reason, payload={"delay": delay})
+        return Done(lambda session: job_ended(session, self.queue, generation_id, now=now))
 
-    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
-        assert task.generation_id is not None
-        fail_generation(
-            self.store,
-            task.generation_id,
+    def on_exhausted(self, task: ClaimedTask, error: str) -> Apply:
+        generation_id = task.generation_id
+        assert generation_id is not None
+        fail = failing(
+            generation_id,
             ErrorCode.UPSTREAM_UNAVAILABLE,
             f"polling Deep-Image failed {task.attempts} times: {error}",
         )
-        with self.store.transaction() as session:
+
+        def apply(session: Session) -> None:
+            fail(session)
             # A canceled generation's slot is not kept forever by a poll that cannot succeed.
-            job_ended(session, self.queue, task.generation_id, now=utcnow())
+            job_ended(session, self.queue, generation_id, now=utcnow())
+
+        return apply
+
+
+def _next_delay(task: ClaimedTask) -> float:
+    """The wait before the next poll: twice the last one, up to MAX_POLL_DELAY."""
+    return min(MAX_POLL_DELAY, 2 * float(task.payload.get("delay", FIRST_POLL_DELAY)))

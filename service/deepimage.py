@@ -18,6 +18,7 @@ from typing import Any
 import requests
 
 from service.domain import ErrorCode
+from service.errors import TransientError
 from service.metrics import UPSTREAM_LATENCY
 
 MAX_MESSAGE_CHARS = 500
@@ -34,7 +35,7 @@ class DeepImageError(Exception):
         self.http_status = http_status
 
 
-class TransientUpstreamError(DeepImageError):
+class TransientUpstreamError(DeepImageError, TransientError):
     """May succeed when tried again later."""
 
 

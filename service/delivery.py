@@ -4,7 +4,10 @@ Outcomes, classified once here:
 - 2xx: succeeded.
 - 410: failed for good, and the subscription is disabled.
 - 429, 5xx, 3xx (redirects are not followed), timeouts, connection errors: retried on
-  GENRELAY_WEBHOOK_RETRY_SCHEDULE with jitter; past the schedule the delivery is `dead`.
+  GENRELAY_WEBHOOK_RETRY_SCHEDULE with jitter (the `deliver` kind's retry policy, the one
+  schedule of a delivery: the task runs at the delivery's `next_attempt_at`); past the
+  schedule the delivery is `dead`. An attempt that fails inside genrelay (a bug, the database
+  away) takes its turn on the same schedule.
 - other 4xx, or a target address that is not allowed: failed for good.
 A subscription whose deliveries have all failed for 5 days is disabled too.
 """
@@ -15,23 +18,21 @@ import dataclasses
 import datetime as dt
 import enum
 import logging
-import random
 import time
 
 import requests
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.config import Config
 from service.domain import DeliveryStatus
 from service.ids import new_id
 from service.metrics import DELIVERY_OUTCOMES
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
+from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome
+from service.runtime.queue import ClaimedTask
 from service.signing import sign
 from service.ssrf import UnsafeURL
 from service.store import Store
-from service.tasks import ClaimedTask, TaskQueue
-from service.worker import COMPLETED, Snooze
 
 log = logging.getLogger("genrelay.delivery")
 
@@ -42,24 +43,24 @@ DISABLE_AFTER_FAILING = dt.timedelta(days=5)
 ORDER_WAIT = 1.0
 
 
-class Outcome(enum.Enum):
+class Verdict(enum.Enum):
     SUCCESS = "success"
     RETRY = "retry"
     FINAL = "final"
     GONE = "gone"  # 410: final, and the subscription is disabled
 
 
-def classify(status_code: int | None) -> Outcome:
+def classify(status_code: int | None) -> Verdict:
     """What an HTTP answer (None: no answer at all) means for the delivery."""
     if status_code is None:
-        return Outcome.RETRY
+        return Verdict.RETRY
     if 200 <= status_code < 300:
-        return Outcome.SUCCESS
+        return Verdict.SUCCESS
     if status_code == 410:
-        return Outcome.GONE
+        return Verdict.GONE
     if status_code == 429 or status_code >= 500 or 300 <= status_code < 400:
-        return Outcome.RETRY
-    return Outcome.FINAL
+        return Verdict.RETRY
+    return Verdict.FINAL
 
 
 class DeliverHandler:
@@ -68,33 +69,34 @@ class DeliverHandler:
     def __init__(
         self,
         store: Store,
-        queue: TaskQueue,
-        config: Config,
         http: requests.Session,
-        *,
-        rng: random.Random | None = None,
     ) -> None:
         self.store = store
-        self.queue = queue
-        self.schedule = config.webhook_retry_schedule
         self.http = http
-        self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
 
-    def run(self, task: ClaimedTask) -> str | None:
+    def run(self, task: ClaimedTask) -> Outcome:
         delivery_id = task.payload["delivery_id"]
-        replay = bool(task.payload.get("replay"))
+        try:
+            return self._attempt(delivery_id, replay=bool(task.payload.get("replay")))
+        except Exception as exc:
+            # A bug, or the database away: the attempt takes its turn on the schedule like a
+            # failed POST, and the delivery shows when the next one comes.
+            log.exception("delivery %s: the attempt failed inside genrelay", delivery_id)
+            return _retrying(delivery_id, None, f"error inside genrelay ({type(exc).__name__})")
+
+    def _attempt(self, delivery_id: str, *, replay: bool) -> Outcome:
         with self.store.read() as session:
             delivery = session.get(Delivery, delivery_id)
             if delivery is None or (delivery.status != DeliveryStatus.PENDING and not replay):
-                return None
+                return DONE
             blocked_until = self._earlier_pending(session, delivery)
             secrets = self._secrets(session, delivery)
         if blocked_until is not None:
             wait = max(ORDER_WAIT, (blocked_until - utcnow()).total_seconds())
-            raise Snooze(wait, "an earlier event for this target is still pending")
+            return Later(wait, "an earlier event for this target is still pending")
         if secrets is None:
-            return self._conclude(
-                delivery_id, None, DeliveryStatus.FAILED, "subscription disabled", task=task
+            return Done(
+                _recording(delivery_id, None, DeliveryStatus.FAILED, "subscription disabled")
             )
         content_type = (
             "application/cloudevents+json"
@@ -103,21 +105,22 @@ class DeliverHandler:
         )
         signed = sign(delivery.webhook_id, utcnow(), delivery.body.encode(), secrets, content_type)
         attempt = self._send(delivery.url, signed.headers, signed.body)
-        outcome = Outcome.FINAL if attempt.refused else classify(attempt.status_code)
-        if outcome is Outcome.SUCCESS:
-            return self._conclude(delivery_id, attempt, DeliveryStatus.SUCCEEDED, None, task=task)
+        verdict = Verdict.FINAL if attempt.refused else classify(attempt.status_code)
+        if verdict is Verdict.SUCCESS:
+            return Done(_recording(delivery_id, attempt, DeliveryStatus.SUCCEEDED, None))
         reason = attempt.error or f"HTTP {attempt.status_code}"
-        attempts = delivery.attempts + 1
-        if outcome is Outcome.RETRY and not replay and attempts < len(self.schedule):
-            delay = self.schedule[attempts] * (0.8 + 0.4 * self.rng.random())
-            self._conclude(delivery_id, attempt, DeliveryStatus.PENDING, reason, retry_in=delay)
-            raise Snooze(delay, f"delivery {delivery_id}: {reason}")
-        final = DeliveryStatus.DEAD if outcome is Outcome.RETRY else DeliveryStatus.FAILED
-        gone = outcome is Outcome.GONE
-        return self._conclude(delivery_id, attempt, final, reason, gone=gone, task=task)
+        if verdict is Verdict.RETRY and not replay:
+            return _retrying(delivery_id, attempt, reason)
+        final = DeliveryStatus.DEAD if verdict is Verdict.RETRY else DeliveryStatus.FAILED
+        gone = verdict is Verdict.GONE
+        return Done(_recording(delivery_id, attempt, final, reason, gone=gone))
 
-    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
-        self._conclude(task.payload["delivery_id"], None, DeliveryStatus.DEAD, error)
+    def on_exhausted(self, task: ClaimedTask, error: str) -> Apply:
+        """Its schedule is spent: a delivery still pending is dead (one whose last attempt was
+        recorded by the same outcome already is)."""
+        return _recording(
+            task.payload["delivery_id"], None, DeliveryStatus.DEAD, error, only_pending=True
+        )
 
     def _earlier_pending(self, session: Session, delivery: Delivery) -> dt.datetime | None:
         """Per generation and target, events go out in lifecycle order: when may this one go?
@@ -186,55 +189,6 @@ class DeliverHandler:
             excerpt = raw.decode("utf-8", errors="replace")
             return Attempt(response.status_code, excerpt, None, _ms(started))
 
-    def _conclude(
-        self,
-        delivery_id: str,
-        attempt: Attempt | None,
-        status: DeliveryStatus,
-        reason: str | None,
-        *,
-        retry_in: float | None = None,
-        gone: bool = False,
-        task: ClaimedTask | None = None,
-    ) -> str | None:
-        """Record the attempt and its consequences in one transaction; with `task`, mark the
-        task done in it too (COMPLETED, or None if that could not be done here)."""
-        DELIVERY_OUTCOMES.labels("retry" if retry_in is not None else status.value).inc()
-        now = utcnow()
-        with self.store.transaction() as session:
-            delivery = session.get(Delivery, delivery_id)
-            if delivery is None:
-                return None
-            if attempt is not None:
-                session.add(
-                    DeliveryAttempt(
-                        id=new_id("att_"),
-                        delivery_id=delivery_id,
-                        attempted_at=now,
-                        status_code=attempt.status_code,
-                        duration_ms=attempt.duration_ms,
-                        response_excerpt=attempt.excerpt,
-                        error=attempt.error,
-                    )
-                )
-                delivery.attempts += 1
-                delivery.last_status_code = attempt.status_code
-            delivery.status = status
-            delivery.last_error = reason
-            delivery.next_attempt_at = (
-                now + dt.timedelta(seconds=retry_in) if retry_in is not None else None
-            )
-            delivery.updated_at = now
-            completed = task is not None and self.queue.complete_in(session, task)
-            subscription = (
-                session.get(Subscription, delivery.subscription_id)
-                if delivery.subscription_id
-                else None
-            )
-            if subscription is not None and subscription.enabled:
-                _track_failures(subscription, status, reason, now, gone=gone)
-        return COMPLETED if completed else None
-
 
 @dataclasses.dataclass(frozen=True)
 class Attempt:
@@ -245,6 +199,67 @@ class Attempt:
     error: str | None
     duration_ms: int
     refused: bool = False  # the target address is not allowed: final
+
+
+def _retrying(delivery_id: str, attempt: Attempt | None, reason: str) -> Failed:
+    """A failed attempt: the next is the delivery schedule's (the `deliver` kind's retry
+    policy), which the runner applies and tells the record (None: the schedule is spent)."""
+
+    def record(session: Session, next_at: dt.datetime | None) -> None:
+        status = DeliveryStatus.PENDING if next_at else DeliveryStatus.DEAD
+        apply = _recording(
+            delivery_id, attempt, status, reason, next_attempt_at=next_at, only_pending=True
+        )
+        apply(session)
+
+    return Failed(f"delivery {delivery_id}: {reason}", record)
+
+
+def _recording(
+    delivery_id: str,
+    attempt: Attempt | None,
+    status: DeliveryStatus,
+    reason: str | None,
+    *,
+    next_attempt_at: dt.datetime | None = None,
+    gone: bool = False,
+    only_pending: bool = False,
+) -> Apply:
+    """The change recording an attempt (if any) and what it made of the delivery."""
+
+    def apply(session: Session) -> None:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None or (only_pending and delivery.status != DeliveryStatus.PENDING):
+            return
+        DELIVERY_OUTCOMES.labels("retry" if next_attempt_at is not None else status.value).inc()
+        now = utcnow()
+        if attempt is not None:
+            session.add(
+                DeliveryAttempt(
+                    id=new_id("att_"),
+                    delivery_id=delivery_id,
+                    attempted_at=now,
+                    status_code=attempt.status_code,
+                    duration_ms=attempt.duration_ms,
+                    response_excerpt=attempt.excerpt,
+                    error=attempt.error,
+                )
+            )
+            delivery.attempts += 1
+            delivery.last_status_code = attempt.status_code
+        delivery.status = status
+        delivery.last_error = reason
+        delivery.next_attempt_at = next_attempt_at
+        delivery.updated_at = now
+        subscription = (
+            session.get(Subscription, delivery.subscription_id)
+            if delivery.subscription_id
+            else None
+        )
+        if subscription is not None and subscription.enabled:
+            _track_failures(subscription, status, reason, now, gone=gone)
+
+    return apply
 
 
 def _track_failures(

@@ -85,3 +85,16 @@ class RateLimited(ServiceError):
 
 class ClientTooSlow(TimeoutError):
     """The client did not send its request in time (service/gunicorn_worker.py); 408."""
+
+
+class TransientError(Exception):
+    """A failure that may pass (a network error, a 5xx, a timeout): worth trying again later.
+
+    The one base of the adapters' transient errors (Deep-Image's, the blob store's, a result
+    download's); a task that raises it is retried on its kind's policy.
+    """
+
+    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status

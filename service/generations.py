@@ -25,12 +25,12 @@ from service.line import Line
 from service.models import Generation, IdempotencyKey, utcnow
 from service.pagination import Page, paginate
 from service.result_access import sign_result
+from service.runtime.queue import TaskQueue
+from service.runtime.runner import TaskRunner
 from service.ssrf import URLPolicy
 from service.store import Store
 from service.subscriptions import require_safe_target
-from service.tasks import TaskQueue
 from service.tenants import settings_by_id
-from service.worker import TaskRunner
 
 log = logging.getLogger("genrelay.generations")
 

@@ -4,6 +4,7 @@ machine, so concurrent actors (intake, worker, callbacks, cancel) can never regr
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,7 +15,6 @@ from service.domain import ErrorCode, GenerationStatus, allowed_predecessors
 from service.line import slot_freed
 from service.models import Generation, utcnow
 from service.notifications import record_event
-from service.store import Store
 
 
 def change_status(
@@ -63,14 +63,29 @@ def change_status(
     return True
 
 
-def fail_generation(store: Store, generation_id: str, code: ErrorCode, message: str) -> bool:
+def fail_generation(
+    session: Session,
+    generation_id: str,
+    code: ErrorCode,
+    message: str,
+    *,
+    now: dt.datetime | None = None,
+) -> bool:
     """Mark a generation failed with `error {code, message}`, unless it already finished."""
-    with store.transaction() as session:
-        return change_status(
-            session,
-            generation_id,
-            GenerationStatus.FAILED,
-            now=utcnow(),
-            error_code=code.value,
-            error_message=message,
-        )
+    return change_status(
+        session,
+        generation_id,
+        GenerationStatus.FAILED,
+        now=now or utcnow(),
+        error_code=code.value,
+        error_message=message,
+    )
+
+
+def failing(generation_id: str, code: ErrorCode, message: str) -> Callable[[Session], None]:
+    """The change that fails a generation, for a task's outcome to carry."""
+
+    def apply(session: Session) -> None:
+        fail_generation(session, generation_id, code, message)
+
+    return apply

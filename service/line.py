@@ -45,24 +45,24 @@ from sqlalchemy.orm import Session
 
 from service.domain import ErrorCode, GenerationStatus
 from service.models import Generation, Task, Tenant, UpstreamAccount, utcnow
+from service.runtime.kinds import LINE, SUBMIT
+from service.runtime.outcomes import Later
+from service.runtime.queue import ClaimedTask, TaskQueue, TaskStatus
 from service.store import Store
-from service.tasks import ClaimedTask, TaskQueue, TaskStatus
 
 log = logging.getLogger("genrelay.line")
 
 ACCOUNT = "deepimage"
-SUBMIT = "submit"
-LINE = "line"
 LINE_TASK_ID = "task_line"
 INITIAL_LIMIT = 2
 PAUSE_FIRST = 0.5  # seconds without admissions after an unexplained 429, doubling...
 PAUSE_MAX = 30.0  # ...up to this
 TICK_BUSY = 1.0  # seconds between `line` runs while generations wait or hold slots
 TICK_IDLE = 5.0  # ...and while none does (`_wake` ends the sleep when one starts waiting)
-# A pass takes milliseconds: a worker killed during one delays the next pass only this long
-# (not GENRELAY_TASK_LEASE). Two passes at once are harmless: admissions take the account's
-# row lock, and deadline cancels skip rows another transaction holds.
-LINE_LEASE = 3.0
+# A pass takes milliseconds: its lease is short (SHORT_LEASES in service/runtime/kinds.py), so a
+# worker killed during one delays the next pass only seconds. Two passes at once are harmless:
+# admissions take the account's row lock, and deadline cancels skip rows another transaction
+# holds.
 MAX_TENANTS_PER_PASS = 500  # waiting tenants considered by one admission (fewest slots first)
 DEADLINE_BATCH = 200
 
@@ -196,9 +196,7 @@ def waiting_tenant_ids(session: Session) -> list[str]:
         .where(waiting, g.c.tenant_id > tenants.c.tenant_id)
         .scalar_subquery()
     )
-    tenants = tenants.union_all(
-        sa.select(following).where(tenants.c.tenant_id.is_not(None))
-    )
+    tenants = tenants.union_all(sa.select(following).where(tenants.c.tenant_id.is_not(None)))
     return list(
         session.scalars(sa.select(tenants.c.tenant_id).where(tenants.c.tenant_id.is_not(None)))
     )
@@ -532,9 +530,7 @@ class LineHandler:
     def __init__(self, line: Line) -> None:
         self.line = line
 
-    def run(self, task: ClaimedTask) -> None:
-        from service.worker import Snooze
-
+    def run(self, task: ClaimedTask) -> Later:
         now = utcnow()
         try:
             self.line.cancel_overdue(now)
@@ -546,8 +542,8 @@ class LineHandler:
                 )
         except Exception as exc:
             log.exception("the line's periodic pass failed; trying again shortly")
-            raise Snooze(TICK_BUSY, f"pass failed: {type(exc).__name__}") from None
-        raise Snooze(TICK_BUSY if busy else TICK_IDLE, "next pass")
+            return Later(TICK_BUSY, f"pass failed: {type(exc).__name__}")
+        return Later(TICK_BUSY if busy else TICK_IDLE, "next pass")
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         """`ensure_line_task` revives it when a worker starts."""
@@ -555,4 +551,4 @@ class LineHandler:
 
 def ensure_line_task(queue: TaskQueue) -> None:
     """Create the `line` task if missing, or revive it if it died (a worker calls this)."""
-    queue.ensure_singleton(LINE_TASK_ID, LINE, max_attempts=1_000_000)
+    queue.ensure_singleton(LINE_TASK_ID, LINE)

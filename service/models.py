@@ -223,7 +223,6 @@ class Task(Base):
     payload: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(sa.String(20))
     attempts: Mapped[int] = mapped_column(default=0)
-    max_attempts: Mapped[int]
     run_at: Mapped[dt.datetime]
     # Who holds the task now: a fresh token per claim, so a worker whose lease ran out
     # cannot finish or reschedule a task that somebody else has claimed since.

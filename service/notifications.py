@@ -15,17 +15,14 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from schemas.generations import GenerationSummarySchema
-from service import wakeup
 from service.domain import EVENT_FOR_STATUS, DeliveryStatus, GenerationStatus
 from service.ids import new_id
 from service.models import Delivery, Event, Generation, Subscription, Tenant
+from service.runtime import wakeup
+from service.runtime.kinds import DELIVER
+from service.runtime.queue import new_task_row
 from service.signing import cloudevents_body, new_secret, new_webhook_id, standard_body
-from service.tasks import new_task_row
 
-DELIVER = "deliver"
-# The deliver task's own attempts only count crashes; the retry schedule lives on the
-# delivery row (GENRELAY_WEBHOOK_RETRY_SCHEDULE).
-DELIVER_TASK_ATTEMPTS = 10
 CLOUDEVENTS_SOURCE = "/genrelay"
 
 
@@ -131,7 +128,6 @@ def queue_delivery(
             {"delivery_id": delivery.id},
             event.generation_id,
             event.created_at,
-            DELIVER_TASK_ATTEMPTS,
         )
     )
     wakeup.request_wake(session)  # due now

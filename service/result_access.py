@@ -26,18 +26,13 @@ from service.domain import GenerationStatus
 from service.errors import Conflict, NotFound, ServiceError
 from service.gcs_urls import parse_gs_url
 from service.models import Generation, utcnow
+from service.runtime.kinds import EXPIRE_RESULT
+from service.runtime.outcomes import DONE, Done, Failed, Outcome
+from service.runtime.queue import ClaimedTask, TaskQueue
 from service.store import Store
-from service.tasks import ClaimedTask, RetryPolicy, TaskQueue
 from service.tenants import TenantSettings
-from service.worker import RetryableError
 
 log = logging.getLogger("genrelay.result_access")
-
-EXPIRE_RESULT = "expire_result"
-# Its first run is up to 10 years out: the age limit must not kill it on its first retry.
-EXPIRE_POLICY = RetryPolicy(
-    max_attempts=20, base_delay=5.0, max_delay=3600.0, max_age=11 * 365 * 24 * 3600.0
-)
 
 
 class ResultGone(ServiceError):
@@ -132,6 +127,15 @@ class ResultAccess:
 
 def expire(store: Store, blobs: BlobStore, generation_id: str) -> bool:
     """Delete the generation's stored object and mark it expired; False if nothing was left."""
+    if not delete_object(store, blobs, generation_id):
+        return False
+    with store.transaction() as session:
+        mark_expired(session, generation_id)
+    return True
+
+
+def delete_object(store: Store, blobs: BlobStore, generation_id: str) -> bool:
+    """Delete the generation's stored object; False if there is none (left) to delete."""
     with store.read() as session:
         generation = session.get(Generation, generation_id)
     if generation is None or generation.result_expired_at is not None or not generation.result:
@@ -140,15 +144,19 @@ def expire(store: Store, blobs: BlobStore, generation_id: str) -> bool:
     if parsed is not None:
         bucket, name = parsed
         blobs.for_bucket(bucket).delete(name)  # a missing object counts as deleted
-    with store.transaction() as session:
-        session.execute(
-            sa.update(Generation)
-            .where(Generation.id == generation_id, Generation.result_expired_at.is_(None))
-            .values(result_expired_at=utcnow(), updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-    log.info("deleted the result of %s", generation_id, extra={"generation_id": generation_id})
     return True
+
+
+def mark_expired(session: Session, generation_id: str) -> None:
+    """Record that the generation's result is gone (its object deleted)."""
+    now = utcnow()
+    session.execute(
+        sa.update(Generation)
+        .where(Generation.id == generation_id, Generation.result_expired_at.is_(None))
+        .values(result_expired_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    log.info("deleted the result of %s", generation_id, extra={"generation_id": generation_id})
 
 
 class ExpireResultHandler:
@@ -158,13 +166,16 @@ class ExpireResultHandler:
         self.store = store
         self.blobs = blobs
 
-    def run(self, task: ClaimedTask) -> str | None:
-        assert task.generation_id is not None
+    def run(self, task: ClaimedTask) -> Outcome:
+        generation_id = task.generation_id
+        assert generation_id is not None
         try:
-            expire(self.store, self.blobs, task.generation_id)
+            deleted = delete_object(self.store, self.blobs, generation_id)
         except TransientBlobError as exc:
-            raise RetryableError(f"deleting the result: {exc.message}") from None
-        return None
+            return Failed(f"deleting the result: {exc.message}")
+        if not deleted:
+            return DONE
+        return Done(lambda session: mark_expired(session, generation_id))
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         log.error(
@@ -173,3 +184,4 @@ class ExpireResultHandler:
             error,
             extra={"generation_id": task.generation_id},
         )
+        return None

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urljoin
 
 import requests
+from sqlalchemy.orm import Session
 
 from service.blobstore import (
     BlobAlreadyExists,
@@ -35,20 +36,20 @@ from service.blobstore import (
 from service.config import Config
 from service.deepimage import DeepImageClient, PermanentUpstreamError, TransientUpstreamError
 from service.domain import ErrorCode, GenerationStatus
+from service.errors import TransientError
 from service.images import SNIFF_BYTES, ImageKind, dimensions, sniff
-from service.lifecycle import change_status, fail_generation
+from service.lifecycle import change_status, failing
 from service.metrics import GCS_UPLOAD_LATENCY
 from service.models import Generation, utcnow
 from service.result_access import output_location, schedule_expiry, sign_result
+from service.runtime.outcomes import DONE, Apply, Done, Failed, Outcome
+from service.runtime.queue import ClaimedTask, TaskQueue
 from service.ssrf import Unresolvable, UnsafeURL, URLPolicy, pinned_session
 from service.store import Store
-from service.tasks import ClaimedTask, TaskQueue
 from service.tenants import settings_by_id
-from service.worker import COMPLETED, RetryableError
 
 log = logging.getLogger("genrelay.results")
 
-STORE = "store"
 DOWNLOAD_CHUNK = 1024 * 1024
 # Up to this size the upload goes as one request, which the client builds in memory; above
 # it, a resumable upload in chunks. (Both honour create-only on GCS; fake-gcs-server 1.54
@@ -183,15 +184,14 @@ class StoreHandler:
         self.policy = result_url_policy(config)
         self.http = http or download_session(config)
 
-    def run(self, task: ClaimedTask) -> str | None:
+    def run(self, task: ClaimedTask) -> Outcome:
         assert task.generation_id is not None
         with self.store.read() as session:
             generation = session.get(Generation, task.generation_id)
-        if generation is None or generation.status != GenerationStatus.PROCESSING:
-            return None  # canceled (cancel wins) or already finished by an earlier attempt
-        started = time.monotonic()
-        with self.store.read() as session:
+            if generation is None or generation.status != GenerationStatus.PROCESSING:
+                return DONE  # canceled (cancel wins) or already finished by an earlier attempt
             settings = settings_by_id(session, generation.tenant_id)
+        started = time.monotonic()
         bucket, prefix = output_location(self.config, settings)
         try:
             source = self._confirmed_source(generation)
@@ -199,11 +199,10 @@ class StoreHandler:
             stored, width_height = self._copy(generation, source, target, prefix)
         except ResultRejected as rejected:
             GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
-            fail_generation(self.store, generation.id, rejected.code, rejected.message)
-            return None
-        except RetryableError:
+            return Done(failing(generation.id, rejected.code, rejected.message))
+        except TransientError as exc:
             GCS_UPLOAD_LATENCY.labels("retry").observe(time.monotonic() - started)
-            raise
+            return Failed(str(exc))
         GCS_UPLOAD_LATENCY.labels("stored").observe(time.monotonic() - started)
         width, height = width_height or (None, None)
         result: dict[str, Any] = {
@@ -216,7 +215,16 @@ class StoreHandler:
         }
         # Signed once for every notification of this event (see service/result_access.py).
         link = sign_result(self.blobs, stored.uri, self.config.notification_url_ttl)
-        with self.store.transaction() as session:
+        log.info(
+            "stored %s (%d bytes, %s) in %.2f s",
+            stored.uri,
+            stored.size,
+            stored.content_type,
+            time.monotonic() - started,
+            extra={"generation_id": generation.id},
+        )
+
+        def succeed(session: Session) -> None:
             moved = change_status(
                 session,
                 generation.id,
@@ -227,28 +235,19 @@ class StoreHandler:
             )
             if moved:
                 schedule_expiry(session, self.queue, generation)
-            completed = self.queue.complete_in(session, task)
-        log.info(
-            "stored %s (%d bytes, %s) in %.2f s",
-            stored.uri,
-            stored.size,
-            stored.content_type,
-            time.monotonic() - started,
-            extra={"generation_id": generation.id},
-        )
-        if not moved:
-            log.warning(
-                "generation %s was canceled while its result was stored at %s",
-                generation.id,
-                stored.uri,
-            )
-        return COMPLETED if completed else None
+            else:
+                log.warning(
+                    "generation %s was canceled while its result was stored at %s",
+                    generation.id,
+                    stored.uri,
+                )
 
-    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        return Done(succeed)
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> Apply:
         assert task.generation_id is not None
         # `error` may be an internal error's text: it stays in the task's last_error.
-        fail_generation(
-            self.store,
+        return failing(
             task.generation_id,
             ErrorCode.STORAGE_FAILED,
             f"the result could not be stored after {task.attempts} attempts",
@@ -263,11 +262,11 @@ class StoreHandler:
         try:
             job = self.deepimage.result(generation.upstream_job)
         except TransientUpstreamError as exc:
-            raise RetryableError(f"confirming the job: {exc.message}") from None
+            raise TransientError(f"confirming the job: {exc.message}") from None
         except PermanentUpstreamError as exc:
             raise ResultRejected(exc.error_code, exc.message) from None
         if job.status != "complete" or job.result_url is None:
-            raise RetryableError(f"Deep-Image reports job {job.job} as {job.status}, not complete")
+            raise TransientError(f"Deep-Image reports job {job.job} as {job.status}, not complete")
         return job.result_url
 
     def _get(self, url: str) -> requests.Response:
@@ -277,13 +276,13 @@ class StoreHandler:
                 self.policy.check_syntax(url)  # scheme, host list: refused at once, no retry
                 response = self.http.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT)
             except Unresolvable:
-                raise RetryableError("downloading the result: the host does not resolve") from None
+                raise TransientError("downloading the result: the host does not resolve") from None
             except UnsafeURL as exc:
                 raise ResultRejected(
                     ErrorCode.RESULT_UNAVAILABLE, f"the result URL may not be fetched: {exc.reason}"
                 ) from None
             except requests.RequestException as exc:
-                raise RetryableError(f"downloading the result: {type(exc).__name__}") from None
+                raise TransientError(f"downloading the result: {type(exc).__name__}") from None
             location = response.headers.get("Location")
             if response.status_code not in _REDIRECTS or not location:
                 return response
@@ -305,7 +304,7 @@ class StoreHandler:
                     f"the result URL answered {response.status_code}",
                 )
             if not 200 <= response.status_code < 300:
-                raise RetryableError(f"downloading the result: HTTP {response.status_code}")
+                raise TransientError(f"downloading the result: HTTP {response.status_code}")
             declared = _declared_size(response)
             if declared is not None and declared > self.config.max_result_bytes:
                 raise ResultRejected(
@@ -321,7 +320,7 @@ class StoreHandler:
                 name = object_name(prefix, generation, kind)
                 stored = self._write(generation, blobs, name, kind, stream, declared)
             except DownloadInterrupted as exc:
-                raise RetryableError(str(exc)) from None
+                raise TransientError(str(exc)) from None
             return stored, stream.dimensions()
 
     def _write(
@@ -355,7 +354,7 @@ class StoreHandler:
                 f"gs://{blobs.bucket}/{name} already exists with other content",
             ) from None
         except TransientBlobError as exc:
-            raise RetryableError(f"writing to GCS: {exc}") from None
+            raise TransientError(f"writing to GCS: {exc}") from None
         except PermanentBlobError as exc:
             log.error("GCS refused the write of %s: %s", name, exc)
             raise ResultRejected(ErrorCode.STORAGE_FAILED, "GCS refused the write") from None

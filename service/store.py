@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import wakeup
+from service.runtime import wakeup
 
 
 def create_db_engine(url: str) -> sa.Engine:

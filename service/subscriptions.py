@@ -9,23 +9,19 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service import wakeup
 from service.config import Config
 from service.domain import GENERATION_EVENT_TYPES, DeliveryStatus
 from service.errors import InvalidRequest, NotFound
 from service.ids import new_id
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
-from service.notifications import (
-    DELIVER,
-    DELIVER_TASK_ATTEMPTS,
-    queue_delivery,
-    tenant_webhook_secret,
-)
+from service.notifications import queue_delivery, tenant_webhook_secret
 from service.pagination import Page, paginate
+from service.runtime import wakeup
+from service.runtime.kinds import DELIVER
+from service.runtime.queue import new_task_row
 from service.signing import new_secret
 from service.ssrf import UnsafeURL, URLPolicy
 from service.store import Store
-from service.tasks import new_task_row
 
 ROTATION_OVERLAP = dt.timedelta(hours=24)
 # Each event is stored once per subscription (its delivery body): a cap bounds the fan-out.
@@ -93,9 +89,7 @@ class NotificationService:
         )
         with self.store.transaction() as session:
             # The tenant's row, locked: two creations at once cannot both take the last place.
-            session.execute(
-                sa.select(Tenant.id).where(Tenant.id == tenant_id).with_for_update()
-            )
+            session.execute(sa.select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
             count = session.scalar(
                 sa.select(sa.func.count())
                 .select_from(Subscription)
@@ -256,7 +250,6 @@ class NotificationService:
                     {"delivery_id": delivery.id, "replay": True},
                     None,
                     now,
-                    DELIVER_TASK_ATTEMPTS,
                 )
             )
             wakeup.request_wake(session)  # due now

@@ -22,9 +22,9 @@ from service.bootstrap import Services, build_services
 from service.config import Config
 from service.migrate import upgrade_to_head
 from service.models import Base
+from service.runtime.kinds import SUBMIT
+from service.runtime.queue import RetryPolicy
 from service.store import Store
-from service.submission import SUBMIT
-from service.tasks import RetryPolicy
 
 if TYPE_CHECKING:
     from service.gcs_emulator import FakeGcsServer

@@ -21,10 +21,13 @@ from typing import Any
 import pytest
 import requests
 
-from service.line import LINE_LEASE, LINE_TASK_ID, TICK_BUSY
+from service.line import LINE_TASK_ID, TICK_BUSY
 from service.models import Task, UpstreamAccount, utcnow
+from service.runtime.kinds import LINE, SHORT_LEASES
 from tests.e2e.processes import Deployment, SlotWatcher, deployment, wait_for
 from tests.helpers import seed_examples
+
+LINE_LEASE = SHORT_LEASES[LINE]
 
 pytestmark = pytest.mark.e2e
 

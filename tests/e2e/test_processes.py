@@ -22,8 +22,8 @@ from PIL import Image
 from service.blobstore import crc32c_base64
 from service.callbacks import callback_token, callback_url
 from service.dev import free_port
-from service.housekeeping import TASK_ID
 from service.models import Task, utcnow
+from service.runtime.housekeeping import TASK_ID
 from service.store import Store
 from tests.e2e.processes import GENRELAY, Stack, wait_for
 from tests.helpers import seed_examples, set_simulator

@@ -20,12 +20,11 @@ from service.app import create_app
 from service.blobstore import FakeBlobStore, crc32c_base64
 from service.bootstrap import Services, build_services
 from service.callbacks import callback_url
-from service.completion import POLL
 from service.config import Config
 from service.gcs_emulator import FakeGcsServer
 from service.models import Generation, Task, utcnow
-from service.results import STORE
-from service.worker import Worker
+from service.runtime.kinds import POLL, STORE
+from service.runtime.worker import Worker
 from tests.conftest import SIMULATOR_KEY, emulator_blob_store
 from tests.helpers import drain, seed_examples, set_simulator
 

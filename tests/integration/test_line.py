@@ -14,10 +14,11 @@ import sqlalchemy as sa
 
 from service.bootstrap import Services
 from service.config import Config
-from service.line import IN_FLIGHT, LINE, ensure_line_task
+from service.line import IN_FLIGHT, ensure_line_task
 from service.models import Generation, Task, UpstreamAccount
+from service.runtime.kinds import LINE
+from service.runtime.worker import Worker
 from service.tenants import Tenants
-from service.worker import Worker
 from tests.helpers import drain, seed_examples, set_simulator
 from tests.integration.test_api_keys_cli import Run, create_key, genrelay  # noqa: F401
 
@@ -99,7 +100,8 @@ def test_a_slot_is_handed_on_the_moment_its_job_ends(
         from service.domain import ErrorCode
         from service.lifecycle import fail_generation
 
-        fail_generation(services.store, first["id"], ErrorCode.UPSTREAM_JOB_FAILED, "boom")
+        with services.store.transaction() as session:
+            fail_generation(session, first["id"], ErrorCode.UPSTREAM_JOB_FAILED, "boom")
     else:
         from service.completion import Callback
 
@@ -218,7 +220,8 @@ def test_higher_priority_passes_earlier_work_of_the_same_tenant(
     from service.domain import ErrorCode
     from service.lifecycle import fail_generation
 
-    fail_generation(services.store, running["id"], ErrorCode.UPSTREAM_JOB_FAILED, "boom")
+    with services.store.transaction() as session:
+        fail_generation(session, running["id"], ErrorCode.UPSTREAM_JOB_FAILED, "boom")
     with services.store.read() as session:
         admitted = session.scalars(sa.select(Generation.id).where(IN_FLIGHT)).all()
     assert admitted == [interactive["id"]]

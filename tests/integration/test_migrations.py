@@ -33,6 +33,14 @@ def index_names(database_url: str, table: str) -> set[str]:
         engine.dispose()
 
 
+def column_names(database_url: str, table: str) -> set[str]:
+    engine = create_db_engine(database_url)
+    try:
+        return {str(column["name"]) for column in sa.inspect(engine).get_columns(table)}
+    finally:
+        engine.dispose()
+
+
 def has_table(database_url: str, table: str) -> bool:
     engine = create_db_engine(database_url)
     try:
@@ -50,10 +58,13 @@ def test_the_migrated_schema_matches_the_models(database_url: str) -> None:
 def test_the_newest_migration_goes_down_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
     command.downgrade(config, "-1")
+    assert "max_attempts" in column_names(database_url, "tasks")
+    command.downgrade(config, "-1")
     assert not has_table(database_url, "triggers")
     assert not has_table(database_url, "trigger_events")
     command.downgrade(config, "-1")
     assert "ix_generations_in_flight" not in index_names(database_url, "generations")
     command.upgrade(config, "head")
     assert has_table(database_url, "triggers")
+    assert "max_attempts" not in column_names(database_url, "tasks")
     assert schema_drift(database_url) == []

@@ -361,3 +361,76 @@ def test_status_changes_take_no_lock_on_the_tenant_row(
     assert finished, "the status change waited for the tenant row's lock"
     event = client.get(f"/v1/events?generation_id={generation['id']}", headers=auth).json
     assert event["data"][0]["type"] == "generation.canceled"
+
+
+def _ping(services: Any, client: Any, auth: dict[str, str], receiver: Any) -> str:
+    """A subscription and its ping delivery, its task aged past a day (the age limit tasks
+    once had: 24 h, while a delivery's default schedule spans 27.6 h)."""
+    from service.models import Delivery, Task
+    from service.runtime.kinds import DELIVER
+
+    created = subscribe(client, auth, receiver.url)
+    assert client.post(f"/v1/subscriptions/{created['id']}/test", headers=auth).status_code == 202
+    with services.store.transaction() as session:
+        for task in session.scalars(sa.select(Task).where(Task.kind == DELIVER)):
+            task.created_at -= dt.timedelta(hours=25)
+        return str(session.scalar(sa.select(Delivery.id)))
+
+
+def _crashing_sends(services: Any, monkeypatch: pytest.MonkeyPatch, crashes: int) -> None:
+    """The deliverer fails inside genrelay on its first `crashes` sends."""
+    from service.runtime.kinds import DELIVER
+
+    handler = services.runner.handlers[DELIVER]
+    real_send = handler._send
+    calls: list[int] = []
+
+    def send(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= crashes:
+            raise RuntimeError("a bug in genrelay")
+        return real_send(*args)
+
+    monkeypatch.setattr(handler, "_send", send)
+
+
+def test_a_delivery_has_one_schedule_and_a_failure_inside_genrelay_takes_one_turn_of_it(
+    api: Any, receiver_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.models import Delivery, Task
+    from service.runtime.worker import Worker
+
+    services, client, auth = api
+    receiver = receiver_factory([500, 200])
+    delivery_id = _ping(services, client, auth, receiver)
+    _crashing_sends(services, monkeypatch, crashes=1)
+    Worker(services.runner, threads=1).run_once()  # the first attempt fails in here
+    with services.store.read() as session:
+        delivery = session.get(Delivery, delivery_id)
+        task = session.scalar(
+            sa.select(Task).where(Task.payload["delivery_id"].as_string() == delivery_id)
+        )
+        assert delivery is not None
+        # One schedule: the delivery shows when its task runs next.
+        assert (delivery.status, delivery.next_attempt_at) == ("pending", task.run_at)
+        assert delivery.last_error == "error inside genrelay (RuntimeError)"
+    drain(services)  # 500, then 200: the third and last attempt of FAST_SCHEDULE
+    shown = client.get(f"/v1/deliveries/{delivery_id}", headers=auth).json
+    assert (shown["status"], shown["attempt_count"]) == ("succeeded", 2)
+    assert [a["status_code"] for a in shown["attempts"]] == [500, 200]
+    assert len(receiver.requests) == 2
+
+
+def test_a_delivery_whose_last_attempt_fails_inside_genrelay_is_dead_with_its_reason(
+    api: Any, receiver_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services, client, auth = api
+    receiver = receiver_factory([500])
+    delivery_id = _ping(services, client, auth, receiver)
+    _crashing_sends(services, monkeypatch, crashes=len(FAST_SCHEDULE))
+    drain(services)
+    shown = client.get(f"/v1/deliveries/{delivery_id}", headers=auth).json
+    assert (shown["status"], shown["attempt_count"]) == ("dead", 0)
+    assert shown["last_error"] == "error inside genrelay (RuntimeError)"
+    assert shown["next_attempt_at"] is None
+    assert receiver.requests == []

@@ -19,7 +19,7 @@ from PIL import Image
 
 from service.config import Config
 from service.models import Generation, Task
-from service.results import STORE
+from service.runtime.kinds import STORE
 from tests.conftest import SIMULATOR_KEY
 from tests.helpers import drain, set_simulator
 from tests.integration.test_completion import (

@@ -11,10 +11,13 @@ from typing import Any, cast
 import pytest
 import sqlalchemy as sa
 
+from service.errors import TransientError
 from service.models import Task
+from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome
+from service.runtime.queue import ClaimedTask, RetryPolicy, TaskQueue, TaskStatus
+from service.runtime.runner import TaskRunner
+from service.runtime.worker import Worker
 from service.store import Store
-from service.tasks import ClaimedTask, RetryPolicy, TaskQueue, TaskStatus
-from service.worker import COMPLETED, RetryableError, Snooze, TaskRunner, Worker
 
 START = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
 
@@ -48,6 +51,16 @@ def enqueue(queue: TaskQueue, kind: str = "job", delay: float = 0.0) -> str:
         return queue.enqueue(session, kind, {"n": 1}, delay=delay)
 
 
+def finish(queue: TaskQueue, task: ClaimedTask) -> bool:
+    with queue.store.transaction() as session:
+        return queue.finish_in(session, task)
+
+
+def retry_later(queue: TaskQueue, task: ClaimedTask, error: str) -> TaskStatus | None:
+    """What the runner does with a failed attempt that records nothing."""
+    return TaskRunner(queue, {task.kind: RecordingHandler(Failed(error))}).execute(task)
+
+
 def row(store: Store, task_id: str) -> Task:
     with store.read() as session:
         task = session.get(Task, task_id)
@@ -79,16 +92,16 @@ def test_a_task_whose_holder_died_runs_again_and_the_old_holder_cannot_finish_it
     assert second.id == task_id
     assert second.attempts == 2
     assert second.claim_token != first.claim_token
-    assert queue.complete(first) is False  # stale holder
-    assert queue.retry_later(first, "late") is None
-    assert queue.complete(second) is True
+    assert finish(queue, first) is False  # stale holder
+    assert retry_later(queue, first, "late") is None
+    assert finish(queue, second) is True
     assert row(queue.store, task_id).status == TaskStatus.DONE
 
 
 def test_a_failed_attempt_is_rescheduled_with_backoff(queue: TaskQueue, clock: FakeClock) -> None:
     task_id = enqueue(queue)
     [task] = queue.claim_due_tasks()
-    assert queue.retry_later(task, "upstream 503") is TaskStatus.PENDING
+    assert retry_later(queue, task, "upstream 503") is TaskStatus.PENDING
     stored = row(queue.store, task_id)
     assert stored.status == TaskStatus.PENDING
     assert stored.last_error == "upstream 503"
@@ -104,7 +117,7 @@ def test_a_task_out_of_attempts_is_dead_and_kept(queue: TaskQueue, clock: FakeCl
     for _ in range(3):
         clock.advance(1000)
         [task] = queue.claim_due_tasks()
-        outcome = queue.retry_later(task, "still down")
+        outcome = retry_later(queue, task, "still down")
     assert outcome is TaskStatus.DEAD
     stored = row(queue.store, task_id)
     assert (stored.status, stored.attempts, stored.last_error) == ("dead", 3, "still down")
@@ -116,7 +129,7 @@ def test_a_task_past_its_max_age_is_dead(queue: TaskQueue, clock: FakeClock) -> 
     task_id = enqueue(queue)
     clock.advance(3599)  # max age 3600 s: the next attempt (>= 5 s away) would be too late
     [task] = queue.claim_due_tasks()
-    assert queue.retry_later(task, "slow") is TaskStatus.DEAD
+    assert retry_later(queue, task, "slow") is TaskStatus.DEAD
     assert row(queue.store, task_id).status == TaskStatus.DEAD
 
 
@@ -162,18 +175,22 @@ def test_concurrent_claimers_never_get_the_same_task(store: Store) -> None:
 
 
 class RecordingHandler:
-    def __init__(self, error: Exception | None = None) -> None:
-        self.error = error
+    """Returns `outcome` (or raises it), recording its runs and what it was told at the end."""
+
+    def __init__(self, outcome: Outcome | Exception = DONE) -> None:
+        self.outcome = outcome
         self.runs: list[str] = []
         self.exhausted: list[tuple[str, str]] = []
 
-    def run(self, task: ClaimedTask) -> None:
+    def run(self, task: ClaimedTask) -> Outcome:
         self.runs.append(task.id)
-        if self.error is not None:
-            raise self.error
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
 
-    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+    def on_exhausted(self, task: ClaimedTask, error: str) -> Apply | None:
         self.exhausted.append((task.id, error))
+        return None
 
 
 def test_the_runner_completes_a_task_whose_handler_returns(queue: TaskQueue) -> None:
@@ -185,9 +202,11 @@ def test_the_runner_completes_a_task_whose_handler_returns(queue: TaskQueue) -> 
     assert row(queue.store, task_id).status == TaskStatus.DONE
 
 
-@pytest.mark.parametrize("error", [RetryableError("503"), ValueError("bug")])
+@pytest.mark.parametrize(
+    "error", [Failed("503"), TransientError("503"), ValueError("bug")], ids=repr
+)
 def test_the_runner_retries_failures_and_reports_exhaustion_once(
-    queue: TaskQueue, clock: FakeClock, error: Exception, caplog: pytest.LogCaptureFixture
+    queue: TaskQueue, clock: FakeClock, error: Failed | Exception
 ) -> None:
     handler = RecordingHandler(error)
     runner = TaskRunner(queue, {"job": handler})
@@ -200,7 +219,7 @@ def test_the_runner_retries_failures_and_reports_exhaustion_once(
     assert outcomes == [TaskStatus.PENDING, TaskStatus.PENDING, TaskStatus.DEAD]
     assert len(handler.runs) == 3
     assert [tid for tid, _ in handler.exhausted] == [task_id]
-    assert str(error) in handler.exhausted[0][1]
+    assert "503" in handler.exhausted[0][1] or "bug" in handler.exhausted[0][1]
 
 
 def test_a_task_of_unknown_kind_is_dead_not_retried(queue: TaskQueue) -> None:
@@ -243,19 +262,13 @@ def test_the_worker_threads_drain_the_queue_and_stop_on_request(store: Store) ->
     assert statuses == {TaskStatus.DONE}
 
 
-class SnoozingHandler(RecordingHandler):
-    def run(self, task: ClaimedTask) -> None:
-        super().run(task)
-        raise Snooze(30)
-
-
-def test_a_snoozed_task_runs_again_later_without_using_an_attempt(
+def test_a_task_told_later_runs_again_without_using_an_attempt(
     queue: TaskQueue, clock: FakeClock
 ) -> None:
-    handler = SnoozingHandler()
+    handler = RecordingHandler(Later(30, "not yet"))
     runner = TaskRunner(queue, {"job": handler})
     enqueue(queue)
-    for _ in range(5):  # more than max_attempts (3): snoozes never exhaust the task
+    for _ in range(5):  # more than max_attempts (3): `Later` never exhausts the task
         [task] = queue.claim_due_tasks()
         assert task.attempts == 1
         assert runner.execute(task) is TaskStatus.PENDING
@@ -287,14 +300,14 @@ class FlakyExhaustionHandler(RecordingHandler):
     """Fails every run; recording the dead outcome fails the first time."""
 
     def __init__(self) -> None:
-        super().__init__(RetryableError("down"))
+        super().__init__(TransientError("down"))
         self.recording_failures = 1
 
-    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+    def on_exhausted(self, task: ClaimedTask, error: str) -> Apply | None:
         if self.recording_failures:
             self.recording_failures -= 1
             raise RuntimeError("database briefly away")
-        super().on_exhausted(task, error)
+        return super().on_exhausted(task, error)
 
 
 def test_a_task_whose_outcome_could_not_be_recorded_comes_back_until_it_is(
@@ -307,9 +320,10 @@ def test_a_task_whose_outcome_could_not_be_recorded_comes_back_until_it_is(
         clock.advance(1000)
         [task] = queue.claim_due_tasks()
         outcome = runner.execute(task)
-    assert outcome is TaskStatus.PENDING  # not dead: nobody has recorded the outcome yet
+    assert outcome is None  # nothing recorded: the task stays held until its lease ends
+    assert row(queue.store, task_id).status == TaskStatus.RUNNING
     assert handler.exhausted == []
-    clock.advance(60)
+    clock.advance(61)
     [again] = queue.claim_due_tasks()
     assert runner.execute(again) is TaskStatus.DEAD
     assert [tid for tid, _ in handler.exhausted] == [task_id]
@@ -329,8 +343,8 @@ def test_renew_extends_the_leases_still_held_and_reports_the_lost_ones(
     assert other.id == lost_id
     assert queue.renew(held.values()) == {kept_id}
     assert row(queue.store, kept_id).lease_expires_at == START + dt.timedelta(seconds=121)
-    assert queue.complete(held[kept_id]) is True
-    assert queue.complete(held[lost_id]) is False  # the new holder's now
+    assert finish(queue, held[kept_id]) is True
+    assert finish(queue, held[lost_id]) is False  # the new holder's now
 
 
 class SlowHandler(RecordingHandler):
@@ -340,9 +354,10 @@ class SlowHandler(RecordingHandler):
         super().__init__()
         self.seconds = seconds
 
-    def run(self, task: ClaimedTask) -> None:
-        super().run(task)
+    def run(self, task: ClaimedTask) -> Outcome:
+        outcome = super().run(task)
         threading.Event().wait(self.seconds)
+        return outcome
 
 
 def test_a_task_running_longer_than_its_lease_is_not_claimed_by_another_worker(
@@ -370,23 +385,22 @@ def test_a_task_running_longer_than_its_lease_is_not_claimed_by_another_worker(
     assert (finished.status, finished.attempts) == (TaskStatus.DONE, 1)
 
 
-class SelfCompletingHandler(RecordingHandler):
-    """Records its outcome and marks the task done in one transaction, as submit and store do."""
+def mark(note: str) -> Apply:
+    """An outcome's change: writes `note` into a row the test reads back."""
 
-    def __init__(self, queue: TaskQueue) -> None:
-        super().__init__()
-        self.queue = queue
-        self.completed: list[bool] = []
+    def apply(session: sa.orm.Session) -> None:
+        session.add(Task(id=f"note_{note}", kind="note", payload={}, status="done", run_at=START))
 
-    def run(self, task: ClaimedTask) -> str | None:
-        super().run(task)
-        with self.queue.store.transaction() as session:
-            self.completed.append(self.queue.complete_in(session, task))
-        return COMPLETED if self.completed[-1] else None
+    return apply
 
 
-def test_a_handler_can_complete_its_task_in_its_own_transaction(queue: TaskQueue) -> None:
-    handler = SelfCompletingHandler(queue)
+def notes(store: Store) -> set[str]:
+    with store.read() as session:
+        return set(session.scalars(sa.select(Task.id).where(Task.kind == "note")))
+
+
+def test_an_outcome_and_the_task_update_commit_in_one_transaction(queue: TaskQueue) -> None:
+    handler = RecordingHandler(Done(mark("done")))
     task_id = enqueue(queue)
     [task] = queue.claim_due_tasks()
     commits: list[object] = []
@@ -399,23 +413,62 @@ def test_a_handler_can_complete_its_task_in_its_own_transaction(queue: TaskQueue
         assert TaskRunner(queue, {"job": handler}).execute(task) is TaskStatus.DONE
     finally:
         sa.event.remove(queue.store.engine, "commit", count)
-    assert handler.completed == [True]
-    assert len(commits) == 1  # no second transaction to mark it done
+    assert len(commits) == 1
+    assert notes(queue.store) == {"note_done"}
     done = row(queue.store, task_id)
     assert (done.status, done.claim_token) == (TaskStatus.DONE, None)
 
 
-def test_a_handler_that_lost_its_lease_cannot_complete_the_task(
+def test_an_outcome_whose_change_fails_leaves_the_task_held_and_nothing_half_written(
     queue: TaskQueue, clock: FakeClock
 ) -> None:
-    handler = SelfCompletingHandler(queue)
+    def broken(session: sa.orm.Session) -> None:
+        mark("half")(session)
+        session.flush()
+        raise RuntimeError("constraint violated")
+
+    task_id = enqueue(queue)
+    [task] = queue.claim_due_tasks()
+    assert TaskRunner(queue, {"job": RecordingHandler(Done(broken))}).execute(task) is None
+    assert notes(queue.store) == set()  # rolled back with the task's update
+    assert row(queue.store, task_id).status == TaskStatus.RUNNING
+    clock.advance(61)  # its lease ends: another run records it
+    [again] = queue.claim_due_tasks()
+    assert TaskRunner(queue, {"job": RecordingHandler(DONE)}).execute(again) is TaskStatus.DONE
+
+
+def test_a_failed_attempt_is_told_its_next_run_and_then_that_it_was_given_up(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    told: list[dt.datetime | None] = []
+    handler = RecordingHandler(Failed("503", lambda session, next_run: told.append(next_run)))
+    runner = TaskRunner(queue, {"job": handler})
+    task_id = enqueue(queue)
+    for _ in range(3):  # max_attempts 3
+        clock.advance(1000)
+        [task] = queue.claim_due_tasks()
+        runner.execute(task)
+    # Told the run time the runner chose (5-10 s, then 10-20 s after the attempt), then None.
+    assert len(told) == 3 and told[2] is None
+    first, second = told[0], told[1]
+    assert first is not None and second is not None
+    assert START + dt.timedelta(seconds=1005) <= first <= START + dt.timedelta(seconds=1010)
+    assert START + dt.timedelta(seconds=2010) <= second <= START + dt.timedelta(seconds=2020)
+    assert row(queue.store, task_id).status == TaskStatus.DEAD
+    assert [tid for tid, _ in handler.exhausted] == [task_id]
+
+
+def test_a_handler_that_lost_its_lease_records_what_it_did_but_not_the_task(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
     enqueue(queue)
     [stale] = queue.claim_due_tasks()
     clock.advance(61)
     [fresh] = queue.claim_due_tasks()  # another worker holds it now
+    handler = RecordingHandler(Done(mark("sent")))
     assert TaskRunner(queue, {"job": handler}).execute(stale) is None
-    assert handler.completed == [False]
-    assert row(queue.store, fresh.id).status == TaskStatus.RUNNING
+    assert notes(queue.store) == {"note_sent"}  # what happened is recorded
+    assert row(queue.store, fresh.id).status == TaskStatus.RUNNING  # the holder's task
 
 
 class ScriptedJitter(random.Random):
@@ -429,17 +482,6 @@ class ScriptedJitter(random.Random):
         return self.draws.pop(0)
 
 
-class AlwaysFailing:
-    def __init__(self) -> None:
-        self.exhausted: list[str] = []
-
-    def run(self, task: ClaimedTask) -> None:
-        raise RetryableError("upstream 503")
-
-    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
-        self.exhausted.append(error)
-
-
 @pytest.mark.parametrize("draws", [[0.0, 1.0], [1.0, 0.0]])
 def test_a_failed_attempt_is_decided_once_and_a_task_given_up_records_its_outcome(
     store: Store, clock: FakeClock, draws: list[float]
@@ -449,7 +491,7 @@ def test_a_failed_attempt_is_decided_once_and_a_task_given_up_records_its_outcom
     # "retry" and then "too old", killing the task without recording the outcome.
     policy = RetryPolicy(max_attempts=5, base_delay=10.0, max_delay=100.0, max_age=7.0)
     queue = TaskQueue(store, policies={"job": policy}, clock=clock, rng=ScriptedJitter(draws))
-    handler = AlwaysFailing()
+    handler = RecordingHandler(TransientError("upstream 503"))
     task_id = enqueue(queue)
     [task] = queue.claim_due_tasks()
     outcome = TaskRunner(queue, {"job": handler}).execute(task)
@@ -459,7 +501,7 @@ def test_a_failed_attempt_is_decided_once_and_a_task_given_up_records_its_outcom
         assert row(store, task_id).run_at == START + dt.timedelta(seconds=5)
     else:
         assert outcome is TaskStatus.DEAD
-        assert handler.exhausted == ["upstream 503"]
+        assert handler.exhausted == [(task_id, "upstream 503")]
     assert row(store, task_id).status == outcome
 
 
@@ -476,8 +518,10 @@ def test_kinds_with_a_short_lease_are_held_only_that_long(store: Store, clock: F
 
 def test_genrelay_submit_max_age_shortens_the_submit_policy(config: Any, store: Store) -> None:
     from service.blobstore import BlobStore
-    from service.bootstrap import SUBMIT_POLICY, build_services
-    from service.submission import SUBMIT
+    from service.bootstrap import build_services
+    from service.runtime.kinds import SUBMIT, retry_policies
+
+    SUBMIT_POLICY = retry_policies(config)[SUBMIT]
 
     blobs = cast(BlobStore, object())  # never used: only the queue's policies are looked at
     default = build_services(config, store=store, blobs=blobs)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from service.tasks import RetryPolicy
+from service.runtime.queue import RetryPolicy
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from service.worker import Wakeups
+from service.runtime.worker import Wakeups
 
 
 def test_a_signal_with_no_thread_waiting_is_kept_for_the_next_one() -> None:

@@ -22,13 +22,13 @@ import sqlalchemy as sa
 
 from service.metrics import PURGED_ROWS
 from service.models import IdempotencyKey, Task, utcnow
+from service.runtime.kinds import HOUSEKEEPING
+from service.runtime.outcomes import Later
+from service.runtime.queue import ClaimedTask, TaskQueue, TaskStatus
 from service.store import Store
-from service.tasks import ClaimedTask, TaskQueue, TaskStatus
-from service.worker import Snooze
 
 log = logging.getLogger("genrelay.housekeeping")
 
-HOUSEKEEPING = "housekeeping"
 TASK_ID = "task_housekeeping"
 INTERVAL = 3600.0  # seconds between sweeps
 DONE_TASK_RETENTION = dt.timedelta(days=7)
@@ -37,7 +37,6 @@ BATCH = 1000
 SWEEP_BUDGET = 20.0  # seconds of deleting per run; the rest follows after CONTINUE_AFTER
 CONTINUE_AFTER = 1.0
 RETRY_AFTER = 60.0  # after a failed sweep (e.g. the database was away)
-MAX_ATTEMPTS = 1_000_000  # it snoozes rather than fails; attempts count only lost leases
 
 
 class HousekeepingHandler:
@@ -48,14 +47,14 @@ class HousekeepingHandler:
         self.batch = batch
         self.budget = budget
 
-    def run(self, task: ClaimedTask) -> None:
+    def run(self, task: ClaimedTask) -> Later:
         try:
             finished = self.sweep()
         except Exception as exc:
             # Never let the one housekeeping task die of retries: try again a bit later.
             log.exception("housekeeping sweep failed; trying again in %.0f s", RETRY_AFTER)
-            raise Snooze(RETRY_AFTER, f"sweep failed: {type(exc).__name__}") from None
-        raise Snooze(INTERVAL if finished else CONTINUE_AFTER, "next sweep")
+            return Later(RETRY_AFTER, f"sweep failed: {type(exc).__name__}")
+        return Later(INTERVAL if finished else CONTINUE_AFTER, "next sweep")
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         """Nothing depends on it; `ensure_scheduled` revives it at the next worker start."""
@@ -118,4 +117,4 @@ class HousekeepingHandler:
 
 def ensure_scheduled(queue: TaskQueue) -> None:
     """Create the housekeeping task if it does not exist; revive it if it died."""
-    queue.ensure_singleton(TASK_ID, HOUSEKEEPING, max_attempts=MAX_ATTEMPTS)
+    queue.ensure_singleton(TASK_ID, HOUSEKEEPING)

@@ -5,7 +5,7 @@ another process (a callback's `store`, a status change's `deliver`) waited up to
 On PostgreSQL a transaction that queues a task due now sends `NOTIFY genrelay_tasks` as it
 commits (once per transaction, however many tasks), and each worker process keeps one
 connection LISTENing: a notification wakes one idle thread at once (which wakes the next
-once it has claimed a task: `service.worker.Wakeups`). Polling stays as the
+once it has claimed a task: `service.runtime.worker.Wakeups`). Polling stays as the
 fallback (for delayed tasks, and for a notification lost while the listener reconnects), so
 nothing depends on a notification arriving. SQLite has no such channel; there the workers
 poll as before.

@@ -22,9 +22,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import wakeup
 from service.ids import new_id
 from service.models import Task, utcnow
+from service.runtime import wakeup
 from service.store import Store
 
 Clock = Callable[[], dt.datetime]
@@ -39,15 +39,30 @@ class TaskStatus(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how long a kind of task is retried."""
+    """How often and how long a kind of task is retried (service/runtime/kinds.py).
+
+    Exponential backoff from `base_delay` up to `max_delay`, or, with `schedule`, the delay
+    before attempt n+1 is `schedule[n]` (its first entry is the first attempt's, due at once).
+    Given up after `max_attempts`, or when the next attempt would come after `max_age`
+    seconds of the task's life (None: no limit but the attempts).
+    """
 
     max_attempts: int = 10
     base_delay: float = 1.0
     max_delay: float = 300.0
-    max_age: float = 24 * 3600.0
+    max_age: float | None = 24 * 3600.0
+    schedule: tuple[float, ...] = ()
+
+    @classmethod
+    def from_schedule(cls, schedule: tuple[float, ...]) -> RetryPolicy:
+        """One attempt per entry of `schedule`, each after its delay, ±20 %."""
+        return cls(max_attempts=len(schedule), max_age=None, schedule=tuple(schedule))
 
     def backoff(self, attempts: int, rng: random.Random) -> float:
-        """Exponential delay after `attempts` tries, with jitter in [delay/2, delay]."""
+        """The delay after `attempts` tries, with jitter."""
+        if self.schedule:
+            delay = self.schedule[min(attempts, len(self.schedule) - 1)]
+            return delay * (0.8 + 0.4 * rng.random())
         delay = min(self.max_delay, self.base_delay * 2 ** max(0, attempts - 1))
         return delay / 2 + rng.random() * delay / 2
 
@@ -61,7 +76,6 @@ class ClaimedTask:
     generation_id: str | None
     payload: dict[str, Any]
     attempts: int
-    max_attempts: int
     created_at: dt.datetime
     claim_token: str
     lease_expires_at: dt.datetime
@@ -76,7 +90,6 @@ def new_task_row(
     payload: dict[str, Any] | None,
     generation_id: str | None,
     now: dt.datetime,
-    max_attempts: int,
     *,
     delay: float = 0.0,
 ) -> Task:
@@ -88,7 +101,6 @@ def new_task_row(
         payload=payload or {},
         status=TaskStatus.PENDING,
         attempts=0,
-        max_attempts=max_attempts,
         run_at=now + dt.timedelta(seconds=delay),
         created_at=now,
         updated_at=now,
@@ -132,9 +144,7 @@ class TaskQueue:
         delay: float = 0.0,
     ) -> str:
         """Add a pending task inside the caller's transaction; return its id."""
-        task = new_task_row(
-            kind, payload, generation_id, self.clock(), self.policy(kind).max_attempts, delay=delay
-        )
+        task = new_task_row(kind, payload, generation_id, self.clock(), delay=delay)
         session.add(task)
         if delay <= 0:
             wakeup.request_wake(session)
@@ -154,7 +164,7 @@ class TaskQueue:
         run it twice; if the caller dies, a worker picks it up after the lease.
         """
         now = self.clock()
-        task = new_task_row(kind, payload, generation_id, now, self.policy(kind).max_attempts)
+        task = new_task_row(kind, payload, generation_id, now)
         task.status = TaskStatus.RUNNING
         task.attempts = 1
         task.claim_token = uuid.uuid4().hex
@@ -162,7 +172,7 @@ class TaskQueue:
         session.add(task)
         return _claimed(task)
 
-    def ensure_singleton(self, task_id: str, kind: str, *, max_attempts: int) -> None:
+    def ensure_singleton(self, task_id: str, kind: str) -> None:
         """Create the one task of `kind` (fixed id) if missing, or revive it if it ended.
 
         For the self-rescheduling tasks (housekeeping, the line): whichever worker claims it
@@ -174,7 +184,7 @@ class TaskQueue:
             with self.store.transaction() as session:
                 task = session.get(Task, task_id)
                 if task is None:
-                    row = new_task_row(kind, {}, None, now, max_attempts)
+                    row = new_task_row(kind, {}, None, now)
                     row.id = task_id
                     session.add(row)
                 elif task.status in (TaskStatus.DEAD, TaskStatus.DONE):
@@ -275,78 +285,62 @@ class TaskQueue:
             else_=until,
         )
 
-    def complete(self, task: ClaimedTask) -> bool:
-        """Mark a held task done; False when the lease was lost to another claimer."""
-        with self.store.transaction() as session:
-            return self.complete_in(session, task)
+    # What becomes of a held task. Each runs in the caller's transaction (the runner's, which
+    # applies the task's outcome in the same one) and is False when the lease was lost: then
+    # another claimer holds the task, and the task row is left to it.
 
-    def complete_in(self, session: Session, task: ClaimedTask) -> bool:
-        """Mark a held task done inside the caller's transaction (the one that records the
-        task's outcome, saving a transaction); False when the lease was lost."""
-        now = self.clock()
+    def finish_in(self, session: Session, task: ClaimedTask) -> bool:
+        """Mark the task done."""
         return self._update_held_in(
             session,
             task,
             status=TaskStatus.DONE,
-            finished_at=now,
+            finished_at=self.clock(),
             claim_token=None,
             lease_expires_at=None,
         )
 
-    def retry_delay(self, task: ClaimedTask) -> float | None:
-        """After a failed attempt: seconds until the next one, or None to give up.
-
-        The one decision about a retry, made once: out of attempts, or the next run would come
-        after the task's max age, means give up. The caller acts on exactly this answer.
-        """
-        policy = self.policy(task.kind)
-        if task.attempts >= task.max_attempts:
-            return None
-        delay = policy.backoff(task.attempts, self.rng)
-        run_at = self.clock() + dt.timedelta(seconds=delay)
-        if (run_at - task.created_at).total_seconds() > policy.max_age:
-            return None
-        return delay
-
-    def defer(self, task: ClaimedTask, delay: float, error: str) -> TaskStatus | None:
-        """Hand a task back to run after `delay`, its attempts unchanged."""
-        held = self._update_held(
+    def later_in(
+        self,
+        session: Session,
+        task: ClaimedTask,
+        delay: float,
+        reason: str,
+        *,
+        payload: dict[str, Any] | None = None,
+    ) -> bool:
+        """Run it again after `delay` seconds; not a failure, so the attempt is not counted."""
+        changes: dict[str, Any] = {} if payload is None else {"payload": payload}
+        return self._update_held_in(
+            session,
             task,
+            **changes,
             status=TaskStatus.PENDING,
             run_at=self.clock() + dt.timedelta(seconds=delay),
+            attempts=Task.attempts - 1,
+            last_error=reason[:2000] or None,
+            claim_token=None,
+            lease_expires_at=None,
+        )
+
+    def retry_in(
+        self, session: Session, task: ClaimedTask, run_at: dt.datetime, error: str
+    ) -> bool:
+        """Run a failed task again at `run_at` (the failed attempt counts)."""
+        return self._update_held_in(
+            session,
+            task,
+            status=TaskStatus.PENDING,
+            run_at=run_at,
             last_error=error[:2000],
             claim_token=None,
             lease_expires_at=None,
         )
-        return TaskStatus.PENDING if held else None
 
-    def retry_later(self, task: ClaimedTask, error: str) -> TaskStatus | None:
-        """Reschedule after a failed attempt, or mark dead once out of attempts or age.
-
-        For tasks nothing else depends on; the runner decides with `retry_delay` itself, so
-        that a task given up records its outcome first. Returns the new status, or None when
-        the lease was lost (someone else holds it now).
-        """
-        delay = self.retry_delay(task)
-        if delay is None:
-            return self.give_up(task, error)
-        return self.reschedule(task, delay, error)
-
-    def reschedule(self, task: ClaimedTask, delay: float, error: str) -> TaskStatus | None:
-        """Run a failed task again after `delay` seconds (the attempt counts)."""
-        held = self._update_held(
-            task,
-            status=TaskStatus.PENDING,
-            run_at=self.clock() + dt.timedelta(seconds=delay),
-            last_error=error[:2000],
-            claim_token=None,
-            lease_expires_at=None,
-        )
-        return TaskStatus.PENDING if held else None
-
-    def give_up(self, task: ClaimedTask, error: str) -> TaskStatus | None:
-        """Mark a held task dead (kept for inspection)."""
-        held = self._update_held(
+    def bury_in(self, session: Session, task: ClaimedTask, error: str) -> bool:
+        """Mark the task dead: given up, kept for inspection."""
+        return self._update_held_in(
+            session,
             task,
             status=TaskStatus.DEAD,
             last_error=error[:2000],
@@ -354,23 +348,26 @@ class TaskQueue:
             claim_token=None,
             lease_expires_at=None,
         )
-        return TaskStatus.DEAD if held else None
 
-    def snooze(
-        self, task: ClaimedTask, delay: float, *, payload: dict[str, Any] | None = None
-    ) -> TaskStatus | None:
-        """Run again after `delay` seconds; not a failure, so the attempt is not counted."""
-        changes: dict[str, Any] = {} if payload is None else {"payload": payload}
-        held = self._update_held(
-            task,
-            **changes,
-            status=TaskStatus.PENDING,
-            run_at=self.clock() + dt.timedelta(seconds=delay),
-            attempts=Task.attempts - 1,
-            claim_token=None,
-            lease_expires_at=None,
-        )
-        return TaskStatus.PENDING if held else None
+    def retry_at(self, task: ClaimedTask) -> dt.datetime | None:
+        """After a failed attempt: when to try again, or None to give up.
+
+        The one decision about a retry, made once (one jitter draw): out of the kind's
+        attempts, or the next run would come after the kind's max age, means give up.
+        """
+        policy = self.policy(task.kind)
+        if self.exhausted(task):
+            return None
+        run_at = self.clock() + dt.timedelta(seconds=policy.backoff(task.attempts, self.rng))
+        if policy.max_age is not None and (
+            (run_at - task.created_at).total_seconds() > policy.max_age
+        ):
+            return None
+        return run_at
+
+    def exhausted(self, task: ClaimedTask) -> bool:
+        """Whether the task has used every attempt its kind's policy allows."""
+        return task.attempts >= self.policy(task.kind).max_attempts
 
     def release(self, task: ClaimedTask) -> bool:
         """Hand a task back unrun (worker shutting down): due now, the attempt not counted."""
@@ -435,7 +432,6 @@ def _claimed(row: Task) -> ClaimedTask:
         generation_id=row.generation_id,
         payload=dict(row.payload),
         attempts=row.attempts,
-        max_attempts=row.max_attempts,
         created_at=row.created_at,
         claim_token=row.claim_token,
         lease_expires_at=row.lease_expires_at,

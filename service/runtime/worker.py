@@ -1,123 +1,17 @@
-"""Runs claimed tasks: the `genrelay worker` loop and the inline first attempt at intake."""
+"""The `genrelay worker` process: threads that claim due tasks and run them, lease renewal,
+and the wake-ups that end a thread's wait when a task is queued."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Iterator
 
-from service.logs import log_context
-from service.metrics import TASK_OUTCOMES
-from service.tasks import ClaimedTask, TaskQueue, TaskStatus
+from service.runtime.queue import ClaimedTask, TaskQueue
+from service.runtime.runner import TaskRunner
 
 log = logging.getLogger("genrelay.worker")
-
-
-# Wait before trying again to record a dead task's outcome, after that failed.
-RECORD_OUTCOME_RETRY = 30.0
-
-
-class RetryableError(Exception):
-    """The attempt failed for a reason that may pass (network, 5xx, 429): try again later."""
-
-
-class Snooze(Exception):
-    """Nothing to do yet (e.g. the upstream job is still running): run again after `delay`."""
-
-    def __init__(
-        self, delay: float, reason: str = "", *, payload: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(reason or f"snoozed for {delay:.1f} s")
-        self.delay = delay
-        self.payload = payload  # replaces the task's payload when given
-
-
-# What `TaskHandler.run` returns when it has marked its task done itself, with
-# `TaskQueue.complete_in`, in the transaction that recorded the task's outcome.
-COMPLETED = "completed"
-
-
-class TaskHandler(Protocol):
-    def run(self, task: ClaimedTask) -> str | None:
-        """Do the work. Return when done (COMPLETED if the task was marked done in the
-        handler's own transaction); raise RetryableError to try again later."""
-
-    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
-        """The task is dead (out of attempts or age): record the outcome on what it served."""
-
-
-class TaskRunner:
-    """Executes one claimed task through its handler and records the outcome in the queue."""
-
-    def __init__(self, queue: TaskQueue, handlers: Mapping[str, TaskHandler]) -> None:
-        self.queue = queue
-        self.handlers = dict(handlers)
-
-    def execute(self, task: ClaimedTask) -> TaskStatus | None:
-        """Run `task` once; return its new status (None when our lease was lost meanwhile)."""
-        with log_context(generation_id=task.generation_id, task_id=task.id, task_kind=task.kind):
-            # DEBUG: the scale-out test reads these to prove no task ran twice at once.
-            log.debug("task started (attempt %d)", task.attempts)
-            outcome = self._execute(task)
-            log.debug("task finished: %s", outcome.value if outcome else "lease lost")
-        TASK_OUTCOMES.labels(task.kind, outcome.value if outcome else "lost").inc()
-        return outcome
-
-    def _execute(self, task: ClaimedTask) -> TaskStatus | None:
-        handler = self.handlers.get(task.kind)
-        if handler is None:
-            return self.queue.give_up(task, f"no handler for task kind {task.kind!r}")
-        if task.attempts > task.max_attempts:
-            # Claimed again after its holders kept dying: never loop forever on it.
-            return self._give_up(handler, task, "attempts exhausted (leases expired)")
-        try:
-            outcome = handler.run(task)
-        except Snooze as snooze:
-            return self.queue.snooze(task, snooze.delay, payload=snooze.payload)
-        except RetryableError as exc:
-            log.warning(
-                "task %s (%s) attempt %d failed: %s", task.id, task.kind, task.attempts, exc
-            )
-            return self._retry(handler, task, str(exc))
-        except Exception as exc:
-            # A bug or an unexpected outage (e.g. the database): retried like a transient
-            # error so nothing is lost, with the traceback logged for whoever investigates.
-            log.exception("task %s (%s) crashed", task.id, task.kind)
-            return self._retry(handler, task, f"{type(exc).__name__}: {exc}")
-        if outcome == COMPLETED:
-            return TaskStatus.DONE
-        return TaskStatus.DONE if self.queue.complete(task) else None
-
-    def _retry(self, handler: TaskHandler, task: ClaimedTask, error: str) -> TaskStatus | None:
-        # One decision (one jitter draw), then exactly that: a task given up always records
-        # its outcome through `on_exhausted` first.
-        delay = self.queue.retry_delay(task)
-        if delay is None:
-            return self._give_up(handler, task, error)
-        return self.queue.reschedule(task, delay, error)
-
-    def _give_up(self, handler: TaskHandler, task: ClaimedTask, error: str) -> TaskStatus | None:
-        """Record the outcome on what the task served, then mark it dead.
-
-        In that order: if recording fails (e.g. the database is briefly away), the task stays
-        pending and comes back, over its attempts, to this point — a dead task whose outcome
-        was never recorded would leave its generation waiting forever.
-        """
-        log.error(
-            "task %s (%s) is dead after %d attempts: %s", task.id, task.kind, task.attempts, error
-        )
-        try:
-            handler.on_exhausted(task, error)
-        except Exception:
-            log.exception(
-                "task %s (%s): recording the dead outcome failed; trying again later",
-                task.id,
-                task.kind,
-            )
-            return self.queue.defer(task, RECORD_OUTCOME_RETRY, error)
-        return self.queue.give_up(task, error)
 
 
 class LeaseKeeper:
@@ -272,7 +166,7 @@ class Worker:
         keeper.start()
         listener = None
         if self.wake_url:
-            from service.wakeup import Listener
+            from service.runtime.wakeup import Listener
 
             listener = threading.Thread(
                 target=Listener(self.wake_url, self.wake.signal).run,

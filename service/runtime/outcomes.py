@@ -1,0 +1,76 @@
+"""The task contract: a handler does its I/O and returns an outcome; the runner applies it.
+
+A handler's `run(task)` returns one of:
+- `Done`: the task's work is over (it succeeded, or ended for good and says so in `apply`);
+- `Later`: nothing to do yet (a job still running, an earlier delivery first): run again after
+  `delay` seconds. Not a failure: the attempt is not counted;
+- `Failed`: the attempt failed for a reason that may pass. The runner retries after the delay
+  of the kind's retry policy (service/runtime/kinds.py), or gives up once the policy is spent.
+
+Raising a `TransientError` (service/errors.py) is the same as returning `Failed`; any other
+exception is a bug or an outage, retried the same way with its traceback logged.
+
+An outcome's `apply` is its database change (a status change, a recorded attempt, a follow-up
+task). The runner runs it and the task's own update in **one** transaction, so the task never
+ends without its outcome, nor its outcome land twice. `apply` runs whether or not the lease was
+still held: what it records happened (a job was created, a POST was sent), and its changes are
+guarded by their own conditions (the status machine, the delivery's status).
+
+When the runner gives up, the handler's `on_exhausted(task, error)` returns the change that
+records the dead outcome on what the task served (a generation failed, a delivery dead); it is
+applied in the transaction that marks the task dead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session
+
+from service.runtime.queue import ClaimedTask
+
+Apply = Callable[[Session], object]  # what it returns is ignored
+# A failed attempt's record, told when the task runs again (None: it has been given up).
+ApplyFailure = Callable[[Session, dt.datetime | None], object]
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    """The work is over; `apply` records what it came to."""
+
+    apply: Apply | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Later:
+    """Run again after `delay` seconds, not counted as an attempt; `payload` replaces the
+    task's payload when given (e.g. the next poll's delay)."""
+
+    delay: float
+    reason: str = ""
+    payload: dict[str, Any] | None = None
+    apply: Apply | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """The attempt failed for a reason that may pass: retried per the kind's policy."""
+
+    error: str
+    apply: ApplyFailure | None = None
+
+
+Outcome = Done | Later | Failed
+
+DONE = Done()
+
+
+class TaskHandler(Protocol):
+    def run(self, task: ClaimedTask) -> Outcome:
+        """Do the task's I/O; return what it came to (the runner applies it)."""
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> Apply | None:
+        """The task is given up: the change recording that on what it served, if any."""
