@@ -193,9 +193,11 @@ def _worker(args: argparse.Namespace) -> int:
     from service.runtime.housekeeping import ensure_scheduled
     from service.runtime.wakeup import libpq_url
     from service.runtime.worker import Worker
+    from service.store import Store
 
     config = Config.from_env()
-    services = build_services(config)
+    # No pre-ping: a task whose statement meets a dropped connection simply comes back.
+    services = build_services(config, store=Store(config.database_url, pre_ping=False))
     worker = Worker(
         services.runner,
         threads=args.threads or ProcessSettings.from_env().worker_threads,

@@ -19,6 +19,7 @@ import datetime as dt
 import enum
 import logging
 import time
+from typing import Any
 
 import requests
 import sqlalchemy as sa
@@ -63,14 +64,58 @@ def classify(status_code: int | None) -> Verdict:
     return Verdict.FINAL
 
 
+# Per generation and target, events go out in lifecycle order: the earliest next attempt of
+# an earlier delivery still pending to the same target (its creation time when it is due now),
+# or NULL when there is none.
+_EARLIER = sa.orm.aliased(Delivery, name="earlier")
+_MINE = sa.orm.aliased(Event, name="mine")
+_THEIRS = sa.orm.aliased(Event, name="theirs")
+_BLOCKED_UNTIL = (
+    sa.select(sa.func.min(sa.func.coalesce(_EARLIER.next_attempt_at, _EARLIER.created_at)))
+    .select_from(_EARLIER)
+    .join(_THEIRS, _THEIRS.id == _EARLIER.event_id)
+    .join(_MINE, _MINE.generation_id == _THEIRS.generation_id)
+    .where(
+        _MINE.id == Delivery.event_id,
+        _EARLIER.url == Delivery.url,
+        sa.or_(
+            _EARLIER.subscription_id == Delivery.subscription_id,
+            sa.and_(_EARLIER.subscription_id.is_(None), Delivery.subscription_id.is_(None)),
+        ),
+        _EARLIER.status == DeliveryStatus.PENDING.value,
+        _EARLIER.created_at < Delivery.created_at,
+    )
+    .correlate(Delivery)
+    .scalar_subquery()
+)
+# Everything one attempt needs, in one statement: the delivery, what signs it, what is ahead.
+_READ = (
+    sa.select(
+        Delivery.status,
+        Delivery.url,
+        Delivery.format,
+        Delivery.webhook_id,
+        Delivery.body,
+        Delivery.subscription_id,
+        Subscription.enabled,
+        Subscription.secret,
+        Subscription.previous_secret,
+        Subscription.previous_secret_expires_at,
+        Subscription.failing_since,
+        Tenant.webhook_secret,
+        _BLOCKED_UNTIL.label("blocked_until"),
+    )
+    .select_from(Delivery)
+    .outerjoin(Subscription, Subscription.id == Delivery.subscription_id)
+    .outerjoin(Tenant, sa.and_(Tenant.id == Delivery.tenant_id, Delivery.subscription_id.is_(None)))
+    .where(Delivery.id == sa.bindparam("delivery_id"))
+)
+
+
 class DeliverHandler:
     """Sends deliveries through a session that only connects to checked public addresses."""
 
-    def __init__(
-        self,
-        store: Store,
-        http: requests.Session,
-    ) -> None:
+    def __init__(self, store: Store, http: requests.Session) -> None:
         self.store = store
         self.http = http
 
@@ -85,29 +130,32 @@ class DeliverHandler:
             return _retrying(delivery_id, None, f"error inside genrelay ({type(exc).__name__})")
 
     def _attempt(self, delivery_id: str, *, replay: bool) -> Outcome:
-        with self.store.read() as session:
-            delivery = session.get(Delivery, delivery_id)
-            if delivery is None or (delivery.status != DeliveryStatus.PENDING and not replay):
-                return DONE
-            blocked_until = self._earlier_pending(session, delivery)
-            secrets = self._secrets(session, delivery)
-        if blocked_until is not None:
-            wait = max(ORDER_WAIT, (blocked_until - utcnow()).total_seconds())
+        with self.store.read_connection() as connection:
+            row = connection.execute(_READ, {"delivery_id": delivery_id}).first()
+        if row is None or (row.status != DeliveryStatus.PENDING and not replay):
+            return DONE
+        if row.blocked_until is not None:
+            wait = max(ORDER_WAIT, (row.blocked_until - utcnow()).total_seconds())
             return Later(wait, "an earlier event for this target is still pending")
+        secrets = _secrets(row)
         if secrets is None:
             return Done(
                 _recording(delivery_id, None, DeliveryStatus.FAILED, "subscription disabled")
             )
         content_type = (
-            "application/cloudevents+json"
-            if delivery.format == "cloudevents"
-            else "application/json"
+            "application/cloudevents+json" if row.format == "cloudevents" else "application/json"
         )
-        signed = sign(delivery.webhook_id, utcnow(), delivery.body.encode(), secrets, content_type)
-        attempt = self._send(delivery.url, signed.headers, signed.body)
+        signed = sign(row.webhook_id, utcnow(), row.body.encode(), secrets, content_type)
+        attempt = self._send(row.url, signed.headers, signed.body)
         verdict = Verdict.FINAL if attempt.refused else classify(attempt.status_code)
         if verdict is Verdict.SUCCESS:
-            return Done(_recording(delivery_id, attempt, DeliveryStatus.SUCCEEDED, None))
+            # A subscription not failing before has no streak to clear.
+            streak = row.subscription_id is not None and row.failing_since is not None
+            return Done(
+                _recording(
+                    delivery_id, attempt, DeliveryStatus.SUCCEEDED, None, track_success=streak
+                )
+            )
         reason = attempt.error or f"HTTP {attempt.status_code}"
         if verdict is Verdict.RETRY and not replay:
             return _retrying(delivery_id, attempt, reason)
@@ -121,50 +169,6 @@ class DeliverHandler:
         return _recording(
             task.payload["delivery_id"], None, DeliveryStatus.DEAD, error, only_pending=True
         )
-
-    def _earlier_pending(self, session: Session, delivery: Delivery) -> dt.datetime | None:
-        """Per generation and target, events go out in lifecycle order: when may this one go?
-
-        None when nothing earlier is pending; else the earliest next attempt among those.
-        """
-        if delivery.event_id is None:
-            return None
-        event = session.get(Event, delivery.event_id)
-        if event is None:
-            return None
-        earlier = session.execute(
-            sa.select(sa.func.count(), sa.func.min(Delivery.next_attempt_at))
-            .select_from(Delivery)
-            .join(Event, Event.id == Delivery.event_id)
-            .where(
-                Event.generation_id == event.generation_id,
-                Delivery.url == delivery.url,
-                Delivery.subscription_id.is_(None)
-                if delivery.subscription_id is None
-                else Delivery.subscription_id == delivery.subscription_id,
-                Delivery.status == DeliveryStatus.PENDING,
-                Delivery.created_at < delivery.created_at,
-            )
-        ).one()
-        count, next_attempt = earlier
-        if not count:
-            return None
-        return next_attempt if next_attempt is not None else utcnow()
-
-    def _secrets(self, session: Session, delivery: Delivery) -> list[str] | None:
-        """Every secret that signs this delivery now; None when its subscription is off."""
-        if delivery.subscription_id is None:
-            tenant = session.get(Tenant, delivery.tenant_id)
-            # Made at fan-out time (record_event), so a plain read finds it.
-            return [tenant.webhook_secret] if tenant and tenant.webhook_secret else None
-        subscription = session.get(Subscription, delivery.subscription_id)
-        if subscription is None or not subscription.enabled:
-            return None
-        secrets = [subscription.secret]
-        expires = subscription.previous_secret_expires_at
-        if subscription.previous_secret and expires and expires > utcnow():
-            secrets.append(subscription.previous_secret)
-        return secrets
 
     def _send(self, url: str, headers: dict[str, str], body: bytes) -> Attempt:
         started = time.monotonic()
@@ -188,6 +192,20 @@ class DeliverHandler:
                 raw = b""
             excerpt = raw.decode("utf-8", errors="replace")
             return Attempt(response.status_code, excerpt, None, _ms(started))
+
+
+def _secrets(row: Any) -> list[str] | None:
+    """Every secret that signs the delivery now; None when its subscription is off."""
+    if row.subscription_id is None:
+        # The tenant's, made at fan-out time (record_event), so a plain read finds it.
+        return [row.webhook_secret] if row.webhook_secret else None
+    if not row.enabled:  # disabled, or deleted (no row)
+        return None
+    secrets = [row.secret]
+    expires = row.previous_secret_expires_at
+    if row.previous_secret and expires and expires > utcnow():
+        secrets.append(row.previous_secret)
+    return secrets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +233,33 @@ def _retrying(delivery_id: str, attempt: Attempt | None, reason: str) -> Failed:
     return Failed(f"delivery {delivery_id}: {reason}", record)
 
 
+def _record_statement(*, with_attempt: bool, only_pending: bool) -> sa.Update:
+    """The UPDATE recording an outcome on a delivery (built once per shape; values bound)."""
+    table: sa.Table = Delivery.__table__  # type: ignore[assignment]
+    c = table.c
+    values: dict[str, Any] = {
+        name: sa.bindparam(f"new_{name}", type_=c[name].type)
+        for name in ("status", "last_error", "next_attempt_at", "updated_at")
+    }
+    if with_attempt:
+        values["attempts"] = c.attempts + 1
+        values["last_status_code"] = sa.bindparam("new_last_status_code", type_=c.attempts.type)
+    condition = [c.id == sa.bindparam("delivery_id")]
+    if only_pending:
+        condition.append(c.status == DeliveryStatus.PENDING.value)
+    return sa.update(table).where(*condition).values(values).returning(c.subscription_id)
+
+
+_RECORD = {
+    (with_attempt, only_pending): _record_statement(
+        with_attempt=with_attempt, only_pending=only_pending
+    )
+    for with_attempt in (True, False)
+    for only_pending in (True, False)
+}
+_INSERT_ATTEMPT = sa.insert(DeliveryAttempt)
+
+
 def _recording(
     delivery_id: str,
     attempt: Attempt | None,
@@ -224,38 +269,49 @@ def _recording(
     next_attempt_at: dt.datetime | None = None,
     gone: bool = False,
     only_pending: bool = False,
+    track_success: bool = True,
 ) -> Apply:
-    """The change recording an attempt (if any) and what it made of the delivery."""
+    """The change recording an attempt (if any) and what it made of the delivery.
+
+    Core statements: this runs once per delivery attempt. `track_success=False` when the
+    subscription was known not to be failing, so a success has no streak to clear.
+    """
 
     def apply(session: Session) -> None:
-        delivery = session.get(Delivery, delivery_id)
-        if delivery is None or (only_pending and delivery.status != DeliveryStatus.PENDING):
+        connection = session.connection()
+        now = utcnow()
+        changed = connection.execute(
+            _RECORD[(attempt is not None, only_pending)],
+            {
+                "delivery_id": delivery_id,
+                "new_status": status.value,
+                "new_last_error": reason,
+                "new_next_attempt_at": next_attempt_at,
+                "new_updated_at": now,
+                "new_last_status_code": attempt.status_code if attempt else None,
+            },
+        ).first()
+        if changed is None:
             return
         DELIVERY_OUTCOMES.labels("retry" if next_attempt_at is not None else status.value).inc()
-        now = utcnow()
         if attempt is not None:
-            session.add(
-                DeliveryAttempt(
-                    id=new_id("att_"),
-                    delivery_id=delivery_id,
-                    attempted_at=now,
-                    status_code=attempt.status_code,
-                    duration_ms=attempt.duration_ms,
-                    response_excerpt=attempt.excerpt,
-                    error=attempt.error,
-                )
+            connection.execute(
+                _INSERT_ATTEMPT,
+                {
+                    "id": new_id("att_"),
+                    "delivery_id": delivery_id,
+                    "attempted_at": now,
+                    "status_code": attempt.status_code,
+                    "duration_ms": attempt.duration_ms,
+                    "response_excerpt": attempt.excerpt,
+                    "error": attempt.error,
+                },
             )
-            delivery.attempts += 1
-            delivery.last_status_code = attempt.status_code
-        delivery.status = status
-        delivery.last_error = reason
-        delivery.next_attempt_at = next_attempt_at
-        delivery.updated_at = now
-        subscription = (
-            session.get(Subscription, delivery.subscription_id)
-            if delivery.subscription_id
-            else None
-        )
+        if changed.subscription_id is None:
+            return
+        if status is DeliveryStatus.SUCCEEDED and not track_success:
+            return
+        subscription = session.get(Subscription, changed.subscription_id)
         if subscription is not None and subscription.enabled:
             _track_failures(subscription, status, reason, now, gone=gone)
 

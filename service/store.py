@@ -13,11 +13,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.runtime import wakeup
 
 
-def create_db_engine(url: str) -> sa.Engine:
+def create_db_engine(url: str, *, pre_ping: bool = True) -> sa.Engine:
     """An engine configured for the service: WAL + IMMEDIATE writes on SQLite, pre-ping on PG.
 
     `hide_parameters`: a database error's message would otherwise carry the statement's bound
     values (signing secrets, API key hashes, tenants' prompts) into the log.
+    `pre_ping=False` saves a round trip per checkout, for a caller that can afford a statement
+    failing on a connection the server dropped (the pool then replaces it): the worker, whose
+    tasks come back after a failure. A web request would answer 500 instead.
     """
     if url.startswith("postgresql:"):
         url = "postgresql+psycopg:" + url.removeprefix("postgresql:")
@@ -29,7 +32,7 @@ def create_db_engine(url: str) -> sa.Engine:
         _configure_sqlite(engine)
         return engine
     return sa.create_engine(
-        url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
+        url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=20, hide_parameters=True
     )
 
 
@@ -56,12 +59,11 @@ def _configure_sqlite(engine: sa.Engine) -> None:
 class Store:
     """Owns the engine; hands out sessions whose transaction commits or rolls back as a unit."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = create_db_engine(url)
+    def __init__(self, url: str, *, pre_ping: bool = True) -> None:
+        self.engine = create_db_engine(url, pre_ping=pre_ping)
         self._writer = sessionmaker(self.engine, expire_on_commit=False)
-        self._reader = sessionmaker(
-            self.engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False
-        )
+        self._read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+        self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
         # Work a transaction asked for, done inside it just before it commits (e.g. the
         # admission pass after a slot was freed: service/line.py). Registered before the
         # wake-up hook, so tasks these hooks queue are announced too.
@@ -89,6 +91,13 @@ class Store:
         """A read-only transaction (never takes SQLite's write lock)."""
         with self._reader.begin() as session:
             yield session
+
+    @contextmanager
+    def read_connection(self) -> Iterator[sa.Connection]:
+        """A read-only transaction on a plain connection, for Core statements on hot paths
+        (no ORM session to set up)."""
+        with self._read_engine.begin() as connection:
+            yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -130,6 +130,8 @@ class TaskQueue:
         }
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._claims: dict[tuple[int, tuple[str, ...] | None], sa.Update] = {}
+        self._held_updates: dict[tuple[tuple[str, ...], bool], sa.Update] = {}
 
     def policy(self, kind: str) -> RetryPolicy:
         return self.policies.get(kind, RetryPolicy())
@@ -220,13 +222,33 @@ class TaskQueue:
     ) -> list[ClaimedTask]:
         """Claim up to `limit` due tasks (pending and due, or running with an expired lease)."""
         now = self.clock()
-        pending = sa.and_(Task.status == TaskStatus.PENDING, Task.run_at <= now)
-        expired = sa.and_(Task.status == TaskStatus.RUNNING, Task.lease_expires_at < now)
+        statement = self._claim_statement(limit, None if kinds is None else tuple(kinds))
+        params: dict[str, Any] = {
+            "now": now,
+            "token": uuid.uuid4().hex,
+            "lease_until": now + self.lease,
+        }
+        for index, lease in enumerate(self.short_leases.values()):
+            params[f"lease_{index}"] = now + lease
+        # Core on a plain connection: claims run all the time, and need no ORM session.
+        with self.store.engine.begin() as connection:
+            return [ClaimedTask(**row._mapping) for row in connection.execute(statement, params)]
+
+    def _claim_statement(self, limit: int, kinds: tuple[str, ...] | None) -> sa.Update:
+        """The claim UPDATE for `limit` and `kinds`, built once (values are bound per call)."""
+        key = (limit, kinds)
+        cached = self._claims.get(key)
+        if cached is not None:
+            return cached
+        t = TASKS.c
+        now = sa.bindparam("now", type_=t.run_at.type)
+        pending = sa.and_(t.status == TaskStatus.PENDING.value, t.run_at <= now)
+        expired = sa.and_(t.status == TaskStatus.RUNNING.value, t.lease_expires_at < now)
         due = sa.or_(pending, expired)
         if kinds is not None:
-            pending = sa.and_(pending, Task.kind.in_(list(kinds)))
-            expired = sa.and_(expired, Task.kind.in_(list(kinds)))
-            due = sa.and_(due, Task.kind.in_(list(kinds)))
+            pending = sa.and_(pending, t.kind.in_(kinds))
+            expired = sa.and_(expired, t.kind.in_(kinds))
+            due = sa.and_(due, t.kind.in_(kinds))
 
         # Each branch is its own ordered, limited index scan: one `pending OR expired` query
         # would fetch and sort every due row to keep a few (48 ms with 100 k due tasks).
@@ -235,7 +257,7 @@ class TaskQueue:
         # row not yet taken: one claim would then take the whole backlog.
         def branch(condition: sa.ColumnElement[bool], order: Any, name: str) -> Any:
             return (
-                sa.select(Task.id)
+                sa.select(t.id)
                 .where(condition)
                 .order_by(order)
                 .limit(limit)
@@ -244,46 +266,41 @@ class TaskQueue:
                 .prefix_with("MATERIALIZED")
             )
 
-        expired_ids = branch(expired, Task.lease_expires_at, "expired")
-        pending_ids = branch(pending, Task.run_at, "pending")
+        expired_ids = branch(expired, t.lease_expires_at, "expired")
+        pending_ids = branch(pending, t.run_at, "pending")
         # Tasks whose holder died first, then the longest due.
         candidates = (
             sa.union_all(sa.select(expired_ids.c.id), sa.select(pending_ids.c.id))
             .limit(limit)
             .cte("candidates")
         )
-        token = uuid.uuid4().hex
+        lease_type = t.lease_expires_at.type
+        lease_until: Any = sa.bindparam("lease_until", type_=lease_type)
+        if self.short_leases:
+            # The kind's short lease, else the common one.
+            lease_until = sa.case(
+                {
+                    kind: sa.bindparam(f"lease_{index}", type_=lease_type)
+                    for index, kind in enumerate(self.short_leases)
+                },
+                value=t.kind,
+                else_=lease_until,
+            )
         statement = (
-            sa.update(Task)
+            sa.update(TASKS)
             # `due` again: the UPDATE itself is the guard, whatever the CTE saw.
-            .where(Task.id == candidates.c.id, due)
+            .where(t.id == candidates.c.id, due)
             .values(
-                status=TaskStatus.RUNNING,
-                claim_token=token,
-                lease_expires_at=self._lease_until(now),
-                attempts=Task.attempts + 1,
+                status=TaskStatus.RUNNING.value,
+                claim_token=sa.bindparam("token", type_=t.claim_token.type),
+                lease_expires_at=lease_until,
+                attempts=t.attempts + 1,
                 updated_at=now,
             )
-            .returning(Task)
-            .execution_options(synchronize_session=False)
+            .returning(*(TASKS.c[column] for column in CLAIMED_COLUMNS))
         )
-        with self.store.transaction() as session:
-            rows = session.execute(statement).scalars().all()
-            return [_claimed(row) for row in rows]
-
-    def _lease_until(self, now: dt.datetime) -> Any:
-        """When a claim made `now` runs out: the kind's short lease, else the common one."""
-        until = sa.literal(now + self.lease, Task.lease_expires_at.type)
-        if not self.short_leases:
-            return until
-        return sa.case(
-            {
-                kind: sa.literal(now + lease, Task.lease_expires_at.type)
-                for kind, lease in self.short_leases.items()
-            },
-            value=Task.kind,
-            else_=until,
-        )
+        self._claims[key] = statement
+        return statement
 
     # What becomes of a held task. Each runs in the caller's transaction (the runner's, which
     # applies the task's outcome in the same one) and is False when the lease was lost: then
@@ -317,7 +334,7 @@ class TaskQueue:
             **changes,
             status=TaskStatus.PENDING,
             run_at=self.clock() + dt.timedelta(seconds=delay),
-            attempts=Task.attempts - 1,
+            uncount=True,
             last_error=reason[:2000] or None,
             claim_token=None,
             lease_expires_at=None,
@@ -375,7 +392,7 @@ class TaskQueue:
             task,
             status=TaskStatus.PENDING,
             run_at=self.clock(),
-            attempts=Task.attempts - 1,
+            uncount=True,
             claim_token=None,
             lease_expires_at=None,
         )
@@ -408,20 +425,49 @@ class TaskQueue:
         with self.store.transaction() as session:
             return self._update_held_in(session, task, **values)
 
-    def _update_held_in(self, session: Session, task: ClaimedTask, **values: Any) -> bool:
-        statement = (
-            sa.update(Task)
-            .where(
-                Task.id == task.id,
-                Task.claim_token == task.claim_token,
-                Task.status == TaskStatus.RUNNING,
+    def _update_held_in(
+        self, session: Session, task: ClaimedTask, *, uncount: bool = False, **values: Any
+    ) -> bool:
+        """The guarded UPDATE of a task this claim still holds (`uncount`: the attempt is
+        handed back). Statements are built once per set of columns; values are bound."""
+        key = (tuple(sorted(values)), uncount)
+        statement = self._held_updates.get(key)
+        if statement is None:
+            t = TASKS.c
+            sets: dict[str, Any] = {
+                name: sa.bindparam(f"new_{name}", type_=t[name].type)
+                for name in (*key[0], "updated_at")
+            }
+            if uncount:
+                sets["attempts"] = t.attempts - 1
+            statement = (
+                sa.update(TASKS)
+                .where(
+                    t.id == sa.bindparam("task_id"),
+                    t.claim_token == sa.bindparam("held_token"),
+                    t.status == TaskStatus.RUNNING.value,
+                )
+                .values(sets)
             )
-            .values(updated_at=self.clock(), **values)
-            .execution_options(synchronize_session=False)
-        )
-        # Core execution: a plain guarded UPDATE, without the ORM's bulk-update bookkeeping.
-        result = session.connection().execute(statement)
+            self._held_updates[key] = statement
+        params = {f"new_{name}": value for name, value in values.items()}
+        params.update(new_updated_at=self.clock(), task_id=task.id, held_token=task.claim_token)
+        result = session.connection().execute(statement, params)
         return bool(getattr(result, "rowcount", 0) == 1)
+
+
+TASKS: sa.Table = Task.__table__  # type: ignore[assignment]
+# What a claim returns: the fields of ClaimedTask.
+CLAIMED_COLUMNS = (
+    "id",
+    "kind",
+    "generation_id",
+    "payload",
+    "attempts",
+    "created_at",
+    "claim_token",
+    "lease_expires_at",
+)
 
 
 def _claimed(row: Task) -> ClaimedTask:
