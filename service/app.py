@@ -12,6 +12,9 @@ from service.config import Config
 # Swagger UI's files, vendored from npm's swagger-ui-dist (see its SOURCE): /docs needs no CDN.
 SWAGGER_UI_DIR = Path(__file__).parent / "static" / "swagger-ui"
 SWAGGER_UI_PATH = "/docs/swagger-ui/"
+# Callbacks whose result a web process stores itself at once (the rest go to the workers):
+# each streams, holding about one chunk (service/runtime/inline.py).
+INLINE_STORE_THREADS = 2
 
 
 def create_app(config: Config | None = None, *, services: Services | None = None) -> flask.Flask:
@@ -31,7 +34,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     from handlers.problems import ProblemApi, refuse_unstorable_url, register_error_handlers
 
     config = config or Config.from_env()
-    services = services or build_services(config)
+    services = services or build_services(config, inline_store_threads=INLINE_STORE_THREADS)
     app = flask.Flask("genrelay")
     app.config.update(
         API_TITLE="genrelay",

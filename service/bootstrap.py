@@ -26,6 +26,7 @@ from service.result_access import ExpireResultHandler, ResultAccess
 from service.results import StoreHandler, download_session
 from service.runtime import kinds
 from service.runtime.housekeeping import HousekeepingHandler
+from service.runtime.inline import InlineTasks
 from service.runtime.queue import RetryPolicy, TaskQueue
 from service.runtime.runner import TaskRunner
 from service.ssrf import URLPolicy, pinned_session, timed_resolver
@@ -74,8 +75,14 @@ def build_services(
     deepimage: DeepImageClient | None = None,
     blobs: BlobStore | None = None,
     policies: dict[str, RetryPolicy] | None = None,
+    inline_store_threads: int = 0,
 ) -> Services:
-    """Wire the service graph for `config`; any adapter may be passed in instead."""
+    """Wire the service graph for `config`; any adapter may be passed in instead.
+
+    `inline_store_threads`: in a web process, how many accepted callbacks may have their
+    `store` run by the process itself at once (service/runtime/inline.py); 0: all go to the
+    workers.
+    """
     store = store or Store(config.database_url)
     deepimage = deepimage or DeepImageClient(
         config.deepimage_url, config.deepimage_api_key, timeout=config.deepimage_timeout
@@ -124,7 +131,12 @@ def build_services(
         runner=runner,
         generations=generations,
         batches=batches,
-        completion=CompletionService(store, queue, config),
+        completion=CompletionService(
+            store,
+            queue,
+            config,
+            InlineTasks(runner, threads=inline_store_threads) if inline_store_threads else None,
+        ),
         notifications=NotificationService(store, config, request_policy),
         api_keys=ApiKeys(store),
         rate_limiter=RateLimiter(config.rate_limit, config.rate_limit_burst),

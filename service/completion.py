@@ -24,6 +24,7 @@ from service.lifecycle import change_status, failing
 from service.line import slot_freed
 from service.models import Generation, utcnow
 from service.results import result_url_policy
+from service.runtime.inline import InlineTasks
 from service.runtime.kinds import POLL, STORE
 from service.runtime.outcomes import DONE, Apply, Done, Later, Outcome
 from service.runtime.queue import ClaimedTask, TaskQueue
@@ -38,9 +39,19 @@ MAX_POLL_DELAY = 60.0
 
 
 def record_source(
-    session: Session, queue: TaskQueue, generation_id: str, url: str, *, now: dt.datetime
-) -> bool:
-    """Remember where the result is and schedule its storage; False if already known."""
+    session: Session,
+    queue: TaskQueue,
+    generation_id: str,
+    url: str,
+    *,
+    now: dt.datetime,
+    claim: bool = False,
+) -> ClaimedTask | bool:
+    """Remember where the result is and schedule its storage; False if already known.
+
+    With `claim`, the `store` task is added already claimed by the caller, who runs its first
+    attempt once this transaction has committed; it is returned instead of True.
+    """
     result = session.execute(
         sa.update(Generation)
         .where(
@@ -54,10 +65,14 @@ def record_source(
     if getattr(result, "rowcount", 0) != 1:
         return False
     slot_freed(session)  # Deep-Image is done with the job: its slot goes to the next in line
-    queue.enqueue(session, STORE, generation_id=generation_id)
+    claimed = None
+    if claim:
+        claimed = queue.enqueue_claimed(session, STORE, generation_id=generation_id)
+    else:
+        queue.enqueue(session, STORE, generation_id=generation_id)
     # The fallback poll has nothing left to do: retire it rather than have a worker claim it.
     queue.retire_pending(session, POLL, generation_id, "the result was found before it ran")
-    return True
+    return claimed or True
 
 
 def job_ended(session: Session, queue: TaskQueue, generation_id: str, *, now: dt.datetime) -> bool:
@@ -101,12 +116,20 @@ class Callback:
 
 
 class CompletionService:
-    """Deep-Image's completion callback: authenticated by the URL's token, recorded once."""
+    """Deep-Image's completion callback: authenticated by the URL's token, recorded once.
 
-    def __init__(self, store: Store, queue: TaskQueue, config: Config) -> None:
+    With `inline` (web processes), the `store` task of an accepted callback is run by this
+    process as soon as the callback's transaction has committed, when one of its inline
+    threads is idle; otherwise (and in any case if this process dies) a worker runs it.
+    """
+
+    def __init__(
+        self, store: Store, queue: TaskQueue, config: Config, inline: InlineTasks | None = None
+    ) -> None:
         self.store = store
         self.queue = queue
         self.config = config
+        self.inline = inline
         self.result_urls = result_url_policy(config)
 
     def authenticate(self, generation_id: str, token: str) -> None:
@@ -124,6 +147,24 @@ class CompletionService:
             raise InvalidRequest(
                 f"result_url: {exc.reason}", errors=[{"field": "result_url", "message": exc.reason}]
             ) from None
+        # An idle inline thread, taken before the transaction: it decides how the task is added.
+        inline = self.inline if self.inline is not None and self.inline.reserve() else None
+        try:
+            outcome, claimed = self._accept(generation_id, callback, claim=inline is not None)
+        except BaseException:
+            if inline is not None:
+                inline.cancel()
+            raise
+        if inline is not None:
+            if claimed is not None:
+                inline.start(claimed)  # committed: the first attempt runs while we answer
+            else:
+                inline.cancel()
+        return outcome
+
+    def _accept(
+        self, generation_id: str, callback: Callback, *, claim: bool
+    ) -> tuple[CallbackOutcome, ClaimedTask | None]:
         now = utcnow()
         with self.store.transaction() as session:
             generation = session.get(Generation, generation_id)
@@ -132,7 +173,7 @@ class CompletionService:
             if GenerationStatus(generation.status).is_terminal:
                 if generation.upstream_job == callback.job:
                     job_ended(session, self.queue, generation_id, now=now)  # if canceled
-                return CallbackOutcome.IGNORED
+                return CallbackOutcome.IGNORED, None
             if (
                 generation.upstream_job is None
                 and generation.status == GenerationStatus.QUEUED
@@ -160,9 +201,13 @@ class CompletionService:
                 )
             elif generation.upstream_job != callback.job:
                 raise Conflict(f"job {callback.job!r} is not this generation's upstream job")
-            if not record_source(session, self.queue, generation_id, callback.result_url, now=now):
-                return CallbackOutcome.DUPLICATE
-        return CallbackOutcome.ACCEPTED
+            recorded = record_source(
+                session, self.queue, generation_id, callback.result_url, now=now, claim=claim
+            )
+            if not recorded:
+                return CallbackOutcome.DUPLICATE, None
+        claimed = recorded if isinstance(recorded, ClaimedTask) else None
+        return CallbackOutcome.ACCEPTED, claimed
 
 
 class PollHandler:

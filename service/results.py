@@ -17,12 +17,14 @@ of an internal error (those go to the task's `last_error` and the log).
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urljoin
 
 import requests
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.blobstore import (
@@ -40,13 +42,13 @@ from service.errors import TransientError
 from service.images import SNIFF_BYTES, ImageKind, dimensions, sniff
 from service.lifecycle import change_status, failing
 from service.metrics import GCS_UPLOAD_LATENCY
-from service.models import Generation, utcnow
+from service.models import Generation, Tenant, utcnow
 from service.result_access import output_location, schedule_expiry, sign_result
 from service.runtime.outcomes import DONE, Apply, Done, Failed, Outcome
 from service.runtime.queue import ClaimedTask, TaskQueue
 from service.ssrf import Unresolvable, UnsafeURL, URLPolicy, pinned_session
 from service.store import Store
-from service.tenants import settings_by_id
+from service.tenants import settings_of
 
 log = logging.getLogger("genrelay.results")
 
@@ -187,16 +189,20 @@ class StoreHandler:
     def run(self, task: ClaimedTask) -> Outcome:
         assert task.generation_id is not None
         with self.store.read() as session:
-            generation = session.get(Generation, task.generation_id)
-            if generation is None or generation.status != GenerationStatus.PROCESSING:
-                return DONE  # canceled (cancel wins) or already finished by an earlier attempt
-            settings = settings_by_id(session, generation.tenant_id)
+            # The generation and its tenant's settings in one query.
+            row = session.execute(
+                sa.select(Generation, Tenant)
+                .join(Tenant, Tenant.id == Generation.tenant_id)
+                .where(Generation.id == task.generation_id)
+            ).one_or_none()
+        if row is None or row[0].status != GenerationStatus.PROCESSING:
+            return DONE  # canceled (cancel wins) or already finished by an earlier attempt
+        generation, settings = row[0], settings_of(row[1])
         started = time.monotonic()
         bucket, prefix = output_location(self.config, settings)
         try:
-            source = self._confirmed_source(generation)
             target = self.blobs.for_bucket(bucket)
-            stored, width_height = self._copy(generation, source, target, prefix)
+            stored, width_height = self._copy(generation, self._open(generation), target, prefix)
         except ResultRejected as rejected:
             GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
             return Done(failing(generation.id, rejected.code, rejected.message))
@@ -253,6 +259,31 @@ class StoreHandler:
             f"the result could not be stored after {task.attempts} attempts",
         )
 
+    def _open(self, generation: Generation) -> requests.Response:
+        """The answer to the GET of the result: at the URL Deep-Image confirms when confirming,
+        else at the callback's.
+
+        When confirming, the URL already recorded (the callback's, or the poll's) is requested
+        on another thread while Deep-Image is asked: the download then does not wait for the
+        confirmation's round trip. Its answer is used only when the confirmed URL is that
+        same URL (the usual case), exactly as if requested after the confirmation; otherwise
+        (another URL, or no confirmation) it is closed unread, and no byte of it is stored.
+        It is fetched under the same policy as any result URL (`_get`).
+        """
+        early_url = generation.source_url
+        if not self.config.confirm_results or early_url is None:
+            return self._get(self._confirmed_source(generation))
+        early = _Early(self._get, early_url)
+        try:
+            url = self._confirmed_source(generation)
+        except BaseException:
+            early.discard()
+            raise
+        if url != early_url:
+            early.discard()
+            return self._get(url)
+        return early.result()
+
     def _confirmed_source(self, generation: Generation) -> str:
         """The URL to download: Deep-Image's own answer when confirming, else the callback's."""
         if not self.config.confirm_results:
@@ -294,9 +325,8 @@ class StoreHandler:
         )
 
     def _copy(
-        self, generation: Generation, url: str, blobs: BlobStore, prefix: str
+        self, generation: Generation, response: requests.Response, blobs: BlobStore, prefix: str
     ) -> tuple[StoredBlob, tuple[int, int] | None]:
-        response = self._get(url)
         with response:
             if response.status_code in (404, 410):
                 raise ResultRejected(
@@ -358,6 +388,50 @@ class StoreHandler:
         except PermanentBlobError as exc:
             log.error("GCS refused the write of %s: %s", name, exc)
             raise ResultRejected(ErrorCode.STORAGE_FAILED, "GCS refused the write") from None
+
+
+class _Early:
+    """`get(url)` run on a thread of its own: `result()` waits for its answer (or raises its
+    error); `discard()` has the answer closed unread, now or whenever it comes."""
+
+    def __init__(self, get: Callable[[str], requests.Response], url: str) -> None:
+        self._get = get
+        self._url = url
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._discarded = False
+        self._response: requests.Response | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name="genrelay-result-get", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            response = self._get(self._url)
+        except BaseException as exc:  # handed to whoever waits for it
+            with self._lock:
+                self._error = exc
+            self._done.set()
+            return
+        with self._lock:
+            self._response = response
+            discarded = self._discarded
+        self._done.set()
+        if discarded:
+            response.close()
+
+    def result(self) -> requests.Response:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._response is not None
+        return self._response
+
+    def discard(self) -> None:
+        with self._lock:
+            self._discarded = True
+            response = self._response
+        if response is not None:
+            response.close()
 
 
 def object_name(prefix: str, generation: Generation, kind: ImageKind) -> str:

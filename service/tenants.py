@@ -179,6 +179,11 @@ def settings_by_id(session: sa.orm.Session, tenant_id: str) -> TenantSettings:
     return _settings(tenant)
 
 
+def settings_of(tenant: Tenant) -> TenantSettings:
+    """The settings of a tenant row already read (e.g. joined to what it owns)."""
+    return _settings(tenant)
+
+
 def _by_name(session: sa.orm.Session, name: str) -> Tenant:
     tenant = session.scalar(sa.select(Tenant).where(Tenant.name == name))
     if tenant is None:

@@ -1,0 +1,129 @@
+"""First attempts run by the process that queued the task, on a few background threads.
+
+A web process that accepts Deep-Image's callback queues a `store` task. A worker would notice
+it on its next poll (up to `--poll-interval` on SQLite, which has no LISTEN/NOTIFY) and then
+start the copy; the web process can start it at once. So, when one of its few inline threads
+is idle, it adds the task already claimed by itself (`TaskQueue.enqueue_claimed`, as intake
+does for the first submit) and runs that first attempt on the thread after it has committed,
+while the request that queued it is answered. When every inline thread is busy the task is
+queued as usual and a worker takes it: the web process never holds more than `threads` such
+attempts (each streams, so holds one chunk), and never makes a request wait for one.
+
+The claim is a lease like a worker's: renewed while the attempt runs (a large result on a
+slow link outlives a lease), and if the process dies mid-attempt a worker takes the task once
+the lease has run out; nothing is lost. A process that exits normally first waits a little
+for its attempts to end, then hands back those still running, so a worker takes them at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+
+from service.runtime.queue import ClaimedTask
+from service.runtime.runner import TaskRunner
+from service.runtime.worker import LeaseKeeper
+
+log = logging.getLogger("genrelay.inline")
+
+# At exit, how long running attempts are waited for before they are handed back.
+EXIT_WAIT = 10.0
+
+
+class InlineTasks:
+    """Runs the first attempt of tasks this process queued, on at most `threads` threads."""
+
+    def __init__(self, runner: TaskRunner, *, threads: int) -> None:
+        self.runner = runner
+        self.threads = threads
+        self.leases = LeaseKeeper(runner.queue)
+        self._slots = threading.BoundedSemaphore(threads)
+        self._lock = threading.Lock()
+        self._running: dict[str, ClaimedTask] = {}
+        self._idle = threading.Condition(self._lock)
+        self._closed = False
+        self._stopping = threading.Event()
+        self._keeper: threading.Thread | None = None
+
+    def reserve(self) -> bool:
+        """Take an idle thread for a task about to be queued claimed; False when all are busy
+        (queue the task for the workers instead). Give it back with `start` or `cancel`."""
+        if self._closed:
+            return False
+        return self._slots.acquire(blocking=False)
+
+    def cancel(self) -> None:
+        """The reserved thread is not needed after all (nothing was queued claimed)."""
+        self._slots.release()
+
+    def start(self, task: ClaimedTask) -> None:
+        """Run `task` (queued claimed by this process, committed) on the reserved thread."""
+        with self._lock:
+            self._running[task.id] = task
+            if self._keeper is None:
+                self._start_keeper()
+        thread = threading.Thread(
+            target=self._run, args=(task,), name=f"genrelay-inline-{task.kind}", daemon=True
+        )
+        try:
+            thread.start()
+        except Exception:
+            # No thread to be had: the task stays claimed until its lease ends, then a worker
+            # takes it.
+            log.exception("could not start the inline attempt of task %s", task.id)
+            self._finished(task)
+
+    def _run(self, task: ClaimedTask) -> None:
+        try:
+            with self.leases.holding(task):
+                self.runner.execute(task)
+        except Exception:
+            log.exception("inline attempt of task %s failed; left to the workers", task.id)
+        finally:
+            self._finished(task)
+
+    def _finished(self, task: ClaimedTask) -> None:
+        with self._lock:
+            self._running.pop(task.id, None)
+            self._idle.notify_all()
+        self._slots.release()
+
+    def _start_keeper(self) -> None:
+        # Started on first use, in the process that runs the attempts (gunicorn forks after
+        # the app may have been built).
+        self._keeper = threading.Thread(
+            target=self.leases.run,
+            args=(self._stopping,),
+            name="genrelay-inline-leases",
+            daemon=True,
+        )
+        self._keeper.start()
+        atexit.register(self.close)
+
+    def running(self) -> list[ClaimedTask]:
+        with self._lock:
+            return list(self._running.values())
+
+    def close(self, wait: float = EXIT_WAIT) -> int:
+        """Take no more; wait up to `wait` seconds for running attempts, then hand back the
+        rest (due at once, the attempt not counted). Returns how many were handed back."""
+        self._closed = True
+        deadline = time.monotonic() + wait
+        with self._lock:
+            while self._running and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            unfinished = list(self._running.values())
+        self._stopping.set()
+        released = 0
+        for task in unfinished:
+            try:
+                if self.runner.queue.release(task):
+                    released += 1
+                    log.warning("task %s (%s) handed back to the workers", task.id, task.kind)
+            except Exception:
+                log.exception(
+                    "could not hand back task %s; a worker takes it after its lease", task.id
+                )
+        return released
