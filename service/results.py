@@ -17,9 +17,8 @@ of an internal error (those go to the task's `last_error` and the log).
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urljoin
 
@@ -202,7 +201,8 @@ class StoreHandler:
         bucket, prefix = output_location(self.config, settings)
         try:
             target = self.blobs.for_bucket(bucket)
-            stored, width_height = self._copy(generation, self._open(generation), target, prefix)
+            response = self._get(self._confirmed_source(generation))
+            stored, width_height = self._copy(generation, response, target, prefix)
         except ResultRejected as rejected:
             GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
             return Done(failing(generation.id, rejected.code, rejected.message))
@@ -258,31 +258,6 @@ class StoreHandler:
             ErrorCode.STORAGE_FAILED,
             f"the result could not be stored after {task.attempts} attempts",
         )
-
-    def _open(self, generation: Generation) -> requests.Response:
-        """The answer to the GET of the result: at the URL Deep-Image confirms when confirming,
-        else at the callback's.
-
-        When confirming, the URL already recorded (the callback's, or the poll's) is requested
-        on another thread while Deep-Image is asked: the download then does not wait for the
-        confirmation's round trip. Its answer is used only when the confirmed URL is that
-        same URL (the usual case), exactly as if requested after the confirmation; otherwise
-        (another URL, or no confirmation) it is closed unread, and no byte of it is stored.
-        It is fetched under the same policy as any result URL (`_get`).
-        """
-        early_url = generation.source_url
-        if not self.config.confirm_results or early_url is None:
-            return self._get(self._confirmed_source(generation))
-        early = _Early(self._get, early_url)
-        try:
-            url = self._confirmed_source(generation)
-        except BaseException:
-            early.discard()
-            raise
-        if url != early_url:
-            early.discard()
-            return self._get(url)
-        return early.result()
 
     def _confirmed_source(self, generation: Generation) -> str:
         """The URL to download: Deep-Image's own answer when confirming, else the callback's."""
@@ -388,50 +363,6 @@ class StoreHandler:
         except PermanentBlobError as exc:
             log.error("GCS refused the write of %s: %s", name, exc)
             raise ResultRejected(ErrorCode.STORAGE_FAILED, "GCS refused the write") from None
-
-
-class _Early:
-    """`get(url)` run on a thread of its own: `result()` waits for its answer (or raises its
-    error); `discard()` has the answer closed unread, now or whenever it comes."""
-
-    def __init__(self, get: Callable[[str], requests.Response], url: str) -> None:
-        self._get = get
-        self._url = url
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._discarded = False
-        self._response: requests.Response | None = None
-        self._error: BaseException | None = None
-        threading.Thread(target=self._run, name="genrelay-result-get", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            response = self._get(self._url)
-        except BaseException as exc:  # handed to whoever waits for it
-            with self._lock:
-                self._error = exc
-            self._done.set()
-            return
-        with self._lock:
-            self._response = response
-            discarded = self._discarded
-        self._done.set()
-        if discarded:
-            response.close()
-
-    def result(self) -> requests.Response:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._response is not None
-        return self._response
-
-    def discard(self) -> None:
-        with self._lock:
-            self._discarded = True
-            response = self._response
-        if response is not None:
-            response.close()
 
 
 def object_name(prefix: str, generation: Generation, kind: ImageKind) -> str:

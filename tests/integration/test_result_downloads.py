@@ -234,8 +234,7 @@ def test_a_callback_cannot_bind_a_queued_generation_to_a_job_unless_trusted(
 def test_with_confirmation_only_the_url_deep_image_confirms_is_stored(
     config: Config, make_client: Any, simulator: Any, result_host: ResultHost
 ) -> None:
-    # The callback's URL is requested while Deep-Image is asked (to save the round trip);
-    # when Deep-Image names another URL, that answer is dropped unread and its URL is stored.
+    # The callback names one URL, Deep-Image another: the one Deep-Image confirms is stored.
     services, client, auth = make_client(callback_config(config))
     generation = create(client, auth, {"input": TEXT_ONLY})
     confirmed = wait_until_complete(simulator, generation["upstream"]["job"])
@@ -246,20 +245,3 @@ def test_with_confirmation_only_the_url_deep_image_confirms_is_stored(
     [data] = objects(services).values()
     assert data == requests.get(confirmed, timeout=5).content
     assert Image.open(io.BytesIO(data)).size == (2048, 1024)
-
-
-def test_with_confirmation_the_early_answer_is_used_when_the_urls_agree(
-    config: Config, make_client: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    services, client, auth = make_client(callback_config(config))
-    handler = services.runner.handlers[STORE]
-    fetched: list[str] = []
-    get = handler._get  # type: ignore[attr-defined]
-    monkeypatch.setattr(handler, "_get", lambda url: fetched.append(url) or get(url))
-    generation = create(client, auth, {"input": TEXT_ONLY})
-    confirmed = wait_until_complete(simulator, generation["upstream"]["job"])
-    assert call_back(client, generation, confirmed).status_code == 200
-    drain(services)
-    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
-    assert done["status"] == "succeeded", done["error"]
-    assert fetched == [confirmed]  # one GET, made while Deep-Image was asked
