@@ -476,7 +476,7 @@ class Context:
     tmp_dir: Path
     log_dir: Path
     shared: Processes
-    gcs: Any  # service.gcs_emulator.FakeGcsServer
+    gcs: Any  # service.devtools.gcs_emulator.FakeGcsServer
     sim_url: str
     stop: threading.Event
 
@@ -492,7 +492,7 @@ def shared_stack(
 ) -> Iterator[Context]:
     """fake-gcs-server (memory backend) with ``bucket``, and the simulator in ``shared``;
     on the way out ``clean_up``, then fake-gcs-server stopped."""
-    from service.gcs_emulator import FakeGcsServer
+    from service.devtools.gcs_emulator import FakeGcsServer
 
     gcs = FakeGcsServer(backend="memory", log_path=log_dir / "gcs.log")
     stop = threading.Event()

@@ -867,7 +867,9 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[Case, Arm]], list[str]]:
     arms = [Arm("genrelay", str(args.genrelay_path), args.intake)]
     if "baseline" in args.arms:
         if (args.baseline_path / "service" / "line.py").exists():
-            notes.append(f"{args.baseline_path} has service/line.py: is it the baseline?")
+            notes.append(
+                f"{args.baseline_path} has service/generations/line.py: is it the baseline?"
+            )
         if (args.baseline_path / "service" / "bootstrap.py").exists():
             shim = os.pathsep.join([str(args.baseline_path), str(BASELINE_SHIM)])
             arms.append(Arm("baseline", shim, "single"))
@@ -931,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     results: list[dict[str, Any]] = []
     with work_dirs(args.log_dir) as (tmp_dir, log_dir):
-        from service.gcs_emulator import FakeGcsServer
+        from service.devtools.gcs_emulator import FakeGcsServer
 
         gcs = FakeGcsServer(backend="memory", log_path=log_dir / "gcs.log")
         current: Run | None = None

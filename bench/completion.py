@@ -40,7 +40,8 @@ How the result sizes are made
     run whose callback was sent before that HEAD returned ("render overlaps").
 
 Processes (all on 127.0.0.1, each in its own session, stopped in ``finally``)
-    ``genrelay simulator``, fake-gcs-server (``service.gcs_emulator.FakeGcsServer``, filesystem
+    ``genrelay simulator``, fake-gcs-server (``service.devtools.gcs_emulator.FakeGcsServer``,
+    filesystem
     backend in the temp dir: the memory backend would keep every 512 MiB object in its RAM),
     ``genrelay serve`` and ``genrelay worker --threads 2`` on a fresh SQLite database, with
     ``GENRELAY_RECONCILE_AFTER=600`` so results arrive through the callback, not by polling.
@@ -106,7 +107,7 @@ from _stack import (
     work_dirs,
 )
 
-from service.gcs_emulator import FakeGcsServer
+from service.devtools.gcs_emulator import FakeGcsServer
 
 BUCKET = "genrelay-bench"
 KIB = 1024

@@ -7,12 +7,14 @@ What is measured
       backlog of N pending deliveries (N ``deliveries`` rows and their ``deliver`` tasks, built
       through ``service.notifications.queue_delivery`` before the worker starts). Per delivery
       the worker claims the task, reads the delivery and its subscription, signs the stored
-      body (``service.signing.sign``), POSTs it through the SSRF-pinned session, records the
+      body (``service.notifications.signing.sign``), POSTs it through the SSRF-pinned session,
+      records the
       attempt, marks the delivery succeeded and completes the task: everything genrelay does
       for a real notification.
     - ``bare``: a ``concurrent.futures.ThreadPoolExecutor(T)``, one ``requests.Session`` per
       thread, that reads the same N stored bodies and URLs from the database beforehand and,
-      inside the timed loop, signs each with ``service.signing.sign`` (same secret) and POSTs
+      inside the timed loop, signs each with ``service.notifications.signing.sign`` (same secret)
+      and POSTs
       it (timeout 15 s, no redirects). No database, no retries, no bookkeeping: the floor for a
       Python sender on this machine.
 
@@ -128,7 +130,7 @@ WORKER_APPLICATION_NAME = "genrelay-bench-worker"  # finds the worker's PostgreS
 POLL_INTERVAL = "0.05"  # genrelay worker --poll-interval
 EVENT_TYPE = "generation.succeeded"
 
-SEND_TIMEOUT = 15.0  # bare pool, as service.delivery.SEND_TIMEOUT
+SEND_TIMEOUT = 15.0  # bare pool, as service.notifications.deliver.SEND_TIMEOUT
 CONTROL_TIMEOUT = (2.0, 10.0)  # (connect, read) of the benchmark's calls to the receiver
 BACKLOG_BATCH = 500  # deliveries per transaction while building a backlog
 WATCH_INTERVAL = 0.02  # how often a genrelay round looks at the receiver's counter
@@ -349,9 +351,9 @@ class Bench:
 
     def __init__(self, db_url: str, receiver: ReceiverClient) -> None:
         from service.config import Config
-        from service.ssrf import URLPolicy
-        from service.store import Store
-        from service.subscriptions import NotificationService
+        from service.database import Store
+        from service.notifications.service import NotificationService
+        from service.notifications.ssrf import URLPolicy
 
         self.db_url = db_url
         self.receiver = receiver
@@ -390,7 +392,7 @@ class Bench:
         backlog behind `ORDER_WAIT` snoozes.
         """
         from service.models import Event, utcnow
-        from service.notifications import generation_resource, queue_delivery
+        from service.notifications.events import generation_resource, queue_delivery
 
         began = time.perf_counter()
         created = self.notifications.create_subscription(
@@ -603,14 +605,14 @@ def probe(bench: Bench, size: int) -> dict[str, Any]:
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
-    from service.delivery import DeliverHandler
+    from service.database import Store
+    from service.notifications.deliver import DeliverHandler
+    from service.notifications.signing import sign
+    from service.notifications.ssrf import pinned_session
     from service.runtime.kinds import DELIVER
     from service.runtime.queue import ClaimedTask, TaskQueue
     from service.runtime.runner import TaskRunner
     from service.runtime.worker import Worker
-    from service.signing import sign
-    from service.ssrf import pinned_session
-    from service.store import Store
 
     class CountingStore(Store):
         def __init__(self, url: str) -> None:
@@ -876,7 +878,7 @@ def genrelay_round(
 
 def bare_round(bench: Bench, batch: Batch, number: int, threads: int, timeout: float) -> Round:
     """Sign and POST the batch's stored bodies from a plain thread pool."""
-    from service.signing import sign
+    from service.notifications.signing import sign
 
     rows = bench.batch_rows(batch)
     secrets_ = [batch.secret]

@@ -3,7 +3,8 @@
 What is measured
     Requests/s and latency (p50, p90, p99, max) of ``POST /v1/generations`` carrying the seed's
     text-only body, sent to two targets that run under the same gunicorn settings
-    (``service/gunicorn_conf.py``: GENRELAY_WEB_PROCESSES x GENRELAY_WEB_THREADS, gthread) and
+    (``service/server/gunicorn_conf.py``: GENRELAY_WEB_PROCESSES x GENRELAY_WEB_THREADS, gthread)
+    and
     forward to the same Deep-Image simulator:
 
     - ``genrelay``: ``genrelay serve`` on a fresh SQLite or PostgreSQL database. Each request is
@@ -95,7 +96,7 @@ from _stack import (
     work_dirs,
 )
 
-from service.gcs_emulator import FakeGcsServer
+from service.devtools.gcs_emulator import FakeGcsServer
 
 BUCKET = "genrelay-bench"
 ROUND_PAUSE = 1.0  # seconds between rounds, to let access logs drain
@@ -385,7 +386,7 @@ def run(
             "-m",
             "gunicorn",
             "-c",
-            "python:service.gunicorn_conf",
+            "python:service.server.gunicorn_conf",
             "--chdir",
             str(BENCH_DIR),
             "minimal_forwarder:create_app()",

@@ -605,9 +605,9 @@ class InProcess:
     """genrelay's service graph in this process, on one database (simulator, fake blobs)."""
 
     def __init__(self, target: Target, sim_url: str) -> None:
-        from service.blobstore import FakeBlobStore
         from service.bootstrap import build_services
         from service.config import Config
+        from service.devtools.fakes import FakeBlobStore
 
         config = Config(
             database_url=target.url,
@@ -627,7 +627,7 @@ class InProcess:
     def intake(self) -> None:
         """What POST /v1/generations does after parsing: auth, create, record the answer."""
         from schemas.generations import GenerationSchema
-        from service.generations import NewGeneration
+        from service.generations.service import NewGeneration
 
         tenant = self.services.api_keys.tenant_for(self.target.api_key)
         assert tenant is not None
@@ -719,7 +719,7 @@ MAKE_ALL_DUE = (
 def plans(runner: InProcess) -> dict[str, dict[str, Any]]:
     """EXPLAIN ANALYZE of the statements genrelay sends for the suspicious operations."""
     from service.errors import NotFound
-    from service.generations import NewGeneration
+    from service.generations.service import NewGeneration
     from service.metrics import DatabaseCollector
 
     services = runner.services

@@ -4,9 +4,9 @@ One route, ``POST /v1/generations``: read the JSON body, send ``body["input"]`` 
 ``{GENRELAY_DEEPIMAGE_URL}/rest_api/process`` with the ``x-api-key`` header and answer
 ``202 {"status": "processing", "upstream": {"job": ...}}``. No validation, no database, no
 authentication. `bench/intake.py` runs it under gunicorn with genrelay's own settings
-(``service/gunicorn_conf.py``), so whatever genrelay costs beyond this is its intake work.
+(``service/server/gunicorn_conf.py``), so whatever genrelay costs beyond this is its intake work.
 
-    python -m gunicorn -c python:service.gunicorn_conf --chdir bench \\
+    python -m gunicorn -c python:service.server.gunicorn_conf --chdir bench \\
         'minimal_forwarder:create_app()'
 """
 

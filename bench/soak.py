@@ -3,7 +3,8 @@
 What runs (every process on 127.0.0.1, each in its own session, all stopped in ``finally``)
     ``genrelay serve`` (gunicorn) and ``genrelay worker`` on a fresh SQLite file or a
     PostgreSQL database; ``genrelay simulator`` (Deep-Image) with fault knobs; fake-gcs-server
-    (``service.gcs_emulator.FakeGcsServer``, filesystem backend, so objects survive a restart);
+    (``service.devtools.gcs_emulator.FakeGcsServer``, filesystem backend, so objects survive a
+    restart);
     and a flaky webhook receiver, this script in receiver mode (``--receiver-port``) as a
     process of its own, so the driver's GIL does not slow what is measured. A subscription for
     all four event types points at the receiver (``/sub``); half of the generations also carry
@@ -687,7 +688,7 @@ class Soak:
 
     def set_up(self, database_url: str) -> None:
         config, faults = self.config, self.config.faults
-        from service.gcs_emulator import FakeGcsServer
+        from service.devtools.gcs_emulator import FakeGcsServer
 
         self.gcs = FakeGcsServer(
             port=free_port(),

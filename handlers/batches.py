@@ -41,8 +41,8 @@ from schemas.batches import (
 from schemas.deepimage import ProcessRequestSchema
 from schemas.generations import MAX_METADATA_KEYS, GenerationPageSchema
 from schemas.problems import ProblemSchema
-from service.batches import MAX_REPORTED_ERRORS, NewBatch, NewBatchItem
 from service.errors import InvalidRequest
+from service.generations.batches import MAX_REPORTED_ERRORS, NewBatch, NewBatchItem
 
 NDJSON = "application/x-ndjson"
 # Room for one item with a large inline (base64) image; the body limit (25 MiB) bounds the rest.

@@ -11,7 +11,7 @@ from handlers.auth import services
 from handlers.problems import StrictJSONParser, require_json_body
 from schemas.callbacks import CallbackAckSchema, DeepImageCallbackSchema
 from schemas.problems import ProblemSchema
-from service.completion import Callback
+from service.generations.completion import Callback
 
 blp = Blueprint(
     "callbacks",

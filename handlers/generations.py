@@ -18,7 +18,7 @@ from schemas.generations import (
     GenerationSchema,
 )
 from schemas.problems import ProblemSchema
-from service.generations import NewGeneration
+from service.generations.service import NewGeneration
 
 blp = Blueprint(
     "generations",

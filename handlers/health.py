@@ -14,7 +14,7 @@ from flask_smorest import Blueprint
 from handlers.auth import services
 from handlers.problems import problem_response
 from schemas.problems import ProblemSchema
-from service.blobstore import BlobError
+from service.adapters.blobstore import BlobError
 from service.errors import Unauthorized
 from service.metrics import exposition
 

@@ -254,7 +254,7 @@ def register_error_handlers(app: flask.Flask) -> None:
 
 
 def too_slow_response() -> flask.Response:
-    """408 for a body that did not arrive in time (service/gunicorn_worker.py)."""
+    """408 for a body that did not arrive in time (service/server/gunicorn_worker.py)."""
     log.info("%s %s: the client sent its body too slowly", flask.request.method, flask.request.path)
     return problem_response(
         408,

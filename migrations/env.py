@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
+from service.database import create_db_engine
 from service.models import Base
-from service.store import create_db_engine
 
 config = context.config
 url = config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url")

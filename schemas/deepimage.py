@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validates_schema
 
-from service.gcs_urls import gs_url_problem
+from service.adapters.gcs_urls import gs_url_problem
 
 __all__ = [
     "ADAPTER_TYPES",
@@ -176,7 +176,7 @@ _WHITESPACE_OR_CONTROL_RE = re.compile(r"[\s\x00-\x1f\x7f]")
 # Kinds of reference. `url` and `background.replace` take Deep-Image's ImageUrl type (a web URL,
 # a base64 image or a storage file); the fields the docs describe only as "URL" take web URLs.
 # Every one of them may also be `gs://bucket/object`: genrelay checks the tenant may read that
-# bucket and forwards a short-lived signed https URL instead (service/gcp_access.py).
+# bucket and forwards a short-lived signed https URL instead (service/generations/inputs.py).
 HTTP, BASE64, STORAGE, GCS = "http", "base64", "storage", "gcs"
 ANY_IMAGE = frozenset({HTTP, BASE64, STORAGE, GCS})
 WEB_IMAGE = frozenset({HTTP, GCS})

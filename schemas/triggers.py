@@ -6,7 +6,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from service.triggers import SOURCES
+from service.generations.triggers import SOURCES
 
 EVENT_STATUSES = ("accepted", "rejected", "skipped")
 MAX_PUSH_ACCOUNTS = 20

@@ -49,7 +49,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
             "components": {
                 "securitySchemes": {
                     "bearerAuth": {"type": "http", "scheme": "bearer"},
-                    # Trigger pushes: a Google-signed OIDC ID token (service/oidc.py).
+                    # Trigger pushes: a Google-signed OIDC ID token (service/adapters/oidc.py).
                     "googleIdToken": {
                         "type": "http",
                         "scheme": "bearer",

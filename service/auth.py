@@ -15,10 +15,10 @@ import secrets
 
 import sqlalchemy as sa
 
+from service.database import Store
 from service.ids import new_id
 from service.models import ApiKey, Tenant, utcnow
-from service.signing import new_secret
-from service.store import Store
+from service.notifications.signing import new_secret
 
 KEY_PREFIX = "gr_"
 

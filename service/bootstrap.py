@@ -11,29 +11,30 @@ import dataclasses
 
 import requests
 
+from service.adapters.blobstore import BlobStore, GcsBlobStore
+from service.adapters.deepimage import DeepImageClient
+from service.adapters.oidc import TokenVerifier
 from service.auth import ApiKeys
-from service.batches import BatchService, CancelBatchHandler
-from service.blobstore import BlobStore, GcsBlobStore
-from service.completion import CompletionService, PollHandler
 from service.config import Config
-from service.deepimage import DeepImageClient
-from service.delivery import DeliverHandler
-from service.generations import GenerationService
-from service.line import Line, LineHandler
-from service.oidc import TokenVerifier
+from service.database import Store
+from service.generations.batches import BatchService, CancelBatchHandler
+from service.generations.completion import CompletionService
+from service.generations.line import Line, LineHandler
+from service.generations.poll import PollHandler
+from service.generations.result_access import ExpireResultHandler, ResultAccess
+from service.generations.service import GenerationService
+from service.generations.store import StoreHandler, download_session
+from service.generations.submit import SubmitHandler
+from service.generations.triggers import TriggerService
+from service.notifications.deliver import DeliverHandler
+from service.notifications.service import NotificationService
+from service.notifications.ssrf import URLPolicy, pinned_session, timed_resolver
 from service.ratelimit import BAD_KEY_RATE, BadKeyLimiter, RateLimiter
-from service.result_access import ExpireResultHandler, ResultAccess
-from service.results import StoreHandler, download_session
 from service.runtime import kinds
 from service.runtime.housekeeping import HousekeepingHandler
 from service.runtime.inline import InlineTasks
 from service.runtime.queue import RetryPolicy, TaskQueue
 from service.runtime.runner import TaskRunner
-from service.ssrf import URLPolicy, pinned_session, timed_resolver
-from service.store import Store
-from service.submission import SubmitHandler
-from service.subscriptions import NotificationService
-from service.triggers import TriggerService
 
 # A webhook URL given in a request is resolved while the client waits: not for long.
 REQUEST_DNS_TIMEOUT = 2.0

@@ -26,11 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["simulator"]:
         # The simulator owns its flags; hand them over untouched.
-        from service.simulator.cli import main as simulator_main
+        from service.devtools.simulator.cli import main as simulator_main
 
         return simulator_main(args_list[1:])
     if args_list[:1] == ["inbox"]:
-        from service.inbox import main as inbox_main
+        from service.devtools.inbox import main as inbox_main
 
         return inbox_main(args_list[1:])
     parser = _parser()
@@ -172,7 +172,7 @@ def _serve(_args: argparse.Namespace) -> int:
 
     class GenrelayGunicorn(BaseApplication):
         def load_config(self) -> None:
-            from service import gunicorn_conf
+            from service.server import gunicorn_conf
 
             for name, value in vars(gunicorn_conf).items():
                 if name in self.cfg.settings:
@@ -189,11 +189,11 @@ def _serve(_args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from service.bootstrap import build_services
-    from service.line import ensure_line_task
+    from service.database import Store
+    from service.generations.line import ensure_line_task
     from service.runtime.housekeeping import ensure_scheduled
     from service.runtime.wakeup import libpq_url
     from service.runtime.worker import Worker
-    from service.store import Store
 
     config = Config.from_env()
     # No pre-ping: a task whose statement meets a dropped connection simply comes back.
@@ -250,7 +250,7 @@ def _migrate(_args: argparse.Namespace) -> int:
 
 def _keys_create(args: argparse.Namespace) -> int:
     from service.auth import ApiKeys
-    from service.store import Store
+    from service.database import Store
 
     store = Store(Config.database_url_from_env())
     try:
@@ -263,7 +263,7 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 def _keys_list(args: argparse.Namespace) -> int:
     from service.auth import ApiKeys
-    from service.store import Store
+    from service.database import Store
 
     store = Store(Config.database_url_from_env())
     try:
@@ -279,7 +279,7 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 def _keys_revoke(args: argparse.Namespace) -> int:
     from service.auth import ApiKeys, UnknownApiKey
-    from service.store import Store
+    from service.database import Store
 
     store = Store(Config.database_url_from_env())
     try:
@@ -347,7 +347,7 @@ def _tenant_line(settings: Any) -> str:
 
 
 def _with_tenants(action: Any) -> int:
-    from service.store import Store
+    from service.database import Store
     from service.tenants import InvalidSetting, Tenants, UnknownTenant
 
     store = Store(Config.database_url_from_env())
@@ -397,7 +397,7 @@ def _utc_iso(moment: dt.datetime) -> str:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from service.dev import run_dev_stack
+    from service.devtools.stack import run_dev_stack
 
     return run_dev_stack(port=args.port or ProcessSettings.from_env().port, var_dir=args.var)
 

@@ -44,7 +44,8 @@ class Config:
     signed_url_ttl: float = 3600.0
     # Seconds a signed URL of a gs:// input, handed to Deep-Image at submission, stays valid.
     input_url_ttl: float = 900.0
-    # Trigger pushes (service/triggers.py): where the certificates of Google-signed ID tokens
+    # Trigger pushes (service/generations/triggers.py): where the certificates of Google-signed ID
+    # tokens
     # are read, and the audience they must name (None: each trigger's push URL).
     oidc_certs_url: str = DEFAULT_OIDC_CERTS_URL
     oidc_audience: str | None = None
@@ -76,9 +77,10 @@ class Config:
     rate_limit_burst: int = 100
     # Largest request body accepted, in bytes (inline base64 images make bodies large).
     max_request_bytes: int = 25 * 1024 * 1024
-    # Jobs the Deep-Image account may have processing at once; None: learned (service/line.py).
+    # Jobs the Deep-Image account may have processing at once; None: learned
+    # (service/generations/line.py).
     upstream_concurrency: int | None = None
-    # Seconds a client has to send its request (read by service/gunicorn_worker.py too).
+    # Seconds a client has to send its request (read by service/server/gunicorn_worker.py too).
     request_timeout: float = 15.0
 
     @classmethod
@@ -238,7 +240,7 @@ class ProcessSettings:
     web_threads: int = 8
     worker_threads: int = 4
     log_level: str = "INFO"
-    # Seconds a client has to send its request (service/gunicorn_worker.py).
+    # Seconds a client has to send its request (service/server/gunicorn_worker.py).
     request_timeout: float = 15.0
 
     @classmethod

@@ -64,7 +64,7 @@ EVENT_FOR_STATUS: dict[GenerationStatus, str] = {
     if status != GenerationStatus.QUEUED
 }
 GENERATION_EVENT_TYPES = tuple(EVENT_FOR_STATUS.values())
-# ...and one when every item of a batch has finished (service/batch_progress.py).
+# ...and one when every item of a batch has finished (service/generations/batch_progress.py).
 BATCH_COMPLETED = "batch.completed"
 EVENT_TYPES = (*GENERATION_EVENT_TYPES, BATCH_COMPLETED)
 

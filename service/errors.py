@@ -84,7 +84,7 @@ class RateLimited(ServiceError):
 
 
 class ClientTooSlow(TimeoutError):
-    """The client did not send its request in time (service/gunicorn_worker.py); 408."""
+    """The client did not send its request in time (service/server/gunicorn_worker.py); 408."""
 
 
 class TransientError(Exception):

@@ -8,7 +8,7 @@ task, so code that logs never has to pass it along.
 Deep-Image's callbacks authenticate with a token in the URL path
 (`/v1/callbacks/deepimage/{id}/{token}`). Every line is passed through `redact` once it is
 formatted (message, exception and traceback included), here and in gunicorn's logs
-(service/gunicorn_logging.py), so no log line carries a token.
+(service/server/gunicorn_logging.py), so no log line carries a token.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Two kinds:
 - Instruments counted by the process that does the work: HTTP latency by route (web),
   Deep-Image calls, GCS uploads, delivery outcomes and task outcomes (worker). Under gunicorn
   the web processes share them through prometheus-client's multiprocess mode
-  (`PROMETHEUS_MULTIPROC_DIR`, set up in service/gunicorn_conf.py); the worker serves its own
+  (`PROMETHEUS_MULTIPROC_DIR`, set up in service/server/gunicorn_conf.py); the worker serves its own
   with `genrelay worker --http-port N` (`serve_worker_metrics`: loopback only, unless
   GENRELAY_METRICS_TOKEN is set and required).
 - Gauges read from the database at scrape time: generations by status, pending tasks and the
@@ -36,9 +36,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service.line import read_state
+from service.database import Store
+from service.generations.line import read_state
 from service.models import Delivery, Generation, Task, Tenant, utcnow
-from service.store import Store
 
 HTTP_LATENCY = Histogram(
     "genrelay_http_request_duration_seconds",

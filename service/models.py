@@ -65,7 +65,7 @@ class Tenant(Base):
     weight: Mapped[int] = mapped_column(default=1, server_default="1")
     # At most this many of the tenant's jobs at Deep-Image at once (None: no cap of its own).
     max_in_flight: Mapped[int | None] = mapped_column(default=None)
-    # The GCP loop (service/gcp_access.py): buckets its `gs://` inputs may name, Deep-Image
+    # The GCP loop (service/generations/inputs.py): buckets its `gs://` inputs may name, Deep-Image
     # storages (`storage://NAME/...`) it may read and write, where its results go
     # (`gs://bucket/prefix`; None: GENRELAY_GCS_BUCKET/PREFIX) and how many seconds they are
     # kept (None: forever). None and [] both mean "none allowed".
@@ -94,7 +94,8 @@ class Generation(Base):
         sa.Index("ix_generations_tenant_created", "tenant_id", "created_at", "id"),
         # Lists filtered by status (migration 0004).
         sa.Index("ix_generations_tenant_status_created", "tenant_id", "status", "created_at", "id"),
-        # The line (service/line.py): waiting generations per tenant, in the order they go.
+        # The line (service/generations/line.py): waiting generations per tenant, in the order they
+        # go.
         sa.Index(
             "ix_generations_waiting",
             "tenant_id",

@@ -1,10 +1,11 @@
 """Tenant settings, managed by the operator with `genrelay tenants …`.
 
 A tenant is made by `genrelay keys create NAME`. Its settings shape its share of the
-Deep-Image account (service/line.py): `weight` (free slots are shared in proportion, default
+Deep-Image account (service/generations/line.py): `weight` (free slots are shared in proportion,
+default
 1) and `max_in_flight` (at most this many of its jobs at Deep-Image at once; none by default).
 
-And its part of the GCP loop (service/gcp_access.py):
+And its part of the GCP loop (service/generations/inputs.py):
 - `allowed_input_buckets`: GCS buckets its `gs://bucket/object` inputs may name (none by
   default). genrelay reads them with its own credentials, so only the operator may grant them.
 - `allowed_storages`: Deep-Image storages (`storage://NAME/...` in `url` and `target`) it may
@@ -25,9 +26,9 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from service.gcs_urls import BUCKET_RE, parse_gs_url
+from service.adapters.gcs_urls import BUCKET_RE, parse_gs_url
+from service.database import Store
 from service.models import Tenant
-from service.store import Store
 
 MAX_WEIGHT = 1000
 # Deep-Image storage names as they appear in storage://NAME/...

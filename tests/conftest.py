@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import sqlalchemy as sa
 
-from service.blobstore import GcsBlobStore
+from service.adapters.blobstore import GcsBlobStore
 from service.bootstrap import Services, build_services
 from service.config import Config
+from service.database import Store
 from service.migrate import upgrade_to_head
 from service.models import Base
 from service.runtime.kinds import SUBMIT
 from service.runtime.queue import RetryPolicy
-from service.store import Store
 
 if TYPE_CHECKING:
-    from service.gcs_emulator import FakeGcsServer
-    from service.simulator import SimulatorServer
+    from service.devtools.gcs_emulator import FakeGcsServer
+    from service.devtools.simulator import SimulatorServer
 
 DEFAULT_TEST_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SIMULATOR_KEY = "sim-key"
@@ -107,7 +107,7 @@ def store(database_url: str) -> Iterator[Store]:
 @pytest.fixture
 def simulator() -> Iterator[SimulatorServer]:
     """The Deep-Image simulator on a free loopback port, fresh for each test."""
-    from service.simulator import SimulatorServer, SimulatorSettings
+    from service.devtools.simulator import SimulatorServer, SimulatorSettings
 
     with SimulatorServer(
         SimulatorSettings(api_keys=frozenset({SIMULATOR_KEY}), processing_time=0.2)
@@ -118,7 +118,7 @@ def simulator() -> Iterator[SimulatorServer]:
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[FakeGcsServer]:
     """fake-gcs-server (in memory) for the whole test session: it speaks the real GCS API."""
-    from service.gcs_emulator import FakeGcsServer
+    from service.devtools.gcs_emulator import FakeGcsServer
 
     with FakeGcsServer(backend="memory") as server:
         yield server

@@ -36,7 +36,7 @@ def drain(services: Services, seconds: float = 10.0, horizon: float = 5.0) -> No
     Tasks due later (the fallback poll of callback mode, an hour out) do not hold it up; the
     line's own periodic task runs as it would in a worker, but never counts as work left.
     """
-    from service.line import WAITING, ensure_line_task
+    from service.generations.line import WAITING, ensure_line_task
     from service.models import Generation
     from service.runtime.kinds import LINE
     from service.runtime.worker import Worker

@@ -20,12 +20,12 @@ import time
 
 import sqlalchemy as sa
 
+from service.database import Store
 from service.metrics import PURGED_ROWS
 from service.models import IdempotencyKey, Task, utcnow
 from service.runtime.kinds import HOUSEKEEPING
 from service.runtime.outcomes import Later
 from service.runtime.queue import ClaimedTask, TaskQueue, TaskStatus
-from service.store import Store
 
 log = logging.getLogger("genrelay.housekeeping")
 

@@ -22,10 +22,10 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.database import Store
 from service.ids import new_id
 from service.models import Task, utcnow
 from service.runtime import wakeup
-from service.store import Store
 
 Clock = Callable[[], dt.datetime]
 

@@ -17,10 +17,10 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
-from service.dev import free_port
-from service.line import IN_FLIGHT
+from service.database import Store
+from service.devtools.stack import free_port
+from service.generations.line import IN_FLIGHT
 from service.models import Generation
-from service.store import Store
 
 GENRELAY = str(Path(sys.executable).parent / "genrelay")
 

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import requests
 
-from service.blobstore import crc32c_base64
-from service.dev import free_port
+from service.adapters.blobstore import crc32c_base64
+from service.devtools.stack import free_port
 from tests.conftest import emulator_blob_store
 from tests.e2e.processes import GENRELAY, Stack, wait_for
 from tests.gcp_helpers import OidcIssuer, issuer, new_key, png_bytes, service_account_info  # noqa: F401

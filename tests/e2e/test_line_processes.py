@@ -1,4 +1,5 @@
-"""The line (service/line.py) end to end: `genrelay serve`, `genrelay worker` and the simulator
+"""The line (service/generations/line.py) end to end: `genrelay serve`, `genrelay worker` and the
+simulator
 as separate processes, with fake-gcs-server, at a small Deep-Image concurrency limit L.
 
 Two views of what is in flight are checked. The simulator counts the most jobs it ever had
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 import requests
 
-from service.line import LINE_TASK_ID, TICK_BUSY
+from service.generations.line import LINE_TASK_ID, TICK_BUSY
 from service.models import Task, UpstreamAccount, utcnow
 from service.runtime.kinds import LINE, SHORT_LEASES
 from tests.e2e.processes import Deployment, SlotWatcher, deployment, wait_for

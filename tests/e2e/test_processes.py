@@ -19,12 +19,12 @@ import requests
 import sqlalchemy as sa
 from PIL import Image
 
-from service.blobstore import crc32c_base64
-from service.callbacks import callback_token, callback_url
-from service.dev import free_port
+from service.adapters.blobstore import crc32c_base64
+from service.database import Store
+from service.devtools.stack import free_port
+from service.generations.callback_urls import callback_token, callback_url
 from service.models import Task, utcnow
 from service.runtime.housekeeping import TASK_ID
-from service.store import Store
 from tests.e2e.processes import GENRELAY, Stack, wait_for
 from tests.helpers import seed_examples, set_simulator
 
@@ -351,7 +351,7 @@ def test_no_secret_reaches_the_logs(stack: dict[str, Any]) -> None:
 
 
 def test_the_worker_process_delivers_signed_notifications_in_order(stack: dict[str, Any]) -> None:
-    from service.inbox import InboxServer
+    from service.devtools.inbox import InboxServer
 
     base, auth = stack["base"], stack["auth"]
     secret = requests.get(f"{base}/v1/webhooks/default/secret", headers=auth, timeout=5).json()

@@ -19,7 +19,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from service.dev import free_port
+from service.devtools.stack import free_port
 from service.models import Base
 from tests.e2e.processes import GENRELAY, Stack, wait_for
 from tests.helpers import seed_examples

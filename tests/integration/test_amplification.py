@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from service.bootstrap import Services
 from service.config import Config
 from service.models import Delivery, Event, Generation, IdempotencyKey
-from service.subscriptions import MAX_SUBSCRIPTIONS
+from service.notifications.service import MAX_SUBSCRIPTIONS
 from tests.helpers import Receiver, drain
 
 

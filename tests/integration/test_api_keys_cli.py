@@ -14,8 +14,8 @@ import sqlalchemy as sa
 
 from service.auth import hash_api_key
 from service.cli import main
+from service.database import Store
 from service.models import ApiKey
-from service.store import Store
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 

@@ -376,7 +376,7 @@ def test_counts_follow_the_items_and_batch_completed_goes_out_once_with_them(
 def cancel_at_once(services: Services, generation_ids: list[str]) -> list[bool]:
     """Cancel the generations from as many threads, released together; did each one move?"""
     from service.domain import GenerationStatus
-    from service.lifecycle import change_status
+    from service.generations.lifecycle import change_status
     from service.models import utcnow
 
     start = threading.Barrier(len(generation_ids))
@@ -449,10 +449,11 @@ def test_cancel_cancels_every_unfinished_item_each_with_its_event(
 def test_a_large_cancel_goes_on_in_a_task_when_the_request_runs_out_of_time(
     config: Config, make_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.batches
+    import service.generations.batches
 
-    monkeypatch.setattr(service.batches, "CANCEL_CHUNK", 7)
-    monkeypatch.setattr(service.batches, "CANCEL_BUDGET", 0.0)  # one chunk, then the task
+    monkeypatch.setattr(service.generations.batches, "CANCEL_CHUNK", 7)
+    # One chunk, then the task.
+    monkeypatch.setattr(service.generations.batches, "CANCEL_BUDGET", 0.0)
     services, client, auth = make_client(config.replace(upstream_concurrency=2))
     batch = accepted(post(client, auth, catalog(30)))
     body = client.post(f"/v1/batches/{batch['id']}/cancel", headers=auth).json

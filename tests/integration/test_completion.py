@@ -16,12 +16,13 @@ import requests
 import sqlalchemy as sa
 from PIL import Image
 
+from service.adapters.blobstore import crc32c_base64
 from service.app import create_app
-from service.blobstore import FakeBlobStore, crc32c_base64
 from service.bootstrap import Services, build_services
-from service.callbacks import callback_url
 from service.config import Config
-from service.gcs_emulator import FakeGcsServer
+from service.devtools.fakes import FakeBlobStore
+from service.devtools.gcs_emulator import FakeGcsServer
+from service.generations.callback_urls import callback_url
 from service.models import Generation, Task, utcnow
 from service.runtime.kinds import POLL, STORE
 from service.runtime.worker import Worker

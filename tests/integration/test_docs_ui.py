@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from service.background_server import BackgroundServer
+from service.server.background_server import BackgroundServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

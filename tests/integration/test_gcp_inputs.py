@@ -11,8 +11,8 @@ import pytest
 import requests
 import sqlalchemy as sa
 
+from service.devtools.simulator import SimulatorServer
 from service.models import Base, Generation
-from service.simulator import SimulatorServer
 from service.tenants import Tenants
 from tests.gcp_helpers import (  # noqa: F401
     GcpStack,

@@ -12,7 +12,7 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
-from service.blobstore import crc32c_base64
+from service.adapters.blobstore import crc32c_base64
 from service.models import Delivery, Task
 from service.tenants import Tenants
 from tests.gcp_helpers import (  # noqa: F401

@@ -29,7 +29,7 @@ from google.cloud import storage
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import service_account
 
-from service.blobstore import (
+from service.adapters.blobstore import (
     BlobAlreadyExists,
     BlobError,
     BlobStore,
@@ -37,7 +37,7 @@ from service.blobstore import (
     PermanentBlobError,
     TransientBlobError,
 )
-from service.gcs_emulator import FakeGcsServer
+from service.devtools.gcs_emulator import FakeGcsServer
 
 SMALL_CHUNK = 256 * 1024  # the smallest chunk size GCS accepts
 SIGNER_EMAIL = "signer@genrelay-local.iam.gserviceaccount.com"

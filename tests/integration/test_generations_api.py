@@ -11,8 +11,8 @@ import requests
 import sqlalchemy as sa
 
 from service.bootstrap import Services
-from service.callbacks import callback_url
 from service.config import Config
+from service.generations.callback_urls import callback_url
 from service.models import Generation, IdempotencyKey, Task
 from tests.helpers import drain, seed_examples, set_simulator
 

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.bootstrap import Services
+from service.database import Store
 from service.models import Generation, IdempotencyKey, Task, utcnow
 from service.runtime import housekeeping
 from service.runtime.housekeeping import (
@@ -20,7 +21,6 @@ from service.runtime.housekeeping import (
 )
 from service.runtime.kinds import HOUSEKEEPING
 from service.runtime.queue import TaskQueue, TaskStatus, new_task_row
-from service.store import Store
 from tests.helpers import seed_examples
 
 TEXT_ONLY = seed_examples()["text_only"]

@@ -1,4 +1,5 @@
-"""The dev inbox on a real loopback port, fed with requests built by `service.signing`.
+"""The dev inbox on a real loopback port, fed with requests built by
+`service.notifications.signing`.
 
 Decision under test: a request that fails verification is answered 401 *and* listed at
 GET /events with ``verified: false``, so a newcomer with the wrong secret sees that
@@ -24,8 +25,8 @@ from typing import Any
 import pytest
 import requests
 
-from service.inbox import MAX_EVENTS, InboxServer, create_inbox_app
-from service.signing import (
+from service.devtools.inbox import MAX_EVENTS, InboxServer, create_inbox_app
+from service.notifications.signing import (
     CLOUDEVENTS_CONTENT_TYPE,
     SignedRequest,
     cloudevents_body,
@@ -303,7 +304,7 @@ def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
 
 def _run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "service.inbox", *args],
+        [sys.executable, "-m", "service.devtools.inbox", *args],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

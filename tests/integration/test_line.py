@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from service.bootstrap import Services
 from service.config import Config
-from service.line import IN_FLIGHT, ensure_line_task
+from service.generations.line import IN_FLIGHT, ensure_line_task
 from service.models import Generation, Task, UpstreamAccount
 from service.runtime.kinds import LINE
 from service.runtime.worker import Worker
@@ -87,7 +87,7 @@ def test_a_slot_is_handed_on_the_moment_its_job_ends(
     assert (first["status"], second["status"]) == ("processing", "queued")
     if ending == "canceled job ended":
         client.post(f"/v1/generations/{first['id']}/cancel", headers=auth)
-        from service.completion import Callback
+        from service.generations.completion import Callback
 
         # Deep-Image has no cancel: the job runs on and holds the account's slot until its
         # callback (or a poll) says it is over.
@@ -98,12 +98,12 @@ def test_a_slot_is_handed_on_the_moment_its_job_ends(
         )
     elif ending == "failure":
         from service.domain import ErrorCode
-        from service.lifecycle import fail_generation
+        from service.generations.lifecycle import fail_generation
 
         with services.store.transaction() as session:
             fail_generation(session, first["id"], ErrorCode.UPSTREAM_JOB_FAILED, "boom")
     else:
-        from service.completion import Callback
+        from service.generations.completion import Callback
 
         services.completion.accept(
             first["id"], Callback(first["upstream"]["job"], f"{slow_upstream.url}/images/r.png")
@@ -218,7 +218,7 @@ def test_higher_priority_passes_earlier_work_of_the_same_tenant(
     shown = client.get(f"/v1/generations/{interactive['id']}", headers=auth).json
     assert shown["queue_position"] == 1
     from service.domain import ErrorCode
-    from service.lifecycle import fail_generation
+    from service.generations.lifecycle import fail_generation
 
     with services.store.transaction() as session:
         fail_generation(session, running["id"], ErrorCode.UPSTREAM_JOB_FAILED, "boom")
@@ -331,7 +331,7 @@ def tenant_of(services: Services, auth: dict[str, str]) -> str:
 
 
 def _new() -> Any:
-    from service.generations import NewGeneration
+    from service.generations.service import NewGeneration
 
     return NewGeneration(input=TEXT_ONLY)
 

@@ -10,9 +10,15 @@ from typing import Any
 import pytest
 
 from service.config import Config
-from service.line import LINE_TASK_ID, PAUSE_FIRST, TICK_BUSY, TICK_IDLE, ensure_line_task
+from service.database import Store
+from service.generations.line import (
+    LINE_TASK_ID,
+    PAUSE_FIRST,
+    TICK_BUSY,
+    TICK_IDLE,
+    ensure_line_task,
+)
 from service.models import Task, UpstreamAccount, utcnow
-from service.store import Store
 from tests.helpers import seed_examples, set_simulator
 
 BODY = {"input": seed_examples()["text_only"]}

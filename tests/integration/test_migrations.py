@@ -9,9 +9,9 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from service.database import create_db_engine
 from service.migrate import alembic_config
 from service.models import Base
-from service.store import create_db_engine
 
 
 def schema_drift(database_url: str) -> list[Any]:

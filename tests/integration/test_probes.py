@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from service.blobstore import FakeBlobStore
 from service.bootstrap import Services
 from service.config import Config
-from service.store import Store
+from service.database import Store
+from service.devtools.fakes import FakeBlobStore
 
 
 def test_health_ready_and_docs_answer_without_a_key(client: Any) -> None:

@@ -22,7 +22,7 @@ from PIL import Image
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
-from service.simulator import SimulatorServer, SimulatorSettings
+from service.devtools.simulator import SimulatorServer, SimulatorSettings
 
 KEY = "sim-key"
 AUTH = {"x-api-key": KEY}
@@ -338,7 +338,15 @@ def test_cli_serves_until_sigterm() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.simulator.cli", "--port", str(port), "--api-key", "k1"],
+        [
+            sys.executable,
+            "-m",
+            "service.devtools.simulator.cli",
+            "--port",
+            str(port),
+            "--api-key",
+            "k1",
+        ],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

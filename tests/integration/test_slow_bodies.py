@@ -1,4 +1,5 @@
-"""A body the client sends too slowly (service/gunicorn_worker.py raises ClientTooSlow from the
+"""A body the client sends too slowly (service/server/gunicorn_worker.py raises ClientTooSlow from
+the
 socket read) is answered 408, not a 500 with a traceback."""
 
 from __future__ import annotations

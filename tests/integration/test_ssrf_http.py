@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from service.ssrf import UnsafeURL, URLPolicy, pinned_session
+from service.notifications.ssrf import UnsafeURL, URLPolicy, pinned_session
 
 TIMEOUT = 5.0
 

@@ -11,13 +11,13 @@ from typing import Any, cast
 import pytest
 import sqlalchemy as sa
 
+from service.database import Store
 from service.errors import TransientError
 from service.models import Task
 from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome
 from service.runtime.queue import ClaimedTask, RetryPolicy, TaskQueue, TaskStatus
 from service.runtime.runner import TaskRunner
 from service.runtime.worker import Worker
-from service.store import Store
 
 START = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
 
@@ -517,7 +517,7 @@ def test_kinds_with_a_short_lease_are_held_only_that_long(store: Store, clock: F
 
 
 def test_genrelay_submit_max_age_shortens_the_submit_policy(config: Any, store: Store) -> None:
-    from service.blobstore import BlobStore
+    from service.adapters.blobstore import BlobStore
     from service.bootstrap import build_services
     from service.runtime.kinds import SUBMIT, retry_policies
 

@@ -11,10 +11,10 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from service.database import Store
 from service.runtime.queue import ClaimedTask, TaskQueue
 from service.runtime.wakeup import CHANNEL, libpq_url
 from service.runtime.worker import TaskRunner, Worker
-from service.store import Store
 
 POLL_INTERVAL = 30.0  # so long that only a wake-up can explain a prompt run
 

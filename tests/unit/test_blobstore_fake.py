@@ -10,17 +10,17 @@ import threading
 import google_crc32c
 import pytest
 
-from service.blobstore import (
+from service.adapters.blobstore import (
     BlobAlreadyExists,
     BlobError,
     BlobStore,
     Crc32cHasher,
-    FakeBlobStore,
     PermanentBlobError,
     StoredBlob,
     TransientBlobError,
     crc32c_base64,
 )
+from service.devtools.fakes import FakeBlobStore
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
 
@@ -56,7 +56,7 @@ class RecordingStream(io.RawIOBase):
 
 
 def _gcs_crc32c(data: bytes) -> str:
-    """The CRC32C as GCS reports it, computed independently of service.blobstore."""
+    """The CRC32C as GCS reports it, computed independently of service.adapters.blobstore."""
     return base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
 
 

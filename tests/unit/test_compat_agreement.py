@@ -21,8 +21,8 @@ from marshmallow import ValidationError
 from PIL import Image
 
 from schemas.deepimage import ProcessRequestSchema
-from service.simulator.errors import SimulatorError
-from service.simulator.validation import validate_process_request
+from service.devtools.simulator.errors import SimulatorError
+from service.devtools.simulator.validation import validate_process_request
 
 COMPATIBILITY_DOC = Path(__file__).resolve().parents[2] / "docs" / "compatibility.md"
 

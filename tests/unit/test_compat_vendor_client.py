@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from schemas.deepimage import ProcessRequestSchema
-from service.simulator.validation import validate_process_request
+from service.devtools.simulator.validation import validate_process_request
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "vendor_client_payloads.json"
 PAYLOADS: dict[str, dict[str, Any]] = {

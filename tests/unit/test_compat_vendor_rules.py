@@ -29,8 +29,8 @@ from PIL import Image
 
 from schemas.deepimage import ProcessRequestSchema
 from schemas.generations import GenerationCreateSchema
-from service.simulator.errors import SimulatorError
-from service.simulator.validation import validate_process_request
+from service.devtools.simulator.errors import SimulatorError
+from service.devtools.simulator.validation import validate_process_request
 
 # Largest integer JSON carries exactly (RFC 7493); genrelay refuses larger ones on purpose.
 JSON_INTEGER = 2**53 - 1

@@ -6,7 +6,7 @@ import pytest
 import requests
 import responses
 
-from service.deepimage import (
+from service.adapters.deepimage import (
     DeepImageClient,
     PermanentUpstreamError,
     TransientUpstreamError,

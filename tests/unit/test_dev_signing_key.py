@@ -11,8 +11,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from google.oauth2 import service_account
 
-from service.blobstore import GcsBlobStore
-from service.dev import dev_signing_key
+from service.adapters.blobstore import GcsBlobStore
+from service.devtools.stack import dev_signing_key
 
 
 def test_the_key_is_made_once_and_signs_urls_for_the_emulator(tmp_path: Path) -> None:

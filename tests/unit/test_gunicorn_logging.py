@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.gunicorn_logging import redact
+from service.server.gunicorn_logging import redact
 
 
 def test_callback_tokens_are_redacted_from_request_lines() -> None:

@@ -1,4 +1,5 @@
-"""The request socket of service/gunicorn_worker.py: a thread's blocking reads are bounded."""
+"""The request socket of service/server/gunicorn_worker.py: a thread's blocking reads are
+bounded."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 import pytest
 
 from service.errors import ClientTooSlow
-from service.gunicorn_worker import _RequestSocket
+from service.server.gunicorn_worker import _RequestSocket
 
 
 def test_a_thread_reading_a_stalled_body_gives_up_at_the_deadline() -> None:

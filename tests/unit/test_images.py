@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from service.images import JPEG, PNG, WEBP, dimensions, sniff
+from service.generations.images import JPEG, PNG, WEBP, dimensions, sniff
 
 
 def encode(fmt: str, size: tuple[int, int], **options: object) -> bytes:

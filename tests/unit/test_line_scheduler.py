@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from service.line import (
+from service.generations.line import (
     PAUSE_FIRST,
     PAUSE_MAX,
     Candidate,

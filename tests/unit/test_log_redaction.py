@@ -12,9 +12,9 @@ import pytest
 import sqlalchemy as sa
 from gunicorn.config import Config as GunicornConfig
 
-from service.gunicorn_logging import RedactingLogger
+from service.database import create_db_engine
 from service.logs import setup_logging
-from service.store import create_db_engine
+from service.server.gunicorn_logging import RedactingLogger
 
 TOKEN = "f" * 64
 PATH = f"/v1/callbacks/deepimage/gen_1/{TOKEN}"

@@ -565,7 +565,7 @@ def test_the_package_ships_migrations_and_gunicorn_settings(package: BuiltPackag
         "migrations/env.py",
         "migrations/script.py.mako",
         "migrations/versions/0001_initial_schema.py",
-        "service/gunicorn_conf.py",
+        "service/server/gunicorn_conf.py",
         "service/cli.py",
         "handlers/__init__.py",
         "schemas/__init__.py",
@@ -649,7 +649,7 @@ def test_the_package_migrates_a_database_from_any_directory(
     """What `genrelay migrate` does in the image: scripts found in the package, not a checkout."""
     database = tmp_path / "genrelay.db"
     code = (
-        "import sys, migrations, service.gunicorn_conf\n"
+        "import sys, migrations, service.server.gunicorn_conf\n"
         "from service.migrate import upgrade_to_head\n"
         f"assert migrations.__file__.startswith({str(package.root)!r}), migrations.__file__\n"
         "upgrade_to_head(sys.argv[1])\n"

@@ -15,7 +15,7 @@ import svix.webhooks
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, from_structured_event
 from cloudevents.core.v1.event import CloudEvent
 
-from service.signing import (
+from service.notifications.signing import (
     CLOUDEVENTS_CONTENT_TYPE,
     SECRET_PREFIX,
     SignedRequest,

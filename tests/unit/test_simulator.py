@@ -17,9 +17,9 @@ import pytest
 from flask.testing import FlaskClient
 from PIL import Image
 
-from service.simulator import SimulatorSettings, create_simulator_app, get_engine
-from service.simulator.cli import build_parser, settings_from_args
-from service.simulator.errors import FAILURE_MESSAGE
+from service.devtools.simulator import SimulatorSettings, create_simulator_app, get_engine
+from service.devtools.simulator.cli import build_parser, settings_from_args
+from service.devtools.simulator.errors import FAILURE_MESSAGE
 
 KEY = "sim-key"
 AUTH = {"x-api-key": KEY}

@@ -10,8 +10,13 @@ import pytest
 import requests
 from flask.testing import FlaskClient
 
-from service.simulator import SimulatorServer, SimulatorSettings, create_simulator_app, get_engine
-from service.simulator.cli import build_parser, settings_from_args
+from service.devtools.simulator import (
+    SimulatorServer,
+    SimulatorSettings,
+    create_simulator_app,
+    get_engine,
+)
+from service.devtools.simulator.cli import build_parser, settings_from_args
 
 KEY = "sim-key"
 AUTH = {"x-api-key": KEY}

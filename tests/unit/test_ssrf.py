@@ -8,7 +8,7 @@ from ipaddress import ip_address
 import pytest
 import requests
 
-from service.ssrf import (
+from service.notifications.ssrf import (
     MAX_URL_LENGTH,
     UnsafeURL,
     URLPolicy,

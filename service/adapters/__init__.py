@@ -1,0 +1,1 @@
+"""Adapters to what genrelay talks to: Deep-Image, Cloud Storage, Google's OIDC keys."""

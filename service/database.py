@@ -1,0 +1,103 @@
+"""Database engine and transactions (SQLite by default, PostgreSQL for scale-out)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.runtime import wakeup
+
+
+def create_db_engine(url: str, *, pre_ping: bool = True) -> sa.Engine:
+    """An engine configured for the service: WAL + IMMEDIATE writes on SQLite, pre-ping on PG.
+
+    `hide_parameters`: a database error's message would otherwise carry the statement's bound
+    values (signing secrets, API key hashes, tenants' prompts) into the log.
+    `pre_ping=False` saves a round trip per checkout, for a caller that can afford a statement
+    failing on a connection the server dropped (the pool then replaces it): the worker, whose
+    tasks come back after a failure. A web request would answer 500 instead.
+    """
+    if url.startswith("postgresql:"):
+        url = "postgresql+psycopg:" + url.removeprefix("postgresql:")
+    if url.startswith("sqlite"):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
+        _configure_sqlite(engine)
+        return engine
+    return sa.create_engine(
+        url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=20, hide_parameters=True
+    )
+
+
+def _configure_sqlite(engine: sa.Engine) -> None:
+    # pysqlite's own transaction handling issues a deferred BEGIN; a deferred transaction
+    # that later writes fails at once with "database is locked" if another connection wrote
+    # in between. Writers therefore start with BEGIN IMMEDIATE and wait on busy_timeout.
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Store:
+    """Owns the engine; hands out sessions whose transaction commits or rolls back as a unit."""
+
+    def __init__(self, url: str, *, pre_ping: bool = True) -> None:
+        self.engine = create_db_engine(url, pre_ping=pre_ping)
+        self._writer = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+        self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
+        # Work a transaction asked for, done inside it just before it commits (e.g. the
+        # admission pass after a slot was freed: service/generations/line.py). Registered before the
+        # wake-up hook, so tasks these hooks queue are announced too.
+        self.before_commit: dict[str, Callable[[Session], None]] = {}
+
+        @sa.event.listens_for(self._writer, "before_commit")
+        def _run_hooks(session: Session) -> None:
+            for hook in list(self.before_commit.values()):
+                hook(session)
+
+        wakeup.install(self._writer)  # NOTIFY idle workers of tasks queued (PostgreSQL)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A read-write transaction: committed on success, rolled back on any exception."""
+        with self._writer.begin() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction (never takes SQLite's write lock)."""
+        with self._reader.begin() as session:
+            yield session
+
+    @contextmanager
+    def read_connection(self) -> Iterator[sa.Connection]:
+        """A read-only transaction on a plain connection, for Core statements on hot paths
+        (no ORM session to set up)."""
+        with self._read_engine.begin() as connection:
+            yield connection
+
+    def dispose(self) -> None:
+        self.engine.dispose()

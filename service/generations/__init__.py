@@ -1,0 +1,1 @@
+"""Generations: intake, the line, submit, callback and poll, storing results, batches, triggers."""

@@ -1,0 +1,360 @@
+"""Batch use cases: intake of up to 10,000 generations at once, read, list, cancel.
+
+Intake stores the batch, its idempotency key and every item's generation in ONE transaction:
+the generations go in as Core bulk INSERTs of plain dicts, in chunks (no ORM objects, so
+10,000 items cost little memory), all `queued` and waiting in the line, and an admission pass
+(`Line.admit`) in the same transaction hands out the free upstream slots at once. The items'
+ids are sorted before they are given out, so the line (priority, then age, then id) takes a
+batch's items in the order they were sent.
+
+Cancel works in chunks of CANCEL_CHUNK items per transaction, waiting items first (so no
+upstream slot is freed, and handed to a sibling that is about to be canceled, before the end),
+each item through `change_status` with its own `generation.canceled` event. The request does
+what it can in CANCEL_BUDGET seconds; a `cancel_batch` task finishes a large batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.database import Store
+from service.domain import BatchStatus, GenerationStatus
+from service.errors import Conflict, InvalidRequest, NotFound
+from service.generations.batch_progress import (
+    UNFINISHED,
+    BatchView,
+    batch_counts,
+    complete_if_done,
+    defer_completion,
+    view,
+)
+from service.generations.inputs import access_problems
+from service.generations.lifecycle import change_status
+from service.generations.line import Line
+from service.generations.service import IDEMPOTENCY_TTL, earlier_use, record_first_response
+from service.ids import new_id
+from service.models import Batch, Generation, IdempotencyKey, utcnow
+from service.notifications.service import require_safe_target
+from service.notifications.ssrf import URLPolicy
+from service.pagination import Page, paginate
+from service.runtime.kinds import CANCEL_BATCH
+from service.runtime.outcomes import DONE, Done
+from service.runtime.queue import ClaimedTask, TaskQueue
+from service.tenants import TenantSettings, settings_by_id
+
+log = logging.getLogger("genrelay.batches")
+
+INSERT_CHUNK = 1000  # generation rows per bulk INSERT
+MAX_REPORTED_ERRORS = 100  # field errors listed in one 422 (the detail counts them all)
+CANCEL_CHUNK = 250  # items canceled per transaction
+CANCEL_BUDGET = 3.0  # seconds a cancel request spends canceling; a task does the rest
+
+
+@dataclasses.dataclass(frozen=True)
+class NewBatchItem:
+    """One validated item: its input already merged over the template, its metadata over the
+    batch's."""
+
+    input: dict[str, Any]
+    metadata: dict[str, str]
+    custom_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NewBatch:
+    """A validated `POST /v1/batches` body (JSON or NDJSON)."""
+
+    items: Sequence[NewBatchItem]
+    template: dict[str, Any] | None = None
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = None
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    priority: int = 0
+    deadline: dt.datetime | None = None
+
+    def fingerprint(self) -> str:
+        """A hash of the request, to tell a retry from a different request."""
+        digest = hashlib.sha256()
+
+        def feed(value: Any) -> None:
+            text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+            digest.update(text.encode())
+            digest.update(b"\n")
+
+        feed(
+            {
+                "template": self.template,
+                "webhook": self.webhook,
+                "webhook_events_filter": self.webhook_events_filter,
+                "metadata": self.metadata,
+                "priority": self.priority,
+                "deadline": self.deadline,
+            }
+        )
+        for item in self.items:
+            feed([item.input, item.metadata, item.custom_id])
+        return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchIntake:
+    """The outcome of intake: the batch, or the stored first response to replay verbatim."""
+
+    batch: BatchView | None
+    replay: tuple[int, dict[str, Any]] | None = None
+
+
+def _require_item_access(settings: TenantSettings, items: Sequence[NewBatchItem]) -> None:
+    """The tenant's allow-lists (gs:// buckets, storage:// names) hold for every item, as for a
+    single generation; InvalidRequest naming each field as `items[i].input...`."""
+    problems = [
+        {"field": f"items[{index}].{problem['field']}", "message": problem["message"]}
+        for index, item in enumerate(items)
+        for problem in access_problems(settings, item.input)
+    ]
+    if problems:
+        raise InvalidRequest(
+            f"{len({p['field'].split('.')[0] for p in problems})} of {len(items)} items name "
+            "storage the tenant may not use",
+            errors=problems[:MAX_REPORTED_ERRORS],
+        )
+
+
+class BatchService:
+    """Owns the transactions of every batch use case."""
+
+    def __init__(self, store: Store, queue: TaskQueue, line: Line, policy: URLPolicy) -> None:
+        self.store = store
+        self.queue = queue
+        self.line = line
+        self.policy = policy
+
+    def create(
+        self, tenant_id: str, new: NewBatch, *, idempotency_key: str | None = None
+    ) -> BatchIntake:
+        """Store the batch and its generations in one transaction; admit what fits now."""
+        if new.webhook is not None:
+            require_safe_target(self.policy, new.webhook, "webhook")
+        with self.store.read() as session:
+            settings = settings_by_id(session, tenant_id)
+        _require_item_access(settings, new.items)
+        fingerprint = new.fingerprint() if idempotency_key is not None else ""
+        if idempotency_key is not None:
+            earlier = self._replay(tenant_id, idempotency_key, fingerprint)
+            if earlier is not None:
+                return earlier
+        now = utcnow()
+        batch_id = new_id("bat_")
+        try:
+            with self.store.transaction() as session:
+                if idempotency_key is not None:
+                    # First, so a concurrent retry with the key waits here and then replays.
+                    session.execute(
+                        sa.delete(IdempotencyKey).where(
+                            IdempotencyKey.tenant_id == tenant_id,
+                            IdempotencyKey.key == idempotency_key,
+                            IdempotencyKey.expires_at <= now,
+                        )
+                    )
+                    session.add(
+                        IdempotencyKey(
+                            tenant_id=tenant_id,
+                            key=idempotency_key,
+                            request_hash=fingerprint,
+                            batch_id=batch_id,
+                            created_at=now,
+                            expires_at=now + IDEMPOTENCY_TTL,
+                        )
+                    )
+                    session.flush()
+                session.add(
+                    Batch(
+                        id=batch_id,
+                        tenant_id=tenant_id,
+                        status=BatchStatus.PROCESSING.value,
+                        meta=new.metadata,
+                        template=new.template,
+                        webhook=new.webhook,
+                        webhook_events_filter=new.webhook_events_filter,
+                        total=len(new.items),
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                session.flush()
+                rows = self._rows(tenant_id, batch_id, new, now, settings.retention)
+                for chunk in _chunks(rows, INSERT_CHUNK):
+                    session.execute(sa.insert(Generation), chunk)
+                admitted = self.line.admit(session, now=now).admitted
+        except IntegrityError:
+            # Another request with the same key committed first: answer as it did.
+            if idempotency_key is None:
+                raise
+            earlier = self._replay(tenant_id, idempotency_key, fingerprint)
+            if earlier is None:
+                raise
+            return earlier
+        log.info(
+            "batch %s accepted: %d item(s), %d admitted at once",
+            batch_id,
+            len(new.items),
+            len(admitted),
+        )
+        return BatchIntake(batch=self.get(tenant_id, batch_id))
+
+    @staticmethod
+    def _rows(
+        tenant_id: str, batch_id: str, new: NewBatch, now: dt.datetime, retention: int | None
+    ) -> Iterator[dict[str, Any]]:
+        # Sorted: items created in the same millisecond keep their order in the line.
+        ids = sorted(new_id("gen_") for _ in new.items)
+        for generation_id, item in zip(ids, new.items, strict=True):
+            yield {
+                "id": generation_id,
+                "tenant_id": tenant_id,
+                "status": GenerationStatus.QUEUED.value,
+                "input": item.input,
+                "meta": item.metadata,
+                "webhook": new.webhook,
+                "webhook_events_filter": new.webhook_events_filter,
+                "priority": new.priority,
+                "deadline_at": new.deadline,
+                "batch_id": batch_id,
+                "custom_id": item.custom_id,
+                "retention_seconds": retention,
+                "created_at": now,
+                "updated_at": now,
+            }
+
+    def _replay(self, tenant_id: str, key: str, fingerprint: str) -> BatchIntake | None:
+        with self.store.read() as session:
+            record = earlier_use(session, tenant_id, key, fingerprint, made="batch")
+            if record is None:
+                return None
+            if record.response_body is not None and record.response_status is not None:
+                return BatchIntake(
+                    batch=None, replay=(record.response_status, record.response_body)
+                )
+            batch_id = record.batch_id
+        assert batch_id is not None
+        # The first request has not answered yet (or died before it could): show the batch.
+        return BatchIntake(batch=self.get(tenant_id, batch_id))
+
+    def record_response(
+        self, tenant_id: str, idempotency_key: str, status: int, body: dict[str, Any]
+    ) -> None:
+        """Keep the first response sent for a key, so retries get exactly that answer."""
+        record_first_response(self.store, tenant_id, idempotency_key, status, body)
+
+    def get(self, tenant_id: str, batch_id: str) -> BatchView:
+        """One batch of this tenant with its counts; NotFound for unknown and others' ids."""
+        with self.store.read() as session:
+            return view(session, self._owned(session, tenant_id, batch_id))
+
+    def list(
+        self, tenant_id: str, *, cursor: str | None = None, limit: int = 20
+    ) -> Page[BatchView]:
+        """Newest first; `next_cursor` continues after the last one. Counted in one query."""
+        query = sa.select(Batch).where(Batch.tenant_id == tenant_id)
+        with self.store.read() as session:
+            page = paginate(session, query, Batch, cursor=cursor, limit=limit)
+            counts = batch_counts(session, [b.id for b in page.items])
+        return Page(
+            items=[BatchView(b, counts[b.id]) for b in page.items], next_cursor=page.next_cursor
+        )
+
+    def cancel(self, tenant_id: str, batch_id: str) -> BatchView:
+        """Cancel every item still queued or processing; canceling twice is harmless.
+
+        The request cancels items for up to CANCEL_BUDGET seconds; what is left of a large
+        batch is canceled by a `cancel_batch` task (the answer shows `canceled_at` at once, and
+        the counts as far as they got). A batch that completed uncanceled is a Conflict.
+        """
+        now = utcnow()
+        with self.store.transaction() as session:
+            # Locked, so an item completing the batch meanwhile is seen (after it commits).
+            batch = self._owned(session, tenant_id, batch_id, lock=True)
+            if batch.canceled_at is None:
+                if batch.completed_at is not None:
+                    raise Conflict(f"batch {batch_id} has already completed")
+                batch.canceled_at = now
+                batch.updated_at = now
+        if not self.cancel_items(batch_id, budget=CANCEL_BUDGET):
+            with self.store.transaction() as session:
+                self.queue.enqueue(session, CANCEL_BATCH, {"batch_id": batch_id})
+        return self.get(tenant_id, batch_id)
+
+    def cancel_items(self, batch_id: str, *, budget: float | None) -> bool:
+        """Cancel the batch's unfinished items, CANCEL_CHUNK per transaction, waiting ones
+        first; True when none is left, False when `budget` seconds ran out first."""
+        started = time.monotonic()
+        while True:
+            with self.store.transaction() as session:
+                # Lock the chunk's rows first, then change them: every transaction that
+                # finishes an item locks its generation before the batch row.
+                chunk = list(
+                    session.scalars(
+                        sa.select(Generation.id)
+                        .where(Generation.batch_id == batch_id, Generation.status.in_(UNFINISHED))
+                        .order_by(Generation.admitted_at.is_not(None), Generation.id)
+                        .limit(CANCEL_CHUNK)
+                        .with_for_update()
+                    )
+                )
+                # One completion check for the chunk, after its last item, not one per item.
+                defer_completion(session, batch_id)
+                for generation_id in chunk:
+                    change_status(session, generation_id, GenerationStatus.CANCELED, now=utcnow())
+                complete_if_done(session, batch_id, utcnow())
+            if len(chunk) < CANCEL_CHUNK:
+                return True
+            if budget is not None and time.monotonic() - started >= budget:
+                return False
+
+    def require(self, tenant_id: str, batch_id: str) -> None:
+        """NotFound unless the batch exists and is this tenant's."""
+        with self.store.read() as session:
+            self._owned(session, tenant_id, batch_id)
+
+    @staticmethod
+    def _owned(session: Session, tenant_id: str, batch_id: str, *, lock: bool = False) -> Batch:
+        batch = session.get(Batch, batch_id, with_for_update=lock, populate_existing=lock)
+        if batch is None or batch.tenant_id != tenant_id:
+            raise NotFound(f"no batch {batch_id!r}")
+        return batch
+
+
+def _chunks(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class CancelBatchHandler:
+    """The `cancel_batch` task: cancel what a cancel request left of its batch."""
+
+    def __init__(self, batches: BatchService) -> None:
+        self.batches = batches
+
+    def run(self, task: ClaimedTask) -> Done:
+        self.batches.cancel_items(task.payload["batch_id"], budget=None)
+        return DONE
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        log.error("could not finish canceling batch %s: %s", task.payload["batch_id"], error)

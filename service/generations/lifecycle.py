@@ -1,0 +1,91 @@
+"""The one place a generation's status changes: a conditional UPDATE guarded by the state
+machine, so concurrent actors (intake, worker, callbacks, cancel) can never regress a status."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.domain import ErrorCode, GenerationStatus, allowed_predecessors
+from service.generations.batch_progress import note_item_finished
+from service.generations.line import slot_freed
+from service.models import Generation, utcnow
+from service.notifications.events import record_event
+
+
+def change_status(
+    session: Session,
+    generation_id: str,
+    new: GenerationStatus,
+    *,
+    now: dt.datetime,
+    signed_url: str | None = None,
+    **fields: Any,
+) -> bool:
+    """Move the generation to `new` if its current status allows it; True when it moved.
+
+    A move also writes its event and queues the event's deliveries, in the same transaction;
+    a move that ends a generation holding an upstream slot has the line hand that slot on
+    (for a cancel, once its upstream job has ended). `signed_url` (not stored) goes into the
+    event's `result.url`.
+    """
+    values: dict[str, Any] = {"status": new, "updated_at": now, **fields}
+    if new.is_terminal:
+        values["completed_at"] = now
+    statement = (
+        sa.update(Generation)
+        .where(
+            Generation.id == generation_id,
+            Generation.status.in_([s.value for s in allowed_predecessors(new)]),
+        )
+        .values(**values)
+        # The row as it now is, for the event, without a second SELECT.
+        .returning(Generation)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    generation = session.scalars(statement).one_or_none()
+    if generation is None:
+        return False
+    held_a_slot = generation.admitted_at is not None and generation.source_found_at is None
+    # A canceled job still runs at Deep-Image (which has no cancel): its slot is freed when
+    # the job ends there (service/generations/completion.py `job_ended`), not now.
+    job_runs_on = new == GenerationStatus.CANCELED and generation.upstream_job is not None
+    if new.is_terminal and held_a_slot and not job_runs_on:
+        slot_freed(session)  # it held an upstream slot until now: someone waiting may have it
+    generation.signed_url = signed_url
+    record_event(session, generation, new, now=now)
+    if new.is_terminal and generation.batch_id is not None:
+        note_item_finished(session, generation.batch_id, now)  # the last item completes it
+    return True
+
+
+def fail_generation(
+    session: Session,
+    generation_id: str,
+    code: ErrorCode,
+    message: str,
+    *,
+    now: dt.datetime | None = None,
+) -> bool:
+    """Mark a generation failed with `error {code, message}`, unless it already finished."""
+    return change_status(
+        session,
+        generation_id,
+        GenerationStatus.FAILED,
+        now=now or utcnow(),
+        error_code=code.value,
+        error_message=message,
+    )
+
+
+def failing(generation_id: str, code: ErrorCode, message: str) -> Callable[[Session], None]:
+    """The change that fails a generation, for a task's outcome to carry."""
+
+    def apply(session: Session) -> None:
+        fail_generation(session, generation_id, code, message)
+
+    return apply

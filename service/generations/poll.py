@@ -1,0 +1,125 @@
+"""The `poll` task: asks Deep-Image about a job whose callback has not come.
+
+With callbacks on, it is the fallback for a lost callback (first run after
+GENRELAY_RECONCILE_AFTER); in polling-only mode (no GENRELAY_PUBLIC_URL) the only way a result
+is found. Each run that finds the job still going comes back after twice its last wait. A
+canceled generation's job is polled too, until it ends, so its upstream slot is handed on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+from service.adapters.deepimage import (
+    DeepImageClient,
+    PermanentUpstreamError,
+    TransientUpstreamError,
+)
+from service.config import Config
+from service.database import Store
+from service.domain import ErrorCode, GenerationStatus
+from service.generations.completion import job_ended, record_source
+from service.generations.lifecycle import failing
+from service.models import Generation, utcnow
+from service.runtime.outcomes import DONE, Apply, Done, Later, Outcome
+from service.runtime.queue import ClaimedTask, TaskQueue
+
+log = logging.getLogger("genrelay.poll")
+
+# Polling backs off from FIRST_POLL_DELAY (polling-only mode) up to MAX_POLL_DELAY.
+FIRST_POLL_DELAY = 2.0
+MAX_POLL_DELAY = 60.0
+
+
+def first_poll_delay(config: Config) -> float:
+    """With callbacks, poll only as a fallback after RECONCILE_AFTER; without, soon."""
+    if config.public_url:
+        return config.reconcile_after
+    return min(config.reconcile_after, FIRST_POLL_DELAY)
+
+
+class PollHandler:
+    """The `poll` task: asks Deep-Image about a job whose callback has not come."""
+
+    def __init__(
+        self, store: Store, queue: TaskQueue, deepimage: DeepImageClient, config: Config
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.deepimage = deepimage
+        self.config = config
+
+    def run(self, task: ClaimedTask) -> Outcome:
+        assert task.generation_id is not None
+        with self.store.read() as session:
+            generation = session.get(Generation, task.generation_id)
+        if generation is None or generation.source_found_at is not None:
+            return DONE  # the callback came: nothing to reconcile
+        if generation.status == GenerationStatus.CANCELED and generation.admitted_at is not None:
+            return self._await_canceled_job(task, generation)
+        if generation.status != GenerationStatus.PROCESSING:
+            return DONE  # finished: nothing to reconcile
+        assert generation.upstream_job is not None and generation.submitted_at is not None
+        generation_id = generation.id
+        now = utcnow()
+        if (now - generation.submitted_at).total_seconds() > self.config.generation_timeout:
+            message = f"no result within {self.config.generation_timeout:.0f} s"
+            return Done(failing(generation_id, ErrorCode.UPSTREAM_TIMEOUT, message))
+        delay = _next_delay(task)
+        try:
+            job = self.deepimage.result(generation.upstream_job)
+        except TransientUpstreamError as exc:
+            return Later(delay, f"Deep-Image unavailable: {exc.message}")
+        except PermanentUpstreamError as exc:
+            return Done(failing(generation_id, exc.error_code, exc.message))
+        if job.status == "complete" and job.result_url:
+            url = job.result_url
+            return Done(
+                lambda session: record_source(session, self.queue, generation_id, url, now=now)
+            )
+        # Still running. The next poll doubles its wait; `delay` travels in the payload.
+        return Later(delay, f"job {job.job} is {job.status}", payload={"delay": delay})
+
+    def _await_canceled_job(self, task: ClaimedTask, generation: Generation) -> Outcome:
+        """A canceled generation whose job may still run upstream: free its slot once the job
+        is over (or past the generation timeout: Deep-Image may have lost it)."""
+        assert generation.upstream_job is not None and generation.submitted_at is not None
+        generation_id = generation.id
+        now = utcnow()
+        delay = _next_delay(task)
+        timed_out = (now - generation.submitted_at).total_seconds() > self.config.generation_timeout
+        if not timed_out:
+            try:
+                job = self.deepimage.result(generation.upstream_job)
+            except TransientUpstreamError as exc:
+                return Later(delay, f"Deep-Image unavailable: {exc.message}")
+            except PermanentUpstreamError:
+                pass  # failed, or unknown to Deep-Image: over either way
+            else:
+                if job.status != "complete":
+                    reason = f"canceled job {job.job} is {job.status}"
+                    return Later(delay, reason, payload={"delay": delay})
+        return Done(lambda session: job_ended(session, self.queue, generation_id, now=now))
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> Apply:
+        generation_id = task.generation_id
+        assert generation_id is not None
+        fail = failing(
+            generation_id,
+            ErrorCode.UPSTREAM_UNAVAILABLE,
+            f"polling Deep-Image failed {task.attempts} times: {error}",
+        )
+
+        def apply(session: Session) -> None:
+            fail(session)
+            # A canceled generation's slot is not kept forever by a poll that cannot succeed.
+            job_ended(session, self.queue, generation_id, now=utcnow())
+
+        return apply
+
+
+def _next_delay(task: ClaimedTask) -> float:
+    """The wait before the next poll: twice the last one, up to MAX_POLL_DELAY."""
+    return min(MAX_POLL_DELAY, 2 * float(task.payload.get("delay", FIRST_POLL_DELAY)))

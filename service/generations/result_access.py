@@ -1,0 +1,188 @@
+"""Where a tenant's results go, links to them, and how long they are kept.
+
+- Output: a tenant's `output` setting (`gs://bucket/prefix`) or the service's
+  GENRELAY_GCS_BUCKET/GENRELAY_GCS_PREFIX. The `store` task writes there
+  (service/generations/store.py).
+- Links: `result.url` is a V4 signed GET URL. Shown resources sign a fresh one (valid
+  GENRELAY_SIGNED_URL_TTL); notifications carry one signed when their deliveries are written
+  (valid for the whole retry schedule, see Config.notification_url_ttl), since every attempt
+  sends the same stored bytes; `GET /v1/generations/{id}/result` redirects to a fresh one.
+- Retention: a generation keeps `retention_seconds` (its request's `retention`, else its
+  tenant's). When it succeeds, an `expire_result` task is queued that far ahead; it deletes the
+  object and sets `result_expired_at` (shown as `result.expired_at`). `DELETE
+  /v1/generations/{id}/result` does the same at once. The generation row stays.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.adapters.blobstore import BlobError, BlobStore, TransientBlobError
+from service.adapters.gcs_urls import parse_gs_url
+from service.config import Config
+from service.database import Store
+from service.domain import GenerationStatus
+from service.errors import Conflict, NotFound, ServiceError
+from service.models import Generation, utcnow
+from service.runtime.kinds import EXPIRE_RESULT
+from service.runtime.outcomes import DONE, Done, Failed, Outcome
+from service.runtime.queue import ClaimedTask, TaskQueue
+from service.tenants import TenantSettings
+
+log = logging.getLogger("genrelay.result_access")
+
+
+class ResultGone(ServiceError):
+    status = 410
+    slug = "result-expired"
+    title = "The result has been deleted"
+
+
+class CannotSign(ServiceError):
+    status = 501
+    slug = "cannot-sign"
+    title = "No signed URL can be made"
+
+
+def output_location(config: Config, settings: TenantSettings) -> tuple[str, str]:
+    """(bucket, prefix) where the tenant's results are stored."""
+    if settings.output:
+        parsed = parse_gs_url(settings.output, object_required=False)
+        if parsed is not None:
+            return parsed[0], parsed[1].strip("/")
+    return config.gcs_bucket, config.gcs_prefix
+
+
+def sign_result(blobs: BlobStore, uri: str | None, ttl: float) -> str | None:
+    """A V4 GET URL of the stored result at `uri`; None where it cannot be made now."""
+    parsed = parse_gs_url(uri) if isinstance(uri, str) else None
+    if parsed is None:
+        return None
+    bucket, name = parsed
+    try:
+        return blobs.for_bucket(bucket).signed_url(name, dt.timedelta(seconds=ttl))
+    except BlobError as exc:
+        # Signing through IAM can fail for a moment; the result stays readable by URI.
+        log.warning("could not sign a URL for %s: %s", uri, exc.message)
+        return None
+
+
+def schedule_expiry(session: Session, queue: TaskQueue, generation: Generation) -> None:
+    """Queue the deletion of a just-stored result when its generation has a retention."""
+    if generation.retention_seconds is not None:
+        queue.enqueue(
+            session,
+            EXPIRE_RESULT,
+            {},
+            generation_id=generation.id,
+            delay=float(generation.retention_seconds),
+        )
+
+
+class ResultAccess:
+    """`GET` (a redirect to a signed URL) and `DELETE` of a generation's stored result."""
+
+    def __init__(self, store: Store, blobs: BlobStore, config: Config) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.config = config
+
+    def link(self, tenant_id: str, generation_id: str) -> str:
+        generation = self._stored_result(tenant_id, generation_id)
+        assert generation.result is not None
+        url = sign_result(self.blobs, generation.result.get("uri"), self.config.signed_url_ttl)
+        if url is None:
+            raise CannotSign(
+                "genrelay's credentials cannot sign URLs here (set GENRELAY_GCS_SIGNING_ACCOUNT "
+                "on Cloud Run, or use a service-account key); the result is at "
+                f"{generation.result.get('uri')}"
+            )
+        return url
+
+    def delete(self, tenant_id: str, generation_id: str) -> None:
+        """Delete the stored object now; deleting an expired result again is harmless."""
+        try:
+            self._stored_result(tenant_id, generation_id)
+        except ResultGone:
+            return
+        expire(self.store, self.blobs, generation_id)
+
+    def _stored_result(self, tenant_id: str, generation_id: str) -> Generation:
+        with self.store.read() as session:
+            generation = session.get(Generation, generation_id)
+        if generation is None or generation.tenant_id != tenant_id:
+            raise NotFound(f"no generation {generation_id!r}")
+        if generation.result_expired_at is not None:
+            raise ResultGone(
+                f"the result of {generation_id} was deleted at "
+                f"{generation.result_expired_at.isoformat()}"
+            )
+        if generation.status != GenerationStatus.SUCCEEDED or not generation.result:
+            raise Conflict(f"generation {generation_id} has no stored result ({generation.status})")
+        return generation
+
+
+def expire(store: Store, blobs: BlobStore, generation_id: str) -> bool:
+    """Delete the generation's stored object and mark it expired; False if nothing was left."""
+    if not delete_object(store, blobs, generation_id):
+        return False
+    with store.transaction() as session:
+        mark_expired(session, generation_id)
+    return True
+
+
+def delete_object(store: Store, blobs: BlobStore, generation_id: str) -> bool:
+    """Delete the generation's stored object; False if there is none (left) to delete."""
+    with store.read() as session:
+        generation = session.get(Generation, generation_id)
+    if generation is None or generation.result_expired_at is not None or not generation.result:
+        return False
+    parsed = parse_gs_url(str(generation.result.get("uri") or ""))
+    if parsed is not None:
+        bucket, name = parsed
+        blobs.for_bucket(bucket).delete(name)  # a missing object counts as deleted
+    return True
+
+
+def mark_expired(session: Session, generation_id: str) -> None:
+    """Record that the generation's result is gone (its object deleted)."""
+    now = utcnow()
+    session.execute(
+        sa.update(Generation)
+        .where(Generation.id == generation_id, Generation.result_expired_at.is_(None))
+        .values(result_expired_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    log.info("deleted the result of %s", generation_id, extra={"generation_id": generation_id})
+
+
+class ExpireResultHandler:
+    """The `expire_result` task: the retention ran out."""
+
+    def __init__(self, store: Store, blobs: BlobStore) -> None:
+        self.store = store
+        self.blobs = blobs
+
+    def run(self, task: ClaimedTask) -> Outcome:
+        generation_id = task.generation_id
+        assert generation_id is not None
+        try:
+            deleted = delete_object(self.store, self.blobs, generation_id)
+        except TransientBlobError as exc:
+            return Failed(f"deleting the result: {exc.message}")
+        if not deleted:
+            return DONE
+        return Done(lambda session: mark_expired(session, generation_id))
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> None:
+        log.error(
+            "the result of %s could not be deleted when its retention ran out: %s",
+            task.generation_id,
+            error,
+            extra={"generation_id": task.generation_id},
+        )
+        return None

@@ -1,0 +1,1 @@
+"""Notifications: events and their fan-out, signed deliveries, subscriptions, the SSRF policy."""

@@ -1,0 +1,349 @@
+"""The `deliver` task: send one delivery, record the attempt, decide what comes next.
+
+Outcomes, classified once here:
+- 2xx: succeeded.
+- 410: failed for good, and the subscription is disabled.
+- 429, 5xx, 3xx (redirects are not followed), timeouts, connection errors: retried on
+  GENRELAY_WEBHOOK_RETRY_SCHEDULE with jitter (the `deliver` kind's retry policy, the one
+  schedule of a delivery: the task runs at the delivery's `next_attempt_at`); past the
+  schedule the delivery is `dead`. An attempt that fails inside genrelay (a bug, the database
+  away) takes its turn on the same schedule.
+- other 4xx, or a target address that is not allowed: failed for good.
+A subscription whose deliveries have all failed for 5 days is disabled too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import logging
+import time
+from typing import Any
+
+import requests
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.database import Store
+from service.domain import DeliveryStatus
+from service.ids import new_id
+from service.metrics import DELIVERY_OUTCOMES
+from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
+from service.notifications.signing import sign
+from service.notifications.ssrf import UnsafeURL
+from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome
+from service.runtime.queue import ClaimedTask
+
+log = logging.getLogger("genrelay.delivery")
+
+SEND_TIMEOUT = 15.0
+EXCERPT_BYTES = 1024
+DISABLE_AFTER_FAILING = dt.timedelta(days=5)
+# A later event for the same target waits this long while an earlier one is still pending.
+ORDER_WAIT = 1.0
+
+
+class Verdict(enum.Enum):
+    SUCCESS = "success"
+    RETRY = "retry"
+    FINAL = "final"
+    GONE = "gone"  # 410: final, and the subscription is disabled
+
+
+def classify(status_code: int | None) -> Verdict:
+    """What an HTTP answer (None: no answer at all) means for the delivery."""
+    if status_code is None:
+        return Verdict.RETRY
+    if 200 <= status_code < 300:
+        return Verdict.SUCCESS
+    if status_code == 410:
+        return Verdict.GONE
+    if status_code == 429 or status_code >= 500 or 300 <= status_code < 400:
+        return Verdict.RETRY
+    return Verdict.FINAL
+
+
+# Per generation and target, events go out in lifecycle order: the earliest next attempt of
+# an earlier delivery still pending to the same target (its creation time when it is due now),
+# or NULL when there is none.
+_EARLIER = sa.orm.aliased(Delivery, name="earlier")
+_MINE = sa.orm.aliased(Event, name="mine")
+_THEIRS = sa.orm.aliased(Event, name="theirs")
+_BLOCKED_UNTIL = (
+    sa.select(sa.func.min(sa.func.coalesce(_EARLIER.next_attempt_at, _EARLIER.created_at)))
+    .select_from(_EARLIER)
+    .join(_THEIRS, _THEIRS.id == _EARLIER.event_id)
+    .join(_MINE, _MINE.generation_id == _THEIRS.generation_id)
+    .where(
+        _MINE.id == Delivery.event_id,
+        _EARLIER.url == Delivery.url,
+        sa.or_(
+            _EARLIER.subscription_id == Delivery.subscription_id,
+            sa.and_(_EARLIER.subscription_id.is_(None), Delivery.subscription_id.is_(None)),
+        ),
+        _EARLIER.status == DeliveryStatus.PENDING.value,
+        _EARLIER.created_at < Delivery.created_at,
+    )
+    .correlate(Delivery)
+    .scalar_subquery()
+)
+# Everything one attempt needs, in one statement: the delivery, what signs it, what is ahead.
+_READ = (
+    sa.select(
+        Delivery.status,
+        Delivery.url,
+        Delivery.format,
+        Delivery.webhook_id,
+        Delivery.body,
+        Delivery.subscription_id,
+        Subscription.enabled,
+        Subscription.secret,
+        Subscription.previous_secret,
+        Subscription.previous_secret_expires_at,
+        Subscription.failing_since,
+        Tenant.webhook_secret,
+        _BLOCKED_UNTIL.label("blocked_until"),
+    )
+    .select_from(Delivery)
+    .outerjoin(Subscription, Subscription.id == Delivery.subscription_id)
+    .outerjoin(Tenant, sa.and_(Tenant.id == Delivery.tenant_id, Delivery.subscription_id.is_(None)))
+    .where(Delivery.id == sa.bindparam("delivery_id"))
+)
+
+
+class DeliverHandler:
+    """Sends deliveries through a session that only connects to checked public addresses."""
+
+    def __init__(self, store: Store, http: requests.Session) -> None:
+        self.store = store
+        self.http = http
+
+    def run(self, task: ClaimedTask) -> Outcome:
+        delivery_id = task.payload["delivery_id"]
+        try:
+            return self._attempt(delivery_id, replay=bool(task.payload.get("replay")))
+        except Exception as exc:
+            # A bug, or the database away: the attempt takes its turn on the schedule like a
+            # failed POST, and the delivery shows when the next one comes.
+            log.exception("delivery %s: the attempt failed inside genrelay", delivery_id)
+            return _retrying(delivery_id, None, f"error inside genrelay ({type(exc).__name__})")
+
+    def _attempt(self, delivery_id: str, *, replay: bool) -> Outcome:
+        with self.store.read_connection() as connection:
+            row = connection.execute(_READ, {"delivery_id": delivery_id}).first()
+        if row is None or (row.status != DeliveryStatus.PENDING and not replay):
+            return DONE
+        if row.blocked_until is not None:
+            wait = max(ORDER_WAIT, (row.blocked_until - utcnow()).total_seconds())
+            return Later(wait, "an earlier event for this target is still pending")
+        secrets = _secrets(row)
+        if secrets is None:
+            return Done(
+                _recording(delivery_id, None, DeliveryStatus.FAILED, "subscription disabled")
+            )
+        content_type = (
+            "application/cloudevents+json" if row.format == "cloudevents" else "application/json"
+        )
+        signed = sign(row.webhook_id, utcnow(), row.body.encode(), secrets, content_type)
+        attempt = self._send(row.url, signed.headers, signed.body)
+        verdict = Verdict.FINAL if attempt.refused else classify(attempt.status_code)
+        if verdict is Verdict.SUCCESS:
+            # A subscription not failing before has no streak to clear.
+            streak = row.subscription_id is not None and row.failing_since is not None
+            return Done(
+                _recording(
+                    delivery_id, attempt, DeliveryStatus.SUCCEEDED, None, track_success=streak
+                )
+            )
+        reason = attempt.error or f"HTTP {attempt.status_code}"
+        if verdict is Verdict.RETRY and not replay:
+            return _retrying(delivery_id, attempt, reason)
+        final = DeliveryStatus.DEAD if verdict is Verdict.RETRY else DeliveryStatus.FAILED
+        gone = verdict is Verdict.GONE
+        return Done(_recording(delivery_id, attempt, final, reason, gone=gone))
+
+    def on_exhausted(self, task: ClaimedTask, error: str) -> Apply:
+        """Its schedule is spent: a delivery still pending is dead (one whose last attempt was
+        recorded by the same outcome already is)."""
+        return _recording(
+            task.payload["delivery_id"], None, DeliveryStatus.DEAD, error, only_pending=True
+        )
+
+    def _send(self, url: str, headers: dict[str, str], body: bytes) -> Attempt:
+        started = time.monotonic()
+        try:
+            response = self.http.post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=SEND_TIMEOUT,
+                allow_redirects=False,
+                stream=True,
+            )
+        except UnsafeURL as exc:
+            return Attempt(None, None, f"not allowed: {exc.reason}", _ms(started), refused=True)
+        except requests.RequestException as exc:
+            return Attempt(None, None, type(exc).__name__, _ms(started))
+        with response:
+            try:
+                raw = response.raw.read(EXCERPT_BYTES, decode_content=True)
+            except Exception:  # a receiver cutting the body short must not lose the status
+                raw = b""
+            excerpt = raw.decode("utf-8", errors="replace")
+            return Attempt(response.status_code, excerpt, None, _ms(started))
+
+
+def _secrets(row: Any) -> list[str] | None:
+    """Every secret that signs the delivery now; None when its subscription is off."""
+    if row.subscription_id is None:
+        # The tenant's, made at fan-out time (record_event), so a plain read finds it.
+        return [row.webhook_secret] if row.webhook_secret else None
+    if not row.enabled:  # disabled, or deleted (no row)
+        return None
+    secrets = [row.secret]
+    expires = row.previous_secret_expires_at
+    if row.previous_secret and expires and expires > utcnow():
+        secrets.append(row.previous_secret)
+    return secrets
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """What one POST to the target gave."""
+
+    status_code: int | None
+    excerpt: str | None
+    error: str | None
+    duration_ms: int
+    refused: bool = False  # the target address is not allowed: final
+
+
+def _retrying(delivery_id: str, attempt: Attempt | None, reason: str) -> Failed:
+    """A failed attempt: the next is the delivery schedule's (the `deliver` kind's retry
+    policy), which the runner applies and tells the record (None: the schedule is spent)."""
+
+    def record(session: Session, next_at: dt.datetime | None) -> None:
+        status = DeliveryStatus.PENDING if next_at else DeliveryStatus.DEAD
+        apply = _recording(
+            delivery_id, attempt, status, reason, next_attempt_at=next_at, only_pending=True
+        )
+        apply(session)
+
+    return Failed(f"delivery {delivery_id}: {reason}", record)
+
+
+def _record_statement(*, with_attempt: bool, only_pending: bool) -> sa.Update:
+    """The UPDATE recording an outcome on a delivery (built once per shape; values bound)."""
+    table: sa.Table = Delivery.__table__  # type: ignore[assignment]
+    c = table.c
+    values: dict[str, Any] = {
+        name: sa.bindparam(f"new_{name}", type_=c[name].type)
+        for name in ("status", "last_error", "next_attempt_at", "updated_at")
+    }
+    if with_attempt:
+        values["attempts"] = c.attempts + 1
+        values["last_status_code"] = sa.bindparam("new_last_status_code", type_=c.attempts.type)
+    condition = [c.id == sa.bindparam("delivery_id")]
+    if only_pending:
+        condition.append(c.status == DeliveryStatus.PENDING.value)
+    return sa.update(table).where(*condition).values(values).returning(c.subscription_id)
+
+
+_RECORD = {
+    (with_attempt, only_pending): _record_statement(
+        with_attempt=with_attempt, only_pending=only_pending
+    )
+    for with_attempt in (True, False)
+    for only_pending in (True, False)
+}
+_INSERT_ATTEMPT = sa.insert(DeliveryAttempt)
+
+
+def _recording(
+    delivery_id: str,
+    attempt: Attempt | None,
+    status: DeliveryStatus,
+    reason: str | None,
+    *,
+    next_attempt_at: dt.datetime | None = None,
+    gone: bool = False,
+    only_pending: bool = False,
+    track_success: bool = True,
+) -> Apply:
+    """The change recording an attempt (if any) and what it made of the delivery.
+
+    Core statements: this runs once per delivery attempt. `track_success=False` when the
+    subscription was known not to be failing, so a success has no streak to clear.
+    """
+
+    def apply(session: Session) -> None:
+        connection = session.connection()
+        now = utcnow()
+        changed = connection.execute(
+            _RECORD[(attempt is not None, only_pending)],
+            {
+                "delivery_id": delivery_id,
+                "new_status": status.value,
+                "new_last_error": reason,
+                "new_next_attempt_at": next_attempt_at,
+                "new_updated_at": now,
+                "new_last_status_code": attempt.status_code if attempt else None,
+            },
+        ).first()
+        if changed is None:
+            return
+        DELIVERY_OUTCOMES.labels("retry" if next_attempt_at is not None else status.value).inc()
+        if attempt is not None:
+            connection.execute(
+                _INSERT_ATTEMPT,
+                {
+                    "id": new_id("att_"),
+                    "delivery_id": delivery_id,
+                    "attempted_at": now,
+                    "status_code": attempt.status_code,
+                    "duration_ms": attempt.duration_ms,
+                    "response_excerpt": attempt.excerpt,
+                    "error": attempt.error,
+                },
+            )
+        if changed.subscription_id is None:
+            return
+        if status is DeliveryStatus.SUCCEEDED and not track_success:
+            return
+        subscription = session.get(Subscription, changed.subscription_id)
+        if subscription is not None and subscription.enabled:
+            _track_failures(subscription, status, reason, now, gone=gone)
+
+    return apply
+
+
+def _track_failures(
+    subscription: Subscription,
+    status: DeliveryStatus,
+    reason: str | None,
+    now: dt.datetime,
+    *,
+    gone: bool,
+) -> None:
+    """A success clears the failing streak; a 410 or 5 days of failures disable."""
+    if status is DeliveryStatus.SUCCEEDED:
+        subscription.failing_since = None
+        return
+    if subscription.failing_since is None:
+        subscription.failing_since = now
+    if gone:
+        _disable(subscription, "the endpoint answered 410 Gone", now)
+    elif now - subscription.failing_since >= DISABLE_AFTER_FAILING:
+        _disable(subscription, f"every delivery failed for 5 days (last: {reason})", now)
+
+
+def _disable(subscription: Subscription, reason: str, now: dt.datetime) -> None:
+    log.warning("disabling subscription %s: %s", subscription.id, reason)
+    subscription.enabled = False
+    subscription.disabled_reason = reason
+    subscription.updated_at = now
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)

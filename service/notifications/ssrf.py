@@ -1,0 +1,377 @@
+"""Outgoing requests to subscriber URLs, guarded against SSRF and DNS rebinding.
+
+Subscribers choose the URLs genrelay calls. Unchecked, that lets any tenant make our servers
+reach what only they can reach (server-side request forgery): the cloud metadata service at
+169.254.169.254 (and its credentials), databases and admin consoles on private addresses,
+loopback services. Checking the host name once is not enough either: a host can resolve to a
+public address when it is checked and to 127.0.0.1 a moment later when the connection is
+made (DNS rebinding), or a public URL can redirect to a private one.
+
+So, in two places:
+- `URLPolicy.check_syntax` (creation time, no DNS): https only (http in dev), a host, no
+  user:password, a valid port, at most 2048 characters, no cloud metadata host names.
+- `URLPolicy.check` (send time): the same, then the host is resolved and *every* address must be
+  public: not private, loopback, link-local, multicast, unspecified, reserved, shared
+  (100.64.0.0/10) or "this network" (0.0.0.0/8), nor an IPv6 form that embeds such an IPv4
+  address (IPv4-mapped, 6to4, Teredo).
+- `pinned_session` connects to the first address `check` returned, never to a fresh DNS answer,
+  while the Host header, TLS SNI and certificate verification keep the URL's host name. One
+  resolution per request, and the connection goes where the check looked: no rebinding window.
+  Redirects are never followed.
+
+`GENRELAY_ALLOW_PRIVATE_WEBHOOKS=1` (`allow_private`) allows http and private addresses, for
+development and tests; the cloud metadata service stays refused even then, by name
+(metadata.google.internal) and by address (169.254.0.0/16, where every cloud puts it, and
+AWS's fd00:ec2::254), also in IPv4-mapped form.
+
+The same guard downloads results (service/generations/store.py), with `allowed_hosts` set to
+GENRELAY_RESULT_HOSTS: a result URL names a host on that list, or it is never fetched.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import ipaddress
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.utils import select_proxy
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
+
+MAX_URL_LENGTH = 2048
+DEFAULT_TIMEOUT: tuple[float, float] = (5.0, 30.0)
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# Names that reach the cloud metadata server without going through a numeric address check
+# (on GCE they resolve to 169.254.169.254, but only there; refuse them by name everywhere).
+_METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata"})
+# Not covered by every `ipaddress` flag on every Python version, so named explicitly.
+_NON_PUBLIC_V4_NETWORKS = (
+    ipaddress.IPv4Network("0.0.0.0/8"),  # "this network"; 0.0.0.0 reaches localhost on Linux
+    ipaddress.IPv4Network("100.64.0.0/10"),  # shared address space (carrier-grade NAT)
+)
+
+# The cloud metadata service (instance credentials): never reachable, whatever the policy.
+# 169.254.169.254 on GCP, AWS and Azure, 169.254.170.2 on ECS: all of link-local IPv4.
+_METADATA_NETWORKS = (
+    ipaddress.IPv4Network("169.254.0.0/16"),
+    ipaddress.IPv6Network("fd00:ec2::254/128"),
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class UnsafeURL(ValueError):
+    """The URL may not be called; `reason` is a short human sentence (safe to show a client)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Unresolvable(UnsafeURL):
+    """The host did not resolve (or not in time): may change, unlike the other refusals."""
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Resolve `host` with getaddrinfo (IPv4 and IPv6), in the system's preference order."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+# getaddrinfo cannot be interrupted; lookups with a deadline run here, and a caller stops
+# waiting when its time is up (a lookup that hangs holds one of these threads, not a request).
+_LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="dns")
+
+
+def timed_resolver(
+    timeout: float, resolve: Callable[[str, int], list[str]] = system_resolver
+) -> Callable[[str, int], list[str]]:
+    """`resolve`, giving up after `timeout` seconds with OSError (for the request path)."""
+
+    def resolver(host: str, port: int) -> list[str]:
+        future = _LOOKUPS.submit(resolve, host, port)
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise OSError(f"no DNS answer within {timeout:g} s") from None
+
+    return resolver
+
+
+def host_allowed(hostname: str, patterns: Iterable[str]) -> bool:
+    """Whether `hostname` is on the list: exact names, or `*.suffix` for any subdomain."""
+    name = hostname.lower().rstrip(".")
+    for pattern in patterns:
+        pattern = pattern.lower().rstrip(".")
+        if pattern.startswith("*."):
+            if name.endswith(pattern[1:]) and len(name) > len(pattern) - 1:
+                return True
+        elif name == pattern:
+            return True
+    return False
+
+
+def is_metadata_address(address: IPAddress) -> bool:
+    """Whether `address` reaches the cloud metadata service (also as IPv4-mapped IPv6)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in _METADATA_NETWORKS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """The parts of a checked URL the connection needs."""
+
+    scheme: str
+    host: str  # as parse_url gives it: lower case, IDNA-encoded, IPv6 in brackets
+    port: int  # explicit or the scheme's default
+    explicit_port: bool
+
+    @property
+    def hostname(self) -> str:
+        """The host without brackets, IPv6 zone id or trailing dot: for SNI and the cert."""
+        name = self.host.strip("[]").split("%", 1)[0]
+        return name.rstrip(".")
+
+    @property
+    def ip_literal(self) -> IPAddress | None:
+        """The host as an address when the URL names one."""
+        try:
+            return ipaddress.ip_address(self.host.strip("[]"))
+        except ValueError:
+            return None
+
+    @property
+    def host_header(self) -> str:
+        """What the Host header would be had we connected by name."""
+        host = self.host.split("%", 1)[0] + ("]" if "%" in self.host else "")
+        return f"{host}:{self.port}" if self.explicit_port else host
+
+
+@dataclasses.dataclass(frozen=True)
+class URLPolicy:
+    """Which URLs may be called; `allow_private` is GENRELAY_ALLOW_PRIVATE_WEBHOOKS.
+
+    `allowed_hosts` (None: any host) restricts the host names, e.g. to GENRELAY_RESULT_HOSTS.
+    """
+
+    allow_private: bool = False
+    resolver: Callable[[str, int], list[str]] = system_resolver
+    allowed_hosts: tuple[str, ...] | None = None
+
+    def check_syntax(self, url: str) -> None:
+        """Refuse a URL that is malformed or may never be called; no DNS (creation time)."""
+        self._parse(url)
+
+    def check(self, url: str) -> list[str]:
+        """Refuse `url` unless every address its host resolves to is public; return them."""
+        return self._resolve(self._parse(url))
+
+    def _parse(self, url: str) -> _Target:
+        if len(url) > MAX_URL_LENGTH:
+            raise UnsafeURL(f"the URL is longer than {MAX_URL_LENGTH} characters")
+        # Parsers disagree about backslashes and stray whitespace (`https://a.com\@10.0.0.1`);
+        # no legitimate webhook URL needs them, so there is nothing for them to disagree on.
+        if any(ch.isspace() or ch == "\\" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+            raise UnsafeURL("the URL contains whitespace, control characters or backslashes")
+        try:
+            # The parser requests itself uses, so the check sees the host the connection uses.
+            parsed = parse_url(url)
+        except LocationParseError:
+            raise UnsafeURL("the URL is not valid (check the host and the port)") from None
+        scheme = parsed.scheme or ""
+        allowed = ("https", "http") if self.allow_private else ("https",)
+        if scheme not in allowed:
+            raise UnsafeURL(
+                "the URL must use http or https" if self.allow_private else "the URL must use https"
+            )
+        if parsed.auth is not None:
+            raise UnsafeURL("the URL must not contain a user name or password")
+        if not parsed.host:
+            raise UnsafeURL("the URL has no host")
+        if parsed.port is not None and not 1 <= parsed.port <= 65535:
+            raise UnsafeURL("the port must be between 1 and 65535")
+        default_port = _DEFAULT_PORTS[scheme]
+        target = _Target(
+            scheme=scheme,
+            host=parsed.host,
+            port=parsed.port or default_port,
+            explicit_port=parsed.port not in (None, default_port),
+        )
+        if target.hostname in _METADATA_HOSTS:
+            raise UnsafeURL("the host is a cloud metadata service")
+        if self.allowed_hosts is not None and not host_allowed(target.hostname, self.allowed_hosts):
+            raise UnsafeURL("the host is not on the list of allowed hosts")
+        return target
+
+    def _resolve(self, target: _Target) -> list[str]:
+        literal = target.ip_literal
+        if literal is not None:
+            if is_metadata_address(literal):
+                raise UnsafeURL("the host is a cloud metadata service")
+            if not self.allow_private and not is_public_address(literal):
+                raise UnsafeURL("the host is not a public internet address")
+            return [str(literal)]
+        try:
+            answers = self.resolver(target.host, target.port)
+        except (OSError, UnicodeError):
+            raise Unresolvable("the host does not resolve") from None
+        addresses: list[IPAddress] = []
+        for answer in answers:
+            try:
+                addresses.append(ipaddress.ip_address(answer))
+            except ValueError:
+                raise Unresolvable("the host does not resolve") from None
+        if not addresses:
+            raise Unresolvable("the host does not resolve")
+        if any(is_metadata_address(a) for a in addresses):
+            raise UnsafeURL("the host resolves to a cloud metadata service")
+        # Any private answer refuses the URL: which address a client ends up using is not ours
+        # to predict, and a name that mixes public and private addresses is a probe anyway.
+        if not self.allow_private and not all(is_public_address(a) for a in addresses):
+            raise UnsafeURL("the host resolves to an address that is not public")
+        return list(dict.fromkeys(str(a) for a in addresses))
+
+
+def is_public_address(address: IPAddress) -> bool:
+    """Whether `address` is an ordinary public unicast address (also judging embedded IPv4)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        # ::ffff:a.b.c.d is a socket to a.b.c.d: judge it as that address.
+        if address.ipv4_mapped is not None:
+            return is_public_address(address.ipv4_mapped)
+        embedded = [address.sixtofour, *(address.teredo or ())]
+        if any(v4 is not None and not is_public_address(v4) for v4 in embedded):
+            return False
+        if address.is_site_local:
+            return False
+    elif any(address in network for network in _NON_PUBLIC_V4_NETWORKS):
+        return False
+    return address.is_global and not (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_unspecified
+        or address.is_reserved
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pin:
+    """The address checked for one request, and the URL it was checked for."""
+
+    url: str
+    target: _Target
+    address: str
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """Checks each request's URL and connects to the checked address, keeping the host name.
+
+    `send` runs the policy (so a refusal happens before anything else, and even when a test
+    library replaces `HTTPAdapter.send`), then hands the checked address to
+    `get_connection_with_tls_context` through a thread-local slot, because requests gives
+    that hook no way to receive it. The pool it returns is keyed by the address, and for
+    https by `server_hostname` / `assert_hostname` = the URL's host name too (urllib3 makes
+    both part of the pool key), so SNI and certificate checks use the name, never the address.
+    """
+
+    def __init__(self, policy: URLPolicy, timeout: tuple[float, float]) -> None:
+        super().__init__(max_retries=0)
+        self._policy = policy
+        self._timeout = timeout
+        self._pins = threading.local()
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: bool | str = True,
+        cert: Any = None,
+        proxies: Any = None,
+    ) -> requests.Response:
+        """Check the URL, pin its first address, and send with a timeout always set."""
+        url = request.url or ""
+        if select_proxy(url, proxies):
+            # A proxy resolves the name itself: the address we checked would mean nothing.
+            raise ValueError("pinned sessions do not use proxies")
+        pin = self._pin(url)
+        # urllib3 would put the address it connects to into Host; the server wants the name.
+        request.headers.setdefault("Host", pin.target.host_header)
+        self._pins.current = pin
+        try:
+            return super().send(
+                request,
+                stream=stream,
+                timeout=self._timeout if timeout is None else timeout,
+                verify=verify,
+                cert=cert,
+                proxies=proxies,
+            )
+        finally:
+            self._pins.current = None
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str | None,
+        proxies: Any = None,
+        cert: Any = None,
+    ) -> HTTPConnectionPool:
+        """A pool connected to the pinned address, verifying TLS against the URL's host."""
+        url = request.url or ""
+        pin: _Pin | None = getattr(self._pins, "current", None)
+        if pin is None or pin.url != url:
+            pin = self._pin(url)  # called outside `send`: check here, still exactly once
+        target = pin.target
+        # requests' own verify/cert handling (CA bundle, client certificate), then our pinning.
+        _, tls_kwargs = self.build_connection_pool_key_attributes(
+            request, True if verify is None else verify, cert
+        )
+        pool_kwargs: dict[str, Any] = dict(tls_kwargs)
+        if target.scheme == "https":
+            pool_kwargs["server_hostname"] = target.hostname
+            pool_kwargs["assert_hostname"] = target.hostname
+        return self.poolmanager.connection_from_host(
+            host=pin.address, port=target.port, scheme=target.scheme, pool_kwargs=pool_kwargs
+        )
+
+    def _pin(self, url: str) -> _Pin:
+        target = self._policy._parse(url)
+        addresses = self._policy._resolve(target)
+        return _Pin(url=url, target=target, address=addresses[0])
+
+
+class _NoRedirectSession(requests.Session):
+    """A session that never follows a redirect, whatever `allow_redirects` says."""
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        """No redirect target, ever: a 3xx is returned to the caller as it came."""
+        return None
+
+
+def pinned_session(
+    policy: URLPolicy, *, timeout: tuple[float, float] = DEFAULT_TIMEOUT
+) -> requests.Session:
+    """A session that checks every URL with `policy` and connects only to checked addresses."""
+    session = _NoRedirectSession()
+    # No proxies or .netrc credentials from the environment: neither belongs on a webhook.
+    session.trust_env = False
+    session.max_redirects = 0
+    for default_adapter in session.adapters.values():
+        default_adapter.close()
+    session.adapters.clear()
+    adapter = _PinnedAdapter(policy, timeout)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session

@@ -1,0 +1,2 @@
+"""Process hosting: gunicorn's configuration, logging and worker class, the worker's HTTP
+endpoint."""
