@@ -282,10 +282,10 @@ def label(size: int) -> str:
 def print_report(report: dict[str, Any]) -> None:
     phases = ("server", "callback_to_queued", "queued_to_claimed", "store_work")
     rows = [
-        [s["label"], *(s["phases"][p]["median"] for p in phases), s["raw"]["stream"]["median"]]
-        + [s["worker_peak_growth_mib"]]
+        [s["label"], *(s["phases"][p]["median"] for p in phases), s["raw"]["stream"]["median"],
+         s["worker_peak_growth_mib"]]
         for s in report["sizes"]
-    ]
+    ]  # fmt: skip
     print("seconds, medians; callback -> succeeded (server) = queued + claimed + store")
     head = ["result", "callback->succeeded", "->queued", "->claimed", "store", "bare stream"]
     print_table([*head, "worker VmHWM growth MiB"], rows, ".3f")
