@@ -185,7 +185,7 @@ def bare_stream(gcs_url: str, url: str, content_type: str) -> tuple[float, str |
 
     client = storage.Client(
         project="bench",
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
         client_options={"api_endpoint": gcs_url},
     )
     blob = client.bucket(BUCKET).blob(f"bare/{time.time_ns()}")
@@ -202,7 +202,7 @@ def bare_stream(gcs_url: str, url: str, content_type: str) -> tuple[float, str |
     seconds = time.perf_counter() - began
     crc32c: str | None = blob.crc32c
     blob.delete()
-    client.close()  # type: ignore[no-untyped-call]
+    client.close()
     return seconds, crc32c
 
 
@@ -246,21 +246,21 @@ def measure(ctx: Context) -> dict[str, Any]:
     rss = None
     if not args.skip_rss:
         time.sleep(1.0)  # let the worker settle
-        before = proc_status(stack.worker)
+        status = proc_status(stack.worker)
         reset = reset_peak_rss(stack.worker)
         with RssSampler(lambda: [stack.worker], 0.02) as sampler:
             run = stack.generation(args.rss_size, max(0, args.rss_size - base["bytes"]))
-        after = proc_status(stack.worker)
         # Where VmHWM could not be reset this can only understate.
-        growth = after["VmHWM"] - (before["VmRSS"] if reset else max(before.values()))
+        peak = status["VmRSS"] if reset else max(status["VmHWM"], status["VmRSS"])
+        grown = proc_status(stack.worker)["VmHWM"] - peak
         bare, _ = bare_stream(stack.gcs, run["result_url"], run["content_type"])
         rss = {
             "label": label(args.rss_size),
             "status": run["status"],
             "hwm_reset": reset,
-            "growth_mib": round(growth / MIB, 1),
-            "sampled_growth_mib": round((sampler.peak - before["VmRSS"]) / MIB, 1),
-            "pass": growth <= RSS_TARGET and run["status"] == "succeeded",
+            "growth_mib": round(grown / MIB, 1),
+            "sampled_growth_mib": round((sampler.peak - status["VmRSS"]) / MIB, 1),
+            "pass": grown <= RSS_TARGET and run["status"] == "succeeded",
             "phases": run["phases"],
             "bare_stream": round(bare, 3),
             "problems": run["problems"],
