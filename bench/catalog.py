@@ -275,7 +275,17 @@ class Run:
             admitted = "g.admitted_at"
         except Exception:  # the baseline's schema has none
             admitted = "NULL"
-        keys = "id tenant status error created completed admitted submitted source_found".split()
+        keys = [
+            "id",
+            "tenant",
+            "status",
+            "error",
+            "created",
+            "completed",
+            "admitted",
+            "submitted",
+            "source_found",
+        ]
         gens = [
             dict(zip(keys, row, strict=True))
             for row in self.db.rows(GENERATIONS.format(admitted=admitted))
