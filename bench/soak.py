@@ -1017,7 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(report.format())
     if args.json_out:
-        args.json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        args.json_out.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
         print(f"JSON report: {args.json_out}")
     return 0 if report.ok else 1
 
