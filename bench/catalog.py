@@ -183,7 +183,7 @@ class Run:
                     f"{api}/v1/batches/{batch}",
                     headers={"Authorization": f"Bearer {catalog_key}"},
                     timeout=CLIENT_TIMEOUT,
-                ).json()["counts"]
+                ).json()
                 for batch in intake.pop("batch_ids")
                 if case.complete
             ]

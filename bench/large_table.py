@@ -5,7 +5,7 @@ Two fresh PostgreSQL databases; `large` bulk-filled with plain SQL (1,000,000 ge
 due), then `genrelay serve` (2 x 8, no worker, inline submits to the simulator) on each in
 turn, alternating rounds of intakes, list pages, reads and /metrics from 8 threads. Also the
 plans (EXPLAIN ANALYZE) of the claim and the list queries genrelay sends at 1 M rows. How to
-read it: bench/scale.md.
+read it: bench/README.md.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ jobs, callbacks on) and fake-gcs-server. `whole`: G generations posted as fast a
 answered, timed from the first POST to the last `completed_at`; `backlog`: the store and poll
 tasks of G generations, posted with no worker running, drained by workers started afterwards.
 `--worker-cpu CORES` puts each worker in a cgroup capped at CORES (bench/_cpulimit.py). How to
-read it: bench/scale.md.
+read it: bench/README.md.
 """
 
 from __future__ import annotations
