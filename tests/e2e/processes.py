@@ -50,6 +50,11 @@ class Stack(Processes):
         """Start `genrelay ARGS` with its output in `<name>.log` (`env` replaces the default)."""
         return super().start(name, [GENRELAY, *args], env or self.env)
 
+    @property
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The latest process of each name."""
+        return self.children
+
     def alive(self) -> bool:
         self.check_alive()
         return True
