@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, Self
@@ -621,7 +621,7 @@ class CpuProbe:
     its difference, a new one all its time), and of the machine: `delta` adds "other", the
     machine's busy time that none of the groups but "postgres (this db)" accounts for."""
 
-    def __init__(self, groups: dict[str, Callable[[], Iterable[int]]]) -> None:
+    def __init__(self, groups: Mapping[str, Callable[[], Iterable[int]]]) -> None:
         self.groups = groups
 
     def snapshot(self) -> tuple[float, float, dict[str, dict[int, float]]]:

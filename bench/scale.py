@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -92,6 +93,8 @@ class Run:
             ]
         except (CpuQuotaError, OSError) as exc:
             raise BenchError(f"--worker-cpu: {exc}") from None
+        for quota in self.quotas:
+            self.ctx.later.callback(quota.close)  # also when the run fails
         with Database(db_url) as self.db:
             groups = {
                 "serve": tree_of(self.processes.children["serve"]),
@@ -105,8 +108,6 @@ class Run:
             result = self.whole() if mode == "whole" else self.backlog()
         self.processes.stop_all()
         stats = [quota.stats() for quota in self.quotas]
-        for quota in self.quotas:
-            quota.close()
         if stats:
             result["worker_quota"] = {
                 "cores_each": args.worker_cpu,
@@ -116,7 +117,7 @@ class Run:
             }
         return result
 
-    def worker_pids(self, n: int) -> Any:
+    def worker_pids(self, n: int) -> Callable[[], list[int]]:
         return lambda: tree_of(self.processes.children.get(f"worker-{n}"))()
 
     def start_workers(self) -> None:
