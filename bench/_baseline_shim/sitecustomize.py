@@ -41,8 +41,8 @@ class _PatchSubmitPolicy(importlib.abc.MetaPathFinder):
 
         def exec_module(module: types.ModuleType) -> None:
             original(module)
-            policy = module.SUBMIT_POLICY
-            module.SUBMIT_POLICY = dataclasses.replace(policy, max_age=max_age)
+            policy = getattr(module, "SUBMIT_POLICY")  # noqa: B009 (the old code's name)
+            setattr(module, "SUBMIT_POLICY", dataclasses.replace(policy, max_age=max_age))  # noqa: B010
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec

@@ -5,11 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import secrets
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,54 +14,49 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
+from bench._stack import (
+    GENRELAY,
+    Processes,
+    free_port,
+    genrelay_env,
+    start_serve,
+    start_simulator,
+    start_worker,
+    wait_until,
+)
 from service.database import Store
-from service.devtools.stack import free_port
 from service.generations.line import IN_FLIGHT
 from service.models import Generation
 
-GENRELAY = str(Path(sys.executable).parent / "genrelay")
+__all__ = ["GENRELAY", "Deployment", "SlotWatcher", "Stack", "deployment", "free_port", "wait_for"]
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    """Poll `check` until true (AssertionError after `timeout` s)."""
+    wait_until(check, what, timeout)
 
 
-class Stack:
-    """Processes of one test, their logs kept for the failure report."""
+class Stack(Processes):
+    """bench/_stack.py's processes of one test, with `env` by default; logs in `tmp_path`."""
 
     def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        super().__init__(tmp_path)
         self.tmp_path = tmp_path
         self.env = env
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(
+    def start(  # type: ignore[override]
         self, name: str, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         """Start `genrelay ARGS` with its output in `<name>.log` (`env` replaces the default)."""
-        log = (self.tmp_path / f"{name}.log").open("wb")
-        process = subprocess.Popen([GENRELAY, *args], env=env or self.env, stdout=log, stderr=log)
-        log.close()
-        self.processes[name] = process
-        return process
+        return super().start(name, [GENRELAY, *args], env or self.env)
 
-    def kill(self, name: str) -> None:
-        """SIGKILL one process and forget it (its log stays)."""
-        process = self.processes.pop(name)
-        process.kill()
-        process.wait()
+    @property
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The latest process of each name."""
+        return self.children
 
     def alive(self) -> bool:
-        dead = [name for name, p in self.processes.items() if p.poll() is not None]
-        if dead:
-            raise AssertionError(f"{', '.join(dead)} exited early")
+        self.check_alive()
         return True
 
     def logs(self, tail: int | None = 3000) -> str:
@@ -72,17 +64,6 @@ class Stack:
             f"--- {p.name} ---\n{p.read_text(errors='replace')[-(tail or 0) :]}"
             for p in sorted(self.tmp_path.glob("*.log"))
         )
-
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -114,12 +95,8 @@ class Deployment:
 
     def start_worker(self, name: str, *, threads: int = 4) -> None:
         """Start `genrelay worker` and wait until it says it has started."""
-        self.stack.start(name, "worker", "--threads", str(threads), "--poll-interval", "0.1")
-        log = self.stack.tmp_path / f"{name}.log"
-        wait_for(
-            lambda: self.stack.alive() and "worker started" in log.read_text(errors="replace"),
-            60,
-            f"genrelay worker {name}",
+        start_worker(
+            self.stack, self.env, name, "--threads", str(threads), "--poll-interval", "0.1"
         )
 
     def create(self, auth: Mapping[str, str], body: Mapping[str, Any], *, web: int = 0) -> Any:
@@ -171,10 +148,7 @@ class Deployment:
     def slots_in_use(self) -> int:
         """Generations holding an upstream slot of the line, from the database."""
         with self.store.read() as session:
-            return int(
-                session.scalar(sa.select(sa.func.count()).where(IN_FLIGHT))
-                or 0
-            )
+            return int(session.scalar(sa.select(sa.func.count()).where(IN_FLIGHT)) or 0)
 
 
 class SlotWatcher:
@@ -228,46 +202,21 @@ def deployment(
     `env` adds to or overrides the defaults (`GENRELAY_UPSTREAM_CONCURRENCY` is unset unless
     given, so the line learns the limit by default).
     """
-    sim_port = free_port()
     ports = [free_port() for _ in range(web)]
-    base_env = {
-        key: value for key, value in os.environ.items() if key != "GENRELAY_UPSTREAM_CONCURRENCY"
-    }
     full_env = {
-        **base_env,
-        "GENRELAY_DATABASE_URL": database_url,
-        "GENRELAY_DEEPIMAGE_URL": f"http://127.0.0.1:{sim_port}",
-        "GENRELAY_DEEPIMAGE_API_KEY": "sim-key",
-        "GENRELAY_PUBLIC_URL": f"http://127.0.0.1:{ports[0]}",
-        "GENRELAY_CALLBACK_SECRET": secrets.token_urlsafe(32),
+        **{k: v for k, v in os.environ.items() if k != "GENRELAY_UPSTREAM_CONCURRENCY"},
+        **genrelay_env(database_url, "", gcs_url, ports[0], web_processes=1),
         "GENRELAY_GCS_BUCKET": bucket,
-        "STORAGE_EMULATOR_HOST": gcs_url,
-        "GENRELAY_WEB_PROCESSES": "1",
-        "GENRELAY_RATE_LIMIT": "0",
-        # Everything here is on loopback over http: the simulator's result URLs included.
-        "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
         **(env or {}),
     }
+    del full_env["PORT"]  # each web process gets its own
     stack = Stack(tmp_path, full_env)
     store = Store(database_url)
     try:
-        stack.start("simulator", "simulator", "--port", str(sim_port), *simulator)
+        sim = start_simulator(stack, *simulator, env=full_env)
+        full_env["GENRELAY_DEEPIMAGE_URL"] = sim
         for n, port in enumerate(ports):
-            stack.start(f"serve-{n}", "serve", env={**full_env, "PORT": str(port)})
-        sim = f"http://127.0.0.1:{sim_port}"
-        wait_for(
-            lambda: stack.alive() and requests.get(f"{sim}/_sim/health", timeout=1).ok,
-            30,
-            "the simulator",
-        )
-        for port in ports:
-            wait_for(
-                lambda port=port: (
-                    stack.alive() and requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).ok
-                ),
-                60,
-                "genrelay serve",
-            )
+            start_serve(stack, {**full_env, "PORT": str(port)}, f"serve-{n}")
         deployed = Deployment(
             stack=stack,
             env=full_env,
