@@ -116,10 +116,10 @@ WHERE mod((g.metadata ->> 'order')::int, 2) = 0
 
 # One poll task per processing generation, as the submit task leaves them.
 FILL_POLL_TASKS = """
-INSERT INTO tasks (id, kind, generation_id, payload, status, attempts, max_attempts, run_at,
+INSERT INTO tasks (id, kind, generation_id, payload, status, attempts, run_at,
                    created_at, updated_at)
 SELECT 'task_' || md5('poll' || id), 'poll', id, jsonb_build_object('delay', 120.0),
-  'pending', 0, 10,
+  'pending', 0,
   now() + interval '30 minutes' + random() * interval '6 hours', submitted_at, submitted_at
 FROM generations WHERE status = 'processing'
 LIMIT %(tasks)s
@@ -127,11 +127,11 @@ LIMIT %(tasks)s
 
 # The rest: deliveries waiting for their next retry (a subscriber that is down).
 FILL_DELIVER_TASKS = """
-INSERT INTO tasks (id, kind, generation_id, payload, status, attempts, max_attempts, run_at,
+INSERT INTO tasks (id, kind, generation_id, payload, status, attempts, run_at,
                    created_at, updated_at, last_error)
 SELECT 'task_' || md5('deliver' || i), 'deliver',
   'gen_' || md5('g' || (%(n)s - mod(i, 50000))),
-  jsonb_build_object('delivery_id', 'dlv_' || md5('d' || i)), 'pending', mod(i, 3), 10,
+  jsonb_build_object('delivery_id', 'dlv_' || md5('d' || i)), 'pending', mod(i, 3),
   now() + interval '30 minutes' + random() * interval '6 hours',
   now() - interval '3 hours', now() - interval '1 hour',
   CASE WHEN mod(i, 3) > 0 THEN 'HTTP 503 from the subscriber' END
