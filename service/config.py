@@ -60,7 +60,6 @@ class Config:
     reconcile_after: float = 120.0
     generation_timeout: float = 3600.0
     webhook_retry_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
-    port: int = 8080
     # For Cloud Logging's trace field (projects/P/traces/T); Cloud Run does not set it.
     gcp_project: str | None = None
     # Outgoing HTTP to Deep-Image: (connect, read) seconds.
@@ -80,8 +79,6 @@ class Config:
     # Jobs the Deep-Image account may have processing at once; None: learned
     # (service/generations/line.py).
     upstream_concurrency: int | None = None
-    # Seconds a client has to send its request (read by service/server/gunicorn_worker.py too).
-    request_timeout: float = 15.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -188,9 +185,9 @@ class Config:
                     "Deep-Image account may have processing at once)"
                 )
             values["upstream_concurrency"] = int(v)
-        process = ProcessSettings.from_env(env)
-        values["port"] = process.port
-        values["request_timeout"] = process.request_timeout
+        # The process settings (PORT, GENRELAY_WEB_*, ...) are ProcessSettings', read by the
+        # processes themselves; checked here too, so a bad one stops every command at once.
+        ProcessSettings.from_env(env)
         return cls(**values)
 
     @staticmethod

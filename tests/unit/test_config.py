@@ -18,7 +18,6 @@ def test_minimal_environment_gives_the_documented_defaults() -> None:
     assert config.max_result_bytes == 256 * 1024 * 1024
     assert config.signed_url_ttl == 3600
     assert config.webhook_retry_schedule == DEFAULT_WEBHOOK_RETRY_SCHEDULE
-    assert config.port == 8080
     # Results come from Deep-Image's own host and its documented result store, nowhere else.
     assert config.allowed_result_hosts == (
         "deep-image.ai",
@@ -80,9 +79,7 @@ def test_every_variable_is_read() -> None:
     assert config.reconcile_after == 30
     assert config.generation_timeout == 600
     assert config.webhook_retry_schedule == (0, 1, 2.5)
-    assert config.port == 9999
     assert config.allowed_result_hosts == ("cdn.example.com", "*.store.example.net")
-    assert config.request_timeout == 4.5
 
 
 @pytest.mark.parametrize(
