@@ -88,9 +88,11 @@ _BLOCKED_UNTIL = (
     .correlate(Delivery)
     .scalar_subquery()
 )
-# Everything one attempt needs, in one statement: the delivery, what signs it, what is ahead.
+# Everything an attempt needs, in one statement for a batch of deliveries: the delivery, what
+# signs it, what is ahead of it.
 _READ = (
     sa.select(
+        Delivery.id,
         Delivery.status,
         Delivery.url,
         Delivery.format,
@@ -108,7 +110,7 @@ _READ = (
     .select_from(Delivery)
     .outerjoin(Subscription, Subscription.id == Delivery.subscription_id)
     .outerjoin(Tenant, sa.and_(Tenant.id == Delivery.tenant_id, Delivery.subscription_id.is_(None)))
-    .where(Delivery.id == sa.bindparam("delivery_id"))
+    .where(Delivery.id.in_(sa.bindparam("delivery_ids", expanding=True)))
 )
 
 
@@ -120,18 +122,28 @@ class DeliverHandler:
         self.http = http
 
     def run(self, task: ClaimedTask) -> Outcome:
-        delivery_id = task.payload["delivery_id"]
-        try:
-            return self._attempt(delivery_id, replay=bool(task.payload.get("replay")))
-        except Exception as exc:
-            # A bug, or the database away: the attempt takes its turn on the schedule like a
-            # failed POST, and the delivery shows when the next one comes.
-            log.exception("delivery %s: the attempt failed inside genrelay", delivery_id)
-            return _retrying(delivery_id, None, f"error inside genrelay ({type(exc).__name__})")
+        return self.run_batch([task])[0]
 
-    def _attempt(self, delivery_id: str, *, replay: bool) -> Outcome:
-        with self.store.read_connection() as connection:
-            row = connection.execute(_READ, {"delivery_id": delivery_id}).first()
+    def run_batch(self, tasks: list[ClaimedTask]) -> list[Outcome]:
+        """Read every delivery of the batch at once, then attempt each in turn."""
+        ids = [task.payload["delivery_id"] for task in tasks]
+        try:
+            with self.store.read_connection() as connection:
+                rows = {row.id: row for row in connection.execute(_READ, {"delivery_ids": ids})}
+        except Exception as exc:
+            log.exception("reading %d deliveries failed", len(ids))
+            return [_failed_inside(delivery_id, exc) for delivery_id in ids]
+        outcomes: list[Outcome] = []
+        for task, delivery_id in zip(tasks, ids, strict=True):
+            try:
+                replay = bool(task.payload.get("replay"))
+                outcomes.append(self._attempt(delivery_id, rows.get(delivery_id), replay=replay))
+            except Exception as exc:
+                log.exception("delivery %s: the attempt failed inside genrelay", delivery_id)
+                outcomes.append(_failed_inside(delivery_id, exc))
+        return outcomes
+
+    def _attempt(self, delivery_id: str, row: Any, *, replay: bool) -> Outcome:
         if row is None or (row.status != DeliveryStatus.PENDING and not replay):
             return DONE
         if row.blocked_until is not None:
@@ -217,6 +229,12 @@ class Attempt:
     error: str | None
     duration_ms: int
     refused: bool = False  # the target address is not allowed: final
+
+
+def _failed_inside(delivery_id: str, exc: Exception) -> Failed:
+    """A bug, or the database away: the attempt takes its turn on the schedule like a failed
+    POST, and the delivery shows when the next one comes."""
+    return _retrying(delivery_id, None, f"error inside genrelay ({type(exc).__name__})")
 
 
 def _retrying(delivery_id: str, attempt: Attempt | None, reason: str) -> Failed:

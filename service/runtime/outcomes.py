@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy.orm import Session
 
@@ -74,3 +74,12 @@ class TaskHandler(Protocol):
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> Apply | None:
         """The task is given up: the change recording that on what it served, if any."""
+
+
+@runtime_checkable
+class BatchHandler(TaskHandler, Protocol):
+    """A handler that can run several tasks of its kind together (one read for all of them);
+    the runner then applies all their outcomes in one transaction."""
+
+    def run_batch(self, tasks: list[ClaimedTask]) -> list[Outcome]:
+        """One outcome per task, in order."""
