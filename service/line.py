@@ -38,6 +38,7 @@ import datetime as dt
 import logging
 from collections import deque
 from collections.abc import Sequence
+from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -47,6 +48,9 @@ from service.domain import ErrorCode, GenerationStatus
 from service.models import Generation, Task, Tenant, UpstreamAccount, utcnow
 from service.store import Store
 from service.tasks import ClaimedTask, TaskQueue, TaskStatus
+
+# The table, for Core statements on the hot paths.
+_GENERATIONS = cast(sa.Table, Generation.__table__)
 
 log = logging.getLogger("genrelay.line")
 
@@ -309,8 +313,92 @@ class Line:
             .execution_options(synchronize_session=False)
         )
 
-    def _admit(self, session: Session, *, now: dt.datetime, claim_for: str | None) -> Admission:
+    def admit_new(
+        self,
+        session: Session,
+        generation_id: str,
+        tenant_id: str,
+        *,
+        now: dt.datetime,
+        deadline: dt.datetime | None = None,
+    ) -> Admission:
+        """`admit(claim_for=generation_id)` for a generation just stored in `session`'s
+        transaction (intake), in as few statements as the common case needs.
+
+        Slots are handed out in every transaction that frees one, so a generation waiting
+        while a slot is free is rare: usually the new generation is the only one waiting, and
+        then the full pass would give it the slot if there is one (and its tenant has no cap
+        of its own). That is checked with one statement after the account's lock; anything
+        else (others waiting, a tenant cap, a deadline already passed) takes the full pass,
+        under the same lock. Either way the lock is held from the count to the commit.
+        """
         account = self._lock_account(session)
+        admission = self._admit_alone(session, account, generation_id, tenant_id, now, deadline)
+        if admission is None:
+            admission = self._admit(session, now=now, claim_for=generation_id, account=account)
+        if admission.claimed is None:
+            self._wake(session, now + dt.timedelta(seconds=TICK_BUSY))
+        return admission
+
+    def _admit_alone(
+        self,
+        session: Session,
+        account: UpstreamAccount,
+        generation_id: str,
+        tenant_id: str,
+        now: dt.datetime,
+        deadline: dt.datetime | None,
+    ) -> Admission | None:
+        """The new generation's admission when it is the only one waiting; None when the full
+        pass must decide."""
+        if account.paused_until is not None and account.paused_until > now:
+            return Admission([])
+        if deadline is not None and deadline <= now:
+            return None
+        # Counted up to what decides: `limit` slots in use, two generations waiting.
+        in_flight = (
+            sa.select(sa.func.count())
+            .select_from(sa.select(Generation.id).where(IN_FLIGHT).limit(account.limit).subquery())
+            .scalar_subquery()
+        )
+        waiting = (
+            sa.select(sa.func.count())
+            .select_from(sa.select(Generation.id).where(WAITING).limit(2).subquery())
+            .scalar_subquery()
+        )
+        connection = session.connection()
+        row = connection.execute(
+            sa.select(in_flight, waiting, Tenant.max_in_flight).where(Tenant.id == tenant_id)
+        ).one_or_none()
+        if row is None:
+            return None
+        used, waiters, cap = row
+        if used >= account.limit:
+            return Admission([])  # no free slot: nobody is admitted, the full pass agrees
+        if waiters != 1 or cap is not None:
+            return None
+        # The one waiting generation is ours (stored in this transaction, so no other holds
+        # its row): it takes a free slot.
+        admitted = connection.execute(
+            sa.update(_GENERATIONS)
+            .where(Generation.id == generation_id, WAITING)
+            .values(admitted_at=now, updated_at=now)
+        )
+        if admitted.rowcount != 1:
+            return None
+        claimed = self.queue.enqueue_claimed(session, SUBMIT, generation_id=generation_id)
+        return Admission([generation_id], claimed)
+
+    def _admit(
+        self,
+        session: Session,
+        *,
+        now: dt.datetime,
+        claim_for: str | None,
+        account: UpstreamAccount | None = None,
+    ) -> Admission:
+        if account is None:
+            account = self._lock_account(session)
         if account.paused_until is not None and account.paused_until > now:
             return Admission([])
         in_flight = dict(
