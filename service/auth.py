@@ -119,8 +119,8 @@ class ApiKeys:
         """The tenant id owning an active `key`, or None."""
         if not key.startswith(KEY_PREFIX) or len(key) > 200:
             return None
-        with self.store.read() as session:
-            return session.scalar(
+        with self.store.read_core() as connection:
+            return connection.scalar(
                 sa.select(ApiKey.tenant_id).where(
                     ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None)
                 )

@@ -59,9 +59,8 @@ class Store:
     def __init__(self, url: str) -> None:
         self.engine = create_db_engine(url)
         self._writer = sessionmaker(self.engine, expire_on_commit=False)
-        self._reader = sessionmaker(
-            self.engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False
-        )
+        self._read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+        self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
         # Work a transaction asked for, done inside it just before it commits (e.g. the
         # admission pass after a slot was freed: service/line.py). Registered before the
         # wake-up hook, so tasks these hooks queue are announced too.
@@ -89,6 +88,13 @@ class Store:
         """A read-only transaction (never takes SQLite's write lock)."""
         with self._reader.begin() as session:
             yield session
+
+    @contextmanager
+    def read_core(self) -> Iterator[sa.Connection]:
+        """A read-only transaction on a plain connection, for Core statements only: no ORM
+        session to set up (the API key lookup of every request)."""
+        with self._read_engine.begin() as connection:
+            yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()
