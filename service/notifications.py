@@ -21,6 +21,7 @@ from service.ids import new_id
 from service.models import Delivery, Event, Generation, Subscription, Tenant
 from service.signing import cloudevents_body, new_secret, new_webhook_id, standard_body
 from service.tasks import new_task_row
+from service.views import GenerationView
 
 DELIVER = "deliver"
 # The deliver task's own attempts only count crashes; the retry schedule lives on the
@@ -29,17 +30,27 @@ DELIVER_TASK_ATTEMPTS = 10
 CLOUDEVENTS_SOURCE = "/genrelay"
 
 
-def generation_resource(generation: Generation) -> dict[str, Any]:
-    """The generation as events and deliveries carry it (inline image data by size and hash)."""
-    return GenerationSummarySchema().dump(generation)
+_SUMMARY = GenerationSummarySchema()  # stateless: one instance serves every event
+
+
+def generation_resource(generation: Generation, *, signed_url: str | None = None) -> dict[str, Any]:
+    """The generation as events and deliveries carry it (inline image data by size and hash);
+    `signed_url` (never stored on the row) goes into `result.url`."""
+    return _SUMMARY.dump(GenerationView(generation, signed_url=signed_url))
 
 
 def record_event(
-    session: Session, generation: Generation, status: GenerationStatus, *, now: dt.datetime
+    session: Session,
+    generation: Generation,
+    status: GenerationStatus,
+    *,
+    now: dt.datetime,
+    signed_url: str | None = None,
 ) -> Event | None:
     """Write the event of a status change and queue its deliveries (same transaction).
 
-    `generation` is the row as the change left it (change_status's UPDATE ... RETURNING).
+    `generation` is the row as the change left it (change_status's UPDATE ... RETURNING);
+    `signed_url`, a download link for its result, is shown in the event's `result.url`.
     """
     event_type = EVENT_FOR_STATUS.get(status)
     if event_type is None:
@@ -49,7 +60,7 @@ def record_event(
         tenant_id=generation.tenant_id,
         generation_id=generation.id,
         type=event_type,
-        data=generation_resource(generation),
+        data=generation_resource(generation, signed_url=signed_url),
         created_at=now,
     )
     fan_out(
