@@ -138,6 +138,18 @@ class GenerationService:
         """
         if new.webhook is not None:
             require_safe_target(self.policy, new.webhook, "webhook")
+        # One pooled connection for the transactions below (ours, the inline submit's, the
+        # answer's), one after the other.
+        with self.store.reusing_connection():
+            return self._create(tenant_id, new, idempotency_key, also)
+
+    def _create(
+        self,
+        tenant_id: str,
+        new: NewGeneration,
+        idempotency_key: str | None,
+        also: Callable[[Session, str], None] | None,
+    ) -> Intake:
         fingerprint = ""
         if idempotency_key is not None:
             fingerprint = new.fingerprint()

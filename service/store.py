@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,28 +73,75 @@ class Store:
                 hook(session)
 
         wakeup.install(self._writer)  # NOTIFY idle workers of tasks queued (PostgreSQL)
+        # The connection `reusing_connection` holds for this thread (or task), if any.
+        self._held: contextvars.ContextVar[sa.Connection | None] = contextvars.ContextVar(
+            f"genrelay_store_{id(self)}", default=None
+        )
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
     @contextmanager
+    def reusing_connection(self) -> Iterator[None]:
+        """Let the transactions this thread opens inside the block share one pooled connection.
+
+        Each transaction otherwise checks a connection out of the pool, and on PostgreSQL each
+        checkout is a pre-ping round trip; an intake runs several in a row (its own, the
+        inline submit's, its answer's). Transactions still begin and end as before, one after
+        the other, each committed or rolled back on its own; one opened while another is open
+        on this thread, or after the connection was lost, takes a pooled connection as usual.
+        SQLite connections cost nothing to check out (and no ping): there it does nothing.
+        """
+        if self.dialect == "sqlite" or self._held.get() is not None:
+            yield
+            return
+        with self.engine.connect() as connection:
+            token = self._held.set(connection)
+            try:
+                yield
+            finally:
+                self._held.reset(token)
+
+    def _free_held(self) -> sa.Connection | None:
+        """The held connection when no transaction is open on it, else None."""
+        connection = self._held.get()
+        if connection is None or connection.invalidated or connection.in_transaction():
+            return None
+        return connection
+
+    @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A read-write transaction: committed on success, rolled back on any exception."""
-        with self._writer.begin() as session:
+        connection = self._free_held()
+        if connection is None:
+            with self._writer.begin() as session:
+                yield session
+            return
+        with self._writer(bind=connection) as session, session.begin():
             yield session
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only transaction (never takes SQLite's write lock)."""
-        with self._reader.begin() as session:
+        connection = self._free_held()
+        if connection is None:
+            with self._reader.begin() as session:
+                yield session
+            return
+        with self._reader(bind=connection) as session, session.begin():
             yield session
 
     @contextmanager
     def read_core(self) -> Iterator[sa.Connection]:
         """A read-only transaction on a plain connection, for Core statements only: no ORM
         session to set up (the API key lookup of every request)."""
-        with self._read_engine.begin() as connection:
+        connection = self._free_held()
+        if connection is None:
+            with self._read_engine.begin() as connection:
+                yield connection
+            return
+        with connection.begin():
             yield connection
 
     def dispose(self) -> None:
