@@ -38,7 +38,7 @@ import datetime as dt
 import logging
 from collections import deque
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -332,18 +332,45 @@ class Line:
         else (others waiting, a tenant cap, a deadline already passed) takes the full pass,
         under the same lock. Either way the lock is held from the count to the commit.
         """
-        account = self._lock_account(session)
-        admission = self._admit_alone(session, account, generation_id, tenant_id, now, deadline)
+        account = self._lock_account_core(session)
+        admission = None
+        if account is not None:
+            admission = self._admit_alone(session, account, generation_id, tenant_id, now, deadline)
         if admission is None:
-            admission = self._admit(session, now=now, claim_for=generation_id, account=account)
+            admission = self._admit(session, now=now, claim_for=generation_id)
         if admission.claimed is None:
             self._wake(session, now + dt.timedelta(seconds=TICK_BUSY))
         return admission
 
+    def _lock_account_core(self, session: Session) -> Any:
+        """The account's limit and pause, its row locked until the transaction ends: one Core
+        statement. None when the row is missing or does not follow the configuration yet
+        (`_lock_account` creates or corrects it)."""
+        table = UpstreamAccount.__table__
+        row = (
+            session.connection()
+            .execute(
+                sa.select(table.c.concurrency_limit, table.c.limit_source, table.c.paused_until)
+                .where(table.c.id == ACCOUNT)
+                .with_for_update()
+            )
+            .first()
+        )
+        if row is None:
+            return None
+        if self.configured_limit is not None:
+            agrees = (row.concurrency_limit, row.limit_source) == (
+                self.configured_limit,
+                "configured",
+            )
+        else:
+            agrees = row.limit_source != "configured"
+        return row if agrees else None
+
     def _admit_alone(
         self,
         session: Session,
-        account: UpstreamAccount,
+        account: Any,
         generation_id: str,
         tenant_id: str,
         now: dt.datetime,
@@ -355,10 +382,11 @@ class Line:
             return Admission([])
         if deadline is not None and deadline <= now:
             return None
+        limit = account.concurrency_limit
         # Counted up to what decides: `limit` slots in use, two generations waiting.
         in_flight = (
             sa.select(sa.func.count())
-            .select_from(sa.select(Generation.id).where(IN_FLIGHT).limit(account.limit).subquery())
+            .select_from(sa.select(Generation.id).where(IN_FLIGHT).limit(limit).subquery())
             .scalar_subquery()
         )
         waiting = (
@@ -373,7 +401,7 @@ class Line:
         if row is None:
             return None
         used, waiters, cap = row
-        if used >= account.limit:
+        if used >= limit:
             return Admission([])  # no free slot: nobody is admitted, the full pass agrees
         if waiters != 1 or cap is not None:
             return None
@@ -499,9 +527,18 @@ class Line:
 
     def note_accepted(self, session: Session) -> None:
         """A job was accepted upstream: probing limits grow (inside the submit's transaction)."""
-        account = session.get(UpstreamAccount, ACCOUNT)
-        if account is None or account.limit_source != "probing":
-            if account is not None and account.refusals_in_a_row:
+        table = UpstreamAccount.__table__
+        current = (
+            session.connection()
+            .execute(
+                sa.select(table.c.limit_source, table.c.refusals_in_a_row).where(
+                    table.c.id == ACCOUNT
+                )
+            )
+            .first()
+        )
+        if current is None or current.limit_source != "probing":
+            if current is not None and current.refusals_in_a_row:
                 session.execute(
                     sa.update(UpstreamAccount)
                     .where(UpstreamAccount.id == ACCOUNT)
