@@ -263,7 +263,7 @@ def read_ndjson(stream: IO[bytes]) -> NewBatch:
 
 
 @blp.route("", methods=["POST"])
-@blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
+@blp.arguments(IdempotencyHeaderSchema(), location="headers", as_kwargs=True)
 @blp.doc(requestBody=REQUEST_BODY)
 @blp.response(202, BatchSchema)
 @blp.alt_response(413, schema=ProblemSchema, description="The body is over the size limit")

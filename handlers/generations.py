@@ -33,8 +33,8 @@ __all__ = ["IdempotencyHeaderSchema", "blp"]
 
 
 @blp.route("", methods=["POST"])
-@blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
-@blp.arguments(GenerationCreateSchema)
+@blp.arguments(IdempotencyHeaderSchema(), location="headers", as_kwargs=True)
+@blp.arguments(GenerationCreateSchema())
 @blp.response(202, GenerationSchema)
 @blp.alt_response(422, schema=ProblemSchema, description="Invalid fields, or a reused key")
 def create_generation(body: dict[str, Any], idempotency_key: str | None = None) -> Any:
