@@ -44,6 +44,7 @@ from service.worker import TaskRunner
 
 # The table, for Core statements on the hot paths.
 _GENERATIONS = cast(sa.Table, Generation.__table__)
+_INSERT_GENERATION = sa.insert(_GENERATIONS)
 
 log = logging.getLogger("genrelay.generations")
 
@@ -164,20 +165,21 @@ class GenerationService:
                 require_access(settings, new.input)
                 retention = new.retention if new.retention is not None else settings.retention
                 session.connection().execute(
-                    sa.insert(_GENERATIONS).values(
-                        id=generation_id,
-                        tenant_id=tenant_id,
-                        status=GenerationStatus.QUEUED.value,
-                        input=new.input,
-                        metadata=new.metadata,
-                        webhook=new.webhook,
-                        webhook_events_filter=new.webhook_events_filter,
-                        priority=new.priority,
-                        deadline_at=new.deadline,
-                        retention_seconds=retention,
-                        created_at=now,
-                        updated_at=now,
-                    )
+                    _INSERT_GENERATION,
+                    {
+                        "id": generation_id,
+                        "tenant_id": tenant_id,
+                        "status": GenerationStatus.QUEUED.value,
+                        "input": new.input,
+                        "metadata": new.metadata,
+                        "webhook": new.webhook,
+                        "webhook_events_filter": new.webhook_events_filter,
+                        "priority": new.priority,
+                        "deadline_at": new.deadline,
+                        "retention_seconds": retention,
+                        "created_at": now,
+                        "updated_at": now,
+                    },
                 )
                 if idempotency_key is not None:
                     claim_key(

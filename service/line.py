@@ -85,6 +85,34 @@ WAITING = sa.and_(Generation.status == GenerationStatus.QUEUED, Generation.admit
 
 _ADMIT = "genrelay_admit"
 
+# The intake's statements, built once (each new statement object costs a cache key).
+_ACCOUNTS = cast(sa.Table, UpstreamAccount.__table__)
+_LOCK_ACCOUNT = (
+    sa.select(_ACCOUNTS.c.concurrency_limit, _ACCOUNTS.c.limit_source, _ACCOUNTS.c.paused_until)
+    .where(_ACCOUNTS.c.id == ACCOUNT)
+    .with_for_update()
+)
+_ACCOUNT_LEARNING = sa.select(_ACCOUNTS.c.limit_source, _ACCOUNTS.c.refusals_in_a_row).where(
+    _ACCOUNTS.c.id == ACCOUNT
+)
+# Counted only as far as decides: `limit` slots in use, two generations waiting.
+_ALONE = sa.select(
+    sa.select(sa.func.count())
+    .select_from(
+        sa.select(Generation.id).where(IN_FLIGHT).limit(sa.bindparam("limit")).subquery()
+    )
+    .scalar_subquery(),
+    sa.select(sa.func.count())
+    .select_from(sa.select(Generation.id).where(WAITING).limit(2).subquery())
+    .scalar_subquery(),
+    Tenant.max_in_flight,
+).where(Tenant.id == sa.bindparam("tenant_id"))
+_ADMIT_ONE = (
+    sa.update(_GENERATIONS)
+    .where(_GENERATIONS.c.id == sa.bindparam("generation_id"), WAITING)
+    .values(admitted_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
+)
+
 
 def slot_freed(session: Session) -> None:
     """Ask for an admission pass just before `session` commits (it freed a slot)."""
@@ -346,16 +374,7 @@ class Line:
         """The account's limit and pause, its row locked until the transaction ends: one Core
         statement. None when the row is missing or does not follow the configuration yet
         (`_lock_account` creates or corrects it)."""
-        table = UpstreamAccount.__table__
-        row = (
-            session.connection()
-            .execute(
-                sa.select(table.c.concurrency_limit, table.c.limit_source, table.c.paused_until)
-                .where(table.c.id == ACCOUNT)
-                .with_for_update()
-            )
-            .first()
-        )
+        row = session.connection().execute(_LOCK_ACCOUNT).first()
         if row is None:
             return None
         if self.configured_limit is not None:
@@ -383,21 +402,8 @@ class Line:
         if deadline is not None and deadline <= now:
             return None
         limit = account.concurrency_limit
-        # Counted up to what decides: `limit` slots in use, two generations waiting.
-        in_flight = (
-            sa.select(sa.func.count())
-            .select_from(sa.select(Generation.id).where(IN_FLIGHT).limit(limit).subquery())
-            .scalar_subquery()
-        )
-        waiting = (
-            sa.select(sa.func.count())
-            .select_from(sa.select(Generation.id).where(WAITING).limit(2).subquery())
-            .scalar_subquery()
-        )
         connection = session.connection()
-        row = connection.execute(
-            sa.select(in_flight, waiting, Tenant.max_in_flight).where(Tenant.id == tenant_id)
-        ).one_or_none()
+        row = connection.execute(_ALONE, {"limit": limit, "tenant_id": tenant_id}).one_or_none()
         if row is None:
             return None
         used, waiters, cap = row
@@ -407,11 +413,7 @@ class Line:
             return None
         # The one waiting generation is ours (stored in this transaction, so no other holds
         # its row): it takes a free slot.
-        admitted = connection.execute(
-            sa.update(_GENERATIONS)
-            .where(Generation.id == generation_id, WAITING)
-            .values(admitted_at=now, updated_at=now)
-        )
+        admitted = connection.execute(_ADMIT_ONE, {"generation_id": generation_id, "now": now})
         if admitted.rowcount != 1:
             return None
         claimed = self.queue.enqueue_claimed(session, SUBMIT, generation_id=generation_id)
@@ -527,16 +529,7 @@ class Line:
 
     def note_accepted(self, session: Session) -> None:
         """A job was accepted upstream: probing limits grow (inside the submit's transaction)."""
-        table = UpstreamAccount.__table__
-        current = (
-            session.connection()
-            .execute(
-                sa.select(table.c.limit_source, table.c.refusals_in_a_row).where(
-                    table.c.id == ACCOUNT
-                )
-            )
-            .first()
-        )
+        current = session.connection().execute(_ACCOUNT_LEARNING).first()
         if current is None or current.limit_source != "probing":
             if current is not None and current.refusals_in_a_row:
                 session.execute(

@@ -30,6 +30,10 @@ DELIVER_TASK_ATTEMPTS = 10
 CLOUDEVENTS_SOURCE = "/genrelay"
 
 
+# Built once: every status change runs it.
+_ENABLED_SUBSCRIPTIONS = sa.select(Subscription).where(
+    Subscription.tenant_id == sa.bindparam("tenant_id"), Subscription.enabled.is_(True)
+)
 _SUMMARY = GenerationSummarySchema()  # stateless: one instance serves every event
 
 
@@ -86,11 +90,7 @@ def fan_out(
     if webhook and (webhook_events_filter is None or event.type in webhook_events_filter):
         tenant_webhook_secret(session, event.tenant_id)  # the deliverer only reads it
         queue_delivery(session, event, url=webhook, fmt="standard", subscription=None)
-    subscriptions = session.scalars(
-        sa.select(Subscription).where(
-            Subscription.tenant_id == event.tenant_id, Subscription.enabled.is_(True)
-        )
-    )
+    subscriptions = session.scalars(_ENABLED_SUBSCRIPTIONS, {"tenant_id": event.tenant_id})
     for subscription in subscriptions:
         if event.type in subscription.events:
             queue_delivery(

@@ -61,6 +61,8 @@ class Store:
         self.engine = create_db_engine(url)
         self._writer = sessionmaker(self.engine, expire_on_commit=False)
         self._read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+        # PostgreSQL: one-statement reads need no BEGIN and COMMIT round trips.
+        self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
         # Work a transaction asked for, done inside it just before it commits (e.g. the
         # admission pass after a slot was freed: service/line.py). Registered before the
@@ -133,16 +135,22 @@ class Store:
             yield session
 
     @contextmanager
-    def read_core(self) -> Iterator[sa.Connection]:
-        """A read-only transaction on a plain connection, for Core statements only: no ORM
-        session to set up (the API key lookup of every request)."""
+    def read_one(self) -> Iterator[sa.Connection]:
+        """A plain connection for ONE Core read statement (the API key lookup of every
+        request): no ORM session to set up, and on PostgreSQL no transaction around the
+        statement (autocommit: a single statement is its own snapshot), which saves the BEGIN
+        and COMMIT round trips. Several statements that must agree with each other belong in
+        `read()`."""
         connection = self._free_held()
-        if connection is None:
+        if connection is not None:
+            with connection.begin():
+                yield connection
+        elif self.dialect == "postgresql":
+            with self._autocommit_engine.connect() as connection:
+                yield connection
+        else:
             with self._read_engine.begin() as connection:
                 yield connection
-            return
-        with connection.begin():
-            yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()

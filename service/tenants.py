@@ -171,14 +171,16 @@ class Tenants:
             return _settings(tenant)
 
 
+_SETTINGS = sa.select(Tenant.__table__).where(Tenant.__table__.c.id == sa.bindparam("tenant_id"))
+
+
 def settings_by_id(session: sa.orm.Session, tenant_id: str) -> TenantSettings:
     """The settings of the tenant with this id (it must exist).
 
     One Core SELECT (intake reads them on every request): the row's columns are named as the
     model's attributes, so it reads like a Tenant.
     """
-    table = Tenant.__table__
-    row = session.connection().execute(sa.select(table).where(table.c.id == tenant_id)).first()
+    row = session.connection().execute(_SETTINGS, {"tenant_id": tenant_id}).first()
     if row is None:
         raise UnknownTenant(tenant_id)
     return _settings(row)  # type: ignore[arg-type]
