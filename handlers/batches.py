@@ -24,7 +24,7 @@ from webargs.flaskparser import is_json_request
 from werkzeug.exceptions import BadRequest
 
 from handlers.auth import require_tenant, services, tenant_id
-from handlers.generations import IdempotencyHeaderSchema
+from handlers.idempotency import IdempotencyHeaderSchema, render_answer
 from handlers.problems import StrictJSONParser, flatten_messages, problem_response
 from schemas.batches import (
     MAX_ITEMS,
@@ -263,7 +263,7 @@ def read_ndjson(stream: IO[bytes]) -> NewBatch:
 
 
 @blp.route("", methods=["POST"])
-@blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
+@blp.arguments(IdempotencyHeaderSchema(), location="headers", as_kwargs=True)
 @blp.doc(requestBody=REQUEST_BODY)
 @blp.response(202, BatchSchema)
 @blp.alt_response(413, schema=ProblemSchema, description="The body is over the size limit")
@@ -278,22 +278,9 @@ def create_batch(idempotency_key: str | None = None) -> Any:
         new = read_ndjson(request.stream)
     else:
         new = read_json(request.get_data(cache=False))
-    tenant = tenant_id()
-    batches = services().batches
-    outcome = batches.create(tenant, new, idempotency_key=idempotency_key)
-    if outcome.replay is not None:
-        status, payload = outcome.replay
-        return flask.Response(
-            json.dumps(payload),
-            status=status,
-            mimetype="application/json",
-            headers={"Idempotent-Replayed": "true"},
-        )
-    batch = outcome.batch
-    assert batch is not None
-    if idempotency_key is not None:
-        batches.record_response(tenant, idempotency_key, 202, BatchSchema().dump(batch))
-    return batch, 202, {"Location": f"/v1/batches/{batch.id}"}
+    answer = services().batches.create(tenant_id(), new, idempotency_key=idempotency_key)
+    location = f"/v1/batches/{answer.resource.id}" if answer.resource is not None else ""
+    return render_answer(answer, location)
 
 
 @blp.route("", methods=["GET"])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import flask
 from flask_smorest import Blueprint
-from marshmallow import EXCLUDE, Schema, fields, validate
 
 from handlers.auth import require_tenant, services, tenant_id
+from handlers.idempotency import IdempotencyHeaderSchema, render_answer
 from handlers.problems import StrictJSONParser, require_json_body
 from schemas.generations import (
     GenerationCreateSchema,
@@ -30,46 +29,21 @@ blp.ARGUMENTS_PARSER = StrictJSONParser()
 blp.before_request(require_tenant)
 blp.before_request(require_json_body)
 
-
-class IdempotencyHeaderSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
-    idempotency_key = fields.String(
-        data_key="Idempotency-Key",
-        validate=[
-            validate.Length(min=1, max=255),
-            validate.Regexp(r"^[\x21-\x7e]+$", error="Printable ASCII without spaces."),
-        ],
-        metadata={"description": "Retries with the same key and body get the first answer."},
-    )
+__all__ = ["IdempotencyHeaderSchema", "blp"]
 
 
 @blp.route("", methods=["POST"])
-@blp.arguments(IdempotencyHeaderSchema, location="headers", as_kwargs=True)
-@blp.arguments(GenerationCreateSchema)
+@blp.arguments(IdempotencyHeaderSchema(), location="headers", as_kwargs=True)
+@blp.arguments(GenerationCreateSchema())
 @blp.response(202, GenerationSchema)
 @blp.alt_response(422, schema=ProblemSchema, description="Invalid fields, or a reused key")
 def create_generation(body: dict[str, Any], idempotency_key: str | None = None) -> Any:
     """Accept a generation and forward it to Deep-Image."""
-    tenant = tenant_id()
-    generations = services().generations
-    outcome = generations.create(tenant, NewGeneration(**body), idempotency_key=idempotency_key)
-    if outcome.replay is not None:
-        status, payload = outcome.replay
-        return flask.Response(
-            json.dumps(payload),
-            status=status,
-            mimetype="application/json",
-            headers={"Idempotent-Replayed": "true"},
-        )
-    generation = outcome.generation
-    assert generation is not None
-    if idempotency_key is not None:
-        generations.record_response(
-            tenant, idempotency_key, 202, GenerationSchema().dump(generation)
-        )
-    return generation, 202, {"Location": f"/v1/generations/{generation.id}"}
+    answer = services().generations.create(
+        tenant_id(), NewGeneration(**body), idempotency_key=idempotency_key
+    )
+    location = f"/v1/generations/{answer.resource.id}" if answer.resource is not None else ""
+    return render_answer(answer, location)
 
 
 @blp.route("", methods=["GET"])

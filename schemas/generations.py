@@ -228,6 +228,9 @@ class GenerationSchema(Schema):
 
     @post_dump(pass_original=True)
     def _signed_url(self, data: dict[str, Any], generation: Any, **_: Any) -> dict[str, Any]:
+        # `generation`: a row, or a service.generations.views.GenerationView (the row plus
+        # what is made when shown). Only a view has a place in the line; a row shows null.
+        data.setdefault("queue_position", None)
         # Signed when shown (it expires), so it lives beside the stored result, not in it.
         if data.get("result") is not None and getattr(generation, "signed_url", None):
             data["result"]["url"] = generation.signed_url

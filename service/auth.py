@@ -48,6 +48,12 @@ class Revocation:
     already_revoked: bool
 
 
+# Built once: the lookup of every request.
+_TENANT_FOR_KEY = sa.select(ApiKey.tenant_id).where(
+    ApiKey.key_hash == sa.bindparam("key_hash"), ApiKey.revoked_at.is_(None)
+)
+
+
 def hash_api_key(key: str) -> str:
     """The stored form of a key. Keys carry 256 random bits, so one SHA-256 is enough."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -119,12 +125,8 @@ class ApiKeys:
         """The tenant id owning an active `key`, or None."""
         if not key.startswith(KEY_PREFIX) or len(key) > 200:
             return None
-        with self.store.read() as session:
-            return session.scalar(
-                sa.select(ApiKey.tenant_id).where(
-                    ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None)
-                )
-            )
+        with self.store.read_one() as connection:
+            return connection.scalar(_TENANT_FOR_KEY, {"key_hash": hash_api_key(key)})
 
 
 def _info(key: ApiKey, tenant_name: str) -> ApiKeyInfo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,6 +64,8 @@ class Store:
         self.engine = create_db_engine(url, pre_ping=pre_ping)
         self._writer = sessionmaker(self.engine, expire_on_commit=False)
         self._read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+        # PostgreSQL: one-statement reads need no BEGIN and COMMIT round trips.
+        self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
         # Work a transaction asked for, done inside it just before it commits (e.g. the
         # admission pass after a slot was freed: service/generations/line.py). Registered before the
@@ -75,21 +78,63 @@ class Store:
                 hook(session)
 
         wakeup.install(self._writer)  # NOTIFY idle workers of tasks queued (PostgreSQL)
+        # The connection `reusing_connection` holds for this thread (or task), if any.
+        self._held: contextvars.ContextVar[sa.Connection | None] = contextvars.ContextVar(
+            f"genrelay_store_{id(self)}", default=None
+        )
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
     @contextmanager
+    def reusing_connection(self) -> Iterator[None]:
+        """Let the transactions this thread opens inside the block share one pooled connection.
+
+        Each transaction otherwise checks a connection out of the pool, and on PostgreSQL each
+        checkout is a pre-ping round trip; an intake runs several in a row (its own, the
+        inline submit's, its answer's). Transactions still begin and end as before, one after
+        the other, each committed or rolled back on its own; one opened while another is open
+        on this thread, or after the connection was lost, takes a pooled connection as usual.
+        SQLite connections cost nothing to check out (and no ping): there it does nothing.
+        """
+        if self.dialect == "sqlite" or self._held.get() is not None:
+            yield
+            return
+        with self.engine.connect() as connection:
+            token = self._held.set(connection)
+            try:
+                yield
+            finally:
+                self._held.reset(token)
+
+    def _free_held(self) -> sa.Connection | None:
+        """The held connection when no transaction is open on it, else None."""
+        connection = self._held.get()
+        if connection is None or connection.invalidated or connection.in_transaction():
+            return None
+        return connection
+
+    @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A read-write transaction: committed on success, rolled back on any exception."""
-        with self._writer.begin() as session:
+        connection = self._free_held()
+        if connection is None:
+            with self._writer.begin() as session:
+                yield session
+            return
+        with self._writer(bind=connection) as session, session.begin():
             yield session
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only transaction (never takes SQLite's write lock)."""
-        with self._reader.begin() as session:
+        connection = self._free_held()
+        if connection is None:
+            with self._reader.begin() as session:
+                yield session
+            return
+        with self._reader(bind=connection) as session, session.begin():
             yield session
 
     @contextmanager
@@ -98,6 +143,24 @@ class Store:
         (no ORM session to set up)."""
         with self._read_engine.begin() as connection:
             yield connection
+
+    @contextmanager
+    def read_one(self) -> Iterator[sa.Connection]:
+        """A plain connection for ONE Core read statement (the API key lookup of every
+        request): no ORM session to set up, and on PostgreSQL no transaction around the
+        statement (autocommit: a single statement is its own snapshot), which saves the BEGIN
+        and COMMIT round trips. Several statements that must agree with each other belong in
+        `read()`."""
+        connection = self._free_held()
+        if connection is not None:
+            with connection.begin():
+                yield connection
+        elif self.dialect == "postgresql":
+            with self._autocommit_engine.connect() as connection:
+                yield connection
+        else:
+            with self._read_engine.begin() as connection:
+                yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -114,13 +114,8 @@ class Generation(Base):
         ),
         sa.Index("ix_generations_batch", "batch_id", "status"),
     )
-    # Lets `signed_url` below be a plain attribute the mapper ignores.
-    __allow_unmapped__ = True
-
-    # Not stored: a time-limited download URL, set by the service when a generation is shown.
-    signed_url: str | None = None
-    # Not stored: its place in its tenant's line while it waits (shown by GET of one).
-    queue_position: int | None = None
+    # What is made when a generation is shown (a signed download URL, its place in the line)
+    # is not stored here: see service/generations/views.py.
 
     id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id"))

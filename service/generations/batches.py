@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from schemas.batches import BatchSchema
 from service.database import Store
 from service.domain import BatchStatus, GenerationStatus
 from service.errors import Conflict, InvalidRequest, NotFound
@@ -39,12 +40,18 @@ from service.generations.batch_progress import (
     defer_completion,
     view,
 )
+from service.generations.idempotency import (
+    Answer,
+    claim_key,
+    earlier_use,
+    record_first_response,
+    record_response,
+)
 from service.generations.inputs import access_problems
 from service.generations.lifecycle import change_status
 from service.generations.line import Line
-from service.generations.service import IDEMPOTENCY_TTL, earlier_use, record_first_response
 from service.ids import new_id
-from service.models import Batch, Generation, IdempotencyKey, utcnow
+from service.models import Batch, Generation, utcnow
 from service.notifications.service import require_safe_target
 from service.notifications.ssrf import URLPolicy
 from service.pagination import Page, paginate
@@ -107,12 +114,8 @@ class NewBatch:
         return digest.hexdigest()
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchIntake:
-    """The outcome of intake: the batch, or the stored first response to replay verbatim."""
-
-    batch: BatchView | None
-    replay: tuple[int, dict[str, Any]] | None = None
+# The outcome of intake: the batch made (or shown again), or the stored first response.
+BatchIntake = Answer[BatchView]
 
 
 def _require_item_access(settings: TenantSettings, items: Sequence[NewBatchItem]) -> None:
@@ -151,7 +154,7 @@ class BatchService:
         _require_item_access(settings, new.items)
         fingerprint = new.fingerprint() if idempotency_key is not None else ""
         if idempotency_key is not None:
-            earlier = self._replay(tenant_id, idempotency_key, fingerprint)
+            earlier = self._earlier(tenant_id, idempotency_key, fingerprint)
             if earlier is not None:
                 return earlier
         now = utcnow()
@@ -160,24 +163,14 @@ class BatchService:
             with self.store.transaction() as session:
                 if idempotency_key is not None:
                     # First, so a concurrent retry with the key waits here and then replays.
-                    session.execute(
-                        sa.delete(IdempotencyKey).where(
-                            IdempotencyKey.tenant_id == tenant_id,
-                            IdempotencyKey.key == idempotency_key,
-                            IdempotencyKey.expires_at <= now,
-                        )
+                    claim_key(
+                        session,
+                        tenant_id,
+                        idempotency_key,
+                        fingerprint,
+                        now=now,
+                        batch_id=batch_id,
                     )
-                    session.add(
-                        IdempotencyKey(
-                            tenant_id=tenant_id,
-                            key=idempotency_key,
-                            request_hash=fingerprint,
-                            batch_id=batch_id,
-                            created_at=now,
-                            expires_at=now + IDEMPOTENCY_TTL,
-                        )
-                    )
-                    session.flush()
                 session.add(
                     Batch(
                         id=batch_id,
@@ -201,7 +194,7 @@ class BatchService:
             # Another request with the same key committed first: answer as it did.
             if idempotency_key is None:
                 raise
-            earlier = self._replay(tenant_id, idempotency_key, fingerprint)
+            earlier = self._earlier(tenant_id, idempotency_key, fingerprint)
             if earlier is None:
                 raise
             return earlier
@@ -211,7 +204,7 @@ class BatchService:
             len(new.items),
             len(admitted),
         )
-        return BatchIntake(batch=self.get(tenant_id, batch_id))
+        return self._answer(tenant_id, batch_id, idempotency_key)
 
     @staticmethod
     def _rows(
@@ -237,24 +230,36 @@ class BatchService:
                 "updated_at": now,
             }
 
-    def _replay(self, tenant_id: str, key: str, fingerprint: str) -> BatchIntake | None:
+    def _answer(self, tenant_id: str, batch_id: str, key: str | None) -> BatchIntake:
+        """The batch as it is now; with a key, also rendered and kept as the key's first
+        response (one transaction)."""
+        if key is None:
+            return Answer(self.get(tenant_id, batch_id))
+        with self.store.transaction() as session:
+            batch = view(session, self._owned(session, tenant_id, batch_id))
+            body = BatchSchema().dump(batch)  # the one rendering, kept for retries
+            record_response(session, tenant_id, key, 202, body)
+        return Answer(batch, body=body)
+
+    def _earlier(self, tenant_id: str, key: str, fingerprint: str) -> BatchIntake | None:
+        """The answer to a retry of `key`: the first response, or (when the first request has
+        not answered yet, or died before it could) the batch as it is now."""
         with self.store.read() as session:
             record = earlier_use(session, tenant_id, key, fingerprint, made="batch")
             if record is None:
                 return None
             if record.response_body is not None and record.response_status is not None:
-                return BatchIntake(
-                    batch=None, replay=(record.response_status, record.response_body)
-                )
+                return Answer.replay(record.response_status, record.response_body)
             batch_id = record.batch_id
         assert batch_id is not None
-        # The first request has not answered yet (or died before it could): show the batch.
-        return BatchIntake(batch=self.get(tenant_id, batch_id))
+        return self._answer(tenant_id, batch_id, key)
 
     def record_response(
         self, tenant_id: str, idempotency_key: str, status: int, body: dict[str, Any]
     ) -> None:
-        """Keep the first response sent for a key, so retries get exactly that answer."""
+        """Keep `body` as the key's first response unless one is kept already.
+
+        `create` does this itself; for callers that render their own answer."""
         record_first_response(self.store, tenant_id, idempotency_key, status, body)
 
     def get(self, tenant_id: str, batch_id: str) -> BatchView:

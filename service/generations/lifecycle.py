@@ -56,8 +56,7 @@ def change_status(
     job_runs_on = new == GenerationStatus.CANCELED and generation.upstream_job is not None
     if new.is_terminal and held_a_slot and not job_runs_on:
         slot_freed(session)  # it held an upstream slot until now: someone waiting may have it
-    generation.signed_url = signed_url
-    record_event(session, generation, new, now=now)
+    record_event(session, generation, new, now=now, signed_url=signed_url)
     if new.is_terminal and generation.batch_id is not None:
         note_item_finished(session, generation.batch_id, now)  # the last item completes it
     return True

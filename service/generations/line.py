@@ -38,6 +38,7 @@ import datetime as dt
 import logging
 from collections import deque
 from collections.abc import Sequence
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -49,6 +50,9 @@ from service.models import Generation, Task, Tenant, UpstreamAccount, utcnow
 from service.runtime.kinds import LINE, SUBMIT
 from service.runtime.outcomes import Later
 from service.runtime.queue import ClaimedTask, TaskQueue, TaskStatus
+
+# The table, for Core statements on the hot paths.
+_GENERATIONS = cast(sa.Table, Generation.__table__)
 
 log = logging.getLogger("genrelay.line")
 
@@ -80,6 +84,34 @@ IN_FLIGHT = sa.and_(
 WAITING = sa.and_(Generation.status == GenerationStatus.QUEUED, Generation.admitted_at.is_(None))
 
 _ADMIT = "genrelay_admit"
+
+# The intake's statements, built once (each new statement object costs a cache key).
+_ACCOUNTS = cast(sa.Table, UpstreamAccount.__table__)
+_LOCK_ACCOUNT = (
+    sa.select(_ACCOUNTS.c.concurrency_limit, _ACCOUNTS.c.limit_source, _ACCOUNTS.c.paused_until)
+    .where(_ACCOUNTS.c.id == ACCOUNT)
+    .with_for_update()
+)
+_ACCOUNT_LEARNING = sa.select(_ACCOUNTS.c.limit_source, _ACCOUNTS.c.refusals_in_a_row).where(
+    _ACCOUNTS.c.id == ACCOUNT
+)
+# Counted only as far as decides: `limit` slots in use, two generations waiting.
+_ALONE = sa.select(
+    sa.select(sa.func.count())
+    .select_from(
+        sa.select(Generation.id).where(IN_FLIGHT).limit(sa.bindparam("limit")).subquery()
+    )
+    .scalar_subquery(),
+    sa.select(sa.func.count())
+    .select_from(sa.select(Generation.id).where(WAITING).limit(2).subquery())
+    .scalar_subquery(),
+    Tenant.max_in_flight,
+).where(Tenant.id == sa.bindparam("tenant_id"))
+_ADMIT_ONE = (
+    sa.update(_GENERATIONS)
+    .where(_GENERATIONS.c.id == sa.bindparam("generation_id"), WAITING)
+    .values(admitted_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
+)
 
 
 def slot_freed(session: Session) -> None:
@@ -307,8 +339,94 @@ class Line:
             .execution_options(synchronize_session=False)
         )
 
-    def _admit(self, session: Session, *, now: dt.datetime, claim_for: str | None) -> Admission:
-        account = self._lock_account(session)
+    def admit_new(
+        self,
+        session: Session,
+        generation_id: str,
+        tenant_id: str,
+        *,
+        now: dt.datetime,
+        deadline: dt.datetime | None = None,
+    ) -> Admission:
+        """`admit(claim_for=generation_id)` for a generation just stored in `session`'s
+        transaction (intake), in as few statements as the common case needs.
+
+        Slots are handed out in every transaction that frees one, so a generation waiting
+        while a slot is free is rare: usually the new generation is the only one waiting, and
+        then the full pass would give it the slot if there is one (and its tenant has no cap
+        of its own). That is checked with one statement after the account's lock; anything
+        else (others waiting, a tenant cap, a deadline already passed) takes the full pass,
+        under the same lock. Either way the lock is held from the count to the commit.
+        """
+        account = self._lock_account_core(session)
+        admission = None
+        if account is not None:
+            admission = self._admit_alone(session, account, generation_id, tenant_id, now, deadline)
+        if admission is None:
+            admission = self._admit(session, now=now, claim_for=generation_id)
+        if admission.claimed is None:
+            self._wake(session, now + dt.timedelta(seconds=TICK_BUSY))
+        return admission
+
+    def _lock_account_core(self, session: Session) -> Any:
+        """The account's limit and pause, its row locked until the transaction ends: one Core
+        statement. None when the row is missing or does not follow the configuration yet
+        (`_lock_account` creates or corrects it)."""
+        row = session.connection().execute(_LOCK_ACCOUNT).first()
+        if row is None:
+            return None
+        if self.configured_limit is not None:
+            agrees = (row.concurrency_limit, row.limit_source) == (
+                self.configured_limit,
+                "configured",
+            )
+        else:
+            agrees = row.limit_source != "configured"
+        return row if agrees else None
+
+    def _admit_alone(
+        self,
+        session: Session,
+        account: Any,
+        generation_id: str,
+        tenant_id: str,
+        now: dt.datetime,
+        deadline: dt.datetime | None,
+    ) -> Admission | None:
+        """The new generation's admission when it is the only one waiting; None when the full
+        pass must decide."""
+        if account.paused_until is not None and account.paused_until > now:
+            return Admission([])
+        if deadline is not None and deadline <= now:
+            return None
+        limit = account.concurrency_limit
+        connection = session.connection()
+        row = connection.execute(_ALONE, {"limit": limit, "tenant_id": tenant_id}).one_or_none()
+        if row is None:
+            return None
+        used, waiters, cap = row
+        if used >= limit:
+            return Admission([])  # no free slot: nobody is admitted, the full pass agrees
+        if waiters != 1 or cap is not None:
+            return None
+        # The one waiting generation is ours (stored in this transaction, so no other holds
+        # its row): it takes a free slot.
+        admitted = connection.execute(_ADMIT_ONE, {"generation_id": generation_id, "now": now})
+        if admitted.rowcount != 1:
+            return None
+        claimed = self.queue.enqueue_claimed(session, SUBMIT, generation_id=generation_id)
+        return Admission([generation_id], claimed)
+
+    def _admit(
+        self,
+        session: Session,
+        *,
+        now: dt.datetime,
+        claim_for: str | None,
+        account: UpstreamAccount | None = None,
+    ) -> Admission:
+        if account is None:
+            account = self._lock_account(session)
         if account.paused_until is not None and account.paused_until > now:
             return Admission([])
         in_flight = dict(
@@ -409,9 +527,9 @@ class Line:
 
     def note_accepted(self, session: Session) -> None:
         """A job was accepted upstream: probing limits grow (inside the submit's transaction)."""
-        account = session.get(UpstreamAccount, ACCOUNT)
-        if account is None or account.limit_source != "probing":
-            if account is not None and account.refusals_in_a_row:
+        current = session.connection().execute(_ACCOUNT_LEARNING).first()
+        if current is None or current.limit_source != "probing":
+            if current is not None and current.refusals_in_a_row:
                 session.execute(
                     sa.update(UpstreamAccount)
                     .where(UpstreamAccount.id == ACCOUNT)

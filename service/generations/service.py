@@ -8,23 +8,33 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from schemas.generations import GenerationSchema
 from service.adapters.blobstore import BlobStore
 from service.config import Config
 from service.database import Store
 from service.domain import GenerationStatus
-from service.errors import Conflict, IdempotencyKeyReused, NotFound
+from service.errors import Conflict, NotFound
+from service.generations.idempotency import (
+    IDEMPOTENCY_TTL,
+    Answer,
+    claim_key,
+    earlier_use,
+    record_first_response,
+    record_response,
+)
 from service.generations.inputs import require_access
 from service.generations.lifecycle import change_status
 from service.generations.line import Line
 from service.generations.result_access import sign_result
+from service.generations.views import GenerationView
 from service.ids import new_id
-from service.models import Generation, IdempotencyKey, utcnow
+from service.models import Generation, utcnow
 from service.notifications.service import require_safe_target
 from service.notifications.ssrf import URLPolicy
 from service.pagination import Page, paginate
@@ -32,9 +42,21 @@ from service.runtime.queue import TaskQueue
 from service.runtime.runner import TaskRunner
 from service.tenants import settings_by_id
 
+# The table, for Core statements on the hot paths.
+_GENERATIONS = cast(sa.Table, Generation.__table__)
+_INSERT_GENERATION = sa.insert(_GENERATIONS)
+
 log = logging.getLogger("genrelay.generations")
 
-IDEMPOTENCY_TTL = dt.timedelta(hours=24)
+__all__ = [
+    "IDEMPOTENCY_TTL",
+    "GenerationService",
+    "GenerationView",
+    "Intake",
+    "NewGeneration",
+    "earlier_use",
+    "record_first_response",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +83,8 @@ class NewGeneration:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-@dataclasses.dataclass(frozen=True)
-class Intake:
-    """The outcome of intake: a generation, or the stored first response to replay verbatim."""
-
-    generation: Generation | None
-    replay: tuple[int, dict[str, Any]] | None = None
+# The outcome of intake: the generation made (or shown again), or the stored first response.
+Intake = Answer[GenerationView]
 
 
 class GenerationService:
@@ -90,13 +108,15 @@ class GenerationService:
         self.blobs = blobs
         self.config = config
 
-    def _with_signed_url(self, generation: Generation) -> Generation:
-        """Attach a V4 URL for the stored result, where the credentials can sign one."""
+    def _view(self, generation: Generation, *, queue_position: int | None = None) -> GenerationView:
+        """The generation as shown, with a V4 URL for its stored result where the credentials
+        can sign one."""
+        signed_url = None
         if generation.result and generation.result_expired_at is None:
-            generation.signed_url = sign_result(
+            signed_url = sign_result(
                 self.blobs, generation.result.get("uri"), self.config.signed_url_ttl
             )
-        return generation
+        return GenerationView(generation, signed_url=signed_url, queue_position=queue_position)
 
     def create(
         self,
@@ -108,73 +128,79 @@ class GenerationService:
     ) -> Intake:
         """Store the generation and let the line admit it; if it gets a slot now, submit it.
 
-        One transaction stores the generation (and its key) and runs an admission pass; a
-        generation admitted there gets its submit task already claimed by this request, which
-        then makes the first attempt itself. Without a free slot it waits, `queued`.
-        `also(session, generation_id)` runs in that transaction (a trigger records its event
-        there, so a duplicate event rolls the generation back).
+        One transaction reads the tenant's settings, stores the generation (and its key) and
+        runs the admission; a generation admitted there gets its submit task already claimed
+        by this request, which then makes the first attempt itself. Without a free slot it
+        waits, `queued`. `also(session, generation_id)` runs in that transaction (a trigger
+        records its event there, so a duplicate event rolls the generation back).
+
+        With an `idempotency_key` the answer is rendered here, once, and kept for retries
+        (service/generations/idempotency.py); a retry gets the first answer back.
         """
-        fingerprint = new.fingerprint()
         if new.webhook is not None:
             require_safe_target(self.policy, new.webhook, "webhook")
+        # One pooled connection for the transactions below (ours, the inline submit's, the
+        # answer's), one after the other.
+        with self.store.reusing_connection():
+            return self._create(tenant_id, new, idempotency_key, also)
+
+    def _create(
+        self,
+        tenant_id: str,
+        new: NewGeneration,
+        idempotency_key: str | None,
+        also: Callable[[Session, str], None] | None,
+    ) -> Intake:
+        fingerprint = ""
         if idempotency_key is not None:
-            earlier = self._replay(tenant_id, idempotency_key, fingerprint)
+            fingerprint = new.fingerprint()
+            earlier = self._earlier(tenant_id, idempotency_key, fingerprint)
             if earlier is not None:
                 return earlier
-        with self.store.read() as session:
-            settings = settings_by_id(session, tenant_id)
-        require_access(settings, new.input)
-        retention = new.retention if new.retention is not None else settings.retention
         now = utcnow()
         generation_id = new_id("gen_")
         try:
             with self.store.transaction() as session:
-                session.add(
-                    Generation(
-                        id=generation_id,
-                        tenant_id=tenant_id,
-                        status=GenerationStatus.QUEUED,
-                        input=new.input,
-                        meta=new.metadata,
-                        webhook=new.webhook,
-                        webhook_events_filter=new.webhook_events_filter,
-                        priority=new.priority,
-                        deadline_at=new.deadline,
-                        retention_seconds=retention,
-                        created_at=now,
-                        updated_at=now,
-                    )
+                settings = settings_by_id(session, tenant_id)
+                require_access(settings, new.input)
+                retention = new.retention if new.retention is not None else settings.retention
+                session.connection().execute(
+                    _INSERT_GENERATION,
+                    {
+                        "id": generation_id,
+                        "tenant_id": tenant_id,
+                        "status": GenerationStatus.QUEUED.value,
+                        "input": new.input,
+                        "metadata": new.metadata,
+                        "webhook": new.webhook,
+                        "webhook_events_filter": new.webhook_events_filter,
+                        "priority": new.priority,
+                        "deadline_at": new.deadline,
+                        "retention_seconds": retention,
+                        "created_at": now,
+                        "updated_at": now,
+                    },
                 )
                 if idempotency_key is not None:
-                    # An expired key may be used again: drop the old record first.
-                    session.execute(
-                        sa.delete(IdempotencyKey).where(
-                            IdempotencyKey.tenant_id == tenant_id,
-                            IdempotencyKey.key == idempotency_key,
-                            IdempotencyKey.expires_at <= now,
-                        )
+                    claim_key(
+                        session,
+                        tenant_id,
+                        idempotency_key,
+                        fingerprint,
+                        now=now,
+                        generation_id=generation_id,
                     )
-                    session.flush()
-                    session.add(
-                        IdempotencyKey(
-                            tenant_id=tenant_id,
-                            key=idempotency_key,
-                            request_hash=fingerprint,
-                            generation_id=generation_id,
-                            created_at=now,
-                            expires_at=now + IDEMPOTENCY_TTL,
-                        )
-                    )
-                session.flush()
                 if also is not None:
                     also(session, generation_id)
                     session.flush()
-                task = self.line.admit(session, now=now, claim_for=generation_id).claimed
+                task = self.line.admit_new(
+                    session, generation_id, tenant_id, now=now, deadline=new.deadline
+                ).claimed
         except IntegrityError:
             # Another request with the same key committed first: answer as it did.
             if idempotency_key is None:
                 raise
-            earlier = self._replay(tenant_id, idempotency_key, fingerprint)
+            earlier = self._earlier(tenant_id, idempotency_key, fingerprint)
             if earlier is None:
                 raise
             return earlier
@@ -185,28 +211,43 @@ class GenerationService:
                 # The generation and its task are committed: a worker takes over after the
                 # lease.
                 log.exception("inline submit of %s failed; left to the worker", generation_id)
-        return Intake(generation=self._load(generation_id))
+        return self._answer(tenant_id, generation_id, idempotency_key)
+
+    def _answer(self, tenant_id: str, generation_id: str, key: str | None) -> Intake:
+        """The generation as it is now; with a key, also rendered and kept as the key's first
+        response (one transaction)."""
+        if key is None:
+            return Answer(self._view(self._load(generation_id)))
+        with self.store.transaction() as session:
+            generation = session.get(Generation, generation_id)
+            assert generation is not None
+            view = self._view(generation)
+            body = GenerationSchema().dump(view)  # the one rendering, kept for retries
+            record_response(session, tenant_id, key, 202, body)
+        return Answer(view, body=body)
 
     def record_response(
         self, tenant_id: str, idempotency_key: str, status: int, body: dict[str, Any]
     ) -> None:
-        """Keep the first response sent for a key, so retries get exactly that answer."""
+        """Keep `body` as the key's first response unless one is kept already.
+
+        `create` does this itself; for callers that render their own answer."""
         record_first_response(self.store, tenant_id, idempotency_key, status, body)
 
-    def _replay(self, tenant_id: str, key: str, fingerprint: str) -> Intake | None:
+    def _earlier(self, tenant_id: str, key: str, fingerprint: str) -> Intake | None:
+        """The answer to a retry of `key`: the first response, or (when the first request has
+        not answered yet, or died before it could) the generation as it is now."""
         with self.store.read() as session:
             record = earlier_use(session, tenant_id, key, fingerprint, made="generation")
             if record is None:
                 return None
             if record.response_body is not None and record.response_status is not None:
-                return Intake(
-                    generation=None, replay=(record.response_status, record.response_body)
-                )
-            # The first request has not answered yet (or died before it could): show the
-            # generation as it is now.
-            return Intake(generation=session.get(Generation, record.generation_id))
+                return Answer.replay(record.response_status, record.response_body)
+            generation_id = record.generation_id
+        assert generation_id is not None
+        return self._answer(tenant_id, generation_id, key)
 
-    def get(self, tenant_id: str, generation_id: str) -> Generation:
+    def get(self, tenant_id: str, generation_id: str) -> GenerationView:
         """One generation of this tenant; NotFound for unknown ids and other tenants' ids.
 
         A generation waiting for a slot also shows its place in its tenant's line.
@@ -215,8 +256,8 @@ class GenerationService:
             generation = session.get(Generation, generation_id)
             if generation is None or generation.tenant_id != tenant_id:
                 raise NotFound(f"no generation {generation_id!r}")
-            generation.queue_position = self.line.position(session, generation)
-        return self._with_signed_url(generation)
+            position = self.line.position(session, generation)
+        return self._view(generation, queue_position=position)
 
     def list(
         self,
@@ -228,7 +269,7 @@ class GenerationService:
         metadata: dict[str, str] | None = None,
         cursor: str | None = None,
         limit: int = 20,
-    ) -> Page[Generation]:
+    ) -> Page[GenerationView]:
         """Newest first; `next_cursor` continues after the last item.
 
         `batch`: only that batch's items; `metadata`: only generations whose metadata has
@@ -246,7 +287,7 @@ class GenerationService:
         with self.store.read() as session:
             page = paginate(session, query, Generation, cursor=cursor, limit=limit)
         return Page(
-            items=[self._with_signed_url(g) for g in page.items], next_cursor=page.next_cursor
+            items=[self._view(g) for g in page.items], next_cursor=page.next_cursor
         )
 
     def _metadata_is(self, key: str, value: str) -> sa.ColumnElement[bool]:
@@ -261,13 +302,13 @@ class GenerationService:
         pairs = sa.func.json_each(Generation.meta).table_valued("key", "value")
         return sa.exists().select_from(pairs).where(pairs.c.key == key, pairs.c.value == value)
 
-    def cancel(self, tenant_id: str, generation_id: str) -> Generation:
+    def cancel(self, tenant_id: str, generation_id: str) -> GenerationView:
         """Cancel a queued or processing generation; canceling twice is harmless."""
         generation = self.get(tenant_id, generation_id)
         if generation.status != GenerationStatus.CANCELED:
             with self.store.transaction() as session:
                 change_status(session, generation_id, GenerationStatus.CANCELED, now=utcnow())
-            generation = self._load(generation_id)
+            generation = GenerationView(self._load(generation_id))
         if generation.status != GenerationStatus.CANCELED:
             raise Conflict(f"generation {generation_id} has already {generation.status}")
         return generation
@@ -278,43 +319,3 @@ class GenerationService:
         assert generation is not None
         return generation
 
-
-def earlier_use(
-    session: Session, tenant_id: str, key: str, fingerprint: str, *, made: str
-) -> IdempotencyKey | None:
-    """The unexpired record of `key`, or None; IdempotencyKeyReused when it was first used
-    with another body, or for another kind of resource (`made`: "generation" or "batch")."""
-    record = session.scalar(
-        sa.select(IdempotencyKey).where(
-            IdempotencyKey.tenant_id == tenant_id,
-            IdempotencyKey.key == key,
-            IdempotencyKey.expires_at > utcnow(),
-        )
-    )
-    if record is None:
-        return None
-    made_that = record.batch_id is not None if made == "batch" else record.generation_id is not None
-    if record.request_hash != fingerprint or not made_that:
-        raise IdempotencyKeyReused(
-            "this Idempotency-Key was first used with a different request body; "
-            "use a new key for a new request",
-            errors=[{"field": "Idempotency-Key", "message": "reused with another body"}],
-        )
-    return record
-
-
-def record_first_response(
-    store: Store, tenant_id: str, idempotency_key: str, status: int, body: dict[str, Any]
-) -> None:
-    """Keep the first response sent for a key (a generation's or a batch's)."""
-    with store.transaction() as session:
-        session.execute(
-            sa.update(IdempotencyKey)
-            .where(
-                IdempotencyKey.tenant_id == tenant_id,
-                IdempotencyKey.key == idempotency_key,
-                IdempotencyKey.response_body.is_(None),
-            )
-            .values(response_status=status, response_body=body)
-            .execution_options(synchronize_session=False)
-        )

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from schemas.generations import GenerationSummarySchema
 from service.domain import EVENT_FOR_STATUS, DeliveryStatus, GenerationStatus
+from service.generations.views import GenerationView
 from service.ids import new_id
 from service.models import Delivery, Event, Generation, Subscription, Tenant
 from service.notifications.signing import (
@@ -31,17 +32,31 @@ from service.runtime.queue import new_task_row
 CLOUDEVENTS_SOURCE = "/genrelay"
 
 
-def generation_resource(generation: Generation) -> dict[str, Any]:
-    """The generation as events and deliveries carry it (inline image data by size and hash)."""
-    return GenerationSummarySchema().dump(generation)
+# Built once: every status change runs it.
+_ENABLED_SUBSCRIPTIONS = sa.select(Subscription).where(
+    Subscription.tenant_id == sa.bindparam("tenant_id"), Subscription.enabled.is_(True)
+)
+_SUMMARY = GenerationSummarySchema()  # stateless: one instance serves every event
+
+
+def generation_resource(generation: Generation, *, signed_url: str | None = None) -> dict[str, Any]:
+    """The generation as events and deliveries carry it (inline image data by size and hash);
+    `signed_url` (never stored on the row) goes into `result.url`."""
+    return _SUMMARY.dump(GenerationView(generation, signed_url=signed_url))
 
 
 def record_event(
-    session: Session, generation: Generation, status: GenerationStatus, *, now: dt.datetime
+    session: Session,
+    generation: Generation,
+    status: GenerationStatus,
+    *,
+    now: dt.datetime,
+    signed_url: str | None = None,
 ) -> Event | None:
     """Write the event of a status change and queue its deliveries (same transaction).
 
-    `generation` is the row as the change left it (change_status's UPDATE ... RETURNING).
+    `generation` is the row as the change left it (change_status's UPDATE ... RETURNING);
+    `signed_url`, a download link for its result, is shown in the event's `result.url`.
     """
     event_type = EVENT_FOR_STATUS.get(status)
     if event_type is None:
@@ -51,7 +66,7 @@ def record_event(
         tenant_id=generation.tenant_id,
         generation_id=generation.id,
         type=event_type,
-        data=generation_resource(generation),
+        data=generation_resource(generation, signed_url=signed_url),
         created_at=now,
     )
     fan_out(
@@ -77,11 +92,7 @@ def fan_out(
     if webhook and (webhook_events_filter is None or event.type in webhook_events_filter):
         tenant_webhook_secret(session, event.tenant_id)  # the deliverer only reads it
         queue_delivery(session, event, url=webhook, fmt="standard", subscription=None)
-    subscriptions = session.scalars(
-        sa.select(Subscription).where(
-            Subscription.tenant_id == event.tenant_id, Subscription.enabled.is_(True)
-        )
-    )
+    subscriptions = session.scalars(_ENABLED_SUBSCRIPTIONS, {"tenant_id": event.tenant_id})
     for subscription in subscriptions:
         if event.type in subscription.events:
             queue_delivery(
