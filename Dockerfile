@@ -50,7 +50,8 @@ RUN python -m venv /opt/venv \
 # Then the code: exactly what the package is built from (README.md is the long
 # description), installed into the same venv without dependencies (all are in the lock) and
 # without build isolation (the locked setuptools builds it; nothing unhashed is fetched).
-# tests/, bench/, docs/ and the rest of the checkout never enter the build.
+# tests/, bench/, docs/, the dev tools (service/devtools/, left out by .dockerignore) and the
+# rest of the checkout never enter the build.
 COPY setup.cfg pyproject.toml README.md ./
 COPY service/ service/
 COPY handlers/ handlers/
@@ -79,11 +80,12 @@ RUN groupadd --gid 10001 genrelay \
 
 # The venv, dependencies and genrelay installed; everything stays owned by root, read-only
 # to the service user. The command checks, from outside any checkout, that the command is
-# installed, the modules import and the migration scripts are in the package.
+# installed, the modules import, the migration scripts are in the package and the dev tools
+# are not.
 COPY --from=builder /opt/venv /opt/venv
 RUN cd / \
     && genrelay --help > /dev/null \
-    && python -c "import service.app, service.bootstrap, service.runtime.worker, service.migrate; from importlib.resources import files; assert (files('migrations') / 'env.py').is_file() and (files('migrations') / 'script.py.mako').is_file()"
+    && python -c "import service.app, service.bootstrap, service.runtime.worker, service.migrate, service.cli; from importlib.resources import files; from importlib.util import find_spec; assert (files('migrations') / 'env.py').is_file() and (files('migrations') / 'script.py.mako').is_file(); assert find_spec('service.devtools') is None, 'service.devtools is in the image'"
 
 # A neutral working directory: nothing of the repository is here, the package runs from
 # site-packages.

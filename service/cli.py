@@ -25,11 +25,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `genrelay` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["simulator"]:
+        if not _devtools_installed("simulator"):
+            return 2
         # The simulator owns its flags; hand them over untouched.
         from service.devtools.simulator.cli import main as simulator_main
 
         return simulator_main(args_list[1:])
     if args_list[:1] == ["inbox"]:
+        if not _devtools_installed("inbox"):
+            return 2
         from service.devtools.inbox import main as inbox_main
 
         return inbox_main(args_list[1:])
@@ -396,7 +400,23 @@ def _utc_iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _devtools_installed(command: str) -> bool:
+    """False, after one line on stderr, where service.devtools is left out (the Docker image)."""
+    from importlib.util import find_spec
+
+    if find_spec("service.devtools") is not None:
+        return True
+    print(
+        f"genrelay {command}: the dev tools are not installed in this build (service.devtools); "
+        "run it from a checkout or `pip install .`",
+        file=sys.stderr,
+    )
+    return False
+
+
 def _dev(args: argparse.Namespace) -> int:
+    if not _devtools_installed("dev"):
+        return 2
     from service.devtools.stack import run_dev_stack
 
     return run_dev_stack(port=args.port or ProcessSettings.from_env().port, var_dir=args.var)
