@@ -35,7 +35,7 @@ SMOKE = [
     ("large_table.py", ["--generations", "1000", "--tenants", "3", "--tasks", "100",
                         "--requests", "10", "--reads", "5", "--rounds", "1", "--warmup", "2"],
      True, 120),
-    ("soak.py", ["--generations", "10", "--rate", "20"], False, 120),
+    ("soak.py", ["--generations", "4", "--rate", "20"], False, 120),
     ("catalog.py", ["--smoke", "--cases", "a", "--arms", "genrelay", "--database", "sqlite"],
      False, 90),
 ]  # fmt: skip
