@@ -143,6 +143,7 @@ def test_never_more_than_the_limit_in_flight_and_every_generation_succeeds(
 # 2. A lost callback frees its slot through the poll path.
 
 
+@SQLITE_ONLY
 def test_lost_callbacks_free_their_slots_through_polling(start: Any) -> None:
     limit, count = 2, 8
     deployed = start(
@@ -304,6 +305,7 @@ def test_two_web_and_two_worker_processes_never_exceed_the_limit(start: Any) -> 
 # 6. Deadlines.
 
 
+@SQLITE_ONLY
 def test_a_generation_whose_deadline_passes_while_it_waits_is_canceled_unsent(
     start: Any,
 ) -> None:
@@ -372,6 +374,7 @@ def test_a_worker_killed_during_a_pass_of_the_line_stalls_it_briefly(start: Any)
 # 7. Fairness between tenants.
 
 
+@SQLITE_ONLY
 def test_one_tenants_single_generation_passes_another_tenants_backlog(start: Any) -> None:
     limit, processing, backlog = 2, 0.5, 60
     deployed = start(

@@ -1,4 +1,5 @@
-"""The fault-injection soak of bench/soak.py at CI size, on SQLite and on PostgreSQL.
+"""The fault-injection soak of bench/soak.py at CI size, on SQLite and on PostgreSQL (the
+crash test on PostgreSQL).
 
 120 generations go through `genrelay serve`, `genrelay worker`, the simulator, fake-gcs-server
 and a flaky receiver with every fault injected (upstream 5xx, 429, timeouts, job failures,
@@ -72,9 +73,14 @@ def test_soak_with_faults(soak_database: tuple[str, str | None], tmp_path: Path)
     assert not any(kill for kill in report.faults["kills"])
 
 
+@pytest.mark.parametrize(
+    "soak_database", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 def test_crash_worker_and_web_ten_times_each(
     soak_database: tuple[str, str | None], tmp_path: Path
 ) -> None:
+    # On PostgreSQL only: what a crash tests (leases, claims, the line's slots, idempotent
+    # steps) is the same code on both databases, and the faults soak runs on both.
     report = soak(soak_database, tmp_path / "crash", crash=True)
     assert report.ok, failure_text(report)
     kills = [kill["process"] for kill in report.faults["kills"]]
