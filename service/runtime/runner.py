@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -36,7 +37,7 @@ class TaskRunner:
     def execute(self, task: ClaimedTask) -> TaskStatus | None:
         """Run `task` once; return its new status (None when our lease was lost meanwhile,
         or the outcome could not be recorded: the task then comes back when its lease ends)."""
-        with log_context(generation_id=task.generation_id, task_id=task.id, task_kind=task.kind):
+        with _task_context(task):
             # DEBUG: the scale-out test reads these to prove no task ran twice at once.
             log.debug("task started (attempt %d)", task.attempts)
             status = self._execute(task)
@@ -58,6 +59,9 @@ class TaskRunner:
         statuses: dict[str, TaskStatus | None] = {
             task.id: self.execute(task) for task in tasks if task.id in worn
         }
+        for task in batch:
+            with _task_context(task):
+                log.debug("task started (attempt %d, in a batch)", task.attempts)
         with log_context(task_kind=tasks[0].kind):
             outcomes = self._run_batch(handler, batch)
             try:
@@ -70,6 +74,8 @@ class TaskRunner:
                     statuses[task.id] = self._apply_alone(handler, task, outcome)
         for task in batch:
             status = statuses[task.id]
+            with _task_context(task):
+                log.debug("task finished: %s", status.value if status else "lease lost")
             TASK_OUTCOMES.labels(task.kind, status.value if status else "lost").inc()
         return [statuses[task.id] for task in tasks]
 
@@ -159,6 +165,11 @@ class TaskRunner:
             return TaskStatus.PENDING if held else None
         assert isinstance(outcome, Done)
         return TaskStatus.DONE if queue.finish_in(session, task) else None
+
+
+def _task_context(task: ClaimedTask) -> Any:
+    """Log lines name the task and its generation."""
+    return log_context(generation_id=task.generation_id, task_id=task.id, task_kind=task.kind)
 
 
 # A task claimed once too often (its holders died): given up without running it.
