@@ -271,5 +271,10 @@ def test_a_generation_from_a_pubsub_message_is_deleted_when_its_retention_runs_o
     while time.monotonic() < deadline and outputs.stat(name) is not None:
         time.sleep(0.2)
     assert outputs.stat(name) is None
-    after = requests.get(f"{base}/v1/generations/{shown['id']}", headers=auth, timeout=5).json()
-    assert "expired_at" in after["result"] and "url" not in after["result"]
+    # The task records the deletion in the transaction that ends it, just after the delete.
+    while True:
+        after = requests.get(f"{base}/v1/generations/{shown['id']}", headers=auth, timeout=5)
+        if "expired_at" in after.json()["result"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert "expired_at" in after.json()["result"] and "url" not in after.json()["result"]
