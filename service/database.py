@@ -138,19 +138,12 @@ class Store:
             yield session
 
     @contextmanager
-    def read_connection(self) -> Iterator[sa.Connection]:
-        """A read-only transaction on a plain connection, for Core statements on hot paths
-        (no ORM session to set up)."""
-        with self._read_engine.begin() as connection:
-            yield connection
-
-    @contextmanager
     def read_one(self) -> Iterator[sa.Connection]:
         """A plain connection for ONE Core read statement (the API key lookup of every
-        request): no ORM session to set up, and on PostgreSQL no transaction around the
-        statement (autocommit: a single statement is its own snapshot), which saves the BEGIN
-        and COMMIT round trips. Several statements that must agree with each other belong in
-        `read()`."""
+        request, the read of a batch of deliveries): no ORM session to set up, and on
+        PostgreSQL no transaction around the statement (autocommit: a single statement is its
+        own snapshot), which saves the BEGIN and COMMIT round trips. Several statements that
+        must agree with each other belong in `read()`."""
         connection = self._free_held()
         if connection is not None:
             with connection.begin():

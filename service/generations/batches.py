@@ -43,8 +43,7 @@ from service.generations.batch_progress import (
 from service.generations.idempotency import (
     Answer,
     claim_key,
-    earlier_use,
-    record_first_response,
+    earlier_answer,
     record_response,
 )
 from service.generations.inputs import access_problems
@@ -242,25 +241,14 @@ class BatchService:
         return Answer(batch, body=body)
 
     def _earlier(self, tenant_id: str, key: str, fingerprint: str) -> BatchIntake | None:
-        """The answer to a retry of `key`: the first response, or (when the first request has
-        not answered yet, or died before it could) the batch as it is now."""
-        with self.store.read() as session:
-            record = earlier_use(session, tenant_id, key, fingerprint, made="batch")
-            if record is None:
-                return None
-            if record.response_body is not None and record.response_status is not None:
-                return Answer.replay(record.response_status, record.response_body)
-            batch_id = record.batch_id
-        assert batch_id is not None
-        return self._answer(tenant_id, batch_id, key)
-
-    def record_response(
-        self, tenant_id: str, idempotency_key: str, status: int, body: dict[str, Any]
-    ) -> None:
-        """Keep `body` as the key's first response unless one is kept already.
-
-        `create` does this itself; for callers that render their own answer."""
-        record_first_response(self.store, tenant_id, idempotency_key, status, body)
+        return earlier_answer(
+            self.store,
+            tenant_id,
+            key,
+            fingerprint,
+            made="batch",
+            show=lambda batch_id: self._answer(tenant_id, batch_id, key),
+        )
 
     def get(self, tenant_id: str, batch_id: str) -> BatchView:
         """One batch of this tenant with its counts; NotFound for unknown and others' ids."""

@@ -3,15 +3,15 @@
 The service owns it end to end; a handler only passes the `Idempotency-Key` header's value in
 and renders the `Answer` that comes back:
 
-1. `earlier_use` before anything is stored: an unexpired record of the key either replays the
-   first response verbatim (`Answer.replayed`), or, when the first request has not answered
-   yet, shows the resource as it is now; a record made with another body (or for another kind
-   of resource) is IdempotencyKeyReused.
+1. `earlier_answer` (`earlier_use`) before anything is stored: an unexpired record of the
+   key either replays the first response verbatim (`Answer.replayed`), or, when the first
+   request has not answered yet, shows the resource as it is now; a record made with another
+   body (or for another kind of resource) is IdempotencyKeyReused.
 2. `claim_key` inside the intake's transaction, next to the resource it made: an expired
    record of the key is dropped and the new one inserted. Two requests racing with one key
    meet on the primary key; the loser's transaction fails with IntegrityError and it replays
    the winner (step 1 again).
-3. `record_first_response` once the answer is known: the body the client gets, dumped once,
+3. `record_response` once the answer is known: the body the client gets, dumped once,
    kept for retries.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
 import sqlalchemy as sa
@@ -133,10 +134,24 @@ def record_response(
     )
 
 
-def record_first_response(
-    store: Store, tenant_id: str, key: str, status: int, body: dict[str, Any]
-) -> None:
-    """Keep the first response sent for `key` (a generation's or a batch's), in a transaction
-    of its own."""
-    with store.transaction() as session:
-        record_response(session, tenant_id, key, status, body)
+def earlier_answer(
+    store: Store,
+    tenant_id: str,
+    key: str,
+    fingerprint: str,
+    *,
+    made: str,
+    show: Callable[[str], Answer[T]],
+) -> Answer[T] | None:
+    """The answer to a retry of `key`, or None when the key is unused: the first response
+    verbatim, or (when the first request has not answered yet, or died before it could)
+    `show(resource_id)`, the resource as it is now."""
+    with store.read() as session:
+        record = earlier_use(session, tenant_id, key, fingerprint, made=made)
+        if record is None:
+            return None
+        if record.response_body is not None and record.response_status is not None:
+            return Answer.replay(record.response_status, record.response_body)
+        resource_id = record.batch_id if made == "batch" else record.generation_id
+    assert resource_id is not None
+    return show(resource_id)

@@ -24,8 +24,7 @@ from service.generations.idempotency import (
     IDEMPOTENCY_TTL,
     Answer,
     claim_key,
-    earlier_use,
-    record_first_response,
+    earlier_answer,
     record_response,
 )
 from service.generations.inputs import require_access
@@ -54,8 +53,6 @@ __all__ = [
     "GenerationView",
     "Intake",
     "NewGeneration",
-    "earlier_use",
-    "record_first_response",
 ]
 
 
@@ -226,26 +223,15 @@ class GenerationService:
             record_response(session, tenant_id, key, 202, body)
         return Answer(view, body=body)
 
-    def record_response(
-        self, tenant_id: str, idempotency_key: str, status: int, body: dict[str, Any]
-    ) -> None:
-        """Keep `body` as the key's first response unless one is kept already.
-
-        `create` does this itself; for callers that render their own answer."""
-        record_first_response(self.store, tenant_id, idempotency_key, status, body)
-
     def _earlier(self, tenant_id: str, key: str, fingerprint: str) -> Intake | None:
-        """The answer to a retry of `key`: the first response, or (when the first request has
-        not answered yet, or died before it could) the generation as it is now."""
-        with self.store.read() as session:
-            record = earlier_use(session, tenant_id, key, fingerprint, made="generation")
-            if record is None:
-                return None
-            if record.response_body is not None and record.response_status is not None:
-                return Answer.replay(record.response_status, record.response_body)
-            generation_id = record.generation_id
-        assert generation_id is not None
-        return self._answer(tenant_id, generation_id, key)
+        return earlier_answer(
+            self.store,
+            tenant_id,
+            key,
+            fingerprint,
+            made="generation",
+            show=lambda generation_id: self._answer(tenant_id, generation_id, key),
+        )
 
     def get(self, tenant_id: str, generation_id: str) -> GenerationView:
         """One generation of this tenant; NotFound for unknown ids and other tenants' ids.
@@ -286,9 +272,7 @@ class GenerationService:
             query = query.where(Generation.created_at > created_after)
         with self.store.read() as session:
             page = paginate(session, query, Generation, cursor=cursor, limit=limit)
-        return Page(
-            items=[self._view(g) for g in page.items], next_cursor=page.next_cursor
-        )
+        return Page(items=[self._view(g) for g in page.items], next_cursor=page.next_cursor)
 
     def _metadata_is(self, key: str, value: str) -> sa.ColumnElement[bool]:
         """The generation's metadata has `value` under `key`.
@@ -318,4 +302,3 @@ class GenerationService:
             generation = session.get(Generation, generation_id)
         assert generation is not None
         return generation
-

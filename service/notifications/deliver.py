@@ -128,7 +128,7 @@ class DeliverHandler:
         """Read every delivery of the batch at once, then attempt each in turn."""
         ids = [task.payload["delivery_id"] for task in tasks]
         try:
-            with self.store.read_connection() as connection:
+            with self.store.read_one() as connection:
                 rows = {row.id: row for row in connection.execute(_READ, {"delivery_ids": ids})}
         except Exception as exc:
             log.exception("reading %d deliveries failed", len(ids))

@@ -29,10 +29,13 @@ class TaskRunner:
     def __init__(self, queue: TaskQueue, handlers: Mapping[str, TaskHandler]) -> None:
         self.queue = queue
         self.handlers = dict(handlers)
+        self._batchable = {
+            kind for kind, handler in self.handlers.items() if isinstance(handler, BatchHandler)
+        }
 
     def batchable(self, kind: str) -> bool:
         """Whether tasks of `kind` may be run together (`execute_batch`)."""
-        return isinstance(self.handlers.get(kind), BatchHandler)
+        return kind in self._batchable
 
     def execute(self, task: ClaimedTask) -> TaskStatus | None:
         """Run `task` once; return its new status (None when our lease was lost meanwhile,
