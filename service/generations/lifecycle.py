@@ -4,6 +4,7 @@ machine, so concurrent actors (intake, worker, callbacks, cancel) can never regr
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 from service.domain import ErrorCode, GenerationStatus, allowed_predecessors
 from service.generations.batch_progress import note_item_finished
 from service.generations.line import slot_freed
+from service.generations.views import COLUMNS, GENERATIONS, detached
 from service.models import Generation, utcnow
 from service.notifications.events import record_event
 
@@ -31,25 +33,23 @@ def change_status(
     A move also writes its event and queues the event's deliveries, in the same transaction;
     a move that ends a generation holding an upstream slot has the line hand that slot on
     (for a cancel, once its upstream job has ended). `signed_url` (not stored) goes into the
-    event's `result.url`.
+    event's `result.url`. `fields`: other columns to set, by attribute name.
     """
-    values: dict[str, Any] = {"status": new, "updated_at": now, **fields}
+    values: dict[str, Any] = {"status": new.value, "updated_at": now, **fields}
     if new.is_terminal:
         values["completed_at"] = now
-    statement = (
-        sa.update(Generation)
-        .where(
-            Generation.id == generation_id,
-            Generation.status.in_([s.value for s in allowed_predecessors(new)]),
-        )
-        .values(**values)
-        # The row as it now is, for the event, without a second SELECT.
-        .returning(Generation)
-        .execution_options(synchronize_session=False, populate_existing=True)
-    )
-    generation = session.scalars(statement).one_or_none()
-    if generation is None:
+    statement = _status_update(new, tuple(sorted(values)))
+    params = {f"new_{name}": value for name, value in values.items()}
+    row = session.connection().execute(statement, {"generation_id": generation_id, **params})
+    moved = row.first()
+    if moved is None:
         return False
+    # The row as it now is, for the event, without a second SELECT: a plain object, not in
+    # the session. A copy the session holds already is stale now: it reloads on next use.
+    generation = detached(moved)
+    held = session.identity_map.get(session.identity_key(Generation, generation_id))
+    if held is not None:
+        session.expire(held)
     held_a_slot = generation.admitted_at is not None and generation.source_found_at is None
     # A canceled job still runs at Deep-Image (which has no cancel): its slot is freed when
     # the job ends there (service/generations/completion.py `job_ended`), not now.
@@ -60,6 +60,21 @@ def change_status(
     if new.is_terminal and generation.batch_id is not None:
         note_item_finished(session, generation.batch_id, now)  # the last item completes it
     return True
+
+
+@functools.cache
+def _status_update(new: GenerationStatus, names: tuple[str, ...]) -> sa.Update:
+    """The guarded UPDATE ... RETURNING of a move to `new` setting these attributes: a Core
+    statement built once per shape (each new statement object costs a cache key)."""
+    return (
+        sa.update(GENERATIONS)
+        .where(
+            GENERATIONS.c.id == sa.bindparam("generation_id"),
+            GENERATIONS.c.status.in_([s.value for s in allowed_predecessors(new)]),
+        )
+        .values({COLUMNS[name]: sa.bindparam(f"new_{name}") for name in names})
+        .returning(*(column.label(name) for name, column in COLUMNS.items()))
+    )
 
 
 def fail_generation(

@@ -98,9 +98,7 @@ _ACCOUNT_LEARNING = sa.select(_ACCOUNTS.c.limit_source, _ACCOUNTS.c.refusals_in_
 # Counted only as far as decides: `limit` slots in use, two generations waiting.
 _ALONE = sa.select(
     sa.select(sa.func.count())
-    .select_from(
-        sa.select(Generation.id).where(IN_FLIGHT).limit(sa.bindparam("limit")).subquery()
-    )
+    .select_from(sa.select(Generation.id).where(IN_FLIGHT).limit(sa.bindparam("limit")).subquery())
     .scalar_subquery(),
     sa.select(sa.func.count())
     .select_from(sa.select(Generation.id).where(WAITING).limit(2).subquery())

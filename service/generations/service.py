@@ -31,7 +31,7 @@ from service.generations.inputs import require_access
 from service.generations.lifecycle import change_status
 from service.generations.line import Line
 from service.generations.result_access import sign_result
-from service.generations.views import GenerationView
+from service.generations.views import GenerationView, read_generation
 from service.ids import new_id
 from service.models import Generation, utcnow
 from service.notifications.service import require_safe_target
@@ -298,7 +298,7 @@ class GenerationService:
         return generation
 
     def _load(self, generation_id: str) -> Generation:
-        with self.store.read() as session:
-            generation = session.get(Generation, generation_id)
+        with self.store.read_one() as connection:
+            generation = read_generation(connection, generation_id)
         assert generation is not None
         return generation

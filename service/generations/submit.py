@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.adapters.blobstore import BlobError, BlobStore, TransientBlobError
@@ -32,6 +33,11 @@ from service.runtime.outcomes import DONE, Apply, Done, Failed, Outcome
 from service.runtime.queue import ClaimedTask, TaskQueue
 
 log = logging.getLogger("genrelay.submit")
+
+# What a submission reads of its generation: one Core statement.
+_READ = sa.select(
+    Generation.status, Generation.admitted_at, Generation.deadline_at, Generation.input
+).where(Generation.id == sa.bindparam("generation_id"))
 
 
 class SubmitHandler:
@@ -58,14 +64,14 @@ class SubmitHandler:
         generation_id = task.generation_id
         assert generation_id is not None
         now = utcnow()
-        with self.store.read() as session:
-            generation = session.get(Generation, generation_id)
-            if generation is None or generation.status != GenerationStatus.QUEUED:
-                return DONE  # canceled, or already submitted by an earlier attempt
-            if generation.admitted_at is None:
-                return DONE  # not (or no longer) admitted: the line admits it again
-            deadline = generation.deadline_at
-            payload = dict(generation.input)
+        with self.store.read_one() as connection:
+            generation = connection.execute(_READ, {"generation_id": generation_id}).first()
+        if generation is None or generation.status != GenerationStatus.QUEUED:
+            return DONE  # canceled, or already submitted by an earlier attempt
+        if generation.admitted_at is None:
+            return DONE  # not (or no longer) admitted: the line admits it again
+        deadline = generation.deadline_at
+        payload = dict(generation.input)
         if deadline is not None and deadline <= now:
             return Done(lambda session: _cancel_overdue(session, generation_id))
         try:

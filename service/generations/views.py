@@ -7,9 +7,31 @@ columns: they live here, beside the ORM row, never on it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
+
+import sqlalchemy as sa
 
 from service.models import Generation
+
+GENERATIONS = cast(sa.Table, Generation.__table__)
+# Every column of a generation, named as the model's attribute (`meta` for the "metadata"
+# column): Core statements that read or return a whole row select these, and `detached`
+# makes that row a Generation again, outside any session.
+COLUMNS = {attr.key: attr.columns[0] for attr in sa.inspect(Generation).column_attrs}
+_BY_ID = sa.select(*(column.label(name) for name, column in COLUMNS.items())).where(
+    GENERATIONS.c.id == sa.bindparam("generation_id")
+)
+
+
+def detached(row: sa.Row[Any]) -> Generation:
+    """A whole row read with Core (`COLUMNS`) as a Generation that no session holds."""
+    return Generation(**row._mapping)
+
+
+def read_generation(connection: sa.Connection, generation_id: str) -> Generation | None:
+    """One generation by id, with one Core statement; None when there is none."""
+    row = connection.execute(_BY_ID, {"generation_id": generation_id}).first()
+    return None if row is None else detached(row)
 
 
 @dataclasses.dataclass(frozen=True)

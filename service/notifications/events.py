@@ -9,7 +9,7 @@ on every attempt.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -27,15 +27,17 @@ from service.notifications.signing import (
 )
 from service.runtime import wakeup
 from service.runtime.kinds import DELIVER
-from service.runtime.queue import new_task_row
+from service.runtime.queue import insert_task
 
 CLOUDEVENTS_SOURCE = "/genrelay"
 
 
-# Built once: every status change runs it.
-_ENABLED_SUBSCRIPTIONS = sa.select(Subscription).where(
-    Subscription.tenant_id == sa.bindparam("tenant_id"), Subscription.enabled.is_(True)
-)
+# Core statements, built once: every status change runs them.
+_ENABLED_SUBSCRIPTIONS = sa.select(
+    Subscription.id, Subscription.url, Subscription.format, Subscription.events
+).where(Subscription.tenant_id == sa.bindparam("tenant_id"), Subscription.enabled.is_(True))
+_INSERT_EVENT = sa.insert(cast(sa.Table, Event.__table__))
+_INSERT_DELIVERY = sa.insert(cast(sa.Table, Delivery.__table__))
 _SUMMARY = GenerationSummarySchema()  # stateless: one instance serves every event
 
 
@@ -87,20 +89,35 @@ def fan_out(
 ) -> None:
     """Store `event` and queue a delivery to each target that wants it: the subject's own
     `webhook` (unless its filter leaves the type out) and the tenant's enabled subscriptions
-    that list the type."""
-    session.add(event)
+    that list the type.
+
+    `event` is not added to the session: it, its deliveries and their tasks are inserted with
+    Core statements (this runs with every status change).
+    """
+    connection = session.connection()
+    connection.execute(
+        _INSERT_EVENT,
+        {
+            "id": event.id,
+            "tenant_id": event.tenant_id,
+            "generation_id": event.generation_id,
+            "type": event.type,
+            "data": event.data,
+            "created_at": event.created_at,
+        },
+    )
     if webhook and (webhook_events_filter is None or event.type in webhook_events_filter):
         tenant_webhook_secret(session, event.tenant_id)  # the deliverer only reads it
-        queue_delivery(session, event, url=webhook, fmt="standard", subscription=None)
-    subscriptions = session.scalars(_ENABLED_SUBSCRIPTIONS, {"tenant_id": event.tenant_id})
-    for subscription in subscriptions:
+        queue_delivery(session, event, url=webhook, fmt="standard", subscription_id=None)
+    subscriptions = connection.execute(_ENABLED_SUBSCRIPTIONS, {"tenant_id": event.tenant_id})
+    for subscription in subscriptions.all():
         if event.type in subscription.events:
             queue_delivery(
                 session,
                 event,
                 url=subscription.url,
                 fmt=subscription.format,
-                subscription=subscription,
+                subscription_id=subscription.id,
             )
 
 
@@ -110,9 +127,12 @@ def queue_delivery(
     *,
     url: str,
     fmt: str,
-    subscription: Subscription | None,
+    subscription_id: str | None,
+    stored_event: bool = True,
 ) -> Delivery:
-    """One delivery row for (event, target) and the task that sends it."""
+    """One delivery row for (event, target) and the task that sends it; the row is returned
+    as inserted (not in the session). `stored_event=False`: the event is not in the feed
+    (a test ping), so the delivery names none."""
     webhook_id = new_webhook_id()
     body = render_body(
         fmt,
@@ -122,32 +142,27 @@ def queue_delivery(
         event.data,
         subject=event.generation_id or None,
     )
-    delivery = Delivery(
-        id=new_id("dlv_"),
-        tenant_id=event.tenant_id,
-        event_id=event.id,
-        subscription_id=subscription.id if subscription else None,
-        event_type=event.type,
-        url=url,
-        format=fmt,
-        webhook_id=webhook_id,
-        body=body.decode("utf-8"),
-        status=DeliveryStatus.PENDING,
-        next_attempt_at=event.created_at,
-        created_at=event.created_at,
-        updated_at=event.created_at,
+    values: dict[str, Any] = {
+        "id": new_id("dlv_"),
+        "tenant_id": event.tenant_id,
+        "event_id": event.id if stored_event else None,
+        "subscription_id": subscription_id,
+        "event_type": event.type,
+        "url": url,
+        "format": fmt,
+        "webhook_id": webhook_id,
+        "body": body.decode("utf-8"),
+        "status": DeliveryStatus.PENDING.value,
+        "attempts": 0,
+        "next_attempt_at": event.created_at,
+        "created_at": event.created_at,
+        "updated_at": event.created_at,
+    }
+    session.connection().execute(_INSERT_DELIVERY, values)
+    insert_task(
+        session, DELIVER, {"delivery_id": values["id"]}, event.generation_id, event.created_at
     )
-    session.add(delivery)
-    session.add(
-        new_task_row(
-            DELIVER,
-            {"delivery_id": delivery.id},
-            event.generation_id,
-            event.created_at,
-        )
-    )
-    wakeup.request_wake(session)  # due now
-    return delivery
+    return Delivery(**values)
 
 
 def render_body(

@@ -164,15 +164,14 @@ class NotificationService:
                 created_at=now,
             )
             # Built like any delivery, but the ping event itself is not stored in the feed.
-            delivery = queue_delivery(
+            return queue_delivery(
                 session,
                 ping,
                 url=subscription.url,
                 fmt=subscription.format,
-                subscription=subscription,
+                subscription_id=subscription.id,
+                stored_event=False,
             )
-            delivery.event_id = None
-        return delivery
 
     def default_webhook_secret(self, tenant_id: str) -> str:
         """The secret that signs deliveries to per-request `webhook` URLs."""

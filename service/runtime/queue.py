@@ -16,7 +16,7 @@ import enum
 import random
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -85,6 +85,28 @@ def _new_id() -> str:
     return new_id("task_")
 
 
+def new_task_values(
+    kind: str,
+    payload: dict[str, Any] | None,
+    generation_id: str | None,
+    now: dt.datetime,
+    *,
+    delay: float = 0.0,
+) -> dict[str, Any]:
+    """The columns of a pending task, due after `delay` seconds."""
+    return {
+        "id": _new_id(),
+        "kind": kind,
+        "generation_id": generation_id,
+        "payload": payload or {},
+        "status": TaskStatus.PENDING.value,
+        "attempts": 0,
+        "run_at": now + dt.timedelta(seconds=delay),
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 def new_task_row(
     kind: str,
     payload: dict[str, Any] | None,
@@ -94,17 +116,28 @@ def new_task_row(
     delay: float = 0.0,
 ) -> Task:
     """A pending task row, due after `delay` seconds (add it to a session to enqueue it)."""
-    return Task(
-        id=_new_id(),
-        kind=kind,
-        generation_id=generation_id,
-        payload=payload or {},
-        status=TaskStatus.PENDING,
-        attempts=0,
-        run_at=now + dt.timedelta(seconds=delay),
-        created_at=now,
-        updated_at=now,
-    )
+    return Task(**new_task_values(kind, payload, generation_id, now, delay=delay))
+
+
+_INSERT_TASK = sa.insert(cast(sa.Table, Task.__table__))
+
+
+def insert_task(
+    session: Session,
+    kind: str,
+    payload: dict[str, Any] | None,
+    generation_id: str | None,
+    now: dt.datetime,
+    *,
+    delay: float = 0.0,
+) -> str:
+    """Queue a pending task in the caller's transaction with one Core INSERT (status changes
+    and intake queue tasks on every request: no unit-of-work flush); return its id."""
+    values = new_task_values(kind, payload, generation_id, now, delay=delay)
+    session.connection().execute(_INSERT_TASK, values)
+    if delay <= 0:
+        wakeup.request_wake(session)
+    return str(values["id"])
 
 
 class TaskQueue:
@@ -146,11 +179,7 @@ class TaskQueue:
         delay: float = 0.0,
     ) -> str:
         """Add a pending task inside the caller's transaction; return its id."""
-        task = new_task_row(kind, payload, generation_id, self.clock(), delay=delay)
-        session.add(task)
-        if delay <= 0:
-            wakeup.request_wake(session)
-        return task.id
+        return insert_task(session, kind, payload, generation_id, self.clock(), delay=delay)
 
     def enqueue_claimed(
         self,
@@ -166,13 +195,24 @@ class TaskQueue:
         run it twice; if the caller dies, a worker picks it up after the lease.
         """
         now = self.clock()
-        task = new_task_row(kind, payload, generation_id, now)
-        task.status = TaskStatus.RUNNING
-        task.attempts = 1
-        task.claim_token = uuid.uuid4().hex
-        task.lease_expires_at = now + self.lease
-        session.add(task)
-        return _claimed(task)
+        values = new_task_values(kind, payload, generation_id, now)
+        values.update(
+            status=TaskStatus.RUNNING.value,
+            attempts=1,
+            claim_token=uuid.uuid4().hex,
+            lease_expires_at=now + self.lease,
+        )
+        session.connection().execute(_INSERT_TASK, values)
+        return ClaimedTask(
+            id=values["id"],
+            kind=kind,
+            generation_id=generation_id,
+            payload=dict(values["payload"]),
+            attempts=1,
+            created_at=now,
+            claim_token=values["claim_token"],
+            lease_expires_at=values["lease_expires_at"],
+        )
 
     def ensure_singleton(self, task_id: str, kind: str) -> None:
         """Create the one task of `kind` (fixed id) if missing, or revive it if it ended.
