@@ -11,6 +11,7 @@ from service.adapters.deepimage import (
     PermanentUpstreamError,
     TransientUpstreamError,
     UpstreamJob,
+    upstream_session,
 )
 from service.domain import ErrorCode
 
@@ -165,3 +166,29 @@ def test_the_api_key_never_appears_in_error_messages(client: DeepImageClient) ->
     with pytest.raises(TransientUpstreamError) as caught:
         client.process({})
     assert "secret-api-key" not in str(caught.value)
+
+
+def test_the_upstream_session_takes_the_environment_proxy_and_ca_bundle_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "CURL_CA_BUNDLE", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://egress.internal:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/corporate-ca.pem")
+    session = upstream_session(BASE)
+    assert session.proxies["https"] == "http://egress.internal:3128"
+    assert session.verify == "/etc/corporate-ca.pem"
+    # Read once: later requests do not walk the environment (nor read ~/.netrc).
+    assert session.trust_env is False
+
+
+def test_the_upstream_session_honours_no_proxy_for_its_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("no_proxy", "https_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://egress.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "deep-image.test")
+    session = upstream_session(BASE)
+    assert "https" not in session.proxies
+    assert session.verify is True
