@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from service.domain import ErrorCode, GenerationStatus, allowed_predecessors
 from service.generations.batch_progress import note_item_finished
 from service.generations.line import slot_freed
-from service.generations.views import COLUMNS, GENERATIONS, detached
+from service.generations.views import COLUMNS, GENERATIONS
 from service.models import Generation, utcnow
 from service.notifications.events import record_event
 
@@ -44,9 +44,9 @@ def change_status(
     moved = row.first()
     if moved is None:
         return False
-    # The row as it now is, for the event, without a second SELECT: a plain object, not in
-    # the session. A copy the session holds already is stale now: it reloads on next use.
-    generation = detached(moved)
+    # `moved` is the row as it now is (COLUMNS), for the event, without a second SELECT. A
+    # copy the session holds already is stale now: it reloads on next use.
+    generation = moved
     held = session.identity_map.get(session.identity_key(Generation, generation_id))
     if held is not None:
         session.expire(held)

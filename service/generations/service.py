@@ -31,7 +31,7 @@ from service.generations.inputs import require_access
 from service.generations.lifecycle import change_status
 from service.generations.line import Line
 from service.generations.result_access import sign_result
-from service.generations.views import GenerationView, read_generation
+from service.generations.views import GenerationRecord, GenerationView, read_generation
 from service.ids import new_id
 from service.models import Generation, utcnow
 from service.notifications.service import require_safe_target
@@ -105,7 +105,9 @@ class GenerationService:
         self.blobs = blobs
         self.config = config
 
-    def _view(self, generation: Generation, *, queue_position: int | None = None) -> GenerationView:
+    def _view(
+        self, generation: GenerationRecord, *, queue_position: int | None = None
+    ) -> GenerationView:
         """The generation as shown, with a V4 URL for its stored result where the credentials
         can sign one."""
         signed_url = None
@@ -297,7 +299,7 @@ class GenerationService:
             raise Conflict(f"generation {generation_id} has already {generation.status}")
         return generation
 
-    def _load(self, generation_id: str) -> Generation:
+    def _load(self, generation_id: str) -> GenerationRecord:
         with self.store.read_one() as connection:
             generation = read_generation(connection, generation_id)
         assert generation is not None

@@ -15,23 +15,20 @@ from service.models import Generation
 
 GENERATIONS = cast(sa.Table, Generation.__table__)
 # Every column of a generation, named as the model's attribute (`meta` for the "metadata"
-# column): Core statements that read or return a whole row select these, and `detached`
-# makes that row a Generation again, outside any session.
+# column): Core statements that read or return a whole row select these, and the row they
+# give reads like the ORM object (`row.status`, `row.meta`...), without the cost of one.
 COLUMNS = {attr.key: attr.columns[0] for attr in sa.inspect(Generation).column_attrs}
 _BY_ID = sa.select(*(column.label(name) for name, column in COLUMNS.items())).where(
     GENERATIONS.c.id == sa.bindparam("generation_id")
 )
 
-
-def detached(row: sa.Row[Any]) -> Generation:
-    """A whole row read with Core (`COLUMNS`) as a Generation that no session holds."""
-    return Generation(**row._mapping)
+# A generation as stored: the ORM object, or its COLUMNS read with Core.
+GenerationRecord = Generation | sa.Row[Any]
 
 
-def read_generation(connection: sa.Connection, generation_id: str) -> Generation | None:
-    """One generation by id, with one Core statement; None when there is none."""
-    row = connection.execute(_BY_ID, {"generation_id": generation_id}).first()
-    return None if row is None else detached(row)
+def read_generation(connection: sa.Connection, generation_id: str) -> sa.Row[Any] | None:
+    """One generation by id (its COLUMNS), with one Core statement; None when there is none."""
+    return connection.execute(_BY_ID, {"generation_id": generation_id}).first()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +39,7 @@ class GenerationView:
     schemas dump a view as they would the row.
     """
 
-    generation: Generation
+    generation: GenerationRecord
     signed_url: str | None = None
     queue_position: int | None = None
 

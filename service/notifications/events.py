@@ -16,16 +16,15 @@ from sqlalchemy.orm import Session
 
 from schemas.generations import GenerationSummarySchema
 from service.domain import EVENT_FOR_STATUS, DeliveryStatus, GenerationStatus
-from service.generations.views import GenerationView
+from service.generations.views import GenerationRecord, GenerationView
 from service.ids import new_id
-from service.models import Delivery, Event, Generation, Subscription, Tenant
+from service.models import Delivery, Event, Subscription, Tenant
 from service.notifications.signing import (
     cloudevents_body,
     new_secret,
     new_webhook_id,
     standard_body,
 )
-from service.runtime import wakeup
 from service.runtime.kinds import DELIVER
 from service.runtime.queue import insert_task
 
@@ -41,7 +40,9 @@ _INSERT_DELIVERY = sa.insert(cast(sa.Table, Delivery.__table__))
 _SUMMARY = GenerationSummarySchema()  # stateless: one instance serves every event
 
 
-def generation_resource(generation: Generation, *, signed_url: str | None = None) -> dict[str, Any]:
+def generation_resource(
+    generation: GenerationRecord, *, signed_url: str | None = None
+) -> dict[str, Any]:
     """The generation as events and deliveries carry it (inline image data by size and hash);
     `signed_url` (never stored on the row) goes into `result.url`."""
     return _SUMMARY.dump(GenerationView(generation, signed_url=signed_url))
@@ -49,7 +50,7 @@ def generation_resource(generation: Generation, *, signed_url: str | None = None
 
 def record_event(
     session: Session,
-    generation: Generation,
+    generation: GenerationRecord,
     status: GenerationStatus,
     *,
     now: dt.datetime,
