@@ -32,6 +32,14 @@ from service.runtime.queue import ClaimedTask, TaskQueue
 log = logging.getLogger("genrelay.completion")
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceRecorded:
+    """The result's URL was recorded and its `store` task queued; `claimed`: that task, when
+    the caller asked to run its first attempt itself."""
+
+    claimed: ClaimedTask | None = None
+
+
 def record_source(
     session: Session,
     queue: TaskQueue,
@@ -40,11 +48,11 @@ def record_source(
     *,
     now: dt.datetime,
     claim: bool = False,
-) -> ClaimedTask | bool:
-    """Remember where the result is and schedule its storage; False if already known.
+) -> SourceRecorded | None:
+    """Remember where the result is and schedule its storage; None if already known.
 
     With `claim`, the `store` task is added already claimed by the caller, who runs its first
-    attempt once this transaction has committed; it is returned instead of True.
+    attempt once this transaction has committed.
     """
     result = session.execute(
         sa.update(Generation)
@@ -57,7 +65,7 @@ def record_source(
         .execution_options(synchronize_session=False)
     )
     if getattr(result, "rowcount", 0) != 1:
-        return False
+        return None
     slot_freed(session)  # Deep-Image is done with the job: its slot goes to the next in line
     claimed = None
     if claim:
@@ -66,7 +74,7 @@ def record_source(
         queue.enqueue(session, STORE, generation_id=generation_id)
     # The fallback poll has nothing left to do: retire it rather than have a worker claim it.
     queue.retire_pending(session, POLL, generation_id, "the result was found before it ran")
-    return claimed or True
+    return SourceRecorded(claimed)
 
 
 def job_ended(session: Session, queue: TaskQueue, generation_id: str, *, now: dt.datetime) -> bool:
@@ -191,7 +199,6 @@ class CompletionService:
             recorded = record_source(
                 session, self.queue, generation_id, callback.result_url, now=now, claim=claim
             )
-            if not recorded:
+            if recorded is None:
                 return CallbackOutcome.DUPLICATE, None
-        claimed = recorded if isinstance(recorded, ClaimedTask) else None
-        return CallbackOutcome.ACCEPTED, claimed
+        return CallbackOutcome.ACCEPTED, recorded.claimed
