@@ -141,7 +141,11 @@ def build_backlog(db_url: str, receiver: str, size: int) -> tuple[str, str]:
                     )  # fmt: skip
                     session.add(event)
                     queue_delivery(
-                        session, event, url=receiver, fmt="standard", subscription=subscription
+                        session,
+                        event,
+                        url=receiver,
+                        fmt="standard",
+                        subscription_id=subscription.id,
                     )
         return subscription.id, secret
     finally:

@@ -18,6 +18,8 @@ from _stack import (
     SIMULATOR_KEY,
     SIMULATOR_LIMIT,
     Context,
+    CpuProbe,
+    Database,
     Load,
     base_env,
     closed_loop,
@@ -31,6 +33,7 @@ from _stack import (
     start_gcs,
     start_serve,
     start_simulator,
+    tree_of,
     wait_until,
 )
 
@@ -45,15 +48,25 @@ def forwarded(response: requests.Response) -> str | None:
     return "queued"
 
 
-def pooled(loads: list[Load]) -> dict[str, Any]:
-    latencies = [x for load in loads for x in load.latencies]
-    wall = sum(load.wall for load in loads)
+# CPU of the round, per request: the target's web processes, the simulator, PostgreSQL's
+# backends of the bench database (none for SQLite or the forwarder).
+CPU_GROUPS = ("web", "simulator", "postgres (this db)")
+
+
+def pooled(loads: list[tuple[Load, dict[str, float]]]) -> dict[str, Any]:
+    latencies = [x for load, _ in loads for x in load.latencies]
+    wall = sum(load.wall for load, _ in loads)
+    cpu = {group: sum(c.get(group, 0.0) for _, c in loads) for group in CPU_GROUPS}
     return {
         "requests": len(latencies),
-        "errors": sum(load.errors - load.outcomes["queued"] for load in loads),
-        "queued": sum(load.outcomes["queued"] for load in loads),
+        "errors": sum(load.errors - load.outcomes["queued"] for load, _ in loads),
+        "queued": sum(load.outcomes["queued"] for load, _ in loads),
         "req_per_s": round(len(latencies) / wall, 1),
         **latency_stats(latencies),
+        "cpu_ms_per_request": {
+            group: round(1000 * seconds / max(1, len(latencies)), 2)
+            for group, seconds in cpu.items()
+        },
     }
 
 
@@ -90,8 +103,19 @@ def measure(ctx: Context) -> dict[str, Any]:
         "genrelay": (genrelay, {"Authorization": f"Bearer {key}"}),
         "forwarder": (forwarder, {}),
     }
+    db = ctx.later.enter_context(Database(db_url))
+    probes = {
+        name: CpuProbe(
+            {
+                "web": tree_of(processes.children[name]),
+                "simulator": tree_of(processes.children["simulator"]),
+                "postgres (this db)": db.backends if db.postgres and name == "genrelay" else list,
+            }
+        )
+        for name in targets
+    }
 
-    def drive(name: str, count: int) -> Load:
+    def drive(name: str, count: int) -> tuple[Load, dict[str, float]]:
         url, headers = targets[name]
 
         def send(session: requests.Session, _n: int) -> requests.Response:
@@ -99,12 +123,14 @@ def measure(ctx: Context) -> dict[str, Any]:
                 f"{url}/v1/generations", json=SEED_BODY, headers=headers, timeout=CLIENT_TIMEOUT
             )
 
-        return closed_loop(count, args.concurrency, send, forwarded)
+        before = probes[name].snapshot()
+        load = closed_loop(count, args.concurrency, send, forwarded)
+        return load, CpuProbe.delta(before, probes[name].snapshot())["groups"]
 
     for name in targets:
         if args.warmup:
             drive(name, args.warmup)
-    rounds: list[tuple[str, int, Load]] = []
+    rounds: list[tuple[str, int, tuple[Load, dict[str, float]]]] = []
     for number in range(1, args.rounds + 1):
         for name in targets:
             time.sleep(1.0)  # let the access logs drain
@@ -132,6 +158,12 @@ def print_report(report: dict[str, Any]) -> None:
     rows = [[r["target"], r["round"], *(r[c] for c in columns)] for r in report["rounds"]]
     rows += [[name, "all", *(s[c] for c in columns)] for name, s in report["targets"].items()]
     print_table(["target", "round", *columns], rows)
+    print("\nCPU per request (ms):")
+    cpu_rows = [
+        [name, *(s["cpu_ms_per_request"][g] for g in CPU_GROUPS)]
+        for name, s in report["targets"].items()
+    ]
+    print_table(["target", *CPU_GROUPS], cpu_rows)
     r = report["ratios"]
     print(
         f"\ngenrelay / forwarder: req/s x{r['req_per_s']:.2f}, p50 x{r['p50_ms']:.2f}, "
