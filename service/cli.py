@@ -160,10 +160,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     set_.set_defaults(run=_tenants_set)
 
-    commands.add_parser("simulator", help="run the Deep-Image simulator (--help for flags)")
-    commands.add_parser("inbox", help="a local receiver that verifies and prints webhooks")
+    # The dev tools' commands; a build without service.devtools (the image) says so.
+    absent = "" if _devtools_present() else " (not in this build)"
+    commands.add_parser(
+        "simulator", help=f"run the Deep-Image simulator (--help for flags){absent}"
+    )
+    commands.add_parser("inbox", help=f"a local receiver that verifies and prints webhooks{absent}")
 
-    dev = commands.add_parser("dev", help="run the whole stack locally with embedded defaults")
+    dev = commands.add_parser(
+        "dev", help=f"run the whole stack locally with embedded defaults{absent}"
+    )
     dev.add_argument("--port", type=int, default=None, help="web port (default PORT, 8080)")
     dev.add_argument("--var", default="var", help="directory for the dev database and files")
     dev.set_defaults(run=_dev)
@@ -400,11 +406,16 @@ def _utc_iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _devtools_installed(command: str) -> bool:
-    """False, after one line on stderr, where service.devtools is left out (the Docker image)."""
+def _devtools_present() -> bool:
+    """Whether service.devtools is installed (it is left out of the Docker image)."""
     from importlib.util import find_spec
 
-    if find_spec("service.devtools") is not None:
+    return find_spec("service.devtools") is not None
+
+
+def _devtools_installed(command: str) -> bool:
+    """False, after one line on stderr, where service.devtools is left out (the Docker image)."""
+    if _devtools_present():
         return True
     print(
         f"genrelay {command}: the dev tools are not installed in this build (service.devtools); "

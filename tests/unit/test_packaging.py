@@ -313,6 +313,19 @@ def test_dev_commands_say_the_dev_tools_are_not_installed(
     assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
+def test_the_help_says_which_commands_this_build_lacks(venv: dict[str, str]) -> None:
+    result = _in_venv(venv, "genrelay", "--help", COLUMNS="200")  # one line per command
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    lacking = [line.split()[0] for line in lines if "not in this build" in line]
+    assert sorted(lacking) == ["dev", "inbox", "simulator"], result.stdout
+    # From a checkout (`pip install .`), the dev tools are there and the help does not say so.
+    here = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert "not in this build" not in here.stdout and "dev" in here.stdout, here.stdout
+
+
 def test_genrelay_migrate_finds_its_scripts_in_the_package(venv: dict[str, str]) -> None:
     database = Path(venv["HOME"]) / "genrelay.db"
     result = _in_venv(venv, "genrelay", "migrate", GENRELAY_DATABASE_URL=f"sqlite:///{database}")
