@@ -8,9 +8,10 @@
   (valid for the whole retry schedule, see Config.notification_url_ttl), since every attempt
   sends the same stored bytes; `GET /v1/generations/{id}/result` redirects to a fresh one.
 - Retention: a generation keeps `retention_seconds` (its request's `retention`, else its
-  tenant's). When it succeeds, an `expire_result` task is queued that far ahead; it deletes the
-  object and sets `result_expired_at` (shown as `result.expired_at`). `DELETE
-  /v1/generations/{id}/result` does the same at once. The generation row stays.
+  tenant's). When it succeeds, an `expire_result` task is queued that far ahead; it sets
+  `result_expired_at` (shown as `result.expired_at`), then deletes the object: in that order,
+  so no answer links to an object already gone. `DELETE /v1/generations/{id}/result` does the
+  same at once. The generation row stays.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from service.domain import GenerationStatus
 from service.errors import Conflict, NotFound, ServiceError
 from service.models import Generation, utcnow
 from service.runtime.kinds import EXPIRE_RESULT
-from service.runtime.outcomes import DONE, Done, Failed, Outcome
-from service.runtime.queue import ClaimedTask, TaskQueue
+from service.runtime.outcomes import DONE, Failed, Later, Outcome
+from service.runtime.queue import ClaimedTask, TaskQueue, insert_task
 from service.tenants import TenantSettings
 
 log = logging.getLogger("genrelay.result_access")
@@ -127,56 +128,90 @@ class ResultAccess:
 
 
 def expire(store: Store, blobs: BlobStore, generation_id: str) -> bool:
-    """Delete the generation's stored object and mark it expired; False if nothing was left."""
-    if not delete_object(store, blobs, generation_id):
-        return False
+    """Mark the generation's result expired, then delete its object; False if nothing was
+    left to delete.
+
+    Marked first, so that from that commit on nothing shows or signs a link to an object
+    about to vanish. The same transaction queues an `expire_result` task a minute ahead: if
+    the delete below fails, the worker deletes the object then (a missing object counts as
+    deleted, so a second delete is harmless).
+    """
     with store.transaction() as session:
-        mark_expired(session, generation_id)
+        uri = mark_expired(session, generation_id)
+        if uri is None:
+            return False
+        insert_task(session, EXPIRE_RESULT, {}, generation_id, utcnow(), delay=SAFETY_NET)
+    try:
+        delete_object(blobs, uri)
+    except BlobError as exc:
+        log.warning("deleting the result of %s failed (the worker tries again): %s",
+                    generation_id, exc.message)  # fmt: skip
     return True
 
 
-def delete_object(store: Store, blobs: BlobStore, generation_id: str) -> bool:
-    """Delete the generation's stored object; False if there is none (left) to delete."""
-    with store.read() as session:
-        generation = session.get(Generation, generation_id)
-    if generation is None or generation.result_expired_at is not None or not generation.result:
-        return False
-    parsed = parse_gs_url(str(generation.result.get("uri") or ""))
+SAFETY_NET = 60.0  # seconds before the worker deletes again what DELETE .../result deleted
+
+
+def delete_object(blobs: BlobStore, uri: str | None) -> None:
+    """Delete the stored object at `uri` (a missing object counts as deleted)."""
+    parsed = parse_gs_url(uri) if isinstance(uri, str) else None
     if parsed is not None:
         bucket, name = parsed
-        blobs.for_bucket(bucket).delete(name)  # a missing object counts as deleted
-    return True
+        blobs.for_bucket(bucket).delete(name)
 
 
-def mark_expired(session: Session, generation_id: str) -> None:
-    """Record that the generation's result is gone (its object deleted)."""
+_STORED = sa.select(Generation.result, Generation.result_expired_at).where(
+    Generation.id == sa.bindparam("generation_id")
+)
+
+
+def mark_expired(session: Session, generation_id: str) -> str | None:
+    """Record that the generation's result is gone (its object deleted, or about to be);
+    the object's URI if this marked it, None if it was marked already or has none."""
     now = utcnow()
-    session.execute(
+    stored = session.execute(_STORED, {"generation_id": generation_id}).first()
+    if stored is None or not stored.result or stored.result_expired_at is not None:
+        return None
+    marked = session.execute(
         sa.update(Generation)
         .where(Generation.id == generation_id, Generation.result_expired_at.is_(None))
         .values(result_expired_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    log.info("deleted the result of %s", generation_id, extra={"generation_id": generation_id})
+    if getattr(marked, "rowcount", 0) != 1:
+        return None
+    log.info("the result of %s expired", generation_id, extra={"generation_id": generation_id})
+    return str(stored.result.get("uri") or "")
 
 
 class ExpireResultHandler:
-    """The `expire_result` task: the retention ran out."""
+    """The `expire_result` task: the retention ran out (or a DELETE's delete is checked)."""
 
     def __init__(self, store: Store, blobs: BlobStore) -> None:
         self.store = store
         self.blobs = blobs
 
     def run(self, task: ClaimedTask) -> Outcome:
+        """First mark the result expired (the outcome of one run), then delete the object
+        (the next run): as in `expire`, nothing shows a link to an object about to vanish.
+        A failed delete is retried, the mark already made."""
         generation_id = task.generation_id
         assert generation_id is not None
+        with self.store.read_one() as connection:
+            stored = connection.execute(_STORED, {"generation_id": generation_id}).first()
+        if stored is None or not stored.result:
+            return DONE
+        if stored.result_expired_at is None:
+            return Later(
+                0.0,
+                "marked expired; the object is deleted next",
+                apply=lambda session: mark_expired(session, generation_id),
+            )
         try:
-            deleted = delete_object(self.store, self.blobs, generation_id)
+            delete_object(self.blobs, stored.result.get("uri"))
         except TransientBlobError as exc:
             return Failed(f"deleting the result: {exc.message}")
-        if not deleted:
-            return DONE
-        return Done(lambda session: mark_expired(session, generation_id))
+        return DONE
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> None:
         log.error(

@@ -9,10 +9,11 @@ import time
 import urllib.parse
 from typing import Any
 
+import pytest
 import requests
 import sqlalchemy as sa
 
-from service.adapters.blobstore import crc32c_base64
+from service.adapters.blobstore import GcsBlobStore, TransientBlobError, crc32c_base64
 from service.models import Delivery, Task
 from service.tenants import Tenants
 from tests.gcp_helpers import (  # noqa: F401
@@ -159,6 +160,64 @@ def test_retention_deletes_the_object_when_it_runs_out(gcp: GcpStack) -> None:  
     assert "expired_at" in show(gcp, short["id"])["result"]
     assert gcp.blobs.stat(names[kept["id"]]) is not None
     assert "expired_at" not in show(gcp, kept["id"])["result"]
+
+
+def run_due(stack: GcpStack, kind: str) -> str | None:
+    """Make the one pending task of `kind` due, claim it and run it once; its new status."""
+    with stack.services.store.transaction() as session:
+        session.execute(
+            sa.update(Task)
+            .where(Task.kind == kind, Task.status == "pending")
+            .values(run_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+        )
+    [task] = stack.services.queue.claim_due_tasks(kinds=[kind])
+    status = stack.services.runner.execute(task)
+    return None if status is None else status.value
+
+
+def test_retention_marks_the_result_expired_before_deleting_its_object(gcp: GcpStack) -> None:  # noqa: F811
+    made = create(gcp, retention=60)
+    drain(gcp.services)
+    name = show(gcp, made["id"])["result"]["uri"].removeprefix(f"gs://{gcp.blobs.bucket}/")
+    # First run: the mark alone. From then on no answer links to the object...
+    assert run_due(gcp, "expire_result") == "pending"
+    shown = show(gcp, made["id"])["result"]
+    assert "expired_at" in shown and "url" not in shown
+    assert gcp.blobs.stat(name) is not None
+    assert (
+        gcp.client.get(f"/v1/generations/{made['id']}/result", headers=gcp.auth).status_code == 410
+    )
+    # ...and the next run deletes it.
+    assert run_due(gcp, "expire_result") == "done"
+    assert gcp.blobs.stat(name) is None
+    assert show(gcp, made["id"])["result"]["expired_at"] == shown["expired_at"]
+
+
+def test_a_delete_that_fails_is_finished_by_the_worker(
+    gcp: GcpStack,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made = create(gcp)
+    drain(gcp.services)
+    name = show(gcp, made["id"])["result"]["uri"].removeprefix(f"gs://{gcp.blobs.bucket}/")
+
+    def unavailable(self: GcsBlobStore, name: str) -> bool:
+        raise TransientBlobError("GCS answered 503")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(GcsBlobStore, "delete", unavailable)
+        deleted = gcp.client.delete(f"/v1/generations/{made['id']}/result", headers=gcp.auth)
+    assert deleted.status_code == 200 and "expired_at" in deleted.json["result"]
+    assert gcp.blobs.stat(name) is not None  # still there: the worker deletes it
+    with gcp.services.store.transaction() as session:
+        [due] = session.scalars(
+            sa.select(Task.run_at).where(
+                Task.kind == "expire_result", Task.generation_id == made["id"]
+            )
+        ).all()
+        assert due > dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)  # a minute ahead
+    assert run_due(gcp, "expire_result") == "done"
+    assert gcp.blobs.stat(name) is None
 
 
 def test_retention_must_be_whole_positive_seconds(gcp: GcpStack) -> None:  # noqa: F811
