@@ -535,3 +535,19 @@ def test_genrelay_submit_max_age_shortens_the_submit_policy(config: Any, store: 
             services.deepimage.close()
             services.downloads.close()
             services.webhooks.close()
+
+
+def test_finishing_tasks_together_finishes_only_those_still_held(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    kept_id, lost_id = enqueue(queue), enqueue(queue)
+    held = {task.id: task for task in queue.claim_due_tasks(limit=2)}
+    clock.advance(50)
+    queue.renew([held[kept_id]])
+    clock.advance(11)  # lost_id's lease ran out: another worker claims it
+    [other] = queue.claim_due_tasks(limit=2)
+    with queue.store.transaction() as session:
+        assert queue.finish_all_in(session, list(held.values())) == {kept_id}
+    kept, lost = row(queue.store, kept_id), row(queue.store, lost_id)
+    assert (kept.status, kept.claim_token, kept.finished_at) == (TaskStatus.DONE, None, clock.now)
+    assert (lost.status, lost.claim_token) == (TaskStatus.RUNNING, other.claim_token)
