@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from service.metrics import DELIVERY_OUTCOMES
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
 from service.notifications.signing import sign
 from service.notifications.ssrf import UnsafeURL
-from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome, Told
+from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome, Told, after_commit
 from service.runtime.queue import ClaimedTask
 
 log = logging.getLogger("genrelay.delivery")
@@ -371,7 +372,8 @@ def _record(session: Session, recordings: Sequence[_Recording]) -> None:
 def _record_round(session: Session, recordings: list[_Recording]) -> None:
     """Records of distinct deliveries: one guarded UPDATE per set of deliveries given the same
     values (a batch of successes: one), one INSERT for the attempt rows of the deliveries it
-    changed, then their subscriptions' failing streaks.
+    changed, then their subscriptions' failing streaks. Each outcome recorded is counted in
+    DELIVERY_OUTCOMES once committed.
     """
     connection = session.connection()
     now = utcnow()
@@ -420,8 +422,13 @@ def _record_round(session: Session, recordings: list[_Recording]) -> None:
             _track_failures(
                 subscription, recording.status, recording.reason, now, gone=recording.gone
             )
-    for recording in recorded:
-        DELIVERY_OUTCOMES.labels(recording.outcome).inc()
+    if recorded:
+        after_commit(session, functools.partial(_count, [r.outcome for r in recorded]))
+
+
+def _count(outcomes: list[str]) -> None:
+    for outcome in outcomes:
+        DELIVERY_OUTCOMES.labels(outcome).inc()
 
 
 def _track_failures(

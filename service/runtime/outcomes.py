@@ -20,6 +20,10 @@ When the runner gives up, the handler's `on_exhausted(task, error)` returns the 
 records the dead outcome on what the task served (a generation failed, a delivery dead); it is
 applied in the transaction that marks the task dead.
 
+What a change may do only once it is committed (count it in a metric) it hands to
+`after_commit(session, action)`: the runner runs those actions after the commit, never after a
+rollback, so an outcome written again after a failed transaction is counted once.
+
 A `BatchHandler` runs several tasks of its kind together; the runner then records all their
 outcomes in one transaction, the same way as one task's (service/runtime/runner.py says how),
 and hands all their changes to the handler's `apply_together`, which may write changes of one
@@ -40,6 +44,20 @@ from service.runtime.queue import ClaimedTask
 Apply = Callable[[Session], object]  # what it returns is ignored
 # A failed attempt's record, told when the task runs again (None: it has been given up).
 ApplyFailure = Callable[[Session, dt.datetime | None], object]
+
+_AFTER_COMMIT = "genrelay_after_commit"
+
+
+def after_commit(session: Session, action: Callable[[], object]) -> None:
+    """Run `action` once the transaction of `session` has committed (never if it rolls back)."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
+def committed(session: Session) -> None:
+    """The transaction of `session` has committed: run what its changes left for then (the
+    runner calls this)."""
+    for action in session.info.pop(_AFTER_COMMIT, ()):
+        action()
 
 
 @dataclasses.dataclass(frozen=True)

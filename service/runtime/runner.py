@@ -15,7 +15,7 @@ How outcomes are recorded, for one task or a batch alike:
    written (what they record happened) but its row is left to its new holder: status None.
 3. When a batch's transaction fails, each plan is written again in a transaction of its own,
    as decided: a plan whose own transaction fails too leaves its task held until its lease
-   ends.
+   ends. What changes leave for after the commit (metrics) runs only for what committed.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from service.runtime.outcomes import (
     Outcome,
     TaskHandler,
     Told,
+    committed,
 )
 from service.runtime.queue import ClaimedTask, TaskQueue, TaskStatus
 
@@ -230,10 +231,12 @@ class TaskRunner:
         """All plans in one transaction; each in its own if that fails."""
         try:
             with self.queue.store.transaction() as session:
-                return self._write(session, handler, plans)
+                statuses = self._write(session, handler, plans)
         except Exception:
             log.exception("recording %d outcomes together failed; one by one", len(plans))
             return {plan.task.id: self._write_alone(handler, plan) for plan in plans}
+        committed(session)
+        return statuses
 
     def _write_alone(self, handler: TaskHandler | None, plan: _Plan) -> TaskStatus | None:
         """One plan in a transaction of its own; None if that failed (the database away, or
@@ -242,10 +245,12 @@ class TaskRunner:
         task = plan.task
         try:
             with self.queue.store.transaction() as session:
-                return self._write(session, handler, [plan])[task.id]
+                status = self._write(session, handler, [plan])[task.id]
         except Exception:
             log.exception("task %s (%s): recording its outcome failed", task.id, task.kind)
             return None
+        committed(session)
+        return status
 
 
 def _task_context(task: ClaimedTask) -> Any:

@@ -483,6 +483,13 @@ class _Statements:
         return sum(1 for statement in self.seen if statement.startswith(start))
 
 
+def _counted(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"outcome": outcome}
+    return REGISTRY.get_sample_value("genrelay_delivery_attempts_total", labels) or 0.0
+
+
 def test_a_batch_records_each_attempt_and_what_it_made_of_its_delivery_in_one_transaction(
     api: Any, receiver_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -579,3 +586,42 @@ def test_a_task_whose_lease_was_lost_in_a_batch_is_left_to_its_new_holder(
     ]
     assert deliveries == {first: "succeeded", lost: "succeeded", third: "succeeded"}
     assert attempts == sorted([first, lost, third])
+
+
+def test_outcomes_are_counted_once_when_a_batch_is_recorded_again_one_by_one(
+    api: Any, receiver_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.models import Delivery, DeliveryAttempt
+    from service.runtime.queue import TaskStatus
+
+    services, client, auth = api
+    receivers = [receiver_factory([s]) for s in (204, 500, 404)]
+    ok, retried, refused = _pings(services, client, auth, receivers)
+    tasks = _claim_batch(services, [ok, retried, refused])
+    # The batch's transaction fails once, after every delivery's record was written in it.
+    real_finish = services.queue.finish_all_in
+    failures = [RuntimeError("the database went away")]
+
+    def finish_all_in(session: Any, finishing: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real_finish(session, finishing)
+
+    monkeypatch.setattr(services.queue, "finish_all_in", finish_all_in)
+    before = {outcome: _counted(outcome) for outcome in ("succeeded", "retry", "failed")}
+    statuses = services.runner.execute_batch(tasks)
+
+    assert failures == []  # it did fail, and the outcomes were recorded one by one
+    assert statuses == [TaskStatus.DONE, TaskStatus.PENDING, TaskStatus.DONE]
+    after = {outcome: _counted(outcome) for outcome in ("succeeded", "retry", "failed")}
+    assert {outcome: after[outcome] - before[outcome] for outcome in after} == {
+        "succeeded": 1,
+        "retry": 1,
+        "failed": 1,
+    }
+    with services.store.read() as session:
+        statuses_shown = {d.id: d.status for d in session.scalars(sa.select(Delivery))}
+        attempts = sorted(session.scalars(sa.select(DeliveryAttempt.delivery_id)))
+    assert statuses_shown == {ok: "succeeded", retried: "pending", refused: "failed"}
+    assert attempts == sorted([ok, retried, refused])  # each once: the first try rolled back
+    assert [len(r.requests) for r in receivers] == [1, 1, 1]  # and nothing sent twice
