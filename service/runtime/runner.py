@@ -64,13 +64,16 @@ class TaskRunner:
     def __init__(self, queue: TaskQueue, handlers: Mapping[str, TaskHandler]) -> None:
         self.queue = queue
         self.handlers = dict(handlers)
-        self._batchable = {
-            kind for kind, handler in self.handlers.items() if isinstance(handler, BatchHandler)
+        # Known once: a Protocol's isinstance check is slow, and every write asks.
+        self._batch_handlers = {
+            kind: handler
+            for kind, handler in self.handlers.items()
+            if isinstance(handler, BatchHandler)
         }
 
     def batchable(self, kind: str) -> bool:
         """Whether tasks of `kind` may be run together (`execute_batch`)."""
-        return kind in self._batchable
+        return kind in self._batch_handlers
 
     def execute(self, task: ClaimedTask) -> TaskStatus | None:
         """Run `task` once; return its new status (None when our lease was lost meanwhile,
@@ -86,8 +89,8 @@ class TaskRunner:
     def execute_batch(self, tasks: Sequence[ClaimedTask]) -> list[TaskStatus | None]:
         """Run tasks of one batchable kind together: the handler's `run_batch`, then every
         outcome in one transaction (one by one if that transaction fails)."""
-        handler = self.handlers.get(tasks[0].kind) if tasks else None
-        if len(tasks) < 2 or not isinstance(handler, BatchHandler):
+        handler = self._batch_handlers.get(tasks[0].kind) if tasks else None
+        if len(tasks) < 2 or handler is None:
             return [self.execute(task) for task in tasks]
         assert all(task.kind == tasks[0].kind for task in tasks)
         limit = self.queue.policy(tasks[0].kind).max_attempts
@@ -210,9 +213,10 @@ class TaskRunner:
         """Every plan's changes, then the tasks' updates, in the caller's transaction; the new
         status of each task (None: its lease was lost)."""
         changes = [change for plan in plans for change in plan.changes]
-        if isinstance(handler, BatchHandler):
+        together = self._batch_handlers.get(plans[0].task.kind)
+        if together is not None:
             if changes:
-                handler.apply_together(session, changes)
+                together.apply_together(session, changes)
         else:
             for change in changes:
                 change(session)
