@@ -68,7 +68,11 @@ def classify(status_code: int | None) -> Verdict:
 
 # Per generation and target, events go out in lifecycle order: the earliest next attempt of
 # an earlier delivery still pending to the same target (its creation time when it is due now),
-# or NULL when there is none.
+# or NULL when there is none. The same subscription (or both none) is compared through
+# coalesce (ids are never empty) so that no index on subscription_id can drive the lookup:
+# without statistics (a fresh or freshly filled database) PostgreSQL and SQLite otherwise
+# scan every earlier delivery of the subscription, thousands in a backlog, for each delivery,
+# where the generation's events lead to a handful.
 _EARLIER = sa.orm.aliased(Delivery, name="earlier")
 _MINE = sa.orm.aliased(Event, name="mine")
 _THEIRS = sa.orm.aliased(Event, name="theirs")
@@ -80,10 +84,8 @@ _BLOCKED_UNTIL = (
     .where(
         _MINE.id == Delivery.event_id,
         _EARLIER.url == Delivery.url,
-        sa.or_(
-            _EARLIER.subscription_id == Delivery.subscription_id,
-            sa.and_(_EARLIER.subscription_id.is_(None), Delivery.subscription_id.is_(None)),
-        ),
+        sa.func.coalesce(_EARLIER.subscription_id, "")
+        == sa.func.coalesce(Delivery.subscription_id, ""),
         _EARLIER.status == DeliveryStatus.PENDING.value,
         _EARLIER.created_at < Delivery.created_at,
     )
