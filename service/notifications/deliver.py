@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import requests
@@ -32,7 +34,7 @@ from service.metrics import DELIVERY_OUTCOMES
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
 from service.notifications.signing import sign
 from service.notifications.ssrf import UnsafeURL
-from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome
+from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome, Told, after_commit
 from service.runtime.queue import ClaimedTask
 
 log = logging.getLogger("genrelay.delivery")
@@ -66,7 +68,11 @@ def classify(status_code: int | None) -> Verdict:
 
 # Per generation and target, events go out in lifecycle order: the earliest next attempt of
 # an earlier delivery still pending to the same target (its creation time when it is due now),
-# or NULL when there is none.
+# or NULL when there is none. The same subscription (or both none) is compared through
+# coalesce (ids are never empty) so that no index on subscription_id can drive the lookup:
+# without statistics (a fresh or freshly filled database) PostgreSQL and SQLite otherwise
+# scan every earlier delivery of the subscription, thousands in a backlog, for each delivery,
+# where the generation's events lead to a handful.
 _EARLIER = sa.orm.aliased(Delivery, name="earlier")
 _MINE = sa.orm.aliased(Event, name="mine")
 _THEIRS = sa.orm.aliased(Event, name="theirs")
@@ -78,10 +84,8 @@ _BLOCKED_UNTIL = (
     .where(
         _MINE.id == Delivery.event_id,
         _EARLIER.url == Delivery.url,
-        sa.or_(
-            _EARLIER.subscription_id == Delivery.subscription_id,
-            sa.and_(_EARLIER.subscription_id.is_(None), Delivery.subscription_id.is_(None)),
-        ),
+        sa.func.coalesce(_EARLIER.subscription_id, "")
+        == sa.func.coalesce(Delivery.subscription_id, ""),
         _EARLIER.status == DeliveryStatus.PENDING.value,
         _EARLIER.created_at < Delivery.created_at,
     )
@@ -152,7 +156,7 @@ class DeliverHandler:
         secrets = _secrets(row)
         if secrets is None:
             return Done(
-                _recording(delivery_id, None, DeliveryStatus.FAILED, "subscription disabled")
+                _Recording(delivery_id, None, DeliveryStatus.FAILED, "subscription disabled")
             )
         content_type = (
             "application/cloudevents+json" if row.format == "cloudevents" else "application/json"
@@ -164,7 +168,7 @@ class DeliverHandler:
             # A subscription not failing before has no streak to clear.
             streak = row.subscription_id is not None and row.failing_since is not None
             return Done(
-                _recording(
+                _Recording(
                     delivery_id, attempt, DeliveryStatus.SUCCEEDED, None, track_success=streak
                 )
             )
@@ -173,14 +177,23 @@ class DeliverHandler:
             return _retrying(delivery_id, attempt, reason)
         final = DeliveryStatus.DEAD if verdict is Verdict.RETRY else DeliveryStatus.FAILED
         gone = verdict is Verdict.GONE
-        return Done(_recording(delivery_id, attempt, final, reason, gone=gone))
+        return Done(_Recording(delivery_id, attempt, final, reason, gone=gone))
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> Apply:
         """Its schedule is spent: a delivery still pending is dead (one whose last attempt was
         recorded by the same outcome already is)."""
-        return _recording(
+        return _Recording(
             task.payload["delivery_id"], None, DeliveryStatus.DEAD, error, only_pending=True
         )
+
+    def apply_together(self, session: Session, changes: list[Apply]) -> None:
+        """The records of a batch's attempts (or of one task's), written by `_record`."""
+        recordings = [r for r in map(_as_recording, changes) if r is not None]
+        if len(recordings) < len(changes):  # not all of them ours: each in turn, as given
+            for change in changes:
+                change(session)
+            return
+        _record(session, recordings)
 
     def _send(self, url: str, headers: dict[str, str], body: bytes) -> Attempt:
         started = time.monotonic()
@@ -240,19 +253,79 @@ def _failed_inside(delivery_id: str, exc: Exception) -> Failed:
 def _retrying(delivery_id: str, attempt: Attempt | None, reason: str) -> Failed:
     """A failed attempt: the next is the delivery schedule's (the `deliver` kind's retry
     policy), which the runner applies and tells the record (None: the schedule is spent)."""
+    return Failed(f"delivery {delivery_id}: {reason}", _Retrying(delivery_id, attempt, reason))
 
-    def record(session: Session, next_at: dt.datetime | None) -> None:
+
+@dataclasses.dataclass(frozen=True)
+class _Recording:
+    """The change recording an attempt (if any) and what it made of the delivery; applied
+    alone or with others of a batch, by `_record` either way.
+
+    `only_pending`: only while the delivery is still pending. `track_success=False` when the
+    subscription was known not to be failing, so a success has no streak to clear.
+    """
+
+    delivery_id: str
+    attempt: Attempt | None
+    status: DeliveryStatus
+    reason: str | None
+    next_attempt_at: dt.datetime | None = None
+    gone: bool = False
+    only_pending: bool = False
+    track_success: bool = True
+
+    def __call__(self, session: Session) -> None:
+        _record(session, [self])
+
+    @property
+    def outcome(self) -> str:
+        """Its label in DELIVERY_OUTCOMES."""
+        return "retry" if self.next_attempt_at is not None else self.status.value
+
+    @property
+    def values(self) -> tuple[Any, ...]:
+        """What its UPDATE sets and checks: deliveries given the same share one statement."""
+        code = self.attempt.status_code if self.attempt else None
+        shape = (self.attempt is not None, self.only_pending)
+        return (*shape, self.status, self.reason, self.next_attempt_at, code)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Retrying:
+    """A failed attempt's record, to be told when the delivery is tried next (None: never)."""
+
+    delivery_id: str
+    attempt: Attempt | None
+    reason: str
+
+    def told(self, next_at: dt.datetime | None) -> _Recording:
         status = DeliveryStatus.PENDING if next_at else DeliveryStatus.DEAD
-        apply = _recording(
-            delivery_id, attempt, status, reason, next_attempt_at=next_at, only_pending=True
+        return _Recording(
+            self.delivery_id,
+            self.attempt,
+            status,
+            self.reason,
+            next_attempt_at=next_at,
+            only_pending=True,
         )
-        apply(session)
 
-    return Failed(f"delivery {delivery_id}: {reason}", record)
+    def __call__(self, session: Session, next_at: dt.datetime | None) -> None:
+        _record(session, [self.told(next_at)])
+
+
+def _as_recording(change: Apply) -> _Recording | None:
+    """`change` as a delivery's record (a failed attempt's once told its next run); None for
+    a change of another kind."""
+    if isinstance(change, _Recording):
+        return change
+    if isinstance(change, Told) and isinstance(change.record, _Retrying):
+        return change.record.told(change.next_at)
+    return None
 
 
 def _record_statement(*, with_attempt: bool, only_pending: bool) -> sa.Update:
-    """The UPDATE recording an outcome on a delivery (built once per shape; values bound)."""
+    """The UPDATE recording the same values on some deliveries (built once per shape; values
+    bound); it returns the deliveries it changed."""
     table: sa.Table = Delivery.__table__  # type: ignore[assignment]
     c = table.c
     values: dict[str, Any] = {
@@ -262,10 +335,12 @@ def _record_statement(*, with_attempt: bool, only_pending: bool) -> sa.Update:
     if with_attempt:
         values["attempts"] = c.attempts + 1
         values["last_status_code"] = sa.bindparam("new_last_status_code", type_=c.attempts.type)
-    condition = [c.id == sa.bindparam("delivery_id")]
+    condition: list[sa.ColumnElement[bool]] = [
+        c.id.in_(sa.bindparam("delivery_ids", expanding=True))
+    ]
     if only_pending:
         condition.append(c.status == DeliveryStatus.PENDING.value)
-    return sa.update(table).where(*condition).values(values).returning(c.subscription_id)
+    return sa.update(table).where(*condition).values(values).returning(c.id, c.subscription_id)
 
 
 _RECORD = {
@@ -278,62 +353,84 @@ _RECORD = {
 _INSERT_ATTEMPT = sa.insert(DeliveryAttempt)
 
 
-def _recording(
-    delivery_id: str,
-    attempt: Attempt | None,
-    status: DeliveryStatus,
-    reason: str | None,
-    *,
-    next_attempt_at: dt.datetime | None = None,
-    gone: bool = False,
-    only_pending: bool = False,
-    track_success: bool = True,
-) -> Apply:
-    """The change recording an attempt (if any) and what it made of the delivery.
+def _record(session: Session, recordings: Sequence[_Recording]) -> None:
+    """Write `recordings` in the caller's transaction, in few Core statements (`_record_round`).
 
-    Core statements: this runs once per delivery attempt. `track_success=False` when the
-    subscription was known not to be failing, so a success has no streak to clear.
+    A delivery may have two (a failed last attempt's, then on_exhausted's dead record): they
+    are written in order, each seeing what the one before wrote, one round per record.
     """
+    rounds: list[list[_Recording]] = []
+    seen: dict[str, int] = {}
+    for recording in recordings:
+        index = seen.get(recording.delivery_id, 0)
+        seen[recording.delivery_id] = index + 1
+        if index == len(rounds):
+            rounds.append([])
+        rounds[index].append(recording)
+    for distinct in rounds:
+        _record_round(session, distinct)
 
-    def apply(session: Session) -> None:
-        connection = session.connection()
-        now = utcnow()
-        changed = connection.execute(
-            _RECORD[(attempt is not None, only_pending)],
+
+def _record_round(session: Session, recordings: list[_Recording]) -> None:
+    """Records of distinct deliveries: one guarded UPDATE per set of deliveries given the same
+    values (a batch of successes: one), one INSERT for the attempt rows of the deliveries it
+    changed, then their subscriptions' failing streaks. Each outcome recorded is counted in
+    DELIVERY_OUTCOMES once committed.
+    """
+    connection = session.connection()
+    now = utcnow()
+    groups: dict[tuple[Any, ...], list[_Recording]] = {}
+    for recording in recordings:
+        groups.setdefault(recording.values, []).append(recording)
+    changed: dict[str, str | None] = {}  # delivery id -> its subscription's
+    for group in groups.values():
+        first = group[0]
+        result = connection.execute(
+            _RECORD[(first.attempt is not None, first.only_pending)],
             {
-                "delivery_id": delivery_id,
-                "new_status": status.value,
-                "new_last_error": reason,
-                "new_next_attempt_at": next_attempt_at,
+                "delivery_ids": [recording.delivery_id for recording in group],
+                "new_status": first.status.value,
+                "new_last_error": first.reason,
+                "new_next_attempt_at": first.next_attempt_at,
                 "new_updated_at": now,
-                "new_last_status_code": attempt.status_code if attempt else None,
+                "new_last_status_code": first.attempt.status_code if first.attempt else None,
             },
-        ).first()
-        if changed is None:
-            return
-        DELIVERY_OUTCOMES.labels("retry" if next_attempt_at is not None else status.value).inc()
-        if attempt is not None:
-            connection.execute(
-                _INSERT_ATTEMPT,
-                {
-                    "id": new_id("att_"),
-                    "delivery_id": delivery_id,
-                    "attempted_at": now,
-                    "status_code": attempt.status_code,
-                    "duration_ms": attempt.duration_ms,
-                    "response_excerpt": attempt.excerpt,
-                    "error": attempt.error,
-                },
-            )
-        if changed.subscription_id is None:
-            return
-        if status is DeliveryStatus.SUCCEEDED and not track_success:
-            return
-        subscription = session.get(Subscription, changed.subscription_id)
+        )
+        changed.update((row.id, row.subscription_id) for row in result)
+    recorded = [recording for recording in recordings if recording.delivery_id in changed]
+    attempts = [
+        {
+            "id": new_id("att_"),
+            "delivery_id": recording.delivery_id,
+            "attempted_at": now,
+            "status_code": recording.attempt.status_code,
+            "duration_ms": recording.attempt.duration_ms,
+            "response_excerpt": recording.attempt.excerpt,
+            "error": recording.attempt.error,
+        }
+        for recording in recorded
+        if recording.attempt is not None
+    ]
+    if attempts:
+        connection.execute(_INSERT_ATTEMPT, attempts)
+    for recording in recorded:
+        subscription_id = changed[recording.delivery_id]
+        if subscription_id is None:
+            continue
+        if recording.status is DeliveryStatus.SUCCEEDED and not recording.track_success:
+            continue
+        subscription = session.get(Subscription, subscription_id)
         if subscription is not None and subscription.enabled:
-            _track_failures(subscription, status, reason, now, gone=gone)
+            _track_failures(
+                subscription, recording.status, recording.reason, now, gone=recording.gone
+            )
+    if recorded:
+        after_commit(session, functools.partial(_count, [r.outcome for r in recorded]))
 
-    return apply
+
+def _count(outcomes: list[str]) -> None:
+    for outcome in outcomes:
+        DELIVERY_OUTCOMES.labels(outcome).inc()
 
 
 def _track_failures(

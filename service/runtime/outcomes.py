@@ -19,6 +19,15 @@ guarded by their own conditions (the status machine, the delivery's status).
 When the runner gives up, the handler's `on_exhausted(task, error)` returns the change that
 records the dead outcome on what the task served (a generation failed, a delivery dead); it is
 applied in the transaction that marks the task dead.
+
+What a change may do only once it is committed (count it in a metric) it hands to
+`after_commit(session, action)`: the runner runs those actions after the commit, never after a
+rollback, so an outcome written again after a failed transaction is counted once.
+
+A `BatchHandler` runs several tasks of its kind together; the runner then records all their
+outcomes in one transaction, the same way as one task's (service/runtime/runner.py says how),
+and hands all their changes to the handler's `apply_together`, which may write changes of one
+shape in one statement.
 """
 
 from __future__ import annotations
@@ -35,6 +44,20 @@ from service.runtime.queue import ClaimedTask
 Apply = Callable[[Session], object]  # what it returns is ignored
 # A failed attempt's record, told when the task runs again (None: it has been given up).
 ApplyFailure = Callable[[Session, dt.datetime | None], object]
+
+_AFTER_COMMIT = "genrelay_after_commit"
+
+
+def after_commit(session: Session, action: Callable[[], object]) -> None:
+    """Run `action` once the transaction of `session` has committed (never if it rolls back)."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
+def committed(session: Session) -> None:
+    """The transaction of `session` has committed: run what its changes left for then (the
+    runner calls this)."""
+    for action in session.info.pop(_AFTER_COMMIT, ()):
+        action()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +91,18 @@ Outcome = Done | Later | Failed
 DONE = Done()
 
 
+@dataclasses.dataclass(frozen=True)
+class Told:
+    """A failed attempt's record told when the task runs again (None: it has been given up):
+    the change the runner applies for a `Failed`."""
+
+    record: ApplyFailure
+    next_at: dt.datetime | None
+
+    def __call__(self, session: Session) -> object:
+        return self.record(session, self.next_at)
+
+
 class TaskHandler(Protocol):
     def run(self, task: ClaimedTask) -> Outcome:
         """Do the task's I/O; return what it came to (the runner applies it)."""
@@ -79,7 +114,12 @@ class TaskHandler(Protocol):
 @runtime_checkable
 class BatchHandler(TaskHandler, Protocol):
     """A handler that can run several tasks of its kind together (one read for all of them);
-    the runner then applies all their outcomes in one transaction."""
+    the runner then records all their outcomes in one transaction."""
 
     def run_batch(self, tasks: list[ClaimedTask]) -> list[Outcome]:
         """One outcome per task, in order."""
+
+    def apply_together(self, session: Session, changes: list[Apply]) -> None:
+        """Apply `changes` (this handler's: its outcomes', a `Told` failure's, its
+        `on_exhausted`'s) in the caller's transaction: what applying each in turn would do,
+        in as few statements as it can. The runner applies one task's changes this way too."""

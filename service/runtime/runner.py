@@ -4,12 +4,26 @@ transaction (the contract is in service/runtime/outcomes.py).
 Used by the worker's threads and by the inline first attempts of web processes. Tasks of a
 kind whose handler has `run_batch` (deliveries) can be run together: one read for all of them,
 one transaction for all their outcomes.
+
+How outcomes are recorded, for one task or a batch alike:
+1. `_decide`, once per outcome and outside any transaction: a `Failed` gets its next run (one
+   jitter draw) or is given up, and then joined by the handler's `on_exhausted` change. The
+   result is a `_Plan`: the changes to apply and the task's own update.
+2. `_write`, in one transaction: every plan's changes (a batch handler's `apply_together`
+   writes them in as few statements as it can), then the tasks' updates: all those Done in
+   one UPDATE, the others each in its own. A task whose lease was lost still has its changes
+   written (what they record happened) but its row is left to its new holder: status None.
+3. When a batch's transaction fails, each plan is written again in a transaction of its own,
+   as decided: a plan whose own transaction fails too leaves its task held until its lease
+   ends. What changes leave for after the commit (metrics) runs only for what committed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -17,10 +31,31 @@ from sqlalchemy.orm import Session
 from service.errors import TransientError
 from service.logs import log_context
 from service.metrics import TASK_OUTCOMES
-from service.runtime.outcomes import BatchHandler, Done, Failed, Later, Outcome, TaskHandler
+from service.runtime.outcomes import (
+    Apply,
+    BatchHandler,
+    Done,
+    Failed,
+    Later,
+    Outcome,
+    TaskHandler,
+    Told,
+    committed,
+)
 from service.runtime.queue import ClaimedTask, TaskQueue, TaskStatus
 
 log = logging.getLogger("genrelay.worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What an outcome comes to, decided once: `changes`, then the task's update to `status`
+    (`update`: its own guarded UPDATE; None for DONE, finished with the others)."""
+
+    task: ClaimedTask
+    status: TaskStatus
+    changes: tuple[Apply, ...] = ()
+    update: Callable[[Session], bool] | None = None
 
 
 class TaskRunner:
@@ -29,13 +64,16 @@ class TaskRunner:
     def __init__(self, queue: TaskQueue, handlers: Mapping[str, TaskHandler]) -> None:
         self.queue = queue
         self.handlers = dict(handlers)
-        self._batchable = {
-            kind for kind, handler in self.handlers.items() if isinstance(handler, BatchHandler)
+        # Known once: a Protocol's isinstance check is slow, and every write asks.
+        self._batch_handlers = {
+            kind: handler
+            for kind, handler in self.handlers.items()
+            if isinstance(handler, BatchHandler)
         }
 
     def batchable(self, kind: str) -> bool:
         """Whether tasks of `kind` may be run together (`execute_batch`)."""
-        return kind in self._batchable
+        return kind in self._batch_handlers
 
     def execute(self, task: ClaimedTask) -> TaskStatus | None:
         """Run `task` once; return its new status (None when our lease was lost meanwhile,
@@ -51,31 +89,29 @@ class TaskRunner:
     def execute_batch(self, tasks: Sequence[ClaimedTask]) -> list[TaskStatus | None]:
         """Run tasks of one batchable kind together: the handler's `run_batch`, then every
         outcome in one transaction (one by one if that transaction fails)."""
-        handler = self.handlers.get(tasks[0].kind) if tasks else None
-        if len(tasks) < 2 or not isinstance(handler, BatchHandler):
+        handler = self._batch_handlers.get(tasks[0].kind) if tasks else None
+        if len(tasks) < 2 or handler is None:
             return [self.execute(task) for task in tasks]
         assert all(task.kind == tasks[0].kind for task in tasks)
         limit = self.queue.policy(tasks[0].kind).max_attempts
-        # Claimed again after their holders kept dying: given up one by one, never run.
-        worn = {task.id for task in tasks if task.attempts > limit}
-        batch = [task for task in tasks if task.id not in worn]
-        statuses: dict[str, TaskStatus | None] = {
-            task.id: self.execute(task) for task in tasks if task.id in worn
-        }
-        for task in batch:
+        for task in tasks:
             with _task_context(task):
                 log.debug("task started (attempt %d, in a batch)", task.attempts)
+        # Claimed again after their holders kept dying: given up, never run.
+        runnable = [task for task in tasks if task.attempts <= limit]
         with log_context(task_kind=tasks[0].kind):
-            outcomes = self._run_batch(handler, batch)
-            try:
-                with self.queue.store.transaction() as session:
-                    for task, outcome in zip(batch, outcomes, strict=True):
-                        statuses[task.id] = self._apply_in(session, handler, task, outcome)
-            except Exception:
-                log.exception("recording %d outcomes together failed; one by one", len(batch))
-                for task, outcome in zip(batch, outcomes, strict=True):
-                    statuses[task.id] = self._apply_alone(handler, task, outcome)
-        for task in batch:
+            ran = zip(runnable, self._run_batch(handler, runnable), strict=True)
+            outcomes = {task.id: outcome for task, outcome in ran}
+            statuses: dict[str, TaskStatus | None] = {}
+            plans = []
+            for task in tasks:
+                plan = self._decided(handler, task, outcomes.get(task.id, _GIVE_UP))
+                if plan is None:
+                    statuses[task.id] = None
+                else:
+                    plans.append(plan)
+            statuses.update(self._write_together(handler, plans))
+        for task in tasks:
             status = statuses[task.id]
             with _task_context(task):
                 log.debug("task finished: %s", status.value if status else "lease lost")
@@ -85,11 +121,14 @@ class TaskRunner:
     def _execute(self, task: ClaimedTask) -> TaskStatus | None:
         handler = self.handlers.get(task.kind)
         if handler is None:
-            return self._apply_alone(None, task, Failed(f"no handler for task kind {task.kind!r}"))
-        if task.attempts > self.queue.policy(task.kind).max_attempts:
+            outcome: Outcome = Failed(f"no handler for task kind {task.kind!r}")
+        elif task.attempts > self.queue.policy(task.kind).max_attempts:
             # Claimed again after its holders kept dying: never loop forever on it.
-            return self._apply_alone(handler, task, _GIVE_UP)
-        return self._apply_alone(handler, task, self._run(handler, task))
+            outcome = _GIVE_UP
+        else:
+            outcome = self._run(handler, task)
+        plan = self._decided(handler, task, outcome)
+        return None if plan is None else self._write_alone(handler, plan)
 
     def _run(self, handler: TaskHandler, task: ClaimedTask) -> Outcome:
         try:
@@ -106,6 +145,8 @@ class TaskRunner:
             return Failed(f"{type(exc).__name__}: {exc}")
 
     def _run_batch(self, handler: BatchHandler, tasks: list[ClaimedTask]) -> list[Outcome]:
+        if not tasks:
+            return []
         try:
             outcomes = handler.run_batch(tasks)
         except Exception as exc:
@@ -114,60 +155,106 @@ class TaskRunner:
         assert len(outcomes) == len(tasks)
         return outcomes
 
-    def _apply_alone(
+    # -- recording outcomes: decide once, then write (the module's docstring says how) -----
+
+    def _decided(
         self, handler: TaskHandler | None, task: ClaimedTask, outcome: Outcome
-    ) -> TaskStatus | None:
-        """Apply one outcome in a transaction of its own; None if that failed (the database
-        away, or the outcome's change failed): nothing was recorded, and the task stays
-        claimed until its lease ends, then runs again."""
+    ) -> _Plan | None:
+        """`_decide`, or None (logged) if the handler's `on_exhausted` failed: nothing is
+        recorded, and the task comes back when its lease ends."""
         try:
-            with self.queue.store.transaction() as session:
-                return self._apply_in(session, handler, task, outcome)
+            return self._decide(handler, task, outcome)
         except Exception:
             log.exception("task %s (%s): recording its outcome failed", task.id, task.kind)
             return None
 
-    def _apply_in(
-        self,
-        session: Session,
-        handler: TaskHandler | None,
-        task: ClaimedTask,
-        outcome: Outcome,
-    ) -> TaskStatus | None:
-        """The outcome's change and the task's update, in the caller's transaction."""
+    def _decide(self, handler: TaskHandler | None, task: ClaimedTask, outcome: Outcome) -> _Plan:
+        """What `outcome` comes to: the one decision about a failure (retry when, or give up)."""
         queue = self.queue
         if isinstance(outcome, Failed):
-            # One decision (one jitter draw), then exactly that.
             run_at = None if handler is None or outcome is _GIVE_UP else queue.retry_at(task)
-            if run_at is None:
-                # Given up: the last attempt's record, the dead outcome on what the task
-                # served, and the task marked dead.
-                log.error(
-                    "task %s (%s) is dead after %d attempts: %s",
-                    task.id,
-                    task.kind,
-                    task.attempts,
-                    outcome.error,
-                )
-                if outcome.apply is not None:
-                    outcome.apply(session, None)
-                record = handler.on_exhausted(task, outcome.error) if handler else None
-                if record is not None:
-                    record(session)
-                return TaskStatus.DEAD if queue.bury_in(session, task, outcome.error) else None
-            if outcome.apply is not None:
-                outcome.apply(session, run_at)
-            held = queue.retry_in(session, task, run_at, outcome.error)
-            return TaskStatus.PENDING if held else None
-        if outcome.apply is not None:
-            outcome.apply(session)
-        if isinstance(outcome, Later):
-            held = queue.later_in(
-                session, task, outcome.delay, outcome.reason, payload=outcome.payload
+            told: tuple[Apply, ...] = (
+                () if outcome.apply is None else (Told(outcome.apply, run_at),)
             )
-            return TaskStatus.PENDING if held else None
+            if run_at is not None:
+                retry = functools.partial(
+                    queue.retry_in, task=task, run_at=run_at, error=outcome.error
+                )
+                return _Plan(task, TaskStatus.PENDING, told, retry)
+            # Given up: the last attempt's record, the dead outcome on what the task served,
+            # and the task marked dead.
+            log.error(
+                "task %s (%s) is dead after %d attempts: %s",
+                task.id,
+                task.kind,
+                task.attempts,
+                outcome.error,
+            )
+            record = handler.on_exhausted(task, outcome.error) if handler else None
+            changes = told if record is None else (*told, record)
+            bury = functools.partial(queue.bury_in, task=task, error=outcome.error)
+            return _Plan(task, TaskStatus.DEAD, changes, bury)
+        changes = () if outcome.apply is None else (outcome.apply,)
+        if isinstance(outcome, Later):
+            later = functools.partial(
+                queue.later_in,
+                task=task,
+                delay=outcome.delay,
+                reason=outcome.reason,
+                payload=outcome.payload,
+            )
+            return _Plan(task, TaskStatus.PENDING, changes, later)
         assert isinstance(outcome, Done)
-        return TaskStatus.DONE if queue.finish_in(session, task) else None
+        return _Plan(task, TaskStatus.DONE, changes)
+
+    def _write(
+        self, session: Session, handler: TaskHandler | None, plans: Sequence[_Plan]
+    ) -> dict[str, TaskStatus | None]:
+        """Every plan's changes, then the tasks' updates, in the caller's transaction; the new
+        status of each task (None: its lease was lost)."""
+        changes = [change for plan in plans for change in plan.changes]
+        together = self._batch_handlers.get(plans[0].task.kind)
+        if together is not None:
+            if changes:
+                together.apply_together(session, changes)
+        else:
+            for change in changes:
+                change(session)
+        finished = self.queue.finish_all_in(
+            session, [plan.task for plan in plans if plan.update is None]
+        )
+        statuses: dict[str, TaskStatus | None] = {}
+        for plan in plans:
+            held = plan.task.id in finished if plan.update is None else plan.update(session)
+            statuses[plan.task.id] = plan.status if held else None
+        return statuses
+
+    def _write_together(
+        self, handler: TaskHandler, plans: list[_Plan]
+    ) -> dict[str, TaskStatus | None]:
+        """All plans in one transaction; each in its own if that fails."""
+        try:
+            with self.queue.store.transaction() as session:
+                statuses = self._write(session, handler, plans)
+        except Exception:
+            log.exception("recording %d outcomes together failed; one by one", len(plans))
+            return {plan.task.id: self._write_alone(handler, plan) for plan in plans}
+        committed(session)
+        return statuses
+
+    def _write_alone(self, handler: TaskHandler | None, plan: _Plan) -> TaskStatus | None:
+        """One plan in a transaction of its own; None if that failed (the database away, or
+        the outcome's change failed): nothing was recorded, and the task stays claimed until
+        its lease ends, then runs again."""
+        task = plan.task
+        try:
+            with self.queue.store.transaction() as session:
+                status = self._write(session, handler, [plan])[task.id]
+        except Exception:
+            log.exception("task %s (%s): recording its outcome failed", task.id, task.kind)
+            return None
+        committed(session)
+        return status
 
 
 def _task_context(task: ClaimedTask) -> Any:

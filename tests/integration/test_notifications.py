@@ -434,3 +434,194 @@ def test_a_delivery_whose_last_attempt_fails_inside_genrelay_is_dead_with_its_re
     assert shown["last_error"] == "error inside genrelay (RuntimeError)"
     assert shown["next_attempt_at"] is None
     assert receiver.requests == []
+
+
+# -- a batch of deliveries: its outcomes recorded together ------------------------------------
+
+
+def _pings(services: Any, client: Any, auth: dict[str, str], receivers: list[Any]) -> list[str]:
+    """A subscription to each receiver and its ping delivery; their ids, in order."""
+    from service.models import Delivery
+
+    for receiver in receivers:
+        created = subscribe(client, auth, receiver.url)
+        response = client.post(f"/v1/subscriptions/{created['id']}/test", headers=auth)
+        assert response.status_code == 202
+    with services.store.read() as session:
+        by_url = {d.url: d.id for d in session.scalars(sa.select(Delivery))}
+    return [by_url[receiver.url] for receiver in receivers]
+
+
+def _claim_batch(services: Any, delivery_ids: list[str]) -> list[Any]:
+    """Claim the deliveries' tasks together, in the order of `delivery_ids`."""
+    from service.runtime.kinds import DELIVER
+
+    tasks = services.queue.claim_due_tasks(limit=8, kinds=[DELIVER])
+    by_delivery = {task.payload["delivery_id"]: task for task in tasks}
+    assert set(by_delivery) == set(delivery_ids)
+    return [by_delivery[delivery_id] for delivery_id in delivery_ids]
+
+
+class _Statements:
+    """Counts the statements run on an engine, by their first words."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.seen: list[str] = []
+
+    def __enter__(self) -> _Statements:
+        sa.event.listen(self.engine, "before_cursor_execute", self._see)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sa.event.remove(self.engine, "before_cursor_execute", self._see)
+
+    def _see(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        self.seen.append(" ".join(statement.split()[:3]))
+
+    def count(self, start: str) -> int:
+        return sum(1 for statement in self.seen if statement.startswith(start))
+
+
+def _counted(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"outcome": outcome}
+    return REGISTRY.get_sample_value("genrelay_delivery_attempts_total", labels) or 0.0
+
+
+def test_a_batch_records_each_attempt_and_what_it_made_of_its_delivery_in_one_transaction(
+    api: Any, receiver_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.models import Delivery, DeliveryAttempt, Task
+    from service.runtime.queue import TaskStatus
+
+    services, client, auth = api
+    receivers = [receiver_factory([s]) for s in (204, 500, 404, 500)]
+    ok, retried, refused, last = _pings(services, client, auth, receivers)
+    with services.store.transaction() as session:  # `last` is on its last attempt
+        session.execute(
+            sa.update(Task)
+            .where(Task.payload["delivery_id"].as_string() == last)
+            .values(attempts=len(FAST_SCHEDULE) - 1)
+        )
+    tasks = _claim_batch(services, [ok, retried, refused, last])
+    store = services.store
+    transactions = []
+    real_transaction = store.transaction
+
+    def transaction() -> Any:
+        transactions.append(1)
+        return real_transaction()
+
+    monkeypatch.setattr(store, "transaction", transaction)
+    with _Statements(store.engine) as statements:
+        statuses = services.runner.execute_batch(tasks)
+
+    assert statuses == [TaskStatus.DONE, TaskStatus.PENDING, TaskStatus.DONE, TaskStatus.DEAD]
+    assert len(transactions) == 1
+    # Four attempt rows, one INSERT; the two tasks that ended Done, one UPDATE (the retried
+    # and the dead one each have their own).
+    assert statements.count("INSERT INTO delivery_attempts") == 1
+    assert statements.count("UPDATE tasks SET") == 3
+    with store.read() as session:
+        deliveries = {d.id: d for d in session.scalars(sa.select(Delivery))}
+        attempts = {a.delivery_id: a for a in session.scalars(sa.select(DeliveryAttempt))}
+        rows = {t.payload["delivery_id"]: t for t in session.scalars(sa.select(Task))}
+    shown = {
+        i: (d.status, d.attempts, d.last_status_code, d.last_error) for i, d in deliveries.items()
+    }
+    assert shown == {
+        ok: ("succeeded", 1, 204, None),
+        retried: ("pending", 1, 500, "HTTP 500"),
+        refused: ("failed", 1, 404, "HTTP 404"),
+        last: ("dead", 1, 500, "HTTP 500"),
+    }
+    assert {i: a.status_code for i, a in attempts.items()} == {
+        ok: 204,
+        retried: 500,
+        refused: 404,
+        last: 500,
+    }
+    # One schedule: the retried delivery shows when its task runs next.
+    assert deliveries[retried].next_attempt_at == rows[retried].run_at
+    assert rows[retried].run_at > dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    assert [deliveries[i].next_attempt_at for i in (ok, refused, last)] == [None, None, None]
+    assert {i: (t.status, t.claim_token) for i, t in rows.items()} == {
+        ok: ("done", None),
+        retried: ("pending", None),
+        refused: ("done", None),
+        last: ("dead", None),
+    }
+
+
+def test_a_task_whose_lease_was_lost_in_a_batch_is_left_to_its_new_holder(
+    api: Any, receiver_factory: Any
+) -> None:
+    """As for a task run alone: what its attempt did is recorded (the POST was sent), but its
+    task row is not touched; the others of the batch finish as usual."""
+    from service.models import Delivery, DeliveryAttempt, Task
+
+    services, client, auth = api
+    receivers = [receiver_factory([204]) for _ in range(3)]
+    first, lost, third = _pings(services, client, auth, receivers)
+    tasks = _claim_batch(services, [first, lost, third])
+    with services.store.transaction() as session:  # claimed by another worker meanwhile
+        session.execute(
+            sa.update(Task).where(Task.id == tasks[1].id).values(claim_token="another-holder")
+        )
+    assert services.runner.execute_batch(tasks) == ["done", None, "done"]
+    with services.store.read() as session:
+        rows = {t.id: t for t in session.scalars(sa.select(Task))}
+        deliveries = {d.id: d.status for d in session.scalars(sa.select(Delivery))}
+        attempts = sorted(session.scalars(sa.select(DeliveryAttempt.delivery_id)))
+    assert (rows[tasks[1].id].status, rows[tasks[1].id].claim_token) == (
+        "running",
+        "another-holder",
+    )
+    assert rows[tasks[1].id].finished_at is None
+    assert [(rows[t.id].status, rows[t.id].claim_token) for t in (tasks[0], tasks[2])] == [
+        ("done", None),
+        ("done", None),
+    ]
+    assert deliveries == {first: "succeeded", lost: "succeeded", third: "succeeded"}
+    assert attempts == sorted([first, lost, third])
+
+
+def test_outcomes_are_counted_once_when_a_batch_is_recorded_again_one_by_one(
+    api: Any, receiver_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.models import Delivery, DeliveryAttempt
+    from service.runtime.queue import TaskStatus
+
+    services, client, auth = api
+    receivers = [receiver_factory([s]) for s in (204, 500, 404)]
+    ok, retried, refused = _pings(services, client, auth, receivers)
+    tasks = _claim_batch(services, [ok, retried, refused])
+    # The batch's transaction fails once, after every delivery's record was written in it.
+    real_finish = services.queue.finish_all_in
+    failures = [RuntimeError("the database went away")]
+
+    def finish_all_in(session: Any, finishing: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real_finish(session, finishing)
+
+    monkeypatch.setattr(services.queue, "finish_all_in", finish_all_in)
+    before = {outcome: _counted(outcome) for outcome in ("succeeded", "retry", "failed")}
+    statuses = services.runner.execute_batch(tasks)
+
+    assert failures == []  # it did fail, and the outcomes were recorded one by one
+    assert statuses == [TaskStatus.DONE, TaskStatus.PENDING, TaskStatus.DONE]
+    after = {outcome: _counted(outcome) for outcome in ("succeeded", "retry", "failed")}
+    assert {outcome: after[outcome] - before[outcome] for outcome in after} == {
+        "succeeded": 1,
+        "retry": 1,
+        "failed": 1,
+    }
+    with services.store.read() as session:
+        statuses_shown = {d.id: d.status for d in session.scalars(sa.select(Delivery))}
+        attempts = sorted(session.scalars(sa.select(DeliveryAttempt.delivery_id)))
+    assert statuses_shown == {ok: "succeeded", retried: "pending", refused: "failed"}
+    assert attempts == sorted([ok, retried, refused])  # each once: the first try rolled back
+    assert [len(r.requests) for r in receivers] == [1, 1, 1]  # and nothing sent twice

@@ -535,3 +535,86 @@ def test_genrelay_submit_max_age_shortens_the_submit_policy(config: Any, store: 
             services.deepimage.close()
             services.downloads.close()
             services.webhooks.close()
+
+
+def test_finishing_tasks_together_finishes_only_those_still_held(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    kept_id, lost_id = enqueue(queue), enqueue(queue)
+    held = {task.id: task for task in queue.claim_due_tasks(limit=2)}
+    clock.advance(50)
+    queue.renew([held[kept_id]])
+    clock.advance(11)  # lost_id's lease ran out: another worker claims it
+    [other] = queue.claim_due_tasks(limit=2)
+    with queue.store.transaction() as session:
+        assert queue.finish_all_in(session, list(held.values())) == {kept_id}
+    kept, lost = row(queue.store, kept_id), row(queue.store, lost_id)
+    assert (kept.status, kept.claim_token, kept.finished_at) == (TaskStatus.DONE, None, clock.now)
+    assert (lost.status, lost.claim_token) == (TaskStatus.RUNNING, other.claim_token)
+
+
+class BatchHandler(RecordingHandler):
+    """Runs tasks together: each task's outcome from `outcomes` (by its payload's "n"); applies
+    their changes in turn, then fails the first `failures` times."""
+
+    def __init__(self, outcomes: dict[int, Outcome], failures: int = 0) -> None:
+        super().__init__()
+        self.outcomes = outcomes
+        self.failures = failures
+        self.applied: list[list[Apply]] = []
+
+    def run_batch(self, tasks: list[ClaimedTask]) -> list[Outcome]:
+        self.runs += [task.id for task in tasks]
+        return [self.outcomes[task.payload["n"]] for task in tasks]
+
+    def apply_together(self, session: sa.orm.Session, changes: list[Apply]) -> None:
+        self.applied.append(changes)
+        for change in changes:
+            change(session)
+        if self.failures:
+            self.failures -= 1
+            session.flush()
+            raise RuntimeError("constraint violated")
+
+
+def test_a_batch_recorded_again_one_by_one_keeps_each_decision(
+    store: Store, clock: FakeClock
+) -> None:
+    """The batch's transaction fails; each outcome is then recorded alone, as decided: the
+    failed task's next run was drawn once (a second draw would find no jitter left)."""
+    queue = TaskQueue(
+        store,
+        policies={"job": RetryPolicy(max_attempts=3, base_delay=10.0, max_delay=100.0)},
+        clock=clock,
+        rng=ScriptedJitter([0.0]),
+    )
+    told: list[dt.datetime | None] = []
+    handler = BatchHandler(
+        {
+            1: Done(mark("one")),
+            2: Failed("503", lambda session, next_run: told.append(next_run)),
+            3: Later(30.0, "not yet", apply=mark("three")),
+        },
+        failures=1,
+    )
+    ids = []
+    for n in (1, 2, 3):
+        with store.transaction() as session:
+            ids.append(queue.enqueue(session, "job", {"n": n}))
+    tasks = sorted(queue.claim_due_tasks(limit=3), key=lambda task: ids.index(task.id))
+    runner = TaskRunner(queue, {"job": handler})
+    assert runner.batchable("job")
+
+    statuses = runner.execute_batch(tasks)
+
+    assert statuses == [TaskStatus.DONE, TaskStatus.PENDING, TaskStatus.PENDING]
+    # Together once (failed), then one by one.
+    assert [len(changes) for changes in handler.applied] == [3, 1, 1, 1]
+    # Told twice (together, then alone), the same run both times.
+    assert told == [START + dt.timedelta(seconds=5)] * 2
+    assert notes(store) == {"note_one", "note_three"}  # each once: the first try rolled back
+    assert handler.runs == ids  # the work itself ran once
+    done, retried, later = (row(store, task_id) for task_id in ids)
+    assert done.status == TaskStatus.DONE
+    assert (retried.status, retried.run_at) == (TaskStatus.PENDING, START + dt.timedelta(seconds=5))
+    assert (later.status, later.run_at) == (TaskStatus.PENDING, START + dt.timedelta(seconds=30))
