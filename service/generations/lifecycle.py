@@ -40,13 +40,13 @@ def change_status(
         values["completed_at"] = now
     statement = _status_update(new, tuple(sorted(values)))
     params = {f"new_{name}": value for name, value in values.items()}
-    row = session.connection().execute(statement, {"generation_id": generation_id, **params})
-    moved = row.first()
-    if moved is None:
+    # The row as it now is (COLUMNS), for the event, without a second SELECT.
+    generation = (
+        session.connection().execute(statement, {"generation_id": generation_id, **params}).first()
+    )
+    if generation is None:
         return False
-    # `moved` is the row as it now is (COLUMNS), for the event, without a second SELECT. A
-    # copy the session holds already is stale now: it reloads on next use.
-    generation = moved
+    # A copy the session holds already is stale now: it reloads on next use.
     held = session.identity_map.get(session.identity_key(Generation, generation_id))
     if held is not None:
         session.expire(held)
