@@ -40,6 +40,7 @@ def change_status(
         values["completed_at"] = now
     statement = _status_update(new, tuple(sorted(values)))
     params = {f"new_{name}": value for name, value in values.items()}
+    session.flush()  # what the session holds pending goes first, as an ORM statement's would
     # The row as it now is (COLUMNS), for the event, without a second SELECT.
     generation = (
         session.connection().execute(statement, {"generation_id": generation_id, **params}).first()
