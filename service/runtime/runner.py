@@ -110,7 +110,7 @@ class TaskRunner:
                     statuses[task.id] = None
                 else:
                     plans.append(plan)
-            statuses.update(self._write_together(handler, plans))
+            statuses.update(self._write_together(plans))
         for task in tasks:
             status = statuses[task.id]
             with _task_context(task):
@@ -128,7 +128,7 @@ class TaskRunner:
         else:
             outcome = self._run(handler, task)
         plan = self._decided(handler, task, outcome)
-        return None if plan is None else self._write_alone(handler, plan)
+        return None if plan is None else self._write_alone(plan)
 
     def _run(self, handler: TaskHandler, task: ClaimedTask) -> Outcome:
         try:
@@ -207,9 +207,7 @@ class TaskRunner:
         assert isinstance(outcome, Done)
         return _Plan(task, TaskStatus.DONE, changes)
 
-    def _write(
-        self, session: Session, handler: TaskHandler | None, plans: Sequence[_Plan]
-    ) -> dict[str, TaskStatus | None]:
+    def _write(self, session: Session, plans: Sequence[_Plan]) -> dict[str, TaskStatus | None]:
         """Every plan's changes, then the tasks' updates, in the caller's transaction; the new
         status of each task (None: its lease was lost)."""
         changes = [change for plan in plans for change in plan.changes]
@@ -229,27 +227,25 @@ class TaskRunner:
             statuses[plan.task.id] = plan.status if held else None
         return statuses
 
-    def _write_together(
-        self, handler: TaskHandler, plans: list[_Plan]
-    ) -> dict[str, TaskStatus | None]:
+    def _write_together(self, plans: list[_Plan]) -> dict[str, TaskStatus | None]:
         """All plans in one transaction; each in its own if that fails."""
         try:
             with self.queue.store.transaction() as session:
-                statuses = self._write(session, handler, plans)
+                statuses = self._write(session, plans)
         except Exception:
             log.exception("recording %d outcomes together failed; one by one", len(plans))
-            return {plan.task.id: self._write_alone(handler, plan) for plan in plans}
+            return {plan.task.id: self._write_alone(plan) for plan in plans}
         committed(session)
         return statuses
 
-    def _write_alone(self, handler: TaskHandler | None, plan: _Plan) -> TaskStatus | None:
+    def _write_alone(self, plan: _Plan) -> TaskStatus | None:
         """One plan in a transaction of its own; None if that failed (the database away, or
         the outcome's change failed): nothing was recorded, and the task stays claimed until
         its lease ends, then runs again."""
         task = plan.task
         try:
             with self.queue.store.transaction() as session:
-                status = self._write(session, handler, [plan])[task.id]
+                status = self._write(session, [plan])[task.id]
         except Exception:
             log.exception("task %s (%s): recording its outcome failed", task.id, task.kind)
             return None
