@@ -41,7 +41,8 @@ lock: $(VENV)/.installed-dev
 		--output-file requirements.lock setup.cfg
 
 # Every benchmark, one after the other (they share the machine); JSON reports in var/bench,
-# figures in docs/img. About 70 minutes on 2 cores (the catalog benchmark alone about 40).
+# figures in docs/img. About 50 minutes on 2 cores (47 on 2026-12-06; the catalog benchmark
+# alone about 25).
 # The catalog benchmark's baseline arm runs the code before the line, exported from git.
 BENCH_OUT ?= var/bench
 BASELINE_COMMIT ?= 535494f
