@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flask
@@ -43,6 +44,7 @@ def require_tenant() -> None:
             f"too many invalid API keys from this address; retry in {seconds} s",
             headers={"Retry-After": str(seconds)},
         )
+    hold_connection()
     tenant_id = services().api_keys.tenant_for(key)
     if tenant_id is None:
         bad_keys.failed(address)
@@ -57,6 +59,21 @@ def require_tenant() -> None:
             headers={"Retry-After": str(seconds)},
         )
     flask.g.tenant_id = tenant_id
+
+
+def hold_connection() -> None:
+    """The request's statements, from the key lookup on, share one pooled connection (one
+    checkout, so one pre-ping on PostgreSQL); `release_connection` gives it back."""
+    held = contextlib.ExitStack()
+    held.enter_context(services().store.reusing_connection())
+    flask.g.held_connection = held
+
+
+def release_connection(_error: BaseException | None) -> None:
+    """teardown_request hook: the end of `hold_connection`."""
+    held = flask.g.pop("held_connection", None)
+    if held is not None:
+        held.close()
 
 
 def tenant_id() -> str:

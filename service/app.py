@@ -30,6 +30,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
         subscriptions,
         triggers,
     )
+    from handlers.auth import release_connection
     from handlers.observability import register_observability
     from handlers.problems import ProblemApi, refuse_unstorable_url, register_error_handlers
 
@@ -81,6 +82,7 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     # Before every blueprint's hooks (authentication reads the database too).
     app.before_request(refuse_unstorable_url)
     register_observability(app, config.gcp_project)
+    app.teardown_request(release_connection)
     return app
 
 

@@ -144,10 +144,19 @@ class Store:
         PostgreSQL no transaction around the statement (autocommit: a single statement is its
         own snapshot), which saves the BEGIN and COMMIT round trips. Several statements that
         must agree with each other belong in `read()`."""
-        connection = self._free_held()
+        connection = self._free_held()  # only ever one on PostgreSQL
         if connection is not None:
-            with connection.begin():
+            # The held connection in autocommit for the statement, then back: switching is a
+            # setting of the driver's, with no round trip.
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            try:
                 yield connection
+            finally:
+                if not connection.invalidated:
+                    connection.rollback()  # ends SQLAlchemy's transaction; none is open
+                    connection.execution_options(
+                        isolation_level=self.engine.dialect.default_isolation_level
+                    )
         elif self.dialect == "postgresql":
             with self._autocommit_engine.connect() as connection:
                 yield connection

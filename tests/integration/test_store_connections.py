@@ -1,0 +1,111 @@
+"""How the Store hands out connections: one per request, one-statement reads without a
+transaction, and transactions that stay transactions on a connection reused for both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from service.bootstrap import Services
+from service.database import Store
+from service.models import Tenant, utcnow
+from tests.helpers import seed_examples
+
+TEXT_ONLY = seed_examples()["text_only"]
+# SQLite holds no connection across transactions (`reusing_connection` does nothing there).
+POSTGRESQL_ONLY = pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+
+
+def _tenant_count(store: Store) -> int:
+    with store.read_one() as connection:
+        return connection.scalar(sa.select(sa.func.count()).select_from(Tenant)) or 0
+
+
+def _insert_tenant(session: Any, name: str) -> None:
+    session.add(Tenant(id=f"ten_{name}", name=name, weight=1, created_at=utcnow()))
+    session.flush()
+
+
+def test_a_transaction_after_a_one_statement_read_on_the_same_connection_rolls_back(
+    store: Store,
+) -> None:
+    with store.reusing_connection():
+        assert _tenant_count(store) == 0
+        with pytest.raises(RuntimeError), store.transaction() as session:
+            _insert_tenant(session, "rolled-back")
+            raise RuntimeError("the caller fails")
+        assert _tenant_count(store) == 0
+        with store.transaction() as session:
+            _insert_tenant(session, "kept")
+        assert _tenant_count(store) == 1
+    assert _tenant_count(store) == 1
+
+
+@POSTGRESQL_ONLY
+def test_two_reads_inside_a_transaction_see_one_snapshot_after_a_held_read(
+    store: Store, database_url: str
+) -> None:
+    """read() after read_one() on the held connection is a real transaction again: a row
+    committed by another connection between its two statements is not seen by the second."""
+    with store.reusing_connection():
+        _tenant_count(store)
+        with store.read() as session:
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            before = session.scalar(sa.select(sa.func.count()).select_from(Tenant))
+            other = sa.create_engine(database_url)
+            with other.begin() as connection:
+                connection.execute(
+                    sa.insert(Tenant).values(
+                        id="ten_other", name="other", weight=1, created_at=utcnow()
+                    )
+                )
+            other.dispose()
+            after = session.scalar(sa.select(sa.func.count()).select_from(Tenant))
+        assert (before, after) == (0, 0)
+    assert _tenant_count(store) == 1
+
+
+@POSTGRESQL_ONLY
+def test_a_one_statement_read_on_a_held_postgresql_connection_opens_no_transaction(
+    store: Store, database_url: str
+) -> None:
+    import psycopg
+
+    with store.reusing_connection():
+        with store.read_one() as connection:
+            connection.scalar(sa.select(sa.func.count()).select_from(Tenant))
+            driver = connection.connection.dbapi_connection
+            assert driver is not None
+            # Autocommit: the statement was its own transaction, none is left open.
+            assert driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        with store.transaction() as session:
+            session.scalar(sa.select(sa.func.count()).select_from(Tenant))
+            status = session.connection().connection.dbapi_connection.info.transaction_status
+            assert status == psycopg.pq.TransactionStatus.INTRANS
+
+
+def test_an_intake_checks_out_one_pooled_connection(
+    services: Services, client: Any, auth: dict[str, str], database_url: str
+) -> None:
+    """Authentication, the generation's transaction, the inline submit's and the answer share
+    the request's connection, which is back in the pool when the answer is sent."""
+    engine = services.store.engine
+    checkouts: list[object] = []
+
+    def counted(driver_connection: object, *_: object) -> None:
+        checkouts.append(driver_connection)
+
+    sa.event.listen(engine, "checkout", counted)
+    try:
+        response = client.post("/v1/generations", json={"input": TEXT_ONLY}, headers=auth)
+    finally:
+        sa.event.remove(engine, "checkout", counted)
+    assert response.status_code == 202, response.get_json()
+    assert response.get_json()["status"] == "processing"
+    if database_url.startswith("postgresql"):
+        assert len(checkouts) == 1
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
