@@ -37,7 +37,7 @@ import dataclasses
 import datetime as dt
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -95,21 +95,14 @@ _LOCK_ACCOUNT = (
 _ACCOUNT_LEARNING = sa.select(_ACCOUNTS.c.limit_source, _ACCOUNTS.c.refusals_in_a_row).where(
     _ACCOUNTS.c.id == ACCOUNT
 )
-# Counted only as far as decides: `limit` slots in use, two generations waiting.
+# Counted only as far as decides: `limit` slots in use, any generation waiting.
 _ALONE = sa.select(
     sa.select(sa.func.count())
     .select_from(sa.select(Generation.id).where(IN_FLIGHT).limit(sa.bindparam("limit")).subquery())
     .scalar_subquery(),
-    sa.select(sa.func.count())
-    .select_from(sa.select(Generation.id).where(WAITING).limit(2).subquery())
-    .scalar_subquery(),
+    sa.exists().where(WAITING),
     Tenant.max_in_flight,
 ).where(Tenant.id == sa.bindparam("tenant_id"))
-_ADMIT_ONE = (
-    sa.update(_GENERATIONS)
-    .where(_GENERATIONS.c.id == sa.bindparam("generation_id"), WAITING)
-    .values(admitted_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
-)
 
 
 def slot_freed(session: Session) -> None:
@@ -343,25 +336,34 @@ class Line:
         generation_id: str,
         tenant_id: str,
         *,
+        store: Callable[[dt.datetime | None], None],
         now: dt.datetime,
         deadline: dt.datetime | None = None,
     ) -> Admission:
-        """`admit(claim_for=generation_id)` for a generation just stored in `session`'s
-        transaction (intake), in as few statements as the common case needs.
+        """Store a new generation and admit it if it can go now, in as few statements as the
+        common case needs: `admit(claim_for=generation_id)` for intake.
 
-        Slots are handed out in every transaction that frees one, so a generation waiting
-        while a slot is free is rare: usually the new generation is the only one waiting, and
-        then the full pass would give it the slot if there is one (and its tenant has no cap
-        of its own). That is checked with one statement after the account's lock; anything
-        else (others waiting, a tenant cap, a deadline already passed) takes the full pass,
-        under the same lock. Either way the lock is held from the count to the commit.
+        `store(admitted_at)` inserts the generation's row, in `session`'s transaction. Slots
+        are handed out in every transaction that frees one, so a generation waiting while a
+        slot is free is rare: usually nobody waits, and then the full pass would give the new
+        generation the slot if there is one (and its tenant has no cap of its own). That is
+        checked with one statement after the account's lock, and the generation is stored
+        already admitted. Anything else (others waiting, a tenant cap, a deadline already
+        passed) stores it waiting and takes the full pass, under the same lock. Either way
+        the lock is held from the count to the commit.
         """
         account = self._lock_account_core(session)
-        admission = None
+        alone = None
         if account is not None:
-            admission = self._admit_alone(session, account, generation_id, tenant_id, now, deadline)
-        if admission is None:
+            alone = self._admit_alone(session, account, tenant_id, now, deadline)
+        store(now if alone else None)
+        if alone:
+            claimed = self.queue.enqueue_claimed(session, SUBMIT, generation_id=generation_id)
+            return Admission([generation_id], claimed)
+        if alone is None:
             admission = self._admit(session, now=now, claim_for=generation_id)
+        else:
+            admission = Admission([])  # no free slot: nobody is admitted, the full pass agrees
         if admission.claimed is None:
             self._wake(session, now + dt.timedelta(seconds=TICK_BUSY))
         return admission
@@ -386,34 +388,30 @@ class Line:
         self,
         session: Session,
         account: Any,
-        generation_id: str,
         tenant_id: str,
         now: dt.datetime,
         deadline: dt.datetime | None,
-    ) -> Admission | None:
-        """The new generation's admission when it is the only one waiting; None when the full
-        pass must decide."""
+    ) -> bool | None:
+        """Whether a new generation of this tenant takes a free slot at once (nobody else
+        waits): True, it does; False, no slot is free; None, the full pass must decide."""
         if account.paused_until is not None and account.paused_until > now:
-            return Admission([])
+            return False
         if deadline is not None and deadline <= now:
             return None
         limit = account.concurrency_limit
-        connection = session.connection()
-        row = connection.execute(_ALONE, {"limit": limit, "tenant_id": tenant_id}).one_or_none()
+        row = (
+            session.connection()
+            .execute(_ALONE, {"limit": limit, "tenant_id": tenant_id})
+            .one_or_none()
+        )
         if row is None:
             return None
-        used, waiters, cap = row
+        used, others_wait, cap = row
         if used >= limit:
-            return Admission([])  # no free slot: nobody is admitted, the full pass agrees
-        if waiters != 1 or cap is not None:
+            return False
+        if others_wait or cap is not None:
             return None
-        # The one waiting generation is ours (stored in this transaction, so no other holds
-        # its row): it takes a free slot.
-        admitted = connection.execute(_ADMIT_ONE, {"generation_id": generation_id, "now": now})
-        if admitted.rowcount != 1:
-            return None
-        claimed = self.queue.enqueue_claimed(session, SUBMIT, generation_id=generation_id)
-        return Admission([generation_id], claimed)
+        return True
 
     def _admit(
         self,

@@ -163,23 +163,35 @@ class GenerationService:
                 settings = settings_by_id(session, tenant_id)
                 require_access(settings, new.input)
                 retention = new.retention if new.retention is not None else settings.retention
-                session.connection().execute(
-                    _INSERT_GENERATION,
-                    {
-                        "id": generation_id,
-                        "tenant_id": tenant_id,
-                        "status": GenerationStatus.QUEUED.value,
-                        "input": new.input,
-                        "metadata": new.metadata,
-                        "webhook": new.webhook,
-                        "webhook_events_filter": new.webhook_events_filter,
-                        "priority": new.priority,
-                        "deadline_at": new.deadline,
-                        "retention_seconds": retention,
-                        "created_at": now,
-                        "updated_at": now,
-                    },
-                )
+
+                def store(admitted_at: dt.datetime | None) -> None:
+                    session.connection().execute(
+                        _INSERT_GENERATION,
+                        {
+                            "id": generation_id,
+                            "tenant_id": tenant_id,
+                            "status": GenerationStatus.QUEUED.value,
+                            "input": new.input,
+                            "metadata": new.metadata,
+                            "webhook": new.webhook,
+                            "webhook_events_filter": new.webhook_events_filter,
+                            "priority": new.priority,
+                            "deadline_at": new.deadline,
+                            "retention_seconds": retention,
+                            "admitted_at": admitted_at,
+                            "created_at": now,
+                            "updated_at": now,
+                        },
+                    )
+
+                task = self.line.admit_new(
+                    session,
+                    generation_id,
+                    tenant_id,
+                    store=store,
+                    now=now,
+                    deadline=new.deadline,
+                ).claimed
                 if idempotency_key is not None:
                     claim_key(
                         session,
@@ -191,10 +203,6 @@ class GenerationService:
                     )
                 if also is not None:
                     also(session, generation_id)
-                    session.flush()
-                task = self.line.admit_new(
-                    session, generation_id, tenant_id, now=now, deadline=new.deadline
-                ).claimed
         except IntegrityError:
             # Another request with the same key committed first: answer as it did.
             if idempotency_key is None:
