@@ -271,7 +271,7 @@ class TaskQueue:
         for index, lease in enumerate(self.short_leases.values()):
             params[f"lease_{index}"] = now + lease
         # Core on a plain connection: claims run all the time, and need no ORM session.
-        with self.store.engine.begin() as connection:
+        with self.store.begin() as connection:
             return [ClaimedTask(**row._mapping) for row in connection.execute(statement, params)]
 
     def _claim_statement(self, limit: int, kinds: tuple[str, ...] | None) -> sa.Update:
