@@ -70,18 +70,31 @@ TICK_IDLE = 5.0  # ...and while none does (`_wake` ends the sleep when one start
 MAX_TENANTS_PER_PASS = 500  # waiting tenants considered by one admission (fewest slots first)
 DEADLINE_BATCH = 200
 
+
+def _status(status: GenerationStatus) -> sa.ColumnElement[str]:
+    """A status written into the statement's text, not bound: a prepared statement's generic
+    plan (PostgreSQL, after a few runs) and SQLite can use a partial index only when the
+    query's condition shows the index's own constants."""
+    return sa.literal_column(f"'{status.value}'")
+
+
 # The conditions of the partial indexes of service/models.py (IN_FLIGHT_SQL), as expressions.
 IN_FLIGHT = sa.and_(
     Generation.admitted_at.is_not(None),
     Generation.source_found_at.is_(None),
     sa.or_(
-        Generation.status.in_([GenerationStatus.QUEUED, GenerationStatus.PROCESSING]),
+        Generation.status.in_(
+            [_status(GenerationStatus.QUEUED), _status(GenerationStatus.PROCESSING)]
+        ),
         sa.and_(
-            Generation.status == GenerationStatus.CANCELED, Generation.upstream_job.is_not(None)
+            Generation.status == _status(GenerationStatus.CANCELED),
+            Generation.upstream_job.is_not(None),
         ),
     ),
 )
-WAITING = sa.and_(Generation.status == GenerationStatus.QUEUED, Generation.admitted_at.is_(None))
+WAITING = sa.and_(
+    Generation.status == _status(GenerationStatus.QUEUED), Generation.admitted_at.is_(None)
+)
 
 _ADMIT = "genrelay_admit"
 
