@@ -7,6 +7,7 @@ Where no server answers, those tests are skipped with the reason shown.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -51,9 +52,10 @@ def _postgres_admin_url() -> tuple[str | None, str]:
     return url, ""
 
 
-@pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
-    """A migrated PostgreSQL database of this test session's own."""
+@contextlib.contextmanager
+def new_postgres_database(*, migrate: bool = True) -> Iterator[str]:
+    """A new PostgreSQL database (migrated unless told not to), dropped afterwards; the test
+    skips where no server answers (fails under GENRELAY_REQUIRE_POSTGRES=1)."""
     admin_url, reason = _postgres_admin_url()
     if admin_url is None:
         if os.environ.get("GENRELAY_REQUIRE_POSTGRES") == "1":
@@ -64,13 +66,21 @@ def postgres_database() -> Iterator[str]:
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    upgrade_to_head(url)
     try:
+        if migrate:
+            upgrade_to_head(url)
         yield url
     finally:
         with admin.connect() as connection:
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A migrated PostgreSQL database of this test session's own."""
+    with new_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

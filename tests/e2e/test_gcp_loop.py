@@ -11,10 +11,12 @@ object is deleted."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -27,9 +29,9 @@ import requests
 
 from service.adapters.blobstore import crc32c_base64
 from service.devtools.stack import free_port
-from tests.conftest import emulator_blob_store
+from tests.conftest import emulator_blob_store, new_postgres_database
 from tests.e2e.processes import GENRELAY, Stack, wait_for
-from tests.gcp_helpers import OidcIssuer, issuer, new_key, png_bytes, service_account_info  # noqa: F401
+from tests.gcp_helpers import OidcIssuer, new_key, png_bytes, service_account_info
 from tests.helpers import Receiver
 
 pytestmark = pytest.mark.e2e
@@ -45,13 +47,37 @@ def run(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
-@pytest.fixture
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
 def loop(
-    tmp_path: Path,
-    database_url: str,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    sqlite_template: Path,
     gcs_server: Any,
-    gcs_bucket: str,
-    issuer: OidcIssuer,  # noqa: F811
+) -> Iterator[dict[str, Any]]:
+    """One stack per database, shared by this module's tests: each makes its own trigger and
+    objects and checks only those. A database of its own (the per-test `database_url` fixture
+    empties the session's PostgreSQL database meanwhile)."""
+    with contextlib.ExitStack() as later:
+        tmp_path = tmp_path_factory.mktemp(f"gcp-loop-{request.param}")
+        if request.param == "sqlite":
+            shutil.copy(sqlite_template, tmp_path / "genrelay.db")
+            database_url = f"sqlite:///{tmp_path / 'genrelay.db'}"
+        else:
+            database_url = later.enter_context(new_postgres_database())
+        gcs_bucket = f"genrelay-test-{uuid.uuid4().hex[:12]}"
+        gcs_server.create_bucket(gcs_bucket)
+        issuer = OidcIssuer()
+        later.callback(issuer.stop)
+        yield later.enter_context(
+            running_loop(tmp_path, database_url, gcs_server, gcs_bucket, issuer)
+        )
+
+
+@contextlib.contextmanager
+def running_loop(
+    tmp_path: Path, database_url: str, gcs_server: Any, gcs_bucket: str, issuer: OidcIssuer
 ) -> Iterator[dict[str, Any]]:
     sim_port, web_port = free_port(), free_port()
     key_file = tmp_path / "signer.json"
@@ -100,6 +126,7 @@ def loop(
             "outputs": outputs,
             "receiver": receiver,
             "stack": stack,
+            "issuer": issuer,
         }
     except BaseException:
         print(stack.logs())
@@ -125,9 +152,8 @@ def finished(loop: dict[str, Any], generation_id: str, timeout: float = 30) -> d
 
 def test_objects_become_generations_whose_results_land_in_the_tenants_output(
     loop: dict[str, Any],
-    issuer: OidcIssuer,  # noqa: F811
 ) -> None:
-    base, auth, receiver = loop["base"], loop["auth"], loop["receiver"]
+    base, auth, receiver, issuer = loop["base"], loop["auth"], loop["receiver"], loop["issuer"]
     created = requests.post(
         f"{base}/v1/triggers",
         json={"source": "gcs", "bucket": loop["inputs"], "name_prefix": "incoming/",
@@ -221,15 +247,18 @@ def test_objects_become_generations_whose_results_land_in_the_tenants_output(
         with requests.get(shown["result"]["url"], timeout=5) as download:
             assert crc32c_base64(download.content) == stored.crc32c
 
-    def notified() -> bool:
-        bodies = [r["body"] for r in receiver.requests]
-        return len([b for b in bodies if b"generation.succeeded" in b]) == 2
+    mine = {from_event, from_message}
 
-    wait_for(notified, 20, "notifications")
-    for request in receiver.requests:
-        payload = json.loads(request["body"])
-        if payload["type"] != "generation.succeeded":
-            continue
+    def succeeded_notifications() -> list[dict[str, Any]]:
+        payloads = [json.loads(r["body"]) for r in list(receiver.requests)]
+        return [
+            p for p in payloads if p["type"] == "generation.succeeded" and p["data"]["id"] in mine
+        ]
+
+    wait_for(lambda: len(succeeded_notifications()) >= 2, 20, "notifications")
+    notified = succeeded_notifications()
+    assert sorted(p["data"]["id"] for p in notified) == sorted(mine)  # one each
+    for payload in notified:
         with requests.get(payload["data"]["result"]["url"], timeout=5) as download:
             assert crc32c_base64(download.content) == payload["data"]["result"]["crc32c"]
     events = requests.get(f"{base}/v1/triggers/{trigger['id']}/events", headers=auth, timeout=5)
@@ -238,9 +267,8 @@ def test_objects_become_generations_whose_results_land_in_the_tenants_output(
 
 def test_a_generation_from_a_pubsub_message_is_deleted_when_its_retention_runs_out(
     loop: dict[str, Any],
-    issuer: OidcIssuer,  # noqa: F811
 ) -> None:
-    base, auth = loop["base"], loop["auth"]
+    base, auth, issuer = loop["base"], loop["auth"], loop["issuer"]
     trigger = requests.post(
         f"{base}/v1/triggers",
         json={"source": "pubsub", "input": {"width": 64, "height": 64},

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from service.devtools.stack import free_port
 from service.generations.callback_urls import callback_token, callback_url
 from service.models import Task, utcnow
 from service.runtime.housekeeping import TASK_ID
+from tests.conftest import new_postgres_database
 from tests.e2e.processes import GENRELAY, Stack, wait_for
 from tests.helpers import seed_examples, set_simulator
 
@@ -33,10 +37,12 @@ pytestmark = pytest.mark.e2e
 CALLBACK_SECRET = "e2e-callback-secret-0123456789"
 
 
-@pytest.fixture
-def stack(
-    tmp_path: Path, database_url: str, gcs_server: Any, gcs_bucket: str
+@contextlib.contextmanager
+def running_stack(
+    tmp_path: Path, database_url: str, gcs_url: str, gcs_bucket: str
 ) -> Iterator[dict[str, Any]]:
+    """Migrate, create a key of `acme`, start the simulator, `genrelay serve` (2 processes)
+    and `genrelay worker`; what the tests need to reach them."""
     sim_port, web_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -50,7 +56,7 @@ def stack(
         "GENRELAY_RECONCILE_AFTER": "600",
         "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
         "GENRELAY_GCS_BUCKET": gcs_bucket,
-        "STORAGE_EMULATOR_HOST": gcs_server.url,
+        "STORAGE_EMULATOR_HOST": gcs_url,
         "GENRELAY_WEB_PROCESSES": "2",
         "PORT": str(web_port),
     }
@@ -104,7 +110,7 @@ def stack(
             "sim": sim,
             "auth": {"Authorization": f"Bearer {api_key}"},
             "stack": stack,
-            "gcs": gcs_server.url,
+            "gcs": gcs_url,
             "bucket": gcs_bucket,
             "worker_metrics": f"http://127.0.0.1:{worker_metrics}",
             "database_url": database_url,
@@ -114,6 +120,80 @@ def stack(
         raise
     finally:
         stack.stop_all()
+
+
+@pytest.fixture
+def stack(
+    tmp_path: Path, database_url: str, gcs_server: Any, gcs_bucket: str
+) -> Iterator[dict[str, Any]]:
+    """A stack of this test's own: for the tests that stop it, break its database or count
+    everything it did (its logs, its metrics)."""
+    with running_stack(tmp_path, database_url, gcs_server.url, gcs_bucket) as running:
+        yield running
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def module_stack(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    sqlite_template: Path,
+    gcs_server: Any,
+) -> Iterator[dict[str, Any]]:
+    """One stack per database for this module's tests that only use it: each leaves it as
+    it found it (simulator knobs put back) and checks only what it did itself (its own
+    generations, jobs, objects and log lines). Its own database and bucket: the per-test
+    `database_url` fixture empties the session's PostgreSQL database meanwhile."""
+    tmp_path = tmp_path_factory.mktemp(f"shared-stack-{request.param}")
+    bucket = f"genrelay-test-{uuid.uuid4().hex[:12]}"
+    gcs_server.create_bucket(bucket)
+    with contextlib.ExitStack() as later:
+        if request.param == "sqlite":
+            shutil.copy(sqlite_template, tmp_path / "genrelay.db")
+            database_url = f"sqlite:///{tmp_path / 'genrelay.db'}"
+        else:
+            database_url = later.enter_context(new_postgres_database())
+        yield later.enter_context(running_stack(tmp_path, database_url, gcs_server.url, bucket))
+
+
+@pytest.fixture
+def shared_stack(module_stack: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The module's stack for one test; every process must be alive before and after."""
+    module_stack["stack"].alive()
+    yield module_stack
+    module_stack["stack"].alive()
+
+
+@contextlib.contextmanager
+def simulator_knobs(stack: dict[str, Any], **knobs: Any) -> Iterator[None]:
+    """The simulator's knobs set as given, then put back as they were."""
+    before = requests.get(f"{stack['sim']}/_sim/settings", timeout=5).json()
+    set_simulator(stack["sim"], **knobs)
+    try:
+        yield
+    finally:
+        set_simulator(stack["sim"], **{knob: before[knob] for knob in knobs})
+
+
+def job_callbacks(stack: dict[str, Any], job: str) -> list[dict[str, Any]]:
+    """The callbacks the simulator sent (or lost) for one job."""
+    found = requests.get(f"{stack['sim']}/_sim/jobs/{job}", timeout=5).json()
+    return list(found["callbacks"])
+
+
+def delivered(callback: dict[str, Any]) -> bool:
+    status = callback["status_code"]
+    return status is not None and 200 <= status < 300
+
+
+def bucket_objects(stack: dict[str, Any]) -> set[str]:
+    listing = requests.get(
+        f"{stack['gcs']}/storage/v1/b/{stack['bucket']}/o",
+        params={"maxResults": 10000},
+        timeout=10,
+    ).json()
+    return {item["name"] for item in listing.get("items", [])}
 
 
 # What the simulator makes of each seed example (docs/simulator.md: a url input counts as a
@@ -156,9 +236,13 @@ def read_object(stack: dict[str, Any], uri: str) -> bytes:
     return response.content
 
 
-def test_every_seed_example_is_called_back_and_stored_in_gcs(stack: dict[str, Any]) -> None:
+def test_every_seed_example_is_called_back_and_stored_in_gcs(
+    shared_stack: dict[str, Any],
+) -> None:
+    stack = shared_stack
     base, auth = stack["base"], stack["auth"]
     created = {}
+    jobs = {}
     for name in EXPECTED:
         example = seed_examples()[name]
         response = requests.post(
@@ -174,6 +258,7 @@ def test_every_seed_example_is_called_back_and_stored_in_gcs(stack: dict[str, An
         }
         assert sent == example
         created[name] = body["id"]
+        jobs[name] = body["upstream"]["job"]
     for name, generation_id in created.items():
         done = wait_for_status(stack, generation_id)
         assert done["status"] == "succeeded", (name, done["error"])
@@ -185,45 +270,48 @@ def test_every_seed_example_is_called_back_and_stored_in_gcs(stack: dict[str, An
         assert result["content_type"] == content_type
         assert result["crc32c"] == crc32c_base64(data)
         assert result["size"] == len(data)
-    stats = requests.get(f"{stack['sim']}/_sim/stats", timeout=5).json()
-    assert stats["callbacks_delivered"] == len(EXPECTED)  # the callback path, not polling
+    # The callback path, not polling: each job's one callback was delivered (and no other).
+    for name, job in jobs.items():
+        callbacks = job_callbacks(stack, job)
+        assert [delivered(c) for c in callbacks] == [True], (name, callbacks)
 
 
-def test_duplicate_callbacks_store_one_object(stack: dict[str, Any]) -> None:
-    set_simulator(stack["sim"], duplicate_callback_rate=1.0)
-    body = requests.post(
-        f"{stack['base']}/v1/generations",
-        json={"input": seed_examples()["text_only"]},
-        headers=stack["auth"],
-        timeout=30,
-    ).json()
+def test_duplicate_callbacks_store_one_object(shared_stack: dict[str, Any]) -> None:
+    stack = shared_stack
+    objects_before = bucket_objects(stack)
+    with simulator_knobs(stack, duplicate_callback_rate=1.0):
+        body = requests.post(
+            f"{stack['base']}/v1/generations",
+            json={"input": seed_examples()["text_only"]},
+            headers=stack["auth"],
+            timeout=30,
+        ).json()
+    job = body["upstream"]["job"]
+    assert job, body
     done = wait_for_status(stack, body["id"])
     assert done["status"] == "succeeded"
 
-    def delivered() -> int:
-        stats = requests.get(f"{stack['sim']}/_sim/stats", timeout=5).json()
-        return int(stats["callbacks_delivered"])
-
     # The duplicate may still be on its way when the first has made the generation succeed.
-    wait_for(lambda: delivered() >= 2, 30, "the duplicate callback to be delivered")
-    assert delivered() == 2
-    listing = requests.get(f"{stack['gcs']}/storage/v1/b/{stack['bucket']}/o", timeout=10).json()
-    assert [item["name"] for item in listing["items"]] == [done["result"]["uri"].split("/", 3)[3]]
+    wait_for(lambda: len(job_callbacks(stack, job)) >= 2, 30, "the duplicate callback to be sent")
+    callbacks = job_callbacks(stack, job)
+    assert [delivered(c) for c in callbacks] == [True, True], callbacks
+    # One object: the only one this test added to the bucket.
+    assert bucket_objects(stack) - objects_before == {done["result"]["uri"].split("/", 3)[3]}
 
 
 def test_the_worker_process_submits_what_the_inline_attempt_could_not(
-    stack: dict[str, Any],
+    shared_stack: dict[str, Any],
 ) -> None:
+    stack = shared_stack
     base, auth = stack["base"], stack["auth"]
-    set_simulator(stack["sim"], upstream_error_rate=1.0)
-    body = requests.post(
-        f"{base}/v1/generations",
-        json={"input": seed_examples()["text_only"]},
-        headers=auth,
-        timeout=30,
-    ).json()
-    assert body["status"] == "queued"
-    set_simulator(stack["sim"], upstream_error_rate=0.0)
+    with simulator_knobs(stack, upstream_error_rate=1.0):
+        body = requests.post(
+            f"{base}/v1/generations",
+            json={"input": seed_examples()["text_only"]},
+            headers=auth,
+            timeout=30,
+        ).json()
+        assert body["status"] == "queued"
 
     def processing() -> bool:
         current = requests.get(f"{base}/v1/generations/{body['id']}", headers=auth, timeout=5)
@@ -241,8 +329,9 @@ def test_worker_and_web_stop_cleanly_on_sigterm(stack: dict[str, Any]) -> None:
 
 
 def test_the_worker_process_schedules_housekeeping_and_sweeps_at_once(
-    stack: dict[str, Any],
+    shared_stack: dict[str, Any],
 ) -> None:
+    stack = shared_stack
     store = Store(stack["database_url"])
     task: dict[str, Any] = {}
 
@@ -356,9 +445,12 @@ def test_no_secret_reaches_the_logs(stack: dict[str, Any]) -> None:
         assert secret not in logs
 
 
-def test_the_worker_process_delivers_signed_notifications_in_order(stack: dict[str, Any]) -> None:
+def test_the_worker_process_delivers_signed_notifications_in_order(
+    shared_stack: dict[str, Any],
+) -> None:
     from service.devtools.inbox import InboxServer
 
+    stack = shared_stack
     base, auth = stack["base"], stack["auth"]
     secret = requests.get(f"{base}/v1/webhooks/default/secret", headers=auth, timeout=5).json()
     with InboxServer([secret["secret"]], out=io.StringIO()) as inbox:
@@ -425,12 +517,20 @@ def _sample(text: str, name: str) -> float:
     return sum(values)
 
 
-def test_access_lines_are_json(stack: dict[str, Any]) -> None:
-    requests.get(f"{stack['base']}/healthz", headers={"X-Request-Id": "abc-123"}, timeout=5)
-    stack["stack"].stop_all()
-    lines = (stack["stack"].tmp_path / "serve.log").read_text().splitlines()
-    access = [json.loads(line) for line in lines if '"gunicorn.access"' in line]
-    [health] = [a for a in access if a["httpRequest"]["requestUrl"] == "/healthz"]
+def test_access_lines_are_json(shared_stack: dict[str, Any]) -> None:
+    stack = shared_stack
+    request_id = f"abc-{uuid.uuid4().hex[:12]}"
+    requests.get(f"{stack['base']}/healthz", headers={"X-Request-Id": request_id}, timeout=5)
+    access: list[dict[str, Any]] = []
+
+    def logged() -> bool:
+        text = (stack["stack"].tmp_path / "serve.log").read_text()
+        lines = text[: text.rfind("\n") + 1].splitlines()  # whole lines only
+        access[:] = [json.loads(line) for line in lines if '"gunicorn.access"' in line]
+        return any(a.get("request_id") == request_id for a in access)
+
+    wait_for(logged, 10, "the access line")
+    [health] = [a for a in access if a.get("request_id") == request_id]
+    assert health["httpRequest"]["requestUrl"] == "/healthz"
     assert health["httpRequest"]["status"] == 200
-    assert health["request_id"] == "abc-123"
     assert health["severity"] == "INFO"

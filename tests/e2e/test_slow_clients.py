@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,11 @@ pytestmark = pytest.mark.e2e
 REQUEST_TIMEOUT = 3  # GENRELAY_REQUEST_TIMEOUT for this server: short, to see the cut-off
 
 
-@pytest.fixture
-def env(tmp_path: Path, gcs_server: Any, gcs_bucket: str) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, gcs_server: Any) -> dict[str, str]:
+    tmp_path = tmp_path_factory.mktemp("slow-clients")
+    gcs_bucket = f"genrelay-test-{uuid.uuid4().hex[:12]}"
+    gcs_server.create_bucket(gcs_bucket)
     return {
         **os.environ,
         "GENRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'genrelay.db'}",
@@ -38,8 +42,10 @@ def env(tmp_path: Path, gcs_server: Any, gcs_bucket: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def server(tmp_path: Path, env: dict[str, str]) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def server(env: dict[str, str]) -> Iterator[str]:
+    """One server for the module's tests: each closes every connection it opened."""
+    tmp_path = Path(env["GENRELAY_DATABASE_URL"].removeprefix("sqlite:///")).parent
     port = int(env["PORT"])
     migrate = subprocess.run([GENRELAY, "migrate"], env=env, capture_output=True, timeout=60)
     assert migrate.returncode == 0, migrate.stderr.decode()
