@@ -160,9 +160,9 @@ def module_stack(
 @pytest.fixture
 def shared_stack(module_stack: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The module's stack for one test; every process must be alive before and after."""
-    module_stack["stack"].alive()
+    module_stack["stack"].check_alive()
     yield module_stack
-    module_stack["stack"].alive()
+    module_stack["stack"].check_alive()
 
 
 @contextlib.contextmanager
