@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -15,6 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.runtime import wakeup
+
+log = logging.getLogger("genrelay.database")
 
 # Seconds a SQLite writer waits for the database before "database is locked".
 SQLITE_BUSY_TIMEOUT = 30
@@ -105,30 +108,36 @@ class SqliteWriters:
             return
         deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
         held = self._lock.acquire(timeout=SQLITE_BUSY_TIMEOUT)
-        locked = held and self._lock_file(deadline)
-        self._local.holding = True
+        locked = None
         try:
+            locked = self._lock_file(deadline) if held else None
+            self._local.holding = True
             yield
         finally:
             self._local.holding = False
-            if locked:
-                fcntl.flock(self._opened(), fcntl.LOCK_UN)
+            if locked is not None:
+                fcntl.flock(locked, fcntl.LOCK_UN)
             if held:
                 self._lock.release()
 
-    def _lock_file(self, deadline: float) -> bool:
-        """The flock, waited for until `deadline` (tried every millisecond: one thread per
-        process waits here)."""
+    def _lock_file(self, deadline: float) -> IO[bytes] | None:
+        """The lock file, flocked; waited for until `deadline` (tried every millisecond: one
+        thread per process waits here). None when it could not be had."""
         if self._lock_path is None:
-            return False
-        file = self._opened()
+            return None
+        try:
+            file = self._opened()
+        except OSError as exc:  # e.g. a directory we may not write to: SQLite alone decides
+            log.warning("cannot open %s (%s); writers wait in SQLite", self._lock_path, exc)
+            self._lock_path = None
+            return None
         while True:
             try:
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
+                return file
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    return False
+                    return None
                 time.sleep(0.001)
 
     def _opened(self) -> IO[bytes]:

@@ -144,3 +144,18 @@ def test_postgresql_and_in_memory_databases_take_no_file() -> None:
     assert memory is not None
     with memory.hold():  # the threads' lock alone
         pass
+
+
+def test_a_lock_file_that_cannot_be_opened_leaves_the_waiting_to_sqlite(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writers = SqliteWriters(str(tmp_path / "missing-directory" / "db-writers"))
+    try:
+        with writers.hold():
+            pass
+        with writers.hold():  # the thread lock was given back; the file is not tried again
+            pass
+    finally:
+        writers.close()
+    warnings = [r for r in caplog.records if "writers wait in SQLite" in r.getMessage()]
+    assert len(warnings) == 1
