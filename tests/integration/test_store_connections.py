@@ -46,30 +46,6 @@ def test_a_transaction_after_a_one_statement_read_on_the_same_connection_rolls_b
 
 
 @POSTGRESQL_ONLY
-def test_two_reads_inside_a_transaction_see_one_snapshot_after_a_held_read(
-    store: Store, database_url: str
-) -> None:
-    """read() after read_one() on the held connection is a real transaction again: a row
-    committed by another connection between its two statements is not seen by the second."""
-    with store.reusing_connection():
-        _tenant_count(store)
-        with store.read() as session:
-            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-            before = session.scalar(sa.select(sa.func.count()).select_from(Tenant))
-            other = sa.create_engine(database_url)
-            with other.begin() as connection:
-                connection.execute(
-                    sa.insert(Tenant).values(
-                        id="ten_other", name="other", weight=1, created_at=utcnow()
-                    )
-                )
-            other.dispose()
-            after = session.scalar(sa.select(sa.func.count()).select_from(Tenant))
-        assert (before, after) == (0, 0)
-    assert _tenant_count(store) == 1
-
-
-@POSTGRESQL_ONLY
 def test_a_one_statement_read_on_a_held_postgresql_connection_opens_no_transaction(
     store: Store, database_url: str
 ) -> None:
