@@ -51,9 +51,6 @@ from service.runtime.kinds import LINE, SUBMIT
 from service.runtime.outcomes import Later
 from service.runtime.queue import ClaimedTask, TaskQueue, TaskStatus
 
-# The table, for Core statements on the hot paths.
-_GENERATIONS = cast(sa.Table, Generation.__table__)
-
 log = logging.getLogger("genrelay.line")
 
 ACCOUNT = "deepimage"

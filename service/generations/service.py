@@ -139,7 +139,8 @@ class GenerationService:
         if new.webhook is not None:
             require_safe_target(self.policy, new.webhook, "webhook")
         # One pooled connection for the transactions below (ours, the inline submit's, the
-        # answer's), one after the other.
+        # answer's), one after the other. An authenticated request holds one already
+        # (handlers/auth.hold_connection); a trigger's push does not.
         with self.store.reusing_connection():
             return self._create(tenant_id, new, idempotency_key, also)
 
