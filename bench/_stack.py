@@ -20,10 +20,8 @@ import json
 import math
 import os
 import platform
-import random
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,8 @@ from types import FrameType
 from typing import Any, Self
 
 import requests
+
+from service.devtools.ports import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -118,23 +118,6 @@ def prepare_database(env: dict[str, str], tenant: str = "bench") -> str:
     """`genrelay migrate`, then an API key of `tenant`."""
     run_command([GENRELAY, "migrate"], env)
     return create_key(env, tenant)
-
-
-def free_port() -> int:
-    """A free loopback port below the ephemeral range, so that a server stopped and started
-    again on it (the soak's GCS outages) does not find it taken by an outgoing connection."""
-    low = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
-        with socket.socket() as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                continue
-            return port
-    raise BenchError("no free port")
 
 
 class Processes:

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ from types import TracebackType
 from typing import IO, Literal
 
 import requests
+
+from service.devtools.ports import free_port
 
 logger = logging.getLogger("genrelay.gcs_emulator")
 
@@ -99,11 +100,11 @@ class FakeGcsServer:
             self.root.mkdir(parents=True, exist_ok=True)
         if self._session is None:
             self._session = requests.Session()
-        # A free port found by binding port 0 can be taken by someone else before the server
-        # binds it; that makes the server exit 1 at once, so one more try with a new port.
+        # A free port can still be taken by someone else before the server binds it; that
+        # makes the server exit 1 at once, so one more try with a new port.
         attempts = 2 if self.requested_port == 0 else 1
         for attempt in range(1, attempts + 1):
-            port = self.requested_port or _free_port(self.host)
+            port = self.requested_port or free_port(self.host)
             try:
                 self._launch(binary, port)
                 return self
@@ -236,11 +237,3 @@ class FakeGcsServer:
 
 class _ExitedEarly(RuntimeError):
     """The server process ended before it answered its health check."""
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import requests
 
 from service.auth import ApiKeys
 from service.database import Store
+from service.devtools.ports import free_port
 from service.migrate import upgrade_to_head
 from service.notifications.events import tenant_webhook_secret
 from service.tenants import Tenants
@@ -40,13 +40,6 @@ TEXT_ONLY_EXAMPLE = {
         }
     },
 }
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_until_up(url: str, processes: list[subprocess.Popen[bytes]], timeout: float) -> None:

@@ -28,7 +28,7 @@ import pytest
 import requests
 
 from service.adapters.blobstore import crc32c_base64
-from service.devtools.stack import free_port
+from service.devtools.ports import free_port
 from tests.conftest import emulator_blob_store, new_postgres_database
 from tests.e2e.processes import GENRELAY, Stack, wait_for
 from tests.gcp_helpers import OidcIssuer, new_key, png_bytes, service_account_info

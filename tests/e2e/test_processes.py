@@ -24,7 +24,7 @@ from PIL import Image
 
 from service.adapters.blobstore import crc32c_base64
 from service.database import Store
-from service.devtools.stack import free_port
+from service.devtools.ports import free_port
 from service.generations.callback_urls import callback_token, callback_url
 from service.models import Task, utcnow
 from service.runtime.housekeeping import TASK_ID

@@ -19,7 +19,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from service.devtools.stack import free_port
+from service.devtools.ports import free_port
 from service.models import Base
 from tests.e2e.processes import GENRELAY, Stack, wait_for
 from tests.helpers import seed_examples

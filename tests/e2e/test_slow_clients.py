@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from service.devtools.stack import free_port
+from service.devtools.ports import free_port
 from tests.e2e.processes import GENRELAY, Stack, wait_for
 
 pytestmark = pytest.mark.e2e

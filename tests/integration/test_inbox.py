@@ -13,7 +13,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import pytest
 import requests
 
 from service.devtools.inbox import MAX_EVENTS, InboxServer, create_inbox_app
+from service.devtools.ports import free_port
 from service.notifications.signing import (
     CLOUDEVENTS_CONTENT_TYPE,
     SignedRequest,
@@ -287,12 +287,6 @@ def test_server_url_and_restart_rules(out: io.StringIO) -> None:
         assert other.url.startswith("http://127.0.0.1:")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -315,7 +309,7 @@ def _run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.P
 
 @pytest.mark.parametrize("secret_from", ["flag", "env"])
 def test_cli_serves_until_sigterm(secret_from: str) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     if secret_from == "flag":
         proc = _run_cli(["--port", str(port), "--secret", SECRET])

@@ -22,6 +22,7 @@ from PIL import Image
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
+from service.devtools.ports import free_port
 from service.devtools.simulator import SimulatorServer, SimulatorSettings
 
 KEY = "sim-key"
@@ -334,9 +335,7 @@ def test_server_url_and_restart_rules() -> None:
 
 
 def test_cli_serves_until_sigterm() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
