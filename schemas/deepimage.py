@@ -669,7 +669,8 @@ class DeepImageBackgroundSchema(_Strict):
     prompt = _text('What stays in the foreground; has an effect with remove "generative".')
     color = _text("Colour of the new background: auto, transparent, #RRGGBB, rgb(), a name…")
     replace = ImageReference(
-        ANY_IMAGE, metadata=_meta("Backdrop image: http(s) URL, base64,…, storage:// or gs://bucket/object.")
+        ANY_IMAGE,
+        metadata=_meta("Backdrop image: http(s) URL, base64,…, storage:// or gs://bucket/object."),
     )
     generate = fields.Nested(
         DeepImageGenerateSchema, metadata=_meta("Generate a new image or background.")
@@ -727,8 +728,10 @@ class DeepImageProcessRequestSchema(_Strict):
 
     url = ImageReference(
         ANY_IMAGE,
-        metadata=_meta("Input image: http(s) URL, base64,… / data:image/…;base64,…, storage:// or "
-            "gs://bucket/object (signed by genrelay)."),
+        metadata=_meta(
+            "Input image: http(s) URL, base64,… / data:image/…;base64,…, storage:// or "
+            "gs://bucket/object (signed by genrelay)."
+        ),
     )
     width = PixelsOrPercent(
         min_pixels=1, metadata=_meta('Output width in pixels, or a scale such as "200%".')

@@ -87,14 +87,11 @@ def test_a_2_mib_inline_image_with_3_subscriptions_is_not_stored_again_per_event
     listed = client.get("/v1/generations", headers=auth).json["data"]
     assert listed[0]["input"]["url"] == reference
     # The generation itself still shows (and forwarded) the request as sent.
-    assert client.get(f"/v1/generations/{generation_id}", headers=auth).json["input"] == (
-        body["input"]
-    )
+    shown = client.get(f"/v1/generations/{generation_id}", headers=auth).json
+    assert shown["input"] == body["input"]
 
 
-def test_a_tenant_has_a_bounded_number_of_subscriptions(
-    client: Any, auth: dict[str, str]
-) -> None:
+def test_a_tenant_has_a_bounded_number_of_subscriptions(client: Any, auth: dict[str, str]) -> None:
     url = "http://127.0.0.1:9/hook"
     for _ in range(MAX_SUBSCRIPTIONS):
         assert client.post("/v1/subscriptions", json={"url": url}, headers=auth).status_code == 201

@@ -72,8 +72,7 @@ def test_only_the_limit_goes_upstream_and_the_rest_wait_in_order(
     assert in_flight(services) == 2
     assert sim_stats(slow_upstream)["jobs_created"] == 2
     positions = [
-        client.get(f"/v1/generations/{g['id']}", headers=auth).json["queue_position"]
-        for g in made
+        client.get(f"/v1/generations/{g['id']}", headers=auth).json["queue_position"] for g in made
     ]
     assert positions == [None, None, 1, 2, 3]
 
@@ -113,9 +112,7 @@ def test_a_slot_is_handed_on_the_moment_its_job_ends(
         admitted = session.get(Generation, second["id"])
         assert admitted is not None and admitted.admitted_at is not None
         tasks = session.scalars(
-            sa.select(Task.status).where(
-                Task.generation_id == second["id"], Task.kind == "submit"
-            )
+            sa.select(Task.status).where(Task.generation_id == second["id"], Task.kind == "submit")
         ).all()
     assert tasks == ["pending"]
     assert in_flight(services) == 1

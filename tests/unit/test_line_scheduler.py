@@ -23,9 +23,7 @@ T0 = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.UTC)
 
 def backlog(tenant: str, count: int, *, start: int = 0) -> list[Candidate]:
     """`count` waiting generations of `tenant`, one second apart from T0 + start seconds."""
-    return [
-        Candidate(f"{tenant}-{n}", T0 + dt.timedelta(seconds=start + n)) for n in range(count)
-    ]
+    return [Candidate(f"{tenant}-{n}", T0 + dt.timedelta(seconds=start + n)) for n in range(count)]
 
 
 def owners(picks: list[str]) -> Counter[str]:
@@ -52,9 +50,7 @@ def test_the_tenant_holding_fewer_slots_goes_first() -> None:
 
 
 @pytest.mark.parametrize(("weight_a", "weight_b", "share_a"), [(2, 1, 20), (3, 1, 22), (1, 1, 15)])
-def test_weights_divide_the_slots_in_proportion(
-    weight_a: int, weight_b: int, share_a: int
-) -> None:
+def test_weights_divide_the_slots_in_proportion(weight_a: int, weight_b: int, share_a: int) -> None:
     a = TenantLine("a", in_flight=0, heads=backlog("a", 100), weight=weight_a)
     b = TenantLine("b", in_flight=0, heads=backlog("b", 100), weight=weight_b)
     assert owners(choose(30, [a, b]))["a"] == share_a
