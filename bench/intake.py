@@ -1,6 +1,8 @@
-"""Intake: genrelay's `POST /v1/generations` next to a minimal Flask forwarder.
+"""Intake: genrelay's `POST /v1/generations` next to a minimal Flask forwarder, and next to
+the same forwarder made durable (each request written down before it is forwarded and its job
+after, in a database of the same kind).
 
-Both run under the same gunicorn settings (2 processes x 8 threads) against the same
+All run under the same gunicorn settings (2 processes x 8 threads) against the same
 simulator and take the same closed-loop load, alternating; how to read it: bench/README.md.
 """
 
@@ -21,6 +23,7 @@ from _stack import (
     CpuProbe,
     Database,
     Load,
+    Processes,
     base_env,
     closed_loop,
     free_port,
@@ -36,6 +39,8 @@ from _stack import (
     tree_of,
     wait_until,
 )
+from minimal_forwarder import create_journal
+from sqlalchemy.engine import make_url
 
 WEB = (2, 8)  # gunicorn processes x threads of both targets
 
@@ -82,41 +87,31 @@ def measure(ctx: Context) -> dict[str, Any]:
     )  # fmt: skip
     key = prepare_database(env)
     genrelay = start_serve(processes, env, "genrelay")
-    forwarder_port = free_port()
-    forwarder_env = {
-        **base_env(),
-        "GENRELAY_DEEPIMAGE_URL": sim,
-        "GENRELAY_DEEPIMAGE_API_KEY": SIMULATOR_KEY,
-        "GENRELAY_WEB_PROCESSES": str(WEB[0]),
-        "GENRELAY_WEB_THREADS": str(WEB[1]),
-        "PORT": str(forwarder_port),
-    }
-    gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:service.server.gunicorn_conf"]
-    gunicorn += ["--chdir", str(BENCH_DIR), "minimal_forwarder:create_app()"]
-    processes.start("forwarder", gunicorn, forwarder_env)
-    forwarder = f"http://127.0.0.1:{forwarder_port}"
-    wait_until(
-        lambda: requests.post(f"{forwarder}/v1/generations", json=SEED_BODY, timeout=5).ok,
-        "the minimal forwarder", 60, processes,
-    )  # fmt: skip
+    durable_url, _ = ctx.database(args.database, "durable")
+    # name: (its process, its URL, its request headers, its database if any)
     targets = {
-        "genrelay": (genrelay, {"Authorization": f"Bearer {key}"}),
-        "forwarder": (forwarder, {}),
+        "genrelay": ("genrelay", genrelay, {"Authorization": f"Bearer {key}"}, db_url),
+        "forwarder": ("forwarder", start_forwarder(processes, sim, "forwarder"), {}, None),
+        "durable forwarder": (
+            "durable",
+            start_forwarder(processes, sim, "durable", durable_url),
+            {},
+            durable_url,
+        ),
     }
-    db = ctx.later.enter_context(Database(db_url))
-    probes = {
-        name: CpuProbe(
+    probes = {}
+    for name, (process, _url, _headers, database) in targets.items():
+        db = None if database is None else ctx.later.enter_context(Database(database))
+        probes[name] = CpuProbe(
             {
-                "web": tree_of(processes.children[name]),
+                "web": tree_of(processes.children[process]),
                 "simulator": tree_of(processes.children["simulator"]),
-                "postgres (this db)": db.backends if db.postgres and name == "genrelay" else list,
+                "postgres (this db)": db.backends if db is not None and db.postgres else list,
             }
         )
-        for name in targets
-    }
 
     def drive(name: str, count: int) -> tuple[Load, dict[str, float]]:
-        url, headers = targets[name]
+        _process, url, headers, _database = targets[name]
 
         def send(session: requests.Session, _n: int) -> requests.Response:
             return session.post(
@@ -139,18 +134,54 @@ def measure(ctx: Context) -> dict[str, Any]:
             rounds.append((name, number, load))
             print(f"round {number} {name}: {pooled([load])}", flush=True)
     per_target = {name: pooled([r for n, _, r in rounds if n == name]) for name in targets}
-    g, f = per_target["genrelay"], per_target["forwarder"]
+    g, f, d = (per_target[name] for name in ("genrelay", "forwarder", "durable forwarder"))
     return {
         "settings": {
             "database": db_desc,
             "load": f"{args.rounds} x {args.requests} requests per target, "
             f"{args.concurrency} client threads, {args.warmup} warm-up",
-            "gunicorn": f"{WEB[0]} processes x {WEB[1]} threads (gthread), both targets",
+            "gunicorn": f"{WEB[0]} processes x {WEB[1]} threads (gthread), every target",
         },
         "rounds": [{"target": n, "round": i, **pooled([r])} for n, i, r in rounds],
         "targets": per_target,
         "ratios": {k: round(g[k] / f[k], 3) for k in ("req_per_s", "p50_ms", "p99_ms")},
+        "ratios_to_durable": {k: round(g[k] / d[k], 3) for k in ("req_per_s", "p50_ms", "p99_ms")},
+        "durable_to_forwarder": {
+            k: round(d[k] / f[k], 3) for k in ("req_per_s", "p50_ms", "p99_ms")
+        },
     }
+
+
+def start_forwarder(
+    processes: Processes, sim: str, name: str, database_url: str | None = None
+) -> str:
+    """minimal_forwarder.py under gunicorn as `name` (durable with `database_url`); its URL."""
+    port = free_port()
+    env = {
+        **base_env(),
+        "GENRELAY_DEEPIMAGE_URL": sim,
+        "GENRELAY_DEEPIMAGE_API_KEY": SIMULATOR_KEY,
+        "GENRELAY_WEB_PROCESSES": str(WEB[0]),
+        "GENRELAY_WEB_THREADS": str(WEB[1]),
+        "PORT": str(port),
+    }
+    if database_url is not None:
+        parsed = make_url(database_url)
+        if parsed.get_backend_name() == "sqlite":
+            env["FORWARDER_DATABASE"] = f"sqlite:{parsed.database}"
+        else:
+            dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+            env["FORWARDER_DATABASE"] = dsn
+        create_journal(env["FORWARDER_DATABASE"])
+    gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:service.server.gunicorn_conf"]
+    gunicorn += ["--chdir", str(BENCH_DIR), "minimal_forwarder:create_app()"]
+    processes.start(name, gunicorn, env)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(
+        lambda: requests.post(f"{url}/v1/generations", json=SEED_BODY, timeout=5).ok,
+        f"the {name} forwarder", 60, processes,
+    )  # fmt: skip
+    return url
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -164,11 +195,16 @@ def print_report(report: dict[str, Any]) -> None:
         for name, s in report["targets"].items()
     ]
     print_table(["target", *CPU_GROUPS], cpu_rows)
-    r = report["ratios"]
-    print(
-        f"\ngenrelay / forwarder: req/s x{r['req_per_s']:.2f}, p50 x{r['p50_ms']:.2f}, "
-        f"p99 x{r['p99_ms']:.2f}"
-    )
+    print()
+    for label, key in (
+        ("genrelay / forwarder", "ratios"),
+        ("genrelay / durable forwarder", "ratios_to_durable"),
+        ("durable forwarder / forwarder", "durable_to_forwarder"),
+    ):
+        r = report[key]
+        print(
+            f"{label}: req/s x{r['req_per_s']:.2f}, p50 x{r['p50_ms']:.2f}, p99 x{r['p99_ms']:.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,20 +21,23 @@ import matplotlib.pyplot as plt
 
 GENRELAY = "#2b6cb0"
 BASELINE = "#a0aec0"
+SECOND_BASELINE = "#4a5568"
 
 
 def _bars(
-    ax: Any, labels: list[str], pairs: list[tuple[float, float]], names: tuple[str, str], unit: str
+    ax: Any,
+    labels: list[str],
+    groups: list[tuple[float, ...]],
+    names: tuple[str, ...],
+    unit: str,
 ) -> None:
-    """Grouped bars: genrelay next to its baseline for each label."""
+    """Grouped bars: genrelay next to its baseline(s) for each label."""
     xs = range(len(labels))
-    width = 0.38
-    ax.bar(
-        [x - width / 2 for x in xs], [p[0] for p in pairs], width, label=names[0], color=GENRELAY
-    )
-    ax.bar(
-        [x + width / 2 for x in xs], [p[1] for p in pairs], width, label=names[1], color=BASELINE
-    )
+    width = 0.76 / len(names)
+    colors = (GENRELAY, BASELINE, SECOND_BASELINE)
+    for i, name in enumerate(names):
+        offset = (i - (len(names) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], [g[i] for g in groups], width, label=name, color=colors[i])
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel(unit)
     ax.legend(frameon=False, loc="best", fontsize="small")
@@ -58,16 +61,20 @@ def _bar_chart(
 
 
 def intake(reports: dict[str, Any], out: Path) -> None:
-    """Intake: req/s and latency percentiles, genrelay next to the minimal forwarder."""
+    """Intake: req/s and latency percentiles, genrelay next to the minimal forwarder (and the
+    durable forwarder, in reports that have it)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    shown = {"genrelay": "genrelay", "forwarder": "minimal forwarder"}
+    if all("durable forwarder" in report["targets"] for report in reports.values()):
+        shown["durable forwarder"] = "durable forwarder"
     labels, throughput, p50, p99 = [], [], [], []
     for name, report in reports.items():
-        genrelay, forwarder = report["targets"]["genrelay"], report["targets"]["forwarder"]
+        targets = [report["targets"][target] for target in shown]
         labels.append(name)
-        throughput.append((genrelay["req_per_s"], forwarder["req_per_s"]))
-        p50.append((genrelay["p50_ms"], forwarder["p50_ms"]))
-        p99.append((genrelay["p99_ms"], forwarder["p99_ms"]))
-    names = ("genrelay", "minimal forwarder")
+        throughput.append(tuple(t["req_per_s"] for t in targets))
+        p50.append(tuple(t["p50_ms"] for t in targets))
+        p99.append(tuple(t["p99_ms"] for t in targets))
+    names = tuple(shown.values())
     _bars(left, labels, throughput, names, "requests/s")
     left.set_title("POST /v1/generations throughput")
     _bars(

@@ -75,7 +75,11 @@ def test_benchmark_runs_to_the_end(
                 process.wait()
             pytest.fail(f"{script} did not finish in {timeout} s:\n{_tail(output)}")
     assert process.returncode == 0, f"{script} exited {process.returncode}:\n{_tail(output)}"
-    assert json.loads(report.read_text()), f"{script} wrote an empty report"
+    written = json.loads(report.read_text())
+    assert written, f"{script} wrote an empty report"
+    if script == "intake.py":  # every target, durable forwarder included, forwarded each request
+        for target, figures in written["targets"].items():
+            assert figures["requests"] == 30 and figures["errors"] == figures["queued"] == 0, target
 
 
 def _tail(path: Path, size: int = 4000) -> str:
