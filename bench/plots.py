@@ -40,7 +40,8 @@ def _bars(
         ax.bar([x + offset for x in xs], [g[i] for g in groups], width, label=name, color=colors[i])
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel(unit)
-    ax.legend(frameon=False, loc="best", fontsize="small")
+    ax.set_ylim(top=ax.get_ylim()[1] * (1 + 0.1 * len(names)))  # room for the legend
+    ax.legend(frameon=False, loc="upper left", fontsize="small")
     ax.spines[["top", "right"]].set_visible(False)
 
 
