@@ -38,6 +38,14 @@ if TYPE_CHECKING:
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 EMULATOR_PROJECT = "genrelay-local"
+# google-cloud-storage (3.12 on) fetches each bucket's metadata (`storage.buckets.get`) in a
+# thread of its own the first time a client touches the bucket, only to label OpenTelemetry
+# spans, which genrelay does not export. The runtime roles of docs/deploy.md do not grant that
+# permission: every process would leave a denied request per bucket in the audit log, and
+# while GCS is unreachable the thread retries for two minutes. This variable, read by the
+# library before each call, is its only switch (googleapis/google-cloud-python#17650); it is
+# process-wide. A value the operator set is kept.
+BUCKET_METADATA_SWITCH = "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"
 MAX_SIGNED_URL_LIFETIME = datetime.timedelta(days=7)  # the V4 signing limit
 MAX_MESSAGE_CHARS = 500
 _TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -194,6 +202,7 @@ class GcsBlobStore:
 
         if chunk_size <= 0 or chunk_size % (256 * 1024):
             raise ValueError("chunk_size must be a positive multiple of 256 KiB")
+        os.environ.setdefault(BUCKET_METADATA_SWITCH, "true")
         self.bucket = bucket
         self.chunk_size = chunk_size
         self.timeout = timeout
