@@ -8,7 +8,12 @@ simulator and take the same closed-loop load, alternating; how to read it: bench
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import sqlite3
 import sys
+import threading
 import time
 from typing import Any
 
@@ -102,6 +107,8 @@ def measure(ctx: Context) -> dict[str, Any]:
     probes = {}
     for name, (process, _url, _headers, database) in targets.items():
         db = None if database is None else ctx.later.enter_context(Database(database))
+        if name == "genrelay" and db is not None and args.jobs_end:
+            ctx.later.enter_context(JobsEnding(db))
         probes[name] = CpuProbe(
             {
                 "web": tree_of(processes.children[process]),
@@ -150,6 +157,54 @@ def measure(ctx: Context) -> dict[str, Any]:
             k: round(d[k] / f[k], 3) for k in ("req_per_s", "p50_ms", "p99_ms")
         },
     }
+
+
+class JobsEnding:
+    """Deep-Image finishing genrelay's jobs, as far as its line can tell: every PERIOD
+    seconds each generation in flight gets `source_found_at`, what a completion callback
+    records first (it frees the slot). Without it every intake of the run stays in flight (no
+    callbacks, no worker), and the admission count reads them all, thousands of index entries
+    per intake by the end, where a deployment stops at the account's limit.
+
+    PostgreSQL: the UPDATE runs on the CPU probe's own connection, whose CPU is not counted
+    as genrelay's. SQLite: on a connection of its own, in line with genrelay's writers (the
+    flock of `<database>-writers`, README "Tasks")."""
+
+    PERIOD = 0.25
+    SQL = (
+        "UPDATE generations SET source_found_at = CURRENT_TIMESTAMP "
+        "WHERE source_found_at IS NULL AND admitted_at IS NOT NULL AND status = 'processing'"
+    )
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="jobs-ending", daemon=True)
+
+    def __enter__(self) -> JobsEnding:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        if self.db.postgres:
+            while not self.stopping.wait(self.PERIOD):
+                self.db.rows(self.SQL)
+            return
+        path = os.path.abspath(self.db.name)
+        with (
+            contextlib.closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as sql,
+            open(f"{path}-writers", "a+b") as writers,
+        ):
+            while not self.stopping.wait(self.PERIOD):
+                fcntl.flock(writers, fcntl.LOCK_EX)
+                try:
+                    sql.execute(self.SQL)
+                finally:
+                    fcntl.flock(writers, fcntl.LOCK_UN)
 
 
 def start_forwarder(
@@ -214,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per target (2)")
     parser.add_argument("--warmup", type=int, default=100, help="requests per target, uncounted")
+    parser.add_argument(
+        "--no-jobs-end", dest="jobs_end", action="store_false",
+        help="leave every generation in flight (the method before 2026-12-06)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     return run_benchmark("genrelay intake benchmark", args, measure, print_report)
 
