@@ -21,6 +21,10 @@ log = logging.getLogger("genrelay.database")
 
 # Seconds a SQLite writer waits for the database before "database is locked".
 SQLITE_BUSY_TIMEOUT = 30
+# Seconds a new PostgreSQL connection may take (libpq's own default is to wait for ever: a
+# server that stopped answering would hang each request until the kernel gave up on TCP,
+# minutes later). A `connect_timeout` in GENRELAY_DATABASE_URL wins.
+POSTGRES_CONNECT_TIMEOUT = 10
 
 
 def create_db_engine(url: str, *, pre_ping: bool = True) -> sa.Engine:
@@ -43,8 +47,17 @@ def create_db_engine(url: str, *, pre_ping: bool = True) -> sa.Engine:
         )
         _configure_sqlite(engine)
         return engine
+    parsed = sa.engine.make_url(url)
+    connect_args = {}
+    if "connect_timeout" not in parsed.query:
+        connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT
     return sa.create_engine(
-        url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=20, hide_parameters=True
+        parsed,
+        connect_args=connect_args,
+        pool_pre_ping=pre_ping,
+        pool_size=10,
+        max_overflow=20,
+        hide_parameters=True,
     )
 
 

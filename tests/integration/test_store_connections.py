@@ -3,13 +3,19 @@ transaction, and transactions that stay transactions on a connection reused for 
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from service import database
 from service.bootstrap import Services
-from service.database import Store
+from service.database import Store, create_db_engine
 from service.models import Tenant, utcnow
 from tests.helpers import seed_examples
 
@@ -85,3 +91,52 @@ def test_an_intake_checks_out_one_pooled_connection(
     if database_url.startswith("postgresql"):
         assert len(checkouts) == 1
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _silent_server() -> Iterator[int]:
+    """A TCP port whose listener never answers: a PostgreSQL server that stopped responding
+    (the kernel completes the handshake, nobody reads the startup packet)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield server.getsockname()[1]
+
+
+def _seconds_to_fail(url: str) -> float:
+    """How long a first connection to `url` takes to fail; fails the test if it is still
+    waiting after 20 s (libpq's own default waits for ever)."""
+    engine = create_db_engine(url)
+    outcome: list[BaseException | float] = []
+
+    def connect() -> None:
+        began = time.monotonic()
+        try:
+            engine.connect().close()
+        except sa.exc.OperationalError:
+            outcome.append(time.monotonic() - began)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    engine.dispose()
+    assert outcome, "the connection was still waiting after 20 s"
+    assert isinstance(outcome[0], float), outcome[0]
+    return outcome[0]
+
+
+def test_a_postgresql_server_that_does_not_answer_fails_a_connection_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(database, "POSTGRES_CONNECT_TIMEOUT", 2)
+    with _silent_server() as port:
+        assert _seconds_to_fail(f"postgresql://genrelay@127.0.0.1:{port}/genrelay") < 8
+
+
+def test_the_database_url_s_own_connect_timeout_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(database, "POSTGRES_CONNECT_TIMEOUT", 600)
+    with _silent_server() as port:
+        url = f"postgresql://genrelay@127.0.0.1:{port}/genrelay?connect_timeout=2"
+        assert _seconds_to_fail(url) < 8
