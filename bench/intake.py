@@ -24,6 +24,7 @@ from _stack import (
     SEED_BODY,
     SIMULATOR_KEY,
     SIMULATOR_LIMIT,
+    BenchError,
     Context,
     CpuProbe,
     Database,
@@ -47,7 +48,7 @@ from _stack import (
 from minimal_forwarder import create_journal
 from sqlalchemy.engine import make_url
 
-WEB = (2, 8)  # gunicorn processes x threads of both targets
+WEB = (2, 8)  # gunicorn processes x threads of every target
 
 
 def forwarded(response: requests.Response) -> str | None:
@@ -105,10 +106,11 @@ def measure(ctx: Context) -> dict[str, Any]:
         ),
     }
     probes = {}
+    jobs_ending: JobsEnding | None = None
     for name, (process, _url, _headers, database) in targets.items():
         db = None if database is None else ctx.later.enter_context(Database(database))
         if name == "genrelay" and db is not None and args.jobs_end:
-            ctx.later.enter_context(JobsEnding(db))
+            jobs_ending = ctx.later.enter_context(JobsEnding(db))
         probes[name] = CpuProbe(
             {
                 "web": tree_of(processes.children[process]),
@@ -137,9 +139,13 @@ def measure(ctx: Context) -> dict[str, Any]:
         for name in targets:
             time.sleep(1.0)  # let the access logs drain
             processes.check_alive()
+            if jobs_ending is not None:
+                jobs_ending.check()
             load = drive(name, args.requests)
             rounds.append((name, number, load))
             print(f"round {number} {name}: {pooled([load])}", flush=True)
+    if jobs_ending is not None:
+        jobs_ending.check()
     per_target = {name: pooled([r for n, _, r in rounds if n == name]) for name in targets}
     g, f, d = (per_target[name] for name in ("genrelay", "forwarder", "durable forwarder"))
     return {
@@ -180,6 +186,7 @@ class JobsEnding:
         self.db = db
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="jobs-ending", daemon=True)
+        self.error: Exception | None = None
 
     def __enter__(self) -> JobsEnding:
         self.thread.start()
@@ -189,7 +196,18 @@ class JobsEnding:
         self.stopping.set()
         self.thread.join(timeout=10)
 
+    def check(self) -> None:
+        """BenchError if the thread stopped on an error (the jobs would no longer end)."""
+        if self.error is not None:
+            raise BenchError(f"ending the jobs failed: {self.error!r}")
+
     def _run(self) -> None:
+        try:
+            self._end_jobs()
+        except Exception as exc:  # reported by check(), between rounds
+            self.error = exc
+
+    def _end_jobs(self) -> None:
         if self.db.postgres:
             while not self.stopping.wait(self.PERIOD):
                 self.db.rows(self.SQL)
