@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 EMULATOR_PROJECT = "genrelay-local"
-# google-cloud-storage (3.12 on) fetches each bucket's metadata (`storage.buckets.get`) in a
+# google-cloud-storage (seen in 3.11 on) fetches each bucket's metadata (`storage.buckets.get`) in a
 # thread of its own the first time a client touches the bucket, only to label OpenTelemetry
 # spans, which genrelay does not export. The runtime roles of docs/deploy.md do not grant that
 # permission: every process would leave a denied request per bucket in the audit log, and
