@@ -380,6 +380,13 @@ def fresh_database(
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
+def libpq_dsn(url: str) -> str:
+    """The plain libpq URL (what psycopg.connect takes) of a SQLAlchemy PostgreSQL URL."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 class Database:
     """An autocommit connection to a benchmark's database: PostgreSQL (psycopg) or SQLite
     (read-only). Both take `?` placeholders."""
@@ -391,11 +398,12 @@ class Database:
             import psycopg
             from sqlalchemy.engine import make_url
 
-            parsed = make_url(url)
-            self.name = str(parsed.database)
-            dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+            self.name = str(make_url(url).database)
             self.conn = psycopg.connect(
-                dsn, autocommit=True, connect_timeout=10, application_name="genrelay-bench"
+                libpq_dsn(url),
+                autocommit=True,
+                connect_timeout=10,
+                application_name="genrelay-bench",
             )
             self.backend_pid = int(self.scalar("SELECT pg_backend_pid()"))
         else:

@@ -13,7 +13,6 @@ import fcntl
 import os
 import sqlite3
 import sys
-import threading
 import time
 from typing import Any
 
@@ -30,11 +29,13 @@ from _stack import (
     Database,
     Load,
     Processes,
+    Sampler,
     base_env,
     closed_loop,
     free_port,
     genrelay_env,
     latency_stats,
+    libpq_dsn,
     options,
     prepare_database,
     print_table,
@@ -165,64 +166,52 @@ def measure(ctx: Context) -> dict[str, Any]:
     }
 
 
-class JobsEnding:
-    """Deep-Image finishing genrelay's jobs, as far as its line can tell: every PERIOD
-    seconds each generation in flight gets `source_found_at`, what a completion callback
-    records first (it frees the slot). Without it every intake of the run stays in flight (no
-    callbacks, no worker), and the admission count reads them all, thousands of index entries
-    per intake by the end, where a deployment stops at the account's limit.
+class JobsEnding(Sampler):
+    """Deep-Image finishing genrelay's jobs, as far as its line can tell: every 0.25 s each
+    generation in flight gets `source_found_at`, what a completion callback records first
+    (it frees the slot). Without it every intake of the run stays in flight (no callbacks, no
+    worker), and the admission count reads them all, thousands of index entries per intake
+    by the end, where a deployment stops at the account's limit.
 
     PostgreSQL: the UPDATE runs on the CPU probe's own connection, whose CPU is not counted
     as genrelay's. SQLite: on a connection of its own, in line with genrelay's writers (the
     flock of `<database>-writers`, README "Tasks")."""
 
-    PERIOD = 0.25
     SQL = (
         "UPDATE generations SET source_found_at = CURRENT_TIMESTAMP "
         "WHERE source_found_at IS NULL AND admitted_at IS NOT NULL AND status = 'processing'"
     )
 
     def __init__(self, db: Database) -> None:
+        super().__init__(interval=0.25)
         self.db = db
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="jobs-ending", daemon=True)
         self.error: Exception | None = None
 
-    def __enter__(self) -> JobsEnding:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=10)
-
     def check(self) -> None:
-        """BenchError if the thread stopped on an error (the jobs would no longer end)."""
+        """BenchError if ending the jobs failed (they would no longer end)."""
         if self.error is not None:
             raise BenchError(f"ending the jobs failed: {self.error!r}")
 
-    def _run(self) -> None:
+    def sample(self) -> None:
         try:
             self._end_jobs()
         except Exception as exc:  # reported by check(), between rounds
-            self.error = exc
+            self.error = self.error or exc
 
     def _end_jobs(self) -> None:
         if self.db.postgres:
-            while not self.stopping.wait(self.PERIOD):
-                self.db.rows(self.SQL)
+            self.db.rows(self.SQL)
             return
         path = os.path.abspath(self.db.name)
         with (
             contextlib.closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as sql,
             open(f"{path}-writers", "a+b") as writers,
         ):
-            while not self.stopping.wait(self.PERIOD):
-                fcntl.flock(writers, fcntl.LOCK_EX)
-                try:
-                    sql.execute(self.SQL)
-                finally:
-                    fcntl.flock(writers, fcntl.LOCK_UN)
+            fcntl.flock(writers, fcntl.LOCK_EX)
+            try:
+                sql.execute(self.SQL)
+            finally:
+                fcntl.flock(writers, fcntl.LOCK_UN)
 
 
 def start_forwarder(
@@ -243,8 +232,7 @@ def start_forwarder(
         if parsed.get_backend_name() == "sqlite":
             env["FORWARDER_DATABASE"] = f"sqlite:{parsed.database}"
         else:
-            dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-            env["FORWARDER_DATABASE"] = dsn
+            env["FORWARDER_DATABASE"] = libpq_dsn(database_url)
         create_journal(env["FORWARDER_DATABASE"])
     gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:service.server.gunicorn_conf"]
     gunicorn += ["--chdir", str(BENCH_DIR), "minimal_forwarder:create_app()"]
