@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -208,9 +207,7 @@ def test_callback_failures_are_recorded_not_retried(
 def test_callback_to_a_closed_port_records_the_error(
     start_sim: Callable[..., SimulatorServer],
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
+    closed_port = free_port()  # nobody listens there, and no outgoing connection takes it
     sim = start_sim(callback_timeout=1.0)
     body = {**TEXT_TO_IMAGE, "webhooks": {"complete": f"http://127.0.0.1:{closed_port}/hook"}}
     job = post(sim, "process", body).json()["job"]

@@ -33,12 +33,29 @@ def test_the_ephemeral_range_is_read_from_the_kernel(
     assert ports.ephemeral_low() == 32768
 
 
+def _listening_below_the_range() -> socket.socket:
+    """A socket listening below the ephemeral range, on a port whose next port is free.
+
+    Below the range, no outgoing connection takes the next port meanwhile (inside it, one did,
+    on a busy CI machine).
+    """
+    for _ in range(50):
+        taken = socket.socket()
+        try:
+            taken.bind(("127.0.0.1", ports.free_port()))
+            taken.listen()
+            with socket.socket() as neighbour:
+                neighbour.bind(("127.0.0.1", taken.getsockname()[1] + 1))
+            return taken
+        except OSError:
+            taken.close()
+    raise AssertionError("no listening port with a free neighbour below the ephemeral range")
+
+
 def test_a_port_someone_listens_on_is_never_chosen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
+    with _listening_below_the_range() as taken:
         port = taken.getsockname()[1]
         range_file = tmp_path / "ip_local_port_range"
         # Only `port` and the one above it can be drawn.
