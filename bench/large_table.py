@@ -216,8 +216,9 @@ def plans(url: str, sim: str, api_key: str) -> dict[str, float | None]:
         return float(found[1]) if found else None
 
     try:
-        tenant = services.api_keys.tenant_for(api_key)
-        assert tenant is not None
+        found = services.api_keys.tenant_for(api_key)
+        assert found is not None
+        tenant = found.id
         claim = capture(lambda: services.queue.claim_due_tasks(limit=1), "tasks", abort=True)
         due = "UPDATE tasks SET run_at = now() - random() * interval '1 h' WHERE status = 'pending'"
         listing = capture(lambda: services.generations.list(tenant, limit=20), "generations")

@@ -10,6 +10,7 @@ import flask
 from service.auth import hash_api_key
 from service.bootstrap import Services
 from service.errors import RateLimited, Unauthorized
+from service.tenants import TenantSettings
 
 
 def services() -> Services:
@@ -26,7 +27,7 @@ def client_address(request: flask.Request) -> str:
 
 
 def require_tenant() -> None:
-    """before_request hook: resolve `Authorization: Bearer <key>` to `g.tenant_id`."""
+    """before_request hook: resolve `Authorization: Bearer <key>` to its tenant (`tenant()`)."""
     if flask.request.method == "OPTIONS":
         return
     header = flask.request.headers.get("Authorization", "")
@@ -45,8 +46,8 @@ def require_tenant() -> None:
             headers={"Retry-After": str(seconds)},
         )
     hold_connection()
-    tenant_id = services().api_keys.tenant_for(key)
-    if tenant_id is None:
+    tenant = services().api_keys.tenant_for(key)
+    if tenant is None:
         bad_keys.failed(address)
         raise Unauthorized("the API key is not valid")
     bad_keys.succeeded(key_hash)
@@ -58,7 +59,7 @@ def require_tenant() -> None:
             f"retry in {seconds} s",
             headers={"Retry-After": str(seconds)},
         )
-    flask.g.tenant_id = tenant_id
+    flask.g.tenant = tenant
 
 
 def hold_connection() -> None:
@@ -76,5 +77,10 @@ def release_connection(_error: BaseException | None) -> None:
         held.close()
 
 
+def tenant() -> TenantSettings:
+    """The calling tenant, with its settings as the key lookup read them."""
+    return flask.g.tenant
+
+
 def tenant_id() -> str:
-    return flask.g.tenant_id
+    return tenant().id

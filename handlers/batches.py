@@ -23,7 +23,7 @@ from marshmallow import ValidationError
 from webargs.flaskparser import is_json_request
 from werkzeug.exceptions import BadRequest
 
-from handlers.auth import require_tenant, services, tenant_id
+from handlers.auth import require_tenant, services, tenant, tenant_id
 from handlers.idempotency import IdempotencyHeaderSchema, render_answer
 from handlers.problems import StrictJSONParser, flatten_messages, problem_response
 from schemas.batches import (
@@ -278,7 +278,10 @@ def create_batch(idempotency_key: str | None = None) -> Any:
         new = read_ndjson(request.stream)
     else:
         new = read_json(request.get_data(cache=False))
-    answer = services().batches.create(tenant_id(), new, idempotency_key=idempotency_key)
+    caller = tenant()
+    answer = services().batches.create(
+        caller.id, new, idempotency_key=idempotency_key, settings=caller
+    )
     location = f"/v1/batches/{answer.resource.id}" if answer.resource is not None else ""
     return render_answer(answer, location)
 

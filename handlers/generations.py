@@ -7,7 +7,7 @@ from typing import Any
 import flask
 from flask_smorest import Blueprint
 
-from handlers.auth import require_tenant, services, tenant_id
+from handlers.auth import require_tenant, services, tenant, tenant_id
 from handlers.idempotency import IdempotencyHeaderSchema, render_answer
 from handlers.problems import StrictJSONParser, require_json_body
 from schemas.generations import (
@@ -39,8 +39,9 @@ __all__ = ["IdempotencyHeaderSchema", "blp"]
 @blp.alt_response(422, schema=ProblemSchema, description="Invalid fields, or a reused key")
 def create_generation(body: dict[str, Any], idempotency_key: str | None = None) -> Any:
     """Accept a generation and forward it to Deep-Image."""
+    caller = tenant()
     answer = services().generations.create(
-        tenant_id(), NewGeneration(**body), idempotency_key=idempotency_key
+        caller.id, NewGeneration(**body), idempotency_key=idempotency_key, settings=caller
     )
     location = f"/v1/generations/{answer.resource.id}" if answer.resource is not None else ""
     return render_answer(answer, location)

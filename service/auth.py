@@ -19,6 +19,7 @@ from service.database import Store
 from service.ids import new_id
 from service.models import ApiKey, Tenant, utcnow
 from service.notifications.signing import new_secret
+from service.tenants import TENANTS, TenantSettings, settings_of
 
 KEY_PREFIX = "gr_"
 
@@ -48,9 +49,12 @@ class Revocation:
     already_revoked: bool
 
 
-# Built once: the lookup of every request.
-_TENANT_FOR_KEY = sa.select(ApiKey.tenant_id).where(
-    ApiKey.key_hash == sa.bindparam("key_hash"), ApiKey.revoked_at.is_(None)
+# Built once: the lookup of every request. It reads the tenant's settings too, which intake
+# needs next: one statement instead of two.
+_TENANT_FOR_KEY = (
+    sa.select(TENANTS)
+    .join_from(TENANTS, ApiKey, ApiKey.tenant_id == TENANTS.c.id)
+    .where(ApiKey.key_hash == sa.bindparam("key_hash"), ApiKey.revoked_at.is_(None))
 )
 
 
@@ -121,12 +125,13 @@ class ApiKeys:
             log.info("revoked API key %s (%s…) of tenant %s", info.id, info.prefix, info.tenant)
         return Revocation(key=info, already_revoked=not revoked_now)
 
-    def tenant_for(self, key: str) -> str | None:
-        """The tenant id owning an active `key`, or None."""
+    def tenant_for(self, key: str) -> TenantSettings | None:
+        """The tenant owning an active `key`, with its settings; None for any other key."""
         if not key.startswith(KEY_PREFIX) or len(key) > 200:
             return None
         with self.store.read_one() as connection:
-            return connection.scalar(_TENANT_FOR_KEY, {"key_hash": hash_api_key(key)})
+            row = connection.execute(_TENANT_FOR_KEY, {"key_hash": hash_api_key(key)}).first()
+        return None if row is None else settings_of(row)
 
 
 def _info(key: ApiKey, tenant_name: str) -> ApiKeyInfo:

@@ -23,6 +23,7 @@ import dataclasses
 import datetime as dt
 import re
 from collections.abc import Sequence
+from typing import Any, cast
 
 import sqlalchemy as sa
 
@@ -172,7 +173,8 @@ class Tenants:
             return _settings(tenant)
 
 
-_SETTINGS = sa.select(Tenant.__table__).where(Tenant.__table__.c.id == sa.bindparam("tenant_id"))
+TENANTS = cast(sa.Table, Tenant.__table__)
+_SETTINGS = sa.select(TENANTS).where(TENANTS.c.id == sa.bindparam("tenant_id"))
 
 
 def settings_by_id(session: sa.orm.Session, tenant_id: str) -> TenantSettings:
@@ -187,9 +189,10 @@ def settings_by_id(session: sa.orm.Session, tenant_id: str) -> TenantSettings:
     return _settings(row)  # type: ignore[arg-type]
 
 
-def settings_of(tenant: Tenant) -> TenantSettings:
-    """The settings of a tenant row already read (e.g. joined to what it owns)."""
-    return _settings(tenant)
+def settings_of(tenant: Tenant | sa.Row[Any]) -> TenantSettings:
+    """The settings of a tenant already read: its ORM object, or its table's row (e.g. joined
+    to what it owns), whose columns are named as the model's attributes."""
+    return _settings(tenant)  # type: ignore[arg-type]
 
 
 def _by_name(session: sa.orm.Session, name: str) -> Tenant:

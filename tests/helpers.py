@@ -18,6 +18,32 @@ from service.models import Task
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+class Statements:
+    """The SQL statements run on an engine while the block runs, each as one line."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.seen: list[str] = []
+
+    def __enter__(self) -> Statements:
+        sa.event.listen(self.engine, "before_cursor_execute", self._see)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sa.event.remove(self.engine, "before_cursor_execute", self._see)
+
+    def _see(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        self.seen.append(" ".join(statement.split()))
+
+    def count(self, start: str) -> int:
+        """How many began with `start` (e.g. "INSERT INTO events")."""
+        return sum(1 for statement in self.seen if statement.startswith(start))
+
+    def matching(self, fragment: str) -> list[str]:
+        """Those that contain `fragment` (e.g. a column's qualified name)."""
+        return [statement for statement in self.seen if fragment in statement]
+
+
 def seed_examples() -> dict[str, dict[str, Any]]:
     """The JSON examples of the seed's "Image generation" page (and two more), by name."""
     return json.loads((FIXTURES / "seed_examples.json").read_text())  # type: ignore[no-any-return]

@@ -65,10 +65,10 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     store = Store(database_url)
     keys = ApiKeys(store)
     api_key = keys.create("dev")
-    tenant_id = keys.tenant_for(api_key)
-    assert tenant_id is not None
+    tenant = keys.tenant_for(api_key)
+    assert tenant is not None
     with store.transaction() as session:
-        inbox_secret = tenant_webhook_secret(session, tenant_id)
+        inbox_secret = tenant_webhook_secret(session, tenant.id)
     Tenants(store).set("dev", add_input_buckets=[DEV_INPUT_BUCKET])
     store.dispose()
     signer = dev_signing_key(var)

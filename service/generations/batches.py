@@ -143,13 +143,23 @@ class BatchService:
         self.policy = policy
 
     def create(
-        self, tenant_id: str, new: NewBatch, *, idempotency_key: str | None = None
+        self,
+        tenant_id: str,
+        new: NewBatch,
+        *,
+        idempotency_key: str | None = None,
+        settings: TenantSettings | None = None,
     ) -> BatchIntake:
-        """Store the batch and its generations in one transaction; admit what fits now."""
+        """Store the batch and its generations in one transaction; admit what fits now.
+
+        `settings`: the tenant's, when the caller has read them (the API key lookup does).
+        """
         if new.webhook is not None:
             require_safe_target(self.policy, new.webhook, "webhook")
-        with self.store.read() as session:
-            settings = settings_by_id(session, tenant_id)
+        if settings is None:
+            with self.store.read() as session:
+                settings = settings_by_id(session, tenant_id)
+        assert settings.id == tenant_id
         _require_item_access(settings, new.items)
         fingerprint = new.fingerprint() if idempotency_key is not None else ""
         if idempotency_key is not None:

@@ -39,7 +39,7 @@ from service.notifications.ssrf import URLPolicy
 from service.pagination import Page, paginate
 from service.runtime.queue import TaskQueue
 from service.runtime.runner import TaskRunner
-from service.tenants import settings_by_id
+from service.tenants import TenantSettings, settings_by_id
 
 # The table, for Core statements on the hot paths.
 _GENERATIONS = cast(sa.Table, Generation.__table__)
@@ -124,11 +124,13 @@ class GenerationService:
         *,
         idempotency_key: str | None = None,
         also: Callable[[Session, str], None] | None = None,
+        settings: TenantSettings | None = None,
     ) -> Intake:
         """Store the generation and let the line admit it; if it gets a slot now, submit it.
 
-        One transaction reads the tenant's settings, stores the generation (and its key) and
-        runs the admission; a generation admitted there gets its submit task already claimed
+        One transaction reads the tenant's settings (unless the caller passes `settings`, as
+        the API key lookup read them), stores the generation (and its key) and runs the
+        admission; a generation admitted there gets its submit task already claimed
         by this request, which then makes the first attempt itself. Without a free slot it
         waits, `queued`. `also(session, generation_id)` runs in that transaction (a trigger
         records its event there, so a duplicate event rolls the generation back).
@@ -141,8 +143,9 @@ class GenerationService:
         # One pooled connection for the transactions below (ours, the inline submit's, the
         # answer's), one after the other. An authenticated request holds one already
         # (handlers/auth.hold_connection); a trigger's push does not.
+        assert settings is None or settings.id == tenant_id
         with self.store.reusing_connection():
-            return self._create(tenant_id, new, idempotency_key, also)
+            return self._create(tenant_id, new, idempotency_key, also, settings)
 
     def _create(
         self,
@@ -150,6 +153,7 @@ class GenerationService:
         new: NewGeneration,
         idempotency_key: str | None,
         also: Callable[[Session, str], None] | None,
+        settings: TenantSettings | None,
     ) -> Intake:
         fingerprint = ""
         if idempotency_key is not None:
@@ -161,7 +165,8 @@ class GenerationService:
         generation_id = new_id("gen_")
         try:
             with self.store.transaction() as session:
-                settings = settings_by_id(session, tenant_id)
+                if settings is None:
+                    settings = settings_by_id(session, tenant_id)
                 require_access(settings, new.input)
                 retention = new.retention if new.retention is not None else settings.retention
 

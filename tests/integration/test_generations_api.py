@@ -14,7 +14,8 @@ from service.bootstrap import Services
 from service.config import Config
 from service.generations.callback_urls import callback_url
 from service.models import Generation, IdempotencyKey, Task
-from tests.helpers import drain, seed_examples, set_simulator
+from service.tenants import Tenants
+from tests.helpers import Statements, drain, seed_examples, set_simulator
 
 TEXT_ONLY = seed_examples()["text_only"]
 PROBLEM = "application/problem+json"
@@ -227,6 +228,30 @@ def test_a_tenant_cannot_see_or_cancel_another_tenants_generation(
     assert client.post(f"/v1/generations/{theirs}/cancel", headers=other).status_code == 404
     assert client.get("/v1/generations", headers=other).json["data"] == []
     assert client.get(f"/v1/generations/{theirs}", headers=auth).status_code == 200
+
+
+def test_the_key_lookup_reads_the_tenants_settings_and_intake_reads_them_no_more(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    create(client, auth, {"input": TEXT_ONLY})  # the first makes the account's row
+    with Statements(services.store.engine) as statements:
+        response = create(client, auth, {"input": TEXT_ONLY})
+    assert response.status_code == 202
+    # The tenant's settings are read once, with the key.
+    [lookup] = statements.matching("tenants.allowed_input_buckets")
+    assert "JOIN api_keys" in lookup
+    assert statements.matching("FROM api_keys") == []  # no lookup of the key on its own
+
+
+def test_a_tenants_new_settings_apply_from_its_next_request(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    before = create(client, auth, {"input": TEXT_ONLY}).json["id"]
+    Tenants(services.store).set("acme", retention=3600)
+    after = create(client, auth, {"input": TEXT_ONLY}).json["id"]
+    with services.store.read() as session:
+        assert session.get(Generation, before).retention_seconds is None  # type: ignore[union-attr]
+        assert session.get(Generation, after).retention_seconds == 3600  # type: ignore[union-attr]
 
 
 def test_the_same_idempotency_key_and_body_replays_the_first_response(

@@ -324,7 +324,7 @@ def test_concurrent_intakes_never_admit_more_than_the_limit(
 def tenant_of(services: Services, auth: dict[str, str]) -> str:
     tenant = services.api_keys.tenant_for(auth["Authorization"].split()[1])
     assert tenant is not None
-    return tenant
+    return tenant.id
 
 
 def _new() -> Any:

@@ -14,7 +14,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_structured_event
 
 from service.config import Config
 from service.models import Subscription
-from tests.helpers import Receiver, drain, seed_examples
+from tests.helpers import Receiver, Statements, drain, seed_examples
 
 TEXT_ONLY = seed_examples()["text_only"]
 FAST_SCHEDULE = (0.0, 0.05, 0.05)  # three attempts, quickly
@@ -462,27 +462,6 @@ def _claim_batch(services: Any, delivery_ids: list[str]) -> list[Any]:
     return [by_delivery[delivery_id] for delivery_id in delivery_ids]
 
 
-class _Statements:
-    """Counts the statements run on an engine, by their first words."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-        self.seen: list[str] = []
-
-    def __enter__(self) -> _Statements:
-        sa.event.listen(self.engine, "before_cursor_execute", self._see)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sa.event.remove(self.engine, "before_cursor_execute", self._see)
-
-    def _see(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        self.seen.append(" ".join(statement.split()[:3]))
-
-    def count(self, start: str) -> int:
-        return sum(1 for statement in self.seen if statement.startswith(start))
-
-
 def _counted(outcome: str) -> float:
     from prometheus_client import REGISTRY
 
@@ -515,7 +494,7 @@ def test_a_batch_records_each_attempt_and_what_it_made_of_its_delivery_in_one_tr
         return real_transaction()
 
     monkeypatch.setattr(store, "transaction", transaction)
-    with _Statements(store.engine) as statements:
+    with Statements(store.engine) as statements:
         statuses = services.runner.execute_batch(tasks)
 
     assert statuses == [TaskStatus.DONE, TaskStatus.PENDING, TaskStatus.DONE, TaskStatus.DEAD]
