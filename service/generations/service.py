@@ -31,6 +31,7 @@ from service.generations.inputs import require_access
 from service.generations.lifecycle import change_status
 from service.generations.line import Line
 from service.generations.result_access import sign_result
+from service.generations.submit import Submission
 from service.generations.views import GenerationRecord, GenerationView, read_generation
 from service.ids import new_id
 from service.models import Generation, utcnow
@@ -218,8 +219,10 @@ class GenerationService:
                 raise
             return earlier
         if task is not None:
+            # The attempt is handed the generation as stored: it need not read it back.
+            known = Submission(GenerationStatus.QUEUED.value, now, new.deadline, new.input)
             try:
-                self.runner.execute(task)
+                self.runner.execute(dataclasses.replace(task, known=known))
             except Exception:
                 # The generation and its task are committed: a worker takes over after the
                 # lease.

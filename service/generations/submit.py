@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -34,10 +34,20 @@ from service.runtime.queue import ClaimedTask, TaskQueue
 
 log = logging.getLogger("genrelay.submit")
 
-# What a submission reads of its generation: one Core statement.
-_READ = sa.select(
-    Generation.status, Generation.admitted_at, Generation.deadline_at, Generation.input
-).where(Generation.id == sa.bindparam("generation_id"))
+
+class Submission(NamedTuple):
+    """What a submission needs of its generation. Intake, which has just stored it, hands it
+    to its inline attempt (`ClaimedTask.known`); a worker's attempt reads it (`_READ`)."""
+
+    status: str
+    admitted_at: dt.datetime | None
+    deadline_at: dt.datetime | None
+    input: dict[str, Any]
+
+
+_READ = sa.select(*(getattr(Generation, name) for name in Submission._fields)).where(
+    Generation.id == sa.bindparam("generation_id")
+)
 
 
 class SubmitHandler:
@@ -64,8 +74,10 @@ class SubmitHandler:
         generation_id = task.generation_id
         assert generation_id is not None
         now = utcnow()
-        with self.store.read_one() as connection:
-            generation = connection.execute(_READ, {"generation_id": generation_id}).first()
+        generation = task.known
+        if generation is None:
+            with self.store.read_one() as connection:
+                generation = connection.execute(_READ, {"generation_id": generation_id}).first()
         if generation is None or generation.status != GenerationStatus.QUEUED:
             return DONE  # canceled, or already submitted by an earlier attempt
         if generation.admitted_at is None:

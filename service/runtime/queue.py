@@ -79,6 +79,10 @@ class ClaimedTask:
     created_at: dt.datetime
     claim_token: str
     lease_expires_at: dt.datetime
+    # What the claimer holds already of what the task serves, so its handler need not read it
+    # again: intake passes the generation it has just stored to its inline submit. Never
+    # stored: a task a worker claims has None.
+    known: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def _new_id() -> str:

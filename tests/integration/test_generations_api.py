@@ -243,6 +243,18 @@ def test_the_key_lookup_reads_the_tenants_settings_and_intake_reads_them_no_more
     assert statements.matching("FROM api_keys") == []  # no lookup of the key on its own
 
 
+def test_the_inline_submit_is_handed_the_generation_and_does_not_read_it_back(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    create(client, auth, {"input": TEXT_ONLY})  # the first makes the account's row
+    with Statements(services.store.engine) as statements:
+        response = create(client, auth, {"input": TEXT_ONLY})
+    assert response.json["status"] == "processing"  # submitted inline
+    by_id = statements.matching("FROM generations WHERE generations.id =")
+    assert [s for s in by_id if s.startswith("SELECT generations.status")] == []
+    assert len(by_id) == 1  # the answer's
+
+
 def test_a_tenants_new_settings_apply_from_its_next_request(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
