@@ -366,6 +366,11 @@ class TaskQueue:
         leases were lost: their rows are left to their new holders)."""
         if not tasks:
             return set()
+        if len(tasks) == 1:
+            # The common case, without the lists' "expanding" parameters: SQLAlchemy renders
+            # those into the SQL again on every execution.
+            [task] = tasks
+            return {task.id} if self.finish_in(session, task) else set()
         now = self.clock()
         result = session.connection().execute(
             _FINISH_HELD,

@@ -553,6 +553,23 @@ def test_finishing_tasks_together_finishes_only_those_still_held(
     assert (lost.status, lost.claim_token) == (TaskStatus.RUNNING, other.claim_token)
 
 
+def test_finishing_one_task_finishes_it_only_while_it_is_held(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    kept_id, lost_id = enqueue(queue), enqueue(queue)
+    held = {task.id: task for task in queue.claim_due_tasks(limit=2)}
+    clock.advance(50)
+    queue.renew([held[kept_id]])
+    clock.advance(11)  # lost_id's lease ran out: another worker claims it
+    [other] = queue.claim_due_tasks(limit=2)
+    with queue.store.transaction() as session:
+        assert queue.finish_all_in(session, [held[lost_id]]) == set()
+        assert queue.finish_all_in(session, [held[kept_id]]) == {kept_id}
+    kept, lost = row(queue.store, kept_id), row(queue.store, lost_id)
+    assert (kept.status, kept.claim_token, kept.finished_at) == (TaskStatus.DONE, None, clock.now)
+    assert (lost.status, lost.claim_token) == (TaskStatus.RUNNING, other.claim_token)
+
+
 class BatchHandler(RecordingHandler):
     """Runs tasks together: each task's outcome from `outcomes` (by its payload's "n"); applies
     their changes in turn, then fails the first `failures` times."""
