@@ -52,8 +52,8 @@ lock: $(VENV)/.installed-dev
 		--output-file requirements.lock setup.cfg
 
 # Every benchmark, one after the other (they share the machine); JSON reports in var/bench,
-# figures in docs/img. About 50 minutes on 2 cores (47 on 2026-12-06; the catalog benchmark
-# alone about 25).
+# figures in docs/img. About 60 minutes on 2 cores (47 on 2026-12-06 before intake_cost.py,
+# about 8 more; the catalog benchmark alone about 25).
 # The catalog benchmark's baseline arm runs the code before the line, exported from git.
 BENCH_OUT ?= var/bench
 BASELINE_COMMIT ?= 535494f
@@ -62,6 +62,7 @@ bench: $(VENV)/.installed-dev
 	mkdir -p $(BENCH_OUT)
 	$(BIN)/python bench/intake.py --database sqlite --json-out $(BENCH_OUT)/intake-sqlite.json
 	$(BIN)/python bench/intake.py --database postgresql --json-out $(BENCH_OUT)/intake-postgresql.json
+	$(BIN)/python bench/intake_cost.py --json-out $(BENCH_OUT)/intake-cost.json
 	$(BIN)/python bench/completion.py --json-out $(BENCH_OUT)/completion.json
 	$(BIN)/python bench/deliveries.py --database sqlite --json-out $(BENCH_OUT)/deliveries-sqlite.json
 	$(BIN)/python bench/deliveries.py --database postgresql --json-out $(BENCH_OUT)/deliveries-postgresql.json
