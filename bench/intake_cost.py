@@ -3,7 +3,7 @@ the minimal forwarder and the durable forwarder, counted by callgrind.
 
 intake.py measures req/s under load, which on a shared 2-core machine varies by about ±0.02
 in the ratio from run to run: too much to see a change of a few percent. An instruction count
-repeats to well under 1 %. Each target's app (`create_app()`, what gunicorn serves) runs in
+repeats to about 1 %. Each target's app (`create_app()`, what gunicorn serves) runs in
 one process under Flask's test client, against the same simulator and database kinds as
 intake.py. Under `valgrind --tool=callgrind`, one run makes BASE requests and another BASE + N;
 the difference over N is the cost of one request, with start-up and imports cancelled out. It

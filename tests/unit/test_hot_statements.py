@@ -9,7 +9,9 @@ from service.domain import GenerationStatus, allowed_predecessors
 from service.generations.lifecycle import _status_update
 
 
-@pytest.mark.parametrize("dialect", [postgresql.dialect(), sqlite.dialect()], ids=str)
+@pytest.mark.parametrize(
+    "dialect", [postgresql.dialect(), sqlite.dialect()], ids=["postgresql", "sqlite"]
+)
 @pytest.mark.parametrize("new", [s for s in GenerationStatus if allowed_predecessors(s)])
 def test_a_status_change_has_no_expanding_parameter(new: GenerationStatus, dialect: object) -> None:
     compiled = _status_update(new, ("status", "updated_at")).compile(dialect=dialect)
