@@ -70,7 +70,7 @@ def _status_update(new: GenerationStatus, names: tuple[str, ...]) -> sa.Update:
 
     The allowed predecessors are bound one by one: `in_()` of a list of plain values is an
     "expanding" parameter, which SQLAlchemy renders into the SQL again on every execution
-    (5% of an intake's web CPU, with the same in `TaskQueue.finish_all_in`)."""
+    (with the same in `TaskQueue.finish_all_in`, 2 % of an intake's instructions)."""
     return (
         sa.update(GENERATIONS)
         .where(

@@ -255,6 +255,17 @@ def test_the_inline_submit_is_handed_the_generation_and_does_not_read_it_back(
     assert len(by_id) == 1  # the answer's
 
 
+def test_a_generation_with_a_deadline_ahead_is_submitted_at_once(
+    client: Any, auth: dict[str, str]
+) -> None:
+    ahead = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    deadline = ahead.astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()  # any offset
+    response = create(client, auth, {"input": TEXT_ONLY, "deadline": deadline})
+    assert response.status_code == 202
+    assert response.json["status"] == "processing"
+    assert dt.datetime.fromisoformat(response.json["deadline"]) == ahead
+
+
 def test_a_tenants_new_settings_apply_from_its_next_request(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
