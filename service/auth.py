@@ -19,7 +19,7 @@ from service.database import Store
 from service.ids import new_id
 from service.models import ApiKey, Tenant, utcnow
 from service.notifications.signing import new_secret
-from service.tenants import TENANTS, TenantSettings, settings_of
+from service.tenants import SETTINGS_COLUMNS, TENANTS, TenantSettings, settings_of
 
 KEY_PREFIX = "gr_"
 
@@ -52,7 +52,7 @@ class Revocation:
 # Built once: the lookup of every request. It reads the tenant's settings too, which intake
 # needs next: one statement instead of two.
 _TENANT_FOR_KEY = (
-    sa.select(TENANTS)
+    sa.select(*SETTINGS_COLUMNS)
     .join_from(TENANTS, ApiKey, ApiKey.tenant_id == TENANTS.c.id)
     .where(ApiKey.key_hash == sa.bindparam("key_hash"), ApiKey.revoked_at.is_(None))
 )

@@ -174,7 +174,23 @@ class Tenants:
 
 
 TENANTS = cast(sa.Table, Tenant.__table__)
-_SETTINGS = sa.select(TENANTS).where(TENANTS.c.id == sa.bindparam("tenant_id"))
+# The columns TenantSettings is made of (not the webhook secret: the settings are read on
+# every request, and carried with it).
+SETTINGS_COLUMNS = tuple(
+    TENANTS.c[name]
+    for name in (
+        "id",
+        "name",
+        "weight",
+        "max_in_flight",
+        "created_at",
+        "allowed_input_buckets",
+        "allowed_storages",
+        "output_uri",
+        "retention_seconds",
+    )
+)
+_SETTINGS = sa.select(*SETTINGS_COLUMNS).where(TENANTS.c.id == sa.bindparam("tenant_id"))
 
 
 def settings_by_id(session: sa.orm.Session, tenant_id: str) -> TenantSettings:

@@ -240,6 +240,7 @@ def test_the_key_lookup_reads_the_tenants_settings_and_intake_reads_them_no_more
     # The tenant's settings are read once, with the key.
     [lookup] = statements.matching("tenants.allowed_input_buckets")
     assert "JOIN api_keys" in lookup
+    assert "webhook_secret" not in lookup  # carried with the request: no secret in it
     assert statements.matching("FROM api_keys") == []  # no lookup of the key on its own
 
 
