@@ -230,12 +230,19 @@ def test_a_tenant_cannot_see_or_cancel_another_tenants_generation(
     assert client.get(f"/v1/generations/{theirs}", headers=auth).status_code == 200
 
 
+def _second_intake(client: Any, auth: dict[str, str], services: Services) -> tuple[Any, Any]:
+    """An intake after a first one (which makes the account's row): its answer and the
+    statements it ran."""
+    create(client, auth, {"input": TEXT_ONLY})
+    with Statements(services.store.engine) as statements:
+        response = create(client, auth, {"input": TEXT_ONLY})
+    return response, statements
+
+
 def test_the_key_lookup_reads_the_tenants_settings_and_intake_reads_them_no_more(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
-    create(client, auth, {"input": TEXT_ONLY})  # the first makes the account's row
-    with Statements(services.store.engine) as statements:
-        response = create(client, auth, {"input": TEXT_ONLY})
+    response, statements = _second_intake(client, auth, services)
     assert response.status_code == 202
     # The tenant's settings are read once, with the key.
     [lookup] = statements.matching("tenants.allowed_input_buckets")
@@ -247,9 +254,7 @@ def test_the_key_lookup_reads_the_tenants_settings_and_intake_reads_them_no_more
 def test_the_inline_submit_is_handed_the_generation_and_does_not_read_it_back(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
-    create(client, auth, {"input": TEXT_ONLY})  # the first makes the account's row
-    with Statements(services.store.engine) as statements:
-        response = create(client, auth, {"input": TEXT_ONLY})
+    response, statements = _second_intake(client, auth, services)
     assert response.json["status"] == "processing"  # submitted inline
     by_id = statements.matching("FROM generations WHERE generations.id =")
     assert [s for s in by_id if s.startswith("SELECT generations.status")] == []

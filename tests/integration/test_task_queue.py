@@ -537,37 +537,44 @@ def test_genrelay_submit_max_age_shortens_the_submit_policy(config: Any, store: 
             services.webhooks.close()
 
 
-def test_finishing_tasks_together_finishes_only_those_still_held(
-    queue: TaskQueue, clock: FakeClock
-) -> None:
+def _one_held_one_lost(queue: TaskQueue, clock: FakeClock) -> tuple[dict[str, Any], str, Any]:
+    """Two claimed tasks, the first still held, the second's lease lost to another worker:
+    (our claims by task id, the kept task's id, the other worker's claim of the lost one)."""
     kept_id, lost_id = enqueue(queue), enqueue(queue)
     held = {task.id: task for task in queue.claim_due_tasks(limit=2)}
     clock.advance(50)
     queue.renew([held[kept_id]])
     clock.advance(11)  # lost_id's lease ran out: another worker claims it
     [other] = queue.claim_due_tasks(limit=2)
-    with queue.store.transaction() as session:
-        assert queue.finish_all_in(session, list(held.values())) == {kept_id}
-    kept, lost = row(queue.store, kept_id), row(queue.store, lost_id)
+    assert other.id == lost_id
+    return held, kept_id, other
+
+
+def _assert_kept_done_and_lost_left(
+    queue: TaskQueue, clock: FakeClock, kept_id: str, other: Any
+) -> None:
+    kept, lost = row(queue.store, kept_id), row(queue.store, other.id)
     assert (kept.status, kept.claim_token, kept.finished_at) == (TaskStatus.DONE, None, clock.now)
     assert (lost.status, lost.claim_token) == (TaskStatus.RUNNING, other.claim_token)
+
+
+def test_finishing_tasks_together_finishes_only_those_still_held(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    held, kept_id, other = _one_held_one_lost(queue, clock)
+    with queue.store.transaction() as session:
+        assert queue.finish_all_in(session, list(held.values())) == {kept_id}
+    _assert_kept_done_and_lost_left(queue, clock, kept_id, other)
 
 
 def test_finishing_one_task_finishes_it_only_while_it_is_held(
     queue: TaskQueue, clock: FakeClock
 ) -> None:
-    kept_id, lost_id = enqueue(queue), enqueue(queue)
-    held = {task.id: task for task in queue.claim_due_tasks(limit=2)}
-    clock.advance(50)
-    queue.renew([held[kept_id]])
-    clock.advance(11)  # lost_id's lease ran out: another worker claims it
-    [other] = queue.claim_due_tasks(limit=2)
+    held, kept_id, other = _one_held_one_lost(queue, clock)
     with queue.store.transaction() as session:
-        assert queue.finish_all_in(session, [held[lost_id]]) == set()
+        assert queue.finish_all_in(session, [held[other.id]]) == set()
         assert queue.finish_all_in(session, [held[kept_id]]) == {kept_id}
-    kept, lost = row(queue.store, kept_id), row(queue.store, lost_id)
-    assert (kept.status, kept.claim_token, kept.finished_at) == (TaskStatus.DONE, None, clock.now)
-    assert (lost.status, lost.claim_token) == (TaskStatus.RUNNING, other.claim_token)
+    _assert_kept_done_and_lost_left(queue, clock, kept_id, other)
 
 
 class BatchHandler(RecordingHandler):
