@@ -214,6 +214,18 @@ class JobsEnding(Sampler):
                 fcntl.flock(writers, fcntl.LOCK_UN)
 
 
+def journal_database(database_url: str) -> str:
+    """The durable forwarder's FORWARDER_DATABASE for a bench database (a SQLAlchemy URL),
+    its journal table made."""
+    parsed = make_url(database_url)
+    if parsed.get_backend_name() == "sqlite":
+        journal = f"sqlite:{parsed.database}"
+    else:
+        journal = libpq_dsn(database_url)
+    create_journal(journal)
+    return journal
+
+
 def start_forwarder(
     processes: Processes, sim: str, name: str, database_url: str | None = None
 ) -> str:
@@ -228,12 +240,7 @@ def start_forwarder(
         "PORT": str(port),
     }
     if database_url is not None:
-        parsed = make_url(database_url)
-        if parsed.get_backend_name() == "sqlite":
-            env["FORWARDER_DATABASE"] = f"sqlite:{parsed.database}"
-        else:
-            env["FORWARDER_DATABASE"] = libpq_dsn(database_url)
-        create_journal(env["FORWARDER_DATABASE"])
+        env["FORWARDER_DATABASE"] = journal_database(database_url)
     gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:service.server.gunicorn_conf"]
     gunicorn += ["--chdir", str(BENCH_DIR), "minimal_forwarder:create_app()"]
     processes.start(name, gunicorn, env)

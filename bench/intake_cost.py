@@ -36,7 +36,6 @@ from _stack import (
     base_env,
     free_port,
     genrelay_env,
-    libpq_dsn,
     options,
     prepare_database,
     print_table,
@@ -44,9 +43,7 @@ from _stack import (
     start_gcs,
     start_simulator,
 )
-from intake import JobsEnding
-from minimal_forwarder import create_journal
-from sqlalchemy.engine import make_url
+from intake import JobsEnding, journal_database
 
 BASE = 50  # requests of the shorter run, warm-up included
 CHILD = BENCH_DIR / "_intake_cost_child.py"
@@ -78,10 +75,7 @@ class Runner:
         }
         if database is not None:
             db_url, _ = self.ctx.database(database, "durable")
-            parsed = make_url(db_url)
-            sqlite = parsed.get_backend_name() == "sqlite"
-            env["FORWARDER_DATABASE"] = f"sqlite:{parsed.database}" if sqlite else libpq_dsn(db_url)
-            create_journal(env["FORWARDER_DATABASE"])
+            env["FORWARDER_DATABASE"] = journal_database(db_url)
         self.envs[name] = env
 
     def run(self, name: str, count: int, *, valgrind: bool = False, **extra: str) -> str:
