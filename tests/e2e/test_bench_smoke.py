@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = [
     ("intake.py", ["--requests", "30", "--rounds", "1", "--warmup", "5", "--concurrency", "4"],
      False, 60),
-    ("intake_cost.py", ["--requests", "5", "--no-valgrind", "--database", "sqlite"], False, 60),
+    ("intake_cost.py", ["--requests", "30", "--no-valgrind", "--database", "sqlite"], False, 60),
     ("completion.py", ["--sizes", "64KB", "--repeats", "1", "--warmup", "0", "--skip-rss"],
      False, 60),
     ("deliveries.py", ["--deliveries", "20", "--rounds", "1"], False, 60),
@@ -81,7 +81,9 @@ def test_benchmark_runs_to_the_end(
     if script == "intake.py":  # every target, durable forwarder included, forwarded each request
         for target, figures in written["targets"].items():
             assert figures["requests"] == 30 and figures["errors"] == figures["queued"] == 0, target
-    if script == "intake_cost.py":  # each target timed; genrelay's statements listed
+    # each target timed (30 requests: getrusage splits user and system time by clock ticks,
+    # so 5 requests of the forwarder could show 0 ms of user time); genrelay's statements listed
+    if script == "intake_cost.py":
         assert set(written["targets"]) == {"genrelay", "forwarder", "durable forwarder"}
         assert all(figures["user_ms_per_request"] > 0 for figures in written["targets"].values())
         assert any(s.startswith("INSERT INTO generations") for s in written["genrelay_statements"])
