@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,6 +19,26 @@ from service.generations.line import slot_freed
 from service.generations.views import COLUMNS, GENERATIONS
 from service.models import Generation, utcnow
 from service.notifications.events import record_event
+from service.runtime.outcomes import after_commit
+
+# Where `change_status` leaves the rows of its changes, once committed, while `changes_seen` is
+# open on this thread.
+_SEEN: ContextVar[dict[str, sa.Row[Any]] | None] = ContextVar("genrelay_changes_seen", default=None)
+
+
+@contextmanager
+def changes_seen() -> Iterator[dict[str, sa.Row[Any]]]:
+    """The rows of the status changes committed on this thread inside the block, by generation
+    id, each as its change left it (the latest change wins): what a caller can show without
+    reading the generation again (intake's answer after its inline submit). Only changes made
+    in the task runner's transactions are seen (it runs `committed` after each commit): a
+    generation missing from the dict must be read."""
+    seen: dict[str, sa.Row[Any]] = {}
+    token = _SEEN.set(seen)
+    try:
+        yield seen
+    finally:
+        _SEEN.reset(token)
 
 
 def change_status(
@@ -60,6 +82,9 @@ def change_status(
     record_event(session, generation, new, now=now, signed_url=signed_url)
     if new.is_terminal and generation.batch_id is not None:
         note_item_finished(session, generation.batch_id, now)  # the last item completes it
+    seen = _SEEN.get()
+    if seen is not None:
+        after_commit(session, functools.partial(seen.__setitem__, generation_id, generation))
     return True
 
 

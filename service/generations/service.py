@@ -28,7 +28,7 @@ from service.generations.idempotency import (
     record_response,
 )
 from service.generations.inputs import require_access
-from service.generations.lifecycle import change_status
+from service.generations.lifecycle import change_status, changes_seen
 from service.generations.line import Line
 from service.generations.result_access import sign_result
 from service.generations.submit import Submission
@@ -218,24 +218,36 @@ class GenerationService:
             if earlier is None:
                 raise
             return earlier
+        moved = None
         if task is not None:
-            # The attempt is handed the generation as stored: it need not read it back.
+            # The attempt is handed the generation as stored: it need not read it back. The
+            # answer shows the generation as the attempt's status change left it, if it made
+            # one: that row need not be read back either.
             known = Submission(GenerationStatus.QUEUED.value, now, new.deadline, new.input)
             try:
-                self.runner.execute(dataclasses.replace(task, known=known))
+                with changes_seen() as seen:
+                    self.runner.execute(dataclasses.replace(task, known=known))
+                moved = seen.get(generation_id)
             except Exception:
                 # The generation and its task are committed: a worker takes over after the
                 # lease.
                 log.exception("inline submit of %s failed; left to the worker", generation_id)
-        return self._answer(tenant_id, generation_id, idempotency_key)
+        return self._answer(tenant_id, generation_id, idempotency_key, moved)
 
-    def _answer(self, tenant_id: str, generation_id: str, key: str | None) -> Intake:
-        """The generation as it is now; with a key, also rendered and kept as the key's first
-        response (one transaction)."""
+    def _answer(
+        self,
+        tenant_id: str,
+        generation_id: str,
+        key: str | None,
+        generation: GenerationRecord | None = None,
+    ) -> Intake:
+        """The generation as it is now (read, unless the caller has just seen it change);
+        with a key, also rendered and kept as the key's first response (one transaction)."""
         if key is None:
-            return Answer(self._view(self._load(generation_id)))
+            return Answer(self._view(generation or self._load(generation_id)))
         with self.store.transaction() as session:
-            generation = session.get(Generation, generation_id)
+            if generation is None:
+                generation = session.get(Generation, generation_id)
             assert generation is not None
             view = self._view(generation)
             body = GenerationSchema().dump(view)  # the one rendering, kept for retries

@@ -251,14 +251,28 @@ def test_the_key_lookup_reads_the_tenants_settings_and_intake_reads_them_no_more
     assert statements.matching("FROM api_keys") == []  # no lookup of the key on its own
 
 
-def test_the_inline_submit_is_handed_the_generation_and_does_not_read_it_back(
+def test_the_inline_submit_and_the_answer_never_read_the_generation_back(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
     response, statements = _second_intake(client, auth, services)
     assert response.json["status"] == "processing"  # submitted inline
-    by_id = statements.matching("FROM generations WHERE generations.id =")
-    assert [s for s in by_id if s.startswith("SELECT generations.status")] == []
-    assert len(by_id) == 1  # the answer's
+    assert response.json["upstream"]["job"]
+    # The submit is handed the generation; the answer shows the row its status change returned.
+    assert statements.matching("FROM generations WHERE generations.id =") == []
+    assert client.get(f"/v1/generations/{response.json['id']}", headers=auth).json == response.json
+
+
+def test_an_answer_with_a_key_shows_the_submitted_generation_without_reading_it(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    create(client, auth, {"input": TEXT_ONLY})  # statements of the first request left out
+    with Statements(services.store.engine) as statements:
+        response = create(client, auth, {"input": TEXT_ONLY}, **{"Idempotency-Key": "k-1"})
+    assert response.json["status"] == "processing"
+    assert statements.matching("FROM generations WHERE generations.id =") == []
+    shown = client.get(f"/v1/generations/{response.json['id']}", headers=auth).json
+    replayed = create(client, auth, {"input": TEXT_ONLY}, **{"Idempotency-Key": "k-1"})
+    assert shown == response.json == replayed.json
 
 
 def test_a_generation_with_a_deadline_ahead_is_submitted_at_once(
