@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 import requests
 import responses
@@ -45,18 +48,45 @@ def test_result_returns_the_result_url_when_complete(client: DeepImageClient) ->
     assert client.result(JOB).result_url == "https://x.test/a.png"
 
 
-def test_every_call_has_a_timeout(client: DeepImageClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = {}
+def test_every_call_has_a_timeout_and_the_sessions_proxy_and_ca_bundle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "CURL_CA_BUNDLE", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://egress.internal:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/corporate-ca.pem")
+    client = DeepImageClient(BASE, "secret-api-key", timeout=(1.0, 2.0))
+    seen: dict[str, Any] = {}
 
-    def fake_request(*args: object, **kwargs: object) -> None:
-        seen.update(kwargs)
+    def fake_send(request: requests.PreparedRequest, **kwargs: object) -> None:
+        seen.update(kwargs, request=request)
         raise requests.ConnectTimeout("no")
 
-    monkeypatch.setattr(client.session, "request", fake_request)
+    # The session's transport adapter for the base URL sends every call.
+    monkeypatch.setattr(client.session.get_adapter(BASE), "send", fake_send)
     with pytest.raises(TransientUpstreamError):
-        client.process({})
+        client.process({"url": "https://example.com/a.jpg"})
     assert seen["timeout"] == (1.0, 2.0)
-    assert seen["allow_redirects"] is False
+    assert seen["proxies"] == {"https": "http://egress.internal:3128"}
+    assert seen["verify"] == "/etc/corporate-ca.pem"
+    sent = seen["request"]
+    assert (sent.method, sent.url) == ("POST", f"{BASE}/rest_api/process")
+    assert sent.headers["x-api-key"] == "secret-api-key"
+    assert sent.headers["content-type"] == "application/json"
+    assert sent.headers["user-agent"].startswith("python-requests/")
+    assert json.loads(sent.body) == {"url": "https://example.com/a.jpg"}
+
+
+@responses.activate
+def test_a_redirect_is_not_followed(client: DeepImageClient) -> None:
+    responses.post(
+        f"{BASE}/rest_api/process", status=302, headers={"Location": f"{BASE}/elsewhere"}
+    )
+    responses.post(f"{BASE}/elsewhere", json={"job": "j-1", "status": "received"})
+    with pytest.raises(PermanentUpstreamError) as caught:
+        client.process({})
+    assert caught.value.error_code == ErrorCode.UPSTREAM_PROTOCOL
+    assert [call.request.url for call in responses.calls] == [f"{BASE}/rest_api/process"]
 
 
 @pytest.mark.parametrize(
