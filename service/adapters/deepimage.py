@@ -154,7 +154,7 @@ class DeepImageClient:
                 self._prepared(method, url, payload),
                 timeout=self.timeout,
                 proxies=self.session.proxies,
-                verify=self.session.verify,
+                verify=True if self.session.verify is None else self.session.verify,
                 cert=self.session.cert,
                 stream=False,
             )
