@@ -29,7 +29,7 @@ from service.generations.poll import first_poll_delay
 from service.metrics import UPSTREAM_REFUSALS
 from service.models import Generation, utcnow
 from service.runtime.kinds import POLL
-from service.runtime.outcomes import DONE, Apply, Done, Failed, Outcome
+from service.runtime.outcomes import DONE, Apply, Done, Failed, Next, Outcome
 from service.runtime.queue import ClaimedTask, TaskQueue
 
 log = logging.getLogger("genrelay.submit")
@@ -116,7 +116,7 @@ class SubmitHandler:
             return Done(failing(generation_id, exc.error_code, exc.message))
         return Done(lambda session: self._record_job(session, generation_id, job.job))
 
-    def _record_job(self, session: Session, generation_id: str, job: str) -> None:
+    def _record_job(self, session: Session, generation_id: str, job: str) -> Next | None:
         now = utcnow()
         moved = change_status(
             session,
@@ -131,13 +131,12 @@ class SubmitHandler:
             # a job: its result is ignored when it arrives), or the job's callback came first
             # and recorded the job itself (service/generations/completion.py).
             log.info("generation %s left queued before job %s was recorded", generation_id, job)
-            return
-        # The fallback for a lost callback, and the only path in polling-only mode.
-        delay = first_poll_delay(self.config)
-        self.queue.enqueue(
-            session, POLL, {"delay": delay}, generation_id=generation_id, delay=delay
-        )
+            return None
         self.line.note_accepted(session)
+        # The task goes on as the job's poll: the fallback for a lost callback, and the only
+        # path in polling-only mode.
+        delay = first_poll_delay(self.config)
+        return Next(POLL, {"delay": delay}, delay)
 
     def _signed_inputs(self, payload: dict[str, Any]) -> dict[str, Any]:
         """The payload with its gs:// inputs as signed URLs (only in what goes upstream)."""

@@ -16,6 +16,11 @@ ends without its outcome, nor its outcome land twice. `apply` runs whether or no
 still held: what it records happened (a job was created, a POST was sent), and its changes are
 guarded by their own conditions (the status machine, the delivery's status).
 
+A `Done`'s apply may return `Next(kind, payload, delay)` when the work goes on as a task of
+another kind (a submitted job is polled next): the runner then turns the task's own row into
+that task, in the one UPDATE that would have finished it, instead of finishing it and inserting
+a new one. (A batch handler's changes return nothing the runner reads.)
+
 When the runner gives up, the handler's `on_exhausted(task, error)` returns the change that
 records the dead outcome on what the task served (a generation failed, a delivery dead); it is
 applied in the transaction that marks the task dead.
@@ -41,7 +46,7 @@ from sqlalchemy.orm import Session
 
 from service.runtime.queue import ClaimedTask
 
-Apply = Callable[[Session], object]  # what it returns is ignored
+Apply = Callable[[Session], object]  # what it returns is ignored, unless a `Next` (above)
 # A failed attempt's record, told when the task runs again (None: it has been given up).
 ApplyFailure = Callable[[Session, dt.datetime | None], object]
 
@@ -87,6 +92,18 @@ class Failed:
 
 
 Outcome = Done | Later | Failed
+
+
+@dataclasses.dataclass(frozen=True)
+class Next:
+    """What a `Done`'s apply may return: the task goes on as a pending task of `kind`, due
+    after `delay` seconds, with `payload` and a fresh count of attempts. Its row is reused
+    (`TaskQueue.continue_in`); if the lease was lost, the next task is queued as a new row."""
+
+    kind: str
+    payload: dict[str, Any]
+    delay: float
+
 
 DONE = Done()
 

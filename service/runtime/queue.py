@@ -382,6 +382,38 @@ class TaskQueue:
         )
         return {row.id for row in result}
 
+    def continue_in(
+        self,
+        session: Session,
+        task: ClaimedTask,
+        kind: str,
+        payload: dict[str, Any],
+        delay: float,
+    ) -> bool:
+        """The task's work is done and goes on as a pending task of `kind`, due after `delay`
+        seconds, as if it had been finished and the next one queued: the same row, with a new
+        kind, payload and creation time, and no attempts. If the lease was lost (the row is
+        another claimer's), the next task is queued as a new row all the same."""
+        now = self.clock()
+        held = self._update_held_in(
+            session,
+            task,
+            kind=kind,
+            payload=payload,
+            status=TaskStatus.PENDING,
+            attempts=0,
+            run_at=now + dt.timedelta(seconds=delay),
+            created_at=now,
+            last_error=None,
+            claim_token=None,
+            lease_expires_at=None,
+        )
+        if not held:
+            insert_task(session, kind, payload, task.generation_id, now, delay=delay)
+        elif delay <= 0:
+            wakeup.request_wake(session)
+        return held
+
     def later_in(
         self,
         session: Session,

@@ -37,6 +37,7 @@ from service.runtime.outcomes import (
     Done,
     Failed,
     Later,
+    Next,
     Outcome,
     TaskHandler,
     Told,
@@ -210,21 +211,29 @@ class TaskRunner:
     def _write(self, session: Session, plans: Sequence[_Plan]) -> dict[str, TaskStatus | None]:
         """Every plan's changes, then the tasks' updates, in the caller's transaction; the new
         status of each task (None: its lease was lost)."""
-        changes = [change for plan in plans for change in plan.changes]
         together = self._batch_handlers.get(plans[0].task.kind)
+        following: dict[str, Next] = {}  # Done tasks that go on as another kind
         if together is not None:
+            changes = [change for plan in plans for change in plan.changes]
             if changes:
                 together.apply_together(session, changes)
         else:
-            for change in changes:
-                change(session)
-        finished = self.queue.finish_all_in(
-            session, [plan.task for plan in plans if plan.update is None]
-        )
+            for plan in plans:
+                for change in plan.changes:
+                    made = change(session)
+                    if isinstance(made, Next) and plan.status is TaskStatus.DONE:
+                        following[plan.task.id] = made
+        ends = [p.task for p in plans if p.update is None and p.task.id not in following]
+        finished = self.queue.finish_all_in(session, ends)
         statuses: dict[str, TaskStatus | None] = {}
         for plan in plans:
-            held = plan.task.id in finished if plan.update is None else plan.update(session)
-            statuses[plan.task.id] = plan.status if held else None
+            task = plan.task
+            if task.id in following:
+                then = following[task.id]
+                held = self.queue.continue_in(session, task, then.kind, then.payload, then.delay)
+            else:
+                held = task.id in finished if plan.update is None else plan.update(session)
+            statuses[task.id] = plan.status if held else None
         return statuses
 
     def _write_together(self, plans: list[_Plan]) -> dict[str, TaskStatus | None]:

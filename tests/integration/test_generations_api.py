@@ -262,6 +262,29 @@ def test_the_inline_submit_and_the_answer_never_read_the_generation_back(
     assert client.get(f"/v1/generations/{response.json['id']}", headers=auth).json == response.json
 
 
+def test_the_submit_task_goes_on_as_the_jobs_poll_in_its_own_row(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    response, statements = _second_intake(client, auth, services)
+    assert response.json["status"] == "processing"
+    assert len(statements.matching("INSERT INTO tasks")) == 1  # the submit's; the poll reuses it
+    with services.store.read() as session:
+        [task] = session.scalars(
+            sa.select(Task).where(Task.generation_id == response.json["id"])
+        ).all()
+        generation = session.get(Generation, response.json["id"])
+    assert generation is not None and generation.submitted_at is not None
+    delay = services.config.reconcile_after
+    assert (task.kind, task.status, task.attempts, task.payload) == (
+        "poll",
+        "pending",
+        0,
+        {"delay": delay},
+    )
+    assert task.created_at >= generation.submitted_at
+    assert task.run_at == task.created_at + dt.timedelta(seconds=delay)
+
+
 def test_an_answer_with_a_key_shows_the_submitted_generation_without_reading_it(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from service.database import Store
 from service.errors import TransientError
 from service.models import Task
-from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome
+from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Next, Outcome
 from service.runtime.queue import ClaimedTask, RetryPolicy, TaskQueue, TaskStatus
 from service.runtime.runner import TaskRunner
 from service.runtime.worker import Worker
@@ -575,6 +575,55 @@ def test_finishing_one_task_finishes_it_only_while_it_is_held(
         assert queue.finish_all_in(session, [held[other.id]]) == set()
         assert queue.finish_all_in(session, [held[kept_id]]) == {kept_id}
     _assert_kept_done_and_lost_left(queue, clock, kept_id, other)
+
+
+def _going_on_as_a_poll(ran: list[str]) -> Done:
+    """A Done whose change records that it ran, then has the task go on as a `poll`."""
+
+    def apply(session: sa.orm.Session) -> Next:
+        ran.append("applied")
+        return Next("poll", {"delay": 30.0}, 30.0)
+
+    return Done(apply)
+
+
+def test_a_task_whose_change_returns_next_goes_on_as_that_kind_in_its_own_row(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    task_id = enqueue(queue)
+    [task] = queue.claim_due_tasks()
+    clock.advance(5)
+    ran: list[str] = []
+    runner = TaskRunner(queue, {"job": RecordingHandler(_going_on_as_a_poll(ran))})
+    assert runner.execute(task) is TaskStatus.DONE  # the task's own work is done
+    assert ran == ["applied"]
+    with queue.store.read() as session:
+        [follow] = session.scalars(sa.select(Task)).all()  # no second row
+    assert follow.id == task_id
+    assert (follow.kind, follow.payload, follow.status) == ("poll", {"delay": 30.0}, "pending")
+    assert (follow.attempts, follow.claim_token, follow.lease_expires_at) == (0, None, None)
+    assert follow.last_error is None and follow.finished_at is None
+    # Its age, for its own retry policy, counts from now, not from the task it was.
+    assert (follow.created_at, follow.run_at) == (clock.now, clock.now + dt.timedelta(seconds=30))
+    clock.advance(30)
+    [polled] = queue.claim_due_tasks()
+    assert (polled.id, polled.kind, polled.attempts) == (task_id, "poll", 1)
+
+
+def test_a_next_after_a_lost_lease_is_queued_as_a_new_task_and_the_claimers_row_is_left(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    held, _kept_id, other = _one_held_one_lost(queue, clock)
+    ran: list[str] = []
+    runner = TaskRunner(queue, {"job": RecordingHandler(_going_on_as_a_poll(ran))})
+    assert runner.execute(held[other.id]) is None  # the lease was lost
+    assert ran == ["applied"]  # what the change records happened: it is kept
+    lost = row(queue.store, other.id)
+    assert (lost.kind, lost.status, lost.claim_token) == ("job", "running", other.claim_token)
+    with queue.store.read() as session:
+        [follow] = session.scalars(sa.select(Task).where(Task.kind == "poll")).all()
+    assert follow.id not in held
+    assert (follow.status, follow.payload, follow.attempts) == ("pending", {"delay": 30.0}, 0)
 
 
 class BatchHandler(RecordingHandler):
