@@ -1,6 +1,7 @@
-"""Intake: genrelay's `POST /v1/generations` next to a minimal Flask forwarder, and next to
-the same forwarder made durable (each request written down before it is forwarded and its job
-after, in a database of the same kind).
+"""Intake: genrelay's `POST /v1/generations` next to a minimal Flask forwarder, next to the
+same forwarder made durable (each request written down before it is forwarded and its job
+after, in a database of the same kind), and on PostgreSQL next to the statement floor
+(genrelay's own SQL statements with nothing but Flask and psycopg around them).
 
 All run under the same gunicorn settings (2 processes x 8 threads) against the same
 simulator and take the same closed-loop load, alternating; how to read it: bench/README.md.
@@ -50,6 +51,8 @@ from minimal_forwarder import create_journal
 from sqlalchemy.engine import make_url
 
 WEB = (2, 8)  # gunicorn processes x threads of every target
+FLOOR = "statement floor"  # statement_floor.py: genrelay's SQL with nothing around it
+RATIO_KEYS = ("req_per_s", "p50_ms", "p99_ms")
 
 
 def forwarded(response: requests.Response) -> str | None:
@@ -94,22 +97,27 @@ def measure(ctx: Context) -> dict[str, Any]:
     )  # fmt: skip
     key = prepare_database(env)
     genrelay = start_serve(processes, env, "genrelay")
+    authorized = {"Authorization": f"Bearer {key}"}
     durable_url, _ = ctx.database(args.database, "durable")
     # name: (its process, its URL, its request headers, its database if any)
-    targets = {
-        "genrelay": ("genrelay", genrelay, {"Authorization": f"Bearer {key}"}, db_url),
-        "forwarder": ("forwarder", start_forwarder(processes, sim, "forwarder"), {}, None),
-        "durable forwarder": (
-            "durable",
-            start_forwarder(processes, sim, "durable", durable_url),
-            {},
-            durable_url,
-        ),
+    targets: dict[str, tuple[str, str, dict[str, str], str | None]] = {
+        "genrelay": ("genrelay", genrelay, authorized, db_url)
     }
+    if args.database == "postgresql":
+        floor = start_floor(processes, sim, genrelay, db_url, authorized)
+        targets[FLOOR] = ("floor", floor, authorized, db_url)
+    targets["forwarder"] = ("forwarder", start_forwarder(processes, sim, "forwarder"), {}, None)
+    durable = start_forwarder(processes, sim, "durable", durable_url)
+    targets["durable forwarder"] = ("durable", durable, {}, durable_url)
     probes = {}
     jobs_ending: JobsEnding | None = None
+    databases: dict[str, Database] = {}
     for name, (process, _url, _headers, database) in targets.items():
-        db = None if database is None else ctx.later.enter_context(Database(database))
+        db = None
+        if database is not None:
+            if database not in databases:  # the floor shares genrelay's
+                databases[database] = ctx.later.enter_context(Database(database))
+            db = databases[database]
         if name == "genrelay" and db is not None and args.jobs_end:
             jobs_ending = ctx.later.enter_context(JobsEnding(db))
         probes[name] = CpuProbe(
@@ -149,6 +157,13 @@ def measure(ctx: Context) -> dict[str, Any]:
         jobs_ending.check()
     per_target = {name: pooled([r for n, _, r in rounds if n == name]) for name in targets}
     g, f, d = (per_target[name] for name in ("genrelay", "forwarder", "durable forwarder"))
+    floor_ratios = {}
+    if FLOOR in per_target:
+        s = per_target[FLOOR]
+        floor_ratios = {
+            "ratios_to_floor": {k: round(g[k] / s[k], 3) for k in RATIO_KEYS},
+            "floor_to_forwarder": {k: round(s[k] / f[k], 3) for k in RATIO_KEYS},
+        }
     return {
         "settings": {
             "database": db_desc,
@@ -158,11 +173,10 @@ def measure(ctx: Context) -> dict[str, Any]:
         },
         "rounds": [{"target": n, "round": i, **pooled([r])} for n, i, r in rounds],
         "targets": per_target,
-        "ratios": {k: round(g[k] / f[k], 3) for k in ("req_per_s", "p50_ms", "p99_ms")},
-        "ratios_to_durable": {k: round(g[k] / d[k], 3) for k in ("req_per_s", "p50_ms", "p99_ms")},
-        "durable_to_forwarder": {
-            k: round(d[k] / f[k], 3) for k in ("req_per_s", "p50_ms", "p99_ms")
-        },
+        "ratios": {k: round(g[k] / f[k], 3) for k in RATIO_KEYS},
+        "ratios_to_durable": {k: round(g[k] / d[k], 3) for k in RATIO_KEYS},
+        "durable_to_forwarder": {k: round(d[k] / f[k], 3) for k in RATIO_KEYS},
+        **floor_ratios,
     }
 
 
@@ -230,6 +244,18 @@ def start_forwarder(
     processes: Processes, sim: str, name: str, database_url: str | None = None
 ) -> str:
     """minimal_forwarder.py under gunicorn as `name` (durable with `database_url`); its URL."""
+    env = {}
+    if database_url is not None:
+        env["FORWARDER_DATABASE"] = journal_database(database_url)
+    return _start_app(processes, sim, name, "minimal_forwarder:create_app()", env, {})
+
+
+def _start_app(
+    processes: Processes, sim: str, name: str, app: str, env: dict[str, str],
+    headers: dict[str, str],
+) -> str:  # fmt: skip
+    """A bench/ app under gunicorn with genrelay's settings, once it forwards a request; its
+    URL."""
     port = free_port()
     env = {
         **base_env(),
@@ -238,18 +264,36 @@ def start_forwarder(
         "GENRELAY_WEB_PROCESSES": str(WEB[0]),
         "GENRELAY_WEB_THREADS": str(WEB[1]),
         "PORT": str(port),
+        **env,
     }
-    if database_url is not None:
-        env["FORWARDER_DATABASE"] = journal_database(database_url)
     gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:service.server.gunicorn_conf"]
-    gunicorn += ["--chdir", str(BENCH_DIR), "minimal_forwarder:create_app()"]
+    gunicorn += ["--chdir", str(BENCH_DIR), app]
     processes.start(name, gunicorn, env)
     url = f"http://127.0.0.1:{port}"
     wait_until(
-        lambda: requests.post(f"{url}/v1/generations", json=SEED_BODY, timeout=5).ok,
-        f"the {name} forwarder", 60, processes,
+        lambda: requests.post(
+            f"{url}/v1/generations", json=SEED_BODY, headers=headers, timeout=5
+        ).status_code == 202,
+        f"the {name} app", 60, processes,
     )  # fmt: skip
     return url
+
+
+def start_floor(
+    processes: Processes, sim: str, genrelay: str, database_url: str, headers: dict[str, str]
+) -> str:
+    """statement_floor.py under gunicorn, on genrelay's database; its URL. It runs genrelay's
+    statements on the rows genrelay makes, so genrelay makes them first: the account's row
+    comes with its first intake."""
+    first = requests.post(
+        f"{genrelay}/v1/generations", json=SEED_BODY, headers=headers, timeout=CLIENT_TIMEOUT
+    )
+    if first.status_code != 202:
+        raise BenchError(f"genrelay's first intake answered {first.status_code}: {first.text}")
+    return _start_app(
+        processes, sim, "floor", "statement_floor:create_app()",
+        {"FLOOR_DATABASE": libpq_dsn(database_url)}, headers,
+    )  # fmt: skip
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -268,7 +312,11 @@ def print_report(report: dict[str, Any]) -> None:
         ("genrelay / forwarder", "ratios"),
         ("genrelay / durable forwarder", "ratios_to_durable"),
         ("durable forwarder / forwarder", "durable_to_forwarder"),
+        (f"genrelay / {FLOOR}", "ratios_to_floor"),
+        (f"{FLOOR} / forwarder", "floor_to_forwarder"),
     ):
+        if key not in report:
+            continue  # no floor on SQLite
         r = report[key]
         print(
             f"{label}: req/s x{r['req_per_s']:.2f}, p50 x{r['p50_ms']:.2f}, p99 x{r['p99_ms']:.2f}"

@@ -31,10 +31,8 @@ from flask import Flask, jsonify, request
 UPSTREAM_TIMEOUT: tuple[float, float] = (5.0, 30.0)
 
 
-def create_app() -> Flask:
-    """The forwarder app; its upstream session is created once, here, and shared by threads."""
-    base_url = os.environ.get("GENRELAY_DEEPIMAGE_URL", "https://deep-image.ai").rstrip("/")
-    process_url = f"{base_url}/rest_api/process"
+def upstream_session() -> requests.Session:
+    """One session for every thread's calls upstream, with the API key in its headers."""
     session = requests.Session()
     session.headers.update(
         {
@@ -42,6 +40,14 @@ def create_app() -> Flask:
             "accept": "application/json",
         }
     )
+    return session
+
+
+def create_app() -> Flask:
+    """The forwarder app; its upstream session is created once, here, and shared by threads."""
+    base_url = os.environ.get("GENRELAY_DEEPIMAGE_URL", "https://deep-image.ai").rstrip("/")
+    process_url = f"{base_url}/rest_api/process"
+    session = upstream_session()
     journal = (
         Journal(os.environ["FORWARDER_DATABASE"]) if "FORWARDER_DATABASE" in os.environ else None
     )

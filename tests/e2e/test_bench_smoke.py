@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = [
     ("intake.py", ["--requests", "30", "--rounds", "1", "--warmup", "5", "--concurrency", "4"],
      False, 60),
+    # PostgreSQL: with the statement floor as well
+    ("intake.py", ["--requests", "30", "--rounds", "1", "--warmup", "5", "--concurrency", "4",
+                   "--database", "postgresql"], True, 90),
     ("intake_cost.py", ["--requests", "30", "--no-valgrind", "--database", "sqlite"], False, 60),
     ("completion.py", ["--sizes", "64KB", "--repeats", "1", "--warmup", "0", "--skip-rss"],
      False, 60),
@@ -45,7 +48,10 @@ SMOKE = [
 @pytest.mark.parametrize(
     ("script", "arguments", "postgres", "timeout"),
     SMOKE,
-    ids=[script.removesuffix(".py") for script, *_ in SMOKE],
+    ids=[
+        script.removesuffix(".py") + ("-postgresql" if "postgresql" in arguments else "")
+        for script, arguments, *_ in SMOKE
+    ],
 )
 def test_benchmark_runs_to_the_end(
     script: str, arguments: list[str], postgres: bool, timeout: float, tmp_path: Path
@@ -79,6 +85,10 @@ def test_benchmark_runs_to_the_end(
     written = json.loads(report.read_text())
     assert written, f"{script} wrote an empty report"
     if script == "intake.py":  # every target, durable forwarder included, forwarded each request
+        expected = {"genrelay", "forwarder", "durable forwarder"}
+        if "postgresql" in arguments:
+            expected.add("statement floor")  # genrelay's statements, on its database
+        assert set(written["targets"]) == expected
         for target, figures in written["targets"].items():
             assert figures["requests"] == 30 and figures["errors"] == figures["queued"] == 0, target
     # each target timed (30 requests: getrusage splits user and system time by clock ticks,
