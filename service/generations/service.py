@@ -244,7 +244,9 @@ class GenerationService:
         """The generation as it is now (read, unless the caller has just seen it change);
         with a key, also rendered and kept as the key's first response (one transaction)."""
         if key is None:
-            return Answer(self._view(generation or self._load(generation_id)))
+            if generation is None:
+                generation = self._load(generation_id)
+            return Answer(self._view(generation))
         with self.store.transaction() as session:
             if generation is None:
                 generation = session.get(Generation, generation_id)
