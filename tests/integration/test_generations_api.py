@@ -530,6 +530,32 @@ def test_a_generation_canceled_before_the_worker_runs_is_never_submitted(
     assert stats["jobs_created"] == 0
 
 
+def test_a_generation_canceled_while_its_submit_is_in_flight_gets_no_poll(
+    client: Any, auth: dict[str, str], services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    process = services.deepimage.process
+    canceled: list[str] = []
+
+    def cancel_during_the_post(payload: dict[str, Any]) -> Any:
+        job = process(payload)  # the job exists upstream; the caller cancels before it is kept
+        with services.store.read() as session:
+            [(generation_id, tenant_id)] = session.execute(
+                sa.select(Generation.id, Generation.tenant_id).where(Generation.status == "queued")
+            ).all()
+        services.generations.cancel(tenant_id, generation_id)
+        canceled.append(generation_id)
+        return job
+
+    monkeypatch.setattr(services.deepimage, "process", cancel_during_the_post)
+    response = create(client, auth, {"input": TEXT_ONLY})
+    assert response.status_code == 202
+    assert canceled == [response.json["id"]]
+    assert response.json["status"] == "canceled"  # read again: the submit changed nothing
+    with services.store.read() as session:
+        tasks = session.scalars(sa.select(Task).where(Task.generation_id == canceled[0])).all()
+    assert [(task.kind, task.status) for task in tasks] == [("submit", "done")]
+
+
 def test_the_openapi_document_describes_the_api_from_the_same_schemas(client: Any) -> None:
     spec = client.get("/openapi.json").json
     assert {
