@@ -53,7 +53,8 @@ lock: $(VENV)/.installed-dev
 
 # Every benchmark, one after the other (they share the machine); JSON reports in var/bench,
 # figures in docs/img. About 60 minutes on 2 cores (47 on 2026-12-06 before intake_cost.py,
-# about 5 more; the catalog benchmark alone about 25).
+# about 5 more, and the statement floor in intake.py on PostgreSQL, about 2 more; the catalog
+# benchmark alone about 25).
 # The catalog benchmark's baseline arm runs the code before the line, exported from git.
 BENCH_OUT ?= var/bench
 BASELINE_COMMIT ?= 535494f
