@@ -22,6 +22,15 @@ BASE = "https://deep-image.test"
 JOB = "44d46e9a-c3d5-11ed-af64-0242ac1f000f"
 
 
+def _behind_a_corporate_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An environment with an HTTPS proxy and a CA bundle of its own, and nothing else of the
+    kind."""
+    for name in ("NO_PROXY", "no_proxy", "CURL_CA_BUNDLE", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://egress.internal:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/corporate-ca.pem")
+
+
 @pytest.fixture
 def client() -> DeepImageClient:
     return DeepImageClient(BASE, "secret-api-key", timeout=(1.0, 2.0))
@@ -51,10 +60,7 @@ def test_result_returns_the_result_url_when_complete(client: DeepImageClient) ->
 def test_every_call_has_a_timeout_and_the_sessions_proxy_and_ca_bundle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in ("NO_PROXY", "no_proxy", "CURL_CA_BUNDLE", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", "http://egress.internal:3128")
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/corporate-ca.pem")
+    _behind_a_corporate_proxy(monkeypatch)
     client = DeepImageClient(BASE, "secret-api-key", timeout=(1.0, 2.0))
     seen: dict[str, Any] = {}
 
@@ -201,10 +207,7 @@ def test_the_api_key_never_appears_in_error_messages(client: DeepImageClient) ->
 def test_the_upstream_session_takes_the_environment_proxy_and_ca_bundle_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in ("NO_PROXY", "no_proxy", "CURL_CA_BUNDLE", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", "http://egress.internal:3128")
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/corporate-ca.pem")
+    _behind_a_corporate_proxy(monkeypatch)
     session = upstream_session(BASE)
     assert session.proxies["https"] == "http://egress.internal:3128"
     assert session.verify == "/etc/corporate-ca.pem"
