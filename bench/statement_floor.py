@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 from flask import Flask, jsonify, request
-from minimal_forwarder import UPSTREAM_TIMEOUT, upstream_session
+from minimal_forwarder import UPSTREAM_TIMEOUT, connect, upstream_session
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -103,9 +103,8 @@ def create_app() -> Flask:
     def connection() -> psycopg.Connection[dict[str, Any]]:
         held = getattr(local, "connection", None)
         if held is None or held.closed:
-            held = psycopg.connect(
-                database, autocommit=True, connect_timeout=10, row_factory=dict_row
-            )
+            held = connect(database)  # the durable forwarder's: autocommit, 10 s to connect
+            held.row_factory = dict_row
             local.connection = held
         return held
 
