@@ -70,13 +70,15 @@ INSERT INTO tasks (id, kind, generation_id, payload, status, attempts, run_at, c
                    lease_expires_at, created_at, updated_at)
 VALUES (%(id)s, 'submit', %(generation_id)s, '{}', 'running', 1, %(now)s, %(token)s,
         %(lease)s, %(now)s, %(now)s)"""
-# The submit's transaction: change_status with its event and fan-out, Line.note_accepted, and
-# the task going on as the job's poll (TaskQueue.continue_in).
+# The submit's transaction: change_status (which also asks whether the tenant has an enabled
+# subscription) with its event and fan-out (the subscriptions read only if it has),
+# Line.note_accepted, and the task going on as the job's poll (TaskQueue.continue_in).
 TO_PROCESSING = """
 UPDATE generations SET status = 'processing', upstream_job = %(job)s, updated_at = %(now)s,
                        submitted_at = %(now)s
 WHERE id = %(id)s AND status = 'queued'
-RETURNING *"""
+RETURNING *, EXISTS (SELECT 1 FROM subscriptions s
+                     WHERE s.tenant_id = generations.tenant_id AND s.enabled) AS subscribed"""
 INSERT_EVENT = """
 INSERT INTO events (id, tenant_id, generation_id, type, data, created_at)
 VALUES (%(id)s, %(tenant_id)s, %(generation_id)s, 'generation.processing', %(data)s, %(now)s)"""
@@ -154,10 +156,12 @@ def create_app() -> Flask:
         with db.transaction():
             row = db.execute(TO_PROCESSING, {"job": job, "now": now, "id": generation_id})
             generation = _shown(row.fetchone() or {})
+            subscribed = generation.pop("subscribed", False)
             event = {"id": f"evt_{uuid.uuid4().hex}", "data": Jsonb(generation), "now": now}
             event.update(tenant_id=tenant["id"], generation_id=generation_id)
             db.execute(INSERT_EVENT, event)
-            db.execute(SUBSCRIPTIONS, {"tenant_id": tenant["id"]}).fetchall()
+            if subscribed:  # read only when there are some, as genrelay does
+                db.execute(SUBSCRIPTIONS, {"tenant_id": tenant["id"]}).fetchall()
             db.execute(ACCOUNT_LEARNING, {"account": ACCOUNT}).fetchone()
             run_at = now + dt.timedelta(seconds=FIRST_POLL)
             poll = {"payload": Jsonb({"delay": FIRST_POLL}), "run_at": run_at, "now": now}

@@ -18,7 +18,7 @@ from service.generations.batch_progress import note_item_finished
 from service.generations.line import slot_freed
 from service.generations.views import COLUMNS, GENERATIONS
 from service.models import Generation, utcnow
-from service.notifications.events import record_event
+from service.notifications.events import any_subscription, record_event
 from service.runtime.outcomes import after_commit
 
 # Where `change_status` leaves the rows of its changes, once committed, while `changes_seen` is
@@ -79,7 +79,9 @@ def change_status(
     job_runs_on = new == GenerationStatus.CANCELED and generation.upstream_job is not None
     if new.is_terminal and held_a_slot and not job_runs_on:
         slot_freed(session)  # it held an upstream slot until now: someone waiting may have it
-    record_event(session, generation, new, now=now, signed_url=signed_url)
+    record_event(
+        session, generation, new, now=now, signed_url=signed_url, subscribed=generation.subscribed
+    )
     if new.is_terminal and generation.batch_id is not None:
         note_item_finished(session, generation.batch_id, now)  # the last item completes it
     seen = _SEEN.get()
@@ -95,7 +97,10 @@ def _status_update(new: GenerationStatus, names: tuple[str, ...]) -> sa.Update:
 
     The allowed predecessors are bound one by one: `in_()` of a list of plain values is an
     "expanding" parameter, which SQLAlchemy renders into the SQL again on every execution
-    (with the same in `TaskQueue.finish_all_in`, 2 % of an intake's instructions)."""
+    (with the same in `TaskQueue.finish_all_in`, 2 % of an intake's instructions).
+
+    It returns the row's COLUMNS and `subscribed`, whether its tenant has an enabled
+    subscription, for the event's fan-out."""
     return (
         sa.update(GENERATIONS)
         .where(
@@ -103,7 +108,10 @@ def _status_update(new: GenerationStatus, names: tuple[str, ...]) -> sa.Update:
             GENERATIONS.c.status.in_([sa.literal(s.value) for s in allowed_predecessors(new)]),
         )
         .values({COLUMNS[name]: sa.bindparam(f"new_{name}") for name in names})
-        .returning(*(column.label(name) for name, column in COLUMNS.items()))
+        .returning(
+            *(column.label(name) for name, column in COLUMNS.items()),
+            any_subscription(GENERATIONS.c.tenant_id).label("subscribed"),
+        )
     )
 
 

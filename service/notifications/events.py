@@ -32,12 +32,22 @@ CLOUDEVENTS_SOURCE = "/genrelay"
 
 
 # Core statements, built once: every status change runs them.
+_SUBSCRIPTIONS = cast(sa.Table, Subscription.__table__)
 _ENABLED_SUBSCRIPTIONS = sa.select(
     Subscription.id, Subscription.url, Subscription.format, Subscription.events
 ).where(Subscription.tenant_id == sa.bindparam("tenant_id"), Subscription.enabled.is_(True))
 _INSERT_EVENT = sa.insert(cast(sa.Table, Event.__table__))
 _INSERT_DELIVERY = sa.insert(cast(sa.Table, Delivery.__table__))
 _SUMMARY = GenerationSummarySchema()  # stateless: one instance serves every event
+
+
+def any_subscription(tenant_id: sa.ColumnElement[str]) -> sa.Exists:
+    """Whether the tenant has an enabled subscription, as SQL. A status change returns it with
+    the row it changed, so that its fan-out reads the subscriptions only when there are some:
+    one statement less per status change for a tenant with none."""
+    return sa.exists().where(
+        _SUBSCRIPTIONS.c.tenant_id == tenant_id, _SUBSCRIPTIONS.c.enabled.is_(True)
+    )
 
 
 def generation_resource(
@@ -55,11 +65,14 @@ def record_event(
     *,
     now: dt.datetime,
     signed_url: str | None = None,
+    subscribed: bool = True,
 ) -> Event | None:
     """Write the event of a status change and queue its deliveries (same transaction).
 
     `generation` is the row as the change left it (change_status's UPDATE ... RETURNING);
     `signed_url`, a download link for its result, is shown in the event's `result.url`.
+    `subscribed=False`: the tenant has no enabled subscription (`any_subscription`, read in
+    the change's own statement).
     """
     event_type = EVENT_FOR_STATUS.get(status)
     if event_type is None:
@@ -77,6 +90,7 @@ def record_event(
         event,
         webhook=generation.webhook,
         webhook_events_filter=generation.webhook_events_filter,
+        subscribed=subscribed,
     )
     return event
 
@@ -87,10 +101,11 @@ def fan_out(
     *,
     webhook: str | None,
     webhook_events_filter: list[str] | None,
+    subscribed: bool = True,
 ) -> None:
     """Store `event` and queue a delivery to each target that wants it: the subject's own
     `webhook` (unless its filter leaves the type out) and the tenant's enabled subscriptions
-    that list the type.
+    that list the type (not read when `subscribed` is False: the caller knows of none).
 
     `event` is not added to the session: it, its deliveries and their tasks are inserted with
     Core statements (this runs with every status change).
@@ -110,6 +125,8 @@ def fan_out(
     if webhook and (webhook_events_filter is None or event.type in webhook_events_filter):
         tenant_webhook_secret(session, event.tenant_id)  # the deliverer only reads it
         queue_delivery(session, event, url=webhook, fmt="standard", subscription_id=None)
+    if not subscribed:
+        return
     subscriptions = connection.execute(_ENABLED_SUBSCRIPTIONS, {"tenant_id": event.tenant_id})
     for subscription in subscriptions.all():
         if event.type in subscription.events:

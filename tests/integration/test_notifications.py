@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import svix.webhooks
 from cloudevents.core.bindings.http import HTTPMessage, from_structured_event
 
 from service.config import Config
-from service.models import Subscription
+from service.models import Delivery, Subscription
 from tests.helpers import Receiver, Statements, drain, seed_examples
 
 TEXT_ONLY = seed_examples()["text_only"]
@@ -65,8 +66,6 @@ def verify_both(secret: str, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def types_of(receiver: Receiver) -> list[str]:
-    import json
-
     return [json.loads(r["body"])["type"] for r in receiver.requests]
 
 
@@ -118,6 +117,42 @@ def test_a_subscription_gets_every_event_in_order_signed_with_its_own_secret(
         verify_both(created["secret"], request)
     ids = {r["headers"]["Webhook-Id"] for r in receiver.requests}
     assert len(ids) == 2
+
+
+def test_a_status_change_reads_the_subscriptions_only_while_its_tenant_has_an_enabled_one(
+    api: Any, receiver_factory: Any
+) -> None:
+    services, client, auth = api
+    read = "SELECT subscriptions.id"  # the fan-out's read of the tenant's subscriptions
+
+    def intake() -> tuple[str, Statements]:
+        with Statements(services.store.engine) as statements:
+            generation = generate(client, auth)
+        assert generation["status"] == "processing"  # one status change, inline
+        return generation["id"], statements
+
+    generate(client, auth)  # makes the account's row: the next intakes' statements alike
+    _, statements = intake()
+    assert statements.matching(read) == []
+    [change] = statements.matching("UPDATE generations SET status")
+    assert "FROM subscriptions" in change  # whether there is one: asked in the change itself
+    receiver = receiver_factory()
+    created = subscribe(client, auth, receiver.url)
+    subscribed, statements = intake()
+    assert len(statements.matching(read)) == 1
+    disabled = {"enabled": False}
+    client.patch(f"/v1/subscriptions/{created['id']}", json=disabled, headers=auth)
+    unsubscribed, statements = intake()
+    assert statements.matching(read) == []
+    drain(services)
+    # Only the generation made while the subscription was enabled had its events queued to it.
+    with services.store.read() as session:
+        queued = session.scalars(
+            sa.select(Delivery.body).where(Delivery.subscription_id == created["id"])
+        ).all()
+    subjects = {json.loads(body)["data"]["id"] for body in queued}
+    assert subjects == {subscribed}
+    assert unsubscribed not in subjects
 
 
 def test_cloudevents_subscriptions_get_structured_cloudevents(
