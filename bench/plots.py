@@ -9,6 +9,7 @@ writes one PNG per benchmark it finds; a missing report is skipped with a note.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ import matplotlib.pyplot as plt
 GENRELAY = "#2b6cb0"
 BASELINE = "#a0aec0"
 SECOND_BASELINE = "#4a5568"
+THIRD_BASELINE = "#90cdf4"
 
 
 def _bars(
@@ -34,7 +36,7 @@ def _bars(
     """Grouped bars: genrelay next to its baseline(s) for each label."""
     xs = range(len(labels))
     width = 0.76 / len(names)
-    colors = (GENRELAY, BASELINE, SECOND_BASELINE)
+    colors = (GENRELAY, BASELINE, SECOND_BASELINE, THIRD_BASELINE)
     for i, name in enumerate(names):
         offset = (i - (len(names) - 1) / 2) * width
         ax.bar([x + offset for x in xs], [g[i] for g in groups], width, label=name, color=colors[i])
@@ -63,18 +65,21 @@ def _bar_chart(
 
 def intake(reports: dict[str, Any], out: Path) -> None:
     """Intake: req/s and latency percentiles, genrelay next to the minimal forwarder (and the
-    durable forwarder, in reports that have it)."""
+    durable forwarder and the statement floor, in reports that have them: the floor runs on
+    PostgreSQL only, so SQLite's group has no bar for it)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     shown = {"genrelay": "genrelay", "forwarder": "minimal forwarder"}
     if all("durable forwarder" in report["targets"] for report in reports.values()):
         shown["durable forwarder"] = "durable forwarder"
+    if any("statement floor" in report["targets"] for report in reports.values()):
+        shown["statement floor"] = "statement floor"
     labels, throughput, p50, p99 = [], [], [], []
     for name, report in reports.items():
-        targets = [report["targets"][target] for target in shown]
+        targets = [report["targets"].get(target, {}) for target in shown]
         labels.append(name)
-        throughput.append(tuple(t["req_per_s"] for t in targets))
-        p50.append(tuple(t["p50_ms"] for t in targets))
-        p99.append(tuple(t["p99_ms"] for t in targets))
+        throughput.append(tuple(t.get("req_per_s", math.nan) for t in targets))
+        p50.append(tuple(t.get("p50_ms", math.nan) for t in targets))
+        p99.append(tuple(t.get("p99_ms", math.nan) for t in targets))
     names = tuple(shown.values())
     _bars(left, labels, throughput, names, "requests/s")
     left.set_title("POST /v1/generations throughput")
