@@ -52,9 +52,8 @@ lock: $(VENV)/.installed-dev
 		--output-file requirements.lock setup.cfg
 
 # Every benchmark, one after the other (they share the machine); JSON reports in var/bench,
-# figures in docs/img. About 60 minutes on 2 cores (47 on 2026-12-06 before intake_cost.py,
-# about 5 more, and the statement floor in intake.py on PostgreSQL, about 2 more; the catalog
-# benchmark alone about 25).
+# figures in docs/img. About an hour on 2 cores (51 minutes on 2026-12-06 at 5d9c253; the
+# catalog benchmark alone about 25).
 # The catalog benchmark's baseline arm runs the code before the line, exported from git.
 BENCH_OUT ?= var/bench
 BASELINE_COMMIT ?= 535494f
