@@ -15,6 +15,7 @@ once its processes have exited. Needs root, or a delegated cgroup; `available()`
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 PERIOD_US = 100_000
 V1_CPU = Path("/sys/fs/cgroup/cpu")
 V2_ROOT = Path("/sys/fs/cgroup")
+_SERIAL = itertools.count(1)  # groups of one process are named apart by it
 
 
 class CpuQuotaError(RuntimeError):
@@ -58,7 +60,9 @@ class CpuQuota:
         self.cores = cores
         self.v2 = _v2()
         base = V2_ROOT if self.v2 else V1_CPU
-        self.path = base / f"{name}-{os.getpid()}"
+        # Unique in this process: a group of an earlier run may still be there (its removal
+        # waits for its processes to exit).
+        self.path = base / f"{name}-{os.getpid()}-{next(_SERIAL)}"
         self.path.mkdir()
         quota = int(cores * PERIOD_US)
         try:
@@ -103,5 +107,5 @@ class CpuQuota:
                 self.path.rmdir()
             except OSError:
                 if time.monotonic() > deadline:
-                    return  # left behind; harmless, and named after our pid
+                    return  # left behind: empty once its processes exit, never reused
                 time.sleep(0.05)

@@ -108,6 +108,8 @@ class Run:
             result = self.whole() if mode == "whole" else self.backlog()
         self.processes.stop_all()
         stats = [quota.stats() for quota in self.quotas]
+        for quota in self.quotas:
+            quota.close()  # its workers have exited
         if stats:
             result["worker_quota"] = {
                 "cores_each": args.worker_cpu,

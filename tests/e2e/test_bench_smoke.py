@@ -9,6 +9,7 @@ The scripts that need PostgreSQL are skipped when the test server does not answe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,6 +37,10 @@ SMOKE = [
     ("deliveries.py", ["--deliveries", "20", "--rounds", "1"], False, 60),
     ("scale.py", ["--generations", "10", "--workers", "1", "--repeats", "1", "--modes", "whole"],
      True, 90),
+    # Each worker in a CPU quota, as `make bench` runs it: one run, then another with a group
+    # of the same worker number (needs a writable cgroup; skipped where there is none)
+    ("scale.py", ["--generations", "10", "--workers", "1,2", "--repeats", "1", "--modes", "whole",
+                  "--worker-cpu", "0.5"], True, 150),
     ("large_table.py", ["--generations", "1000", "--tenants", "3", "--tasks", "100",
                         "--requests", "10", "--reads", "5", "--rounds", "1", "--warmup", "2"],
      True, 120),
@@ -49,7 +54,9 @@ SMOKE = [
     ("script", "arguments", "postgres", "timeout"),
     SMOKE,
     ids=[
-        script.removesuffix(".py") + ("-postgresql" if "postgresql" in arguments else "")
+        script.removesuffix(".py")
+        + ("-postgresql" if "postgresql" in arguments else "")
+        + ("-capped" if "--worker-cpu" in arguments else "")
         for script, arguments, *_ in SMOKE
     ],
 )
@@ -62,6 +69,8 @@ def test_benchmark_runs_to_the_end(
         if admin_url is None:
             pytest.skip(reason)
         env["GENRELAY_TEST_POSTGRES_URL"] = admin_url
+    if "--worker-cpu" in arguments and (reason := _cpu_quotas_refused()):
+        pytest.skip(f"--worker-cpu needs a cgroup CPU quota: {reason}")
     env["PYTHONPATH"] = str(REPO)
     report = tmp_path / "report.json"
     argv = [sys.executable, str(REPO / "bench" / script), *arguments]
@@ -97,6 +106,15 @@ def test_benchmark_runs_to_the_end(
         assert set(written["targets"]) == {"genrelay", "forwarder", "durable forwarder"}
         assert all(figures["user_ms_per_request"] > 0 for figures in written["targets"].values())
         assert any(s.startswith("INSERT INTO generations") for s in written["genrelay_statements"])
+
+
+def _cpu_quotas_refused() -> str | None:
+    """Why this machine refuses CPU-limited cgroups (bench/_cpulimit.py), or None."""
+    spec = importlib.util.spec_from_file_location("_cpulimit", REPO / "bench" / "_cpulimit.py")
+    assert spec is not None and spec.loader is not None
+    cpulimit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpulimit)
+    return cpulimit.available()  # type: ignore[no-any-return]
 
 
 def _tail(path: Path, size: int = 4000) -> str:
