@@ -32,7 +32,6 @@ CLOUDEVENTS_SOURCE = "/genrelay"
 
 
 # Core statements, built once: every status change runs them.
-_SUBSCRIPTIONS = cast(sa.Table, Subscription.__table__)
 _ENABLED_SUBSCRIPTIONS = sa.select(
     Subscription.id, Subscription.url, Subscription.format, Subscription.events
 ).where(Subscription.tenant_id == sa.bindparam("tenant_id"), Subscription.enabled.is_(True))
@@ -45,9 +44,7 @@ def any_subscription(tenant_id: sa.ColumnElement[str]) -> sa.Exists:
     """Whether the tenant has an enabled subscription, as SQL. A status change returns it with
     the row it changed, so that its fan-out reads the subscriptions only when there are some:
     one statement less per status change for a tenant with none."""
-    return sa.exists().where(
-        _SUBSCRIPTIONS.c.tenant_id == tenant_id, _SUBSCRIPTIONS.c.enabled.is_(True)
-    )
+    return sa.exists().where(Subscription.tenant_id == tenant_id, Subscription.enabled.is_(True))
 
 
 def generation_resource(
