@@ -49,9 +49,11 @@ from _stack import (
 )
 from minimal_forwarder import create_journal
 from sqlalchemy.engine import make_url
+from statement_floor import install_functions
 
 WEB = (2, 8)  # gunicorn processes x threads of every target
 FLOOR = "statement floor"  # statement_floor.py: genrelay's SQL with nothing around it
+FUNCTION_FLOOR = "function floor"  # the same SQL, one function call per transaction
 RATIO_KEYS = ("req_per_s", "p50_ms", "p99_ms")
 
 
@@ -106,6 +108,8 @@ def measure(ctx: Context) -> dict[str, Any]:
     if args.database == "postgresql":
         floor = start_floor(processes, sim, genrelay, db_url, authorized)
         targets[FLOOR] = ("floor", floor, authorized, db_url)
+        one_call = start_floor(processes, sim, genrelay, db_url, authorized, one_call=True)
+        targets[FUNCTION_FLOOR] = ("function floor", one_call, authorized, db_url)
     targets["forwarder"] = ("forwarder", start_forwarder(processes, sim, "forwarder"), {}, None)
     durable = start_forwarder(processes, sim, "durable", durable_url)
     targets["durable forwarder"] = ("durable", durable, {}, durable_url)
@@ -159,10 +163,12 @@ def measure(ctx: Context) -> dict[str, Any]:
     g, f, d = (per_target[name] for name in ("genrelay", "forwarder", "durable forwarder"))
     floor_ratios = {}
     if FLOOR in per_target:
-        s = per_target[FLOOR]
+        s, o = per_target[FLOOR], per_target[FUNCTION_FLOOR]
         floor_ratios = {
             "ratios_to_floor": {k: round(g[k] / s[k], 3) for k in RATIO_KEYS},
             "floor_to_forwarder": {k: round(s[k] / f[k], 3) for k in RATIO_KEYS},
+            "ratios_to_function_floor": {k: round(g[k] / o[k], 3) for k in RATIO_KEYS},
+            "function_floor_to_forwarder": {k: round(o[k] / f[k], 3) for k in RATIO_KEYS},
         }
     return {
         "settings": {
@@ -280,19 +286,24 @@ def _start_app(
 
 
 def start_floor(
-    processes: Processes, sim: str, genrelay: str, database_url: str, headers: dict[str, str]
-) -> str:
+    processes: Processes, sim: str, genrelay: str, database_url: str, headers: dict[str, str],
+    one_call: bool = False,
+) -> str:  # fmt: skip
     """statement_floor.py under gunicorn, on genrelay's database; its URL. It runs genrelay's
     statements on the rows genrelay makes, so genrelay makes them first: the account's row
-    comes with its first intake."""
+    comes with its first intake. `one_call`: the function floor, its functions installed."""
     first = requests.post(
         f"{genrelay}/v1/generations", json=SEED_BODY, headers=headers, timeout=CLIENT_TIMEOUT
     )
     if first.status_code != 202:
         raise BenchError(f"genrelay's first intake answered {first.status_code}: {first.text}")
+    dsn = libpq_dsn(database_url)
+    if one_call:
+        install_functions(dsn)
+    name = "function floor" if one_call else "floor"
     return _start_app(
-        processes, sim, "floor", "statement_floor:create_app()",
-        {"FLOOR_DATABASE": libpq_dsn(database_url)}, headers,
+        processes, sim, name, f"statement_floor:create_app(one_call={one_call})",
+        {"FLOOR_DATABASE": dsn}, headers,
     )  # fmt: skip
 
 
@@ -314,6 +325,8 @@ def print_report(report: dict[str, Any]) -> None:
         ("durable forwarder / forwarder", "durable_to_forwarder"),
         (f"genrelay / {FLOOR}", "ratios_to_floor"),
         (f"{FLOOR} / forwarder", "floor_to_forwarder"),
+        (f"genrelay / {FUNCTION_FLOOR}", "ratios_to_function_floor"),
+        (f"{FUNCTION_FLOOR} / forwarder", "function_floor_to_forwarder"),
     ):
         if key not in report:
             continue  # no floor on SQLite
