@@ -24,6 +24,7 @@ GENRELAY = "#2b6cb0"
 BASELINE = "#a0aec0"
 SECOND_BASELINE = "#4a5568"
 THIRD_BASELINE = "#90cdf4"
+FOURTH_BASELINE = "#c6f6d5"
 
 
 def _bars(
@@ -36,7 +37,7 @@ def _bars(
     """Grouped bars: genrelay next to its baseline(s) for each label."""
     xs = range(len(labels))
     width = 0.76 / len(names)
-    colors = (GENRELAY, BASELINE, SECOND_BASELINE, THIRD_BASELINE)
+    colors = (GENRELAY, BASELINE, SECOND_BASELINE, THIRD_BASELINE, FOURTH_BASELINE)
     for i, name in enumerate(names):
         offset = (i - (len(names) - 1) / 2) * width
         ax.bar([x + offset for x in xs], [g[i] for g in groups], width, label=name, color=colors[i])
@@ -65,14 +66,15 @@ def _bar_chart(
 
 def intake(reports: dict[str, Any], out: Path) -> None:
     """Intake: req/s and latency percentiles, genrelay next to the minimal forwarder (and the
-    durable forwarder and the statement floor, in reports that have them: the floor runs on
-    PostgreSQL only, so SQLite's group has no bar for it)."""
+    durable forwarder and the two floors, in reports that have them: the floors run on
+    PostgreSQL only, so SQLite's group has no bars for them)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     shown = {"genrelay": "genrelay", "forwarder": "minimal forwarder"}
     if all("durable forwarder" in report["targets"] for report in reports.values()):
         shown["durable forwarder"] = "durable forwarder"
-    if any("statement floor" in report["targets"] for report in reports.values()):
-        shown["statement floor"] = "statement floor"
+    for floor in ("statement floor", "function floor"):
+        if any(floor in report["targets"] for report in reports.values()):
+            shown[floor] = floor
     labels, throughput, p50, p99 = [], [], [], []
     for name, report in reports.items():
         targets = [report["targets"].get(target, {}) for target in shown]
