@@ -15,6 +15,7 @@ from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.exceptions import HTTPException
 
 from schemas.problems import ProblemSchema
+from service.database import aborted_by_conflict
 from service.errors import PROBLEM_BASE, ClientTooSlow, InvalidRequest, ServiceError
 
 log = logging.getLogger("genrelay.http")
@@ -249,6 +250,21 @@ def register_error_handlers(app: flask.Flask) -> None:
     # HTTPExceptions go to ProblemApi.handle_http_exception (Flask picks the closest class).
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> flask.Response:
+        if aborted_by_conflict(error):
+            # Left after Store.retrying's attempts, or on a path without them: the aborted
+            # transaction rolled back whole, and the client may send the request again.
+            log.warning(
+                "%s %s: the database aborted its transaction to break a deadlock",
+                flask.request.method,
+                flask.request.path,
+            )
+            return problem_response(
+                503,
+                "Service Unavailable",
+                "the database aborted this request's transaction to break a deadlock with "
+                "other requests; retry it",
+                headers={"Retry-After": "1"},
+            )
         log.exception("unhandled error on %s %s", flask.request.method, flask.request.path)
         return problem_response(500, "Internal Server Error", "The server failed unexpectedly.")
 

@@ -6,11 +6,12 @@ import contextvars
 import fcntl
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.runtime import wakeup
 
 log = logging.getLogger("genrelay.database")
+T = TypeVar("T")
 
 # Seconds a SQLite writer waits for the database before "database is locked".
 SQLITE_BUSY_TIMEOUT = 30
@@ -25,6 +27,19 @@ SQLITE_BUSY_TIMEOUT = 30
 # server that stopped answering would hang each request until the kernel gave up on TCP,
 # minutes later). A `connect_timeout` in GENRELAY_DATABASE_URL wins.
 POSTGRES_CONNECT_TIMEOUT = 10
+# SQLSTATEs of a transaction PostgreSQL aborted to resolve a conflict between transactions:
+# deadlock_detected and serialization_failure. The transaction rolled back whole.
+CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
+# How many times Store.retrying runs its work in all.
+CONFLICT_ATTEMPTS = 3
+
+
+def aborted_by_conflict(error: BaseException) -> bool:
+    """Whether `error` is the database aborting a transaction to resolve a conflict with
+    another one (a deadlock), which running the transaction again resolves."""
+    if not isinstance(error, sa.exc.DBAPIError):
+        return False
+    return getattr(error.orig, "sqlstate", None) in CONFLICT_SQLSTATES
 
 
 def create_db_engine(url: str, *, pre_ping: bool = True) -> sa.Engine:
@@ -230,6 +245,27 @@ class Store:
         if connection is None or connection.invalidated or connection.in_transaction():
             return None
         return connection
+
+    def retrying(self, work: Callable[[], T]) -> T:
+        """`work()`, run again (up to CONFLICT_ATTEMPTS times in all) when the database
+        aborted its transaction to break a deadlock.
+
+        For work that is one transaction and nothing else: it rolled back whole, so running
+        it again is safe. Transactions take the account's row lock at different points (the
+        line's admission runs before the commit of any transaction that freed a slot), so a
+        cycle of waits can form under load; PostgreSQL aborts one of them.
+        """
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return work()
+            except sa.exc.DBAPIError as error:
+                if attempt == CONFLICT_ATTEMPTS or not aborted_by_conflict(error):
+                    raise
+                state = getattr(error.orig, "sqlstate", None)
+                log.warning("a transaction aborted by a conflict (%s); running it again", state)
+                # apart from the transaction it conflicted with (jitter, not security)
+                time.sleep(random.uniform(0.01, 0.05) * attempt)  # noqa: S311
+        raise AssertionError("unreachable")
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -303,27 +303,32 @@ class BatchService:
         first; True when none is left, False when `budget` seconds ran out first."""
         started = time.monotonic()
         while True:
-            with self.store.transaction() as session:
-                # Lock the chunk's rows first, then change them: every transaction that
-                # finishes an item locks its generation before the batch row.
-                chunk = list(
-                    session.scalars(
-                        sa.select(Generation.id)
-                        .where(Generation.batch_id == batch_id, Generation.status.in_(UNFINISHED))
-                        .order_by(Generation.admitted_at.is_not(None), Generation.id)
-                        .limit(CANCEL_CHUNK)
-                        .with_for_update()
-                    )
-                )
-                # One completion check for the chunk, after its last item, not one per item.
-                defer_completion(session, batch_id)
-                for generation_id in chunk:
-                    change_status(session, generation_id, GenerationStatus.CANCELED, now=utcnow())
-                complete_if_done(session, batch_id, utcnow())
-            if len(chunk) < CANCEL_CHUNK:
+            canceled = self.store.retrying(lambda: self._cancel_chunk(batch_id))
+            if canceled < CANCEL_CHUNK:
                 return True
             if budget is not None and time.monotonic() - started >= budget:
                 return False
+
+    def _cancel_chunk(self, batch_id: str) -> int:
+        """Cancel up to CANCEL_CHUNK unfinished items in one transaction; how many."""
+        with self.store.transaction() as session:
+            # Lock the chunk's rows first, then change them: every transaction that finishes
+            # an item locks its generation before the batch row.
+            chunk = list(
+                session.scalars(
+                    sa.select(Generation.id)
+                    .where(Generation.batch_id == batch_id, Generation.status.in_(UNFINISHED))
+                    .order_by(Generation.admitted_at.is_not(None), Generation.id)
+                    .limit(CANCEL_CHUNK)
+                    .with_for_update()
+                )
+            )
+            # One completion check for the chunk, after its last item, not one per item.
+            defer_completion(session, batch_id)
+            for generation_id in chunk:
+                change_status(session, generation_id, GenerationStatus.CANCELED, now=utcnow())
+            complete_if_done(session, batch_id, utcnow())
+        return len(chunk)
 
     def require(self, tenant_id: str, batch_id: str) -> None:
         """NotFound unless the batch exists and is this tenant's."""

@@ -145,7 +145,9 @@ class CompletionService:
         # An idle inline thread, taken before the transaction: it decides how the task is added.
         inline = self.inline if self.inline is not None and self.inline.reserve() else None
         try:
-            outcome, claimed = self._accept(generation_id, callback, claim=inline is not None)
+            outcome, claimed = self.store.retrying(
+                lambda: self._accept(generation_id, callback, claim=inline is not None)
+            )
         except BaseException:
             if inline is not None:
                 inline.cancel()

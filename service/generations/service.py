@@ -323,12 +323,15 @@ class GenerationService:
         """Cancel a queued or processing generation; canceling twice is harmless."""
         generation = self.get(tenant_id, generation_id)
         if generation.status != GenerationStatus.CANCELED:
-            with self.store.transaction() as session:
-                change_status(session, generation_id, GenerationStatus.CANCELED, now=utcnow())
+            self.store.retrying(lambda: self._cancel(generation_id))
             generation = GenerationView(self._load(generation_id))
         if generation.status != GenerationStatus.CANCELED:
             raise Conflict(f"generation {generation_id} has already {generation.status}")
         return generation
+
+    def _cancel(self, generation_id: str) -> None:
+        with self.store.transaction() as session:
+            change_status(session, generation_id, GenerationStatus.CANCELED, now=utcnow())
 
     def _load(self, generation_id: str) -> GenerationRecord:
         with self.store.read_one() as connection:

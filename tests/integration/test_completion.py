@@ -8,6 +8,7 @@ the simulator call a real gunicorn.
 from __future__ import annotations
 
 import io
+import threading
 import time
 from typing import Any
 
@@ -440,3 +441,52 @@ def test_a_callback_that_overtakes_the_submit_records_the_job_itself_when_truste
     done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
     assert (done["status"], done["upstream"]["job"]) == ("succeeded", job)
     assert len(objects(services)) == 1
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_callback_whose_transaction_is_aborted_by_a_deadlock_runs_it_again(
+    config: Config, make_client: Any, simulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The soak found it: a callback frees its job's slot, so the line's admission runs before
+    # its commit and takes the account's row lock last, after the generation's row. A
+    # transaction holding the account's lock that then writes that generation closes a cycle,
+    # and PostgreSQL aborts the one that waited first: here the callback's.
+    services, client, auth = make_client(callback_config(config))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    result_url = wait_until_complete(simulator, generation["upstream"]["job"])
+    engine = services.store.engine
+    answers: list[Any] = []
+    watching = engine.execution_options(isolation_level="AUTOCOMMIT")  # a fresh view per read
+    with engine.connect() as holder, watching.connect() as watcher:
+        holder.execute(sa.text("SELECT 1 FROM upstream_accounts WHERE id = 'deepimage' FOR UPDATE"))
+        callback = threading.Thread(
+            target=lambda: answers.append(call_back(client, generation, result_url))
+        )
+        callback.start()
+        waiting_for_account = sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%upstream_accounts%FOR UPDATE%' "
+            "AND pid <> pg_backend_pid()"
+        )
+        deadline = time.monotonic() + 10
+        while not watcher.execute(waiting_for_account).scalar():
+            assert time.monotonic() < deadline, "the callback never waited for the account"
+            time.sleep(0.01)
+        # Within PostgreSQL's deadlock_timeout (1 s) of the callback starting to wait.
+        holder.execute(
+            sa.text("UPDATE generations SET updated_at = updated_at WHERE id = :id"),
+            {"id": generation["id"]},
+        )
+        holder.commit()
+        callback.join(timeout=30)
+    assert not callback.is_alive()
+    (answer,) = answers
+    assert (answer.status_code, answer.json) == (200, {"outcome": "accepted"})
+    assert "a transaction aborted by a conflict (40P01)" in caplog.text
+    (store_task,) = tasks_of(services, STORE)
+    assert store_task.generation_id == generation["id"]
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert done["status"] == "succeeded"

@@ -1,8 +1,16 @@
-"""marshmallow's nested error dicts become a flat list naming each field."""
+"""marshmallow's nested error dicts become a flat list naming each field; unexpected errors
+become problems too."""
 
 from __future__ import annotations
 
-from handlers.problems import flatten_messages
+from typing import NoReturn
+
+import flask
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from handlers.problems import flatten_messages, register_error_handlers
 
 
 def test_nested_errors_get_dotted_paths_and_list_indexes() -> None:
@@ -20,3 +28,39 @@ def test_nested_errors_get_dotted_paths_and_list_indexes() -> None:
         {"field": "input", "message": "Ask for something."},
         {"field": "metadata.k.value", "message": "Longer than maximum length 500."},
     ]
+
+
+def _failing_app(error: Exception) -> flask.Flask:
+    app = flask.Flask(__name__)
+    register_error_handlers(app)
+
+    @app.post("/v1/callbacks/deepimage/gen_1/<token>")
+    def fail(token: str) -> NoReturn:
+        raise error
+
+    return app
+
+
+def _database_error(orig: Exception) -> sa.exc.OperationalError:
+    return sa.exc.OperationalError("UPDATE generations ...", {}, orig)
+
+
+def test_a_transaction_the_database_aborted_for_a_deadlock_is_a_503_to_retry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    error = _database_error(psycopg.errors.DeadlockDetected("deadlock"))
+    client = _failing_app(error).test_client()
+    response = client.post("/v1/callbacks/deepimage/gen_1/" + "f" * 64)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.content_type == "application/problem+json"
+    assert "deadlock" in response.json["detail"]
+    assert "UPDATE" not in response.get_data(as_text=True)  # no statement in the body
+    assert [r.levelname for r in caplog.records] == ["WARNING"]  # no traceback: expected
+
+
+def test_any_other_database_error_is_still_a_500() -> None:
+    error = _database_error(psycopg.errors.UndefinedTable("no such table"))
+    response = _failing_app(error).test_client().post("/v1/callbacks/deepimage/gen_1/x")
+    assert response.status_code == 500
+    assert response.json["detail"] == "The server failed unexpectedly."
