@@ -16,7 +16,13 @@ from werkzeug.exceptions import HTTPException
 
 from schemas.problems import ProblemSchema
 from service.database import aborted_by_conflict
-from service.errors import PROBLEM_BASE, ClientTooSlow, InvalidRequest, ServiceError
+from service.errors import (
+    PROBLEM_BASE,
+    ClientTooSlow,
+    InvalidRequest,
+    ServiceError,
+    Unavailable,
+)
 
 log = logging.getLogger("genrelay.http")
 
@@ -258,12 +264,12 @@ def register_error_handlers(app: flask.Flask) -> None:
                 flask.request.method,
                 flask.request.path,
             )
-            return problem_response(
-                503,
-                "Service Unavailable",
-                "the database aborted this request's transaction to break a deadlock with "
-                "other requests; retry it",
-                headers={"Retry-After": "1"},
+            return _service_error(
+                Unavailable(
+                    "the database aborted this request's transaction to break a deadlock with "
+                    "other requests; retry it",
+                    headers={"Retry-After": "1"},
+                )
             )
         log.exception("unhandled error on %s %s", flask.request.method, flask.request.path)
         return problem_response(500, "Internal Server Error", "The server failed unexpectedly.")
