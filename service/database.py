@@ -255,17 +255,17 @@ class Store:
         line's admission runs before the commit of any transaction that freed a slot), so a
         cycle of waits can form under load; PostgreSQL aborts one of them.
         """
-        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+        for attempt in range(1, CONFLICT_ATTEMPTS):
             try:
                 return work()
             except sa.exc.DBAPIError as error:
-                if attempt == CONFLICT_ATTEMPTS or not aborted_by_conflict(error):
+                if not aborted_by_conflict(error):
                     raise
                 state = getattr(error.orig, "sqlstate", None)
                 log.warning("a transaction aborted by a conflict (%s); running it again", state)
                 # apart from the transaction it conflicted with (jitter, not security)
                 time.sleep(random.uniform(0.01, 0.05) * attempt)  # noqa: S311
-        raise AssertionError("unreachable")
+        return work()  # the last attempt: its error is the caller's
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
