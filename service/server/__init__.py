@@ -1,2 +1,2 @@
-"""Process hosting: gunicorn's configuration, logging and worker class, the worker's HTTP
-endpoint."""
+"""Process hosting: gunicorn's configuration, logging and worker class; the background HTTP
+server of the simulator and the inbox."""
