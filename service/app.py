@@ -7,14 +7,11 @@ from pathlib import Path
 import flask
 
 from service.bootstrap import Services, build_services
-from service.config import Config
+from service.config import Config, ProcessSettings
 
 # Swagger UI's files, vendored from npm's swagger-ui-dist (see its SOURCE): /docs needs no CDN.
 SWAGGER_UI_DIR = Path(__file__).parent / "static" / "swagger-ui"
 SWAGGER_UI_PATH = "/docs/swagger-ui/"
-# Callbacks whose result a web process stores itself at once (the rest go to the workers):
-# each streams, holding about one chunk (service/runtime/inline.py).
-INLINE_STORE_THREADS = 2
 
 
 def create_app(config: Config | None = None, *, services: Services | None = None) -> flask.Flask:
@@ -35,7 +32,11 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     from handlers.problems import ProblemApi, refuse_unstorable_url, register_error_handlers
 
     config = config or Config.from_env()
-    services = services or build_services(config, inline_store_threads=INLINE_STORE_THREADS)
+    if services is None:
+        # Callbacks whose result the process stores itself at once, the rest going to the
+        # workers: each streams, holding about one chunk (service/runtime/inline.py).
+        inline = ProcessSettings.from_env().web_inline_stores
+        services = build_services(config, inline_store_threads=inline)
     app = flask.Flask("genrelay")
     app.config.update(
         API_TITLE="genrelay",

@@ -235,6 +235,11 @@ class ProcessSettings:
     port: int = 8080
     web_processes: int = 2
     web_threads: int = 8
+    # Accepted callbacks whose `store` a web process may run itself at once, after answering
+    # (service/runtime/inline.py); 0: every store goes to the workers. A web service whose
+    # CPU is allocated only during requests (Cloud Run's request-based billing) must run no
+    # work after its answers, so it sets 0 (cloudbuild.yaml).
+    web_inline_stores: int = 2
     worker_threads: int = 4
     log_level: str = "INFO"
     # Seconds a client has to send its request (service/server/gunicorn_worker.py).
@@ -259,6 +264,7 @@ class ProcessSettings:
             ("PORT", "port", 1, 65535),
             ("GENRELAY_WEB_PROCESSES", "web_processes", 1, 64),
             ("GENRELAY_WEB_THREADS", "web_threads", 1, 1000),
+            ("GENRELAY_WEB_INLINE_STORES", "web_inline_stores", 0, 64),
             ("GENRELAY_WORKER_THREADS", "worker_threads", 1, 1000),
         ):
             if (number := whole(name, low, high)) is not None:

@@ -119,6 +119,44 @@ def test_with_every_inline_thread_busy_the_store_goes_to_the_workers(
     assert succeeded_events(services, generation["id"]) == 1
 
 
+def test_genrelay_web_inline_stores_sets_the_threads_and_0_leaves_every_store_to_the_workers(
+    config: Config,
+    simulator: Any,
+    gcs_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
+    made = []
+    for setting in (None, "0"):
+        if setting is None:
+            monkeypatch.delenv("GENRELAY_WEB_INLINE_STORES", raising=False)
+        else:
+            monkeypatch.setenv("GENRELAY_WEB_INLINE_STORES", setting)
+        app = create_app(callback_config(config))  # the services built as `genrelay serve` does
+        made.append(app.extensions["genrelay"])
+    default, off = made
+    try:
+        assert default.completion.inline is not None and default.completion.inline.threads == 2
+        assert off.completion.inline is None
+        client = create_app(callback_config(config), services=off).test_client()
+        auth = {"Authorization": "Bearer " + off.api_keys.create("acme")}
+        generation = create(client, auth, {"input": TEXT_ONLY})
+        result_url = wait_until_complete(simulator, generation["upstream"]["job"])
+        assert call_back(client, generation, result_url).json == {"outcome": "accepted"}
+        # Queued for a worker, not claimed by the process that answered.
+        [task] = store_tasks(off)
+        assert (task.status, task.attempts, task.claim_token) == ("pending", 0, None)
+        drain(off)
+        wait_for_status(client, auth, generation["id"], "succeeded")
+    finally:
+        for services in made:
+            if services.completion.inline is not None:
+                services.completion.inline.close(wait=10)
+            services.deepimage.close()
+            services.downloads.close()
+            services.store.dispose()
+
+
 def test_a_refused_or_duplicate_callback_gives_its_inline_thread_back(
     config: Config, make_inline: MakeInline, simulator: Any
 ) -> None:

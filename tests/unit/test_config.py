@@ -150,6 +150,8 @@ def test_the_cli_reports_a_config_error_naming_the_variable(
         ("PORT", "0"),
         ("GENRELAY_WEB_PROCESSES", "two"),
         ("GENRELAY_WEB_THREADS", "-1"),
+        ("GENRELAY_WEB_INLINE_STORES", "-1"),
+        ("GENRELAY_WEB_INLINE_STORES", "65"),
         ("GENRELAY_WORKER_THREADS", "0"),
         ("GENRELAY_LOG_LEVEL", "LOUD"),
         ("GENRELAY_REQUEST_TIMEOUT", "0"),
@@ -170,9 +172,12 @@ def test_process_settings_come_from_the_environment() -> None:
             "PORT": "9000",
             "GENRELAY_WEB_PROCESSES": "3",
             "GENRELAY_WEB_THREADS": "16",
+            "GENRELAY_WEB_INLINE_STORES": "0",
             "GENRELAY_WORKER_THREADS": "6",
             "GENRELAY_LOG_LEVEL": "debug",
         }
     )
     assert (settings.port, settings.web_processes, settings.web_threads) == (9000, 3, 16)
+    assert settings.web_inline_stores == 0
+    assert ProcessSettings.from_env({}).web_inline_stores == 2
     assert (settings.worker_threads, settings.log_level) == (6, "DEBUG")

@@ -484,6 +484,19 @@ def test_secrets_come_from_secret_manager_never_as_values(gcloud: Any, mode: str
             assert re.fullmatch(rf"{SECRETS[name]}:(latest|\d+)", reference), reference
 
 
+@pytest.mark.parametrize("mode", ["polling", "public"])
+def test_a_web_service_with_cpu_only_during_requests_stores_no_result_after_answering(
+    gcloud: Any, mode: str
+) -> None:
+    # Cloud Run gives a request-based instance next to no CPU between requests: a result
+    # stored after the callback's answer would stall (service/runtime/inline.py).
+    (web,) = [argv for argv in gcloud[mode].values() if flag(argv, "args") in ([], ["serve"])]
+    assert "--cpu-throttling" in web and "--no-cpu-throttling" not in web
+    plain = ",".join(flag(web, "set-env-vars") + flag(web, "update-env-vars"))
+    settings = dict(binding.split("=", 1) for binding in plain.split(","))
+    assert settings["GENRELAY_WEB_INLINE_STORES"] == "0"
+
+
 def test_logs_go_to_cloud_logging_and_the_build_has_time() -> None:
     # CLOUD_LOGGING_ONLY: required when the build runs as a user-specified service account.
     assert CLOUDBUILD["options"]["logging"] == "CLOUD_LOGGING_ONLY"
