@@ -347,6 +347,34 @@ def test_renew_extends_the_leases_still_held_and_reports_the_lost_ones(
     assert finish(queue, held[lost_id]) is False  # the new holder's now
 
 
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_renew_never_waits_for_a_task_row_another_transaction_holds(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    # Waiting there would join cycles of row locks (see TaskQueue.renew): here the row of
+    # one running task is held by another transaction, as when its outcome is being written.
+    free_id, busy_id = enqueue(queue), enqueue(queue)
+    held = list(queue.claim_due_tasks(limit=2))
+    clock.advance(30)
+    renewed: list[set[str]] = []
+    with queue.store.engine.connect() as other:
+        other.execute(sa.select(Task.id).where(Task.id == busy_id).with_for_update())
+        renewal = threading.Thread(target=lambda: renewed.append(queue.renew(held)))
+        renewal.start()
+        renewal.join(timeout=10)
+        assert not renewal.is_alive(), "renew waited for the held row"
+        other.rollback()
+    # Both still ours; the free one's lease is extended now, the busy one's on the next pass.
+    assert renewed == [{free_id, busy_id}]
+    assert row(queue.store, free_id).lease_expires_at == START + dt.timedelta(seconds=90)
+    assert row(queue.store, busy_id).lease_expires_at == START + dt.timedelta(seconds=60)
+    clock.advance(10)
+    assert queue.renew(held) == {free_id, busy_id}
+    assert row(queue.store, busy_id).lease_expires_at == START + dt.timedelta(seconds=100)
+
+
 class SlowHandler(RecordingHandler):
     """Runs for `seconds`, longer than the lease, while another claimer keeps trying."""
 
