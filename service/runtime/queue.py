@@ -501,11 +501,12 @@ class TaskQueue:
         that runs longer than a lease is not claimed again. One transaction of two statements
         for all of them, and it never waits for a task's row: one that another transaction
         holds (its own outcome being written right now, or a claim taking it over) is skipped
-        and renewed on the next pass, its lease still two thirds long. Waiting there would
-        join cycles of row locks: a renewal holding one running task's row while it waits for
-        another's, whose outcome waits for the account's lock, whose holder waits for the
-        first row. PostgreSQL breaks such a cycle by aborting one of them, and an aborted
-        outcome is run again: for a submit, a second job at Deep-Image.
+        and renewed on the next pass, its lease still two thirds long. Waiting there closed
+        cycles of row locks: with a batch of outcomes that locks the same tasks' rows in
+        another order, or through the account's lock (a submit's outcome holding it while it
+        waits for its own task's row, which the renewal holds while it waits for a row whose
+        outcome waits for the account). PostgreSQL breaks a cycle by aborting one of them, and
+        an aborted outcome is run again: for a submit, a second job at Deep-Image.
         """
         claims = [(task.id, task.claim_token) for task in tasks]
         if not claims:
