@@ -52,7 +52,7 @@ lock: $(VENV)/.installed-dev
 		--output-file requirements.lock setup.cfg
 
 # Every benchmark, one after the other (they share the machine); JSON reports in var/bench,
-# figures in docs/img. About an hour on 2 cores (51 minutes on 2026-12-06 at 5d9c253; the
+# figures in docs/img. About an hour on 2 cores (49 minutes on 2026-12-07 at 1e0ec54; the
 # catalog benchmark alone about 25).
 # The catalog benchmark's baseline arm runs the code before the line, exported from git.
 BENCH_OUT ?= var/bench
