@@ -126,16 +126,19 @@ def test_genrelay_web_inline_stores_sets_the_threads_and_0_leaves_every_store_to
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
-    made = []
-    for setting in (None, "0"):
+    made: list[Services] = []
+
+    def served(setting: str | None) -> Services:
+        """The services `create_app` builds itself, as under `genrelay serve`."""
         if setting is None:
             monkeypatch.delenv("GENRELAY_WEB_INLINE_STORES", raising=False)
         else:
             monkeypatch.setenv("GENRELAY_WEB_INLINE_STORES", setting)
-        app = create_app(callback_config(config))  # the services built as `genrelay serve` does
-        made.append(app.extensions["genrelay"])
-    default, off = made
+        made.append(create_app(callback_config(config)).extensions["genrelay"])
+        return made[-1]
+
     try:
+        default, off = served(None), served("0")
         assert default.completion.inline is not None and default.completion.inline.threads == 2
         assert off.completion.inline is None
         client = create_app(callback_config(config), services=off).test_client()
