@@ -7,10 +7,13 @@ and renders the `Answer` that comes back:
    key either replays the first response verbatim (`Answer.replayed`), or, when the first
    request has not answered yet, shows the resource as it is now; a record made with another
    body (or for another kind of resource) is IdempotencyKeyReused.
-2. `claim_key` inside the intake's transaction, next to the resource it made: an expired
-   record of the key is dropped and the new one inserted. Two requests racing with one key
-   meet on the primary key; the loser's transaction fails with IntegrityError and it replays
-   the winner (step 1 again).
+2. `claim_key` first in the intake's transaction: an expired record of the key is dropped
+   and the new one inserted. Two requests racing with one key meet on the primary key: the
+   later one waits there until the first commits, then fails with IntegrityError and replays
+   the winner (step 1 again). Waiting there, first, it holds no other lock: in particular not
+   the upstream account's, which the line takes later in the same transaction (a batch and a
+   generation sent with one key at once would otherwise each wait for the other). A
+   generation's record points at it once its row is written (`key_made`).
 3. `record_response` once the answer is known: the body the client gets, dumped once,
    kept for retries.
 """
@@ -87,16 +90,15 @@ def claim_key(
     fingerprint: str,
     *,
     now: dt.datetime,
-    generation_id: str | None = None,
     batch_id: str | None = None,
 ) -> None:
-    """Record `key` as used for the resource made in `session`'s transaction.
+    """Record `key` as used for the resource `session`'s transaction makes: its first write,
+    so that a concurrent use of the key waits here holding no other lock.
 
     An expired record of the key is dropped first (an expired key may be used again). A
-    generation's row must be in the transaction already (the record refers to it); a batch's
-    record may come first, so that a concurrent retry with the key waits on it before the
-    batch's items are written. A concurrent use of the key that committed first makes this
-    fail with IntegrityError (at once, or at the next flush).
+    generation's record is claimed without its id, before the row exists (the record refers
+    to it), and given it by `key_made`. A concurrent use of the key that committed first
+    makes this fail with IntegrityError.
     """
     connection = session.connection()
     connection.execute(
@@ -111,11 +113,19 @@ def claim_key(
             tenant_id=tenant_id,
             key=key,
             request_hash=fingerprint,
-            generation_id=generation_id,
             batch_id=batch_id,
             created_at=now,
             expires_at=now + IDEMPOTENCY_TTL,
         )
+    )
+
+
+def key_made(session: Session, tenant_id: str, key: str, generation_id: str) -> None:
+    """Point `key`'s record, claimed in `session`'s transaction, at the generation it made."""
+    session.connection().execute(
+        sa.update(_KEYS)
+        .where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
+        .values(generation_id=generation_id)
     )
 
 

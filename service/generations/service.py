@@ -25,6 +25,7 @@ from service.generations.idempotency import (
     Answer,
     claim_key,
     earlier_answer,
+    key_made,
     record_response,
 )
 from service.generations.inputs import require_access
@@ -166,6 +167,8 @@ class GenerationService:
         generation_id = new_id("gen_")
         try:
             with self.store.transaction() as session:
+                if idempotency_key is not None:
+                    claim_key(session, tenant_id, idempotency_key, fingerprint, now=now)
                 if settings is None:
                     settings = settings_by_id(session, tenant_id)
                 require_access(settings, new.input)
@@ -200,14 +203,7 @@ class GenerationService:
                     deadline=new.deadline,
                 ).claimed
                 if idempotency_key is not None:
-                    claim_key(
-                        session,
-                        tenant_id,
-                        idempotency_key,
-                        fingerprint,
-                        now=now,
-                        generation_id=generation_id,
-                    )
+                    key_made(session, tenant_id, idempotency_key, generation_id)
                 if also is not None:
                     also(session, generation_id)
         except IntegrityError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -367,6 +369,63 @@ def test_idempotency_keys_are_per_tenant_and_expire_after_24_hours(
     )
     assert c.status_code == 202
     assert c.json["id"] not in (a, b)
+
+
+def test_an_intake_waits_for_its_key_before_it_takes_the_accounts_lock(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    # A batch claims its key first and takes the account's lock last (Line.admit). An intake
+    # sent with the same key at that moment must wait for the key without holding the
+    # account's lock, or each waits for the other: a deadlock, in which every other tenant's
+    # intake waits too.
+    if services.store.dialect == "sqlite":
+        pytest.skip("row locks are a PostgreSQL matter; SQLite locks the whole database")
+    first = create(client, auth, {"input": TEXT_ONLY}).json["id"]  # the account's row is made
+    with services.store.read() as session:
+        tenant_id = session.get(Generation, first).tenant_id  # type: ignore[union-attr]
+    now = dt.datetime.now(dt.UTC)
+    answers: list[Any] = []
+    with services.store.engine.connect() as batch:
+        batch.execute(  # what BatchService.create's transaction writes first
+            sa.insert(IdempotencyKey).values(
+                tenant_id=tenant_id, key="both", request_hash="x", batch_id="bat_other",
+                created_at=now, expires_at=now + dt.timedelta(hours=24),
+            )
+        )  # fmt: skip
+        intake = threading.Thread(
+            target=lambda: answers.append(
+                create(client, auth, {"input": TEXT_ONLY}, **{"Idempotency-Key": "both"})
+            )
+        )
+        intake.start()
+        _wait_for_a_lock_wait(services)
+        # The batch goes on to the account's lock, which the intake must not hold.
+        batch.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
+        locked = batch.execute(
+            sa.text("SELECT id FROM upstream_accounts WHERE id = 'deepimage' FOR UPDATE")
+        )
+        assert locked.scalar_one() == "deepimage"
+        batch.commit()
+    intake.join(timeout=30)
+    assert not intake.is_alive()
+    # The key made a batch: the intake is refused, and leaves no generation behind.
+    assert answers[0].status_code == 422, answers[0].json
+    assert answers[0].json["type"].endswith("/idempotency-key-reused")
+    assert generation_count(services) == 1
+
+
+def _wait_for_a_lock_wait(services: Services) -> None:
+    """Until a session of this database waits for a lock another holds (10 s at most)."""
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 10
+    with services.store.engine.connect() as watch:
+        while watch.execute(query).scalar_one() == 0:
+            assert time.monotonic() < deadline, "the intake never waited for the key"
+            time.sleep(0.02)
+            watch.rollback()
 
 
 def test_a_bad_idempotency_key_is_named(client: Any, auth: dict[str, str]) -> None:
