@@ -125,7 +125,8 @@ class Generation(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata")
     webhook: Mapped[str | None] = mapped_column(sa.String(2048))
     webhook_events_filter: Mapped[list[str] | None] = mapped_column(JSONDocument)
-    upstream_job: Mapped[str | None] = mapped_column(sa.String(100), index=True)
+    # Not indexed: nothing looks a generation up by its job (migration 0008).
+    upstream_job: Mapped[str | None] = mapped_column(sa.String(100))
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
     error_code: Mapped[str | None] = mapped_column(sa.String(50))
     error_message: Mapped[str | None] = mapped_column(sa.Text)

@@ -55,8 +55,11 @@ def test_the_migrated_schema_matches_the_models(database_url: str) -> None:
     assert "ix_generations_waiting" in index_names(database_url, "generations")
 
 
-def test_the_newest_migration_goes_down_and_up_again(database_url: str) -> None:
+def test_the_newest_migrations_go_down_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
+    assert "ix_generations_upstream_job" not in index_names(database_url, "generations")
+    command.downgrade(config, "-1")
+    assert "ix_generations_upstream_job" in index_names(database_url, "generations")
     command.downgrade(config, "-1")
     assert "max_attempts" in column_names(database_url, "tasks")
     command.downgrade(config, "-1")
@@ -67,4 +70,5 @@ def test_the_newest_migration_goes_down_and_up_again(database_url: str) -> None:
     command.upgrade(config, "head")
     assert has_table(database_url, "triggers")
     assert "max_attempts" not in column_names(database_url, "tasks")
+    assert "ix_generations_upstream_job" not in index_names(database_url, "generations")
     assert schema_drift(database_url) == []
