@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from werkzeug.wrappers import Request, Response
 
 from service.devtools.ports import free_port
 from service.devtools.simulator import SimulatorServer, SimulatorSettings
+from service.devtools.simulator.app import get_engine
 
 KEY = "sim-key"
 AUTH = {"x-api-key": KEY}
@@ -43,6 +45,8 @@ class Receiver:
     answer_status: int = 200
     calls: list[dict[str, Any]] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
+    # Cleared: every request waits for it to be set before it is answered.
+    release: threading.Event = field(default_factory=threading.Event)
 
     @property
     def url(self) -> str:
@@ -78,11 +82,13 @@ def receiver() -> Iterator[Receiver]:
                 }
             )
             rec.cond.notify_all()
+        rec.release.wait(TIMEOUT)
         return Response("ok", status=rec.answer_status)
 
     # Single-threaded HTTP/1.0: each delivery is one connection, nothing lingers after stop.
     server = make_server("127.0.0.1", 0, app, request_handler=QuietHandler)
     holder.append(Receiver(server))
+    holder[0].release.set()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     yield holder[0]
@@ -188,6 +194,29 @@ def test_lost_callback_is_never_sent_but_polling_completes(
     assert receiver.wait_for(1, timeout=0.3) == []
     assert stats(sim)["callbacks_lost"] == 1
     assert sim_job(sim, job)["callbacks"][0]["lost"] is True
+
+
+def test_a_callback_still_in_flight_when_the_simulator_stops_logs_nothing_afterwards(
+    start_sim: Callable[..., SimulatorServer],
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Stopping waits a while for callbacks in flight, then gives up on them. One that ends
+    # after that must not log: whoever collected the simulator's logs may be gone (pytest
+    # closes a test's output at its end).
+    receiver.release.clear()  # the receiver holds the callback...
+    receiver.answer_status = 503  # ...then refuses it, which the simulator logs as a warning
+    sim = start_sim()
+    body = {**TEXT_TO_IMAGE, "webhooks": {"complete": f"{receiver.url}/hook"}}
+    post(sim, "process", body)
+    receiver.wait_for(1)
+    get_engine(sim.app).shutdown(timeout=0.1)  # gives up on the held callback
+    with caplog.at_level(logging.DEBUG, logger="genrelay.simulator"):
+        receiver.release.set()
+        assert wait_until(
+            lambda: not any(t.name.startswith("sim-callback") for t in threading.enumerate())
+        )
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 def test_callback_failures_are_recorded_not_retried(

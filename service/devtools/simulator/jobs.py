@@ -439,6 +439,10 @@ class SimulatorEngine:
                 if self._stopping.is_set():
                     break
                 record = self._post(url, payload, timeout)
+                if self._stopping.is_set():
+                    # Stopped meanwhile: shutdown may have given up waiting for this thread,
+                    # and whoever read the simulator's logs may be gone. Nothing is recorded.
+                    break
                 record["attempt"] = attempt
                 with self._lock:
                     job.callbacks.append(record)
