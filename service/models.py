@@ -113,6 +113,8 @@ class Generation(Base):
             sqlite_where=sa.text(IN_FLIGHT_SQL),
         ),
         sa.Index("ix_generations_batch", "batch_id", "status"),
+        # Room on each page for the row's updates (migration 0009).
+        {"postgresql_with": {"fillfactor": 90}},
     )
     # What is made when a generation is shown (a signed download URL, its place in the line)
     # is not stored here: see service/generations/views.py.

@@ -49,6 +49,21 @@ def has_table(database_url: str, table: str) -> bool:
         engine.dispose()
 
 
+def fillfactor(database_url: str) -> list[str] | None:
+    """The generations table's storage parameters on PostgreSQL; None on SQLite or unset."""
+    if not database_url.startswith("postgresql"):
+        return None
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            options = connection.execute(
+                sa.text("SELECT reloptions FROM pg_class WHERE relname = 'generations'")
+            ).scalar_one()
+        return list(options) if options else None
+    finally:
+        engine.dispose()
+
+
 def test_the_migrated_schema_matches_the_models(database_url: str) -> None:
     assert schema_drift(database_url) == []
     assert "ix_generations_tenant_status_created" in index_names(database_url, "generations")
@@ -57,6 +72,10 @@ def test_the_migrated_schema_matches_the_models(database_url: str) -> None:
 
 def test_the_newest_migrations_go_down_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
+    postgres = database_url.startswith("postgresql")
+    assert fillfactor(database_url) == (["fillfactor=90"] if postgres else None)
+    command.downgrade(config, "-1")
+    assert fillfactor(database_url) is None
     assert "ix_generations_upstream_job" not in index_names(database_url, "generations")
     command.downgrade(config, "-1")
     assert "ix_generations_upstream_job" in index_names(database_url, "generations")
@@ -71,4 +90,5 @@ def test_the_newest_migrations_go_down_and_up_again(database_url: str) -> None:
     assert has_table(database_url, "triggers")
     assert "max_attempts" not in column_names(database_url, "tasks")
     assert "ix_generations_upstream_job" not in index_names(database_url, "generations")
+    assert fillfactor(database_url) == (["fillfactor=90"] if postgres else None)
     assert schema_drift(database_url) == []
