@@ -10,10 +10,14 @@ read it: bench/README.md.
 
 from __future__ import annotations
 
+import collections
 import re
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -235,6 +239,42 @@ def plans(url: str, sim: str, api_key: str) -> dict[str, float | None]:
         services.close()
 
 
+def waldump() -> str | None:
+    """PostgreSQL's pg_waldump, if this machine has it (Debian keeps it off the PATH)."""
+    found = shutil.which("pg_waldump")
+    if found is None:
+        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_waldump"))
+        found = str(candidates[-1]) if candidates else None
+    return found
+
+
+def lsn(position: float) -> str:
+    """A WAL position in bytes as PostgreSQL writes it (e.g. 0/1A2B3C4)."""
+    value = int(position)
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def fpi_by_relation(db: Database, start: float, end: float) -> dict[str, int] | str:
+    """Full-page images written between two WAL positions, by relation of this database
+    (pg_waldump on the server's WAL directory); why not, as a string, where it cannot be
+    read from here (no pg_waldump, no superuser, another machine's server)."""
+    tool = waldump()
+    if tool is None:
+        return "no pg_waldump on this machine"
+    wal_dir = Path(db.scalar("SHOW data_directory")) / "pg_wal"
+    dump = subprocess.run(
+        [tool, "-p", str(wal_dir), "-s", lsn(start), "-e", lsn(end)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    if dump.returncode != 0 and not dump.stdout:
+        return f"pg_waldump failed: {dump.stderr.strip()[:200]}"
+    names = dict(db.rows("SELECT relfilenode::text, relname FROM pg_class WHERE relfilenode <> 0"))
+    counts: collections.Counter[str] = collections.Counter()
+    for node in re.findall(r"rel \d+/\d+/(\d+)(?: fork \w+)? blk \d+ FPW", dump.stdout):
+        counts[names.get(node, "other databases")] += 1
+    return dict(counts.most_common())
+
+
 class Target:
     """One database with the key of its tenant `bench`."""
 
@@ -317,10 +357,15 @@ def measure_round(
     result["intake"]["cpu_ms_per_request"] = {
         name: round(1000 * s / n, 2) for name, s in cpu["groups"].items()
     }
+    by_relation = fpi_by_relation(target.db, wal["lsn"], wal_after["lsn"])
     result["intake"]["wal"] = {
         "kib_per_request": round((wal_after["lsn"] - wal["lsn"]) / 1024 / n, 2),
         "fpi_per_request": round((wal_after["fpi"] - wal["fpi"]) / n, 2),
-    }
+        "fpi_per_request_by_relation": (
+            {name: round(count / n, 3) for name, count in by_relation.items()}
+            if isinstance(by_relation, dict) else by_relation
+        ),
+    }  # fmt: skip
     i = result["intake"]
     print(f"  intake p50 {i['p50_ms']} ms, p99 {i['p99_ms']} ms, {i['errors']} errors", flush=True)
     return result
@@ -400,6 +445,12 @@ def print_report(report: dict[str, Any]) -> None:
           *i["cpu_ms_per_request"].values()] for t, n, i in intake],
         ".2f",
     )  # fmt: skip
+    print("\nFull-page images per intake, by relation (pg_waldump), the first three:")
+    for t, n, i in intake:
+        by_relation = i["wal"]["fpi_per_request_by_relation"]
+        if isinstance(by_relation, dict):
+            by_relation = ", ".join(f"{k} {v}" for k, v in list(by_relation.items())[:3])
+        print(f"  {t} {n}: {by_relation or 'none'}")
     print("\nEXPLAIN ANALYZE on the large database, execution ms:")
     for name, ms in report["plans_large_ms"].items():
         print(f"  {name}: {ms}")
