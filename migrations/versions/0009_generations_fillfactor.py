@@ -9,8 +9,8 @@ those updates are never HOT: `status` is in several indexes. A full page moves t
 version to another page the free-space map picks, on a large table a cold one: read in,
 and written to the WAL in full after each checkpoint. With `fillfactor = 90`, inserts leave
 a tenth of each page free, so an update mostly stays on its row's page. On the large-table
-benchmark (1 M generations) the intake's WAL fell from 19.0 to 12.2 KiB, its full-page images
-from 1.6 to 0.8 (bench/scale.md). Only pages written from now on keep the space; nothing is
+benchmark (1 M generations) the intake's WAL fell from 22.6 to 14.2 KiB, its full-page images
+from 1.9 to 1.0 (bench/scale.md). Only pages written from now on keep the space; nothing is
 rewritten. SQLite has no such setting.
 """
 
