@@ -11,7 +11,8 @@ and written to the WAL in full after each checkpoint. With `fillfactor = 90`, in
 a tenth of each page free, so an update mostly stays on its row's page. On the large-table
 benchmark (1 M generations) the intake's WAL fell from 22.6 to 14.2 KiB, its full-page images
 from 1.9 to 1.0 (bench/scale.md). Only pages written from now on keep the space; nothing is
-rewritten. SQLite has no such setting.
+rewritten, and the ALTER takes a SHARE UPDATE EXCLUSIVE lock, which reads and writes do not
+wait for. SQLite has no such setting.
 """
 
 from __future__ import annotations
