@@ -257,7 +257,8 @@ class BatchService:
             key,
             fingerprint,
             made="batch",
-            show=lambda batch_id: self._answer(tenant_id, batch_id, key),
+            # Shown, not kept: the answer to keep is the first request's own.
+            show=lambda batch_id: self._answer(tenant_id, batch_id, None),
         )
 
     def get(self, tenant_id: str, batch_id: str) -> BatchView:

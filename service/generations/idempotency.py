@@ -5,8 +5,9 @@ and renders the `Answer` that comes back:
 
 1. `earlier_answer` (`earlier_use`) before anything is stored: an unexpired record of the
    key either replays the first response verbatim (`Answer.replayed`), or, when the first
-   request has not answered yet, shows the resource as it is now; a record made with another
-   body (or for another kind of resource) is IdempotencyKeyReused.
+   request has not answered yet (or died before it could), shows the resource as it is now
+   and keeps nothing: the response to keep is the first request's own (step 3). A record made
+   with another body (or for another kind of resource) is IdempotencyKeyReused.
 2. `claim_key` first in the intake's transaction: an expired record of the key is dropped
    and the new one inserted. Two requests racing with one key meet on the primary key: the
    later one waits there until the first commits, then fails with IntegrityError and replays
@@ -155,7 +156,7 @@ def earlier_answer(
 ) -> Answer[T] | None:
     """The answer to a retry of `key`, or None when the key is unused: the first response
     verbatim, or (when the first request has not answered yet, or died before it could)
-    `show(resource_id)`, the resource as it is now."""
+    `show(resource_id)`, the resource as it is now, which must not be kept for the key."""
     with store.read() as session:
         record = earlier_use(session, tenant_id, key, fingerprint, made=made)
         if record is None:

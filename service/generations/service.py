@@ -259,7 +259,8 @@ class GenerationService:
             key,
             fingerprint,
             made="generation",
-            show=lambda generation_id: self._answer(tenant_id, generation_id, key),
+            # Shown, not kept: the answer to keep is the first request's own.
+            show=lambda generation_id: self._answer(tenant_id, generation_id, None),
         )
 
     def get(self, tenant_id: str, generation_id: str) -> GenerationView:

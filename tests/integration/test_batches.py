@@ -331,6 +331,24 @@ def test_an_idempotency_key_replays_the_whole_batch_and_refuses_another_body(
     assert rows(services, Generation) == 4
 
 
+def test_a_batch_retry_before_the_first_answer_shows_the_batch_now_and_keeps_nothing(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    key = {"Idempotency-Key": "catalog-2026-12-07"}
+    first = post(client, auth, catalog(2), **key)
+    with services.store.transaction() as session:  # as if the first had not answered yet
+        session.execute(
+            sa.update(IdempotencyKey).values(response_status=None, response_body=sa.null())
+        )
+    retry = post(client, auth, catalog(2), **key)
+    assert retry.status_code == 202
+    assert "Idempotent-Replayed" not in retry.headers
+    assert retry.json == client.get(f"/v1/batches/{first.json['id']}", headers=auth).json
+    with services.store.read() as session:
+        assert list(session.scalars(sa.select(IdempotencyKey.response_body))) == [None]
+    assert rows(services, Batch) == 1
+
+
 def test_counts_follow_the_items_and_batch_completed_goes_out_once_with_them(
     config: Config, make_client: Any, receivers: list[Receiver]
 ) -> None:

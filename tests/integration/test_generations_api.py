@@ -371,6 +371,39 @@ def test_idempotency_keys_are_per_tenant_and_expire_after_24_hours(
     assert c.json["id"] not in (a, b)
 
 
+def forget_answers(services: Services) -> None:
+    """As if no request with any key had answered yet (or each died before it could)."""
+    with services.store.transaction() as session:
+        session.execute(
+            sa.update(IdempotencyKey).values(response_status=None, response_body=sa.null())
+        )
+
+
+def kept_answers(services: Services) -> list[Any]:
+    with services.store.read() as session:
+        return list(session.scalars(sa.select(IdempotencyKey.response_body)))
+
+
+def test_a_retry_before_the_first_answer_shows_the_generation_now_and_keeps_nothing(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    # The first request's answer is the one to keep: a retry that comes while it is still
+    # at work (or after it died) shows the generation as it is, every time, and keeps none.
+    key = {"Idempotency-Key": "order-7"}
+    first = create(client, auth, {"input": TEXT_ONLY}, **key)
+    forget_answers(services)
+    retry = create(client, auth, {"input": TEXT_ONLY}, **key)
+    assert retry.status_code == 202
+    assert "Idempotent-Replayed" not in retry.headers
+    assert retry.json == client.get(f"/v1/generations/{first.json['id']}", headers=auth).json
+    assert kept_answers(services) == [None]
+    client.post(f"/v1/generations/{first.json['id']}/cancel", headers=auth)
+    again = create(client, auth, {"input": TEXT_ONLY}, **key)
+    assert again.json["status"] == "canceled"
+    assert kept_answers(services) == [None]
+    assert generation_count(services) == 1
+
+
 def test_an_intake_waits_for_its_key_before_it_takes_the_accounts_lock(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
