@@ -113,8 +113,9 @@ class Generation(Base):
             sqlite_where=sa.text(IN_FLIGHT_SQL),
         ),
         sa.Index("ix_generations_batch", "batch_id", "status"),
-        # Room on each page for the row's updates (migration 0009).
-        {"postgresql_with": {"fillfactor": 90}},
+        # On PostgreSQL the table also keeps a tenth of each page free for its rows' updates
+        # (fillfactor 90, migration 0009): set by the migration alone, since SQLAlchemy 2.0
+        # cannot declare a table's storage parameters.
     )
     # What is made when a generation is shown (a signed download URL, its place in the line)
     # is not stored here: see service/generations/views.py.
