@@ -439,31 +439,33 @@ class SimulatorEngine:
                 if self._stopping.is_set():
                     break
                 record = self._post(url, payload, timeout)
-                if self._stopping.is_set():
-                    # Stopped meanwhile: shutdown may have given up waiting for this thread,
-                    # and whoever read the simulator's logs may be gone. Nothing is recorded.
-                    break
                 record["attempt"] = attempt
                 with self._lock:
+                    if self._stopping.is_set():
+                        # Stopped meanwhile: shutdown may have given up waiting for this
+                        # thread, and whoever read the simulator's logs may be gone. Nothing
+                        # is recorded or logged. (shutdown sets the flag under this lock, so
+                        # a delivery logs either before it or never.)
+                        break
                     job.callbacks.append(record)
                     self._stats["callbacks_sent"] += 1
                     ok = record["status_code"] is not None and 200 <= record["status_code"] < 300
                     self._stats["callbacks_delivered" if ok else "callbacks_failed"] += 1
-                if ok:
-                    logger.info(
-                        "simulator callback of job %s to %s answered %s",
-                        job.id,
-                        _safe_target(url),
-                        record["status_code"],
-                    )
-                else:
-                    # Decision: no retries (none documented); the failure is only recorded.
-                    logger.warning(
-                        "simulator callback of job %s to %s failed: %s",
-                        job.id,
-                        _safe_target(url),
-                        record["error"] or record["status_code"],
-                    )
+                    if ok:
+                        logger.info(
+                            "simulator callback of job %s to %s answered %s",
+                            job.id,
+                            _safe_target(url),
+                            record["status_code"],
+                        )
+                    else:
+                        # Decision: no retries (none documented); the failure is only recorded.
+                        logger.warning(
+                            "simulator callback of job %s to %s failed: %s",
+                            job.id,
+                            _safe_target(url),
+                            record["error"] or record["status_code"],
+                        )
         finally:
             with self._lock:
                 self._deliveries.discard(threading.current_thread())
@@ -708,9 +710,11 @@ class SimulatorEngine:
             self._rng = _new_rng(self._settings.seed)
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the scheduler and wait for webhook deliveries in flight; idempotent."""
-        self._stopping.set()
+        """Stop the scheduler and wait for webhook deliveries in flight to end; idempotent.
+
+        A delivery that ends from now on records and logs nothing (see `_deliver`)."""
         with self._lock:
+            self._stopping.set()
             for job in self._jobs.values():
                 job.done.set()
         self._scheduler.stop(timeout)
