@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import requests
 from _stack import (
     BUCKET,
@@ -256,22 +257,30 @@ def lsn(position: float) -> str:
 
 def fpi_by_relation(db: Database, start: float, end: float) -> dict[str, int] | str:
     """Full-page images written between two WAL positions, by relation of this database
-    (pg_waldump on the server's WAL directory); why not, as a string, where it cannot be
-    read from here (no pg_waldump, no superuser, another machine's server)."""
+    (pg_waldump on the server's WAL directory); why not, as a string, where they cannot be
+    read from here (no pg_waldump, no right to read the settings or the files, another
+    machine's server)."""
     tool = waldump()
     if tool is None:
         return "no pg_waldump on this machine"
-    wal_dir = Path(db.scalar("SHOW data_directory")) / "pg_wal"
-    dump = subprocess.run(
-        [tool, "-p", str(wal_dir), "-s", lsn(start), "-e", lsn(end)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    if dump.returncode != 0 and not dump.stdout:
+    try:
+        wal_dir = Path(db.scalar("SHOW data_directory")) / "pg_wal"
+        database = str(db.scalar("SELECT oid FROM pg_database WHERE datname = current_database()"))
+        dump = subprocess.run(
+            [tool, "-p", str(wal_dir), "-s", lsn(start), "-e", lsn(end)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+    except (psycopg.Error, subprocess.TimeoutExpired) as error:
+        return f"not read: {type(error).__name__}: {str(error).strip()[:200]}"
+    if dump.returncode != 0:
         return f"pg_waldump failed: {dump.stderr.strip()[:200]}"
     names = dict(db.rows("SELECT relfilenode::text, relname FROM pg_class WHERE relfilenode <> 0"))
     counts: collections.Counter[str] = collections.Counter()
-    for node in re.findall(r"rel \d+/\d+/(\d+)(?: fork \w+)? blk \d+ FPW", dump.stdout):
-        counts[names.get(node, "other databases")] += 1
+    # rel <tablespace>/<database>/<relfilenode>: a relation of another database (or a shared
+    # catalog, database 0) may have the same relfilenode as one of this database's.
+    blocks = re.findall(r"rel \d+/(\d+)/(\d+)(?: fork \w+)? blk \d+ FPW", dump.stdout)
+    for owner, node in blocks:
+        counts[names.get(node, "?") if owner == database else "other databases"] += 1
     return dict(counts.most_common())
 
 
