@@ -448,10 +448,12 @@ def test_an_intake_waits_for_its_key_before_it_takes_the_accounts_lock(
 
 
 def _wait_for_a_lock_wait(services: Services) -> None:
-    """Until a session of this database waits for a lock another holds (10 s at most)."""
+    """Until a session of this database waits to write a key another transaction holds (10 s
+    at most)."""
     query = sa.text(
         "SELECT count(*) FROM pg_stat_activity"
         " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        " AND query LIKE 'INSERT INTO idempotency_keys%'"
     )
     deadline = time.monotonic() + 10
     with services.store.engine.connect() as watch:
