@@ -13,7 +13,7 @@ import requests
 import sqlalchemy as sa
 
 from service.bootstrap import Services
-from service.models import Task
+from service.models import IdempotencyKey, Task
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -133,3 +133,18 @@ class Receiver:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+def forget_answers(services: Services) -> None:
+    """As if no request with an Idempotency-Key had answered yet (or each died before it
+    could): the kept responses removed."""
+    with services.store.transaction() as session:
+        session.execute(
+            sa.update(IdempotencyKey).values(response_status=None, response_body=sa.null())
+        )
+
+
+def kept_answers(services: Services) -> list[Any]:
+    """The response kept for each Idempotency-Key (None: none yet)."""
+    with services.store.read() as session:
+        return list(session.scalars(sa.select(IdempotencyKey.response_body)))

@@ -15,7 +15,7 @@ from schemas.batches import deep_merge
 from service.bootstrap import Services
 from service.config import Config
 from service.models import Batch, Event, Generation, IdempotencyKey, Task
-from tests.helpers import Receiver, drain
+from tests.helpers import Receiver, drain, forget_answers, kept_answers
 
 PROBLEM = "application/problem+json"
 NDJSON = "application/x-ndjson"
@@ -336,16 +336,12 @@ def test_a_batch_retry_before_the_first_answer_shows_the_batch_now_and_keeps_not
 ) -> None:
     key = {"Idempotency-Key": "catalog-2026-12-07"}
     first = post(client, auth, catalog(2), **key)
-    with services.store.transaction() as session:  # as if the first had not answered yet
-        session.execute(
-            sa.update(IdempotencyKey).values(response_status=None, response_body=sa.null())
-        )
+    forget_answers(services)  # as if the first had not answered yet
     retry = post(client, auth, catalog(2), **key)
     assert retry.status_code == 202
     assert "Idempotent-Replayed" not in retry.headers
     assert retry.json == client.get(f"/v1/batches/{first.json['id']}", headers=auth).json
-    with services.store.read() as session:
-        assert list(session.scalars(sa.select(IdempotencyKey.response_body))) == [None]
+    assert kept_answers(services) == [None]
     assert rows(services, Batch) == 1
 
 

@@ -17,7 +17,14 @@ from service.config import Config
 from service.generations.callback_urls import callback_url
 from service.models import Generation, IdempotencyKey, Task
 from service.tenants import Tenants
-from tests.helpers import Statements, drain, seed_examples, set_simulator
+from tests.helpers import (
+    Statements,
+    drain,
+    forget_answers,
+    kept_answers,
+    seed_examples,
+    set_simulator,
+)
 
 TEXT_ONLY = seed_examples()["text_only"]
 PROBLEM = "application/problem+json"
@@ -369,19 +376,6 @@ def test_idempotency_keys_are_per_tenant_and_expire_after_24_hours(
     )
     assert c.status_code == 202
     assert c.json["id"] not in (a, b)
-
-
-def forget_answers(services: Services) -> None:
-    """As if no request with any key had answered yet (or each died before it could)."""
-    with services.store.transaction() as session:
-        session.execute(
-            sa.update(IdempotencyKey).values(response_status=None, response_body=sa.null())
-        )
-
-
-def kept_answers(services: Services) -> list[Any]:
-    with services.store.read() as session:
-        return list(session.scalars(sa.select(IdempotencyKey.response_body)))
 
 
 def test_a_retry_before_the_first_answer_shows_the_generation_now_and_keeps_nothing(
