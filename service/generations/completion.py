@@ -202,5 +202,7 @@ class CompletionService:
                 session, self.queue, generation_id, callback.result_url, now=now, claim=claim
             )
             if recorded is None:
+                # Known already, or canceled since we read it: then its job is over now.
+                job_ended(session, self.queue, generation_id, now=now)
                 return CallbackOutcome.DUPLICATE, None
         return CallbackOutcome.ACCEPTED, recorded.claimed

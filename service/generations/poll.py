@@ -8,8 +8,10 @@ canceled generation's job is polled too, until it ends, so its upstream slot is 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.adapters.deepimage import (
@@ -64,23 +66,49 @@ class PollHandler:
         assert generation.upstream_job is not None and generation.submitted_at is not None
         generation_id = generation.id
         now = utcnow()
-        if (now - generation.submitted_at).total_seconds() > self.config.generation_timeout:
-            message = f"no result within {self.config.generation_timeout:.0f} s"
-            return Done(failing(generation_id, ErrorCode.UPSTREAM_TIMEOUT, message))
+        timed_out = (now - generation.submitted_at).total_seconds() > self.config.generation_timeout
         delay = _next_delay(task)
         try:
             job = self.deepimage.result(generation.upstream_job)
         except TransientUpstreamError as exc:
+            if timed_out:
+                return Done(self._time_out(generation_id, now))
             return Later(delay, f"Deep-Image unavailable: {exc.message}")
         except PermanentUpstreamError as exc:
-            return Done(failing(generation_id, exc.error_code, exc.message))
+            fail = failing(generation_id, exc.error_code, exc.message)
+            return Done(_then_ended(fail, self.queue, generation_id, now))
         if job.status == "complete" and job.result_url:
             url = job.result_url
-            return Done(
-                lambda session: record_source(session, self.queue, generation_id, url, now=now)
-            )
+
+            def found(session: Session) -> None:
+                if record_source(session, self.queue, generation_id, url, now=now) is None:
+                    # Canceled while we asked (or the callback came first): a canceled job
+                    # is over now, and its slot goes on.
+                    job_ended(session, self.queue, generation_id, now=now)
+
+            return Done(found)
+        if timed_out:
+            # Asked first: a job that finished in the last wait between polls is stored.
+            return Done(self._time_out(generation_id, now))
         # Still running. The next poll doubles its wait; `delay` travels in the payload.
         return Later(delay, f"job {job.job} is {job.status}", payload={"delay": delay})
+
+    def _time_out(self, generation_id: str, now: dt.datetime) -> Apply:
+        """Fail the generation, whose job is not done after the timeout, unless its result
+        was found meanwhile (a callback while we asked); a canceled one's slot goes on."""
+        message = f"no result within {self.config.generation_timeout:.0f} s"
+        fail = failing(generation_id, ErrorCode.UPSTREAM_TIMEOUT, message)
+
+        def apply(session: Session) -> None:
+            found = session.execute(
+                sa.select(Generation.source_found_at)
+                .where(Generation.id == generation_id)
+                .with_for_update()
+            ).scalar()
+            if found is None:
+                fail(session)
+
+        return _then_ended(apply, self.queue, generation_id, now)
 
     def _await_canceled_job(self, task: ClaimedTask, generation: Generation) -> Outcome:
         """A canceled generation whose job may still run upstream: free its slot once the job
@@ -106,18 +134,25 @@ class PollHandler:
     def on_exhausted(self, task: ClaimedTask, error: str) -> Apply:
         generation_id = task.generation_id
         assert generation_id is not None
+        # `error` may be an internal error's text: it stays in the task's last_error.
         fail = failing(
             generation_id,
             ErrorCode.UPSTREAM_UNAVAILABLE,
-            f"polling Deep-Image failed {task.attempts} times: {error}",
+            f"Deep-Image could not be polled after {task.attempts} attempts",
         )
+        # A canceled generation's slot is not kept forever by a poll that cannot succeed.
+        return _then_ended(fail, self.queue, generation_id, utcnow())
 
-        def apply(session: Session) -> None:
-            fail(session)
-            # A canceled generation's slot is not kept forever by a poll that cannot succeed.
-            job_ended(session, self.queue, generation_id, now=utcnow())
 
-        return apply
+def _then_ended(apply: Apply, queue: TaskQueue, generation_id: str, now: dt.datetime) -> Apply:
+    """`apply`, then, if the generation was canceled meanwhile, the end of its job: the poll
+    that ends here was the last one, and the canceled job's slot must not be kept forever."""
+
+    def both(session: Session) -> None:
+        apply(session)
+        job_ended(session, queue, generation_id, now=now)
+
+    return both
 
 
 def _next_delay(task: ClaimedTask) -> float:

@@ -11,7 +11,8 @@
   tenant's). When it succeeds, an `expire_result` task is queued that far ahead; it sets
   `result_expired_at` (shown as `result.expired_at`), then deletes the object: in that order,
   so no answer links to an object already gone. `DELETE /v1/generations/{id}/result` does the
-  same at once. The generation row stays.
+  same at once. The generation row stays. An object stored for a generation canceled while
+  it was written is deleted too, by an `expire_result` task that names it.
 """
 
 from __future__ import annotations
@@ -127,6 +128,15 @@ class ResultAccess:
         return generation
 
 
+ORPHAN = "orphan"  # the payload key of an object to delete that no result records
+
+
+def delete_orphan(session: Session, queue: TaskQueue, generation_id: str, uri: str) -> None:
+    """Have the worker delete an object stored for a generation that does not keep it (it
+    was canceled while the object was written): an `expire_result` task naming the object."""
+    queue.enqueue(session, EXPIRE_RESULT, {ORPHAN: uri}, generation_id=generation_id)
+
+
 def expire(store: Store, blobs: BlobStore, generation_id: str) -> bool:
     """Mark the generation's result expired, then delete its object; False if nothing was
     left to delete.
@@ -197,6 +207,9 @@ class ExpireResultHandler:
         A failed delete is retried, the mark already made."""
         generation_id = task.generation_id
         assert generation_id is not None
+        orphan = task.payload.get(ORPHAN)
+        if orphan is not None:
+            return self._delete(orphan)
         with self.store.read_one() as connection:
             stored = connection.execute(_STORED, {"generation_id": generation_id}).first()
         if stored is None or not stored.result:
@@ -207,8 +220,11 @@ class ExpireResultHandler:
                 "marked expired; the object is deleted next",
                 apply=lambda session: mark_expired(session, generation_id),
             )
+        return self._delete(stored.result.get("uri"))
+
+    def _delete(self, uri: str | None) -> Outcome:
         try:
-            delete_object(self.blobs, stored.result.get("uri"))
+            delete_object(self.blobs, uri)
         except TransientBlobError as exc:
             return Failed(f"deleting the result: {exc.message}")
         return DONE

@@ -46,7 +46,12 @@ from service.domain import ErrorCode, GenerationStatus
 from service.errors import TransientError
 from service.generations.images import SNIFF_BYTES, ImageKind, dimensions, sniff
 from service.generations.lifecycle import change_status, failing
-from service.generations.result_access import output_location, schedule_expiry, sign_result
+from service.generations.result_access import (
+    delete_orphan,
+    output_location,
+    schedule_expiry,
+    sign_result,
+)
 from service.metrics import GCS_UPLOAD_LATENCY
 from service.models import Generation, Tenant, utcnow
 from service.notifications.ssrf import Unresolvable, UnsafeURL, URLPolicy, pinned_session
@@ -247,12 +252,15 @@ class StoreHandler:
             )
             if moved:
                 schedule_expiry(session, self.queue, generation)
-            else:
-                log.warning(
-                    "generation %s was canceled while its result was stored at %s",
+            elif _status(session, generation.id) == GenerationStatus.CANCELED:
+                # Canceled while its result was copied: a canceled generation keeps nothing
+                # in the bucket. The worker deletes the object (retried until it is gone).
+                log.info(
+                    "generation %s was canceled while its result was stored at %s; deleting it",
                     generation.id,
                     stored.uri,
                 )
+                delete_orphan(session, self.queue, generation.id, stored.uri)
 
         return Done(succeed)
 
@@ -391,3 +399,9 @@ def _model_type(request: dict[str, Any]) -> str:
     if not isinstance(generate, dict):
         return ""
     return str(generate.get("model_type") or "realistic")
+
+
+def _status(session: Session, generation_id: str) -> str | None:
+    return session.execute(
+        sa.select(Generation.status).where(Generation.id == generation_id)
+    ).scalar()

@@ -7,6 +7,7 @@ the simulator call a real gunicorn.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import threading
 import time
@@ -24,8 +25,10 @@ from service.config import Config
 from service.devtools.fakes import FakeBlobStore
 from service.devtools.gcs_emulator import FakeGcsServer
 from service.generations.callback_urls import callback_url
+from service.generations.line import IN_FLIGHT
 from service.models import Generation, Task, utcnow
 from service.runtime.kinds import POLL, STORE
+from service.runtime.queue import RetryPolicy
 from service.runtime.worker import Worker
 from tests.conftest import SIMULATOR_KEY, emulator_blob_store
 from tests.helpers import drain, seed_examples, set_simulator
@@ -490,3 +493,193 @@ def test_a_callback_whose_transaction_is_aborted_by_a_deadlock_runs_it_again(
     drain(services)
     done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
     assert done["status"] == "succeeded"
+
+
+def wait_until_over(simulator: Any, job: str) -> None:
+    """Until the simulator has finished `job`, whichever way."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        answer = requests.get(
+            f"{simulator.url}/rest_api/result/{job}",
+            headers={"x-api-key": SIMULATOR_KEY},
+            timeout=5,
+        )
+        if answer.json().get("status") in ("complete", "failed"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job} did not end")
+
+
+def submitted_long_ago(services: Services, generation_id: str, seconds: float) -> None:
+    """As if the generation's job had been created `seconds` ago."""
+    with services.store.transaction() as session:
+        session.execute(
+            sa.update(Generation)
+            .where(Generation.id == generation_id)
+            .values(submitted_at=utcnow() - dt.timedelta(seconds=seconds))
+        )
+
+
+def in_flight(services: Services) -> list[str]:
+    with services.store.read() as session:
+        return list(session.scalars(sa.select(Generation.id).where(IN_FLIGHT)))
+
+
+@pytest.mark.parametrize("finding", ["complete", "failed", "timed out"])
+def test_a_generation_canceled_while_its_poll_asks_hands_its_slot_on(
+    config: Config, make_client: Any, simulator: Any, finding: str
+) -> None:
+    # The poll reads the generation `processing` and asks Deep-Image; the tenant cancels before
+    # the poll's outcome is written. The job is over (or given up on), and this poll was the
+    # last: the canceled job's slot must go on, or the account loses it for good.
+    services, client, auth = make_client(config.replace(upstream_concurrency=1))  # polling only
+    set_simulator(
+        simulator.url,
+        failure_rate=1.0 if finding == "failed" else 0.0,
+        processing_time=60.0 if finding == "timed out" else 0.2,
+    )
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    job = generation["upstream"]["job"]
+    if finding == "timed out":
+        submitted_long_ago(services, generation["id"], config.generation_timeout + 60)
+    else:
+        wait_until_over(simulator, job)
+    asked = services.deepimage.result
+
+    def cancel_then_answer(asked_job: str) -> Any:
+        services.deepimage.result = asked  # type: ignore[method-assign]
+        canceled = client.post(f"/v1/generations/{generation['id']}/cancel", headers=auth)
+        assert canceled.status_code == 200
+        return asked(asked_job)
+
+    services.deepimage.result = cancel_then_answer  # type: ignore[method-assign]
+    drain(services)
+    shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (shown["status"], shown["upstream"]["job"]) == ("canceled", job)
+    assert services.deepimage.result is asked  # the poll asked, and the cancel came then
+    assert in_flight(services) == []
+    assert objects(services) == {}
+
+
+def test_a_job_that_ended_before_the_timeout_is_stored_when_the_poll_comes_after_it(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    # Polls back off up to a minute apart: the one after a job's end may come after the
+    # generation's timeout. The job is done, so its result is stored, not thrown away.
+    services, client, auth = make_client(config)  # polling only
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    wait_until_complete(simulator, generation["upstream"]["job"])
+    submitted_long_ago(services, generation["id"], config.generation_timeout + 60)
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (done["status"], done["error"]) == ("succeeded", None)
+    assert len(objects(services)) == 1
+
+
+def test_a_timed_out_poll_does_not_fail_a_generation_whose_callback_came_while_it_asked(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    services, client, auth = make_client(callback_config(config))
+    set_simulator(simulator.url, processing_time=60.0)
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    submitted_long_ago(services, generation["id"], config.generation_timeout + 60)
+    asked = services.deepimage.result
+
+    def called_back_meanwhile(job: str) -> Any:
+        answer = asked(job)  # still processing, as Deep-Image saw it a moment ago
+        assert call_back(client, generation, ELSEWHERE).json == {"outcome": "accepted"}
+        return answer
+
+    services.deepimage.result = called_back_meanwhile  # type: ignore[method-assign]
+    with services.store.transaction() as session:  # the fallback poll, due now
+        session.execute(sa.update(Task).where(Task.kind == POLL).values(run_at=utcnow()))
+    (poll,) = services.queue.claim_due_tasks(kinds=[POLL])
+    services.runner.execute(poll)
+    shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (shown["status"], shown["error"]) == ("processing", None)
+    assert [task.status for task in tasks_of(services, STORE)] == ["pending"]
+
+
+def test_a_generation_canceled_while_its_result_is_copied_leaves_no_object(
+    config: Config, make_client: Any
+) -> None:
+    services, client, auth = make_client(config)  # polling only
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    write_new = services.blobs.write_new
+
+    def cancel_then_write(*args: Any, **kwargs: Any) -> Any:
+        services.blobs.write_new = write_new  # type: ignore[method-assign]
+        canceled = client.post(f"/v1/generations/{generation['id']}/cancel", headers=auth)
+        assert canceled.status_code == 200
+        return write_new(*args, **kwargs)
+
+    services.blobs.write_new = cancel_then_write  # type: ignore[method-assign]
+    drain(services)
+    assert services.blobs.write_new is write_new  # the copy started before the cancel
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (done["status"], done["result"]) == ("canceled", None)
+    assert objects(services) == {}  # written, then deleted by the worker
+
+
+def test_a_poll_given_up_does_not_show_the_internal_error_to_the_tenant(
+    config: Config, store: Any, blobs: Any
+) -> None:
+    internal = 'connection to server at "10.8.0.3", port 5432 failed'
+    services = build_services(
+        config, store=store, blobs=blobs,
+        policies={POLL: RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02)},
+    )  # fmt: skip
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    try:
+        generation = create(client, auth, {"input": TEXT_ONLY})
+
+        def crash(job: str) -> Any:
+            raise RuntimeError(internal)
+
+        services.deepimage.result = crash  # type: ignore[method-assign]
+        drain(services)
+        done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+        (poll,) = tasks_of(services, POLL)
+    finally:
+        services.deepimage.close()
+        services.downloads.close()
+    assert done["status"] == "failed"
+    assert done["error"] == {
+        "code": "upstream_unavailable",
+        "message": "Deep-Image could not be polled after 2 attempts",
+    }
+    assert internal in (poll.last_error or "")  # kept for the operator
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_callback_that_finds_its_generation_canceled_meanwhile_hands_the_slot_on(
+    config: Config, make_client: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The callback reads the generation `processing`; a cancel commits before it records the
+    # result. The job is over: its slot goes on now, not when the fallback poll comes.
+    import service.generations.completion as completion
+
+    services, client, auth = make_client(callback_config(config, upstream_concurrency=1))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    result_url = wait_until_complete(simulator, generation["upstream"]["job"])
+    record = completion.record_source
+
+    def cancel_then_record(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(completion, "record_source", record)
+        cancel = threading.Thread(  # its own connection: the callback's transaction is open
+            target=lambda: client.post(f"/v1/generations/{generation['id']}/cancel", headers=auth)
+        )
+        cancel.start()
+        cancel.join(timeout=10)
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(completion, "record_source", cancel_then_record)
+    answer = call_back(client, generation, result_url)
+    assert (answer.status_code, answer.json) == (200, {"outcome": "duplicate"})
+    assert completion.record_source is record
+    shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert shown["status"] == "canceled"
+    assert in_flight(services) == []
