@@ -126,15 +126,20 @@ class SubmitHandler:
             upstream_job=job,
             submitted_at=now,
         )
-        if not moved:
-            # Canceled while the request was in flight (Deep-Image documents no way to cancel
-            # a job: its result is ignored when it arrives), or the job's callback came first
-            # and recorded the job itself (service/generations/completion.py).
+        if moved:
+            self.line.note_accepted(session)
+        elif _keep_canceled_job(session, generation_id, job, now):
+            # Canceled while the request was in flight. Deep-Image documents no way to cancel
+            # a job: it runs on, and its result is ignored when it arrives. Recorded, it holds
+            # the account's slot again until it ends, as any canceled job does.
+            log.info("generation %s was canceled while job %s was created", generation_id, job)
+        else:
+            # The job's callback came first and recorded the job itself
+            # (service/generations/completion.py).
             log.info("generation %s left queued before job %s was recorded", generation_id, job)
             return None
-        self.line.note_accepted(session)
-        # The task goes on as the job's poll: the fallback for a lost callback, and the only
-        # path in polling-only mode.
+        # The task goes on as the job's poll: the fallback for a lost callback, the only path
+        # in polling-only mode, and for a canceled job, how its end is learned.
         delay = first_poll_delay(self.config)
         return Next(POLL, {"delay": delay}, delay)
 
@@ -153,6 +158,24 @@ class SubmitHandler:
             ErrorCode.UPSTREAM_UNAVAILABLE,
             f"Deep-Image could not be reached after {task.attempts} attempts: {error}",
         )
+
+
+def _keep_canceled_job(session: Session, generation_id: str, job: str, now: dt.datetime) -> bool:
+    """Record the job of a generation canceled while it was being created; False if the
+    generation is not such a one."""
+    kept = session.execute(
+        sa.update(Generation)
+        .where(
+            Generation.id == generation_id,
+            Generation.status == GenerationStatus.CANCELED,
+            Generation.upstream_job.is_(None),
+            Generation.admitted_at.is_not(None),
+            Generation.source_found_at.is_(None),
+        )
+        .values(upstream_job=job, submitted_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(kept, "rowcount", 0) == 1
 
 
 def _cancel_overdue(session: Session, generation_id: str) -> None:

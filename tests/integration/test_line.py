@@ -148,6 +148,40 @@ def test_a_generation_canceled_before_its_job_exists_frees_its_slot_at_once(
         assert admitted is not None and admitted.admitted_at is not None
 
 
+def test_a_job_created_while_its_generation_was_canceled_holds_a_slot_until_it_ends(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    # The cancel came while the submit's POST was on its way: the job exists at Deep-Image,
+    # which has no cancel. It is recorded on the canceled generation and counted in flight,
+    # like any canceled job, until a poll finds it over.
+    services, client, auth = make_client(config.replace(upstream_concurrency=1))
+    set_simulator(simulator.url, upstream_error_rate=1.0)
+    generation = post(client, auth)  # admitted; its submit failed and waits to be retried
+    set_simulator(simulator.url, upstream_error_rate=0.0, processing_time=1.0)
+    process = services.deepimage.process
+
+    def cancel_then_process(payload: dict[str, Any]) -> Any:
+        services.deepimage.process = process  # type: ignore[method-assign]
+        canceled = client.post(f"/v1/generations/{generation['id']}/cancel", headers=auth)
+        assert canceled.status_code == 200
+        return process(payload)
+
+    services.deepimage.process = cancel_then_process  # type: ignore[method-assign]
+    with services.store.transaction() as session:  # the submit's retry, due now
+        session.execute(
+            sa.update(Task).where(Task.kind == "submit").values(run_at=dt.datetime.now(dt.UTC))
+        )
+    (submit,) = services.queue.claim_due_tasks(kinds=["submit"])
+    services.runner.execute(submit)
+    assert services.deepimage.process is process  # the cancel came during the POST
+    shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert shown["status"] == "canceled" and shown["upstream"]["job"] is not None
+    assert in_flight(services) == 1
+    drain(services, seconds=30)  # polls the canceled job until it ends
+    assert in_flight(services) == 0
+    assert sim_stats(simulator)["jobs_created"] == 1
+
+
 def test_a_stated_limit_is_learned_and_never_exceeded_again(
     config: Config, make_client: Any, slow_upstream: Any
 ) -> None:
