@@ -2,12 +2,13 @@
 
 genrelay talks to Deep-Image with one API key and to GCS with one service account, so a
 tenant's `input` must not name what belongs to someone else:
-- `storage://NAME/...` (in `url`, and `target` for results) is a storage the operator set up
-  at Deep-Image under genrelay's key; a tenant may name it only when NAME is on its
-  `allowed_storages`.
+- `storage://NAME/...` (wherever the schema takes one: `url`, `background.replace`, and
+  `target` for results) is a storage the operator set up at Deep-Image under genrelay's key;
+  a tenant may name it only when NAME is on its `allowed_storages`.
 - `gs://bucket/object` (wherever `input` takes an image) is read with genrelay's own
   credentials; only buckets on the tenant's `allowed_input_buckets`.
-Both refusals are 422 naming the field (`input.url`, `input.target`, …).
+Both refusals are 422 naming the field (`input.url`, `input.target`, …). Which fields those are
+is read from the schema (schemas/deepimage.py), so a field that takes a reference is checked.
 
 At submission every `gs://` reference becomes a V4 signed https GET URL, valid for
 GENRELAY_INPUT_URL_TTL seconds, that Deep-Image downloads like any public URL. Only the
@@ -22,23 +23,47 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from marshmallow import Schema, fields
+
+from schemas.deepimage import STORAGE, ImageReference, ProcessRequestSchema, StorageFolder
 from service.adapters.blobstore import BlobStore
 from service.adapters.gcs_urls import parse_gs_url
 from service.errors import InvalidRequest
 from service.tenants import TenantSettings
 
-# Where `input` takes an image (besides `url`): path of keys, "*" for every item of a list.
-IMAGE_FIELDS: tuple[tuple[str, ...], ...] = (
-    ("url",),
-    ("background", "replace"),
-    ("background", "generate", "ip_image2"),
-    ("background", "generate", "context_images", "*"),
-    ("caption", "url"),
-    ("nsfw_parameters", "image_url"),
-    ("nsfw_parameters", "nsfw_image_url"),
+
+def _schema_fields(
+    schema: Schema, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], fields.Field]]:
+    """(path of keys, field) of every leaf field; "*" stands for every item of a list."""
+    for name, field in schema.declared_fields.items():
+        yield from _leaves(field, (*path, field.data_key or name))
+
+
+def _leaves(
+    field: fields.Field, path: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], fields.Field]]:
+    if isinstance(field, fields.Nested):
+        assert isinstance(field.schema, Schema)
+        yield from _schema_fields(field.schema, path)
+    elif isinstance(field, fields.List):
+        yield from _leaves(field.inner, (*path, "*"))
+    else:
+        yield path, field
+
+
+_REQUEST_FIELDS = tuple(_schema_fields(ProcessRequestSchema()))
+# Where `input` takes an image: path of keys, "*" for every item of a list.
+IMAGE_FIELDS: tuple[tuple[str, ...], ...] = tuple(
+    path for path, field in _REQUEST_FIELDS if isinstance(field, ImageReference)
 )
-# Where `input` may name a Deep-Image storage.
-STORAGE_FIELDS: tuple[tuple[str, ...], ...] = (("url",), ("target",))
+# Where `input` may name a Deep-Image storage (an image, or `target`'s folder for results).
+STORAGE_FIELDS: tuple[tuple[str, ...], ...] = tuple(
+    path
+    for path, field in _REQUEST_FIELDS
+    if isinstance(field, StorageFolder)
+    or (isinstance(field, ImageReference) and STORAGE in field.kinds)
+)
 
 
 class InputNotSignable(Exception):

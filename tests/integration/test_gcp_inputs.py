@@ -60,6 +60,22 @@ def test_storage_names_not_on_the_tenants_list_are_refused_in_url_and_target(
     assert set(fields_of(target_only)) == {"input.target"}
 
 
+def test_storage_names_not_on_the_tenants_list_are_refused_in_background_replace(
+    gcp: GcpStack,  # noqa: F811
+) -> None:
+    # The schema takes storage:// in background.replace as in url: the list applies there too.
+    backdrop = {"remove": "auto", "replace": "storage://ops_s3/secret/backdrop.png"}
+    refused = post(gcp, {"url": "https://example.com/a.png", "background": backdrop})
+    problems = fields_of(refused)
+    assert set(problems) == {"input.background.replace"}
+    assert "'ops_s3'" in problems["input.background.replace"]
+
+    Tenants(gcp.services.store).set("acme", storages=["acme_drive"])
+    allowed = {"remove": "auto", "replace": "storage://acme_drive/backdrop.png"}
+    accepted = post(gcp, {"url": "https://example.com/a.png", "background": allowed})
+    assert accepted.status_code == 202, accepted.json
+
+
 def test_an_allowed_storage_is_forwarded_as_it_is(
     gcp: GcpStack,  # noqa: F811
     simulator: SimulatorServer,
