@@ -6,6 +6,12 @@ configured on the trigger or subscription. It is verified with google-auth
 (GENRELAY_OIDC_CERTS_URL, cached for their Cache-Control max-age, at most an hour), audience,
 expiry (10 s of clock skew); then the issuer (`https://accounts.google.com` or
 `accounts.google.com`) and a verified `email`. Which emails may push is the caller's business.
+
+The certificates URL serves JSON: either Google's x509 format, an object of key id -> PEM
+certificate (https://www.googleapis.com/oauth2/v1/certs, the default), or a JWK Set
+(`{"keys": [...]}`, as https://www.googleapis.com/oauth2/v3/certs), whose RSA signing keys are
+turned into PEM public keys here (google-auth would need pyjwt for it). An answer that is
+neither, or holds no usable key, is `CertificatesUnavailable` and is not cached.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import time
 from typing import Any
 
 import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 ISSUERS = frozenset({"https://accounts.google.com", "accounts.google.com"})
 CLOCK_SKEW = 10
@@ -82,6 +90,13 @@ class _CachingCertsRequest:
             raise exceptions.TransportError(f"certificates: {type(exc).__name__}") from exc
         response = _Response(answer.status_code, dict(answer.headers), answer.content)
         if answer.status_code == 200:
+            certs = _usable_certs(answer.content)
+            if certs is None:
+                raise exceptions.TransportError(
+                    "certificates: the answer is neither x509 certificates nor a JWK Set "
+                    "with an RSA signing key"
+                )
+            response.data = json.dumps(certs).encode()
             match = _MAX_AGE_RE.search(answer.headers.get("Cache-Control", ""))
             keep = min(CERTS_CACHE_MAX, float(match.group(1))) if match else 300.0
             with self._lock:
@@ -132,6 +147,55 @@ class TokenVerifier:
 
     def close(self) -> None:
         self._request.close()
+
+
+def _usable_certs(content: bytes) -> dict[str, str] | None:
+    """{key id: PEM} from a certificates answer (x509 JSON or a JWK Set); None if unusable."""
+    try:
+        document = json.loads(content)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    if not isinstance(document, dict):
+        return None
+    if "keys" in document:
+        keys = document["keys"]
+        if not isinstance(keys, list):
+            return None
+        certs: dict[str, str] = {}
+        for jwk in keys:
+            pem = _rsa_pem(jwk) if isinstance(jwk, dict) else None
+            if pem is not None:
+                certs[jwk["kid"]] = pem
+        return certs or None
+    if not document or not all(isinstance(v, str) for v in document.values()):
+        return None
+    return document
+
+
+def _rsa_pem(jwk: dict[str, Any]) -> str | None:
+    """The PEM public key of an RSA signing JWK (RS256 or no alg); None for any other key."""
+    if (
+        jwk.get("kty") != "RSA"
+        or jwk.get("use", "sig") != "sig"
+        or jwk.get("alg", "RS256") != "RS256"
+        or not isinstance(jwk.get("kid"), str)
+        or not isinstance(jwk.get("n"), str)
+        or not isinstance(jwk.get("e"), str)
+    ):
+        return None
+    try:
+        n, e = (
+            int.from_bytes(base64.urlsafe_b64decode(v + "=" * (-len(v) % 4)), "big")
+            for v in (jwk["n"], jwk["e"])
+        )
+        key = rsa.RSAPublicNumbers(e, n).public_key()
+    except (ValueError, binascii.Error):
+        return None
+    if key.key_size < 2048:
+        return None
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
 
 
 def _require_jwt_shape(token: str) -> None:
