@@ -123,7 +123,8 @@ def push(trigger_id: str) -> Any:
     outcome = services().triggers.push(
         trigger_id,
         headers={name.lower(): value for name, value in flask.request.headers.items()},
-        body=flask.request.get_data(cache=False),
+        # Read only once the push is authenticated.
+        read_body=lambda: flask.request.get_data(cache=False),
         base_url=flask.request.host_url,
     )
     return {"duplicate": outcome.duplicate, "event": outcome.event}

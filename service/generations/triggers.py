@@ -20,9 +20,13 @@ At least once in, once out: every push is recorded as one `trigger_events` row p
 event id) — the CloudEvent's `ce-id` or the message's `messageId` — written in the same
 transaction as its generation, so a redelivery finds the row and makes nothing new. A push
 that can never become a generation (malformed, wrong type, filtered out, an invalid request,
-a bucket the tenant may not read) is acknowledged (200) and recorded as `rejected` or
-`skipped` with the reason, so Pub/Sub does not redeliver it forever. Only failures that may pass
-(the database or Google's certificates unreachable) answer 5xx, so the sender redelivers.
+a bucket the tenant may not read, a CloudEvent without `ce-id`, JSON nested too deep to read)
+is acknowledged (200) and recorded as `rejected` or `skipped` with the reason, so Pub/Sub does
+not redeliver it forever. Only failures that may pass (the database or Google's certificates
+unreachable, the webhook's host not resolving) answer 5xx and record nothing, so the sender
+redelivers.
+
+A push is authenticated (token, trigger, `push_accounts`) before its body is read.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -56,11 +60,12 @@ from service.errors import (
     Unauthorized,
     Unavailable,
 )
+from service.generations.inputs import access_problems
 from service.generations.service import GenerationService, NewGeneration
 from service.ids import new_id
 from service.models import Trigger, TriggerEvent, utcnow
 from service.notifications.service import require_safe_target
-from service.notifications.ssrf import URLPolicy
+from service.notifications.ssrf import Unresolvable, URLPolicy
 from service.pagination import Page, paginate
 from service.tenants import settings_by_id
 
@@ -70,6 +75,8 @@ SOURCES = ("gcs", "pubsub")
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 OBJECT_FINALIZE = "OBJECT_FINALIZE"
 MAX_METADATA_VALUE = 500
+# Retry-After of a push that may pass when sent again.
+RETRY_AFTER = "10"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,11 +218,11 @@ class TriggerService:
     def _check(self, trigger: Trigger) -> None:
         """422 for a trigger that could never make a generation."""
         errors: list[dict[str, str]] = []
+        with self.store.read() as session:
+            settings = settings_by_id(session, trigger.tenant_id)
         if trigger.source == "gcs" and not trigger.bucket:
             errors.append({"field": "bucket", "message": "A gcs trigger needs its bucket."})
         if trigger.bucket:
-            with self.store.read() as session:
-                settings = settings_by_id(session, trigger.tenant_id)
             if not BUCKET_RE.fullmatch(trigger.bucket):
                 errors.append({"field": "bucket", "message": "Not a GCS bucket name."})
             elif trigger.bucket not in settings.allowed_input_buckets:
@@ -227,12 +234,17 @@ class TriggerService:
                     }
                 )
         if trigger.source == "gcs" and not errors:
-            # The template plus an object must make a valid Deep-Image request.
+            # The template plus an object must make a valid Deep-Image request, naming only
+            # storages and buckets the tenant may use.
             sample = _merge(trigger.template, {"url": f"gs://{trigger.bucket}/object"})
             try:
                 ProcessRequestSchema().load(sample)
             except ValidationError as exc:
                 errors += _flatten(exc.messages, "input")
+            errors += access_problems(settings, sample)
+        elif trigger.source == "pubsub" and isinstance(trigger.template, dict):
+            # A message's request is merged over the template: what it names, each request does.
+            errors += access_problems(settings, trigger.template)
         if trigger.webhook:
             require_safe_target(self.policy, trigger.webhook, "webhook")
         if errors:
@@ -245,12 +257,13 @@ class TriggerService:
         trigger_id: str,
         *,
         headers: Mapping[str, str],
-        body: bytes,
+        read_body: Callable[[], bytes],
         base_url: str,
     ) -> PushOutcome:
         """Authenticate and record one push; make its generation when it can become one.
 
-        `headers` have lowercase names.
+        `headers` have lowercase names; `read_body` is called (once) only when the push is
+        authenticated, so an unauthenticated upload is not read.
         Raises Unauthorized (401), Forbidden (403), NotFound (404) or Unavailable (503).
         """
         try:
@@ -262,7 +275,7 @@ class TriggerService:
         except CertificatesUnavailable as exc:
             raise Unavailable(
                 f"Google's certificates could not be read ({exc}); try again",
-                headers={"Retry-After": "10"},
+                headers={"Retry-After": RETRY_AFTER},
             ) from None
         with self.store.read() as session:
             trigger = session.get(Trigger, trigger_id)
@@ -272,7 +285,7 @@ class TriggerService:
             raise Forbidden(
                 f"{identity.email} is not allowed to push to this trigger (push_accounts)"
             )
-        parsed = _parse(headers, body)
+        parsed = _parse(headers, read_body())
         try:
             if parsed.problem is not None:
                 raise _Reject(parsed.problem)
@@ -331,6 +344,12 @@ class TriggerService:
         except IntegrityError:
             return PushOutcome(self._existing(trigger.id, parsed.event_id), duplicate=True)
         except InvalidRequest as exc:
+            if _unresolvable(exc):
+                # A DNS failure may pass: record nothing, so the redelivery makes the generation.
+                raise Unavailable(
+                    "the webhook's host does not resolve now; try again",
+                    headers={"Retry-After": RETRY_AFTER},
+                ) from None
             problems = "; ".join(f"{e['field']}: {e['message']}" for e in (exc.errors or []))
             return self._record(trigger, parsed, "rejected", problems or exc.detail)
         except ServiceError:
@@ -389,6 +408,15 @@ class TriggerService:
         return event
 
 
+def _unresolvable(exc: InvalidRequest) -> bool:
+    """Whether the intake refused a URL (the webhook) only because its host did not resolve.
+
+    require_safe_target raises InvalidRequest while handling the policy's refusal, which
+    stays on the exception as its context (`from None` only hides it from tracebacks).
+    """
+    return isinstance(exc.__context__, Unresolvable)
+
+
 def _flatten(messages: Any, path: str) -> list[dict[str, str]]:
     if isinstance(messages, dict):
         out: list[dict[str, str]] = []
@@ -411,7 +439,7 @@ def _parse(headers: Mapping[str, str], body: bytes) -> _Parsed:
         return _parse_cloudevent(headers, body)
     try:
         envelope = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return _Parsed("malformed", _body_hash(body), problem="the body is not JSON")
     message = envelope.get("message") if isinstance(envelope, dict) else None
     if not isinstance(message, dict):
@@ -428,12 +456,15 @@ def _parse_cloudevent(headers: Mapping[str, str], body: bytes) -> _Parsed:
     from cloudevents.core.bindings.http import HTTPMessage, from_binary_event
     from cloudevents.core.exceptions import BaseCloudEventException
 
+    # Without ce-id the SDK makes up a new id for every delivery, and each would be new here.
+    event_id = headers.get("ce-id") or ""
+    if not event_id.strip():
+        return _Parsed("cloudevent", _body_hash(body), problem="the CloudEvent has no ce-id")
     try:
+        # The SDK reads JSON data itself: too deep a nesting is its RecursionError.
         event = from_binary_event(HTTPMessage(headers=dict(headers), body=body))
-    except (BaseCloudEventException, ValueError, TypeError) as exc:
-        event_id = headers.get("ce-id") or _body_hash(body)
+    except (BaseCloudEventException, ValueError, TypeError, RecursionError) as exc:
         return _Parsed("cloudevent", event_id, problem=f"not a valid CloudEvent: {exc}")
-    event_id = str(event.get_id())
     subject = event.get_subject()
     if event.get_type() != FINALIZED:
         return _Parsed(
@@ -446,7 +477,7 @@ def _parse_cloudevent(headers: Mapping[str, str], body: bytes) -> _Parsed:
     if isinstance(data, bytes | str):
         try:
             data = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
     if not isinstance(data, dict) or not data.get("bucket") or not data.get("name"):
         return _Parsed(
@@ -483,7 +514,7 @@ def _parse_message(message: dict[str, Any], body: bytes) -> _Parsed:
     data = message.get("data")
     try:
         decoded = json.loads(base64.b64decode(data or "", validate=True))
-    except (binascii.Error, ValueError, TypeError):
+    except (binascii.Error, ValueError, TypeError, RecursionError):
         return _Parsed("message", event_id, problem="data is not base64 of a JSON object")
     if not isinstance(decoded, dict):
         return _Parsed("message", event_id, problem="data is not base64 of a JSON object")

@@ -370,3 +370,178 @@ def test_the_openapi_document_describes_triggers_gs_inputs_output_and_retention(
     assert "push_url" in schemas["Trigger"]["properties"]
     replace = schemas["DeepImageBackground"]["properties"]["replace"]["description"]
     assert "gs://bucket/object" in replace
+
+
+def resolve_with(policy: Any, resolver: Any) -> None:
+    """Swap the request policy's DNS resolver (the policy is frozen; the stack is the test's)."""
+    object.__setattr__(policy, "resolver", resolver)
+
+
+def test_a_webhook_host_that_does_not_resolve_for_now_answers_503_and_records_nothing(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    policy = gcp.services.triggers.policy
+    resolve_with(policy, lambda host, port: ["93.184.216.34"])
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket, webhook="https://hooks.acme.example/genrelay")
+    token = issuer.token(trigger["audience"], PUSHER)
+
+    def down(host: str, port: int) -> list[str]:
+        raise OSError("no DNS answer within 5 s")
+
+    resolve_with(policy, down)
+    first = cloudevent(gcp, trigger, token, bucket, "shoe.png", event_id="evt-dns")
+    assert first.status_code == 503, first.json
+    assert first.content_type == "application/problem+json"
+    assert first.headers["Retry-After"]
+    assert "webhook" in first.json["detail"]
+    assert events(gcp, trigger) == [] and generations(gcp) == []
+
+    # DNS is back: the redelivery makes the generation.
+    resolve_with(policy, lambda host, port: ["93.184.216.34"])
+    again = cloudevent(gcp, trigger, token, bucket, "shoe.png", event_id="evt-dns")
+    assert again.status_code == 200, again.json
+    assert again.json["duplicate"] is False and again.json["event"]["status"] == "accepted"
+    (generation,) = generations(gcp)
+    assert generation.webhook == "https://hooks.acme.example/genrelay"
+
+    # A host that resolves to the metadata service never will be allowed: rejected, 200.
+    resolve_with(policy, lambda host, port: ["169.254.169.254"])
+    pubsub_trigger = make_trigger(gcp, source="pubsub", bucket=None)
+    pubsub_token = issuer.token(pubsub_trigger["audience"], PUSHER)
+    private = {
+        "input": {"background": {"generate": {"description": "a red shoe"}}},
+        "webhook": "https://internal.acme.example/hook",
+    }
+    data = base64.b64encode(json.dumps(private).encode()).decode()
+    refused = pubsub(gcp, pubsub_trigger, pubsub_token, {"data": data, "messageId": "m-10"})
+    assert refused.status_code == 200 and refused.json["event"]["status"] == "rejected"
+    assert "webhook" in refused.json["event"]["reason"]
+
+
+def test_a_cloudevent_without_ce_id_is_rejected_once_and_makes_nothing(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket)
+    token = issuer.token(trigger["audience"], PUSHER)
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "ce-specversion": "1.0",
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+        "ce-type": "google.cloud.storage.object.v1.finalized",
+        "Content-Type": "application/json",
+    }
+    data = json.dumps({"bucket": bucket, "name": "shoe.png"})
+    # The cloudevents SDK would give each delivery a random id: each would make a generation.
+    answers = [gcp.client.post(trigger["links"]["push"], data=data, headers=headers)
+               for _ in range(2)]  # fmt: skip
+    assert [a.status_code for a in answers] == [200, 200]
+    assert [a.json["duplicate"] for a in answers] == [False, True]
+    assert answers[0].json["event"]["status"] == "rejected"
+    assert "ce-id" in answers[0].json["event"]["reason"]
+    assert generations(gcp) == []
+    assert len(events(gcp, trigger)) == 1
+
+
+def test_deeply_nested_json_is_acknowledged_and_rejected_not_a_500(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket)
+    pubsub_trigger = make_trigger(gcp, source="pubsub", bucket=None)
+    token = issuer.token(trigger["audience"], PUSHER)
+    pubsub_token = issuer.token(pubsub_trigger["audience"], PUSHER)
+    deep = b"[" * 50_000
+    ce_headers = {
+        "Authorization": f"Bearer {token}",
+        "ce-specversion": "1.0",
+        "ce-id": "evt-deep",
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+        "ce-type": "google.cloud.storage.object.v1.finalized",
+        "Content-Type": "application/json",
+    }
+    answers = [
+        # the envelope, the message's data, the CloudEvent's data
+        gcp.client.post(pubsub_trigger["links"]["push"], data=deep,
+                        headers={"Authorization": f"Bearer {pubsub_token}"}),
+        pubsub(gcp, pubsub_trigger, pubsub_token,
+               {"messageId": "m-deep", "data": base64.b64encode(b'{"a":' * 30_000).decode()}),
+        gcp.client.post(trigger["links"]["push"], data=deep, headers=ce_headers),
+    ]  # fmt: skip
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.json for a in answers]
+    assert [a.json["event"]["status"] for a in answers] == ["rejected"] * 3
+    assert [a.json["event"]["kind"] for a in answers] == ["malformed", "message", "cloudevent"]
+    assert generations(gcp) == []
+
+
+def test_a_template_naming_a_storage_or_bucket_the_tenant_may_not_use_is_refused(
+    gcp: GcpStack,  # noqa: F811
+) -> None:
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket], storages=["acme_drive"])
+    refused = gcp.client.post(
+        "/v1/triggers",
+        json={"source": "gcs", "bucket": bucket, "push_accounts": [PUSHER],
+              "input": {**TEMPLATE, "target": "storage://ops_s3/out/",
+                        "background": {"replace": "gs://someone-elses/backdrop.png"}}},
+        headers=gcp.auth,
+    )  # fmt: skip
+    assert refused.status_code == 422, refused.json
+    assert refused.content_type == "application/problem+json"
+    assert {e["field"] for e in refused.json["errors"]} == {
+        "input.target",
+        "input.background.replace",
+    }
+    pubsub_refused = gcp.client.post(
+        "/v1/triggers",
+        json={"source": "pubsub", "push_accounts": [PUSHER],
+              "input": {"background": {"replace": "storage://ops_s3/backdrop.png"}}},
+        headers=gcp.auth,
+    )  # fmt: skip
+    assert pubsub_refused.status_code == 422, pubsub_refused.json
+    assert [e["field"] for e in pubsub_refused.json["errors"]] == ["input.background.replace"]
+
+    made = make_trigger(gcp, bucket=bucket, input={**TEMPLATE, "target": "storage://acme_drive/o/"})
+    patched = gcp.client.patch(
+        made["links"]["self"],
+        json={"input": {**TEMPLATE, "target": "storage://ops_s3/out/"}},
+        headers=gcp.auth,
+    )
+    assert patched.status_code == 422, patched.json
+    assert [e["field"] for e in patched.json["errors"]] == ["input.target"]
+    kept = gcp.client.get(made["links"]["self"], headers=gcp.auth).json
+    assert kept["input"]["target"] == "storage://acme_drive/o/"
+
+
+def test_a_push_is_authenticated_before_its_body_is_read(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    import flask
+
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket)
+    verifier = gcp.services.triggers.verifier
+    real = verifier.verify
+    unread: list[int] = []
+
+    def spy(authorization: Any, audience: str) -> Any:
+        # Nothing of the body has been taken from the stream when the token is checked.
+        unread.append(len(flask.request.stream.read()))
+        return real(authorization, audience)
+
+    verifier.verify = spy  # type: ignore[method-assign]
+    body = b'{"message": {"messageId": "1"}}' + b" " * 1_000_000
+    anonymous = gcp.client.post(
+        trigger["links"]["push"], data=body, headers={"Content-Type": "application/json"}
+    )
+    assert anonymous.status_code == 401
+    assert unread == [len(body)]
