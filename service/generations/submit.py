@@ -27,7 +27,7 @@ from service.generations.lifecycle import change_status, failing
 from service.generations.line import Line
 from service.generations.poll import first_poll_delay
 from service.metrics import UPSTREAM_REFUSALS
-from service.models import Generation, utcnow
+from service.models import Batch, Generation, utcnow
 from service.runtime.kinds import POLL
 from service.runtime.outcomes import DONE, Apply, Done, Failed, Next, Outcome
 from service.runtime.queue import ClaimedTask, TaskQueue
@@ -43,11 +43,19 @@ class Submission(NamedTuple):
     admitted_at: dt.datetime | None
     deadline_at: dt.datetime | None
     input: dict[str, Any]
+    # An item of a batch being canceled: its cancel may not have reached it yet.
+    batch_canceled: bool = False
 
 
-_READ = sa.select(*(getattr(Generation, name) for name in Submission._fields)).where(
-    Generation.id == sa.bindparam("generation_id")
-)
+_READ = sa.select(
+    Generation.status,
+    Generation.admitted_at,
+    Generation.deadline_at,
+    Generation.input,
+    sa.exists()
+    .where(Batch.id == Generation.batch_id, Batch.canceled_at.is_not(None))
+    .label("batch_canceled"),
+).where(Generation.id == sa.bindparam("generation_id"))
 
 
 class SubmitHandler:
@@ -82,6 +90,10 @@ class SubmitHandler:
             return DONE  # canceled, or already submitted by an earlier attempt
         if generation.admitted_at is None:
             return DONE  # not (or no longer) admitted: the line admits it again
+        if generation.batch_canceled:
+            # The batch's cancel goes through its items a chunk at a time; one admitted
+            # before its turn is canceled here rather than sent (and paid for).
+            return Done(lambda session: _cancel_with_batch(session, generation_id))
         deadline = generation.deadline_at
         payload = dict(generation.input)
         if deadline is not None and deadline <= now:
@@ -176,6 +188,10 @@ def _keep_canceled_job(session: Session, generation_id: str, job: str, now: dt.d
         .execution_options(synchronize_session=False)
     )
     return getattr(kept, "rowcount", 0) == 1
+
+
+def _cancel_with_batch(session: Session, generation_id: str) -> None:
+    change_status(session, generation_id, GenerationStatus.CANCELED, now=utcnow())
 
 
 def _cancel_overdue(session: Session, generation_id: str) -> None:

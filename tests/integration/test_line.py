@@ -182,6 +182,42 @@ def test_a_job_created_while_its_generation_was_canceled_holds_a_slot_until_it_e
     assert sim_stats(simulator)["jobs_created"] == 1
 
 
+def test_an_item_of_a_batch_being_canceled_is_canceled_not_sent_when_a_slot_frees(
+    config: Config, make_client: Any, slow_upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch's cancel goes through its items a chunk at a time (the rest in a task). A slot
+    # freed meanwhile may be handed to an item not yet reached: it must not go upstream.
+    import service.generations.batches as batches
+    from service.generations.completion import Callback
+
+    monkeypatch.setattr(batches, "CANCEL_CHUNK", 7)
+    monkeypatch.setattr(batches, "CANCEL_BUDGET", 0.0)  # one chunk in the request, then a task
+    services, client, auth = make_client(config.replace(upstream_concurrency=2))
+    items = [{"input": TEXT_ONLY, "metadata": {"n": str(n)}} for n in range(30)]
+    batch = client.post("/v1/batches", json={"items": items}, headers=auth).json
+    while claimed := services.queue.claim_due_tasks(kinds=["submit"]):
+        for task in claimed:
+            services.runner.execute(task)
+    assert sim_stats(slow_upstream)["jobs_created"] == 2
+    canceled = client.post(f"/v1/batches/{batch['id']}/cancel", headers=auth)
+    assert canceled.status_code == 200 and canceled.json["canceled_at"] is not None
+    with services.store.read() as session:
+        running = session.scalars(sa.select(Generation).where(Generation.upstream_job.is_not(None)))
+        first = running.first()
+    assert first is not None
+    # One running job ends before the cancel's task reaches the waiting items: its slot goes
+    # to the next of them, whose submit runs.
+    services.completion.accept(first.id, Callback(first.upstream_job, f"{slow_upstream.url}/r.png"))
+    (submit,) = services.queue.claim_due_tasks(kinds=["submit"])
+    services.runner.execute(submit)
+    assert sim_stats(slow_upstream)["jobs_created"] == 2
+    assert statuses(services)[submit.generation_id] == "canceled"
+    (rest,) = services.queue.claim_due_tasks(kinds=["cancel_batch"])
+    services.runner.execute(rest)  # the cancel's task finishes the rest
+    assert set(statuses(services).values()) == {"canceled"}
+    assert sim_stats(slow_upstream)["jobs_created"] == 2
+
+
 def test_a_stated_limit_is_learned_and_never_exceeded_again(
     config: Config, make_client: Any, slow_upstream: Any
 ) -> None:
