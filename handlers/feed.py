@@ -72,5 +72,9 @@ def get_delivery(delivery_id: str) -> Any:
 @deliveries_blp.route("/<string:delivery_id>/retry", methods=["POST"])
 @deliveries_blp.response(202, DeliverySchema)
 def retry_delivery(delivery_id: str) -> Any:
-    """Send it again now, as one more attempt with the same webhook-id."""
+    """Send it again now, as one more attempt with the same webhook-id.
+
+    If it fails, a delivery still on its retry schedule stays `pending` for the attempts it
+    has left; any other is `dead` (or `failed` after a final answer such as a 4xx).
+    """
     return services().notifications.retry_delivery(tenant_id(), delivery_id)

@@ -7,6 +7,7 @@ import binascii
 import dataclasses
 import datetime as dt
 import json
+import re
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
@@ -15,6 +16,8 @@ from sqlalchemy.orm import Session
 from service.errors import InvalidRequest
 
 T = TypeVar("T")
+
+_STORABLE = re.compile(r"[^\x00\ud800-\udfff]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,13 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
         moment = dt.datetime.fromisoformat(created_at)
         if moment.tzinfo is None or not isinstance(last_id, str):
             raise ValueError("bad cursor")
-    except (ValueError, TypeError, binascii.Error):
+        # As the database gets it: in UTC (a moment past year 1 or 9999 there overflows).
+        moment = moment.astimezone(dt.UTC)
+        # A NUL (PostgreSQL text refuses it) or a lone surrogate (not encodable) in the id
+        # would fail in the driver, not here.
+        if not _STORABLE.fullmatch(last_id):
+            raise ValueError("bad cursor")
+    except (ValueError, TypeError, OverflowError, binascii.Error):
         raise InvalidRequest(
             "the cursor is not one this API returned",
             errors=[{"field": "cursor", "message": "Invalid cursor."}],

@@ -3,13 +3,18 @@
 Outcomes, classified once here:
 - 2xx: succeeded.
 - 410: failed for good, and the subscription is disabled.
-- 429, 5xx, 3xx (redirects are not followed), timeouts, connection errors: retried on
+- 429, 5xx, 3xx (redirects are not followed), timeouts (SEND_TIMEOUT bounds the whole
+  attempt), connection errors, a host name that does not resolve (that may pass): retried on
   GENRELAY_WEBHOOK_RETRY_SCHEDULE with jitter (the `deliver` kind's retry policy, the one
   schedule of a delivery: the task runs at the delivery's `next_attempt_at`); past the
   schedule the delivery is `dead`. An attempt that fails inside genrelay (a bug, the database
   away) takes its turn on the same schedule.
 - other 4xx, or a target address that is not allowed: failed for good.
 A subscription whose deliveries have all failed for 5 days is disabled too.
+
+A replay (POST /v1/deliveries/{id}/retry) is one attempt more, outside the schedule: when it
+fails the way a scheduled attempt would be retried, the delivery is dead unless attempts of
+its schedule are still to come; then it stays pending and they come as they would have.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import datetime as dt
 import enum
 import functools
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,16 +37,21 @@ from service.database import Store
 from service.domain import DeliveryStatus
 from service.ids import new_id
 from service.metrics import DELIVERY_OUTCOMES
-from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
+from service.models import Delivery, DeliveryAttempt, Event, Subscription, Task, Tenant, utcnow
 from service.notifications.signing import sign
-from service.notifications.ssrf import UnsafeURL
+from service.notifications.ssrf import Deadline, Unresolvable, UnsafeURL
+from service.runtime.kinds import DELIVER
 from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome, Told, after_commit
-from service.runtime.queue import ClaimedTask
+from service.runtime.queue import ClaimedTask, TaskStatus
 
 log = logging.getLogger("genrelay.delivery")
 
+# Seconds one attempt may take in all: connecting, TLS, the answer's status line and headers,
+# the excerpt of its body (a Deadline cuts the connection then); also each read's timeout.
 SEND_TIMEOUT = 15.0
 EXCERPT_BYTES = 1024
+# What a database cannot store in text: NUL (PostgreSQL refuses it) and lone surrogates.
+_NOT_STORABLE = re.compile("[\x00\ud800-\udfff]")
 DISABLE_AFTER_FAILING = dt.timedelta(days=5)
 # A later event for the same target waits this long while an earlier one is still pending.
 ORDER_WAIT = 1.0
@@ -140,14 +151,15 @@ class DeliverHandler:
         outcomes: list[Outcome] = []
         for task, delivery_id in zip(tasks, ids, strict=True):
             try:
-                replay = bool(task.payload.get("replay"))
+                replay = task.id if task.payload.get("replay") else None
                 outcomes.append(self._attempt(delivery_id, rows.get(delivery_id), replay=replay))
             except Exception as exc:
                 log.exception("delivery %s: the attempt failed inside genrelay", delivery_id)
                 outcomes.append(_failed_inside(delivery_id, exc))
         return outcomes
 
-    def _attempt(self, delivery_id: str, row: Any, *, replay: bool) -> Outcome:
+    def _attempt(self, delivery_id: str, row: Any, *, replay: str | None) -> Outcome:
+        """One attempt; `replay`: the id of the replay task making it, if one is."""
         if row is None or (row.status != DeliveryStatus.PENDING and not replay):
             return DONE
         if row.blocked_until is not None:
@@ -173,11 +185,15 @@ class DeliverHandler:
                 )
             )
         reason = attempt.error or f"HTTP {attempt.status_code}"
-        if verdict is Verdict.RETRY and not replay:
-            return _retrying(delivery_id, attempt, reason)
-        final = DeliveryStatus.DEAD if verdict is Verdict.RETRY else DeliveryStatus.FAILED
+        if verdict is Verdict.RETRY:
+            if not replay:
+                return _retrying(delivery_id, attempt, reason)
+            # Dead, unless its schedule still has attempts to come (decided when recorded).
+            return Done(
+                _Recording(delivery_id, attempt, DeliveryStatus.DEAD, reason, replay_task=replay)
+            )
         gone = verdict is Verdict.GONE
-        return Done(_Recording(delivery_id, attempt, final, reason, gone=gone))
+        return Done(_Recording(delivery_id, attempt, DeliveryStatus.FAILED, reason, gone=gone))
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> Apply:
         """Its schedule is spent: a delivery still pending is dead (one whose last attempt was
@@ -196,27 +212,49 @@ class DeliverHandler:
         _record(session, recordings)
 
     def _send(self, url: str, headers: dict[str, str], body: bytes) -> Attempt:
+        """POST `body`; the attempt takes SEND_TIMEOUT seconds at most in all (but for
+        resolving the host), however slowly the target answers."""
         started = time.monotonic()
-        try:
-            response = self.http.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=SEND_TIMEOUT,
-                allow_redirects=False,
-                stream=True,
-            )
-        except UnsafeURL as exc:
-            return Attempt(None, None, f"not allowed: {exc.reason}", _ms(started), refused=True)
-        except requests.RequestException as exc:
-            return Attempt(None, None, type(exc).__name__, _ms(started))
-        with response:
+        with Deadline(SEND_TIMEOUT) as deadline:
             try:
-                raw = response.raw.read(EXCERPT_BYTES, decode_content=True)
-            except Exception:  # a receiver cutting the body short must not lose the status
-                raw = b""
-            excerpt = raw.decode("utf-8", errors="replace")
-            return Attempt(response.status_code, excerpt, None, _ms(started))
+                response = self.http.post(
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=SEND_TIMEOUT,
+                    allow_redirects=False,
+                    stream=True,
+                )
+            except Unresolvable as exc:  # may pass (a resolver restarting): an attempt failed
+                return Attempt(None, None, exc.reason, _ms(started))
+            except UnsafeURL as exc:
+                return Attempt(None, None, f"not allowed: {exc.reason}", _ms(started), refused=True)
+            except requests.RequestException as exc:
+                if deadline.expired:
+                    return _timed_out(started)
+                return Attempt(None, None, type(exc).__name__, _ms(started))
+            except Exception:
+                if deadline.expired:  # a cut TLS socket may fail otherwise
+                    return _timed_out(started)
+                raise
+            with response:
+                if deadline.expired:  # cut before the headers ended: what came is no answer
+                    return _timed_out(started)
+                try:
+                    raw = response.raw.read(EXCERPT_BYTES, decode_content=True)
+                except Exception:  # a receiver cutting the body short must not lose the status
+                    raw = b""
+                excerpt = storable_text(raw.decode("utf-8", errors="replace"))
+                return Attempt(response.status_code, excerpt, None, _ms(started))
+
+
+def storable_text(text: str) -> str:
+    """`text` as every database stores it: NUL and lone surrogates replaced by U+FFFD."""
+    return _NOT_STORABLE.sub("\ufffd", text)
+
+
+def _timed_out(started: float) -> Attempt:
+    return Attempt(None, None, f"Timeout (no answer within {SEND_TIMEOUT:g} s)", _ms(started))
 
 
 def _secrets(row: Any) -> list[str] | None:
@@ -263,6 +301,9 @@ class _Recording:
 
     `only_pending`: only while the delivery is still pending. `track_success=False` when the
     subscription was known not to be failing, so a success has no streak to clear.
+    `replay_task`: a failed replay's, made by that task; `status` (dead) and `next_attempt_at`
+    are then decided when written: pending until the next attempt of the delivery's schedule,
+    if one is still to come (`_after_replay`).
     """
 
     delivery_id: str
@@ -273,6 +314,7 @@ class _Recording:
     gone: bool = False
     only_pending: bool = False
     track_success: bool = True
+    replay_task: str | None = None
 
     def __call__(self, session: Session) -> None:
         _record(session, [self])
@@ -351,6 +393,26 @@ _RECORD = {
     for only_pending in (True, False)
 }
 _INSERT_ATTEMPT = sa.insert(DeliveryAttempt)
+# When the delivery's next attempt comes, by a task other than the given one (a replay's):
+# NULL when none is still to run. Through ix_tasks_due: the pending and running tasks only.
+_NEXT_ATTEMPT = sa.select(sa.func.min(Task.run_at)).where(
+    Task.status.in_([TaskStatus.PENDING.value, TaskStatus.RUNNING.value]),
+    Task.kind == DELIVER,
+    Task.id != sa.bindparam("task_id"),
+    Task.payload["delivery_id"].as_string() == sa.bindparam("delivery_id"),
+)
+
+
+def _after_replay(session: Session, recording: _Recording) -> _Recording:
+    """A failed replay's record as written now: pending while the delivery's schedule (or
+    another replay) still has an attempt to come, dead otherwise."""
+    if recording.replay_task is None:
+        return recording
+    next_at = session.connection().scalar(
+        _NEXT_ATTEMPT, {"task_id": recording.replay_task, "delivery_id": recording.delivery_id}
+    )
+    status = DeliveryStatus.PENDING if next_at is not None else DeliveryStatus.DEAD
+    return dataclasses.replace(recording, status=status, next_attempt_at=next_at, replay_task=None)
 
 
 def _record(session: Session, recordings: Sequence[_Recording]) -> None:
@@ -361,7 +423,7 @@ def _record(session: Session, recordings: Sequence[_Recording]) -> None:
     """
     rounds: list[list[_Recording]] = []
     seen: dict[str, int] = {}
-    for recording in recordings:
+    for recording in (_after_replay(session, r) for r in recordings):
         index = seen.get(recording.delivery_id, 0)
         seen[recording.delivery_id] = index + 1
         if index == len(rounds):

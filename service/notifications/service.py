@@ -236,7 +236,11 @@ class NotificationService:
         return DeliveryDetail(delivery=delivery, attempt_log=attempts)
 
     def retry_delivery(self, tenant_id: str, delivery_id: str) -> Delivery:
-        """Send it again (whatever its status) as one new attempt with the same webhook-id."""
+        """Send it again (whatever its status) as one new attempt with the same webhook-id.
+
+        The attempt is one more, outside the schedule: if it fails, a delivery whose schedule
+        still has attempts to come stays pending for them (service/notifications/deliver.py).
+        """
         now = utcnow()
         with self.store.transaction() as session:
             delivery = _owned(session, Delivery, tenant_id, delivery_id, "delivery")

@@ -18,6 +18,9 @@ So, in two places:
   while the Host header, TLS SNI and certificate verification keep the URL's host name. One
   resolution per request, and the connection goes where the check looked: no rebinding window.
   Redirects are never followed.
+- `Deadline` bounds the whole of a request (connecting, TLS, the answer) made through a pinned
+  session: read timeouts bound each read only, and a target sending a byte at a time would
+  otherwise hold the caller for as long as it likes.
 
 `GENRELAY_ALLOW_PRIVATE_WEBHOOKS=1` (`allow_private`) allows http and private addresses, for
 development and tests; the cloud metadata service stays refused even then, by name
@@ -31,17 +34,23 @@ GENRELAY_RESULT_HOSTS: a result URL names a host on that list, or it is never fe
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import heapq
 import ipaddress
+import itertools
+import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 from requests.utils import select_proxy
-from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
@@ -321,6 +330,14 @@ class _PinnedAdapter(HTTPAdapter):
         finally:
             self._pins.current = None
 
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """requests' pool manager, making connections a Deadline can cut."""
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _WatchedHTTPPool,
+            "https": _WatchedHTTPSPool,
+        }
+
     def get_connection_with_tls_context(
         self,
         request: requests.PreparedRequest,
@@ -350,6 +367,162 @@ class _PinnedAdapter(HTTPAdapter):
         target = self._policy._parse(url)
         addresses = self._policy._resolve(target)
         return _Pin(url=url, target=target, address=addresses[0])
+
+
+class Deadline:
+    """Cuts the connections of the requests made in its `with` block (in this thread, through
+    a pinned session) once `seconds` have passed since it began; `expired` then says so, and
+    whatever the request returned or raised is no answer.
+
+    Read timeouts bound each read only: a target that sends its answer a byte at a time, each
+    within the timeout, holds a request as long as it likes. The watchdog thread shuts the
+    sockets down instead (a blocked read then ends at once); it reaches them through
+    duplicates of their descriptors, taken when a connection is made (before TLS) and when a
+    kept-alive one is reused, and closed when the block ends (a shutdown acts on the
+    connection itself, through any descriptor). Resolving the host name is not covered:
+    getaddrinfo cannot be cut short.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = 0.0
+        self.expired = False
+        self._lock = threading.Lock()
+        self._watched: list[socket.socket] = []
+        self._over = False
+
+    def __enter__(self) -> Deadline:
+        _DEADLINES.current = self
+        self.at = time.monotonic() + self.seconds
+        _WATCHDOG.add(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _DEADLINES.current = None
+        with self._lock:
+            self._over = True
+            watched, self._watched = self._watched, []
+        for copy in watched:
+            copy.close()
+
+    @property
+    def over(self) -> bool:
+        return self._over
+
+    def watch(self, sock: socket.socket) -> None:
+        """Cut `sock`'s connection too when the time is up (at once if it is up already)."""
+        try:
+            copy = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        except OSError:  # closed meanwhile: nothing left to cut
+            return
+        with self._lock:
+            if not self._over:
+                self._watched.append(copy)
+                if self.expired:
+                    _cut(copy)
+                return
+        copy.close()
+
+    def expire(self) -> None:
+        with self._lock:
+            if self._over:
+                return
+            self.expired = True
+            for copy in self._watched:
+                _cut(copy)
+
+
+class _Watchdog:
+    """One thread for every Deadline of the process (a thread per request would cost more
+    CPU than the request): expires each whose time is up, earliest first."""
+
+    def __init__(self) -> None:
+        self._reset()
+        # A forked child (gunicorn's workers) has no copy of the parent's thread.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._due: list[tuple[float, int, Deadline]] = []
+        self._count = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: Deadline) -> None:
+        with self._changed:
+            heapq.heappush(self._due, (deadline.at, next(self._count), deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="genrelay-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._due[0][2] is deadline:
+                self._changed.notify()  # earlier than the one it sleeps for
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                expired = []
+                while self._due and (self._due[0][0] <= now or self._due[0][2].over):
+                    expired.append(heapq.heappop(self._due)[2])
+                wait = self._due[0][0] - now if self._due else None
+                if not expired:
+                    self._changed.wait(wait)
+                    continue
+            for deadline in expired:
+                deadline.expire()
+
+
+_WATCHDOG = _Watchdog()
+
+
+_DEADLINES = threading.local()
+
+
+def _cut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watch(sock: socket.socket | None) -> None:
+    """Hand `sock` to this thread's Deadline, if one is running."""
+    deadline: Deadline | None = getattr(_DEADLINES, "current", None)
+    if deadline is not None and sock is not None:
+        deadline.watch(sock)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    """A connection whose socket the running Deadline (if any) can cut."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watch(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watch(self.sock)  # a kept-alive connection, reused (None: connecting comes next)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    """As _WatchedHTTPConnection, for https: the plain socket is watched before TLS."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watch(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watch(self.sock)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
 
 
 class _NoRedirectSession(requests.Session):

@@ -638,3 +638,189 @@ def test_outcomes_are_counted_once_when_a_batch_is_recorded_again_one_by_one(
     assert statuses_shown == {ok: "succeeded", retried: "pending", refused: "failed"}
     assert attempts == sorted([ok, retried, refused])  # each once: the first try rolled back
     assert [len(r.requests) for r in receivers] == [1, 1, 1]  # and nothing sent twice
+
+
+# -- what a receiver answers, what DNS does, replays and cursors: never a stuck delivery ------
+
+
+class BodyReceiver:
+    """A receiver on loopback that answers every POST with `status` and the bytes `body`."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        import threading
+
+        from werkzeug.serving import make_server
+        from werkzeug.wrappers import Request, Response
+
+        self.requests: list[str] = []
+
+        @Request.application  # type: ignore[misc]
+        def app(request: Request) -> Response:
+            self.requests.append(request.headers.get("Webhook-Id", ""))
+            return Response(body, status=status)
+
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(200, ("succeeded", 1)), (503, ("dead", len(FAST_SCHEDULE)))],
+)
+def test_an_answer_whose_body_holds_nul_bytes_is_recorded_once_per_attempt(
+    config: Config, make_client: Any, status: int, outcome: tuple[str, int]
+) -> None:
+    """PostgreSQL text refuses NUL: stored as it came, the excerpt made the outcome's
+    transaction fail, and the attempt was sent again after each lease, then buried unlogged."""
+    services, client, auth = make_client(
+        config.replace(webhook_retry_schedule=FAST_SCHEDULE, task_lease=1.0)
+    )
+    # "OK" in UTF-16, then a lone surrogate's UTF-8 form (not UTF-8: replaced on decoding).
+    receiver = BodyReceiver(status, "OK".encode("utf-16-le") + b"\xed\xa0\x80")
+    try:
+        created = subscribe(client, auth, receiver.url, events=["generation.succeeded"])
+        generate(client, auth)
+        drain(services)
+        [delivery] = client.get(f"/v1/deliveries?subscription={created['id']}", headers=auth).json[
+            "data"
+        ]
+        assert (delivery["status"], delivery["attempt_count"]) == outcome
+        assert len(receiver.requests) == outcome[1]
+        detail = client.get(f"/v1/deliveries/{delivery['id']}", headers=auth).json
+        assert {a["status_code"] for a in detail["attempts"]} == {status}
+        excerpt = detail["attempts"][0]["response_excerpt"]
+        assert "\x00" not in excerpt
+        assert excerpt.startswith("O\ufffdK\ufffd")
+    finally:
+        receiver.stop()
+
+
+def test_a_host_that_fails_to_resolve_once_is_retried_on_the_schedule(
+    api: Any, receiver_factory: Any
+) -> None:
+    """A DNS failure at send time may pass (a resolver restart, SERVFAIL): it is an attempt
+    that failed like a connection error, not a refusal of the target."""
+    from service.notifications.ssrf import URLPolicy, pinned_session
+    from service.runtime.kinds import DELIVER
+
+    services, client, auth = api
+    receiver = receiver_factory()
+    lookups: list[str] = []
+
+    def flaky(host: str, port: int) -> list[str]:
+        lookups.append(host)
+        if len(lookups) == 1:
+            raise OSError("Temporary failure in name resolution")
+        return ["127.0.0.1"]
+
+    handler = services.runner.handlers[DELIVER]
+    handler.http = pinned_session(URLPolicy(allow_private=True, resolver=flaky))
+    url = receiver.url.replace("127.0.0.1", "localhost")
+    created = subscribe(client, auth, url, events=["generation.succeeded"])
+    generate(client, auth)
+    drain(services)
+    [delivery] = client.get(f"/v1/deliveries?subscription={created['id']}", headers=auth).json[
+        "data"
+    ]
+    assert (delivery["status"], delivery["attempt_count"]) == ("succeeded", 2)
+    detail = client.get(f"/v1/deliveries/{delivery['id']}", headers=auth).json
+    first, second = detail["attempts"]
+    assert first["status_code"] is None
+    assert "does not resolve" in first["error"]
+    assert second["status_code"] == 204
+    assert lookups == ["localhost", "localhost"]
+    assert len(receiver.requests) == 1
+
+
+def test_a_failed_retry_of_a_pending_delivery_leaves_it_on_its_schedule(
+    config: Config, make_client: Any, receiver_factory: Any
+) -> None:
+    """`retry` is one more attempt now: when it fails too, the attempts the delivery had left
+    still come, as scheduled (a dead delivery's failed retry leaves it dead)."""
+    from service.models import Task
+    from service.runtime.kinds import DELIVER
+
+    services, client, auth = make_client(
+        config.replace(webhook_retry_schedule=(0.0, 3600.0, 3600.0))
+    )
+    receiver = receiver_factory([500, 500, 204])
+    created = subscribe(client, auth, receiver.url, events=["generation.succeeded"])
+    generate(client, auth)
+    drain(services)
+    [delivery] = client.get(f"/v1/deliveries?subscription={created['id']}", headers=auth).json[
+        "data"
+    ]
+    assert (delivery["status"], delivery["attempt_count"]) == ("pending", 1)
+    scheduled = delivery["next_attempt_at"]
+
+    assert client.post(f"/v1/deliveries/{delivery['id']}/retry", headers=auth).status_code == 202
+    drain(services)
+    after = client.get(f"/v1/deliveries/{delivery['id']}", headers=auth).json
+    assert (after["status"], after["attempt_count"]) == ("pending", 2)
+    assert after["next_attempt_at"] == scheduled
+    assert after["last_error"] == "HTTP 500"
+
+    # The scheduled attempt comes when due, as if there had been no retry.
+    with services.store.transaction() as session:
+        session.execute(
+            sa.update(Task)
+            .where(Task.kind == DELIVER, Task.status == "pending")
+            .values(run_at=dt.datetime.now(dt.UTC))
+        )
+    drain(services)
+    done = client.get(f"/v1/deliveries/{delivery['id']}", headers=auth).json
+    assert (done["status"], done["attempt_count"]) == ("succeeded", 3)
+    assert [a["status_code"] for a in done["attempts"]] == [500, 500, 204]
+
+
+def test_a_failed_retry_of_a_dead_delivery_leaves_it_dead(api: Any, receiver_factory: Any) -> None:
+    services, client, auth = api
+    receiver = receiver_factory([500])
+    subscribe(client, auth, receiver.url, events=["generation.succeeded"])
+    generate(client, auth)
+    drain(services)
+    [dead] = client.get("/v1/deliveries?status=dead", headers=auth).json["data"]
+    assert client.post(f"/v1/deliveries/{dead['id']}/retry", headers=auth).status_code == 202
+    drain(services)
+    after = client.get(f"/v1/deliveries/{dead['id']}", headers=auth).json
+    assert (after["status"], after["attempt_count"]) == ("dead", len(FAST_SCHEDULE) + 1)
+    assert after["next_attempt_at"] is None
+
+
+def _cursor(raw: Any) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(json.dumps(raw).encode()).decode().rstrip("=")
+
+
+def test_a_crafted_cursor_is_a_422_naming_cursor(api: Any) -> None:
+    _services, client, auth = api
+    crafted = [
+        ["0001-01-01T00:00:00+01:00", "evt_x"],  # before year 1 in UTC
+        ["9999-12-31T23:59:59-01:00", "evt_x"],  # after year 9999 in UTC
+        ["2026-01-01T00:00:00+00:00", "evt_\u0000"],  # PostgreSQL text has no NUL
+        ["2026-01-01T00:00:00+00:00", "evt_\ud800"],  # a lone surrogate: not encodable
+        ["2026-01-01T00:00:00", "evt_x"],  # no time zone
+        ["2026-01-01T00:00:00+00:00", 7],
+        {"a": 1},
+    ]
+    for path in ("/v1/events", "/v1/deliveries", "/v1/subscriptions"):
+        for raw in crafted:
+            response = client.get(path, query_string={"cursor": _cursor(raw)}, headers=auth)
+            assert response.status_code == 422, (path, raw, response.status_code)
+            assert response.headers["Content-Type"].startswith("application/problem+json")
+            assert [e["field"] for e in response.json["errors"]] == ["cursor"], (path, raw)
+    # A cursor of ours, with an offset other than UTC, still pages.
+    listed = client.get(
+        "/v1/events",
+        query_string={"cursor": _cursor(["2026-01-01T05:00:00+05:00", "evt_x"])},
+        headers=auth,
+    )
+    assert listed.status_code == 200
