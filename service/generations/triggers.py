@@ -64,8 +64,8 @@ from service.generations.inputs import access_problems
 from service.generations.service import GenerationService, NewGeneration
 from service.ids import new_id
 from service.models import Trigger, TriggerEvent, utcnow
-from service.notifications.service import require_safe_target
-from service.notifications.ssrf import Unresolvable, URLPolicy
+from service.notifications.service import UnresolvableTarget, require_safe_target
+from service.notifications.ssrf import URLPolicy
 from service.pagination import Page, paginate
 from service.tenants import settings_by_id
 
@@ -343,13 +343,13 @@ class TriggerService:
             self.generations.create(trigger.tenant_id, new, also=record)
         except IntegrityError:
             return PushOutcome(self._existing(trigger.id, parsed.event_id), duplicate=True)
+        except UnresolvableTarget:
+            # A DNS failure may pass: record nothing, so the redelivery makes the generation.
+            raise Unavailable(
+                "the webhook's host does not resolve now; try again",
+                headers={"Retry-After": RETRY_AFTER},
+            ) from None
         except InvalidRequest as exc:
-            if _unresolvable(exc):
-                # A DNS failure may pass: record nothing, so the redelivery makes the generation.
-                raise Unavailable(
-                    "the webhook's host does not resolve now; try again",
-                    headers={"Retry-After": RETRY_AFTER},
-                ) from None
             problems = "; ".join(f"{e['field']}: {e['message']}" for e in (exc.errors or []))
             return self._record(trigger, parsed, "rejected", problems or exc.detail)
         except ServiceError:
@@ -406,15 +406,6 @@ class TriggerService:
         if event is None:  # the unique row is there: only a concurrent delete removes it
             raise Unavailable("the event is being handled; try again")
         return event
-
-
-def _unresolvable(exc: InvalidRequest) -> bool:
-    """Whether the intake refused a URL (the webhook) only because its host did not resolve.
-
-    require_safe_target raises InvalidRequest while handling the policy's refusal, which
-    stays on the exception as its context (`from None` only hides it from tracebacks).
-    """
-    return isinstance(exc.__context__, Unresolvable)
 
 
 def _flatten(messages: Any, path: str) -> list[dict[str, str]]:

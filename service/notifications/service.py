@@ -17,7 +17,7 @@ from service.ids import new_id
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
 from service.notifications.events import queue_delivery, tenant_webhook_secret
 from service.notifications.signing import new_secret
-from service.notifications.ssrf import UnsafeURL, URLPolicy
+from service.notifications.ssrf import Unresolvable, UnsafeURL, URLPolicy
 from service.pagination import Page, paginate
 from service.runtime import wakeup
 from service.runtime.kinds import DELIVER
@@ -259,12 +259,17 @@ class NotificationService:
         return delivery
 
 
+class UnresolvableTarget(InvalidRequest):
+    """A target refused because its host does not resolve now: it may, later."""
+
+
 def require_safe_target(policy: URLPolicy, url: str, field: str) -> None:
     """Refuse a target that could reach private addresses (checked now, and again at send)."""
     try:
         policy.check(url)
     except UnsafeURL as exc:
-        raise InvalidRequest(
+        refusal = UnresolvableTarget if isinstance(exc, Unresolvable) else InvalidRequest
+        raise refusal(
             f"{field}: {exc.reason}", errors=[{"field": field, "message": exc.reason}]
         ) from None
 
