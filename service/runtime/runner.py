@@ -14,8 +14,13 @@ How outcomes are recorded, for one task or a batch alike:
    one UPDATE, the others each in its own. A task whose lease was lost still has its changes
    written (what they record happened) but its row is left to its new holder: status None.
 3. When a batch's transaction fails, each plan is written again in a transaction of its own,
-   as decided: a plan whose own transaction fails too leaves its task held until its lease
-   ends. What changes leave for after the commit (metrics) runs only for what committed.
+   as decided. What changes leave for after the commit (metrics) runs only for what committed.
+4. A plan's own transaction that the database aborted to break a conflict with another one
+   (a deadlock, a serialization failure) is written again, as decided (`Store.retrying`): it
+   rolled back whole, and its changes are database writes guarded by their own conditions,
+   plus `after_commit` actions kept on the aborted session, which is dropped. Left unwritten,
+   the task would stay held until its lease ends and then run again: for a submit, a second
+   job at Deep-Image. A plan whose transaction still fails leaves its task held that long.
 """
 
 from __future__ import annotations
@@ -237,7 +242,8 @@ class TaskRunner:
         return statuses
 
     def _write_together(self, plans: list[_Plan]) -> dict[str, TaskStatus | None]:
-        """All plans in one transaction; each in its own if that fails."""
+        """All plans in one transaction; each in its own if that fails (for any reason: a
+        conflict too, as one by one holds fewer rows at once)."""
         try:
             with self.queue.store.transaction() as session:
                 statuses = self._write(session, plans)
@@ -248,18 +254,25 @@ class TaskRunner:
         return statuses
 
     def _write_alone(self, plan: _Plan) -> TaskStatus | None:
-        """One plan in a transaction of its own; None if that failed (the database away, or
-        the outcome's change failed): nothing was recorded, and the task stays claimed until
-        its lease ends, then runs again."""
+        """One plan in a transaction of its own, written again if the database aborted it to
+        break a conflict; None if it failed all the same (the database away, or the outcome's
+        change failed): nothing was recorded, and the task stays claimed until its lease ends,
+        then runs again."""
         task = plan.task
         try:
-            with self.queue.store.transaction() as session:
-                status = self._write(session, [plan])[task.id]
+            status, session = self.queue.store.retrying(functools.partial(self._commit, plan))
         except Exception:
             log.exception("task %s (%s): recording its outcome failed", task.id, task.kind)
             return None
         committed(session)
         return status
+
+    def _commit(self, plan: _Plan) -> tuple[TaskStatus | None, Session]:
+        """`plan` written and committed in a new transaction (and session: what an aborted
+        one left for after its commit goes with it); its task's status and the session."""
+        with self.queue.store.transaction() as session:
+            status = self._write(session, [plan])[plan.task.id]
+        return status, session
 
 
 def _task_context(task: ClaimedTask) -> Any:
