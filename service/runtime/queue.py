@@ -173,6 +173,10 @@ class TaskQueue:
     def policy(self, kind: str) -> RetryPolicy:
         return self.policies.get(kind, RetryPolicy())
 
+    def lease_for(self, kind: str) -> dt.timedelta:
+        """How long a claim (or a renewal) holds a task of `kind`."""
+        return self.short_leases.get(kind, self.lease)
+
     def enqueue(
         self,
         session: Session,
@@ -204,7 +208,7 @@ class TaskQueue:
             status=TaskStatus.RUNNING.value,
             attempts=1,
             claim_token=uuid.uuid4().hex,
-            lease_expires_at=now + self.lease,
+            lease_expires_at=now + self.lease_for(kind),
         )
         session.connection().execute(_INSERT_TASK, values)
         return ClaimedTask(
@@ -507,7 +511,12 @@ class TaskQueue:
         waits for its own task's row, which the renewal holds while it waits for a row whose
         outcome waits for the account). PostgreSQL breaks a cycle by aborting one of them, and
         an aborted outcome is run again: for a submit, a second job at Deep-Image.
+
+        A lease is renewed for as long as a claim of the task's kind holds it: a kind with a
+        short lease (the line's pass) keeps it short, so a holder that dies after a renewal
+        still delays the task only that long.
         """
+        tasks = list(tasks)
         claims = [(task.id, task.claim_token) for task in tasks]
         if not claims:
             return set()
@@ -521,10 +530,20 @@ class TaskQueue:
             # Still ours, as last committed: a held row counts too (its lease has time left).
             held = set(connection.scalars(sa.select(TASKS.c.id).where(ours)))
             free = sa.select(TASKS.c.id).where(ours).with_for_update(skip_locked=True)
+            lease_type = TASKS.c.lease_expires_at.type
+            lease_until: Any = sa.literal(now + self.lease, lease_type)
+            kinds = sorted({task.kind for task in tasks} & self.short_leases.keys())
+            if kinds:
+                # The kind's short lease, else the common one (as `claim_due_tasks`).
+                lease_until = sa.case(
+                    {kind: sa.literal(now + self.short_leases[kind], lease_type) for kind in kinds},
+                    value=TASKS.c.kind,
+                    else_=lease_until,
+                )
             connection.execute(
                 sa.update(TASKS)
                 .where(TASKS.c.id.in_(free))
-                .values(updated_at=now, lease_expires_at=now + self.lease)
+                .values(updated_at=now, lease_expires_at=lease_until)
             )
         return held
 

@@ -719,3 +719,20 @@ def test_a_batch_recorded_again_one_by_one_keeps_each_decision(
     assert done.status == TaskStatus.DONE
     assert (retried.status, retried.run_at) == (TaskStatus.PENDING, START + dt.timedelta(seconds=5))
     assert (later.status, later.run_at) == (TaskStatus.PENDING, START + dt.timedelta(seconds=30))
+
+
+def test_a_short_lease_is_renewed_as_short_and_the_others_as_long(
+    store: Store, clock: FakeClock
+) -> None:
+    # The line's pass holds its task for seconds (SHORT_LEASES): renewed while it runs, it
+    # must not become held for the common lease, or a holder dying then would stop the line
+    # for minutes.
+    queue = TaskQueue(store, lease_seconds=60, short_leases={"tick": 3.0}, clock=clock)
+    tick_id, job_id = enqueue(queue, "tick"), enqueue(queue, "job")
+    held = queue.claim_due_tasks(limit=5)
+    clock.advance(2)
+    assert queue.renew(task for task in held) == {tick_id, job_id}
+    assert row(store, tick_id).lease_expires_at == START + dt.timedelta(seconds=5)
+    assert row(store, job_id).lease_expires_at == START + dt.timedelta(seconds=62)
+    clock.advance(4)  # 6 s: the tick's holder died after renewing; the job is still held
+    assert [task.kind for task in queue.claim_due_tasks(limit=5)] == ["tick"]
