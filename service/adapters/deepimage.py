@@ -1,11 +1,13 @@
 """Deep-Image.ai REST client: `POST /rest_api/process` and `GET /rest_api/result/{job}`.
 
 Every failure is classified once, here:
-- `TransientUpstreamError`: 429, 5xx that is not a job failure, timeouts, connection errors.
-  The caller retries with backoff.
-- `PermanentUpstreamError`: 400/403/404 and other 4xx, job failures (HTTP 500 with
-  `status: "failed"`), and answers that break the protocol. `error_code` and `message` go into
-  the generation's `error`.
+- `TransientUpstreamError`: 429, 5xx that is not a job failure, timeouts, connection errors,
+  and the 403 Deep-Image documents for an account out of requests ("No more requests are
+  available. Next requests available DATE": a quota that comes back, not a refused key). The
+  caller retries with backoff.
+- `PermanentUpstreamError`: 400, every other 401/403, 404 and other 4xx, job failures (HTTP
+  500 with `status: "failed"`), and answers that break the protocol. `error_code` and
+  `message` go into the generation's `error`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from service.metrics import UPSTREAM_LATENCY
 MAX_MESSAGE_CHARS = 500
 _LIMIT = re.compile(r"rate limit is (\d+)", re.IGNORECASE)
 _ACTIVE = re.compile(r"currently processing (\d+)", re.IGNORECASE)
+# The 403 of an account whose requests have run out, told from the other 403s (a missing key
+# header, the legacy application header) by its documented message; the docs add when the
+# requests come back ("Next requests available DATE"), which stays in the message.
+_NO_MORE_REQUESTS = re.compile(r"no more requests are available", re.IGNORECASE)
 
 
 class DeepImageError(Exception):
@@ -51,6 +57,14 @@ class UpstreamBusy(TransientUpstreamError):
         super().__init__(message, http_status=429)
         self.limit = limit
         self.active = active
+
+
+class UpstreamQuotaExhausted(TransientUpstreamError):
+    """403 "No more requests are available": the account has used up its requests for now.
+
+    Not a refused key: the requests come back at a date Deep-Image states ("Next requests
+    available DATE", kept in the message).
+    """
 
 
 class PermanentUpstreamError(DeepImageError):
@@ -215,6 +229,8 @@ def _interpret(response: requests.Response, not_found: ErrorCode) -> UpstreamJob
         )
     if status >= 500:
         raise TransientUpstreamError(message, http_status=status)
+    if status == 403 and _NO_MORE_REQUESTS.search(message):
+        raise UpstreamQuotaExhausted(message, http_status=403)
     if status in (401, 403):
         raise PermanentUpstreamError(
             message, error_code=ErrorCode.UPSTREAM_AUTH, http_status=status

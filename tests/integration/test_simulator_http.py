@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
@@ -320,6 +321,49 @@ def test_concurrency_limit_holds_under_parallel_calls(
         )
     assert statuses == [200] * 5 + [429] * 5
     assert stats(sim)["responses_429"] == 5
+
+
+def test_no_more_requests_answers_the_documented_403_until_it_is_turned_off(
+    start_sim: Callable[..., SimulatorServer],
+) -> None:
+    sim = start_sim()
+    job = post(sim, "process", TEXT_TO_IMAGE).json()["job"]
+    knobs = requests.post(f"{sim.url}/_sim/settings", json={"no_more_requests": True}, timeout=5)
+    assert knobs.json()["no_more_requests"] is True
+    answers = [
+        post(sim, "process", TEXT_TO_IMAGE),
+        post(sim, "process_result", TEXT_TO_IMAGE),
+        requests.get(f"{sim.url}/rest_api/result/{job}", headers=AUTH, timeout=TIMEOUT),
+    ]
+    prefix = "No more requests are available. Next requests available "
+    for answer in answers:
+        assert answer.status_code == 403
+        assert set(answer.json()) == {"message"}
+        message = answer.json()["message"]
+        assert message.startswith(prefix)
+        # The stated date: the first of next month, UTC (the format is the simulator's own).
+        available_at = dt.datetime.fromisoformat(message.removeprefix(prefix))
+        assert available_at > dt.datetime.now(dt.UTC)
+        assert (available_at.day, available_at.hour, available_at.utcoffset()) == (
+            1,
+            0,
+            dt.timedelta(0),
+        )
+    # Keys are checked first: a missing or unknown key answers as it always does.
+    no_key = requests.post(f"{sim.url}/rest_api/process", json=TEXT_TO_IMAGE, timeout=TIMEOUT)
+    assert (no_key.status_code, no_key.json()["message"]) == (
+        403,
+        "No x-api-key header is provided",
+    )
+    wrong = requests.get(
+        f"{sim.url}/rest_api/result/{job}", headers={"x-api-key": "wrong"}, timeout=TIMEOUT
+    )
+    assert wrong.status_code == 404
+    counters = stats(sim)
+    assert (counters["injected_no_more_requests"], counters["jobs_created"]) == (3, 1)
+    requests.post(f"{sim.url}/_sim/settings", json={"no_more_requests": False}, timeout=5)
+    assert poll_until_done(sim, job)["status"] == "complete"
+    assert post(sim, "process", TEXT_TO_IMAGE).status_code == 200
 
 
 def _thread_names(threads: Iterable[threading.Thread]) -> list[str]:

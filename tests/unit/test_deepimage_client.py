@@ -14,6 +14,7 @@ from service.adapters.deepimage import (
     PermanentUpstreamError,
     TransientUpstreamError,
     UpstreamJob,
+    UpstreamQuotaExhausted,
     upstream_session,
 )
 from service.domain import ErrorCode
@@ -175,6 +176,67 @@ def test_client_errors_and_job_failures_are_permanent_and_keep_the_message(
     assert caught.value.error_code is code
     if body and "message" in body and status != 200:
         assert caught.value.message == body["message"]
+
+
+# Deep-Image's 403 for an account whose requests have run out: its documented message, alone
+# or with the "Next requests available DATE" sentence its docs add (DATE's format unstated).
+NO_MORE_REQUESTS = "No more requests are available"
+
+
+def _endpoint(operation: str) -> tuple[str, str]:
+    """The method and URL of `process` or of `result` for JOB."""
+    if operation == "process":
+        return "POST", f"{BASE}/rest_api/process"
+    return "GET", f"{BASE}/rest_api/result/{JOB}"
+
+
+def _call(client: DeepImageClient, operation: str) -> UpstreamJob:
+    return client.process({}) if operation == "process" else client.result(JOB)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [NO_MORE_REQUESTS, f"{NO_MORE_REQUESTS}. Next requests available 2030-01-01"],
+)
+@pytest.mark.parametrize("operation", ["process", "result"])
+@responses.activate
+def test_no_more_requests_is_a_quota_that_comes_back_not_a_refused_key(
+    client: DeepImageClient, operation: str, message: str
+) -> None:
+    responses.add(*_endpoint(operation), status=403, json={"message": message})
+    with pytest.raises(UpstreamQuotaExhausted) as caught:
+        _call(client, operation)
+    # A transient error: submit retries, poll polls again, store's confirmation retries.
+    assert isinstance(caught.value, TransientUpstreamError)
+    assert not isinstance(caught.value, PermanentUpstreamError)
+    assert caught.value.http_status == 403
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (403, {"message": "No x-api-key header is provided"}),
+        (403, {"message": "No x-application-name header is provided"}),
+        (403, None),  # no message to tell it by: a refusal
+        (401, {"message": "Email has not been confirmed"}),
+        (401, {"message": "User does not have access to this application"}),
+        (401, {"message": NO_MORE_REQUESTS}),  # documented as a 403 only
+    ],
+)
+@pytest.mark.parametrize("operation", ["process", "result"])
+@responses.activate
+def test_every_other_401_and_403_is_a_refused_key(
+    client: DeepImageClient, operation: str, status: int, body: dict[str, str] | None
+) -> None:
+    if body is None:
+        responses.add(*_endpoint(operation), status=status, body="Forbidden")
+    else:
+        responses.add(*_endpoint(operation), status=status, json=body)
+    with pytest.raises(PermanentUpstreamError) as caught:
+        _call(client, operation)
+    assert caught.value.error_code is ErrorCode.UPSTREAM_AUTH
+    assert caught.value.http_status == status
 
 
 @responses.activate

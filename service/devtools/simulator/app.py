@@ -89,6 +89,7 @@ def _authenticate(engine: SimulatorEngine) -> str:
 def _submit(endpoint: str) -> Job:
     engine = get_engine()
     account = _authenticate(engine)
+    engine.requests_left()
     injected = engine.injected_upstream_error()
     if injected is not None:
         raise injected
@@ -117,6 +118,7 @@ def _register_api(app: Flask) -> None:
     def result(job_id: str) -> Any:
         engine = get_engine()
         account = _authenticate(engine)
+        engine.requests_left()
         return engine.result_body(engine.lookup(account, job_id))
 
     @app.delete("/rest_api/result/<job_id>")

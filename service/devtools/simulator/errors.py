@@ -19,6 +19,10 @@ RATE_LIMIT_MESSAGE = (
     "processing {active} images."
 )
 
+# Deep-Image documents the first sentence; the second is in its docs with DATE left open, so
+# its format here (ISO 8601, UTC) is the simulator's own choice.
+NO_MORE_REQUESTS_MESSAGE = "No more requests are available. Next requests available {date}"
+
 
 class SimulatorError(Exception):
     """An HTTP error answer of the simulated API."""
@@ -55,6 +59,11 @@ def too_many_requests(limit: int, active: int) -> SimulatorError:
     return SimulatorError(
         429, RATE_LIMIT_MESSAGE.format(limit=limit, active=active), "TOO_MANY_REQUESTS"
     )
+
+
+def no_more_requests(available_at: str) -> SimulatorError:
+    """The documented 403 of an account whose requests have run out until `available_at`."""
+    return SimulatorError(403, NO_MORE_REQUESTS_MESSAGE.format(date=available_at))
 
 
 def job_failed(job_id: str) -> SimulatorError:

@@ -33,6 +33,7 @@ from service.devtools.simulator.errors import (
     image_deleted,
     job_failed,
     job_not_found,
+    no_more_requests,
     too_many_requests,
 )
 from service.devtools.simulator.images import CONTENT_TYPES, EXTENSIONS, render_image
@@ -260,6 +261,19 @@ class SimulatorEngine:
             503: ("SERVICE_UNAVAILABLE", "Service temporarily unavailable."),
         }[status]
         return SimulatorError(status, message, code)
+
+    def requests_left(self) -> None:
+        """Raise the documented 403 "No more requests are available" while the
+        `no_more_requests` knob is on (no random draw: seeded runs are unchanged)."""
+        if not self._settings.no_more_requests:
+            return
+        with self._lock:
+            self._stats["injected_no_more_requests"] += 1
+        now = _utc_now()
+        first_of_next_month = datetime(
+            now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC
+        )
+        raise no_more_requests(first_of_next_month.isoformat().replace("+00:00", "Z"))
 
     def injected_timeout(self) -> float | None:
         """Draw the timeout_rate fault for one call: seconds to hold its answer, or None.
@@ -635,6 +649,7 @@ class SimulatorEngine:
                 "injected_rate_limits",
                 "injected_upstream_errors",
                 "injected_timeouts",
+                "injected_no_more_requests",
             )
             stats: dict[str, Any] = {name: self._stats[name] for name in names}
             stats["jobs_active"] = sum(len(p) for p in self._pending.values())

@@ -43,6 +43,7 @@ KNOB_KINDS: dict[str, KnobKind] = {
     "max_jobs": "int",
     "seed": "int?",
     "fetch_inputs": "bool",
+    "no_more_requests": "bool",
 }
 
 _RATES = (
@@ -121,6 +122,10 @@ class SimulatorSettings:
     # downloaded as an image is refused with 400 "Unidentified image" (service/devtools/simulator/
     # fetch.py). Off by default: the seed examples name public URLs unreachable here.
     fetch_inputs: bool = False
+    # The account's requests are used up: every process, process_result and result call of a
+    # known key is answered Deep-Image's documented 403 "No more requests are available. Next
+    # requests available DATE" (DATE invented: the first of next month, UTC) until it is off.
+    no_more_requests: bool = False
 
     def __post_init__(self) -> None:
         # Callers may hand in a set or a list; store a frozenset so the instance stays hashable.
