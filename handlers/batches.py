@@ -4,11 +4,16 @@ NDJSON (`Content-Type: application/x-ndjson`) is one JSON object per line, read 
 request stream line by line (never the whole body as one string; a line may be at most
 MAX_LINE_BYTES). Each line is one item, `{input, metadata?, custom_id?}`; an optional FIRST
 line `{"batch": {template?, webhook?, webhook_events_filter?, metadata?, priority?,
-deadline?}}` carries the batch-level fields. Blank lines are skipped; item lines are numbered
-from 0, like the `items` array of the JSON form, so both name a bad item `items[i]`.
+deadline?, retention?}}` carries the batch-level fields. Blank lines are skipped; item lines
+are numbered from 0, like the `items` array of the JSON form, so both name a bad item
+`items[i]`.
 
 Every item is checked before anything is stored: one bad item refuses the whole batch with a
 422 naming each bad field (`items[3].input.width`, `items[7].custom_id`), and nothing is kept.
+Strings no database can store (NUL, lone surrogates) and numbers beyond a double (`1e999`) are
+refused wherever they are, the batch-level fields (the `template` is kept as sent) included.
+A `deadline` already passed is refused after the Idempotency-Key lookup: a retry of a batch
+its key made gets the first answer.
 """
 
 from __future__ import annotations
@@ -24,8 +29,13 @@ from webargs.flaskparser import is_json_request
 from werkzeug.exceptions import BadRequest
 
 from handlers.auth import require_tenant, services, tenant, tenant_id
-from handlers.idempotency import IdempotencyHeaderSchema, render_answer
-from handlers.problems import StrictJSONParser, flatten_messages, problem_response
+from handlers.idempotency import IdempotencyHeaderSchema, answer_past_deadline, render_answer
+from handlers.problems import (
+    StrictJSONParser,
+    flatten_messages,
+    problem_response,
+    unstorable_values,
+)
 from schemas.batches import (
     MAX_ITEMS,
     BatchCreateSchema,
@@ -39,7 +49,7 @@ from schemas.batches import (
     deep_merge,
 )
 from schemas.deepimage import ProcessRequestSchema
-from schemas.generations import MAX_METADATA_KEYS, GenerationPageSchema
+from schemas.generations import MAX_METADATA_KEYS, GenerationPageSchema, deadline_passed
 from schemas.problems import ProblemSchema
 from service.errors import InvalidRequest
 from service.generations.batches import MAX_REPORTED_ERRORS, NewBatch, NewBatchItem
@@ -131,6 +141,9 @@ class BatchBody:
         name = f"items[{index}]"
         if not isinstance(raw, dict):
             return [{"field": name, "message": "Must be an object with `input`."}]
+        unstorable = unstorable_values(raw, name)
+        if unstorable:
+            return unstorable
         try:
             item = _ITEM.load(raw)
         except ValidationError as exc:
@@ -185,6 +198,9 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def _load_options(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    unstorable = unstorable_values(raw, prefix)
+    if unstorable:
+        _refuse(unstorable)
     try:
         options: dict[str, Any] = _OPTIONS.load(raw)
     except ValidationError as exc:
@@ -244,6 +260,9 @@ def read_ndjson(stream: IO[bytes]) -> NewBatch:
                 problem = "Invalid JSON."
         if batch is None:
             if isinstance(value, dict) and "batch" in value:
+                unstorable = unstorable_values(value)
+                if unstorable:
+                    _refuse(unstorable)
                 try:
                     header = _HEADER.load(value)
                 except ValidationError as exc:
@@ -274,16 +293,20 @@ def read_ndjson(stream: IO[bytes]) -> NewBatch:
 def create_batch(idempotency_key: str | None = None) -> Any:
     """Accept up to 10,000 generations at once; they wait in the line and go in turn."""
     request = flask.request
-    if request.mimetype == NDJSON:
-        new = read_ndjson(request.stream)
-    else:
-        new = read_json(request.get_data(cache=False))
+    ndjson = request.mimetype == NDJSON
+    new = read_ndjson(request.stream) if ndjson else read_json(request.get_data(cache=False))
     caller = tenant()
-    answer = services().batches.create(
-        caller.id, new, idempotency_key=idempotency_key, settings=caller
-    )
-    location = f"/v1/batches/{answer.resource.id}" if answer.resource is not None else ""
-    return render_answer(answer, location)
+    batches = services().batches
+    if deadline_passed(new.deadline):
+        # Refused, unless it retries a request its key answered (before the deadline).
+        answer = answer_past_deadline(
+            idempotency_key,
+            lambda key: batches.retry_answer(caller.id, new, key),
+            "batch.deadline" if ndjson else "deadline",
+        )
+    else:
+        answer = batches.create(caller.id, new, idempotency_key=idempotency_key, settings=caller)
+    return render_answer(answer, "/v1/batches")
 
 
 @blp.route("", methods=["GET"])

@@ -8,13 +8,14 @@ import flask
 from flask_smorest import Blueprint
 
 from handlers.auth import require_tenant, services, tenant, tenant_id
-from handlers.idempotency import IdempotencyHeaderSchema, render_answer
+from handlers.idempotency import IdempotencyHeaderSchema, answer_past_deadline, render_answer
 from handlers.problems import StrictJSONParser, require_json_body
 from schemas.generations import (
     GenerationCreateSchema,
     GenerationListArgsSchema,
     GenerationPageSchema,
     GenerationSchema,
+    deadline_passed,
 )
 from schemas.problems import ProblemSchema
 from service.generations.service import NewGeneration
@@ -34,17 +35,24 @@ __all__ = ["IdempotencyHeaderSchema", "blp"]
 
 @blp.route("", methods=["POST"])
 @blp.arguments(IdempotencyHeaderSchema(), location="headers", as_kwargs=True)
-@blp.arguments(GenerationCreateSchema())
+@blp.arguments(GenerationCreateSchema(future_deadline=False))
 @blp.response(202, GenerationSchema)
 @blp.alt_response(422, schema=ProblemSchema, description="Invalid fields, or a reused key")
 def create_generation(body: dict[str, Any], idempotency_key: str | None = None) -> Any:
     """Accept a generation and forward it to Deep-Image."""
     caller = tenant()
-    answer = services().generations.create(
-        caller.id, NewGeneration(**body), idempotency_key=idempotency_key, settings=caller
-    )
-    location = f"/v1/generations/{answer.resource.id}" if answer.resource is not None else ""
-    return render_answer(answer, location)
+    new = NewGeneration(**body)
+    generations = services().generations
+    if deadline_passed(new.deadline):
+        # Refused, unless it retries a request its key answered (before the deadline).
+        answer = answer_past_deadline(
+            idempotency_key, lambda key: generations.retry_answer(caller.id, new, key), "deadline"
+        )
+    else:
+        answer = generations.create(
+            caller.id, new, idempotency_key=idempotency_key, settings=caller
+        )
+    return render_answer(answer, "/v1/generations")
 
 
 @blp.route("", methods=["GET"])

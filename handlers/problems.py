@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from typing import Any, NoReturn
 
@@ -94,22 +95,45 @@ UNSTORABLE_MESSAGE = "Contains a NUL character or invalid Unicode (a lone surrog
 def unstorable_fields(data: Any, limit: int = 10) -> list[str]:
     """Dotted paths (`metadata.order`, `a.0.b`) of strings in `data` no database can store;
     a bad key names its object."""
-    found: list[str] = []
-    stack: list[tuple[str, Any]] = [("", data)]
+    found = _unstorable(data, "", limit, numbers=False)
+    return sorted(found)
+
+
+NONFINITE_MESSAGE = "Must be a finite number."
+
+
+def unstorable_values(data: Any, prefix: str = "", limit: int = 10) -> list[dict[str, str]]:
+    """`[{field, message}]` for what in parsed JSON `data` no database can store, for a value
+    kept as sent (a batch's `template`, say): the strings `unstorable_fields` finds, and
+    numbers out of a double's range (`1e999` parses to infinity, which PostgreSQL's JSON has
+    no spelling for). Fields are named under `prefix` (`items[3]` gives `items[3].custom_id`);
+    a bad key names its object."""
+    found = _unstorable(data, prefix, limit, numbers=True)
+    return [{"field": field, "message": found[field]} for field in sorted(found)]
+
+
+def _unstorable(data: Any, prefix: str, limit: int, *, numbers: bool) -> dict[str, str]:
+    """{dotted path: message} of the unstorable values in `data` (non-finite numbers too, with
+    `numbers`), at most about `limit`."""
+    found: dict[str, str] = {}
+    stack: list[tuple[str, Any]] = [(prefix, data)]
     while stack and len(found) < limit:
         path, value = stack.pop()
         if isinstance(value, str):
             if _UNSTORABLE.search(value):
-                found.append(path or "(body)")
+                found[path or "(body)"] = UNSTORABLE_MESSAGE
+        elif isinstance(value, float):
+            if numbers and not math.isfinite(value):
+                found[path or "(body)"] = NONFINITE_MESSAGE
         elif isinstance(value, dict):
             for key, item in value.items():
                 if _UNSTORABLE.search(key):
-                    found.append(path or "(body)")
+                    found[path or "(body)"] = UNSTORABLE_MESSAGE
                     continue
                 stack.append((f"{path}.{key}" if path else key, item))
         elif isinstance(value, list):
             stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value))
-    return sorted(set(found))
+    return found
 
 
 def refuse_unstorable_url() -> None:

@@ -64,11 +64,18 @@ class BatchItemSchema(Schema):
 
 
 class BatchOptionsSchema(GenerationCreateSchema):
-    """Batch-level fields: the JSON body's, or the NDJSON header line's `batch` object."""
+    """Batch-level fields: the JSON body's, or the NDJSON header line's `batch` object.
+
+    `deadline` is checked to be in the future by the handler, after the Idempotency-Key
+    lookup (see GenerationCreateSchema); `retention` applies to every item.
+    """
 
     class Meta:
         unknown = RAISE
         exclude = ("input",)
+
+    def __init__(self, *args: Any, future_deadline: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, future_deadline=future_deadline, **kwargs)
 
     template = fields.Dict(
         metadata={

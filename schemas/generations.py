@@ -27,13 +27,46 @@ MAX_METADATA_KEYS = 50
 METADATA_KEY_MAX, METADATA_VALUE_MAX = 40, 500
 _METADATA_PARAM = re.compile(r"metadata\[(.*)\]", re.DOTALL)
 PRIORITY_MIN, PRIORITY_MAX = 0, 9
+DEADLINE_PASSED = "Must be in the future."
+
+
+class UTCDateTime(fields.AwareDateTime):
+    """An RFC 3339 time with a zone that is also a time in UTC: the database stores UTC, and
+    `0001-01-01T00:00:00+01:00` or `9999-12-31T23:59:59-01:00` are outside its calendar."""
+
+    default_error_messages = {
+        "out_of_range": "Out of range: must be between 0001-01-01 and 9999-12-31 in UTC."
+    }
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dt.datetime:
+        parsed = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            parsed.astimezone(dt.UTC)
+        except OverflowError:
+            raise self.make_error("out_of_range") from None
+        return parsed
+
+
+def deadline_passed(deadline: dt.datetime | None) -> bool:
+    """A `deadline` that is not in the future (the intakes refuse it, unless the request is a
+    retry its Idempotency-Key answers)."""
+    return deadline is not None and deadline <= dt.datetime.now(dt.UTC)
 
 
 class GenerationCreateSchema(Schema):
-    """Body of `POST /v1/generations`."""
+    """Body of `POST /v1/generations`.
+
+    `future_deadline=False` leaves the "deadline in the future" check to the caller: the
+    intake handlers make it after the Idempotency-Key lookup, so that a retry sent after the
+    deadline passed gets the first answer again (`deadline_passed`).
+    """
 
     class Meta:
         unknown = RAISE
+
+    def __init__(self, *args: Any, future_deadline: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.future_deadline = future_deadline
 
     input = fields.Nested(
         ProcessRequestSchema,
@@ -72,7 +105,7 @@ class GenerationCreateSchema(Schema):
             "among equal priorities is first come, first served."
         },
     )
-    deadline = fields.AwareDateTime(
+    deadline = UTCDateTime(
         metadata={
             "description": "RFC 3339 time with a zone. Still waiting for a Deep-Image slot "
             "then, the generation is canceled with `error.code` `deadline_exceeded`, never "
@@ -92,8 +125,8 @@ class GenerationCreateSchema(Schema):
 
     @validates("deadline")
     def _in_the_future(self, value: dt.datetime, **_: Any) -> None:
-        if value <= dt.datetime.now(dt.UTC):
-            raise ValidationError("Must be in the future.")
+        if self.future_deadline and deadline_passed(value):
+            raise ValidationError(DEADLINE_PASSED)
 
     @validates("metadata")
     def _few_keys(self, value: dict[str, Any], **_: Any) -> None:
@@ -113,7 +146,7 @@ class GenerationListArgsSchema(Schema):
         unknown = RAISE
 
     status = fields.String(validate=validate.OneOf([s.value for s in GenerationStatus]))
-    created_after = fields.AwareDateTime(
+    created_after = UTCDateTime(
         metadata={"description": "ISO 8601 with a time zone; only generations created later."}
     )
     batch = fields.String(

@@ -88,6 +88,8 @@ class NewBatch:
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     priority: int = 0
     deadline: dt.datetime | None = None
+    # Seconds to keep each item's stored result (None: the tenant's setting).
+    retention: int | None = None
 
     def fingerprint(self) -> str:
         """A hash of the request, to tell a retry from a different request."""
@@ -98,16 +100,17 @@ class NewBatch:
             digest.update(text.encode())
             digest.update(b"\n")
 
-        feed(
-            {
-                "template": self.template,
-                "webhook": self.webhook,
-                "webhook_events_filter": self.webhook_events_filter,
-                "metadata": self.metadata,
-                "priority": self.priority,
-                "deadline": self.deadline,
-            }
-        )
+        fields: dict[str, Any] = {
+            "template": self.template,
+            "webhook": self.webhook,
+            "webhook_events_filter": self.webhook_events_filter,
+            "metadata": self.metadata,
+            "priority": self.priority,
+            "deadline": self.deadline,
+        }
+        if self.retention is not None:  # absent as before it existed: earlier keys still match
+            fields["retention"] = self.retention
+        feed(fields)
         for item in self.items:
             feed([item.input, item.metadata, item.custom_id])
         return digest.hexdigest()
@@ -195,7 +198,8 @@ class BatchService:
                     )
                 )
                 session.flush()
-                rows = self._rows(tenant_id, batch_id, new, now, settings.retention)
+                retention = new.retention if new.retention is not None else settings.retention
+                rows = self._rows(tenant_id, batch_id, new, now, retention)
                 for chunk in _chunks(rows, INSERT_CHUNK):
                     session.execute(sa.insert(Generation), chunk)
                 admitted = self.line.admit(session, now=now).admitted
@@ -249,6 +253,14 @@ class BatchService:
             body = BatchSchema().dump(batch)  # the one rendering, kept for retries
             record_response(session, tenant_id, key, 202, body)
         return Answer(batch, body=body)
+
+    def retry_answer(
+        self, tenant_id: str, new: NewBatch, idempotency_key: str
+    ) -> BatchIntake | None:
+        """The answer `create` would give a retry of `new` with `idempotency_key`, without
+        making anything: the first response, or the batch as it is now; None when the key has
+        no unexpired record (IdempotencyKeyReused when it was used with another body)."""
+        return self._earlier(tenant_id, idempotency_key, new.fingerprint())
 
     def _earlier(self, tenant_id: str, key: str, fingerprint: str) -> BatchIntake | None:
         return earlier_answer(

@@ -252,6 +252,15 @@ class GenerationService:
             record_response(session, tenant_id, key, 202, body)
         return Answer(view, body=body)
 
+    def retry_answer(
+        self, tenant_id: str, new: NewGeneration, idempotency_key: str
+    ) -> Intake | None:
+        """The answer `create` would give a retry of `new` with `idempotency_key`, without
+        making anything: the first response, or the generation as it is now; None when the
+        key has no unexpired record (IdempotencyKeyReused when it was used with another
+        body)."""
+        return self._earlier(tenant_id, idempotency_key, new.fingerprint())
+
     def _earlier(self, tenant_id: str, key: str, fingerprint: str) -> Intake | None:
         return earlier_answer(
             self.store,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -198,6 +199,8 @@ def test_one_bad_item_refuses_the_whole_batch_naming_it_and_nothing_is_stored(
         ([{"batch": {"priority": 99}}, item(0)], "batch.priority"),
         ([{"batch": {"template": TEMPLATE}}, item(0), {"batch": {}}], "items[1].batch"),
         ([{"batch": {"template": TEMPLATE}}], "items"),
+        ([{"batch": {"deadline": "2001-01-01T00:00:00Z"}}, item(0)], "batch.deadline"),
+        ([{"batch": {"deadline": "9999-12-31T23:59:59-01:00"}}, item(0)], "batch.deadline"),
     ],
     ids=[
         "bad-json-line",
@@ -206,6 +209,8 @@ def test_one_bad_item_refuses_the_whole_batch_naming_it_and_nothing_is_stored(
         "header-priority",
         "late-header",
         "no-items",
+        "header-deadline-passed",
+        "header-deadline-out-of-range",
     ],
 )
 def test_ndjson_errors_name_the_line_as_items_i(
@@ -235,8 +240,35 @@ def test_ndjson_errors_name_the_line_as_items_i(
             },
             "items[0].metadata",
         ),
+        (
+            {"template": TEMPLATE, "items": [item(0)], "deadline": "2001-01-01T00:00:00Z"},
+            "deadline",
+        ),
+        # In UTC, a time outside the calendar (the year 10000; below, the year 0).
+        (
+            {"template": TEMPLATE, "items": [item(0)], "deadline": "9999-12-31T23:59:59-01:00"},
+            "deadline",
+        ),
+        (
+            {"template": TEMPLATE, "items": [item(0)], "deadline": "0001-01-01T00:00:00+01:00"},
+            "deadline",
+        ),
+        ({"template": TEMPLATE, "items": [item(0)], "retention": 0}, "retention"),
     ],
-    ids=["no-items", "empty", "not-a-list", "priority", "unknown", "custom-id", "string", "keys"],
+    ids=[
+        "no-items",
+        "empty",
+        "not-a-list",
+        "priority",
+        "unknown",
+        "custom-id",
+        "string",
+        "keys",
+        "deadline-passed",
+        "deadline-year-10000",
+        "deadline-year-0",
+        "retention",
+    ],
 )
 def test_bad_batch_fields_are_named(
     client: Any, auth: dict[str, str], services: Services, body: dict[str, Any], field: str
@@ -314,6 +346,9 @@ def test_an_idempotency_key_replays_the_whole_batch_and_refuses_another_body(
     assert again.json == first.json
     assert again.headers["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first.headers
+    assert (
+        again.headers["Location"] == first.headers["Location"] == f"/v1/batches/{first.json['id']}"
+    )
     assert rows(services, Batch) == 1
     assert rows(services, Generation) == 3
     assert rows(services, IdempotencyKey, IdempotencyKey.batch_id == first.json["id"]) == 1
@@ -329,6 +364,88 @@ def test_an_idempotency_key_replays_the_whole_batch_and_refuses_another_body(
     assert client.post("/v1/generations", json=single, headers={**auth, **used}).status_code == 202
     assert post(client, auth, catalog(1), **used).status_code == 422
     assert rows(services, Generation) == 4
+
+
+def test_a_batch_retry_after_its_deadline_passed_still_gets_the_first_answer(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
+    body = catalog(2, deadline=deadline.isoformat())
+    key = {"Idempotency-Key": "catalog-2026-12-08"}
+    first = accepted(post(client, auth, body, **key))
+    time.sleep(max(0.0, (deadline - dt.datetime.now(dt.UTC)).total_seconds()) + 0.05)
+    again = post(client, auth, body, **key)
+    assert again.status_code == 202, again.json
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json == first
+    # The same request without the key, or with a new one, is new: its deadline has passed.
+    for headers in ({}, {"Idempotency-Key": "catalog-2026-12-09"}):
+        refused = post(client, auth, body, **headers)
+        assert refused.status_code == 422
+        assert [e["field"] for e in refused.json["errors"]] == ["deadline"]
+    # The key with another body is still a reused key.
+    other = post(client, auth, {**body, "priority": 5}, **key)
+    assert other.json["type"].endswith("/idempotency-key-reused")
+    # Before the first answer was kept, the retry shows the batch as it is now.
+    forget_answers(services)
+    shown = post(client, auth, body, **key)
+    assert shown.status_code == 202
+    assert "Idempotent-Replayed" not in shown.headers
+    assert shown.json["id"] == first["id"]
+    assert rows(services, Batch) == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ('{"template": {"quality": 1e999}, "items": [%s]}', "template.quality"),
+        ('{"template": {"width": -1e999}, "items": [%s]}', "template.width"),
+        (
+            '{"items": [%s, {"input": {"url": "https://a.example/1.jpg", "quality": 1e999}}]}',
+            "items[1].input.quality",
+        ),
+        ('{"batch": {"template": {"quality": 1e999}}}\n%s\n', "batch.template.quality"),
+    ],
+    ids=["template", "template-negative", "item", "ndjson-header"],
+)
+def test_numbers_beyond_a_double_are_422_naming_the_field(
+    client: Any, auth: dict[str, str], services: Services, data: str, field: str
+) -> None:
+    # 1e999 parses to infinity, which no JSON column can hold (PostgreSQL refused it with a
+    # 500); the template is kept with the batch as sent, so even a value every item overrides.
+    one = json.dumps({"input": {"url": "https://shop.example.com/p/0.jpg", "quality": 80}})
+    ndjson = data.startswith('{"batch"')
+    response = client.post(
+        "/v1/batches",
+        data=data % one,
+        content_type=NDJSON if ndjson else "application/json",
+        headers=auth,
+    )
+    assert response.status_code == 422, response.json
+    assert response.mimetype == PROBLEM
+    assert [e["field"] for e in response.json["errors"]] == [field]
+    assert rows(services, Batch) == 0
+
+
+@pytest.mark.parametrize("form", ["json", "ndjson"])
+def test_a_batchs_retention_applies_to_every_item(
+    client: Any, auth: dict[str, str], services: Services, form: str
+) -> None:
+    body = catalog(2, retention=3600)
+    if form == "json":
+        batch = accepted(post(client, auth, body))
+    else:
+        header = {"batch": {"template": TEMPLATE, "retention": 3600}}
+        batch = accepted(post_ndjson(client, auth, [header, *body["items"]]))
+    assert [g["retention"] for g in batch_generations(client, auth, batch["id"])] == [3600, 3600]
+    # Without one, the tenant's setting (by default: forever).
+    plain = accepted(post(client, auth, catalog(1)))
+    assert [g["retention"] for g in batch_generations(client, auth, plain["id"])] == [None]
+    # It is part of the request: the same key with another retention is another body.
+    key = {"Idempotency-Key": "kept-an-hour"}
+    accepted(post(client, auth, body, **key))
+    other = post(client, auth, catalog(2, retention=60), **key)
+    assert other.json["type"].endswith("/idempotency-key-reused")
 
 
 def test_a_batch_retry_before_the_first_answer_shows_the_batch_now_and_keeps_nothing(

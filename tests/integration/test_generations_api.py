@@ -146,6 +146,10 @@ def test_the_callback_url_is_added_when_a_public_url_is_configured(
         ),
         ({"input": "a string"}, {"input"}),
         ({"input": None}, {"input"}),
+        ({"input": TEXT_ONLY, "deadline": "2001-01-01T00:00:00Z"}, {"deadline"}),
+        # In UTC, times outside the calendar (the year 10000, the year 0).
+        ({"input": TEXT_ONLY, "deadline": "9999-12-31T23:59:59-01:00"}, {"deadline"}),
+        ({"input": TEXT_ONLY, "deadline": "0001-01-01T00:00:00+01:00"}, {"deadline"}),
     ],
 )
 def test_invalid_fields_get_a_problem_naming_each_field_and_store_nothing(
@@ -337,6 +341,8 @@ def test_the_same_idempotency_key_and_body_replays_the_first_response(
     assert first.status_code == again.status_code == 202
     assert again.json == first.json
     assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.headers["Location"] == first.headers["Location"]
+    assert again.headers["Location"] == f"/v1/generations/{first.json['id']}"
     assert generation_count(services) == 1
     stats = requests.get(f"{simulator.url}/_sim/stats", timeout=5).json()
     assert stats["jobs_created"] == 1
@@ -376,6 +382,31 @@ def test_idempotency_keys_are_per_tenant_and_expire_after_24_hours(
     )
     assert c.status_code == 202
     assert c.json["id"] not in (a, b)
+
+
+def test_a_retry_after_the_deadline_passed_still_gets_the_first_answer(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
+    body = {"input": TEXT_ONLY, "deadline": deadline.isoformat()}
+    key = {"Idempotency-Key": "order-8"}
+    first = create(client, auth, body, **key)
+    assert first.status_code == 202
+    time.sleep(max(0.0, (deadline - dt.datetime.now(dt.UTC)).total_seconds()) + 0.05)
+    again = create(client, auth, body, **key)
+    assert again.status_code == 202, again.json
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.headers["Location"] == first.headers["Location"]
+    assert again.json == first.json
+    # The same body without the key, or with a new one, is a new request: too late now.
+    for headers in ({}, {"Idempotency-Key": "order-9"}):
+        refused = create(client, auth, body, **headers)
+        assert refused.status_code == 422
+        assert refused.mimetype == PROBLEM
+        assert [e["field"] for e in refused.json["errors"]] == ["deadline"]
+    other = create(client, auth, {**body, "priority": 5}, **key)
+    assert other.json["type"].endswith("/idempotency-key-reused")
+    assert generation_count(services) == 1
 
 
 def test_a_retry_before_the_first_answer_shows_the_generation_now_and_keeps_nothing(
@@ -495,6 +526,8 @@ def test_listing_is_newest_first_with_cursor_pages_and_filters(
         ("status=done", "status"),
         ("created_after=yesterday", "created_after"),
         ("created_after=2026-01-01T00:00:00", "created_after"),
+        ("created_after=0001-01-01T00:00:00%2B01:00", "created_after"),  # the year 0 in UTC
+        ("created_after=9999-12-31T23:59:59-01:00", "created_after"),  # the year 10000
         ("colour=red", "colour"),
     ],
 )

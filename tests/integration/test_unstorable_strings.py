@@ -8,7 +8,9 @@ import json
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
+from service.models import Batch
 from tests.helpers import seed_examples
 
 NUL = "a\x00b"
@@ -54,6 +56,55 @@ def test_unstorable_characters_in_a_json_body_are_422_naming_the_field(
     assert response.status_code == 422, response.get_data(as_text=True)
     assert response.mimetype == "application/problem+json"
     assert [e["field"] for e in response.json["errors"]] == [field]
+
+
+URL = "https://shop.example.com/p/1.jpg"
+
+
+@pytest.mark.parametrize("bad", [NUL, SURROGATE], ids=["nul", "surrogate"])
+@pytest.mark.parametrize(
+    ("lines", "field"),
+    [
+        (lambda s: [{"input": {"url": URL}, "custom_id": s}], "items[0].custom_id"),
+        (lambda s: [{"input": {"url": URL}, "metadata": {"k": s}}], "items[0].metadata.k"),
+        (lambda s: [{"input": {"url": URL}, "metadata": {s: "1"}}], "items[0].metadata"),
+        (
+            lambda s: [{"input": {"url": URL, "background": {"generate": {"description": s}}}}],
+            "items[0].input.background.generate.description",
+        ),
+        (lambda s: [{"batch": {"metadata": {"k": s}}}, {"input": {"url": URL}}], "metadata.k"),
+        (
+            # Overridden by every item, yet the template is kept with the batch as sent.
+            lambda s: [
+                {"batch": {"template": {"background": {"color": s}}}},
+                {"input": {"url": URL, "background": {"color": "red"}}},
+            ],
+            "template.background.color",
+        ),
+    ],
+    ids=["custom-id", "item-metadata", "item-metadata-key", "prompt", "metadata", "template"],
+)
+@pytest.mark.parametrize("form", ["json", "ndjson"])
+def test_unstorable_characters_in_a_batch_are_422_naming_the_field(
+    client: Any, auth: dict[str, str], services: Any, bad: str, lines: Any, field: str, form: str
+) -> None:
+    header, *items = lines(bad)
+    if "batch" not in header:
+        header, items = {"batch": {}}, [header, *items]
+    if form == "json":
+        response = _post(client, "/v1/batches", {**header["batch"], "items": items}, auth)
+    else:
+        data = "".join(json.dumps(line) + "\n" for line in [header, *items])
+        response = client.post(
+            "/v1/batches", data=data, content_type="application/x-ndjson", headers=auth
+        )
+        if not field.startswith("items"):
+            field = "batch." + field  # the header line's fields
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    assert [e["field"] for e in response.json["errors"]] == [field]
+    with services.store.read() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Batch)) == 0
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from handlers.problems import flatten_messages, register_error_handlers
+from handlers.problems import flatten_messages, register_error_handlers, unstorable_values
 
 
 def test_nested_errors_get_dotted_paths_and_list_indexes() -> None:
@@ -28,6 +28,34 @@ def test_nested_errors_get_dotted_paths_and_list_indexes() -> None:
         {"field": "input", "message": "Ask for something."},
         {"field": "metadata.k.value", "message": "Longer than maximum length 500."},
     ]
+
+
+def test_unstorable_values_are_named_under_their_prefix() -> None:
+    data = {
+        "custom_id": "a\x00b",
+        "input": {"quality": float("inf"), "enhancements": ["ok", "\ud800"], "width": 1.5},
+        "metadata": {"\x00": "1", "fine": "Zürich"},
+    }
+    assert unstorable_values(data, "items[3]") == [
+        {
+            "field": "items[3].custom_id",
+            "message": "Contains a NUL character or invalid Unicode (a lone surrogate).",
+        },
+        {
+            "field": "items[3].input.enhancements.1",
+            "message": "Contains a NUL character or invalid Unicode (a lone surrogate).",
+        },
+        {"field": "items[3].input.quality", "message": "Must be a finite number."},
+        {
+            "field": "items[3].metadata",
+            "message": "Contains a NUL character or invalid Unicode (a lone surrogate).",
+        },
+    ]
+    assert unstorable_values({"template": {"a": -float("inf")}}) == [
+        {"field": "template.a", "message": "Must be a finite number."}
+    ]
+    assert [e["field"] for e in unstorable_values("\x00")] == ["(body)"]
+    assert unstorable_values({"fine": [1, 2.5, "x", None, True]}) == []
 
 
 def _failing_app(error: Exception) -> flask.Flask:
