@@ -651,7 +651,7 @@ def test_a_generation_canceled_before_the_worker_runs_is_never_submitted(
     assert stats["jobs_created"] == 0
 
 
-def test_a_generation_canceled_while_its_submit_is_in_flight_gets_no_poll(
+def test_a_generation_canceled_while_its_submit_is_in_flight_keeps_its_job_until_it_ends(
     client: Any, auth: dict[str, str], services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     process = services.deepimage.process
@@ -671,10 +671,13 @@ def test_a_generation_canceled_while_its_submit_is_in_flight_gets_no_poll(
     response = create(client, auth, {"input": TEXT_ONLY})
     assert response.status_code == 202
     assert canceled == [response.json["id"]]
-    assert response.json["status"] == "canceled"  # read again: the submit changed nothing
+    # Deep-Image has no cancel: the job is recorded on the canceled generation, and its task
+    # goes on as the poll that learns when the job ends (and its slot is free again).
+    assert response.json["status"] == "canceled"
+    assert response.json["upstream"]["job"] is not None
     with services.store.read() as session:
         tasks = session.scalars(sa.select(Task).where(Task.generation_id == canceled[0])).all()
-    assert [(task.kind, task.status) for task in tasks] == [("submit", "done")]
+    assert [(task.kind, task.status) for task in tasks] == [("poll", "pending")]
 
 
 def test_the_openapi_document_describes_the_api_from_the_same_schemas(client: Any) -> None:
