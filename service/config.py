@@ -69,7 +69,7 @@ class Config:
     # How long a claimed task is held before another process may take it (holder died).
     task_lease: float = 300.0
     # How long a submit task is retried (transient errors) before its generation fails;
-    # None: service/bootstrap.py's SUBMIT_POLICY (6 h).
+    # None: the submit policy's own (6 h, service/runtime/kinds.py).
     submit_max_age: float | None = None
     # Per API key and per process (see service/ratelimit.py); 0 turns the limit off.
     rate_limit: float = 50.0

@@ -7,6 +7,8 @@ module that runs it.
 
 from __future__ import annotations
 
+import math
+
 from service.config import Config
 from service.runtime.queue import RetryPolicy
 
@@ -27,14 +29,23 @@ PERIODIC = RetryPolicy(max_attempts=1_000_000, max_age=None)
 SHORT_LEASES = {LINE: 3.0}
 
 
+SUBMIT_MAX_DELAY = 600.0  # seconds between a submit's attempts, at most
+
+
 def retry_policies(config: Config) -> dict[str, RetryPolicy]:
     """Each kind's retry policy under `config`."""
     submit_max_age = config.submit_max_age if config.submit_max_age is not None else 6 * 3600
     return {
-        # 10 attempts over roughly 40 minutes before the generation fails as unavailable
-        # (GENRELAY_SUBMIT_MAX_AGE caps the whole). A 429 is not an attempt: see the line.
+        # Retried with backoff, at most 10 minutes apart, until GENRELAY_SUBMIT_MAX_AGE has
+        # passed; then the generation fails as unavailable. So an outage of hours (or an
+        # account out of requests) fails nothing that waits. The attempts are bounded only
+        # for a task that keeps killing its worker: never before the age. A 429 is not an
+        # attempt: see the line.
         SUBMIT: RetryPolicy(
-            max_attempts=10, base_delay=2.0, max_delay=600.0, max_age=submit_max_age
+            max_attempts=max(10, math.ceil(submit_max_age / (SUBMIT_MAX_DELAY / 2)) + 10),
+            base_delay=2.0,
+            max_delay=SUBMIT_MAX_DELAY,
+            max_age=submit_max_age,
         ),
         # Later (a job still running) is free; attempts count only real failures.
         POLL: RetryPolicy(max_attempts=10, base_delay=5.0, max_delay=600.0, max_age=48 * 3600),

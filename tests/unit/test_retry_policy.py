@@ -21,3 +21,26 @@ def test_backoff_doubles_per_attempt_up_to_the_cap_with_jitter_in_the_upper_half
     assert min(delays) >= full / 2
     assert max(delays) <= full
     assert len(set(delays)) > 100  # jittered, not constant
+
+
+class _Lowest(random.Random):
+    """Every jitter at its lowest: the shortest schedule a policy can give."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+@pytest.mark.parametrize("max_age", [None, 600.0, 21600.0, 3 * 86400.0])
+def test_a_submit_is_retried_until_its_max_age_whatever_its_attempts(
+    max_age: float | None,
+) -> None:
+    # GENRELAY_SUBMIT_MAX_AGE is how long a submit keeps retrying: its attempts must not run
+    # out first, even with every wait at its shortest (10 attempts used to end it in ~10 min).
+    from service.config import Config
+    from service.runtime.kinds import SUBMIT, retry_policies
+
+    policy = retry_policies(Config(submit_max_age=max_age))[SUBMIT]
+    assert policy.max_age is not None
+    rng = _Lowest()
+    shortest = sum(policy.backoff(n, rng) for n in range(1, policy.max_attempts))
+    assert shortest >= policy.max_age
