@@ -6,14 +6,17 @@ import datetime as dt
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 import sqlalchemy as sa
 
 from service.bootstrap import Services
 from service.models import IdempotencyKey, Task
+
+T = TypeVar("T")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -94,7 +97,24 @@ def drain(services: Services, seconds: float = 10.0, horizon: float = 5.0) -> No
     raise AssertionError("tasks still active")
 
 
-class Receiver:
+class LoopbackServer:
+    """A WSGI app served on 127.0.0.1 (a free port) from a thread, until `stop`."""
+
+    def serve(self, app: Any, path: str = "/") -> None:
+        from werkzeug.serving import make_server
+
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}{path}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class Receiver(LoopbackServer):
     """A webhook receiver on loopback that answers a script of statuses and records requests.
 
     `statuses` are used in order; the last one repeats. A 3xx answer carries a Location
@@ -102,7 +122,6 @@ class Receiver:
     """
 
     def __init__(self, statuses: list[int] | None = None) -> None:
-        from werkzeug.serving import make_server
         from werkzeug.wrappers import Request, Response
 
         self.statuses = list(statuses or [204])
@@ -124,15 +143,7 @@ class Receiver:
             headers = {"Location": "/elsewhere"} if 300 <= status < 400 else {}
             return Response(b"receiver says hi", status=status, headers=headers)
 
-        self._server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}/hook"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self.serve(app, "/hook")
 
 
 def forget_answers(services: Services) -> None:
@@ -148,3 +159,35 @@ def kept_answers(services: Services) -> list[Any]:
     """The response kept for each Idempotency-Key (None: none yet)."""
     with services.store.read() as session:
         return list(session.scalars(sa.select(IdempotencyKey.response_body)))
+
+
+def deadlocked_on_the_account(services: Services, generation_id: str, act: Callable[[], T]) -> T:
+    """`act()`, run in a thread while a transaction of this test holds the upstream account's
+    row lock; once `act` waits for that lock, the test's transaction writes the generation's
+    row, which `act` holds: a cycle PostgreSQL breaks (within deadlock_timeout, 1 s) by aborting
+    the transaction that waited first, `act`'s. What `act` returned."""
+    engine = services.store.engine
+    results: list[T] = []
+    watching = engine.execution_options(isolation_level="AUTOCOMMIT")  # a fresh view per read
+    with engine.connect() as holder, watching.connect() as watcher:
+        holder.execute(sa.text("SELECT 1 FROM upstream_accounts WHERE id = 'deepimage' FOR UPDATE"))
+        thread = threading.Thread(target=lambda: results.append(act()))
+        thread.start()
+        waiting_for_account = sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%upstream_accounts%FOR UPDATE%' "
+            "AND pid <> pg_backend_pid()"
+        )
+        deadline = time.monotonic() + 10
+        while not watcher.execute(waiting_for_account).scalar():
+            assert time.monotonic() < deadline, "it never waited for the account"
+            time.sleep(0.01)
+        holder.execute(
+            sa.text("UPDATE generations SET updated_at = updated_at WHERE id = :id"),
+            {"id": generation_id},
+        )
+        holder.commit()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    (result,) = results
+    return result

@@ -31,7 +31,7 @@ from service.runtime.kinds import POLL, STORE
 from service.runtime.queue import RetryPolicy
 from service.runtime.worker import Worker
 from tests.conftest import SIMULATOR_KEY, emulator_blob_store
-from tests.helpers import drain, seed_examples, set_simulator
+from tests.helpers import deadlocked_on_the_account, drain, seed_examples, set_simulator
 
 SECRET = "completion-test-secret-0123456789"
 TEXT_ONLY = seed_examples()["text_only"]
@@ -459,33 +459,9 @@ def test_a_callback_whose_transaction_is_aborted_by_a_deadlock_runs_it_again(
     services, client, auth = make_client(callback_config(config))
     generation = create(client, auth, {"input": TEXT_ONLY})
     result_url = wait_until_complete(simulator, generation["upstream"]["job"])
-    engine = services.store.engine
-    answers: list[Any] = []
-    watching = engine.execution_options(isolation_level="AUTOCOMMIT")  # a fresh view per read
-    with engine.connect() as holder, watching.connect() as watcher:
-        holder.execute(sa.text("SELECT 1 FROM upstream_accounts WHERE id = 'deepimage' FOR UPDATE"))
-        callback = threading.Thread(
-            target=lambda: answers.append(call_back(client, generation, result_url))
-        )
-        callback.start()
-        waiting_for_account = sa.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE '%upstream_accounts%FOR UPDATE%' "
-            "AND pid <> pg_backend_pid()"
-        )
-        deadline = time.monotonic() + 10
-        while not watcher.execute(waiting_for_account).scalar():
-            assert time.monotonic() < deadline, "the callback never waited for the account"
-            time.sleep(0.01)
-        # Within PostgreSQL's deadlock_timeout (1 s) of the callback starting to wait.
-        holder.execute(
-            sa.text("UPDATE generations SET updated_at = updated_at WHERE id = :id"),
-            {"id": generation["id"]},
-        )
-        holder.commit()
-        callback.join(timeout=30)
-    assert not callback.is_alive()
-    (answer,) = answers
+    answer = deadlocked_on_the_account(
+        services, generation["id"], lambda: call_back(client, generation, result_url)
+    )
     assert (answer.status_code, answer.json) == (200, {"outcome": "accepted"})
     assert "a transaction aborted by a conflict (40P01)" in caplog.text
     (store_task,) = tasks_of(services, STORE)

@@ -15,7 +15,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_structured_event
 
 from service.config import Config
 from service.models import Delivery, Subscription
-from tests.helpers import Receiver, Statements, drain, seed_examples
+from tests.helpers import LoopbackServer, Receiver, Statements, drain, seed_examples
 
 TEXT_ONLY = seed_examples()["text_only"]
 FAST_SCHEDULE = (0.0, 0.05, 0.05)  # three attempts, quickly
@@ -643,13 +643,10 @@ def test_outcomes_are_counted_once_when_a_batch_is_recorded_again_one_by_one(
 # -- what a receiver answers, what DNS does, replays and cursors: never a stuck delivery ------
 
 
-class BodyReceiver:
+class BodyReceiver(LoopbackServer):
     """A receiver on loopback that answers every POST with `status` and the bytes `body`."""
 
     def __init__(self, status: int, body: bytes) -> None:
-        import threading
-
-        from werkzeug.serving import make_server
         from werkzeug.wrappers import Request, Response
 
         self.requests: list[str] = []
@@ -659,15 +656,7 @@ class BodyReceiver:
             self.requests.append(request.headers.get("Webhook-Id", ""))
             return Response(body, status=status)
 
-        self._server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}/hook"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self.serve(app, "/hook")
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,8 @@ submit, a second job at Deep-Image for one generation.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import random
-import threading
-import time
 from typing import Any
 
 import psycopg
@@ -25,7 +24,7 @@ from service.runtime.kinds import POLL, SUBMIT
 from service.runtime.outcomes import Apply, Done, Failed, Next, Outcome, after_commit
 from service.runtime.queue import ClaimedTask, RetryPolicy, TaskQueue, TaskStatus
 from service.runtime.runner import TaskRunner
-from tests.helpers import seed_examples, set_simulator
+from tests.helpers import deadlocked_on_the_account, seed_examples, set_simulator
 
 TEXT_ONLY = seed_examples()["text_only"]
 START = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
@@ -266,31 +265,9 @@ def test_a_submit_whose_outcome_is_aborted_by_a_real_deadlock_records_its_job_on
             .values(run_at=utcnow() - dt.timedelta(seconds=1))
         )
     [task] = services.queue.claim_due_tasks(kinds=[SUBMIT])
-    engine = services.store.engine
-    statuses: list[TaskStatus | None] = []
-    watching = engine.execution_options(isolation_level="AUTOCOMMIT")  # a fresh view per read
-    with engine.connect() as holder, watching.connect() as watcher:
-        holder.execute(sa.text("SELECT 1 FROM upstream_accounts WHERE id = 'deepimage' FOR UPDATE"))
-        run = threading.Thread(target=lambda: statuses.append(services.runner.execute(task)))
-        run.start()
-        waiting_for_account = sa.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE '%upstream_accounts%FOR UPDATE%' "
-            "AND pid <> pg_backend_pid()"
-        )
-        deadline = time.monotonic() + 10
-        while not watcher.execute(waiting_for_account).scalar():
-            assert time.monotonic() < deadline, "the outcome never waited for the account"
-            time.sleep(0.01)
-        # Within PostgreSQL's deadlock_timeout (1 s) of the outcome starting to wait.
-        holder.execute(
-            sa.text("UPDATE generations SET updated_at = updated_at WHERE id = :id"),
-            {"id": created["id"]},
-        )
-        holder.commit()
-        run.join(timeout=30)
-    assert not run.is_alive()
-    assert statuses == [TaskStatus.DONE]
+    run = functools.partial(services.runner.execute, task)
+    status = deadlocked_on_the_account(services, created["id"], run)
+    assert status == TaskStatus.DONE
     assert "a transaction aborted by a conflict (40P01)" in caplog.text
     assert submit_state(services, created["id"]) == ("processing", True, POLL, "pending")
     assert jobs_created(simulator) == 1

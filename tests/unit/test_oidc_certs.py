@@ -6,23 +6,22 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from service.adapters.oidc import CertificatesUnavailable, TokenVerifier
 from tests.gcp_helpers import OidcIssuer, issuer  # noqa: F401
+from tests.helpers import LoopbackServer
 
 AUDIENCE = "https://relay.example.com/v1/triggers/trg_1/push"
 PUSHER = "pusher@acme-prod.iam.gserviceaccount.com"
 
 
-class CertsServer:
+class CertsServer(LoopbackServer):
     """Serves `body` (bytes) at a certificates URL on loopback, counting the requests."""
 
     def __init__(self) -> None:
-        from werkzeug.serving import make_server
         from werkzeug.wrappers import Request, Response
 
         self.body = b"{}"
@@ -33,15 +32,7 @@ class CertsServer:
             self.requests += 1
             return Response(self.body, mimetype="application/json")
 
-        self._server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}/certs"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self.serve(app, "/certs")
 
 
 @pytest.fixture
