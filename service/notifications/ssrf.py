@@ -432,9 +432,15 @@ class Deadline:
                 _cut(copy)
 
 
+DEADLINE_TICK = 0.5  # seconds: how late a Deadline may cut, at most
+
+
 class _Watchdog:
     """One thread for every Deadline of the process (a thread per request would cost more
-    CPU than the request): expires each whose time is up, earliest first."""
+    CPU than the request): expires each whose time is up, earliest first, within
+    DEADLINE_TICK seconds of it. It wakes at most every DEADLINE_TICK: a busy sender makes
+    many deadlines, most of them over before their time, and waking for each would cost CPU
+    for nothing."""
 
     def __init__(self) -> None:
         self._reset()
@@ -465,7 +471,7 @@ class _Watchdog:
                 expired = []
                 while self._due and (self._due[0][0] <= now or self._due[0][2].over):
                     expired.append(heapq.heappop(self._due)[2])
-                wait = self._due[0][0] - now if self._due else None
+                wait = max(DEADLINE_TICK, self._due[0][0] - now) if self._due else None
                 if not expired:
                     self._changed.wait(wait)
                     continue
