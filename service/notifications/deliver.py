@@ -403,15 +403,29 @@ _NEXT_ATTEMPT = sa.select(sa.func.min(Task.run_at)).where(
 )
 
 
+_LOCK_DELIVERY = (
+    sa.select(Delivery.status).where(Delivery.id == sa.bindparam("delivery_id")).with_for_update()
+)
+
+
 def _after_replay(session: Session, recording: _Recording) -> _Recording:
     """A failed replay's record as written now: pending while the delivery's schedule (or
     another replay) still has an attempt to come, dead otherwise."""
     if recording.replay_task is None:
         return recording
-    next_at = session.connection().scalar(
-        _NEXT_ATTEMPT, {"task_id": recording.replay_task, "delivery_id": recording.delivery_id}
-    )
-    status = DeliveryStatus.PENDING if next_at is not None else DeliveryStatus.DEAD
+    connection = session.connection()
+    # Locked first: a scheduled attempt recording its outcome meanwhile has committed (and
+    # is seen below) or waits for this transaction.
+    current = connection.scalar(_LOCK_DELIVERY, {"delivery_id": recording.delivery_id})
+    if current == DeliveryStatus.SUCCEEDED:
+        # A scheduled attempt got through meanwhile: the delivery stays delivered.
+        status, next_at = DeliveryStatus.SUCCEEDED, None
+    else:
+        next_at = connection.scalar(
+            _NEXT_ATTEMPT,
+            {"task_id": recording.replay_task, "delivery_id": recording.delivery_id},
+        )
+        status = DeliveryStatus.PENDING if next_at is not None else DeliveryStatus.DEAD
     return dataclasses.replace(recording, status=status, next_attempt_at=next_at, replay_task=None)
 
 

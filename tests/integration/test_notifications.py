@@ -769,6 +769,43 @@ def test_a_failed_retry_of_a_pending_delivery_leaves_it_on_its_schedule(
     assert [a["status_code"] for a in done["attempts"]] == [500, 500, 204]
 
 
+def test_a_failed_retry_does_not_undo_a_scheduled_attempt_that_got_through(
+    config: Config, make_client: Any, receiver_factory: Any
+) -> None:
+    from service.models import Task
+    from service.runtime.kinds import DELIVER
+
+    services, client, auth = make_client(
+        config.replace(webhook_retry_schedule=(0.0, 3600.0, 3600.0))
+    )
+    receiver = receiver_factory([500, 204, 500])  # first attempt, scheduled one, the retry
+    created = subscribe(client, auth, receiver.url, events=["generation.succeeded"])
+    generate(client, auth)
+    drain(services)
+    [delivery] = client.get(f"/v1/deliveries?subscription={created['id']}", headers=auth).json[
+        "data"
+    ]
+    assert client.post(f"/v1/deliveries/{delivery['id']}/retry", headers=auth).status_code == 202
+
+    def due(replay: bool) -> None:
+        """Only the retry's task due now, or only the scheduled one."""
+        now = dt.datetime.now(dt.UTC)
+        with services.store.transaction() as session:
+            for task in session.scalars(
+                sa.select(Task).where(Task.kind == DELIVER, Task.status == "pending")
+            ):
+                is_replay = bool(task.payload.get("replay"))
+                task.run_at = now if is_replay == replay else now + dt.timedelta(hours=1)
+
+    due(replay=False)
+    drain(services)  # the scheduled attempt: 204
+    due(replay=True)
+    drain(services)  # the retry, sent after: 500
+    after = client.get(f"/v1/deliveries/{delivery['id']}", headers=auth).json
+    assert [a["status_code"] for a in after["attempts"]] == [500, 204, 500]
+    assert after["status"] == "succeeded"
+
+
 def test_a_failed_retry_of_a_dead_delivery_leaves_it_dead(api: Any, receiver_factory: Any) -> None:
     services, client, auth = api
     receiver = receiver_factory([500])
