@@ -261,6 +261,12 @@ class StoreHandler:
                     stored.uri,
                 )
                 delete_orphan(session, self.queue, generation.id, stored.uri)
+            else:
+                log.warning(
+                    "generation %s left processing while its result was stored at %s",
+                    generation.id,
+                    stored.uri,
+                )
 
         return Done(succeed)
 

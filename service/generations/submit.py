@@ -165,10 +165,11 @@ class SubmitHandler:
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> Apply:
         assert task.generation_id is not None
+        # `error` may be an internal error's text: it stays in the task's last_error.
         return failing(
             task.generation_id,
             ErrorCode.UPSTREAM_UNAVAILABLE,
-            f"Deep-Image could not be reached after {task.attempts} attempts: {error}",
+            f"Deep-Image could not be reached after {task.attempts} attempts",
         )
 
 
