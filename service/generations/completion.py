@@ -203,6 +203,7 @@ class CompletionService:
             )
             if recorded is None:
                 # Known already, or canceled since we read it: then its job is over now.
-                job_ended(session, self.queue, generation_id, now=now)
+                if job_ended(session, self.queue, generation_id, now=now):
+                    return CallbackOutcome.IGNORED, None
                 return CallbackOutcome.DUPLICATE, None
         return CallbackOutcome.ACCEPTED, recorded.claimed

@@ -654,7 +654,7 @@ def test_a_callback_that_finds_its_generation_canceled_meanwhile_hands_the_slot_
 
     monkeypatch.setattr(completion, "record_source", cancel_then_record)
     answer = call_back(client, generation, result_url)
-    assert (answer.status_code, answer.json) == (200, {"outcome": "duplicate"})
+    assert (answer.status_code, answer.json) == (200, {"outcome": "ignored"})
     assert completion.record_source is record
     shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
     assert shown["status"] == "canceled"
