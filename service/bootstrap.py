@@ -38,6 +38,7 @@ from service.runtime.runner import TaskRunner
 
 # A webhook URL given in a request is resolved while the client waits: not for long.
 REQUEST_DNS_TIMEOUT = 2.0
+WEBHOOK_DNS_TIMEOUT = 5.0  # seconds for a delivery's lookup (of its 15 s in all)
 
 
 @dataclasses.dataclass
@@ -101,7 +102,11 @@ def build_services(
     line.install()
     # Results are fetched as carefully as webhooks: allowed hosts, pinned, checked addresses.
     downloads = download_session(config)
-    policy = URLPolicy(allow_private=config.allow_private_webhooks)
+    # A delivery's lookup is bounded too: its Deadline cannot cut getaddrinfo.
+    policy = URLPolicy(
+        allow_private=config.allow_private_webhooks,
+        resolver=timed_resolver(WEBHOOK_DNS_TIMEOUT),
+    )
     webhooks = pinned_session(policy)
     request_policy = URLPolicy(
         allow_private=config.allow_private_webhooks,

@@ -39,6 +39,7 @@ import dataclasses
 import heapq
 import ipaddress
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -75,6 +76,9 @@ _METADATA_NETWORKS = (
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+log = logging.getLogger("genrelay.ssrf")
 
 
 class UnsafeURL(ValueError):
@@ -465,6 +469,15 @@ class _Watchdog:
                 self._changed.notify()  # earlier than the one it sleeps for
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._pass()
+            except Exception:  # never a dead watchdog: every deadline would stop expiring
+                log.exception("the deadline watchdog failed")
+                time.sleep(DEADLINE_TICK)
+
+    def _pass(self) -> None:
+        """Forever: wait for the earliest deadline (at least a tick), then expire what is due."""
         while True:
             with self._changed:
                 now = time.monotonic()
