@@ -109,7 +109,8 @@ class GenerationCreateSchema(Schema):
         metadata={
             "description": "RFC 3339 time with a zone. Still waiting for a Deep-Image slot "
             "then, the generation is canceled with `error.code` `deadline_exceeded`, never "
-            "submitted and never charged."
+            "submitted and never charged. A deadline already passed is 422, unless the "
+            "request retries one its Idempotency-Key answered: then that answer again."
         },
     )
 
