@@ -523,17 +523,9 @@ class _WatchedHTTPConnection(HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    """As _WatchedHTTPConnection, for https: the plain socket is watched before TLS."""
-
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _watch(sock)
-        return sock
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _watch(self.sock)
-        super().request(*args, **kwargs)
+class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
+    """As _WatchedHTTPConnection, for https: the plain socket is watched before TLS (its
+    methods come first, then HTTPSConnection's)."""
 
 
 class _WatchedHTTPPool(HTTPConnectionPool):
