@@ -18,7 +18,7 @@ import contextvars
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
@@ -101,9 +101,27 @@ class _Formatter(JsonFormatter):
             log_record[TRACE_FIELD] = log_record.pop("trace")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a record comes, not as it was when logging was set
+    up: whoever swaps it (a test harness capturing output, then closing what it captured
+    into) does not leave a background thread's records writing to a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream_of: Callable[[], Any] = lambda: sys.stderr  # tests may point it elsewhere
+
+    @property
+    def stream(self) -> Any:
+        return self.stream_of()
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass  # always the current sys.stderr
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Send every logger's records to stderr as JSON lines (stdout stays for command output)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         _Formatter(
             "%(levelname)s %(name)s %(message)s %(process)d",

@@ -22,14 +22,13 @@ PATH = f"/v1/callbacks/deepimage/gen_1/{TOKEN}"
 
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
-    """What setup_logging's handler writes (to this buffer instead of stderr)."""
+    """What setup_logging's handler writes (to this buffer, as stderr)."""
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     setup_logging("INFO")
     out = io.StringIO()
     [handler] = root.handlers
-    assert isinstance(handler, logging.StreamHandler)
-    handler.setStream(out)
+    handler.stream_of = lambda: out  # type: ignore[attr-defined]
     yield out
     root.handlers[:], root.level = saved
 
@@ -72,3 +71,26 @@ def test_a_database_error_does_not_log_the_bound_values(tmp_path: object) -> Non
     finally:
         engine.dispose()
     assert "whsec_" not in str(failed.value)
+
+
+def test_records_go_to_stderr_as_it_is_when_they_come(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A test harness swaps sys.stderr for each test and closes what it captured into; a
+    # background thread (the simulator's callbacks) logging after that must not write there.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    monkeypatch.setattr(root, "level", root.level)
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    setup_logging()
+    first.close()
+    monkeypatch.setattr("sys.stderr", second)
+    errors: list[BaseException | None] = []
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    monkeypatch.setattr(
+        logging.Handler, "handleError", lambda self, record: errors.append(record.exc_info)
+    )
+    logging.getLogger("genrelay.test").warning("after the swap")
+    assert errors == []
+    assert json.loads(second.getvalue())["message"] == "after the swap"
