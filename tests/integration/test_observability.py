@@ -68,17 +68,12 @@ def test_anonymous_requests_cannot_add_metric_series_without_bound(client: Any) 
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
     """The service's JSON log lines, captured."""
-    import sys
-
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     stream = io.StringIO()
-    original = sys.stderr
-    sys.stderr = stream
-    try:
-        setup_logging("INFO")
-    finally:
-        sys.stderr = original
+    setup_logging("INFO")
+    [handler] = root.handlers
+    handler.stream_of = lambda: stream  # type: ignore[attr-defined]
     yield stream
     root.handlers[:], level = saved
     root.setLevel(level)
