@@ -271,16 +271,33 @@ class TaskQueue:
         """Claim up to `limit` due tasks (pending and due, or running with an expired lease)."""
         now = self.clock()
         statement = self._claim_statement(limit, None if kinds is None else tuple(kinds))
-        params: dict[str, Any] = {
-            "now": now,
-            "token": uuid.uuid4().hex,
-            "lease_until": now + self.lease,
-        }
-        for index, lease in enumerate(self.short_leases.values()):
-            params[f"lease_{index}"] = now + lease
+        params = {"now": now, "token": uuid.uuid4().hex, **self._lease_params(now)}
         # Core on a plain connection: claims run all the time, and need no ORM session.
         with self.store.begin() as connection:
             return [ClaimedTask(**row._mapping) for row in connection.execute(statement, params)]
+
+    def _lease_until(self) -> Any:
+        """Until when a claim or a renewal holds a task: its kind's short lease, else the
+        common one; bound per call (`_lease_params`)."""
+        lease_type = TASKS.c.lease_expires_at.type
+        common = sa.bindparam("lease_until", type_=lease_type)
+        if not self.short_leases:
+            return common
+        return sa.case(
+            {
+                kind: sa.bindparam(f"lease_{index}", type_=lease_type)
+                for index, kind in enumerate(self.short_leases)
+            },
+            value=TASKS.c.kind,
+            else_=common,
+        )
+
+    def _lease_params(self, now: dt.datetime) -> dict[str, dt.datetime]:
+        """The values of `_lease_until`'s parameters at `now`."""
+        params = {"lease_until": now + self.lease}
+        for index, lease in enumerate(self.short_leases.values()):
+            params[f"lease_{index}"] = now + lease
+        return params
 
     def _claim_statement(self, limit: int, kinds: tuple[str, ...] | None) -> sa.Update:
         """The claim UPDATE for `limit` and `kinds`, built once (values are bound per call)."""
@@ -322,18 +339,6 @@ class TaskQueue:
             .limit(limit)
             .cte("candidates")
         )
-        lease_type = t.lease_expires_at.type
-        lease_until: Any = sa.bindparam("lease_until", type_=lease_type)
-        if self.short_leases:
-            # The kind's short lease, else the common one.
-            lease_until = sa.case(
-                {
-                    kind: sa.bindparam(f"lease_{index}", type_=lease_type)
-                    for index, kind in enumerate(self.short_leases)
-                },
-                value=t.kind,
-                else_=lease_until,
-            )
         statement = (
             sa.update(TASKS)
             # `due` again: the UPDATE itself is the guard, whatever the CTE saw.
@@ -341,7 +346,7 @@ class TaskQueue:
             .values(
                 status=TaskStatus.RUNNING.value,
                 claim_token=sa.bindparam("token", type_=t.claim_token.type),
-                lease_expires_at=lease_until,
+                lease_expires_at=self._lease_until(),
                 attempts=t.attempts + 1,
                 updated_at=now,
             )
@@ -516,7 +521,6 @@ class TaskQueue:
         short lease (the line's pass) keeps it short, so a holder that dies after a renewal
         still delays the task only that long.
         """
-        tasks = list(tasks)
         claims = [(task.id, task.claim_token) for task in tasks]
         if not claims:
             return set()
@@ -530,20 +534,11 @@ class TaskQueue:
             # Still ours, as last committed: a held row counts too (its lease has time left).
             held = set(connection.scalars(sa.select(TASKS.c.id).where(ours)))
             free = sa.select(TASKS.c.id).where(ours).with_for_update(skip_locked=True)
-            lease_type = TASKS.c.lease_expires_at.type
-            lease_until: Any = sa.literal(now + self.lease, lease_type)
-            kinds = sorted({task.kind for task in tasks} & self.short_leases.keys())
-            if kinds:
-                # The kind's short lease, else the common one (as `claim_due_tasks`).
-                lease_until = sa.case(
-                    {kind: sa.literal(now + self.short_leases[kind], lease_type) for kind in kinds},
-                    value=TASKS.c.kind,
-                    else_=lease_until,
-                )
             connection.execute(
                 sa.update(TASKS)
                 .where(TASKS.c.id.in_(free))
-                .values(updated_at=now, lease_expires_at=lease_until)
+                .values(updated_at=now, lease_expires_at=self._lease_until()),
+                self._lease_params(now),
             )
         return held
 
