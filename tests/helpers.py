@@ -98,13 +98,14 @@ def drain(services: Services, seconds: float = 10.0, horizon: float = 5.0) -> No
 
 
 class LoopbackServer:
-    """A WSGI app served on 127.0.0.1 (a free port) from a thread, until `stop`."""
+    """A WSGI app served on a loopback address (a free port) from a thread, until `stop`."""
 
-    def serve(self, app: Any, path: str = "/") -> None:
+    def serve(self, app: Any, path: str = "/", *, address: str = "127.0.0.1") -> None:
         from werkzeug.serving import make_server
 
-        self._server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}{path}"
+        self._server = make_server(address, 0, app, threaded=True)
+        self.port = self._server.server_port
+        self.url = f"http://{address}:{self.port}{path}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 

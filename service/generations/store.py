@@ -54,7 +54,13 @@ from service.generations.result_access import (
 )
 from service.metrics import GCS_UPLOAD_LATENCY
 from service.models import Generation, Tenant, utcnow
-from service.notifications.ssrf import Unresolvable, UnsafeURL, URLPolicy, pinned_session
+from service.notifications.ssrf import (
+    Deadline,
+    Unresolvable,
+    UnsafeURL,
+    URLPolicy,
+    pinned_session,
+)
 from service.runtime.outcomes import DONE, Apply, Done, Failed, Outcome
 from service.runtime.queue import ClaimedTask, TaskQueue
 from service.tenants import settings_of
@@ -69,6 +75,11 @@ SINGLE_REQUEST_MAX = 2 * 1024 * 1024
 # Enough of the file to find the dimensions (JPEG headers can follow large EXIF/ICC blocks).
 HEADER_PREFIX = 256 * 1024
 DOWNLOAD_TIMEOUT = (5.0, 60.0)
+# The whole attempt, confirmation, download and upload, in seconds: DOWNLOAD_TIMEOUT bounds
+# each read only, so a host sending a byte every minute would hold a worker thread for as
+# long as it liked. At the largest result allowed by default (256 MiB) this still leaves
+# 290 KB/s; a cut download is retried like any interrupted one.
+DOWNLOAD_DEADLINE = 900.0
 MAX_REDIRECTS = 3
 _REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -209,16 +220,19 @@ class StoreHandler:
         generation, settings = row[0], settings_of(row[1])
         started = time.monotonic()
         bucket, prefix = output_location(self.config, settings)
-        try:
-            target = self.blobs.for_bucket(bucket)
-            response = self._get(self._confirmed_source(generation))
-            stored, width_height = self._copy(generation, response, target, prefix)
-        except ResultRejected as rejected:
-            GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
-            return Done(failing(generation.id, rejected.code, rejected.message))
-        except TransientError as exc:
-            GCS_UPLOAD_LATENCY.labels("retry").observe(time.monotonic() - started)
-            return Failed(str(exc))
+        with Deadline(DOWNLOAD_DEADLINE) as deadline:
+            try:
+                target = self.blobs.for_bucket(bucket)
+                response = self._get(self._confirmed_source(generation))
+                stored, width_height = self._copy(generation, response, target, prefix)
+            except ResultRejected as rejected:
+                GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
+                return Done(failing(generation.id, rejected.code, rejected.message))
+            except TransientError as exc:
+                GCS_UPLOAD_LATENCY.labels("retry").observe(time.monotonic() - started)
+                if deadline.expired:  # the download's connection was cut
+                    return Failed(f"the download took more than {DOWNLOAD_DEADLINE:g} s")
+                return Failed(str(exc))
         GCS_UPLOAD_LATENCY.labels("stored").observe(time.monotonic() - started)
         width, height = width_height or (None, None)
         result: dict[str, Any] = {

@@ -9,7 +9,7 @@ from a small server on loopback.
 from __future__ import annotations
 
 import io
-import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,10 +18,11 @@ import requests
 from PIL import Image
 
 from service.config import Config
+from service.generations import store
 from service.models import Generation, Task
 from service.runtime.kinds import STORE
 from tests.conftest import SIMULATOR_KEY
-from tests.helpers import drain, set_simulator
+from tests.helpers import LoopbackServer, drain, set_simulator
 from tests.integration.test_completion import (
     TEXT_ONLY,
     call_back,
@@ -39,35 +40,33 @@ def _png() -> bytes:
     return out.getvalue()
 
 
-class ResultHost:
-    """Serves `/image.png`, an internal-looking text at `/internal`, and redirects:
-    `/to?url=U` answers 302 to U. Records the paths it was asked for."""
+class ResultHost(LoopbackServer):
+    """Serves `/image.png`, the same image a byte every 0.2 s at `/trickle.png`, an
+    internal-looking text at `/internal`, and redirects: `/to?url=U` answers 302 to U.
+    Records the paths it was asked for."""
 
     def __init__(self, address: str = "127.0.0.1") -> None:
-        from werkzeug.serving import make_server
         from werkzeug.wrappers import Request, Response
 
         self.paths: list[str] = []
+
+        def trickle() -> Iterator[bytes]:
+            for byte in _png():
+                time.sleep(0.2)
+                yield bytes([byte])
 
         @Request.application  # type: ignore[misc]
         def app(request: Request) -> Response:
             self.paths.append(request.path)
             if request.path == "/image.png":
                 return Response(_png(), mimetype="image/png")
+            if request.path == "/trickle.png":
+                return Response(trickle(), mimetype="image/png")
             if request.path == "/to":
                 return Response(b"", status=302, headers={"Location": request.args["url"]})
             return Response(b"db_password=hunter2 internal admin console", mimetype="text/plain")
 
-        self._server = make_server(address, 0, app, threaded=True)
-        self.port = self._server.server_port
-        self.url = f"http://{address}:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self.serve(app, "", address=address)
 
 
 @pytest.fixture
@@ -174,6 +173,31 @@ def test_the_tenant_never_sees_the_bytes_of_a_non_image_answer(
         "code": "result_not_image",
         "message": "the result is not a PNG, JPEG or WEBP image",
     }
+
+
+def test_a_download_that_trickles_is_cut_at_the_deadline_and_retried(
+    config: Config,
+    make_client: Any,
+    simulator: Any,
+    result_host: ResultHost,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each byte comes well within the read timeout; the whole image would take 20 s or more.
+    monkeypatch.setattr(store, "DOWNLOAD_DEADLINE", 1.0)
+    services, client, auth = make_client(callback_config(config, confirm_results=False))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    wait_until_complete(simulator, generation["upstream"]["job"])
+    call_back(client, generation, f"{result_host.url}/trickle.png")
+    [claimed] = services.queue.claim_due_tasks(kinds=[STORE])
+    started = time.monotonic()
+    services.runner.execute(claimed)
+    assert time.monotonic() - started < 5
+    task = _store_task(services)
+    assert (task.status, task.attempts) == ("pending", 1)  # retried later, like a cut download
+    assert task.last_error == "the download took more than 1 s"
+    assert result_host.paths == ["/trickle.png"]
+    assert _generation(services, generation["id"]).status == "processing"
+    assert objects(services) == {}
 
 
 def test_the_download_ignores_proxy_settings_of_the_environment(
