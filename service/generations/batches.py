@@ -10,7 +10,8 @@ batch's items in the order they were sent.
 Cancel works in chunks of CANCEL_CHUNK items per transaction, waiting items first (so no
 upstream slot is freed, and handed to a sibling that is about to be canceled, before the end),
 each item through `change_status` with its own `generation.canceled` event. The request does
-what it can in CANCEL_BUDGET seconds; a `cancel_batch` task finishes a large batch.
+what it can in CANCEL_BUDGET seconds; a `cancel_batch` task, queued with the cancel, finishes
+what is left.
 """
 
 from __future__ import annotations
@@ -295,7 +296,10 @@ class BatchService:
 
         The request cancels items for up to CANCEL_BUDGET seconds; what is left of a large
         batch is canceled by a `cancel_batch` task (the answer shows `canceled_at` at once, and
-        the counts as far as they got). A batch that completed uncanceled is a Conflict.
+        the counts as far as they got). The task is queued with `canceled_at`, due when the
+        request's time is up, so the cancel is finished even if the request is not (the
+        task then finds nothing left, or what a failed request left). A batch that completed
+        uncanceled is a Conflict.
         """
         now = utcnow()
         with self.store.transaction() as session:
@@ -306,9 +310,14 @@ class BatchService:
                     raise Conflict(f"batch {batch_id} has already completed")
                 batch.canceled_at = now
                 batch.updated_at = now
-        if not self.cancel_items(batch_id, budget=CANCEL_BUDGET):
-            with self.store.transaction() as session:
-                self.queue.enqueue(session, CANCEL_BATCH, {"batch_id": batch_id})
+                self.queue.enqueue(
+                    session, CANCEL_BATCH, {"batch_id": batch_id}, delay=CANCEL_BUDGET
+                )
+        try:
+            self.cancel_items(batch_id, budget=CANCEL_BUDGET)
+        except Exception:
+            # The cancel is recorded, and its task is queued: the task does the rest.
+            log.exception("canceling the items of batch %s failed; left to its task", batch_id)
         return self.get(tenant_id, batch_id)
 
     def cancel_items(self, batch_id: str, *, budget: float | None) -> bool:

@@ -603,6 +603,34 @@ def test_a_large_cancel_goes_on_in_a_task_when_the_request_runs_out_of_time(
     assert rows(services, Event, Event.type == "batch.completed") == 1
 
 
+def test_a_cancel_whose_request_fails_midway_is_finished_by_its_task(
+    config: Config, make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.generations.batches import BatchService
+
+    services, client, auth = make_client(config.replace(upstream_concurrency=2))
+    batch = accepted(post(client, auth, catalog(12)))
+    real_chunk = BatchService._cancel_chunk
+    calls = []
+
+    def failing_once(self: BatchService, batch_id: str) -> int:
+        calls.append(batch_id)
+        if len(calls) == 1:
+            raise RuntimeError("the database went away")
+        return real_chunk(self, batch_id)
+
+    monkeypatch.setattr(BatchService, "_cancel_chunk", failing_once)
+    answer = client.post(f"/v1/batches/{batch['id']}/cancel", headers=auth)
+    assert answer.status_code == 200
+    assert answer.json["canceled_at"] is not None
+    assert answer.json["counts"]["canceled"] == 0  # nothing canceled by the request
+    assert rows(services, Task, Task.kind == "cancel_batch") == 1
+    drain(services)
+    done = client.get(f"/v1/batches/{batch['id']}", headers=auth).json
+    assert (done["status"], done["counts"]["canceled"]) == ("completed", 12)
+    assert rows(services, Event, Event.type == "batch.completed") == 1
+
+
 def test_batches_list_newest_first_and_their_generations_page_with_a_status_filter(
     client: Any, auth: dict[str, str], config: Config, make_client: Any
 ) -> None:
