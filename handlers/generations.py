@@ -86,6 +86,7 @@ def cancel_generation(generation_id: str) -> Any:
 @blp.alt_response(409, schema=ProblemSchema, description="The generation has no stored result")
 @blp.alt_response(410, schema=ProblemSchema, description="The result has been deleted")
 @blp.alt_response(501, schema=ProblemSchema, description="The credentials cannot sign URLs")
+@blp.alt_response(503, schema=ProblemSchema, description="Signing failed for a moment; try again")
 def get_result(generation_id: str) -> Any:
     """Download the result: a redirect to a signed URL, made now."""
     url = services().results.link(tenant_id(), generation_id)

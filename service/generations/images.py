@@ -19,6 +19,7 @@ class ImageKind:
 PNG = ImageKind("image/png", "png")
 JPEG = ImageKind("image/jpeg", "jpg")
 WEBP = ImageKind("image/webp", "webp")
+IMAGE_KINDS = (PNG, JPEG, WEBP)
 
 # Bytes needed to tell the three formats apart.
 SNIFF_BYTES = 12

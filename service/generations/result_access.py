@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -28,7 +29,7 @@ from service.adapters.gcs_urls import parse_gs_url
 from service.config import Config
 from service.database import Store
 from service.domain import GenerationStatus
-from service.errors import Conflict, NotFound, ServiceError
+from service.errors import Conflict, NotFound, ServiceError, Unavailable
 from service.models import Generation, utcnow
 from service.runtime.kinds import EXPIRE_RESULT
 from service.runtime.outcomes import DONE, Failed, Later, Outcome
@@ -94,9 +95,25 @@ class ResultAccess:
         self.config = config
 
     def link(self, tenant_id: str, generation_id: str) -> str:
+        """A signed URL of the stored result, made now. Unavailable (503) when signing fails
+        for a moment (through IAM on Cloud Run); CannotSign (501) when the credentials cannot
+        sign at all."""
         generation = self._stored_result(tenant_id, generation_id)
         assert generation.result is not None
-        url = sign_result(self.blobs, generation.result.get("uri"), self.config.signed_url_ttl)
+        uri = generation.result.get("uri")
+        parsed = parse_gs_url(uri) if isinstance(uri, str) else None
+        url = None
+        if parsed is not None:
+            bucket, name = parsed
+            ttl = dt.timedelta(seconds=self.config.signed_url_ttl)
+            try:
+                url = self.blobs.for_bucket(bucket).signed_url(name, ttl)
+            except TransientBlobError as exc:
+                log.warning("could not sign a URL for %s: %s", uri, exc.message)
+                raise Unavailable(
+                    "the result's URL could not be signed just now; try again",
+                    headers={"Retry-After": "5"},
+                ) from None
         if url is None:
             raise CannotSign(
                 "genrelay's credentials cannot sign URLs here (set GENRELAY_GCS_SIGNING_ACCOUNT "
@@ -133,7 +150,9 @@ ORPHAN = "orphan"  # the payload key of an object to delete that no result recor
 
 def delete_orphan(session: Session, queue: TaskQueue, generation_id: str, uri: str) -> None:
     """Have the worker delete an object stored for a generation that does not keep it (it
-    was canceled while the object was written): an `expire_result` task naming the object."""
+    was canceled while the object was written, or an attempt died before recording it): an
+    `expire_result` task naming the object. It deletes the object only if it is there, is
+    the generation's (by its metadata) and no result records it."""
     queue.enqueue(session, EXPIRE_RESULT, {ORPHAN: uri}, generation_id=generation_id)
 
 
@@ -207,11 +226,11 @@ class ExpireResultHandler:
         A failed delete is retried, the mark already made."""
         generation_id = task.generation_id
         assert generation_id is not None
-        orphan = task.payload.get(ORPHAN)
-        if orphan is not None:
-            return self._delete(orphan)
         with self.store.read_one() as connection:
             stored = connection.execute(_STORED, {"generation_id": generation_id}).first()
+        orphan = task.payload.get(ORPHAN)
+        if orphan is not None:
+            return self._delete_orphan(generation_id, orphan, stored)
         if stored is None or not stored.result:
             return DONE
         if stored.result_expired_at is None:
@@ -221,6 +240,22 @@ class ExpireResultHandler:
                 apply=lambda session: mark_expired(session, generation_id),
             )
         return self._delete(stored.result.get("uri"))
+
+    def _delete_orphan(self, generation_id: str, uri: str, stored: Any) -> Outcome:
+        """Delete `uri` if it is an object of this generation's (its metadata says so) that
+        its result does not record."""
+        recorded = stored.result.get("uri") if stored is not None and stored.result else None
+        parsed = parse_gs_url(uri)
+        if parsed is None or uri == recorded:
+            return DONE
+        bucket, name = parsed
+        try:
+            found = self.blobs.for_bucket(bucket).stat(name)
+        except TransientBlobError as exc:
+            return Failed(f"reading the object to delete: {exc.message}")
+        if found is None or found.metadata.get("generation_id") != generation_id:
+            return DONE  # nothing there, or not ours to delete
+        return self._delete(uri)
 
     def _delete(self, uri: str | None) -> Outcome:
         try:

@@ -44,7 +44,7 @@ from service.config import Config
 from service.database import Store
 from service.domain import ErrorCode, GenerationStatus
 from service.errors import TransientError
-from service.generations.images import SNIFF_BYTES, ImageKind, dimensions, sniff
+from service.generations.images import IMAGE_KINDS, SNIFF_BYTES, ImageKind, dimensions, sniff
 from service.generations.lifecycle import change_status, failing
 from service.generations.result_access import (
     delete_orphan,
@@ -81,6 +81,11 @@ DOWNLOAD_TIMEOUT = (5.0, 60.0)
 # 290 KB/s; a cut download is retried like any interrupted one.
 DOWNLOAD_DEADLINE = 900.0
 MAX_REDIRECTS = 3
+# What a failed attempt was doing, at the start of its error (the task's `last_error`): when
+# the attempts run out, the generation's error names the side that failed.
+CONFIRMING = "confirming the job"
+DOWNLOADING = "downloading the result"
+WRITING = "writing to GCS"
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -167,7 +172,8 @@ class ResultStream:
             self._exhausted = True
             return False
         except requests.RequestException as exc:
-            raise DownloadInterrupted(f"download failed midway: {type(exc).__name__}") from None
+            failure = type(exc).__name__
+            raise DownloadInterrupted(f"the connection failed midway: {failure}") from None
         self.size += len(chunk)
         if self.size > self._max_bytes:
             raise ResultRejected(
@@ -215,11 +221,17 @@ class StoreHandler:
                 .join(Tenant, Tenant.id == Generation.tenant_id)
                 .where(Generation.id == task.generation_id)
             ).one_or_none()
-        if row is None or row[0].status != GenerationStatus.PROCESSING:
-            return DONE  # canceled (cancel wins) or already finished by an earlier attempt
+        if row is None:
+            return DONE
         generation, settings = row[0], settings_of(row[1])
-        started = time.monotonic()
         bucket, prefix = output_location(self.config, settings)
+        earlier = task.attempts > 1  # an earlier attempt may have stored the object
+        if generation.status != GenerationStatus.PROCESSING:
+            # Canceled (cancel wins), failed meanwhile, or finished by an earlier attempt.
+            if earlier and generation.status != GenerationStatus.SUCCEEDED:
+                return Done(self._leftovers(generation, bucket, prefix))
+            return DONE
+        started = time.monotonic()
         with Deadline(DOWNLOAD_DEADLINE) as deadline:
             try:
                 target = self.blobs.for_bucket(bucket)
@@ -227,11 +239,14 @@ class StoreHandler:
                 stored, width_height = self._copy(generation, response, target, prefix)
             except ResultRejected as rejected:
                 GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
-                return Done(failing(generation.id, rejected.code, rejected.message))
+                fail = failing(generation.id, rejected.code, rejected.message)
+                if not earlier or rejected.code == ErrorCode.STORAGE_CONFLICT:
+                    return Done(fail)  # (a conflicting object is left for the operator)
+                return Done(_both(fail, self._leftovers(generation, bucket, prefix)))
             except TransientError as exc:
                 GCS_UPLOAD_LATENCY.labels("retry").observe(time.monotonic() - started)
                 if deadline.expired:  # the download's connection was cut
-                    return Failed(f"the download took more than {DOWNLOAD_DEADLINE:g} s")
+                    return Failed(f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s")
                 return Failed(str(exc))
         GCS_UPLOAD_LATENCY.labels("stored").observe(time.monotonic() - started)
         width, height = width_height or (None, None)
@@ -285,13 +300,41 @@ class StoreHandler:
         return Done(succeed)
 
     def on_exhausted(self, task: ClaimedTask, error: str) -> Apply:
+        """Fail the generation, naming the side that failed last (`error` may be an internal
+        error's text: it stays in the task's last_error), and have deleted what an earlier
+        attempt may have stored without recording it."""
         assert task.generation_id is not None
-        # `error` may be an internal error's text: it stays in the task's last_error.
-        return failing(
-            task.generation_id,
-            ErrorCode.STORAGE_FAILED,
-            f"the result could not be stored after {task.attempts} attempts",
-        )
+        if error.startswith(CONFIRMING):
+            code, doing = ErrorCode.UPSTREAM_UNAVAILABLE, "confirmed with Deep-Image"
+        elif error.startswith(DOWNLOADING):
+            code, doing = ErrorCode.RESULT_UNAVAILABLE, "downloaded"
+        else:
+            code, doing = ErrorCode.STORAGE_FAILED, "stored"
+        message = f"the result could not be {doing} after {task.attempts} attempts"
+        fail = failing(task.generation_id, code, message)
+        with self.store.read() as session:
+            row = session.execute(
+                sa.select(Generation, Tenant)
+                .join(Tenant, Tenant.id == Generation.tenant_id)
+                .where(Generation.id == task.generation_id)
+            ).one_or_none()
+        if row is None:
+            return fail
+        bucket, prefix = output_location(self.config, settings_of(row[1]))
+        return _both(fail, self._leftovers(row[0], bucket, prefix))
+
+    def _leftovers(self, generation: Generation, bucket: str, prefix: str) -> Apply:
+        """Have deleted any object an earlier attempt stored for `generation` and died before
+        recording: it is under one of the result's possible names. The `expire_result` task
+        deletes only an object of this generation's that no result records, and counts a
+        missing one as deleted."""
+        uris = [f"gs://{bucket}/{object_name(prefix, generation, kind)}" for kind in IMAGE_KINDS]
+
+        def apply(session: Session) -> None:
+            for uri in uris:
+                delete_orphan(session, self.queue, generation.id, uri)
+
+        return apply
 
     def _confirmed_source(self, generation: Generation) -> str:
         """The URL to download: Deep-Image's own answer when confirming, else the callback's."""
@@ -302,11 +345,13 @@ class StoreHandler:
         try:
             job = self.deepimage.result(generation.upstream_job)
         except TransientUpstreamError as exc:
-            raise TransientError(f"confirming the job: {exc.message}") from None
+            raise TransientError(f"{CONFIRMING}: {exc.message}") from None
         except PermanentUpstreamError as exc:
             raise ResultRejected(exc.error_code, exc.message) from None
         if job.status != "complete" or job.result_url is None:
-            raise TransientError(f"Deep-Image reports job {job.job} as {job.status}, not complete")
+            raise TransientError(
+                f"{CONFIRMING}: Deep-Image reports job {job.job} as {job.status}, not complete"
+            )
         return job.result_url
 
     def _get(self, url: str) -> requests.Response:
@@ -316,13 +361,13 @@ class StoreHandler:
                 self.policy.check_syntax(url)  # scheme, host list: refused at once, no retry
                 response = self.http.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT)
             except Unresolvable:
-                raise TransientError("downloading the result: the host does not resolve") from None
+                raise TransientError(f"{DOWNLOADING}: the host does not resolve") from None
             except UnsafeURL as exc:
                 raise ResultRejected(
                     ErrorCode.RESULT_UNAVAILABLE, f"the result URL may not be fetched: {exc.reason}"
                 ) from None
             except requests.RequestException as exc:
-                raise TransientError(f"downloading the result: {type(exc).__name__}") from None
+                raise TransientError(f"{DOWNLOADING}: {type(exc).__name__}") from None
             location = response.headers.get("Location")
             if response.status_code not in _REDIRECTS or not location:
                 return response
@@ -343,7 +388,7 @@ class StoreHandler:
                     f"the result URL answered {response.status_code}",
                 )
             if not 200 <= response.status_code < 300:
-                raise TransientError(f"downloading the result: HTTP {response.status_code}")
+                raise TransientError(f"{DOWNLOADING}: HTTP {response.status_code}")
             declared = _declared_size(response)
             if declared is not None and declared > self.config.max_result_bytes:
                 raise ResultRejected(
@@ -359,7 +404,7 @@ class StoreHandler:
                 name = object_name(prefix, generation, kind)
                 stored = self._write(generation, blobs, name, kind, stream, declared)
             except DownloadInterrupted as exc:
-                raise TransientError(str(exc)) from None
+                raise TransientError(f"{DOWNLOADING}: {exc}") from None
             return stored, stream.dimensions()
 
     def _write(
@@ -384,16 +429,19 @@ class StoreHandler:
         except BlobAlreadyExists as exists:
             # Most likely our own earlier attempt, which stored the object and then died
             # before recording it: the same bytes count as stored.
+            if exists.existing is None:
+                # It could not be read (GCS failing for a moment, or the object just deleted):
+                # whether it is ours is for the next attempt to tell.
+                raise TransientError(f"{WRITING}: {name} exists but could not be read") from None
             stream.drain()
-            ours = stream.crc32c.base64()
-            if exists.existing is not None and exists.existing.crc32c == ours:
+            if exists.existing.crc32c == stream.crc32c.base64():
                 return exists.existing
             raise ResultRejected(
                 ErrorCode.STORAGE_CONFLICT,
                 f"gs://{blobs.bucket}/{name} already exists with other content",
             ) from None
         except TransientBlobError as exc:
-            raise TransientError(f"writing to GCS: {exc}") from None
+            raise TransientError(f"{WRITING}: {exc}") from None
         except PermanentBlobError as exc:
             log.error("GCS refused the write of %s: %s", name, exc)
             raise ResultRejected(ErrorCode.STORAGE_FAILED, "GCS refused the write") from None
@@ -425,3 +473,13 @@ def _status(session: Session, generation_id: str) -> str | None:
     return session.execute(
         sa.select(Generation.status).where(Generation.id == generation_id)
     ).scalar()
+
+
+def _both(first: Apply, then: Apply) -> Apply:
+    """Two changes as one outcome's."""
+
+    def apply(session: Session) -> None:
+        first(session)
+        then(session)
+
+    return apply

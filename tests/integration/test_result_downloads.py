@@ -194,7 +194,7 @@ def test_a_download_that_trickles_is_cut_at_the_deadline_and_retried(
     assert time.monotonic() - started < 5
     task = _store_task(services)
     assert (task.status, task.attempts) == ("pending", 1)  # retried later, like a cut download
-    assert task.last_error == "the download took more than 1 s"
+    assert task.last_error == "downloading the result took more than 1 s"
     assert result_host.paths == ["/trickle.png"]
     assert _generation(services, generation["id"]).status == "processing"
     assert objects(services) == {}
