@@ -16,7 +16,7 @@ from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.exceptions import HTTPException
 
 from schemas.problems import ProblemSchema
-from service.database import aborted_by_conflict
+from service.database import aborted_by_conflict, database_unavailable
 from service.errors import (
     PROBLEM_BASE,
     ClientTooSlow,
@@ -294,6 +294,18 @@ def register_error_handlers(app: flask.Flask) -> None:
                     "other requests; retry it",
                     headers={"Retry-After": "1"},
                 )
+            )
+        if database_unavailable(error):
+            # One line, not a traceback per request while the database is down; what the
+            # driver said may name hosts, and stays out of the answer.
+            log.warning(
+                "%s %s: the database is unavailable: %s",
+                flask.request.method,
+                flask.request.path,
+                type(error.__cause__ or error).__name__,
+            )
+            return _service_error(
+                Unavailable("the database is unavailable; retry", headers={"Retry-After": "5"})
             )
         log.exception("unhandled error on %s %s", flask.request.method, flask.request.path)
         return problem_response(500, "Internal Server Error", "The server failed unexpectedly.")

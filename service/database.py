@@ -42,6 +42,14 @@ def aborted_by_conflict(error: BaseException) -> bool:
     return getattr(error.orig, "sqlstate", None) in CONFLICT_SQLSTATES
 
 
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` says the database cannot be used just now (unreachable, the connection
+    lost, the pool exhausted, the schema missing), rather than that a statement is wrong."""
+    if isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)):
+        return True
+    return isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated
+
+
 def create_db_engine(url: str, *, pre_ping: bool = True) -> sa.Engine:
     """An engine configured for the service: WAL + IMMEDIATE writes on SQLite, pre-ping on PG.
 

@@ -14,6 +14,7 @@ Two kinds:
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import socketserver
 import threading
@@ -39,6 +40,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from service.database import Store
 from service.generations.line import read_state
 from service.models import Delivery, Generation, Task, Tenant, utcnow
+
+log = logging.getLogger("genrelay.metrics")
 
 HTTP_LATENCY = Histogram(
     "genrelay_http_request_duration_seconds",
@@ -97,13 +100,28 @@ class DatabaseCollector:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
+        """The gauges, and `genrelay_database_up`: 0 (and no gauges) while the database cannot
+        be read, so a scrape still has every other metric then."""
         key = self.store.engine
         with self._lock:
             cached = self._cache.get(key)
             if cached is None or time.monotonic() - cached[0] > self.CACHE_SECONDS:
-                cached = (time.monotonic(), list(self._query()))
+                cached = (time.monotonic(), self._read())
                 self._cache[key] = cached
         yield from cached[1]
+
+    def _read(self) -> list[Metric]:
+        up = GaugeMetricFamily(
+            "genrelay_database_up", "1 if the last read of the database's gauges succeeded."
+        )
+        try:
+            gauges = list(self._query())
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("metrics: the database could not be read: %s", type(exc).__name__)
+            up.add_metric([], 0)
+            return [up]
+        up.add_metric([], 1)
+        return [*gauges, up]
 
     def _query(self) -> Iterator[Metric]:
         generations = GaugeMetricFamily(

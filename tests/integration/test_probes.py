@@ -37,6 +37,33 @@ def test_readyz_is_503_when_the_database_does_not_answer(
     unreachable.dispose()
 
 
+def test_with_the_database_down_the_api_answers_503_and_metrics_still_answer(
+    config: Config, services: Services, caplog: Any
+) -> None:
+    from service.app import create_app
+    from service.metrics import DatabaseCollector
+
+    unreachable = Store("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    app = create_app(config, services=dataclasses.replace(services, store=unreachable))
+    client = app.test_client()
+    try:
+        answer = client.get("/v1/generations", headers={"Authorization": "Bearer gr_" + "x" * 43})
+        assert answer.status_code == 503
+        assert answer.mimetype == "application/problem+json"
+        assert answer.headers["Retry-After"] == "5"
+        assert client_never_sees_internals(answer.json["detail"])
+        assert "Traceback" not in caplog.text  # one warning line, not a traceback
+        DatabaseCollector._cache.clear()  # no gauges cached from an earlier test's database
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        text = metrics.get_data(as_text=True)
+        assert "genrelay_database_up 0.0" in text
+        assert "genrelay_http_request_duration_seconds" in text  # the process's own metrics
+        assert "genrelay_generations{" not in text
+    finally:
+        unreachable.dispose()
+
+
 def client_never_sees_internals(detail: str) -> bool:
     return "127.0.0.1" not in detail and "Traceback" not in detail
 

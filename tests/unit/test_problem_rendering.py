@@ -87,8 +87,25 @@ def test_a_transaction_the_database_aborted_for_a_deadlock_is_a_503_to_retry(
     assert [r.levelname for r in caplog.records] == ["WARNING"]  # no traceback: expected
 
 
+def test_a_database_that_cannot_be_reached_is_a_503_to_retry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    orig = psycopg.OperationalError("connection to server at 10.1.2.3 failed: refused")
+    response = (
+        _failing_app(_database_error(orig)).test_client().post("/v1/callbacks/deepimage/gen_1/x")
+    )
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert "10.1.2.3" not in response.get_data(as_text=True)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]  # no traceback per request
+    assert "10.1.2.3" not in caplog.text
+
+
 def test_any_other_database_error_is_still_a_500() -> None:
-    error = _database_error(psycopg.errors.UndefinedTable("no such table"))
+    # What psycopg's UndefinedTable (a ProgrammingError) becomes: a statement that is wrong.
+    error = sa.exc.ProgrammingError(
+        "SELECT ...", {}, psycopg.errors.UndefinedTable("no such table")
+    )
     response = _failing_app(error).test_client().post("/v1/callbacks/deepimage/gen_1/x")
     assert response.status_code == 500
     assert response.json["detail"] == "The server failed unexpectedly."
