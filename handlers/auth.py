@@ -48,7 +48,7 @@ def require_tenant() -> None:
     hold_connection()
     tenant = services().api_keys.tenant_for(key)
     if tenant is None:
-        bad_keys.failed(address)
+        bad_keys.failed(address, key_hash)
         raise Unauthorized("the API key is not valid")
     bad_keys.succeeded(key_hash)
     wait = services().rate_limiter.retry_after(key_hash)

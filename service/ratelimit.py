@@ -97,8 +97,12 @@ class BadKeyLimiter:
             return None
         return wait
 
-    def failed(self, address: str) -> None:
+    def failed(self, address: str, key_hash: str) -> None:
+        """A lookup of `key_hash` from `address` found no valid key: it costs the address a
+        token, and the key (revoked, if it was valid) is no longer spared the limit."""
         self.buckets.retry_after(address)
+        with self._lock:
+            self._valid.pop(key_hash, None)
 
     def succeeded(self, key_hash: str) -> None:
         with self._lock:

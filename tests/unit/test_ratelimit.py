@@ -1,8 +1,8 @@
-"""Token bucket per API key."""
+"""Token bucket per API key, and the limit on invalid keys per address."""
 
 from __future__ import annotations
 
-from service.ratelimit import MAX_BUCKETS, RateLimiter
+from service.ratelimit import MAX_BUCKETS, BadKeyLimiter, RateLimiter
 
 
 class Clock:
@@ -41,3 +41,14 @@ def test_full_buckets_are_forgotten_so_memory_stays_bounded() -> None:
     clock.now += 1.0  # every bucket has refilled
     limiter.retry_after("one more")
     assert len(limiter._buckets) == 1
+
+
+def test_a_recently_valid_key_is_spared_the_invalid_key_limit_until_it_fails() -> None:
+    limiter = BadKeyLimiter(rate=0.01, burst=2, clock=Clock())
+    limiter.succeeded("ours")
+    limiter.failed("10.0.0.1", "guess-1")
+    limiter.failed("10.0.0.1", "guess-2")
+    assert limiter.refuse("10.0.0.1", "guess-3") is not None  # the address is over its limit
+    assert limiter.refuse("10.0.0.1", "ours") is None  # a client sharing it still gets in
+    limiter.failed("10.0.0.1", "ours")  # revoked: the lookup found no key
+    assert limiter.refuse("10.0.0.1", "ours") is not None
