@@ -14,6 +14,7 @@ from marshmallow import (
     validates_schema,
 )
 
+from schemas.deepimage import StrictBoolean
 from service.domain import EVENT_TYPES, DeliveryStatus
 
 FORMATS = ("standard", "cloudevents")
@@ -55,7 +56,7 @@ class _SubscriptionFields(Schema):
         },
     )
     description = fields.String(validate=validate.Length(max=500))
-    enabled = fields.Boolean(truthy={True}, falsy={False})
+    enabled = StrictBoolean()
 
     @validates("events")
     def _unique(self, value: list[str], **_: Any) -> None:
@@ -69,7 +70,7 @@ class SubscriptionCreateSchema(_SubscriptionFields):
     url = _target_url(required=True)
     format = fields.String(validate=validate.OneOf(FORMATS), load_default="standard")
     description = fields.String(validate=validate.Length(max=500), load_default="")
-    enabled = fields.Boolean(truthy={True}, falsy={False}, load_default=True)
+    enabled = StrictBoolean(load_default=True)
 
 
 class SubscriptionUpdateSchema(_SubscriptionFields):

@@ -6,6 +6,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from schemas.deepimage import StrictBoolean
 from service.generations.triggers import SOURCES
 
 EVENT_STATUSES = ("accepted", "rejected", "skipped")
@@ -65,7 +66,7 @@ class _TriggerFields(Schema):
             "the Eventarc trigger's or the push subscription's service account."
         },
     )
-    enabled = fields.Boolean(truthy={True}, falsy={False})
+    enabled = StrictBoolean()
     description = fields.String(validate=validate.Length(max=500))
 
 

@@ -315,6 +315,22 @@ def test_a_subscription_failing_for_five_days_is_disabled(api: Any, receiver_fac
     assert "5 days" in shown["disabled_reason"]
 
 
+@pytest.mark.parametrize("enabled", [1, 0, 1.0, "true"])
+def test_enabled_takes_json_booleans_only(client: Any, auth: dict[str, str], enabled: Any) -> None:
+    made = subscribe(client, auth, "http://127.0.0.1:9/hook")
+    for response in (
+        client.post(
+            "/v1/subscriptions",
+            json={"url": "http://127.0.0.1:9/hook", "enabled": enabled},
+            headers=auth,
+        ),
+        client.patch(f"/v1/subscriptions/{made['id']}", json={"enabled": enabled}, headers=auth),
+    ):
+        assert response.status_code == 422
+        assert [e["field"] for e in response.json["errors"]] == ["enabled"]
+    assert client.get(f"/v1/subscriptions/{made['id']}", headers=auth).json["enabled"] is True
+
+
 @pytest.mark.parametrize(
     "url",
     [
