@@ -281,21 +281,19 @@ class StoreHandler:
             )
             if moved:
                 schedule_expiry(session, self.queue, generation)
-            elif _status(session, generation.id) == GenerationStatus.CANCELED:
-                # Canceled while its result was copied: a canceled generation keeps nothing
-                # in the bucket. The worker deletes the object (retried until it is gone).
+                return
+            status = _status(session, generation.id)
+            if status != GenerationStatus.SUCCEEDED:  # (else: an earlier attempt recorded it)
+                # Canceled or failed (a poll's verdict) while its result was copied: such a
+                # generation keeps nothing in the bucket. The worker deletes the object
+                # (retried until it is gone).
                 log.info(
-                    "generation %s was canceled while its result was stored at %s; deleting it",
+                    "generation %s was %s while its result was stored at %s; deleting it",
                     generation.id,
+                    status,
                     stored.uri,
                 )
                 delete_orphan(session, self.queue, generation.id, stored.uri)
-            else:
-                log.warning(
-                    "generation %s left processing while its result was stored at %s",
-                    generation.id,
-                    stored.uri,
-                )
 
         return Done(succeed)
 

@@ -80,6 +80,30 @@ def test_a_retry_that_fails_for_good_deletes_what_an_earlier_attempt_stored(
     assert objects(services) == {}
 
 
+def test_a_generation_failed_while_its_result_is_copied_leaves_no_object(
+    config: Config, make_client: Any
+) -> None:
+    from service.domain import ErrorCode
+    from service.generations.lifecycle import fail_generation
+
+    services, client, auth = make_client(config)  # polling only
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    write_new = services.blobs.write_new
+
+    def fail_then_write(*args: Any, **kwargs: Any) -> Any:
+        services.blobs.write_new = write_new
+        with services.store.transaction() as session:  # as a poll's verdict would
+            fail_generation(session, generation["id"], ErrorCode.UPSTREAM_JOB_FAILED, "failed")
+        return write_new(*args, **kwargs)
+
+    services.blobs.write_new = fail_then_write
+    drain(services)
+    assert services.blobs.write_new is write_new  # the copy started before the failure
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (done["status"], done["result"]) == ("failed", None)
+    assert objects(services) == {}  # written, then deleted by the worker
+
+
 def test_an_object_of_another_generation_is_never_deleted_as_a_leftover(
     config: Config, make_client: Any
 ) -> None:
