@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import sqlalchemy as sa
 from alembic import context
 
 from service.database import create_db_engine
@@ -14,18 +17,55 @@ if not url:
 
 
 def run_migrations_online() -> None:
-    """Run every pending migration in one transaction."""
+    """Run every pending migration in one transaction (on SQLite, one per migration: Alembic
+    does not treat its DDL as transactional)."""
     engine = create_db_engine(url)
-    with engine.connect() as connection:
-        context.configure(
-            connection=connection,
-            target_metadata=Base.metadata,
-            render_as_batch=connection.dialect.name == "sqlite",
-            compare_type=True,
-        )
-        with context.begin_transaction():
-            context.run_migrations()
-    engine.dispose()
+    try:
+        with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # Before any transaction begins: inside one, SQLite ignores the pragma.
+                _driver_execute(connection, "PRAGMA foreign_keys=OFF")
+            context.configure(
+                connection=connection,
+                target_metadata=Base.metadata,
+                render_as_batch=sqlite,
+                compare_type=True,
+            )
+            with context.begin_transaction():
+                context.run_migrations()
+            if sqlite:
+                _check_sqlite_foreign_keys(connection)
+    finally:
+        engine.dispose()  # no connection with enforcement off goes back to anyone
+
+
+def _check_sqlite_foreign_keys(connection: sa.Connection) -> None:
+    """Fail if the migrations left a reference to a row that is not there.
+
+    The engine turns SQLite's foreign keys on for every connection, but a batch migration
+    rebuilds a table by copying it, dropping the original and renaming the copy: with
+    enforcement on, dropping a table that other rows refer to (tenants, once an API key
+    exists) fails. So migrations run with enforcement off, and this checks afterwards what
+    enforcement would have.
+    """
+    broken = _driver_execute(connection, "PRAGMA foreign_key_check")
+    if broken:
+        shown = ", ".join(f"{table} row {rowid} -> {parent}" for table, rowid, parent, _ in broken)
+        raise RuntimeError(f"the migrated database has broken foreign keys: {shown}")
+
+
+def _driver_execute(connection: sa.Connection, statement: str) -> list[Any]:
+    """Run `statement` on the driver's connection, past SQLAlchemy's transaction handling
+    (which would begin one first); the engine's SQLite connections are in autocommit mode."""
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    cursor = driver.cursor()
+    try:
+        cursor.execute(statement)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
 
 
 if context.is_offline_mode():

@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import math
 import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.config import Config, ConfigError, ProcessSettings
+
+if TYPE_CHECKING:
+    from service.adapters.blobstore import GcsBlobStore
 
 log = logging.getLogger("genrelay.cli")
 
@@ -50,6 +54,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"genrelay: configuration error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        problem = _database_problem(exc) if getattr(args, "database", False) else None
+        if problem is None:
+            raise
+        print(f"genrelay: {problem}", file=sys.stderr)
+        return 1
+
+
+def _database_problem(error: BaseException) -> str | None:
+    """One line for a GENRELAY_DATABASE_URL database that cannot be used (down, unreachable,
+    not migrated): where it is and why, without the password; None for any other error (a
+    statement that is wrong is a bug, whose traceback is wanted)."""
+    import sqlalchemy as sa
+
+    if not isinstance(error, sa.exc.OperationalError | sa.exc.ProgrammingError):
+        return None
+    lines = str(error.orig).strip().splitlines()
+    reason = lines[0] if lines else type(error.orig).__name__
+    # PostgreSQL's undefined_table and undefined_column, or SQLite's words for them.
+    undefined = getattr(error.orig, "sqlstate", None) in ("42P01", "42703")
+    missing = undefined or reason.startswith(("no such table", "no such column"))
+    if isinstance(error, sa.exc.ProgrammingError) and not missing:
+        return None
+    url = sa.engine.make_url(Config.database_url_from_env())
+    for secret in (url.password, url.query.get("password")):
+        if isinstance(secret, str) and secret:
+            reason = reason.replace(secret, "***")
+    if url.get_backend_name() == "sqlite":
+        where = url.database or ":memory:"
+    else:
+        where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    if missing:
+        return f"the database {where} is not migrated ({reason}): run `genrelay migrate`"
+    return (
+        f"cannot use the database {where} (GENRELAY_DATABASE_URL): {reason}; is it up, "
+        "and migrated (`genrelay migrate`)?"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,20 +103,20 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run the task loop")
     worker.add_argument(
         "--threads",
-        type=int,
+        type=_threads,
         default=None,
         help="task threads (default GENRELAY_WORKER_THREADS, 4)",
     )
     worker.add_argument(
         "--poll-interval",
-        type=float,
+        type=_poll_interval,
         default=0.5,
         help="seconds an idle thread waits before looking for due tasks again (0.5); on "
         "PostgreSQL a NOTIFY wakes it as soon as a task is queued",
     )
     worker.add_argument(
         "--http-port",
-        type=int,
+        type=_port,
         default=None,
         help="serve this process's Prometheus metrics on PORT (any path): on 127.0.0.1 only, "
         "or, with GENRELAY_METRICS_TOKEN set, on every interface with that bearer token "
@@ -84,23 +125,25 @@ def _parser() -> argparse.ArgumentParser:
     worker.set_defaults(run=_worker)
 
     migrate = commands.add_parser("migrate", help="upgrade the database to the newest schema")
-    migrate.set_defaults(run=_migrate)
+    # `database`: the command uses GENRELAY_DATABASE_URL's database; main says in one line
+    # when it cannot.
+    migrate.set_defaults(run=_migrate, database=True)
 
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="create a key; prints it alone on stdout")
     create.add_argument("tenant")
-    create.set_defaults(run=_keys_create)
+    create.set_defaults(run=_keys_create, database=True)
     list_ = key_commands.add_parser(
         "list", help="list keys (id, tenant, prefix, created, state); never the keys themselves"
     )
     list_.add_argument("tenant", nargs="?", help="only this tenant's keys")
-    list_.set_defaults(run=_keys_list)
+    list_.set_defaults(run=_keys_list, database=True)
     revoke = key_commands.add_parser(
         "revoke", help="revoke a key by the id `keys list` shows; refused from the next request"
     )
     revoke.add_argument("key_id")
-    revoke.set_defaults(run=_keys_revoke)
+    revoke.set_defaults(run=_keys_revoke, database=True)
 
     tenants = commands.add_parser("tenants", help="show and change tenants' settings")
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
@@ -109,10 +152,10 @@ def _parser() -> argparse.ArgumentParser:
         help="one line per tenant: name, id, weight, max in flight, input buckets, storages, "
         "output, retention",
     )
-    tenants_list.set_defaults(run=_tenants_list)
+    tenants_list.set_defaults(run=_tenants_list, database=True)
     show = tenant_commands.add_parser("show", help="one tenant's settings")
     show.add_argument("tenant")
-    show.set_defaults(run=_tenants_show)
+    show.set_defaults(run=_tenants_show, database=True)
     set_ = tenant_commands.add_parser(
         "set", help="change a tenant's share of the Deep-Image account (see the README)"
     )
@@ -158,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="30d|3600|none",
         help="how long its results are kept (seconds, or with s/m/h/d); 'none': forever",
     )
-    set_.set_defaults(run=_tenants_set)
+    set_.set_defaults(run=_tenants_set, database=True)
 
     # The dev tools' commands; a build without service.devtools (the image) says so.
     absent = "" if _devtools_present() else " (not in this build)"
@@ -170,14 +213,15 @@ def _parser() -> argparse.ArgumentParser:
     dev = commands.add_parser(
         "dev", help=f"run the whole stack locally with embedded defaults{absent}"
     )
-    dev.add_argument("--port", type=int, default=None, help="web port (default PORT, 8080)")
+    dev.add_argument("--port", type=_port, default=None, help="web port (default PORT, 8080)")
     dev.add_argument("--var", default="var", help="directory for the dev database and files")
     dev.set_defaults(run=_dev)
     return parser
 
 
 def _serve(_args: argparse.Namespace) -> int:
-    Config.from_env()  # fail fast, before gunicorn forks, with the variable named
+    config = Config.from_env()  # fail fast, before gunicorn forks, with the variable named
+    _gcs_blob_store(config).close()  # ...and with the credentials each process will need
     from gunicorn.app.base import BaseApplication
 
     class GenrelayGunicorn(BaseApplication):
@@ -206,8 +250,9 @@ def _worker(args: argparse.Namespace) -> int:
     from service.runtime.worker import Worker
 
     config = Config.from_env()
+    blobs = _gcs_blob_store(config)
     # No pre-ping: a task whose statement meets a dropped connection simply comes back.
-    services = build_services(config, store=Store(config.database_url, pre_ping=False))
+    services = build_services(config, store=Store(config.database_url, pre_ping=False), blobs=blobs)
     worker = Worker(
         services.runner,
         threads=args.threads or ProcessSettings.from_env().worker_threads,
@@ -248,6 +293,45 @@ def _worker(args: argparse.Namespace) -> int:
     worker.run()
     services.close()
     return 0
+
+
+def _gcs_blob_store(config: Config) -> GcsBlobStore:
+    """The results' GCS store, as the service builds it; ConfigError where it has no
+    credentials (no key file, no application default credentials, no emulator), so the
+    command stops with one line instead of a traceback (or, under gunicorn, a boot loop)."""
+    from service.adapters.blobstore import GcsBlobStore, PermanentBlobError
+
+    try:
+        return GcsBlobStore.from_environment(
+            config.gcs_bucket, signing_service_account=config.gcs_signing_account
+        )
+    except PermanentBlobError as exc:
+        reason = " ".join(exc.message.split())
+        raise ConfigError(
+            f"{reason} (GENRELAY_GCS_BUCKET; STORAGE_EMULATOR_HOST names an emulator instead)"
+        ) from None
+
+
+def _threads(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {value!r}")
+    return int(value)
+
+
+def _poll_interval(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {value!r}")
+    return seconds
+
+
+def _port(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, not {value!r}")
+    return int(value)
 
 
 def _migrate(_args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+import sqlalchemy as sa
+
 DEFAULT_DATABASE_URL = "sqlite:///var/genrelay.db"
 DEFAULT_DEEPIMAGE_URL = "https://deep-image.ai"
 # Google's OIDC signing certificates (JSON of key id -> PEM), as google-auth reads them.
@@ -22,6 +24,9 @@ DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
 # Where Deep-Image's result URLs point besides its own host: its API documentation shows
 # both https://deep-image.ai/images/{date}/{uuid}.jpg and this S3 bucket (OpenAPI example).
 DEEPIMAGE_RESULT_STORE = "neuroapi-store.s3.eu-central-1.amazonaws.com"
+# The longest time setting taken: far beyond any sensible one, and far enough inside the dates
+# Python and the databases hold (a lease of 1e12 s would end after the year 9999).
+MAX_SECONDS = 10 * 365 * 24 * 3600.0
 
 
 class ConfigError(Exception):
@@ -133,7 +138,7 @@ class Config:
         if (v := text("GENRELAY_CONFIRM_RESULTS")) is not None:
             values["confirm_results"] = _boolean("GENRELAY_CONFIRM_RESULTS", v)
         if (v := text("GENRELAY_MAX_RESULT_BYTES")) is not None:
-            if not v.isdigit() or int(v) < 1:
+            if not _whole_number(v) or int(v) < 1:
                 raise ConfigError("GENRELAY_MAX_RESULT_BYTES must be a positive number of bytes")
             values["max_result_bytes"] = int(v)
         if (v := text("GENRELAY_RESULT_HOSTS")) is not None:
@@ -175,11 +180,11 @@ class Config:
                     "GENRELAY_RATE_LIMIT must be requests per second per key (0 turns it off)"
                 )
         if (v := text("GENRELAY_RATE_LIMIT_BURST")) is not None:
-            if not v.isdigit() or int(v) < 1:
+            if not _whole_number(v) or int(v) < 1:
                 raise ConfigError("GENRELAY_RATE_LIMIT_BURST must be a whole number above 0")
             values["rate_limit_burst"] = int(v)
         if (v := text("GENRELAY_UPSTREAM_CONCURRENCY")) is not None:
-            if not v.isdigit() or int(v) < 1:
+            if not _whole_number(v) or int(v) < 1:
                 raise ConfigError(
                     "GENRELAY_UPSTREAM_CONCURRENCY must be a whole number above 0 (jobs the "
                     "Deep-Image account may have processing at once)"
@@ -192,13 +197,27 @@ class Config:
 
     @staticmethod
     def database_url_from_env(environ: Mapping[str, str] | None = None) -> str:
-        """Only the database URL: what `genrelay migrate` and `keys create` need."""
+        """Only the database URL: what `genrelay migrate` and `keys create` need.
+
+        Parsed here as SQLAlchemy will parse it, so a malformed one (a port that is no number)
+        stops the command with one line instead of a traceback from the first connection. The
+        messages never show the value: it may hold the database password.
+        """
         env = os.environ if environ is None else environ
         value = (env.get("GENRELAY_DATABASE_URL") or "").strip() or DEFAULT_DATABASE_URL
         if not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
             raise ConfigError(
                 "GENRELAY_DATABASE_URL must be a sqlite:/// or postgresql+psycopg:// URL"
             )
+        try:
+            port = sa.engine.make_url(value).port
+        except (sa.exc.ArgumentError, ValueError):
+            raise ConfigError(
+                "GENRELAY_DATABASE_URL is not a valid URL (its value is not shown: it may "
+                "hold a password)"
+            ) from None
+        if port is not None and not 1 <= port <= 65535:
+            raise ConfigError("GENRELAY_DATABASE_URL's port must be from 1 to 65535")
         return value
 
     @property
@@ -256,7 +275,7 @@ class ProcessSettings:
             value = (env.get(name) or "").strip()
             if not value:
                 return None
-            if not value.isdigit() or not low <= int(value) <= high:
+            if not _whole_number(value) or not low <= int(value) <= high:
                 raise ConfigError(f"{name} must be a whole number from {low} to {high}")
             return int(value)
 
@@ -320,6 +339,11 @@ def _boolean(name: str, value: str) -> bool:
     raise ConfigError(f"{name} must be a boolean (1/0, true/false), got {value!r}")
 
 
+def _whole_number(value: str) -> bool:
+    """Whether `value` is ASCII digits only (str.isdigit also takes '²', which int() refuses)."""
+    return value.isascii() and value.isdigit()
+
+
 def _seconds(name: str, value: str) -> float:
     try:
         seconds = float(value)
@@ -327,4 +351,6 @@ def _seconds(name: str, value: str) -> float:
         raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
     if not math.isfinite(seconds) or seconds < 0:
         raise ConfigError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ConfigError(f"{name} must be at most 10 years ({MAX_SECONDS:.0f} s), got {value!r}")
     return seconds

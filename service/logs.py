@@ -8,7 +8,13 @@ task, so code that logs never has to pass it along.
 Deep-Image's callbacks authenticate with a token in the URL path
 (`/v1/callbacks/deepimage/{id}/{token}`). Every line is passed through `redact` once it is
 formatted (message, exception and traceback included), here and in gunicorn's logs
-(service/server/gunicorn_logging.py), so no log line carries a token.
+(service/server/gunicorn_logging.py), so no log line carries a token. `redact` also drops the
+query string of any absolute http(s) URL: webhook, result and signed URLs may carry
+credentials there.
+
+GENRELAY_LOG_LEVEL sets the level of genrelay's own loggers (`genrelay.*`) only. Other
+libraries stay at INFO (or at the level, when it asks for less): at DEBUG, urllib3 would log
+each outgoing request line with its query string, and google-auth its token exchanges.
 """
 
 from __future__ import annotations
@@ -27,11 +33,16 @@ TRACE_FIELD = "logging.googleapis.com/trace"
 
 # Any characters but separators after the id: percent-encoded or JSON-escaped forms included.
 _CALLBACK_TOKEN = re.compile(r"(/v1/callbacks/deepimage/[^/\s?#\"']+/)[^/\s?#\"']+")
+# The query of an absolute URL, up to a separator or a quote (a JSON escape, \uXXXX, included).
+_URL_QUERY = re.compile(r"(\bhttps?://[^\s?#\"'<>\\]+)\?(?:[^\s#\"'<>\\]|\\u[0-9a-fA-F]{4})+")
+# GENRELAY_LOG_LEVEL is the level of this logger and its children.
+OWN_LOGGER = "genrelay"
 
 
 def redact(text: str) -> str:
-    """Replace the token of any callback path in `text` with `***`."""
-    return _CALLBACK_TOKEN.sub(r"\1***", text)
+    """Replace the token of any callback path in `text`, and the query string of any absolute
+    http(s) URL, with `***`."""
+    return _URL_QUERY.sub(r"\1?***", _CALLBACK_TOKEN.sub(r"\1***", text))
 
 
 class RedactingFormatter(logging.Formatter):
@@ -119,8 +130,9 @@ class _StderrHandler(logging.StreamHandler):
         pass  # always the current sys.stderr
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Send every logger's records to stderr as JSON lines (stdout stays for command output)."""
+def json_handler() -> logging.Handler:
+    """A handler of JSON lines on stderr, with the log context and redaction: the one
+    `setup_logging` installs, and gunicorn's logs use (service/server/gunicorn_logging.py)."""
     handler = _StderrHandler()
     handler.setFormatter(
         _Formatter(
@@ -130,8 +142,17 @@ def setup_logging(level: str = "INFO") -> None:
         )
     )
     handler.addFilter(_ContextFilter())
+    return handler
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Send every logger's records to stderr as JSON lines (stdout stays for command output):
+    genrelay's at `level`, other libraries' at INFO or above (see the module's docstring)."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.handlers[:] = [json_handler()]
+    own = logging.getLevelNamesMapping()[level.upper()]
+    root.setLevel(max(own, logging.INFO))
+    # Below INFO only for genrelay's loggers; otherwise they follow the root like the rest.
+    logging.getLogger(OWN_LOGGER).setLevel(own if own < logging.INFO else logging.NOTSET)
     # Alembic announces each of its plugins at INFO on every run: noise, not news.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

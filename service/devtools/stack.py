@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,11 +43,42 @@ TEXT_ONLY_EXAMPLE = {
 }
 
 
-def _wait_until_up(url: str, processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+class PortInUse(Exception):
+    """The dev stack's web port is taken by another process."""
+
+
+def check_port_free(port: int) -> None:
+    """PortInUse if a process listens on `port`, as `genrelay serve` would bind it.
+
+    Checked before anything starts: otherwise the stack's wait for /healthz would be answered
+    by whatever holds the port (an earlier `make run`, another server), and the banner would
+    announce a stack that is not up, with a key that this other server may not know.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As gunicorn binds: a port only in TIME_WAIT is free to it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))  # noqa: S104 - where `genrelay serve` listens
+        except OSError as exc:
+            raise PortInUse(
+                f"port {port} is in use by another process ({exc.strerror}); stop it, or "
+                "choose another port with --port N (or PORT=N)"
+            ) from None
+
+
+def exited(processes: dict[str, subprocess.Popen[bytes]]) -> str | None:
+    """Which of the named dev processes has exited, and how; None while all run."""
+    for name, process in processes.items():
+        if (status := process.poll()) is not None:
+            return f"`genrelay {name}` exited with status {status}"
+    return None
+
+
+def _wait_until_up(url: str, processes: dict[str, subprocess.Popen[bytes]], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in processes):
-            raise RuntimeError("a dev process exited during start-up (see its log above)")
+        if (gone := exited(processes)) is not None:
+            raise RuntimeError(f"{gone} during start-up (see its log above)")
         try:
             if requests.get(url, timeout=1).ok:
                 return
@@ -58,6 +90,11 @@ def _wait_until_up(url: str, processes: list[subprocess.Popen[bytes]], timeout: 
 
 def run_dev_stack(*, port: int, var_dir: str) -> int:
     """Start everything, print how to use it, and wait for Ctrl-C."""
+    try:
+        check_port_free(port)
+    except PortInUse as exc:
+        print(f"genrelay dev: {exc}", file=sys.stderr)
+        return 1
     var = Path(var_dir).resolve()
     var.mkdir(parents=True, exist_ok=True)
     database_url = f"sqlite:///{var / 'genrelay-dev.db'}"
@@ -100,8 +137,8 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     }
     # Our own interpreter and module, with arguments we build: no untrusted input.
     command = [sys.executable, "-m", "service.cli"]
-    processes = [
-        subprocess.Popen(  # noqa: S603
+    processes = {
+        "simulator": subprocess.Popen(  # noqa: S603
             [
                 *command,
                 "simulator",
@@ -113,12 +150,14 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
             ],
             env=env,
         ),
-        subprocess.Popen(  # noqa: S603
+        "inbox": subprocess.Popen(  # noqa: S603
             [*command, "inbox", "--port", str(inbox_port), "--secret", inbox_secret], env=env
         ),
-        subprocess.Popen([*command, "serve"], env=env),  # noqa: S603
-        subprocess.Popen([*command, "worker", "--threads", "2"], env=env),  # noqa: S603
-    ]
+        "serve": subprocess.Popen([*command, "serve"], env=env),  # noqa: S603
+        "worker": subprocess.Popen(  # noqa: S603
+            [*command, "worker", "--threads", "2"], env=env
+        ),
+    }
     stopping = False
 
     def _stop(_signum: int, _frame: Any) -> None:
@@ -128,19 +167,23 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        _wait_until_up(f"http://127.0.0.1:{simulator_port}/_sim/health", processes[:1], 15)
+        simulator = {"simulator": processes["simulator"]}
+        _wait_until_up(f"http://127.0.0.1:{simulator_port}/_sim/health", simulator, 15)
         _wait_until_up(f"http://127.0.0.1:{port}/healthz", processes, 30)
         print(_banner(port, api_key, gcs.url, inbox_port), flush=True)
-        while not stopping and all(p.poll() is None for p in processes):
+        while not stopping:
+            # (Ctrl-C reaches the children too: one may exit before `stopping` is seen.)
+            if (gone := exited(processes)) is not None and not stopping:
+                raise RuntimeError(f"{gone} (see its log above); stopping the others")
             time.sleep(0.2)
     except RuntimeError as exc:
         print(f"genrelay dev: {exc}", file=sys.stderr)
         stopping = False
     finally:
-        for process in processes:
+        for process in processes.values():
             if process.poll() is None:
                 process.terminate()
-        for process in processes:
+        for process in processes.values():
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -29,6 +29,7 @@ threads = _process.web_threads
 timeout = 0
 graceful_timeout = 20
 keepalive = 5
+# Both logs on the console, which RedactingLogger makes JSON lines on stderr for both.
 accesslog = "-"
 logger_class = "service.server.gunicorn_logging.RedactingLogger"
 errorlog = "-"

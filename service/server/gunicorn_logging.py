@@ -1,30 +1,40 @@
-"""gunicorn logger: JSON access lines in Cloud Logging's shape, with credentials removed.
+"""gunicorn logger: its lines are JSON on stderr like the service's own, credentials removed.
+
+Left alone, gunicorn writes its error log ("Starting gunicorn", "Worker failed to boot",
+"Error handling request ...") as plain text on stderr and its access log on stdout. Here both
+logs, when they go to the console (`-`), use the service's handler (service/logs.py): one JSON
+line per record on stderr with `severity`, `message`, `logger` (`gunicorn.error` or
+`gunicorn.access`), `time` and `pid`; an access line adds `httpRequest` as Cloud Logging reads
+it, and `request_id` when the request had one.
 
 Deep-Image's callbacks authenticate with a token in the URL path
 (`/v1/callbacks/deepimage/{id}/{token}`); gunicorn would print it in every access line, and
-in its error log ("Error handling request ..."). Both logs' lines go through `redact`.
+in its error log. Both logs' lines go through `redact`.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from typing import Any
 
 from gunicorn.glogging import Logger
 
-from service.logs import RedactingFormatter, redact
+from service.logs import RedactingFormatter, json_handler, redact
 
 __all__ = ["RedactingLogger", "redact"]
 
 
 class RedactingLogger(Logger):
-    """One JSON object per request (`httpRequest` as Cloud Logging reads it), token-free."""
+    """gunicorn's logs as JSON lines on stderr (`httpRequest` in access lines), token-free."""
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         for logger in (self.error_log, self.access_log):
-            for handler in logger.handlers:
-                if not isinstance(handler.formatter, RedactingFormatter):
+            for handler in logger.handlers[:]:
+                if _console(handler):
+                    logger.removeHandler(handler)
+                    logger.addHandler(_json_console_handler())
+                elif not isinstance(handler.formatter, RedactingFormatter):
                     handler.setFormatter(RedactingFormatter(handler.formatter))
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
@@ -39,10 +49,7 @@ class RedactingLogger(Logger):
             return
         atoms = self.atoms(resp, req, environ, request_time)
         status = str(atoms.get("s", "-"))
-        entry = {
-            "severity": "WARNING" if status.startswith("5") else "INFO",
-            "message": atoms.get("r", ""),
-            "logger": "gunicorn.access",
+        extra: dict[str, Any] = {
             "httpRequest": {
                 "requestMethod": atoms.get("m"),
                 "requestUrl": atoms.get("U"),
@@ -55,5 +62,19 @@ class RedactingLogger(Logger):
         }
         request_id = environ.get("HTTP_X_REQUEST_ID")
         if request_id:
-            entry["request_id"] = request_id
-        self.access_log.info(json.dumps(entry))
+            extra["request_id"] = request_id
+        level = logging.WARNING if status.startswith("5") else logging.INFO
+        self.access_log.log(level, "%s", atoms.get("r", ""), extra=extra)
+
+
+def _console(handler: logging.Handler) -> bool:
+    """Whether `handler` is the one gunicorn sets up for a log going to `-` (the console)."""
+    return getattr(handler, "_gunicorn", False) and type(handler) is logging.StreamHandler
+
+
+def _json_console_handler() -> logging.Handler:
+    handler = json_handler()
+    # gunicorn's mark of its own handlers: a configuration reload removes them before adding
+    # new ones, which this logger then replaces again.
+    handler._gunicorn = True  # type: ignore[attr-defined]
+    return handler

@@ -16,6 +16,7 @@ from service.auth import hash_api_key
 from service.cli import main
 from service.database import Store
 from service.models import ApiKey
+from tests.conftest import new_postgres_database
 
 ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
@@ -173,3 +174,20 @@ def test_revoking_an_unknown_id_fails_with_a_message_on_stderr(
     assert result.out == ""
     assert "key_doesnotexist" in result.err
     assert listed(genrelay)[0][4] == "active"
+
+
+@pytest.mark.postgres
+def test_a_postgresql_database_that_is_not_migrated_says_to_migrate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    monkeypatch.setattr(root, "level", root.level)
+    with new_postgres_database(migrate=False) as url:
+        monkeypatch.setenv("GENRELAY_DATABASE_URL", url)
+        assert main(["keys", "create", "acme"]) == 1
+        [line] = capsys.readouterr().err.splitlines()
+        assert "is not migrated (relation " in line
+        assert line.endswith("does not exist): run `genrelay migrate`")
+        assert main(["migrate"]) == 0
+        assert main(["keys", "create", "acme"]) == 0

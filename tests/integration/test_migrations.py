@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from service.database import create_db_engine
+from service.auth import ApiKeys
+from service.database import Store, create_db_engine
 from service.migrate import alembic_config
 from service.models import Base
 
@@ -92,3 +96,48 @@ def test_the_newest_migrations_go_down_and_up_again(database_url: str) -> None:
     assert "ix_generations_upstream_job" not in index_names(database_url, "generations")
     assert fillfactor(database_url) == (["fillfactor=90"] if postgres else None)
     assert schema_drift(database_url) == []
+
+
+def test_migrations_go_down_to_nothing_and_up_again_with_a_key_in_place(
+    database_url: str,
+) -> None:
+    # On SQLite a batch migration rebuilds a table: with foreign keys enforced, dropping
+    # `tenants` while a key refers to it failed the downgrade below 0006.
+    store = Store(database_url)
+    try:
+        ApiKeys(store).create("acme")
+    finally:
+        store.dispose()
+    config = alembic_config(database_url)
+    command.downgrade(config, "0005")
+    assert table_rows(database_url, "api_keys") == 1
+    assert table_rows(database_url, "tenants") == 1
+    command.downgrade(config, "base")
+    assert not has_table(database_url, "tenants")
+    command.upgrade(config, "head")
+    assert schema_drift(database_url) == []
+
+
+def test_a_sqlite_migration_that_leaves_a_broken_reference_fails(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'broken.db'}"
+    config = alembic_config(database_url)
+    command.upgrade(config, "head")
+    command.downgrade(config, "-1")
+    # A key of a tenant that is not there, written with enforcement off (as a migration runs).
+    with sqlite3.connect(tmp_path / "broken.db") as connection:
+        connection.execute(
+            "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, created_at)"
+            " VALUES ('key_1', 'ten_gone', 'h', 'gr_x', '2025-01-01 00:00:00')"
+        )
+    with pytest.raises(RuntimeError, match="broken foreign keys: api_keys row 1 -> tenants"):
+        command.upgrade(config, "head")
+
+
+def table_rows(database_url: str, table: str) -> int:
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = sa.select(sa.func.count()).select_from(sa.table(table))
+            return int(connection.execute(rows).scalar_one())
+    finally:
+        engine.dispose()

@@ -226,3 +226,111 @@ def test_invalid_keys_are_limited_per_address_before_the_database(
     # ...and other addresses are not affected.
     other = {"Authorization": "Bearer gr_not_a_key_y", "X-Forwarded-For": "192.0.2.9"}
     assert client.get("/v1/generations", headers=other).status_code == 401
+
+
+@pytest.fixture
+def debug_logs() -> Iterator[io.StringIO]:
+    """The JSON log lines at GENRELAY_LOG_LEVEL=DEBUG, captured."""
+    root, own = logging.getLogger(), logging.getLogger("genrelay")
+    saved = (root.handlers[:], root.level, own.level)
+    stream = io.StringIO()
+    setup_logging("DEBUG")
+    [handler] = root.handlers
+    handler.stream_of = lambda: stream  # type: ignore[attr-defined]
+    yield stream
+    root.handlers[:], level, own_level = saved
+    root.setLevel(level)
+    own.setLevel(own_level)
+
+
+def test_debug_logs_genrelay_but_not_the_request_lines_of_libraries(
+    debug_logs: io.StringIO,
+) -> None:
+    # At DEBUG, urllib3 logs every request line with its query: a webhook's own token.
+    logging.getLogger("urllib3.connectionpool").debug(
+        '%s://%s:%s "%s %s %s" %s %s',
+        "https",
+        "hooks.example.com",
+        443,
+        "POST",
+        "/hook?token=SECRET",
+        "HTTP/1.1",
+        204,
+        0,
+    )
+    logging.getLogger("genrelay.worker").debug("task started (attempt %d)", 1)
+    logging.getLogger("urllib3.connectionpool").warning("Retrying after a reset")
+    lines = [json.loads(line) for line in debug_logs.getvalue().splitlines()]
+    assert [(line["logger"], line["severity"]) for line in lines] == [
+        ("genrelay.worker", "DEBUG"),
+        ("urllib3.connectionpool", "WARNING"),
+    ]
+    assert "SECRET" not in debug_logs.getvalue()
+
+
+def test_query_strings_of_urls_are_left_out_of_log_lines(json_logs: io.StringIO) -> None:
+    log = logging.getLogger("genrelay.test")
+    log.warning("delivery to https://hooks.example.com/in?token=SECRET failed")
+    try:
+        raise RuntimeError("404 for url: http://127.0.0.1:9/r.png?X-Goog-Signature=SIG&x=1")
+    except RuntimeError:
+        log.exception("download failed")
+    text = json_logs.getvalue()
+    assert "SECRET" not in text and "SIG" not in text
+    warning, error = (json.loads(line) for line in text.splitlines())
+    assert warning["message"] == "delivery to https://hooks.example.com/in?*** failed"
+    assert "404 for url: http://127.0.0.1:9/r.png?***" in error["exc_info"]
+
+
+@pytest.fixture
+def gunicorn_logger() -> Iterator[Any]:
+    """genrelay's gunicorn logger, set up as `genrelay serve` sets it up."""
+    from gunicorn.config import Config as GunicornConfig
+
+    from service.server import gunicorn_conf
+    from service.server.gunicorn_logging import RedactingLogger
+
+    cfg = GunicornConfig()
+    for name in ("accesslog", "errorlog", "loglevel"):
+        cfg.set(name, getattr(gunicorn_conf, name))
+    logger = RedactingLogger(cfg)
+    yield logger
+    for log in (logger.error_log, logger.access_log):
+        log.handlers.clear()
+
+
+def test_gunicorn_logs_are_json_lines_on_stderr(
+    gunicorn_logger: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import datetime
+    from types import SimpleNamespace
+
+    gunicorn_logger.info("Starting gunicorn %s", "27.0.1")
+    gunicorn_logger.error("Worker (pid:%s) exited with code %s", 42, 3)
+    response = SimpleNamespace(status="503 Service Unavailable", sent=12, headers=[])
+    request = SimpleNamespace(headers=[])
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "RAW_URI": "/readyz?verbose=1",
+        "PATH_INFO": "/readyz",
+        "QUERY_STRING": "verbose=1",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "203.0.113.9",
+        "HTTP_X_REQUEST_ID": "req-1",
+    }
+    gunicorn_logger.access(response, request, environ, datetime.timedelta(milliseconds=5))
+    out, err = capsys.readouterr()
+    assert out == ""
+    started, exited, access = (json.loads(line) for line in err.splitlines())
+    assert started["severity"] == "INFO" and started["logger"] == "gunicorn.error"
+    assert started["message"] == "Starting gunicorn 27.0.1"
+    assert exited["severity"] == "ERROR"
+    assert {"time", "pid"} <= started.keys()
+    assert access["logger"] == "gunicorn.access"
+    assert access["severity"] == "WARNING"  # a 5xx
+    assert access["message"] == "GET /readyz?verbose=1 HTTP/1.1"
+    assert access["request_id"] == "req-1"
+    assert access["httpRequest"]["requestUrl"] == "/readyz"
+    assert access["httpRequest"]["status"] == 503
+    assert access["httpRequest"]["latency"] == "0.005000s"
+    assert {"time", "pid"} <= access.keys()

@@ -115,6 +115,28 @@ def test_every_variable_is_read() -> None:
         ({**MINIMAL, "GENRELAY_REQUEST_TIMEOUT": "soon"}, "GENRELAY_REQUEST_TIMEOUT"),
         ({**MINIMAL, "PORT": "http"}, "PORT"),
         ({**MINIMAL, "PORT": "70000"}, "PORT"),
+        # str.isdigit() takes '²' (and other digits int() refuses): ValueError, not this.
+        ({**MINIMAL, "GENRELAY_MAX_RESULT_BYTES": "²"}, "GENRELAY_MAX_RESULT_BYTES"),
+        ({**MINIMAL, "GENRELAY_UPSTREAM_CONCURRENCY": "²"}, "GENRELAY_UPSTREAM_CONCURRENCY"),
+        ({**MINIMAL, "GENRELAY_RATE_LIMIT_BURST": "²"}, "GENRELAY_RATE_LIMIT_BURST"),
+        ({**MINIMAL, "GENRELAY_WORKER_THREADS": "²"}, "GENRELAY_WORKER_THREADS"),
+        ({**MINIMAL, "PORT": "\uff18\uff10\uff18\uff10"}, "PORT"),  # fullwidth 8080
+        # A lease ending after the year 9999 failed every claim with OverflowError.
+        ({**MINIMAL, "GENRELAY_TASK_LEASE": "1e12"}, "GENRELAY_TASK_LEASE"),
+        ({**MINIMAL, "GENRELAY_GENERATION_TIMEOUT": "1e12"}, "GENRELAY_GENERATION_TIMEOUT"),
+        (
+            {**MINIMAL, "GENRELAY_WEBHOOK_RETRY_SCHEDULE": "0,1e12"},
+            "GENRELAY_WEBHOOK_RETRY_SCHEDULE",
+        ),
+        (
+            {**MINIMAL, "GENRELAY_DATABASE_URL": "postgresql+psycopg://u@127.0.0.1:notaport/db"},
+            "GENRELAY_DATABASE_URL",
+        ),
+        (
+            {**MINIMAL, "GENRELAY_DATABASE_URL": "postgresql+psycopg://u@127.0.0.1:99999/db"},
+            "GENRELAY_DATABASE_URL",
+        ),
+        ({**MINIMAL, "GENRELAY_DATABASE_URL": "postgresql:no-slashes"}, "GENRELAY_DATABASE_URL"),
     ],
 )
 def test_bad_values_stop_start_up_naming_the_variable(env: dict[str, str], named: str) -> None:
@@ -181,3 +203,18 @@ def test_process_settings_come_from_the_environment() -> None:
     assert settings.web_inline_stores == 0
     assert ProcessSettings.from_env({}).web_inline_stores == 2
     assert (settings.worker_threads, settings.log_level) == (6, "DEBUG")
+
+
+def test_a_malformed_database_url_is_refused_without_showing_its_password() -> None:
+    url = "postgresql+psycopg://postgres:SECRETPW@127.0.0.1:notaport/db"
+    with pytest.raises(ConfigError, match="GENRELAY_DATABASE_URL") as refused:
+        Config.database_url_from_env({"GENRELAY_DATABASE_URL": url})
+    assert "SECRETPW" not in str(refused.value)
+
+
+def test_time_settings_may_be_up_to_ten_years() -> None:
+    ten_years = str(10 * 365 * 24 * 3600)
+    config = Config.from_env({**MINIMAL, "GENRELAY_TASK_LEASE": ten_years})
+    assert config.task_lease == float(ten_years)
+    with pytest.raises(ConfigError, match="GENRELAY_TASK_LEASE must be at most 10 years"):
+        Config.from_env({**MINIMAL, "GENRELAY_TASK_LEASE": str(int(ten_years) + 1)})
