@@ -74,6 +74,8 @@ class Tenant(Base):
     output_uri: Mapped[str | None] = mapped_column(sa.String(1100), default=None)
     retention_seconds: Mapped[int | None] = mapped_column(default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Where its next slot starts on the line's fair clock (service/generations/line.py).
+    fair_tag: Mapped[float] = mapped_column(default=0.0, server_default="0")
 
 
 class ApiKey(Base):
@@ -195,6 +197,8 @@ class UpstreamAccount(Base):
     refusals_in_a_row: Mapped[int] = mapped_column(default=0)
     # False until the first 429: till then the learned limit grows fast (slow start).
     refused_before: Mapped[bool] = mapped_column(default=False)
+    # The virtual time of the line's fair share between tenants (service/generations/line.py).
+    fair_clock: Mapped[float] = mapped_column(default=0.0, server_default="0")
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 

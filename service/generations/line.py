@@ -140,15 +140,44 @@ class TenantLine:
     heads: Sequence[Candidate]  # in the order they go (priority, then age)
     weight: int = 1
     max_in_flight: int | None = None
+    # Its start tag in the fair clock (FairClock): the virtual time its next slot starts at.
+    tag: float = 0.0
 
 
-def choose(free: int, tenants: Sequence[TenantLine]) -> list[str]:
+@dataclasses.dataclass
+class FairClock:
+    """Start-time fair queuing's virtual time: what breaks `choose`'s ties.
+
+    A tenant's tag is the virtual time its next slot starts at. Each slot it gets moves its
+    tag on by 1/weight from where that slot started, and the clock to that start. A tenant
+    whose tag is behind the clock (it asked for nothing a while) starts at the clock, so an
+    idle spell banks no slots for later. With few slots (one, say) every tenant holds none
+    whenever one frees, and the tags alone share the slots: turn about for equal weights, 3:1
+    for weights 3 and 1, nobody waiting for ever. Kept across passes in the account's row
+    (`fair_clock`) and the tenants' (`fair_tag`); `tags` holds the tags this pass moved.
+    """
+
+    now: float = 0.0
+    tags: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def start(self, tenant: TenantLine) -> float:
+        return max(self.tags.get(tenant.tenant_id, tenant.tag), self.now)
+
+    def serve(self, tenant: TenantLine) -> None:
+        self.now = self.start(tenant)
+        self.tags[tenant.tenant_id] = self.now + 1 / max(1, tenant.weight)
+
+
+def choose(free: int, tenants: Sequence[TenantLine], clock: FairClock | None = None) -> list[str]:
     """Which waiting generations get the `free` slots, in order.
 
     Slot by slot: among tenants with someone waiting and under their own `max_in_flight`, the
     one holding the fewest slots per unit of weight goes next; ties go to the tenant whose next
-    generation has waited longest, then by tenant id (so the result never depends on order).
+    slot starts earliest on the fair `clock` (a new one if None; it moves as slots are given),
+    then to the one whose next generation has waited longest, then by tenant id (so the result
+    never depends on order).
     """
+    clock = clock if clock is not None else FairClock()
     picks: list[str] = []
     held = {t.tenant_id: t.in_flight for t in tenants}
     heads = {t.tenant_id: deque(t.heads) for t in tenants}
@@ -165,12 +194,14 @@ def choose(free: int, tenants: Sequence[TenantLine]) -> list[str]:
             ready,
             key=lambda t: (
                 held[t.tenant_id] / max(1, t.weight),
+                clock.start(t),
                 heads[t.tenant_id][0].created_at,
                 t.tenant_id,
             ),
         )
         picks.append(heads[nxt.tenant_id].popleft().id)
         held[nxt.tenant_id] += 1
+        clock.serve(nxt)
         free -= 1
     return picks
 
@@ -451,7 +482,7 @@ class Line:
         settings = {
             row.id: row
             for row in session.execute(
-                sa.select(Tenant.id, Tenant.weight, Tenant.max_in_flight).where(
+                sa.select(Tenant.id, Tenant.weight, Tenant.max_in_flight, Tenant.fair_tag).where(
                     Tenant.id.in_(waiting_tenants)
                 )
             )
@@ -469,10 +500,12 @@ class Line:
                 heads=heads.get(tenant, []),
                 weight=settings[tenant].weight if tenant in settings else 1,
                 max_in_flight=settings[tenant].max_in_flight if tenant in settings else None,
+                tag=settings[tenant].fair_tag if tenant in settings else 0.0,
             )
             for tenant in waiting_tenants
         ]
-        picks = choose(free, lines)
+        clock = FairClock(account.fair_clock)
+        picks = choose(free, lines, clock)
         if not picks:
             return Admission([])
         # Rows another transaction holds (a cancel in flight) are skipped, not waited for:
@@ -493,6 +526,16 @@ class Line:
             .values(admitted_at=now, updated_at=now)
             .execution_options(synchronize_session=False)
         )
+        # The fair clock as the picks moved it (a pick whose row was held elsewhere counts as
+        # served: it is first in its tenant's line next time anyway).
+        account.fair_clock = clock.now
+        for tenant_id, tag in clock.tags.items():
+            session.execute(
+                sa.update(Tenant)
+                .where(Tenant.id == tenant_id)
+                .values(fair_tag=tag)
+                .execution_options(synchronize_session=False)
+            )
         claimed = None
         for generation_id in admitted:
             if generation_id == claim_for:
@@ -559,7 +602,7 @@ class Line:
         self, session: Session, generation_id: str, *, stated: int | None, now: dt.datetime
     ) -> None:
         """A 429: the generation hands its slot back and waits again; the limit adapts."""
-        session.execute(
+        released = session.execute(
             sa.update(Generation)
             .where(
                 Generation.id == generation_id,
@@ -569,9 +612,11 @@ class Line:
             .values(admitted_at=None, updated_at=now)
             .execution_options(synchronize_session=False)
         )
+        handed_back = int(getattr(released, "rowcount", 0) or 0)
         account = self._lock_account(session)
         in_flight = session.scalar(sa.select(sa.func.count()).where(IN_FLIGHT)) or 0
-        limit, source = adapted_limit(account, stated=stated, in_flight=in_flight)
+        # The refused job held a slot when it was sent: what was in use is halved with it.
+        limit, source = adapted_limit(account, stated=stated, in_flight=in_flight + handed_back)
         if (limit, source) != (account.limit, account.limit_source):
             log.warning(
                 "Deep-Image refused a job (429): concurrency limit %d -> %d (%s)",

@@ -364,6 +364,67 @@ def test_tenants_share_slots_by_weight_and_respect_their_cap(
     assert blocker["status"] == "processing"
 
 
+def holder(services: Services) -> str:
+    """The one generation holding the account's one slot."""
+    with services.store.read() as session:
+        [generation_id] = session.scalars(sa.select(Generation.id).where(IN_FLIGHT)).all()
+    return generation_id
+
+
+@pytest.mark.parametrize("weight", [1, 1000])
+def test_with_one_slot_another_tenants_request_goes_next_not_after_a_catalog(
+    config: Config, make_client: Any, slow_upstream: Any, weight: int
+) -> None:
+    from service.domain import ErrorCode
+    from service.generations.lifecycle import fail_generation
+
+    services, client, auth_a = make_client(config.replace(upstream_concurrency=1))
+    auth_b = {"Authorization": "Bearer " + services.api_keys.create("beta")}
+    Tenants(services.store).set("beta", weight=weight)
+    items = [{"input": TEXT_ONLY} for _ in range(6)]
+    catalog = client.post("/v1/batches", json={"items": items}, headers=auth_a).json
+    single = post(client, auth_b)
+    assert single["status"] == "queued"
+    holders = []
+    for _ in range(3):
+        holders.append(holder(services))
+        with services.store.transaction() as session:  # its job ends: the slot is handed on
+            fail_generation(session, holders[-1], ErrorCode.UPSTREAM_JOB_FAILED, "over")
+    owner = {g["id"]: "catalog" for g in client.get(
+        f"/v1/generations?batch={catalog['id']}&limit=10", headers=auth_a
+    ).json["data"]}  # fmt: skip
+    owner[single["id"]] = "single"
+    # Both hold nothing when the catalog's item ends; the catalog's next one is older, but
+    # the single request has had no slot yet.
+    assert [owner[g] for g in holders] == ["catalog", "single", "catalog"]
+
+
+def test_an_unstated_429_halves_the_slots_in_use_counting_the_refused_job(
+    config: Config, make_client: Any, slow_upstream: Any
+) -> None:
+    from service.models import utcnow
+
+    services, client, auth = make_client(config)  # no configured limit: learned
+    post(client, auth)  # makes the account's row
+    with services.store.transaction() as session:
+        account = session.get(UpstreamAccount, "deepimage")
+        assert account is not None
+        account.limit, account.refused_before = 4, True
+    running = [post(client, auth) for _ in range(2)]
+    assert {g["status"] for g in running} == {"processing"}  # 3 jobs running
+    # A fourth is admitted; its submit fails (it stays admitted), then counts as refused
+    # with a 429 that states no limit.
+    set_simulator(slow_upstream.url, upstream_error_rate=1.0)
+    refused = post(client, auth)
+    assert refused["status"] == "queued" and in_flight(services) == 4
+    with services.store.transaction() as session:
+        services.line.note_refused(session, refused["id"], stated=None, now=utcnow())
+    with services.store.read() as session:
+        account = session.get(UpstreamAccount, "deepimage")
+        assert account is not None
+        assert (account.limit, account.limit_source) == (2, "probing")  # 4 in use, halved
+
+
 def test_concurrent_intakes_never_admit_more_than_the_limit(
     config: Config, make_client: Any, slow_upstream: Any
 ) -> None:

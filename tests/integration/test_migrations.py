@@ -79,6 +79,8 @@ def test_the_newest_migrations_go_down_and_up_again(database_url: str) -> None:
     postgres = database_url.startswith("postgresql")
     assert fillfactor(database_url) == (["fillfactor=90"] if postgres else None)
     command.downgrade(config, "-1")
+    assert "fair_tag" not in column_names(database_url, "tenants")
+    command.downgrade(config, "-1")
     assert fillfactor(database_url) is None
     assert "ix_generations_upstream_job" not in index_names(database_url, "generations")
     command.downgrade(config, "-1")
@@ -95,6 +97,7 @@ def test_the_newest_migrations_go_down_and_up_again(database_url: str) -> None:
     assert "max_attempts" not in column_names(database_url, "tasks")
     assert "ix_generations_upstream_job" not in index_names(database_url, "generations")
     assert fillfactor(database_url) == (["fillfactor=90"] if postgres else None)
+    assert "fair_tag" in column_names(database_url, "tenants")
     assert schema_drift(database_url) == []
 
 

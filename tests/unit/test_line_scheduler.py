@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections import Counter
 
@@ -11,6 +12,7 @@ from service.generations.line import (
     PAUSE_FIRST,
     PAUSE_MAX,
     Candidate,
+    FairClock,
     TenantLine,
     adapted_limit,
     choose,
@@ -41,6 +43,59 @@ def test_free_slots_alternate_between_equal_tenants() -> None:
     b = TenantLine("b", in_flight=0, heads=backlog("b", 5, start=100))
     # a's head waited longer, so a goes first; then turns alternate.
     assert choose(4, [b, a]) == ["a-0", "b-0", "a-1", "b-1"]
+
+
+class OneSlot:
+    """The account's one slot, freed again and again: each time, every tenant holds none."""
+
+    def __init__(self, *tenants: TenantLine) -> None:
+        self.clock = FairClock()
+        self.lines = {t.tenant_id: t for t in tenants}
+        self.picks: list[str] = []
+
+    def frees(self, times: int) -> Counter[str]:
+        """Who got the slot each of `times` times."""
+        for _ in range(times):
+            [pick] = choose(1, list(self.lines.values()), self.clock)
+            self.picks.append(pick)
+            owner = self.lines[pick.split("-")[0]]
+            self.lines[owner.tenant_id] = dataclasses.replace(owner, heads=owner.heads[1:])
+        return owners(self.picks[-times:])
+
+
+def test_with_one_slot_a_single_request_goes_next_whatever_its_age() -> None:
+    clock = FairClock()
+    catalog = TenantLine("big", in_flight=0, heads=backlog("big", 10_000))
+    assert choose(1, [catalog], clock) == ["big-0"]  # the catalog alone, first
+    catalog = dataclasses.replace(catalog, heads=catalog.heads[1:])
+    one = TenantLine("small", in_flight=0, heads=backlog("small", 1, start=20_000))
+    # The catalog's job ended: both hold nothing, and its next item is far older.
+    assert choose(1, [catalog, one], clock) == ["small-0"]
+
+
+@pytest.mark.parametrize(("weight_a", "weight_b", "share_a"), [(1, 1, 20), (3, 1, 30), (1, 3, 10)])
+def test_with_one_slot_the_tags_share_it_by_weight(
+    weight_a: int, weight_b: int, share_a: int
+) -> None:
+    a = TenantLine("a", in_flight=0, heads=backlog("a", 100), weight=weight_a)
+    b = TenantLine("b", in_flight=0, heads=backlog("b", 100, start=500), weight=weight_b)
+    assert OneSlot(a, b).frees(40) == {"a": share_a, "b": 40 - share_a}
+
+
+def test_an_idle_tenant_banks_no_slots() -> None:
+    slot = OneSlot(TenantLine("a", in_flight=0, heads=backlog("a", 100)))
+    slot.frees(10)  # a alone
+    slot.lines["b"] = TenantLine("b", in_flight=0, heads=backlog("b", 100, start=500))
+    # b starts at the clock, not at 0: turn about from there, no run of ten slots for b.
+    assert slot.frees(10) == {"a": 5, "b": 5}
+    assert slot.picks[10] == "b-0"
+
+
+def test_the_slots_held_come_before_the_tags() -> None:
+    clock = FairClock(now=5.0, tags={"a": 5.0, "b": 9.0})
+    a = TenantLine("a", in_flight=2, heads=backlog("a", 5))
+    b = TenantLine("b", in_flight=0, heads=backlog("b", 5))
+    assert choose(2, [a, b], clock) == ["b-0", "b-1"]  # b holds fewer, whatever its tag
 
 
 def test_the_tenant_holding_fewer_slots_goes_first() -> None:
