@@ -80,9 +80,10 @@ def create_app(config: Config | None = None, *, services: Services | None = None
     app.add_url_rule(
         SWAGGER_UI_PATH + "<path:filename>", "swagger_ui_files", _swagger_ui_file, methods=["GET"]
     )
-    # Before every blueprint's hooks (authentication reads the database too).
-    app.before_request(refuse_unstorable_url)
+    # The request's id and timing first, so that a refused request has them too; then, before
+    # every blueprint's hooks (authentication reads the database), the URL's check.
     register_observability(app, config.gcp_project)
+    app.before_request(refuse_unstorable_url)
     app.teardown_request(release_connection)
     return app
 

@@ -65,6 +65,32 @@ def test_anonymous_requests_cannot_add_metric_series_without_bound(client: Any) 
     )
 
 
+def test_a_request_refused_for_its_url_keeps_its_request_id_and_its_metric(
+    client: Any,
+) -> None:
+    given = {"X-Request-Id": "req-123"}
+    refused = client.get("/v1/generations/gen_%00", headers=given)  # NUL: never reaches a view
+    assert refused.status_code == 422
+    assert refused.headers["X-Request-Id"] == "req-123"
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'route="/v1/generations/<string:generation_id>",status="422"}' in text
+
+
+def test_the_statuses_the_api_uses_are_labelled_as_themselves() -> None:
+    from handlers.observability import metric_labels
+
+    for status in (408, 501, 503):
+        assert metric_labels("GET", "/x", status)[2] == str(status)
+    assert metric_labels("GET", "/x", 418)[2] == "4xx"
+
+
+def test_the_metrics_say_the_database_is_up(client: Any) -> None:
+    from service.metrics import DatabaseCollector
+
+    DatabaseCollector._cache.clear()  # gauges read now, from this test's database
+    assert "genrelay_database_up 1.0" in client.get("/metrics").get_data(as_text=True)
+
+
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
     """The service's JSON log lines, captured."""
