@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import threading
 import time
@@ -319,6 +320,35 @@ def test_an_ndjson_line_over_the_limit_is_named_and_the_rest_still_read(
     assert [e["field"] for e in response.json["errors"]] == ["items[1]", "items[3].input.width"]
     assert "longer than 200 bytes" in response.json["errors"][0]["message"]
     assert rows(services, Generation) == 0
+
+
+def test_an_ndjson_body_may_open_with_a_byte_order_mark_and_a_blank_line(
+    client: Any, auth: dict[str, str]
+) -> None:
+    lines = ["\ufeff", {"batch": {"template": TEMPLATE}}, item(0)]
+    batch = accepted(post_ndjson(client, auth, lines))
+    assert batch["counts"]["total"] == 1
+    [generation] = batch_generations(client, auth, batch["id"])
+    assert generation["input"]["background"] == TEMPLATE["background"]
+
+
+def test_an_ndjson_body_is_read_in_blocks_not_a_byte_at_a_time() -> None:
+    from werkzeug.wsgi import LimitedStream
+
+    from handlers.batches import LINE_BUFFER, _lines
+
+    class Counted(io.BytesIO):
+        reads = 0
+
+        def read(self, size: int | None = -1) -> bytes:
+            Counted.reads += 1
+            return super().read(size)
+
+    line = b'{"input": {"url": "https://x.example/' + b"p" * 1_000_000 + b'.jpg"}}\n'
+    body = line * 2
+    read = list(_lines(LimitedStream(Counted(body), len(body))))  # what request.stream is
+    assert read == [line, line]
+    assert Counted.reads <= 2 * len(body) // LINE_BUFFER + 4  # not one per byte
 
 
 def test_a_repeated_custom_id_is_named_at_its_repetition(
