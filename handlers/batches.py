@@ -50,7 +50,12 @@ from schemas.batches import (
     deep_merge,
 )
 from schemas.deepimage import ProcessRequestSchema
-from schemas.generations import MAX_METADATA_KEYS, GenerationPageSchema, deadline_passed
+from schemas.generations import (
+    MAX_METADATA_KEYS,
+    GenerationPageSchema,
+    deadline_passed,
+    inline_images,
+)
 from schemas.problems import ProblemSchema
 from service.errors import InvalidRequest
 from service.generations.batches import MAX_REPORTED_ERRORS, NewBatch, NewBatchItem
@@ -58,6 +63,9 @@ from service.generations.batches import MAX_REPORTED_ERRORS, NewBatch, NewBatchI
 NDJSON = "application/x-ndjson"
 # Room for one item with a large inline (base64) image; the body limit (25 MiB) bounds the rest.
 MAX_LINE_BYTES = 20 * 1024 * 1024
+# Inline image data a template may have stored with its items, in all: past this, a shared
+# image belongs at a URL (a 1.4 MB background in 1,000 items would be 1.4 GB of rows).
+MAX_TEMPLATE_IMAGE_BYTES = 64 * 1024 * 1024
 LINE_BUFFER = 64 * 1024  # bytes read from the body at a time
 _BOM = b"\xef\xbb\xbf"
 
@@ -110,6 +118,19 @@ def _require_batch_body() -> flask.Response | None:
     return None
 
 
+def _inherits(item_input: dict[str, Any], path: tuple[str, ...]) -> bool:
+    """Whether an item whose own input is `item_input` takes the template's value at `path`
+    (deep_merge: it does unless it sets that field, or replaces a dict on the way whole)."""
+    holder: Any = item_input
+    for key in path:
+        if not isinstance(holder, dict):
+            return False
+        if key not in holder:
+            return True
+        holder = holder[key]
+    return False
+
+
 class BatchBody:
     """Checks items one at a time against the batch-level `options`; keeps the good ones."""
 
@@ -122,6 +143,11 @@ class BatchBody:
         self.bad_items = 0
         self.count = 0
         self._custom_ids: dict[str, int] = {}
+        # Inline image data in the template is stored again with every item that uses it.
+        self._template_images = {
+            path: len(value.encode()) for path, value in inline_images(self.template)
+        }
+        self.template_image_bytes = 0  # ...so many bytes in all, so far
 
     def add(self, raw: Any) -> None:
         index = self.count
@@ -177,11 +203,28 @@ class BatchBody:
                 )
         if not errors:
             self.items.append(NewBatchItem(input=merged, metadata=metadata, custom_id=custom_id))
+            self.template_image_bytes += sum(
+                size
+                for path, size in self._template_images.items()
+                if _inherits(item["input"], path)
+            )
         return errors
 
     def new_batch(self) -> NewBatch:
         if self.count == 0:
             _refuse([{"field": "items", "message": f"Give 1 to {MAX_ITEMS} items."}])
+        if self.template_image_bytes > MAX_TEMPLATE_IMAGE_BYTES:
+            message = (
+                f"Inline image data is stored with every item that uses it: "
+                f"{self.template_image_bytes} bytes for these items, over the limit of "
+                f"{MAX_TEMPLATE_IMAGE_BYTES}. Give the image as a gs:// or https URL instead."
+            )
+            _refuse(
+                [
+                    {"field": "template." + ".".join(path), "message": message}
+                    for path in self._template_images
+                ]
+            )
         if self.bad_items:
             shown = "; ".join(f"{e['field']}: {e['message']}" for e in self.errors[:3])
             raise InvalidRequest(

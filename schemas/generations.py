@@ -6,6 +6,7 @@ import copy
 import datetime as dt
 import hashlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from marshmallow import (
@@ -288,6 +289,18 @@ class GenerationSchema(Schema):
 INLINE_IMAGE_FIELDS = (("url",), ("background", "replace"))
 
 
+def inline_images(request: dict[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """The inline (base64) image data of a Deep-Image request, by the path of its field."""
+    for path in INLINE_IMAGE_FIELDS:
+        *parents, leaf = path
+        holder: Any = request
+        for key in parents:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        value = holder.get(leaf) if isinstance(holder, dict) else None
+        if isinstance(value, str) and base64_payload(value) is not None:
+            yield path, value
+
+
 def compact_input(request: dict[str, Any]) -> dict[str, Any]:
     """The request with inline image data replaced by its size and SHA-256.
 
@@ -296,14 +309,8 @@ def compact_input(request: dict[str, Any]) -> dict[str, Any]:
     `GET /v1/generations/{id}` shows the request as it was sent.
     """
     compacted: dict[str, Any] | None = None
-    for path in INLINE_IMAGE_FIELDS:
+    for path, value in inline_images(request):
         *parents, leaf = path
-        holder: Any = request
-        for key in parents:
-            holder = holder.get(key) if isinstance(holder, dict) else None
-        value = holder.get(leaf) if isinstance(holder, dict) else None
-        if not isinstance(value, str) or base64_payload(value) is None:
-            continue
         if compacted is None:
             compacted = copy.deepcopy(request)
         target = compacted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import io
 import json
@@ -349,6 +350,35 @@ def test_an_ndjson_body_is_read_in_blocks_not_a_byte_at_a_time() -> None:
     read = list(_lines(LimitedStream(Counted(body), len(body))))  # what request.stream is
     assert read == [line, line]
     assert Counted.reads <= 2 * len(body) // LINE_BUFFER + 4  # not one per byte
+
+
+def test_a_template_image_stored_with_every_item_is_bounded(
+    client: Any, auth: dict[str, str], services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import handlers.batches
+
+    monkeypatch.setattr(handlers.batches, "MAX_TEMPLATE_IMAGE_BYTES", 10_000)
+    backdrop = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"x" * 3000).decode()
+    template = {"width": 1024, "height": 1024, "background": {"replace": backdrop}}
+    size = len(backdrop)
+
+    def catalog_of(count: int, own: int = 0) -> dict[str, Any]:
+        items = [item(n) for n in range(count)]
+        for n in range(own):  # these give their own background: the template's is not stored
+            items[n]["input"]["background"] = {"replace": f"https://shop.example.com/b/{n}.jpg"}
+        return {"template": template, "items": items}
+
+    accepted(post(client, auth, catalog_of(2)))
+    accepted(post(client, auth, catalog_of(5, own=3)))
+    refused = post(client, auth, catalog_of(5))
+    assert refused.status_code == 422
+    [error] = refused.json["errors"]
+    assert error["field"] == "template.background.replace"
+    assert f"{5 * size} bytes" in error["message"] and "URL instead" in error["message"]
+    assert rows(services, Generation) == 7
+    # The same from an NDJSON body's header line.
+    ndjson = [{"batch": {"template": template}}, *catalog_of(5)["items"]]
+    assert post_ndjson(client, auth, ndjson).status_code == 422
 
 
 def test_a_repeated_custom_id_is_named_at_its_repetition(
