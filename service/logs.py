@@ -33,16 +33,31 @@ TRACE_FIELD = "logging.googleapis.com/trace"
 
 # Any characters but separators after the id: percent-encoded or JSON-escaped forms included.
 _CALLBACK_TOKEN = re.compile(r"(/v1/callbacks/deepimage/[^/\s?#\"']+/)[^/\s?#\"']+")
-# The query of an absolute URL, up to a separator or a quote (a JSON escape, \uXXXX, included).
-_URL_QUERY = re.compile(r"(\bhttps?://[^\s?#\"'<>\\]+)\?(?:[^\s#\"'<>\\]|\\u[0-9a-fA-F]{4})+")
+# A word of plain text, as far as a URL in it can reach: up to a space, a quote or a bracket.
+_WORD = re.compile(r"[^\s\"'<>]+")
 # GENRELAY_LOG_LEVEL is the level of this logger and its children.
 OWN_LOGGER = "genrelay"
 
 
 def redact(text: str) -> str:
     """Replace the token of any callback path in `text`, and the query string of any absolute
-    http(s) URL, with `***`."""
-    return _URL_QUERY.sub(r"\1?***", _CALLBACK_TOKEN.sub(r"\1***", text))
+    http(s) URL, with `***`. Linear in the length of `text`, whatever it holds (it may come
+    from a client: a request line, a header)."""
+    text = _CALLBACK_TOKEN.sub(r"\1***", text)
+    return _WORD.sub(_without_query, text) if "://" in text else text
+
+
+def _without_query(word: re.Match[str]) -> str:
+    """`word` with the query of the http(s) URL in it (if any) replaced by `***`."""
+    text = word.group()
+    scheme_end = text.find("://")
+    if scheme_end < 0 or not text[:scheme_end].lower().endswith(("http", "https")):
+        return text
+    query = text.find("?", scheme_end)
+    if query < 0:
+        return text
+    fragment = text.find("#", query)
+    return text[:query] + "?***" + ("" if fragment < 0 else text[fragment:])
 
 
 class RedactingFormatter(logging.Formatter):
@@ -101,12 +116,17 @@ class _ContextFilter(logging.Filter):
 
 class _Formatter(JsonFormatter):
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        # The plain texts were redacted below, before JSON escaped them; the callback paths of
+        # the other fields (an access line's URL) here.
+        return _CALLBACK_TOKEN.sub(r"\1***", super().format(record))
 
     def add_fields(
         self, log_record: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
     ) -> None:
         super().add_fields(log_record, record, message_dict)
+        for key in ("message", "exc_info", "stack_info"):
+            if isinstance(log_record.get(key), str):
+                log_record[key] = redact(log_record[key])
         # Cloud Logging reads the trace under its documented key.
         if "trace" in log_record:
             log_record[TRACE_FIELD] = log_record.pop("trace")

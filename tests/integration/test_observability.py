@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -308,14 +309,43 @@ def test_query_strings_of_urls_are_left_out_of_log_lines(json_logs: io.StringIO)
     assert "404 for url: http://127.0.0.1:9/r.png?***" in error["exc_info"]
 
 
+def test_urls_are_redacted_before_json_escapes_them(json_logs: io.StringIO) -> None:
+    log = logging.getLogger("genrelay.test")
+    log.warning("GET https://shop.example/café.jpg?sig=SECRET1#top failed")
+    log.warning("GET https://x.example/a.jpg?a=\\b&token=SECRET2 failed")
+    text = json_logs.getvalue()
+    assert "SECRET" not in text
+    first, second = (json.loads(line)["message"] for line in text.splitlines())
+    assert first == "GET https://shop.example/café.jpg?***#top failed"
+    assert second == "GET https://x.example/a.jpg?*** failed"
+
+
+def test_redaction_takes_linear_time_whatever_the_text() -> None:
+    import time
+
+    from service.logs import redact
+
+    for crafted in ("http://" * 16_000, "a" * 112_000 + "://", "https://x/" + "?" * 100_000):
+        started = time.process_time()
+        redact(crafted)
+        assert time.process_time() - started < 0.05, crafted[:20]
+
+
 @pytest.fixture
 def gunicorn_logger() -> Iterator[Any]:
     """genrelay's gunicorn logger, set up as `genrelay serve` sets it up."""
+    import shutil
+
     from gunicorn.config import Config as GunicornConfig
 
-    from service.server import gunicorn_conf
     from service.server.gunicorn_logging import RedactingLogger
 
+    # Importing the settings points prometheus-client at a multiprocess directory of their
+    # own (as gunicorn's processes need): for this test only, not for the tests after it.
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    import service.server.gunicorn_conf as gunicorn_conf
+
+    made = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     cfg = GunicornConfig()
     for name in ("accesslog", "errorlog", "loglevel"):
         cfg.set(name, getattr(gunicorn_conf, name))
@@ -323,6 +353,10 @@ def gunicorn_logger() -> Iterator[Any]:
     yield logger
     for log in (logger.error_log, logger.access_log):
         log.handlers.clear()
+    if before is None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def test_gunicorn_logs_are_json_lines_on_stderr(
