@@ -497,6 +497,10 @@ def _classify(exc: Exception, what: str) -> BlobError | None:
         error_class = TransientBlobError if exc.retryable else PermanentBlobError
         return error_class(_message(f"{what}: credentials refresh failed", exc))
     if isinstance(exc, auth_exceptions.TransportError):
+        if _REFUSED_BY_GOOGLE.search(str(exc)):
+            # google-auth reports an IAM signBlob refusal (no Token Creator role) this way:
+            # asking again will not help.
+            return PermanentBlobError(_message(f"{what}: refused", exc))
         return TransientBlobError(_message(f"{what}: transport error", exc))
     if isinstance(exc, auth_exceptions.GoogleAuthError):
         return PermanentBlobError(_message(f"{what}: credentials error", exc))
@@ -515,6 +519,11 @@ def _classify(exc: Exception, what: str) -> BlobError | None:
         return PermanentBlobError(f"{what}: {type(exc).__name__}")
     # Anything else is a bug, ours or the library's: not a storage failure to classify.
     return None
+
+
+# A Google API's error body refusing the caller: 401 or 403 (UNAUTHENTICATED,
+# PERMISSION_DENIED).
+_REFUSED_BY_GOOGLE = re.compile(r'"code":\s*40[13]\b|PERMISSION_DENIED|UNAUTHENTICATED')
 
 
 def _raise_classified(exc: Exception, what: str) -> NoReturn:

@@ -24,7 +24,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.adapters.blobstore import BlobError, BlobStore, TransientBlobError
+from service.adapters.blobstore import (
+    BlobError,
+    BlobStore,
+    PermanentBlobError,
+    TransientBlobError,
+)
 from service.adapters.gcs_urls import parse_gs_url
 from service.config import Config
 from service.database import Store
@@ -114,6 +119,8 @@ class ResultAccess:
                     "the result's URL could not be signed just now; try again",
                     headers={"Retry-After": "5"},
                 ) from None
+            except PermanentBlobError as exc:  # e.g. IAM refuses: no signBlob permission
+                log.error("could not sign a URL for %s: %s", uri, exc.message)
         if url is None:
             raise CannotSign(
                 "genrelay's credentials cannot sign URLs here (set GENRELAY_GCS_SIGNING_ACCOUNT "

@@ -122,6 +122,25 @@ def test_an_object_of_another_generation_is_never_deleted_as_a_leftover(
     assert list(objects(services)) == [name]
 
 
+def test_an_earlier_copy_of_our_own_with_other_bytes_is_replaced(
+    config: Config, make_client: Any
+) -> None:
+    services, client, auth = make_client(config)
+    generation_id = _stored_but_not_recorded(services, client, auth)
+    [(name, whole)] = objects(services).items()
+    # What an attempt cut short would have left: a prefix of the image, marked as ours.
+    services.blobs.delete(name)
+    services.blobs.write_new(
+        name, iter_bytes(whole[:64]), content_type="image/png",
+        metadata={"generation_id": generation_id}, size=64,
+    )  # fmt: skip
+    _store_task_due_now(services)
+    drain(services)
+    shown = client.get(f"/v1/generations/{generation_id}", headers=auth).json
+    assert shown["status"] == "succeeded", shown["error"]
+    assert objects(services) == {name: whole}
+
+
 def test_an_existing_object_that_cannot_be_read_is_retried_not_a_conflict(
     config: Config, make_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -197,6 +216,46 @@ def test_a_signing_error_that_may_pass_is_a_503_not_a_501(
     assert answer.mimetype == "application/problem+json"
     assert answer.headers["Retry-After"] == "5"
     assert "IAM" not in answer.get_data(as_text=True)
+
+
+class _IamRefuses:
+    """IAM signBlob's answer to a caller without the Token Creator role."""
+
+    status = 403
+    headers: dict[str, str] = {}
+    data = (
+        b'{"error": {"code": 403, "message": "Permission \'iam.serviceAccounts.signBlob\' '
+        b'denied on resource", "status": "PERMISSION_DENIED"}}'
+    )
+
+
+@pytest.mark.parametrize("signer", ["refused by IAM", "cannot refresh"])
+def test_credentials_that_cannot_sign_for_good_are_a_501(
+    config: Config, make_client: Any, monkeypatch: pytest.MonkeyPatch, signer: str
+) -> None:
+    import google.auth.transport.requests as google_requests
+    from google.oauth2.credentials import Credentials
+
+    services, client, auth = make_client(config)
+    made = create(client, auth, {"input": TEXT_ONLY})
+    drain(services)
+    # As on Cloud Run: token-only credentials, signing through IAM as the signing account.
+    monkeypatch.setattr(services.blobs, "signing_service_account", "rt@p.iam.gserviceaccount.com")
+    if signer == "refused by IAM":
+        monkeypatch.setattr(services.blobs, "signing_credentials", Credentials(token="ya29.x"))
+        real_call = google_requests.Request.__call__
+
+        def iam(self: Any, url: str, method: str = "GET", *args: Any, **kwargs: Any) -> Any:
+            if "iamcredentials" in url:
+                return _IamRefuses()
+            return real_call(self, url, method, *args, **kwargs)
+
+        monkeypatch.setattr(google_requests.Request, "__call__", iam)
+    else:  # no token and no way to get one
+        monkeypatch.setattr(services.blobs, "signing_credentials", Credentials(token=None))
+    answer = client.get(f"/v1/generations/{made['id']}/result", headers=auth)
+    assert answer.status_code == 501
+    assert answer.json["type"].endswith("/cannot-sign")
 
 
 def iter_bytes(data: bytes) -> Any:
