@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from service.adapters.blobstore import (
     BlobAlreadyExists,
+    BlobError,
     BlobStore,
     Crc32cHasher,
     PermanentBlobError,
@@ -239,6 +240,8 @@ class StoreHandler:
                 stored, width_height = self._copy(generation, response, target, prefix)
             except ResultRejected as rejected:
                 GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
+                if deadline.expired:  # what was cut short is no verdict on the result
+                    return Failed(f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s")
                 fail = failing(generation.id, rejected.code, rejected.message)
                 if not earlier or rejected.code == ErrorCode.STORAGE_CONFLICT:
                     return Done(fail)  # (a conflicting object is left for the operator)
@@ -248,6 +251,12 @@ class StoreHandler:
                 if deadline.expired:  # the download's connection was cut
                     return Failed(f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s")
                 return Failed(str(exc))
+        if deadline.expired:
+            # Cut while the last bytes came: an answer with neither a length nor chunks ends
+            # the same way as a whole one. What was stored may be short: not recorded.
+            GCS_UPLOAD_LATENCY.labels("retry").observe(time.monotonic() - started)
+            self._delete(target, stored.name)
+            return Failed(f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s")
         GCS_UPLOAD_LATENCY.labels("stored").observe(time.monotonic() - started)
         width, height = width_height or (None, None)
         result: dict[str, Any] = {
@@ -320,6 +329,15 @@ class StoreHandler:
             return fail
         bucket, prefix = output_location(self.config, settings_of(row[1]))
         return _both(fail, self._leftovers(row[0], bucket, prefix))
+
+    @staticmethod
+    def _delete(blobs: BlobStore, name: str) -> None:
+        """Delete an object of ours that must not stay; if that fails, the next attempt finds
+        it (the name taken by other bytes of this generation's) and tries again."""
+        try:
+            blobs.delete(name)
+        except BlobError as exc:
+            log.warning("could not delete gs://%s/%s: %s", blobs.bucket, name, exc.message)
 
     def _leftovers(self, generation: Generation, bucket: str, prefix: str) -> Apply:
         """Have deleted any object an earlier attempt stored for `generation` and died before
@@ -434,6 +452,14 @@ class StoreHandler:
             stream.drain()
             if exists.existing.crc32c == stream.crc32c.base64():
                 return exists.existing
+            if exists.existing.metadata.get("generation_id") == generation.id:
+                # Our own earlier copy, other bytes (cut short, or Deep-Image's file changed):
+                # nothing records it while the generation is processing. The next attempt
+                # writes it afresh.
+                self._delete(blobs, name)
+                raise TransientError(
+                    f"{WRITING}: an earlier copy of {name} differed; deleted"
+                ) from None
             raise ResultRejected(
                 ErrorCode.STORAGE_CONFLICT,
                 f"gs://{blobs.bucket}/{name} already exists with other content",

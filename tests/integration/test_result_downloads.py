@@ -9,6 +9,8 @@ from a small server on loopback.
 from __future__ import annotations
 
 import io
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -198,6 +200,50 @@ def test_a_download_that_trickles_is_cut_at_the_deadline_and_retried(
     assert result_host.paths == ["/trickle.png"]
     assert _generation(services, generation["id"]).status == "processing"
     assert objects(services) == {}
+
+
+class CloseDelimitedHost:
+    """Answers one GET in HTTP/1.0 with no Content-Length (the body ends when the connection
+    closes): the image's first 20 bytes at once, then a byte every 0.2 s."""
+
+    def __init__(self, body: bytes) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}/image.png"
+        threading.Thread(target=self._serve, args=(body,), daemon=True).start()
+
+    def _serve(self, body: bytes) -> None:
+        connection, _ = self._socket.accept()
+        with connection, self._socket:
+            connection.recv(65536)
+            try:
+                connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\n\r\n")
+                connection.sendall(body[:20])
+                for byte in body[20:]:
+                    time.sleep(0.2)
+                    connection.sendall(bytes([byte]))
+            except OSError:
+                pass  # cut by the deadline
+
+
+def test_a_download_cut_at_the_deadline_is_never_stored_as_the_result(
+    config: Config, make_client: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cut, a body read until the connection closes looks whole: it must not be recorded.
+    monkeypatch.setattr(store, "DOWNLOAD_DEADLINE", 1.0)
+    host = CloseDelimitedHost(_png())
+    services, client, auth = make_client(callback_config(config, confirm_results=False))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    wait_until_complete(simulator, generation["upstream"]["job"])
+    call_back(client, generation, host.url)
+    [claimed] = services.queue.claim_due_tasks(kinds=[STORE])
+    services.runner.execute(claimed)
+    task = _store_task(services)
+    assert (task.status, task.last_error) == (
+        "pending",
+        "downloading the result took more than 1 s",
+    )
+    assert _generation(services, generation["id"]).status == "processing"
+    assert objects(services) == {}  # what was written, short, was deleted
 
 
 def test_the_download_ignores_proxy_settings_of_the_environment(
