@@ -73,7 +73,9 @@ def _database_problem(error: BaseException) -> str | None:
     lines = str(error.orig).strip().splitlines()
     reason = lines[0] if lines else type(error.orig).__name__
     # PostgreSQL's undefined_table and undefined_column, or SQLite's words for them.
-    undefined = getattr(error.orig, "sqlstate", None) in ("42P01", "42703")
+    from service.database import SCHEMA_BEHIND
+
+    undefined = getattr(error.orig, "sqlstate", None) in SCHEMA_BEHIND
     missing = undefined or reason.startswith(("no such table", "no such column"))
     if isinstance(error, sa.exc.ProgrammingError) and not missing:
         return None

@@ -42,12 +42,18 @@ def aborted_by_conflict(error: BaseException) -> bool:
     return getattr(error.orig, "sqlstate", None) in CONFLICT_SQLSTATES
 
 
+SCHEMA_BEHIND = ("42P01", "42703")
+
+
 def database_unavailable(error: BaseException) -> bool:
     """Whether `error` says the database cannot be used just now (unreachable, the connection
     lost, the pool exhausted, the schema missing), rather than that a statement is wrong."""
     if isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)):
-        return True
-    return isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated
+        return True  # (SQLite's "no such table" among them)
+    if not isinstance(error, sa.exc.DBAPIError):
+        return False
+    # PostgreSQL's undefined_table and undefined_column: a database not migrated yet.
+    return error.connection_invalidated or getattr(error.orig, "sqlstate", None) in SCHEMA_BEHIND
 
 
 def create_db_engine(url: str, *, pre_ping: bool = True) -> sa.Engine:

@@ -101,11 +101,18 @@ def test_a_database_that_cannot_be_reached_is_a_503_to_retry(
     assert "10.1.2.3" not in caplog.text
 
 
-def test_any_other_database_error_is_still_a_500() -> None:
-    # What psycopg's UndefinedTable (a ProgrammingError) becomes: a statement that is wrong.
+def test_a_database_not_migrated_yet_is_a_503_on_postgresql_too() -> None:
+    # What psycopg's UndefinedTable becomes: a ProgrammingError (SQLite's is operational).
     error = sa.exc.ProgrammingError(
-        "SELECT ...", {}, psycopg.errors.UndefinedTable("no such table")
+        "SELECT ...", {}, psycopg.errors.UndefinedTable("relation does not exist")
     )
+    response = _failing_app(error).test_client().post("/v1/callbacks/deepimage/gen_1/x")
+    assert response.status_code == 503
+
+
+def test_any_other_database_error_is_still_a_500() -> None:
+    # A statement that is wrong: a bug, not an outage.
+    error = sa.exc.ProgrammingError("SELECT ...", {}, psycopg.errors.SyntaxError("syntax"))
     response = _failing_app(error).test_client().post("/v1/callbacks/deepimage/gen_1/x")
     assert response.status_code == 500
     assert response.json["detail"] == "The server failed unexpectedly."
