@@ -170,7 +170,11 @@ def test_a_quick_answer_is_not_cut_and_starts_no_thread_of_its_own(
 ) -> None:
     def script(connection: socket.socket) -> None:
         read_request(connection)
-        connection.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok")
+        # Closed after one answer, so it says so: a client may otherwise reuse the connection
+        # before it sees the close, and fail.
+        connection.sendall(
+            b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        )
 
     server = serve(script)
     url = f"http://127.0.0.1:{server.port}/hook"
