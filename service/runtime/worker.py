@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator
 
 from service.runtime.queue import ClaimedTask, TaskQueue
@@ -20,59 +22,108 @@ BATCH = 8
 
 
 class LeaseKeeper:
-    """Renews the leases of the tasks this process is running, every third of a lease.
+    """Renews the leases of the tasks this process is running, each every third of its lease.
 
-    A claim holds a task for GENRELAY_TASK_LEASE; without renewal a task running longer (a
-    large result on a slow link) would be claimed and run again by another worker while the
-    first still works on it. A holder that dies stops renewing, so its tasks still come back
-    one lease later. A lease found lost (another worker claimed the task after this process
-    stalled longer than a lease) is logged; that task's outcome will not be recorded by us.
+    A claim holds a task for GENRELAY_TASK_LEASE (a few kinds for a short lease of their own,
+    the line's pass 3 s); without renewal a task running longer (a large result on a slow
+    link) would be claimed and run again by another worker while the first still works on it.
+    A holder that dies stops renewing, so its tasks still come back one lease later. A lease
+    found lost (another worker claimed the task after this process stalled longer than a
+    lease) is logged; that task's outcome will not be recorded by us.
     """
 
     def __init__(self, queue: TaskQueue) -> None:
         self.queue = queue
-        self.interval = queue.lease.total_seconds() / 3
+        shortest = min([queue.lease, *queue.short_leases.values()])
+        # How often `run` looks for leases due a renewal: a third of the shortest lease.
+        self.interval = shortest.total_seconds() / 3
         self._held: dict[str, ClaimedTask] = {}
+        self._renewed: dict[str, float] = {}  # task id -> when its lease was last taken or renewed
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def holding(self, *tasks: ClaimedTask) -> Iterator[None]:
+        now = time.monotonic()
         with self._lock:
             for task in tasks:
                 self._held[task.id] = task
+                self._renewed[task.id] = now
         try:
             yield
         finally:
             with self._lock:
                 for task in tasks:
                     self._held.pop(task.id, None)
+                    self._renewed.pop(task.id, None)
 
-    def renew_once(self) -> int:
-        """Renew every held lease now; return how many are still ours."""
+    def renew_once(self, *, only_due: bool = False) -> int:
+        """Renew the held leases now (`only_due`: those a third of whose lease has passed);
+        return how many of those are still ours."""
+        now = time.monotonic()
         with self._lock:
-            tasks = list(self._held.values())
+            tasks = [
+                task
+                for task in self._held.values()
+                if not only_due
+                or now - self._renewed.get(task.id, now)
+                >= self.queue.lease_for(task.kind).total_seconds() / 3
+            ]
         if not tasks:
             return 0
         kept = self.queue.renew(tasks)
         for task in tasks:
-            if task.id not in kept:
+            if task.id in kept:
                 with self._lock:
-                    still_running = self._held.pop(task.id, None) is not None
-                if still_running:
-                    log.warning(
-                        "task %s (%s): lease lost to another claim while running",
-                        task.id,
-                        task.kind,
-                    )
+                    if task.id in self._renewed:
+                        self._renewed[task.id] = now
+                continue
+            with self._lock:
+                still_running = self._held.pop(task.id, None) is not None
+                self._renewed.pop(task.id, None)
+            if still_running:
+                log.warning(
+                    "task %s (%s): lease lost to another claim while running",
+                    task.id,
+                    task.kind,
+                )
         return len(kept)
 
     def run(self, stopping: threading.Event) -> None:
-        """Renew every `interval` until `stopping` is set (after the task threads are done)."""
+        """Renew the leases that are due, looking every `interval`, until `stopping` is set
+        (after the task threads are done)."""
         while not stopping.wait(self.interval):
             try:
-                self.renew_once()
+                self.renew_once(only_due=True)
             except Exception:
                 log.exception("renewing task leases failed (database unreachable?); next try soon")
+
+
+class BackgroundLeases(LeaseKeeper):
+    """A LeaseKeeper with a renewing thread of its own, started in the process that first holds
+    a task (gunicorn forks after the app is built): for attempts made outside a worker's loop,
+    such as the first submit that intake makes inside its request."""
+
+    def __init__(self, queue: TaskQueue) -> None:
+        super().__init__(queue)
+        self._running_in: int | None = None  # the process whose thread renews
+        self._start = threading.Lock()
+
+    @contextlib.contextmanager
+    def holding(self, *tasks: ClaimedTask) -> Iterator[None]:
+        if self._running_in != os.getpid():
+            self._start_thread()
+        with super().holding(*tasks):
+            yield
+
+    def _start_thread(self) -> None:
+        with self._start:
+            if self._running_in == os.getpid():
+                return
+            thread = threading.Thread(
+                target=self.run, args=(threading.Event(),), name="genrelay-leases", daemon=True
+            )
+            thread.start()
+            self._running_in = os.getpid()
 
 
 class Wakeups:

@@ -204,6 +204,10 @@ def test_a_web_process_dying_mid_store_loses_nothing(
 
 class _Queue:
     lease = dt.timedelta(seconds=300)
+    short_leases: dict[str, dt.timedelta] = {}
+
+    def lease_for(self, kind: str) -> dt.timedelta:
+        return self.lease
 
     def __init__(self) -> None:
         self.released: list[str] = []

@@ -413,6 +413,28 @@ def test_a_task_running_longer_than_its_lease_is_not_claimed_by_another_worker(
     assert (finished.status, finished.attempts) == (TaskStatus.DONE, 1)
 
 
+def test_a_short_lease_is_renewed_every_third_of_it_while_its_task_runs(
+    store: Store,
+) -> None:
+    from service.runtime.kinds import LINE, SHORT_LEASES
+    from service.runtime.worker import LeaseKeeper
+
+    queue = TaskQueue(store, lease_seconds=300.0, short_leases=SHORT_LEASES)
+    queue.ensure_singleton("task_line", LINE)
+    [held] = queue.claim_due_tasks()
+    keeper = LeaseKeeper(queue)
+    stopping = threading.Event()
+    thread = threading.Thread(target=keeper.run, args=(stopping,), daemon=True)
+    thread.start()
+    try:
+        with keeper.holding(held):  # the line's pass runs past its 3 s lease...
+            threading.Event().wait(SHORT_LEASES[LINE] + 1.5)
+            assert queue.claim_due_tasks() == []  # ...and no other worker takes it meanwhile
+    finally:
+        stopping.set()
+        thread.join(timeout=10)
+
+
 def mark(note: str) -> Apply:
     """An outcome's change: writes `note` into a row the test reads back."""
 
