@@ -41,6 +41,7 @@ from service.notifications.ssrf import URLPolicy
 from service.pagination import Page, paginate
 from service.runtime.queue import TaskQueue
 from service.runtime.runner import TaskRunner
+from service.runtime.worker import BackgroundLeases
 from service.tenants import TenantSettings, settings_by_id
 
 # The table, for Core statements on the hot paths.
@@ -100,6 +101,10 @@ class GenerationService:
         policy: URLPolicy,
     ) -> None:
         self.policy = policy
+        # The first submit runs in the request: its lease is renewed while it does (a
+        # GENRELAY_TASK_LEASE shorter than a slow Deep-Image answer would let a worker take the
+        # task and send it a second time).
+        self.leases = BackgroundLeases(queue)
         self.store = store
         self.queue = queue
         self.line = line
@@ -221,7 +226,7 @@ class GenerationService:
             # one: that row need not be read back either.
             known = Submission(GenerationStatus.QUEUED.value, now, new.deadline, new.input)
             try:
-                with changes_seen() as seen:
+                with changes_seen() as seen, self.leases.holding(task):
                     self.runner.execute(dataclasses.replace(task, known=known))
                 moved = seen.get(generation_id)
             except Exception:

@@ -691,3 +691,27 @@ def test_the_openapi_document_describes_the_api_from_the_same_schemas(client: An
     generate = schemas["DeepImageGenerate"]["properties"]
     assert set(generate["model_type"]["enum"]) >= {"realistic", "fantasy", "premium"}
     assert json.dumps(spec)  # serialisable as served
+
+
+def test_the_first_submit_keeps_its_lease_while_deep_image_is_slow_to_answer(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    from tests.helpers import set_simulator
+
+    services, client, auth = make_client(config.replace(task_lease=3.0, deepimage_timeout=(2, 20)))
+    set_simulator(simulator.url, latency=5.0)  # Deep-Image answers a submit in 5 s
+    try:
+        answers: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: answers.append(
+                client.post("/v1/generations", json={"input": TEXT_ONLY}, headers=auth)
+            )
+        )
+        thread.start()
+        time.sleep(4.0)  # the request still waits for Deep-Image, past its task's 3 s lease
+        taken = services.queue.claim_due_tasks(kinds=["submit"])
+        thread.join(30)
+    finally:
+        set_simulator(simulator.url, latency=0.0)
+    assert taken == []  # no worker takes the submit (and sends it a second time)
+    assert answers[0].json["status"] == "processing"
