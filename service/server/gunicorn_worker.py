@@ -14,7 +14,8 @@ and stalls holds that thread for good, and as many such clients as threads stall
 - a chunked body, one sent only after `Expect: 100-continue`, or one past the budget is read
   by the thread: each read waits at most IDLE_TIMEOUT seconds and the whole body at most
   BODY_TIMEOUT seconds; then the read fails (`ClientTooSlow`, answered 408) and the
-  connection is closed.
+  connection is closed. Once answered, such a request's connection is closed, not drained of
+  what the app left unread.
 
 So a stalled client costs a socket and its bytes, not a thread. (Plain HTTP only: gunicorn's
 own TLS, unused here, would wrap the socket before these limits apply.)
@@ -46,6 +47,10 @@ BUFFER_BUDGET = 256 * 1024 * 1024
 # gunicorn's own limits (request line 4094, 100 header fields of 8190) fit well inside; past
 # this the parser gets the bytes and refuses them itself.
 HEAD_MAX = 1024 * 1024
+# After a response that ends its connection: how long what the client still sends is read
+# (and dropped) before the socket is closed, so the kernel does not answer it with a reset
+# that could cut the response short (RFC 9112, 9.6). gunicorn's own wait, in the event loop.
+LINGER = 2.0
 _RECV = 256 * 1024
 
 _END_OF_HEAD = b"\r\n\r\n"
@@ -73,11 +78,24 @@ class _RequestSocket(socket.socket):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ClientTooSlow("the request did not arrive in time")
-            self.settimeout(min(IDLE_TIMEOUT, remaining))
+            # Never longer than a timeout the caller set itself (gunicorn's, shorter).
+            self.settimeout(min(self.gettimeout() or IDLE_TIMEOUT, IDLE_TIMEOUT, remaining))
         try:
             return super().recv(bufsize, flags)
         except TimeoutError:
             raise ClientTooSlow("the request did not arrive in time") from None
+
+
+class _Conn(TConn):
+    """gunicorn's connection, whose graceful close lingers in the event loop, not in a wait."""
+
+    linger: Any = None  # BoundedThreadWorker._linger
+
+    def close(self, graceful: bool = False) -> None:
+        if graceful and self.linger is not None:
+            self.linger(self.sock)  # gunicorn's waits up to 2 s, blocking every connection
+        else:
+            super().close(graceful)
 
 
 class BoundedThreadWorker(ThreadWorker):
@@ -86,6 +104,7 @@ class BoundedThreadWorker(ThreadWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.reading: dict[Any, float] = {}  # connection -> deadline
+        self.lingering: dict[Any, float] = {}  # half-closed socket -> when it is closed
         self.reserved = 0  # bytes of bodies being buffered
 
     def accept(self, listener: Any) -> None:
@@ -97,7 +116,9 @@ class BoundedThreadWorker(ThreadWorker):
             return
         wrapped = _RequestSocket(client.family, client.type, client.proto, fileno=client.detach())
         self.nr_conns += 1
-        self._read_request(TConn(self.cfg, wrapped, address, listener.getsockname()))
+        conn = _Conn(self.cfg, wrapped, address, listener.getsockname())
+        conn.linger = self._linger
+        self._read_request(conn)
 
     def enqueue_req(self, conn: Any) -> None:
         """Every path to a thread (new, kept-alive, read-ahead) goes through the reader."""
@@ -172,6 +193,7 @@ class BoundedThreadWorker(ThreadWorker):
     def _dispatch(self, conn: Any, *, registered: bool) -> None:
         if registered:
             self.poller.unregister(conn.sock)
+        conn.body_streamed = conn.body_reserved is not None and conn.body_reserved < 0
         self._release(conn)
         conn.request_buffer = bytes(conn.pending_bytes)
         conn.pending_bytes = None
@@ -186,13 +208,54 @@ class BoundedThreadWorker(ThreadWorker):
         conn.close()
 
     def murder_pending(self) -> None:
-        """Also close connections whose request did not arrive in time (each loop turn)."""
+        """Also close connections whose request did not arrive in time, and lingering sockets
+        whose time is up (each loop turn)."""
         super().murder_pending()
         now = time.monotonic()
         for conn, deadline in list(self.reading.items()):
             if deadline <= now:
                 self.log.debug("closing %s: no complete request in %g s", conn.client, READ_TIMEOUT)
                 self._close_reading(conn)
+        for sock, deadline in list(self.lingering.items()):
+            if deadline <= now:
+                self._end_linger(sock)
+
+    def _linger(self, sock: socket.socket) -> None:
+        """Close `sock` gracefully without blocking the loop (called on the loop's thread):
+        send our FIN now, drop what still comes, close at its EOF or after LINGER seconds."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            self.poller.register(sock, selectors.EVENT_READ, partial(self._on_lingering, sock))
+        except (OSError, ValueError, KeyError):
+            sock.close()
+            return
+        self.lingering[sock] = time.monotonic() + LINGER
+
+    def _on_lingering(self, sock: socket.socket, _sock: Any) -> None:
+        try:
+            data = sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._end_linger(sock)
+
+    def _end_linger(self, sock: socket.socket) -> None:
+        self.lingering.pop(sock, None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.poller.unregister(sock)
+        sock.close()
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        """A request whose body the thread was to read closes its connection once answered.
+        gunicorn would drain what the app left unread (a request refused for want of a key,
+        say) to keep the connection, and a client trickling it would hold the thread as long;
+        such bodies are rare enough that a new connection costs nothing to speak of."""
+        if getattr(conn, "body_streamed", False):
+            return False
+        return bool(super()._keepalive_after(conn, keepalive))
 
     def handle(self, conn: Any) -> Any:
         """Runs in a thread: give the parser what the event loop read, then serve."""

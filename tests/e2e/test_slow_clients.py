@@ -3,6 +3,7 @@ requests, over real sockets, must neither stall the process nor be held open for
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -125,6 +126,64 @@ def test_a_request_that_does_not_arrive_in_time_is_cut_off(server: str) -> None:
         for client in slow:
             client.close()
     assert requests.get(f"{server}/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("streamed", ["Transfer-Encoding: chunked", "Expect: 100-continue"])
+def test_a_streamed_body_refused_unread_closes_the_connection_at_once(
+    server: str, streamed: str
+) -> None:
+    # As many connections as the server has threads, each with a body that a thread reads,
+    # trickled: refused for want of a key, none holds a thread while it trickles on.
+    port = int(server.rsplit(":", 1)[1])
+    head = (
+        b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + streamed.encode()
+        + (b"" if "chunked" in streamed else b"\r\nContent-Length: 1000")
+        + b"\r\n\r\n"
+    )
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+    try:
+        for client in clients:
+            client.sendall(head + (b'5\r\n{"a":' if "chunked" in streamed else b""))
+        started = time.monotonic()
+        for client in clients:
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread
+                while chunk := client.recv(65536):  # until the server closes the connection
+                    answer += chunk
+            assert answer == b"" or b"HTTP/1.1 401 " in answer  # (after a 100 Continue)
+        assert time.monotonic() - started < 2.0
+        healthz = time.monotonic()
+        assert requests.get(f"{server}/healthz", timeout=5).status_code == 200
+        assert time.monotonic() - healthz < 1.0
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_connections_the_client_leaves_open_after_a_close_do_not_stall_the_others(
+    server: str,
+) -> None:
+    # Each answer ends its connection; the clients neither read nor close. Closing such a
+    # connection must not keep the process from answering others meanwhile.
+    port = int(server.rsplit(":", 1)[1])
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(6)]
+    try:
+        for client in clients:
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        time.sleep(0.3)  # all answered, their connections closing
+        for _ in range(3):
+            started = time.monotonic()
+            assert requests.get(f"{server}/healthz", timeout=5).status_code == 200
+            assert time.monotonic() - started < 1.0
+        for client in clients:  # each got its answer, then the server's end of it
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_requests_sent_in_pieces_within_the_time_are_served(server: str) -> None:
