@@ -28,6 +28,7 @@ import errno
 import re
 import selectors
 import socket
+import threading
 import time
 from functools import partial
 from typing import Any
@@ -105,7 +106,11 @@ class BoundedThreadWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self.reading: dict[Any, float] = {}  # connection -> deadline
         self.lingering: dict[Any, float] = {}  # half-closed socket -> when it is closed
-        self.reserved = 0  # bytes of bodies being buffered
+        # Bytes of bodies buffered, from the decision to buffer one until its request's thread
+        # is done with it (a request waiting for a thread holds its body too); the loop adds,
+        # threads take away.
+        self.reserved = 0
+        self._budget = threading.Lock()
 
     def accept(self, listener: Any) -> None:
         try:
@@ -157,14 +162,15 @@ class BoundedThreadWorker(ThreadWorker):
             head = bytes(buffer[:end])
             lengths = _CONTENT_LENGTH.findall(head)
             length = int(lengths[0]) if lengths else 0
-            if (
-                _STREAMED.search(head)
-                or length > BUFFERED_BODY_MAX
-                or self.reserved + length > BUFFER_BUDGET
-            ):
-                length = -1  # the thread reads the body, within IDLE and BODY timeouts
-            else:
-                self.reserved += length
+            with self._budget:
+                if (
+                    _STREAMED.search(head)
+                    or length > BUFFERED_BODY_MAX
+                    or self.reserved + length > BUFFER_BUDGET
+                ):
+                    length = -1  # the thread reads the body, within IDLE and BODY timeouts
+                else:
+                    self.reserved += length
             conn.body_reserved = length
         if conn.body_reserved < 0:
             return True
@@ -185,15 +191,23 @@ class BoundedThreadWorker(ThreadWorker):
             self._dispatch(conn, registered=True)
 
     def _release(self, conn: Any) -> None:
+        """The connection is no longer read by the loop: its body's share of the budget goes
+        back (a closed one), or on with the request to its thread (a dispatched one)."""
         self.reading.pop(conn, None)
-        if conn.body_reserved is not None and conn.body_reserved > 0:
-            self.reserved -= conn.body_reserved
+        self._give_back(max(0, conn.body_reserved or 0))
         conn.body_reserved = None
+
+    def _give_back(self, reserved: int) -> None:
+        if reserved:
+            with self._budget:
+                self.reserved -= reserved
 
     def _dispatch(self, conn: Any, *, registered: bool) -> None:
         if registered:
             self.poller.unregister(conn.sock)
         conn.body_streamed = conn.body_reserved is not None and conn.body_reserved < 0
+        conn.body_held = max(0, conn.body_reserved or 0)  # given back when the thread is done
+        conn.body_reserved = None
         self._release(conn)
         conn.request_buffer = bytes(conn.pending_bytes)
         conn.pending_bytes = None
@@ -270,3 +284,5 @@ class BoundedThreadWorker(ThreadWorker):
             return super().handle(conn)
         finally:
             conn.sock.read_deadline = None
+            held, conn.body_held = getattr(conn, "body_held", 0), 0
+            self._give_back(held)
