@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -26,6 +27,10 @@ CHANNEL = "genrelay_tasks"
 _PENDING = "genrelay_wake"
 RECONNECT_DELAY = 2.0
 LISTEN_TIMEOUT = 1.0  # how often the listener looks at its stop flag
+# A listening connection is idle: one cut silently (a NAT, a proxy that stops relaying) would
+# never raise. TCP keepalives find a dead peer within about 25 s; a path that still answers
+# them but delivers nothing is left when the connection is made anew, every LISTEN_RECYCLE s.
+LISTEN_RECYCLE = 300.0
 
 
 def request_wake(session: Session) -> None:
@@ -79,9 +84,18 @@ class Listener:
     def _listen(self, stopping: threading.Event) -> None:
         import psycopg  # only worker processes on PostgreSQL listen; SQLite never loads it
 
-        with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(
+            self.url,
+            autocommit=True,
+            connect_timeout=10,
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        ) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
             self.wake()  # anything queued while we were not listening
-            while not stopping.is_set():
+            recycle_at = time.monotonic() + LISTEN_RECYCLE
+            while not stopping.is_set() and time.monotonic() < recycle_at:
                 for _ in conn.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):
                     self.wake()

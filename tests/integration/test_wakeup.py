@@ -139,6 +139,32 @@ def test_tasks_queued_together_spread_over_the_idle_threads(
     assert max(handler.started) - queued_at < 2.0
 
 
+def test_the_listener_makes_its_connection_anew_now_and_then(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection cut silently never raises: the listener does not keep one for ever."""
+    from service.runtime import wakeup
+
+    url = postgres_only(database_url)
+    monkeypatch.setattr(wakeup, "LISTEN_RECYCLE", 0.3)
+    connects: list[dict[str, object]] = []
+    real_connect = psycopg.connect
+
+    def counted(*args: object, **kwargs: object) -> psycopg.Connection:
+        connects.append(kwargs)
+        return real_connect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(psycopg, "connect", counted)
+    stopping = threading.Event()
+    thread = threading.Thread(target=wakeup.Listener(url, lambda: None).run, args=(stopping,))
+    thread.start()
+    time.sleep(2.0)
+    stopping.set()
+    thread.join(timeout=5)
+    assert len(connects) >= 2
+    assert connects[0]["keepalives_idle"] == 10  # and a dead peer is noticed by TCP itself
+
+
 def test_a_sqlite_url_has_no_listener() -> None:
     assert libpq_url("sqlite:///var/genrelay.db") is None
     assert libpq_url("postgresql+psycopg://u:p@127.0.0.1:5432/db") == (
