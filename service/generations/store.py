@@ -213,19 +213,25 @@ class StoreHandler:
         self.policy = result_url_policy(config)
         self.http = http or download_session(config)
 
-    def run(self, task: ClaimedTask) -> Outcome:
-        assert task.generation_id is not None
+    def _read(self, generation_id: str) -> tuple[Generation, str, str] | None:
+        """The generation, and the bucket and prefix of its tenant's results (one query)."""
         with self.store.read() as session:
-            # The generation and its tenant's settings in one query.
             row = session.execute(
                 sa.select(Generation, Tenant)
                 .join(Tenant, Tenant.id == Generation.tenant_id)
-                .where(Generation.id == task.generation_id)
+                .where(Generation.id == generation_id)
             ).one_or_none()
         if row is None:
+            return None
+        bucket, prefix = output_location(self.config, settings_of(row[1]))
+        return row[0], bucket, prefix
+
+    def run(self, task: ClaimedTask) -> Outcome:
+        assert task.generation_id is not None
+        found = self._read(task.generation_id)
+        if found is None:
             return DONE
-        generation, settings = row[0], settings_of(row[1])
-        bucket, prefix = output_location(self.config, settings)
+        generation, bucket, prefix = found
         earlier = task.attempts > 1  # an earlier attempt may have stored the object
         if generation.status != GenerationStatus.PROCESSING:
             # Canceled (cancel wins), failed meanwhile, or finished by an earlier attempt.
@@ -319,16 +325,10 @@ class StoreHandler:
             code, doing = ErrorCode.STORAGE_FAILED, "stored"
         message = f"the result could not be {doing} after {task.attempts} attempts"
         fail = failing(task.generation_id, code, message)
-        with self.store.read() as session:
-            row = session.execute(
-                sa.select(Generation, Tenant)
-                .join(Tenant, Tenant.id == Generation.tenant_id)
-                .where(Generation.id == task.generation_id)
-            ).one_or_none()
-        if row is None:
+        found = self._read(task.generation_id)
+        if found is None:
             return fail
-        bucket, prefix = output_location(self.config, settings_of(row[1]))
-        return _both(fail, self._leftovers(row[0], bucket, prefix))
+        return _both(fail, self._leftovers(*found))
 
     @staticmethod
     def _delete(blobs: BlobStore, name: str) -> None:
