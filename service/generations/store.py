@@ -124,6 +124,7 @@ class ResultStream:
         self.crc32c = Crc32cHasher()
         self.head = bytearray()
         self.kind: ImageKind | None = None
+        self.ended_at: float | None = None  # when the body's end was read
 
     def prime(self) -> ImageKind:
         """Read just enough to know the format; ResultRejected if it is not an image."""
@@ -171,6 +172,7 @@ class ResultStream:
             chunk = next(self._chunks)
         except StopIteration:
             self._exhausted = True
+            self.ended_at = time.monotonic()
             return False
         except requests.RequestException as exc:
             failure = type(exc).__name__
@@ -243,7 +245,7 @@ class StoreHandler:
             try:
                 target = self.blobs.for_bucket(bucket)
                 response = self._get(self._confirmed_source(generation))
-                stored, width_height = self._copy(generation, response, target, prefix)
+                stored, width_height = self._copy(generation, response, target, prefix, deadline)
             except ResultRejected as rejected:
                 GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
                 if deadline.expired:  # what was cut short is no verdict on the result
@@ -257,12 +259,6 @@ class StoreHandler:
                 if deadline.expired:  # the download's connection was cut
                     return Failed(f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s")
                 return Failed(str(exc))
-        if deadline.expired:
-            # Cut while the last bytes came: an answer with neither a length nor chunks ends
-            # the same way as a whole one. What was stored may be short: not recorded.
-            GCS_UPLOAD_LATENCY.labels("retry").observe(time.monotonic() - started)
-            self._delete(target, stored.name)
-            return Failed(f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s")
         GCS_UPLOAD_LATENCY.labels("stored").observe(time.monotonic() - started)
         width, height = width_height or (None, None)
         result: dict[str, Any] = {
@@ -395,7 +391,12 @@ class StoreHandler:
         )
 
     def _copy(
-        self, generation: Generation, response: requests.Response, blobs: BlobStore, prefix: str
+        self,
+        generation: Generation,
+        response: requests.Response,
+        blobs: BlobStore,
+        prefix: str,
+        deadline: Deadline,
     ) -> tuple[StoredBlob, tuple[int, int] | None]:
         with response:
             if response.status_code in (404, 410):
@@ -421,6 +422,11 @@ class StoreHandler:
                 stored = self._write(generation, blobs, name, kind, stream, declared)
             except DownloadInterrupted as exc:
                 raise TransientError(f"{DOWNLOADING}: {exc}") from None
+            if deadline.expired and _maybe_cut(stream, declared, deadline):
+                # An answer with neither a length nor chunks ends at the deadline's cut the
+                # same way as a whole one: what was stored may be short, and is not recorded.
+                self._delete(blobs, stored.name)
+                raise TransientError(f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s")
             return stored, stream.dimensions()
 
     def _write(
@@ -497,6 +503,13 @@ def _status(session: Session, generation_id: str) -> str | None:
     return session.execute(
         sa.select(Generation.status).where(Generation.id == generation_id)
     ).scalar()
+
+
+def _maybe_cut(stream: ResultStream, declared: int | None, deadline: Deadline) -> bool:
+    """Whether a download that read to its end may have been cut short by `deadline`: its
+    length was not declared (a declared one is checked by the client), and its end came no
+    sooner than the cut (a copy whose upload alone outlasted the deadline is whole)."""
+    return declared is None and (stream.ended_at is None or stream.ended_at >= deadline.at)
 
 
 def _both(first: Apply, then: Apply) -> Apply:

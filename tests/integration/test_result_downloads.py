@@ -246,6 +246,34 @@ def test_a_download_cut_at_the_deadline_is_never_stored_as_the_result(
     assert objects(services) == {}  # what was written, short, was deleted
 
 
+def test_a_whole_copy_whose_upload_ends_after_the_deadline_is_recorded(
+    config: Config,
+    make_client: Any,
+    simulator: Any,
+    result_host: ResultHost,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.adapters.blobstore import GcsBlobStore
+
+    monkeypatch.setattr(store, "DOWNLOAD_DEADLINE", 1.0)
+    write_new = GcsBlobStore.write_new
+
+    def slow_to_finish(self: GcsBlobStore, *args: Any, **kwargs: Any) -> Any:
+        stored = write_new(self, *args, **kwargs)  # the whole image read and written...
+        time.sleep(1.6)  # ...and GCS slow to say so: the deadline passes, nothing was cut
+        return stored
+
+    monkeypatch.setattr(GcsBlobStore, "write_new", slow_to_finish)
+    services, client, auth = make_client(callback_config(config, confirm_results=False))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    wait_until_complete(simulator, generation["upstream"]["job"])
+    call_back(client, generation, f"{result_host.url}/image.png")
+    [claimed] = services.queue.claim_due_tasks(kinds=[STORE])
+    services.runner.execute(claimed)
+    assert _generation(services, generation["id"]).status == "succeeded"
+    assert len(objects(services)) == 1
+
+
 def test_the_download_ignores_proxy_settings_of_the_environment(
     config: Config, make_client: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
