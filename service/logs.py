@@ -35,6 +35,7 @@ TRACE_FIELD = "logging.googleapis.com/trace"
 _CALLBACK_TOKEN = re.compile(r"(/v1/callbacks/deepimage/[^/\s?#\"']+/)[^/\s?#\"']+")
 # A word of plain text, as far as a URL in it can reach: up to a space, a quote or a bracket.
 _WORD = re.compile(r"[^\s\"'<>]+")
+_HTTP = re.compile(r"https?://", re.IGNORECASE)
 # GENRELAY_LOG_LEVEL is the level of this logger and its children.
 OWN_LOGGER = "genrelay"
 
@@ -48,12 +49,12 @@ def redact(text: str) -> str:
 
 
 def _without_query(word: re.Match[str]) -> str:
-    """`word` with the query of the http(s) URL in it (if any) replaced by `***`."""
+    """`word` with the query of the (first) http(s) URL in it replaced by `***`."""
     text = word.group()
-    scheme_end = text.find("://")
-    if scheme_end < 0 or not text[:scheme_end].lower().endswith(("http", "https")):
+    url = _HTTP.search(text)  # a literal start: no backtracking over the word
+    if url is None:
         return text
-    query = text.find("?", scheme_end)
+    query = text.find("?", url.end())
     if query < 0:
         return text
     fragment = text.find("#", query)

@@ -313,11 +313,13 @@ def test_urls_are_redacted_before_json_escapes_them(json_logs: io.StringIO) -> N
     log = logging.getLogger("genrelay.test")
     log.warning("GET https://shop.example/café.jpg?sig=SECRET1#top failed")
     log.warning("GET https://x.example/a.jpg?a=\\b&token=SECRET2 failed")
+    log.warning("fetch gs://bucket/o,https://h.example/p?X-Goog-Signature=SECRET3 failed")
     text = json_logs.getvalue()
     assert "SECRET" not in text
-    first, second = (json.loads(line)["message"] for line in text.splitlines())
+    first, second, third = (json.loads(line)["message"] for line in text.splitlines())
     assert first == "GET https://shop.example/café.jpg?***#top failed"
     assert second == "GET https://x.example/a.jpg?*** failed"
+    assert third == "fetch gs://bucket/o,https://h.example/p?*** failed"
 
 
 def test_redaction_takes_linear_time_whatever_the_text() -> None:
