@@ -12,7 +12,7 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -177,28 +177,41 @@ def test_the_tenant_never_sees_the_bytes_of_a_non_image_answer(
     }
 
 
+StoreOnce = Callable[[str], tuple[Any, str, float]]
+
+
+@pytest.fixture
+def store_once(
+    config: Config, make_client: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> StoreOnce:
+    """With a download deadline of 1 s: one store attempt of a generation whose callback
+    names `url`; the services, the generation's id and how long the attempt took."""
+    monkeypatch.setattr(store, "DOWNLOAD_DEADLINE", 1.0)
+
+    def attempt(url: str) -> tuple[Any, str, float]:
+        services, client, auth = make_client(callback_config(config, confirm_results=False))
+        generation = create(client, auth, {"input": TEXT_ONLY})
+        wait_until_complete(simulator, generation["upstream"]["job"])
+        call_back(client, generation, url)
+        [claimed] = services.queue.claim_due_tasks(kinds=[STORE])
+        started = time.monotonic()
+        services.runner.execute(claimed)
+        return services, generation["id"], time.monotonic() - started
+
+    return attempt
+
+
 def test_a_download_that_trickles_is_cut_at_the_deadline_and_retried(
-    config: Config,
-    make_client: Any,
-    simulator: Any,
-    result_host: ResultHost,
-    monkeypatch: pytest.MonkeyPatch,
+    store_once: StoreOnce, result_host: ResultHost
 ) -> None:
     # Each byte comes well within the read timeout; the whole image would take 20 s or more.
-    monkeypatch.setattr(store, "DOWNLOAD_DEADLINE", 1.0)
-    services, client, auth = make_client(callback_config(config, confirm_results=False))
-    generation = create(client, auth, {"input": TEXT_ONLY})
-    wait_until_complete(simulator, generation["upstream"]["job"])
-    call_back(client, generation, f"{result_host.url}/trickle.png")
-    [claimed] = services.queue.claim_due_tasks(kinds=[STORE])
-    started = time.monotonic()
-    services.runner.execute(claimed)
-    assert time.monotonic() - started < 5
+    services, generation_id, took = store_once(f"{result_host.url}/trickle.png")
+    assert took < 5
     task = _store_task(services)
     assert (task.status, task.attempts) == ("pending", 1)  # retried later, like a cut download
     assert task.last_error == "downloading the result took more than 1 s"
     assert result_host.paths == ["/trickle.png"]
-    assert _generation(services, generation["id"]).status == "processing"
+    assert _generation(services, generation_id).status == "processing"
     assert objects(services) == {}
 
 
@@ -226,36 +239,24 @@ class CloseDelimitedHost:
 
 
 def test_a_download_cut_at_the_deadline_is_never_stored_as_the_result(
-    config: Config, make_client: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch
+    store_once: StoreOnce,
 ) -> None:
     # Cut, a body read until the connection closes looks whole: it must not be recorded.
-    monkeypatch.setattr(store, "DOWNLOAD_DEADLINE", 1.0)
-    host = CloseDelimitedHost(_png())
-    services, client, auth = make_client(callback_config(config, confirm_results=False))
-    generation = create(client, auth, {"input": TEXT_ONLY})
-    wait_until_complete(simulator, generation["upstream"]["job"])
-    call_back(client, generation, host.url)
-    [claimed] = services.queue.claim_due_tasks(kinds=[STORE])
-    services.runner.execute(claimed)
+    services, generation_id, _took = store_once(CloseDelimitedHost(_png()).url)
     task = _store_task(services)
     assert (task.status, task.last_error) == (
         "pending",
         "downloading the result took more than 1 s",
     )
-    assert _generation(services, generation["id"]).status == "processing"
+    assert _generation(services, generation_id).status == "processing"
     assert objects(services) == {}  # what was written, short, was deleted
 
 
 def test_a_whole_copy_whose_upload_ends_after_the_deadline_is_recorded(
-    config: Config,
-    make_client: Any,
-    simulator: Any,
-    result_host: ResultHost,
-    monkeypatch: pytest.MonkeyPatch,
+    store_once: StoreOnce, result_host: ResultHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from service.adapters.blobstore import GcsBlobStore
 
-    monkeypatch.setattr(store, "DOWNLOAD_DEADLINE", 1.0)
     write_new = GcsBlobStore.write_new
 
     def slow_to_finish(self: GcsBlobStore, *args: Any, **kwargs: Any) -> Any:
@@ -264,13 +265,8 @@ def test_a_whole_copy_whose_upload_ends_after_the_deadline_is_recorded(
         return stored
 
     monkeypatch.setattr(GcsBlobStore, "write_new", slow_to_finish)
-    services, client, auth = make_client(callback_config(config, confirm_results=False))
-    generation = create(client, auth, {"input": TEXT_ONLY})
-    wait_until_complete(simulator, generation["upstream"]["job"])
-    call_back(client, generation, f"{result_host.url}/image.png")
-    [claimed] = services.queue.claim_due_tasks(kinds=[STORE])
-    services.runner.execute(claimed)
-    assert _generation(services, generation["id"]).status == "succeeded"
+    services, generation_id, _took = store_once(f"{result_host.url}/image.png")
+    assert _generation(services, generation_id).status == "succeeded"
     assert len(objects(services)) == 1
 
 
