@@ -35,6 +35,7 @@ from service.runtime.housekeeping import HousekeepingHandler
 from service.runtime.inline import InlineTasks
 from service.runtime.queue import RetryPolicy, TaskQueue
 from service.runtime.runner import TaskRunner
+from service.runtime.worker import BackgroundLeases
 
 # A webhook URL given in a request is resolved while the client waits: not for long.
 REQUEST_DNS_TIMEOUT = 2.0
@@ -126,7 +127,12 @@ def build_services(
             kinds.EXPIRE_RESULT: ExpireResultHandler(store, blobs),
         },
     )
-    generations = GenerationService(store, queue, line, runner, blobs, config, request_policy)
+    # One renewer per process of the leases its web requests hold (intake's first submit, the
+    # inline stores).
+    leases = BackgroundLeases(queue)
+    generations = GenerationService(
+        store, queue, line, runner, blobs, config, request_policy, leases
+    )
     return Services(
         config=config,
         store=store,
@@ -141,7 +147,9 @@ def build_services(
             store,
             queue,
             config,
-            InlineTasks(runner, threads=inline_store_threads) if inline_store_threads else None,
+            InlineTasks(runner, threads=inline_store_threads, leases=leases)
+            if inline_store_threads
+            else None,
         ),
         notifications=NotificationService(store, config, request_policy),
         api_keys=ApiKeys(store),

@@ -99,12 +99,13 @@ class GenerationService:
         blobs: BlobStore,
         config: Config,
         policy: URLPolicy,
+        leases: BackgroundLeases | None = None,
     ) -> None:
         self.policy = policy
         # The first submit runs in the request: its lease is renewed while it does (a
         # GENRELAY_TASK_LEASE shorter than a slow Deep-Image answer would let a worker take the
         # task and send it a second time).
-        self.leases = BackgroundLeases(queue)
+        self.leases = leases or BackgroundLeases(queue)
         self.store = store
         self.queue = queue
         self.line = line

@@ -24,7 +24,7 @@ import time
 
 from service.runtime.queue import ClaimedTask
 from service.runtime.runner import TaskRunner
-from service.runtime.worker import LeaseKeeper
+from service.runtime.worker import BackgroundLeases
 
 log = logging.getLogger("genrelay.inline")
 
@@ -35,17 +35,19 @@ EXIT_WAIT = 10.0
 class InlineTasks:
     """Runs the first attempt of tasks this process queued, on at most `threads` threads."""
 
-    def __init__(self, runner: TaskRunner, *, threads: int) -> None:
+    def __init__(
+        self, runner: TaskRunner, *, threads: int, leases: BackgroundLeases | None = None
+    ) -> None:
         self.runner = runner
         self.threads = threads
-        self.leases = LeaseKeeper(runner.queue)
+        # The process's renewer of leases held outside a worker's loop (intake's shares it).
+        self.leases = leases or BackgroundLeases(runner.queue)
         self._slots = threading.BoundedSemaphore(threads)
         self._lock = threading.Lock()
         self._running: dict[str, ClaimedTask] = {}
         self._idle = threading.Condition(self._lock)
         self._closed = False
-        self._stopping = threading.Event()
-        self._keeper: threading.Thread | None = None
+        self._exit_registered = False
 
     def reserve(self) -> bool:
         """Take an idle thread for a task about to be queued claimed; False when all are busy
@@ -62,8 +64,11 @@ class InlineTasks:
         """Run `task` (queued claimed by this process, committed) on the reserved thread."""
         with self._lock:
             self._running[task.id] = task
-            if self._keeper is None:
-                self._start_keeper()
+            if not self._exit_registered:
+                # In the process that runs the attempts (gunicorn forks after the app may
+                # have been built): at its exit, what still runs is handed back.
+                atexit.register(self.close)
+                self._exit_registered = True
         thread = threading.Thread(
             target=self._run, args=(task,), name=f"genrelay-inline-{task.kind}", daemon=True
         )
@@ -90,18 +95,6 @@ class InlineTasks:
             self._idle.notify_all()
         self._slots.release()
 
-    def _start_keeper(self) -> None:
-        # Started on first use, in the process that runs the attempts (gunicorn forks after
-        # the app may have been built).
-        self._keeper = threading.Thread(
-            target=self.leases.run,
-            args=(self._stopping,),
-            name="genrelay-inline-leases",
-            daemon=True,
-        )
-        self._keeper.start()
-        atexit.register(self.close)
-
     def running(self) -> list[ClaimedTask]:
         with self._lock:
             return list(self._running.values())
@@ -115,7 +108,6 @@ class InlineTasks:
             while self._running and (left := deadline - time.monotonic()) > 0:
                 self._idle.wait(left)
             unfinished = list(self._running.values())
-        self._stopping.set()
         released = 0
         for task in unfinished:
             try:
