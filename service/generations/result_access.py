@@ -67,16 +67,22 @@ def output_location(config: Config, settings: TenantSettings) -> tuple[str, str]
 
 def sign_result(blobs: BlobStore, uri: str | None, ttl: float) -> str | None:
     """A V4 GET URL of the stored result at `uri`; None where it cannot be made now."""
-    parsed = parse_gs_url(uri) if isinstance(uri, str) else None
-    if parsed is None:
-        return None
-    bucket, name = parsed
     try:
-        return blobs.for_bucket(bucket).signed_url(name, dt.timedelta(seconds=ttl))
+        return _signed(blobs, uri, ttl)
     except BlobError as exc:
         # Signing through IAM can fail for a moment; the result stays readable by URI.
         log.warning("could not sign a URL for %s: %s", uri, exc.message)
         return None
+
+
+def _signed(blobs: BlobStore, uri: str | None, ttl: float) -> str | None:
+    """A V4 GET URL of the object at `uri`; None where the credentials cannot sign (or `uri`
+    names no object). BlobError when signing failed."""
+    parsed = parse_gs_url(uri) if isinstance(uri, str) else None
+    if parsed is None:
+        return None
+    bucket, name = parsed
+    return blobs.for_bucket(bucket).signed_url(name, dt.timedelta(seconds=ttl))
 
 
 def schedule_expiry(session: Session, queue: TaskQueue, generation: Generation) -> None:
@@ -106,21 +112,17 @@ class ResultAccess:
         generation = self._stored_result(tenant_id, generation_id)
         assert generation.result is not None
         uri = generation.result.get("uri")
-        parsed = parse_gs_url(uri) if isinstance(uri, str) else None
         url = None
-        if parsed is not None:
-            bucket, name = parsed
-            ttl = dt.timedelta(seconds=self.config.signed_url_ttl)
-            try:
-                url = self.blobs.for_bucket(bucket).signed_url(name, ttl)
-            except TransientBlobError as exc:
-                log.warning("could not sign a URL for %s: %s", uri, exc.message)
-                raise Unavailable(
-                    "the result's URL could not be signed just now; try again",
-                    headers={"Retry-After": "5"},
-                ) from None
-            except PermanentBlobError as exc:  # e.g. IAM refuses: no signBlob permission
-                log.error("could not sign a URL for %s: %s", uri, exc.message)
+        try:
+            url = _signed(self.blobs, uri, self.config.signed_url_ttl)
+        except TransientBlobError as exc:
+            log.warning("could not sign a URL for %s: %s", uri, exc.message)
+            raise Unavailable(
+                "the result's URL could not be signed just now; try again",
+                headers={"Retry-After": "5"},
+            ) from None
+        except PermanentBlobError as exc:  # e.g. IAM refuses: no signBlob permission
+            log.error("could not sign a URL for %s: %s", uri, exc.message)
         if url is None:
             raise CannotSign(
                 "genrelay's credentials cannot sign URLs here (set GENRELAY_GCS_SIGNING_ACCOUNT "

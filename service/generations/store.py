@@ -249,7 +249,7 @@ class StoreHandler:
             except ResultRejected as rejected:
                 GCS_UPLOAD_LATENCY.labels("rejected").observe(time.monotonic() - started)
                 if deadline.expired:  # what was cut short is no verdict on the result
-                    return Failed(f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s")
+                    return Failed(_too_slow())
                 fail = failing(generation.id, rejected.code, rejected.message)
                 if not earlier or rejected.code == ErrorCode.STORAGE_CONFLICT:
                     return Done(fail)  # (a conflicting object is left for the operator)
@@ -257,7 +257,7 @@ class StoreHandler:
             except TransientError as exc:
                 GCS_UPLOAD_LATENCY.labels("retry").observe(time.monotonic() - started)
                 if deadline.expired:  # the download's connection was cut
-                    return Failed(f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s")
+                    return Failed(_too_slow())
                 return Failed(str(exc))
         GCS_UPLOAD_LATENCY.labels("stored").observe(time.monotonic() - started)
         width, height = width_height or (None, None)
@@ -426,7 +426,7 @@ class StoreHandler:
                 # An answer with neither a length nor chunks ends at the deadline's cut the
                 # same way as a whole one: what was stored may be short, and is not recorded.
                 self._delete(blobs, stored.name)
-                raise TransientError(f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s")
+                raise TransientError(_too_slow())
             return stored, stream.dimensions()
 
     def _write(
@@ -503,6 +503,11 @@ def _status(session: Session, generation_id: str) -> str | None:
     return session.execute(
         sa.select(Generation.status).where(Generation.id == generation_id)
     ).scalar()
+
+
+def _too_slow() -> str:
+    """What an attempt cut at its deadline failed with."""
+    return f"{DOWNLOADING} took more than {DOWNLOAD_DEADLINE:g} s"
 
 
 def _maybe_cut(stream: ResultStream, declared: int | None, deadline: Deadline) -> bool:
