@@ -505,12 +505,19 @@ class TaskQueue:
 
     def renew(self, tasks: Iterable[ClaimedTask]) -> set[str]:
         """Extend the leases of tasks still held; return the ids of those (lost ones left out).
+        `renew_leases` also tells which of them were extended now."""
+        return self.renew_leases(tasks)[0]
+
+    def renew_leases(self, tasks: Iterable[ClaimedTask]) -> tuple[set[str], set[str]]:
+        """Extend the leases of tasks still held: the ids of those still held (lost ones left
+        out), and of those whose lease was extended now (the held ones less those skipped).
 
         The worker calls this every third of a lease for the tasks it is running, so a task
         that runs longer than a lease is not claimed again. One transaction of two statements
         for all of them, and it never waits for a task's row: one that another transaction
         holds (its own outcome being written right now, or a claim taking it over) is skipped
-        and renewed on the next pass, its lease still two thirds long. Waiting there closed
+        (held, not renewed) and tried again on the keeper's next look, its lease still two
+        thirds long. Waiting there closed
         cycles of row locks: with a batch of outcomes that locks the same tasks' rows in
         another order, or through the account's lock (a submit's outcome holding it while it
         waits for its own task's row, which the renewal holds while it waits for a row whose
@@ -523,7 +530,7 @@ class TaskQueue:
         """
         claims = [(task.id, task.claim_token) for task in tasks]
         if not claims:
-            return set()
+            return set(), set()
         now = self.clock()
         ours = sa.and_(
             sa.tuple_(TASKS.c.id, TASKS.c.claim_token).in_(claims),
@@ -534,13 +541,16 @@ class TaskQueue:
             # Still ours, as last committed: a held row counts too (its lease has time left).
             held = set(connection.scalars(sa.select(TASKS.c.id).where(ours)))
             free = sa.select(TASKS.c.id).where(ours).with_for_update(skip_locked=True)
-            connection.execute(
-                sa.update(TASKS)
-                .where(TASKS.c.id.in_(free))
-                .values(updated_at=now, lease_expires_at=self._lease_until()),
-                self._lease_params(now),
+            renewed = set(
+                connection.scalars(
+                    sa.update(TASKS)
+                    .where(TASKS.c.id.in_(free))
+                    .values(updated_at=now, lease_expires_at=self._lease_until())
+                    .returning(TASKS.c.id),
+                    self._lease_params(now),
+                )
             )
-        return held
+        return held, renewed
 
     def _update_held(self, task: ClaimedTask, **values: Any) -> bool:
         with self.store.transaction() as session:

@@ -70,12 +70,15 @@ class LeaseKeeper:
             ]
         if not tasks:
             return 0
-        kept = self.queue.renew(tasks)
+        kept, renewed = self.queue.renew_leases(tasks)
         for task in tasks:
             if task.id in kept:
-                with self._lock:
-                    if task.id in self._renewed:
-                        self._renewed[task.id] = now
+                # One skipped for its row being locked stays due: tried again at the next look,
+                # not a third of a lease later (for the line's 3 s lease, that is its end).
+                if task.id in renewed:
+                    with self._lock:
+                        if task.id in self._renewed:
+                            self._renewed[task.id] = now
                 continue
             with self._lock:
                 still_running = self._held.pop(task.id, None) is not None

@@ -375,6 +375,30 @@ def test_renew_never_waits_for_a_task_row_another_transaction_holds(
     assert row(queue.store, busy_id).lease_expires_at == START + dt.timedelta(seconds=100)
 
 
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_lease_skipped_for_its_locked_row_is_tried_again_at_the_keepers_next_look(
+    queue: TaskQueue, clock: FakeClock
+) -> None:
+    from service.runtime.worker import LeaseKeeper
+
+    task_id = enqueue(queue)
+    [held] = queue.claim_due_tasks()
+    keeper = LeaseKeeper(queue)
+    with keeper.holding(held):
+        keeper._renewed[task_id] -= queue.lease.total_seconds()  # a third of its lease is past
+        clock.advance(30)
+        with queue.store.engine.connect() as other:
+            other.execute(sa.select(Task.id).where(Task.id == task_id).with_for_update())
+            assert keeper.renew_once(only_due=True) == 1  # still ours, but skipped
+            other.rollback()
+        assert row(queue.store, task_id).lease_expires_at == START + dt.timedelta(seconds=60)
+        # Not a third of a lease later: the next look renews it.
+        assert keeper.renew_once(only_due=True) == 1
+    assert row(queue.store, task_id).lease_expires_at == START + dt.timedelta(seconds=90)
+
+
 class SlowHandler(RecordingHandler):
     """Runs for `seconds`, longer than the lease, while another claimer keeps trying."""
 
