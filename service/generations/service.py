@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import datetime as dt
 import hashlib
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -86,6 +88,17 @@ class NewGeneration:
 # The outcome of intake: the generation made (or shown again), or the stored first response.
 Intake = Answer[GenerationView]
 
+# How many result links of a listed page are signed at once.
+SIGNING_THREADS = 8
+
+
+def _result_uri(generation: GenerationRecord) -> str | None:
+    """Where the generation's result is stored, if it has one still there."""
+    if generation.result and generation.result_expired_at is None:
+        uri = generation.result.get("uri")
+        return uri if isinstance(uri, str) else None
+    return None
+
 
 class GenerationService:
     """Owns the transactions of every generation use case."""
@@ -118,12 +131,31 @@ class GenerationService:
     ) -> GenerationView:
         """The generation as shown, with a V4 URL for its stored result where the credentials
         can sign one."""
-        signed_url = None
-        if generation.result and generation.result_expired_at is None:
-            signed_url = sign_result(
-                self.blobs, generation.result.get("uri"), self.config.signed_url_ttl
-            )
+        uri = _result_uri(generation)
+        signed_url = None if uri is None else self._sign(uri)
         return GenerationView(generation, signed_url=signed_url, queue_position=queue_position)
+
+    def _views(self, generations: list[GenerationRecord]) -> list[GenerationView]:
+        """A page of generations as shown, their result links signed a few at once.
+
+        On Cloud Run every link is a request to IAM's signBlob (tens of milliseconds): one
+        after the other, a page of 100 succeeded generations took 100 of them in a row."""
+        uris = {i: uri for i, g in enumerate(generations) if (uri := _result_uri(g)) is not None}
+        links: dict[int, str | None] = {}
+        if len(uris) > 1:
+            with ThreadPoolExecutor(min(SIGNING_THREADS, len(uris)), "genrelay-sign") as pool:
+                # Each in a copy of this context: its log lines keep the request's id.
+                signed = [
+                    pool.submit(contextvars.copy_context().run, self._sign, uri)
+                    for uri in uris.values()
+                ]
+                links = dict(zip(uris, (future.result() for future in signed), strict=True))
+        elif uris:
+            links = {i: self._sign(uri) for i, uri in uris.items()}
+        return [GenerationView(g, signed_url=links.get(i)) for i, g in enumerate(generations)]
+
+    def _sign(self, uri: str) -> str | None:
+        return sign_result(self.blobs, uri, self.config.signed_url_ttl)
 
     def create(
         self,
@@ -317,7 +349,7 @@ class GenerationService:
             query = query.where(Generation.created_at > created_after)
         with self.store.read() as session:
             page = paginate(session, query, Generation, cursor=cursor, limit=limit)
-        return Page(items=[self._view(g) for g in page.items], next_cursor=page.next_cursor)
+        return Page(items=self._views(page.items), next_cursor=page.next_cursor)
 
     def _metadata_is(self, key: str, value: str) -> sa.ColumnElement[bool]:
         """The generation's metadata has `value` under `key`.

@@ -421,6 +421,44 @@ def test_a_result_is_shown_with_a_signed_url_where_the_credentials_can_sign(
     services.downloads.close()
 
 
+class SlowSigner(FakeBlobStore):
+    """Signs as IAM's signBlob does on Cloud Run: one slow request per URL. Counts how many
+    signings ran at once."""
+
+    def __init__(self, bucket: str) -> None:
+        super().__init__(bucket, can_sign=True)
+        self.running = self.most = 0
+        self.count = threading.Lock()
+
+    def signed_url(self, name: str, expires_in: dt.timedelta) -> str | None:
+        with self.count:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)
+        with self.count:
+            self.running -= 1
+        return super().signed_url(name, expires_in)
+
+
+def test_a_listed_page_signs_its_result_links_several_at_once(config: Config, store: Any) -> None:
+    blobs = SlowSigner(config.gcs_bucket)
+    services = build_services(config, store=store, blobs=blobs)
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    made = [create(client, auth, {"input": TEXT_ONLY})["id"] for _ in range(6)]
+    drain(services)
+    blobs.most = 0
+    listed = client.get("/v1/generations", headers=auth).json["data"]
+    assert sorted(item["id"] for item in listed) == sorted(made)
+    for item in listed:  # each its own link, in its place
+        assert item["status"] == "succeeded"
+        uri = item["result"]["uri"].removeprefix(f"gs://{config.gcs_bucket}/")
+        assert item["result"]["url"].startswith(f"https://fake.invalid/{config.gcs_bucket}/{uri}?")
+    assert blobs.most > 1
+    services.deepimage.close()
+    services.downloads.close()
+
+
 def test_a_callback_that_overtakes_the_submit_records_the_job_itself_when_trusted(
     config: Config, make_client: Any, simulator: Any
 ) -> None:
