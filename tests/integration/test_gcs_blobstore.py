@@ -31,6 +31,7 @@ from google.oauth2 import service_account
 
 from service.adapters.blobstore import (
     BUCKET_METADATA_SWITCH,
+    IAM_SIGN_TIMEOUT,
     BlobAlreadyExists,
     BlobError,
     BlobStore,
@@ -381,7 +382,7 @@ def test_signed_url_signs_through_iam_for_token_only_credentials(
     store = GcsBlobStore(bucket_name, client=client, signing_service_account=SIGNER_EMAIL)
     sign_blob = (
         "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/"
-        f"{SIGNER_EMAIL}:signBlob?alt=json"
+        f"{SIGNER_EMAIL}:signBlob"
     )
     with responses.RequestsMock() as mock:
         mock.post(
@@ -389,9 +390,17 @@ def test_signed_url_signs_through_iam_for_token_only_credentials(
             json={"keyId": "k1", "signedBlob": base64.b64encode(b"\x01\x02").decode()},
         )
         url = store.signed_url("a.png", datetime.timedelta(hours=1))
-        (call,) = mock.calls
-        assert call.request.headers["Authorization"] == "Bearer ya29.test-token"
+        again = store.signed_url("b.png", datetime.timedelta(hours=1))
+        first, second = mock.calls
+        assert first.request.headers["Authorization"] == "Bearer ya29.test-token"
+        # Bounded: google-cloud-storage's own call waits up to 120 s.
+        assert first.request.req_kwargs["timeout"] == IAM_SIGN_TIMEOUT
+        assert second.request.req_kwargs["timeout"] == IAM_SIGN_TIMEOUT
+    store.close()
     client.close()
+    assert again is not None and again.startswith(
+        f"https://storage.googleapis.com/{bucket_name}/b.png?"
+    )
 
     assert url is not None
     assert url.startswith(f"https://storage.googleapis.com/{bucket_name}/a.png?")
