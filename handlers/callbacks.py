@@ -8,7 +8,7 @@ import flask
 from flask_smorest import Blueprint
 
 from handlers.auth import services
-from handlers.problems import StrictJSONParser, require_json_body
+from handlers.problems import StrictJSONParser
 from schemas.callbacks import CallbackAckSchema, DeepImageCallbackSchema
 from schemas.problems import ProblemSchema
 from service.generations.completion import Callback
@@ -19,7 +19,9 @@ blp = Blueprint(
     url_prefix="/v1/callbacks",
     description="Completion callbacks from Deep-Image.",
 )
-blp.ARGUMENTS_PARSER = StrictJSONParser()
+# Deep-Image documents no Content-Type for its callback: the body is read as JSON whatever
+# it says (a 415 would lose the callback until the fallback poll).
+blp.ARGUMENTS_PARSER = StrictJSONParser(any_content_type=True)
 
 
 @blp.before_request
@@ -29,9 +31,6 @@ def _authenticate() -> None:
     services().completion.authenticate(
         view_args.get("generation_id", ""), view_args.get("token", "")
     )
-
-
-blp.before_request(require_json_body)
 
 
 @blp.route("/deepimage/<string:generation_id>/<string:token>", methods=["POST"])

@@ -163,8 +163,14 @@ class StrictJSONParser(FlaskParser):
 
     DEFAULT_UNKNOWN_BY_LOCATION: dict[str, str | None] = {}
 
+    def __init__(self, *, any_content_type: bool = False, **kwargs: Any) -> None:
+        """`any_content_type`: read the body as JSON whatever its Content-Type says (for a
+        sender that documents none)."""
+        super().__init__(**kwargs)
+        self.any_content_type = any_content_type
+
     def _raw_load_json(self, req: flask.Request) -> Any:
-        if not is_json_request(req):
+        if not self.any_content_type and not is_json_request(req):
             return core.missing
         data = req.get_data(cache=True)
         try:

@@ -23,4 +23,7 @@ def callback_url(public_url: str, secret: str, generation_id: str) -> str:
 
 def token_is_valid(secret: str, generation_id: str, token: str) -> bool:
     """Constant-time comparison of a presented token with the expected one."""
+    if not (generation_id.isascii() and token.isascii()):
+        # Ours are ASCII (and compare_digest refuses to compare other strings).
+        return False
     return hmac.compare_digest(callback_token(secret, generation_id), token)

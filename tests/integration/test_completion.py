@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import threading
 import time
 from typing import Any
@@ -208,6 +209,37 @@ def test_a_forged_callback_with_garbage_body_is_still_401(config: Config, make_c
         content_type="text/plain",
     )
     assert response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("generation_id", "token"), [("gen_x", "%C3%A9"), ("gen_x", "%FF"), ("gen_%C3%A9", "0" * 64)]
+)
+def test_a_callback_with_a_non_ascii_token_or_id_is_401(
+    config: Config, make_client: Any, generation_id: str, token: str
+) -> None:
+    _services, client, _auth = make_client(callback_config(config))
+    response = client.post(f"/v1/callbacks/deepimage/{generation_id}/{token}", json={"job": "j"})
+    assert response.status_code == 401
+    assert response.mimetype == "application/problem+json"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_callback_is_read_as_json_whatever_its_content_type(
+    config: Config, make_client: Any, content_type: str | None
+) -> None:
+    # Deep-Image documents none: a 415 would lose the callback until the fallback poll.
+    services, client, auth = make_client(callback_config(config))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    url = callback_url("", SECRET, generation["id"])
+    body = json.dumps({"job": generation["upstream"]["job"], "result_url": ELSEWHERE})
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    response = client.post(url, data=body.encode(), headers=headers)
+    assert (response.status_code, response.json) == (200, {"outcome": "accepted"})
+    assert len(tasks_of(services, STORE)) == 1
+    # Still refused when it is not JSON at all.
+    garbage = client.post(url, data=b"job=1", headers=headers)
+    assert garbage.status_code == 400
+    assert garbage.mimetype == "application/problem+json"
 
 
 def test_a_callback_for_an_unknown_generation_is_404(config: Config, make_client: Any) -> None:
