@@ -22,6 +22,7 @@ import requests
 
 from service.domain import ErrorCode
 from service.errors import TransientError
+from service.logs import redact
 from service.metrics import UPSTREAM_LATENCY
 
 MAX_MESSAGE_CHARS = 500
@@ -82,6 +83,12 @@ class UpstreamJob:
     job: str
     status: str | None
     result_url: str | None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job is over at Deep-Image: `complete`, or no status but a result URL
+        (`status` is optional in Deep-Image's OpenAPI description; only `job` is required)."""
+        return self.status == "complete" or (self.status is None and self.result_url is not None)
 
 
 def upstream_session(base_url: str) -> requests.Session:
@@ -259,5 +266,7 @@ def _json_object(response: requests.Response) -> dict[str, Any] | None:
 def _message(body: dict[str, Any] | None, status: int) -> str:
     raw = body.get("message") if body else None
     if isinstance(raw, str) and raw.strip():
-        return raw.strip()[:MAX_MESSAGE_CHARS]
+        # Shown to the tenant and stored: a URL it quotes (the signed URL of a gs:// input, the
+        # callback URL) loses its query and callback token.
+        return redact(raw.strip())[:MAX_MESSAGE_CHARS]
     return f"Deep-Image answered HTTP {status}"

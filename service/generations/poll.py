@@ -77,7 +77,7 @@ class PollHandler:
         except PermanentUpstreamError as exc:
             fail = failing(generation_id, exc.error_code, exc.message)
             return Done(_then_ended(fail, self.queue, generation_id, now))
-        if job.status == "complete" and job.result_url:
+        if job.finished and job.result_url:
             url = job.result_url
 
             def found(session: Session) -> None:
@@ -126,7 +126,7 @@ class PollHandler:
             except PermanentUpstreamError:
                 pass  # failed, or unknown to Deep-Image: over either way
             else:
-                if job.status != "complete":
+                if not job.finished:
                     reason = f"canceled job {job.job} is {job.status}"
                     return Later(delay, reason, payload={"delay": delay})
         return Done(lambda session: job_ended(session, self.queue, generation_id, now=now))

@@ -360,7 +360,7 @@ class StoreHandler:
             raise TransientError(f"{CONFIRMING}: {exc.message}") from None
         except PermanentUpstreamError as exc:
             raise ResultRejected(exc.error_code, exc.message) from None
-        if job.status != "complete" or job.result_url is None:
+        if not job.finished or job.result_url is None:
             raise TransientError(
                 f"{CONFIRMING}: Deep-Image reports job {job.job} as {job.status}, not complete"
             )

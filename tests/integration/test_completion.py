@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from service.adapters.blobstore import crc32c_base64
+from service.adapters.deepimage import UpstreamJob
 from service.app import create_app
 from service.bootstrap import Services, build_services
 from service.config import Config
@@ -309,6 +310,24 @@ def test_a_lost_callback_is_reconciled_by_polling(
     drain(services)
     done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
     assert done["status"] == "succeeded"
+    assert len(objects(services)) == 1
+
+
+def test_a_polled_result_without_a_status_but_with_its_url_is_stored(
+    config: Config, make_client: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `status` is optional in Deep-Image's OpenAPI description of a ProcessResult: an answer
+    # with only `job` and `result_url` is a finished job (polled, and confirmed by the store).
+    services, client, auth = make_client(callback_config(config, reconcile_after=0.2))
+    set_simulator(simulator.url, lost_callback_rate=1.0)
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    job = generation["upstream"]["job"]
+    url = wait_until_complete(simulator, job)
+    status_less = UpstreamJob(job=job, status=None, result_url=url)
+    monkeypatch.setattr(services.deepimage, "result", lambda asked: status_less)
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert done["status"] == "succeeded", done["error"]
     assert len(objects(services)) == 1
 
 

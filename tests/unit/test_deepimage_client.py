@@ -287,3 +287,55 @@ def test_the_upstream_session_honours_no_proxy_for_its_host(
     session = upstream_session(BASE)
     assert "https" not in session.proxies
     assert session.verify is True
+
+
+SIGNED = (
+    "https://storage.googleapis.com/in/a.png?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+    "&X-Goog-Credential=signer%40p.iam.gserviceaccount.com&X-Goog-Signature=6164ccac"
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, {"message": f"Error downloading image: 403 Forbidden for url: {SIGNED}"}),
+        (500, {"message": f"could not read {SIGNED}", "status": "failed", "job": JOB}),
+        (400, {"message": "bad webhook https://g.test/v1/callbacks/deepimage/gen_1/abcdef0"}),
+    ],
+)
+@responses.activate
+def test_a_url_that_an_upstream_message_quotes_loses_its_query_and_token(
+    client: DeepImageClient, status: int, body: dict[str, str]
+) -> None:
+    # The message is stored and shown to the tenant: a gs:// input's signed URL must not be.
+    responses.post(f"{BASE}/rest_api/process", status=status, json=body)
+    with pytest.raises(PermanentUpstreamError) as caught:
+        client.process({})
+    message = caught.value.message
+    assert "X-Goog-Signature" not in message and "abcdef0" not in message
+    assert "https://storage.googleapis.com/in/a.png?***" in message or message.endswith(
+        "/v1/callbacks/deepimage/gen_1/***"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "result_url", "finished"),
+    [
+        ("complete", "https://r.test/a.png", True),
+        ("complete", None, True),
+        (None, "https://r.test/a.png", True),  # `status` is optional in the OpenAPI document
+        (None, None, False),
+        ("in_progress", None, False),
+        ("received", None, False),
+    ],
+)
+@responses.activate
+def test_a_result_without_a_status_but_with_its_url_is_finished(
+    client: DeepImageClient, status: str | None, result_url: str | None, finished: bool
+) -> None:
+    body = {"job": JOB, "status": status, "result_url": result_url}
+    responses.get(
+        f"{BASE}/rest_api/result/{JOB}", json={k: v for k, v in body.items() if v is not None}
+    )
+    job = client.result(JOB)
+    assert (job.status, job.result_url, job.finished) == (status, result_url, finished)
