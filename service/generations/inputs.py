@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from marshmallow import Schema, fields
 
 from schemas.deepimage import STORAGE, ImageReference, ProcessRequestSchema, StorageFolder
-from service.adapters.blobstore import BlobStore
+from service.adapters.blobstore import BlobStore, PermanentBlobError
 from service.adapters.gcs_urls import parse_gs_url
 from service.errors import InvalidRequest
 from service.tenants import TenantSettings
+
+log = logging.getLogger("genrelay.inputs")
 
 
 def _schema_fields(
@@ -149,8 +152,8 @@ def with_signed_inputs(
 ) -> dict[str, Any]:
     """A copy of `request` whose `gs://` image references are V4 signed https GET URLs.
 
-    Raises InputNotSignable when the credentials cannot sign; BlobError (from the store)
-    when signing through IAM fails.
+    Raises InputNotSignable when the credentials cannot sign, or signing is refused for good;
+    TransientBlobError (from the store) when signing through IAM fails for a moment.
     """
     signer = sign or (lambda store, name, expires: store.signed_url(name, expires))
     payload = copy.deepcopy(request)
@@ -160,7 +163,15 @@ def with_signed_inputs(
             if parsed is None:
                 continue
             bucket, name = parsed
-            url = signer(blobs.for_bucket(bucket), name, ttl)
+            try:
+                url = signer(blobs.for_bucket(bucket), name, ttl)
+            except PermanentBlobError as exc:
+                # Its text (IAM's or google-auth's answer) is for the operator, not the tenant.
+                log.error("signing input.%s failed for good: %s", field, exc.message)
+                raise InputNotSignable(
+                    f"input.{field} names gs://{bucket}/…, but signing its URL was refused "
+                    "(genrelay's signing credentials); the operator's logs say why"
+                ) from None
             if url is None:
                 raise InputNotSignable(
                     f"input.{field} names gs://{bucket}/…, but genrelay's credentials cannot "

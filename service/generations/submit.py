@@ -103,9 +103,10 @@ class SubmitHandler:
         except InputNotSignable as exc:
             return Done(failing(generation_id, ErrorCode.INPUT_UNAVAILABLE, str(exc)))
         except TransientBlobError as exc:
-            return Failed(f"signing a gs:// input: {exc.message}")
+            return Failed(f"signing a gs:// input: {exc.message}")  # the task's, not shown
         except BlobError as exc:
-            message = f"a gs:// input could not be signed: {exc.message}"
+            log.error("signing a gs:// input of %s failed: %s", generation_id, exc.message)
+            message = "a gs:// input could not be signed; the operator's logs say why"
             return Done(failing(generation_id, ErrorCode.INPUT_UNAVAILABLE, message))
         if self.config.public_url:
             payload["webhooks"] = {
