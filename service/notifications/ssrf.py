@@ -99,23 +99,122 @@ def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-# getaddrinfo cannot be interrupted; lookups with a deadline run here, and a caller stops
-# waiting when its time is up (a lookup that hangs holds one of these threads, not a request).
-_LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="dns")
+LOOKUP_THREADS = 32  # lookups running at once, all host names together
+LOOKUPS_PER_HOST = 2  # lookups of one host name running at once (on different ports)
+
+
+@dataclasses.dataclass
+class _Lookup:
+    """One running (or queued) lookup, and how many callers are waiting for its answer."""
+
+    resolve: Callable[[str, int], list[str]]  # kept alive while it runs: its id is in the keys
+    host: str
+    port: int
+    future: concurrent.futures.Future[list[str]] | None = None
+    waiters: int = 0
+
+    @property
+    def key(self) -> tuple[int, str, int]:
+        """Which callers may share it: the same resolver, host name and port."""
+        return (id(self.resolve), self.host, self.port)
+
+    @property
+    def name(self) -> tuple[int, str]:
+        """Which lookups count towards one host name's limit: any port, any spelling."""
+        return (id(self.resolve), self.host.lower().rstrip("."))
+
+
+class _Lookups:
+    """Runs lookups with a deadline: getaddrinfo cannot be interrupted, so each runs in a
+    thread of the pool and its callers stop waiting when their time is up.
+
+    A lookup that hangs (a name server that drops queries) keeps its thread after its callers
+    gave up, until the system resolver gives up too, which takes longer than our timeouts. So
+    one host name may not hang more than a few of the threads, or a single webhook target
+    would leave none for everyone else's lookups:
+    - callers of a host name and port whose lookup is running wait for that lookup, rather
+      than starting another (a hung lookup is remembered for as long as it hangs, and later
+      callers wait for it, each for its own timeout, without taking another thread);
+    - at most `per_host` lookups of one host name run at once (different ports); a further
+      one fails at once, as not resolving;
+    - a lookup still queued for a thread when its last caller gives up is never run.
+    """
+
+    def __init__(self, threads: int = LOOKUP_THREADS, per_host: int = LOOKUPS_PER_HOST) -> None:
+        self._threads = threads
+        self._per_host = per_host
+        self._reset()
+        # A forked child has none of the parent's threads: its lookups would never end.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._threads, thread_name_prefix="dns"
+        )
+        self._running: dict[tuple[int, str, int], _Lookup] = {}
+        self._hosts: dict[tuple[int, str], int] = {}  # lookups running, by host name
+
+    def resolve(
+        self, resolve: Callable[[str, int], list[str]], host: str, port: int, timeout: float
+    ) -> list[str]:
+        """`resolve(host, port)`, or OSError once `timeout` seconds have passed."""
+        lookup = _Lookup(resolve, host, port)
+        with self._lock:
+            running = self._running.get(lookup.key)
+            if running is not None:
+                lookup = running
+            elif self._hosts.get(lookup.name, 0) >= self._per_host:
+                raise OSError("earlier lookups of this host have had no DNS answer yet")
+            else:
+                lookup.future = self._pool.submit(self._run, lookup)
+                self._running[lookup.key] = lookup
+                self._hosts[lookup.name] = self._hosts.get(lookup.name, 0) + 1
+            lookup.waiters += 1
+            future = lookup.future
+        assert future is not None
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise OSError(f"no DNS answer within {timeout:g} s") from None
+        finally:
+            with self._lock:
+                lookup.waiters -= 1
+                if not lookup.waiters and future.cancel():  # still queued: it never runs
+                    self._forget(lookup)
+
+    def _run(self, lookup: _Lookup) -> list[str]:
+        try:
+            return lookup.resolve(lookup.host, lookup.port)
+        finally:
+            with self._lock:
+                self._forget(lookup)
+
+    def _forget(self, lookup: _Lookup) -> None:
+        """`lookup` is over (answered, failed or cancelled); under the lock."""
+        if self._running.get(lookup.key) is lookup:
+            del self._running[lookup.key]
+        left = self._hosts.get(lookup.name, 0) - 1
+        if left > 0:
+            self._hosts[lookup.name] = left
+        else:
+            self._hosts.pop(lookup.name, None)
+
+
+_LOOKUPS = _Lookups()
 
 
 def timed_resolver(
     timeout: float, resolve: Callable[[str, int], list[str]] = system_resolver
 ) -> Callable[[str, int], list[str]]:
-    """`resolve`, giving up after `timeout` seconds with OSError (for the request path)."""
+    """`resolve`, giving up after `timeout` seconds with OSError (for the request path).
+
+    Whatever `resolve` raises is raised as it is; so is OSError when the host's lookups hang
+    (see _Lookups): a host name whose name server does not answer never delays the others.
+    """
 
     def resolver(host: str, port: int) -> list[str]:
-        future = _LOOKUPS.submit(resolve, host, port)
-        try:
-            return future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise OSError(f"no DNS answer within {timeout:g} s") from None
+        return _LOOKUPS.resolve(resolve, host, port, timeout)
 
     return resolver
 
