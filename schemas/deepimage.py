@@ -744,7 +744,9 @@ class DeepImageProcessRequestSchema(_Strict):
     fit = FitMode(metadata=_meta("How the image fills width x height.", "canvas"))
     background = fields.Nested(DeepImageBackgroundSchema, metadata=_meta("Background handling."))
 
-    generative_upscale = _boolean("Diffusion-based upscaling; needs url.")
+    generative_upscale = _boolean(
+        "Diffusion-based upscaling of the input image (url) or of the generated one."
+    )
     upscale_strength = _integer(
         "1-3 strongest effect … 7-9 closest to plain upscale.", minimum=1, maximum=9
     )
@@ -818,8 +820,8 @@ class DeepImageProcessRequestSchema(_Strict):
             reasons.append(
                 'adapter_type "img2img" needs an image: url or background.generate.context_images.'
             )
-        if data.get("generative_upscale") is True:
-            reasons.append("url is required for generative_upscale.")
+        # generative_upscale needs no url of its own: the vendor's "generate in high resolution"
+        # example upscales a generated image (background.generate, no url).
         if reasons:
             raise ValidationError({"url": reasons})
 

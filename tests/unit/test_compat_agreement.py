@@ -37,6 +37,7 @@ def _png_base64() -> str:
 
 
 BASE64_IMAGE = _png_base64()
+PNG_BASE64 = BASE64_IMAGE.removeprefix("base64,")
 
 
 def url(**fields: Any) -> dict[str, Any]:
@@ -130,6 +131,14 @@ ROWS: list[Row] = [
     ),
     ("model_type_newest", generate(description="x", model_type="z-image-turbo"), ACCEPT, None),
     ("generative_upscale", url(width=3000, generative_upscale=True), ACCEPT, None),
+    # the vendor's "generate in high resolution" example: generative upscale of a generated image
+    ("generative_upscale_text_to_image", generate({"width": 2048, "height": 1024, "generative_upscale": True}, description="small cottage and cows eating grass"), ACCEPT, None),
+    ("generative_upscale_text_to_image_no_size", generate({"generative_upscale": True}, description="x"), ACCEPT, None),
+    # -- inline images: base64,… or data:image/…;base64,…, the base64 alphabets and line breaks
+    ("url_data_image", {"url": "data:image/png;base64," + PNG_BASE64}, ACCEPT, None),
+    ("url_base64_line_breaks", {"url": "base64," + PNG_BASE64[:76] + "\r\n" + PNG_BASE64[76:] + "\n"}, ACCEPT, None),
+    ("url_base64_url_safe", {"url": "base64," + PNG_BASE64.replace("+", "-").replace("/", "_")}, ACCEPT, None),
+    ("replace_data_image", url(background={"replace": "data:image/png;base64," + PNG_BASE64}), ACCEPT, None),
     # -- what Deep-Image refuses: "File or image url is required" and other documented errors
     ("nothing_to_do", {"width": 100}, ("_schema",), None),
     ("empty", {}, ("_schema",), None),
@@ -139,13 +148,24 @@ ROWS: list[Row] = [
         for a in ("face", "control", "control2", "upscale", "inpainting")
     ),
     ("img2img_without_any_image", generate(description="x", adapter_type="img2img"), ("url",), None),
-    ("generative_upscale_without_url", generate({"generative_upscale": True}, description="x"), ("url",), None),
+    ("generative_upscale_without_url_or_generate", {"width": 2048, "generative_upscale": True}, ("_schema",), None),
     ("inpainting_without_mask", url(background={"generate": {"adapter_type": "inpainting"}}), ("background", "generate", "ip_image2"), None),
     ("url_not_an_image_reference", {"url": "ftp://x/y.png"}, ("url",), None),
     ("url_storage_without_file", {"url": "storage://my-s3"}, ("url",), None),
     ("url_storage_folder", {"url": "storage://my-s3/photos/"}, ("url",), None),
     ("url_with_space", {"url": "https://exa mple.com/a.png"}, ("url",), None),
     ("url_empty", {"url": ""}, ("url",), None),
+    ("url_data_not_image", {"url": "data:application/octet-stream;base64," + PNG_BASE64}, ("url",), None),
+    ("url_data_no_media_type", {"url": "data:;base64," + PNG_BASE64}, ("url",), None),
+    ("url_data_image_with_parameter", {"url": "data:image/png;charset=utf-8;base64," + PNG_BASE64}, ("url",), None),
+    ("url_base64_with_space", {"url": "base64," + PNG_BASE64[:40] + " " + PNG_BASE64[40:]}, ("url",), None),
+    ("url_base64_with_stray_character", {"url": "base64," + PNG_BASE64[:40] + "*" + PNG_BASE64[40:]}, ("url",), None),
+    ("url_base64_leading_blank", {"url": " " + BASE64_IMAGE}, ("url",), None),
+    ("url_base64_trailing_blank", {"url": BASE64_IMAGE + " "}, ("url",), None),
+    ("url_data_image_leading_blank", {"url": " data:image/png;base64," + PNG_BASE64}, ("url",), None),
+    ("replace_data_not_image", url(background={"replace": "data:application/octet-stream;base64," + PNG_BASE64}), ("background", "replace"), None),
+    ("replace_base64_with_space", url(background={"replace": "base64," + PNG_BASE64[:40] + " " + PNG_BASE64[40:]}), ("background", "replace"), None),
+    ("replace_base64_leading_blank", url(background={"replace": " " + BASE64_IMAGE}), ("background", "replace"), None),
     ("target_not_storage", url(target="s3://bucket/out/"), ("target",), None),
     ("model_type_unknown", generate(description="x", model_type="dall-e"), ("background", "generate", "model_type"), None),
     ("adapter_type_unknown", url(background={"generate": {"adapter_type": "sketch"}}), ("background", "generate", "adapter_type"), None),

@@ -172,7 +172,8 @@ VENDOR_RULES: dict[tuple[str, ...], Rule] = {
 CONTAINERS = {path[:n] for path in VENDOR_RULES for n in range(1, len(path))}
 # Requirements the vendor documents, checked by `_complete` / broken by `_break_requirement`:
 # - an image (url) or a generation (background.generate): "File or image url is required";
-# - url for the adapters in NEEDS_IMAGE and for generative_upscale: the same message;
+# - url for the adapters in NEEDS_IMAGE: the same message (generative_upscale needs no url of
+#   its own: the "generate image in high resolution" example upscales a generated image);
 # - img2img: url or context_images; inpainting: ip_image2 (the mask); caption: url.
 
 # --- Valid values ----------------------------------------------------------------------------
@@ -297,8 +298,6 @@ def _complete(payload: dict[str, Any], image: str | None) -> dict[str, Any]:
             del generate["adapter_type"]
         if generate.get("adapter_type") == "img2img" and not generate.get("context_images"):
             generate["context_images"] = ["https://example.com/context.png"]
-        if payload.get("generative_upscale") is True:
-            payload["generative_upscale"] = False
     if generate is not None and generate.get("adapter_type") == "inpainting":
         generate.setdefault("ip_image2", "https://example.com/mask.png")
     if "caption" in payload:
@@ -392,8 +391,6 @@ def payloads_breaking_one_field(draw: st.DrawFn) -> tuple[dict[str, Any], tuple[
         _set(payload, ("background", "generate", "adapter_type"), "generate_background")
     if path == ("background", "generate", "adapter_type") and "url" not in payload:
         payload["url"] = "https://example.com/a.png"
-    if path == ("generative_upscale",) and "url" not in payload:
-        payload["url"] = "https://example.com/a.png"
     if path == ("background", "generate", "context_images") and "url" not in payload:
         payload["url"] = "https://example.com/a.png"
     return payload, path
@@ -416,11 +413,11 @@ def _image_adapter_without_url(payload: dict[str, Any]) -> tuple[str, ...]:
     return ("url",)
 
 
-def _upscale_without_url(payload: dict[str, Any]) -> tuple[str, ...]:
+def _upscale_without_image_or_generation(payload: dict[str, Any]) -> tuple[str, ...]:
     payload.pop("url", None)
-    payload.setdefault("background", {}).setdefault("generate", {}).pop("adapter_type", None)
+    payload.get("background", {}).pop("generate", None)
     payload["generative_upscale"] = True
-    return ("url",)
+    return ("_schema",)
 
 
 def _img2img_without_an_image(payload: dict[str, Any]) -> tuple[str, ...]:
@@ -447,7 +444,7 @@ def _caption_without_url(payload: dict[str, Any]) -> tuple[str, ...]:
 REQUIREMENT_BREAKERS: list[Breaker] = [
     _drop_image_and_generation,
     _image_adapter_without_url,
-    _upscale_without_url,
+    _upscale_without_image_or_generation,
     _img2img_without_an_image,
     _inpainting_without_mask,
     _caption_without_url,

@@ -104,6 +104,7 @@ def test_seed_fixture_file_holds_the_documented_examples() -> None:
         "generative_upscale",
         "reference_full_example",
         "inpainting",
+        "generative_upscale_text_to_image",
     ]
     assert all(isinstance(payload, dict) for payload in SEED_EXAMPLES.values())
 
@@ -219,6 +220,12 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     # upscale (§2.4)
     ("generative_upscale", with_url(generative_upscale=True)),
     ("generative_upscale_false", with_url(generative_upscale=False)),
+    # generative upscale of a generated image: the generate-in-high-resolution docs example
+    ("generative_upscale_without_url", {**text_to_image(), "generative_upscale": True}),
+    (
+        "generative_upscale_text_to_image_with_strength",
+        {**text_to_image(), "generative_upscale": True, "upscale_strength": 5},
+    ),
     ("upscale_strength_min", with_url(generative_upscale=True, upscale_strength=1)),
     ("upscale_strength_max", with_url(generative_upscale=True, upscale_strength=9)),
     ("upscale_parameters_v1", with_url(upscale_parameters={"type": "v1"})),
@@ -500,7 +507,11 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
         ("url",),
     ),
     # upscale
-    ("generative_upscale_without_url", {**text_to_image(), "generative_upscale": True}, ("url",)),
+    (
+        "generative_upscale_without_url_or_generate",
+        {"width": 2048, "generative_upscale": True},
+        ("_schema",),
+    ),
     ("generative_upscale_string", with_url(generative_upscale="true"), ("generative_upscale",)),
     ("generative_upscale_one", with_url(generative_upscale=1), ("generative_upscale",)),
     (
@@ -680,12 +691,24 @@ def test_webhooks_are_refused_with_a_pointer_to_genrelay(value: Any) -> None:
     assert excinfo.value.messages == {"webhooks": [WEBHOOKS_RESERVED_MESSAGE]}
 
 
-def test_several_missing_image_reasons_are_reported_together() -> None:
+def test_generative_upscale_adds_no_missing_image_reason_of_its_own() -> None:
+    # Deep-Image documents generative upscale of a generated image; only the adapter needs url.
     payload = {**text_to_image(adapter_type="face"), "generative_upscale": True}
     with pytest.raises(ValidationError) as excinfo:
         load(payload)
-    assert set(excinfo.value.messages) == {"url"}
-    assert len(excinfo.value.messages["url"]) == 2
+    assert excinfo.value.messages == {
+        "url": ['url (the input image) is required with adapter_type "face".']
+    }
+
+
+def test_generative_upscale_with_nothing_to_upscale_says_what_is_needed() -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        load({"width": 2048, "generative_upscale": True})
+    messages = excinfo.value.messages
+    assert isinstance(messages, dict)
+    (message,) = messages["_schema"]
+    assert "url" in message
+    assert "background.generate" in message
 
 
 def test_a_hyphenated_paper_name_gets_the_vendor_spelling() -> None:

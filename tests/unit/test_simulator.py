@@ -90,6 +90,9 @@ def png_bytes(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+PNG_BASE64 = base64.b64encode(png_bytes(64, 48)).decode()
+
+
 def result_image(client: FlaskClient, body: Any) -> tuple[Image.Image, Any]:
     done = submit(client, body, "process_result")
     assert done.status_code == 200, done.json
@@ -190,7 +193,7 @@ INVALID_BODIES = [
     pytest.param(
         {"width": 3000, "generative_upscale": True},
         "File or image url is required",
-        id="upscale-needs-image",
+        id="upscale-needs-image-or-generation",
     ),
     pytest.param(
         {"enhancements": ["denoise"]}, "File or image url is required", id="enhance-needs-image"
@@ -223,6 +226,30 @@ INVALID_BODIES = [
     pytest.param({**URL_INPUT, "quality": 101}, "quality", id="quality"),
     pytest.param({"url": "ftp://x/y.png"}, "Unidentified image", id="url-scheme"),
     pytest.param({"url": "base64,@@@not-an-image"}, "Unidentified image", id="inline-garbage"),
+    # inline images: base64,… or data:image/…;base64,…, strictly decoded, as genrelay decides
+    *(
+        pytest.param({"url": value}, "Unidentified image", id=name)
+        for name, value in (
+            ("data-not-image", f"data:application/octet-stream;base64,{PNG_BASE64}"),
+            ("data-no-media-type", f"data:;base64,{PNG_BASE64}"),
+            ("data-image-with-parameter", f"data:image/png;charset=utf-8;base64,{PNG_BASE64}"),
+            ("inline-space", f"base64,{PNG_BASE64[:40]} {PNG_BASE64[40:]}"),
+            ("inline-stray-character", f"base64,{PNG_BASE64[:40]}*{PNG_BASE64[40:]}"),
+            ("inline-leading-blank", f" base64,{PNG_BASE64}"),
+            ("inline-trailing-blank", f"base64,{PNG_BASE64} "),
+            ("data-leading-blank", f" data:image/png;base64,{PNG_BASE64}"),
+        )
+    ),
+    pytest.param(
+        {**URL_INPUT, "background": {"replace": f" base64,{PNG_BASE64}"}},
+        "Unidentified image",
+        id="replace-leading-blank",
+    ),
+    pytest.param(
+        {**URL_INPUT, "background": {"replace": f"data:;base64,{PNG_BASE64}"}},
+        "Unidentified image",
+        id="replace-data-no-media-type",
+    ),
     pytest.param(
         {**URL_INPUT, "webhooks": {"complete": "not a url"}}, "webhooks.complete", id="webhook"
     ),
@@ -360,6 +387,16 @@ SEED_EXAMPLES = [
         {"url": "https://deep-image.ai/api-example.png", "width": 3000, "generative_upscale": True},
         (3000, 3000),
         id="generative-upscale",
+    ),
+    pytest.param(
+        {
+            "width": 2048,
+            "height": 1024,
+            "generative_upscale": True,
+            "background": {"generate": {"description": "small cottage and cows eating grass"}},
+        },
+        (2048, 1024),
+        id="generative-upscale-text-to-image",
     ),
 ]
 
@@ -611,6 +648,27 @@ IMAGE_CASES = [
         "JPEG",
         "image/jpeg",
         id="inline-data-url",
+    ),
+    pytest.param(
+        {"url": "base64," + base64.encodebytes(png_bytes(30, 70)).decode().replace("\n", "\r\n")},
+        (30, 70),
+        "JPEG",
+        "image/jpeg",
+        id="inline-base64-with-line-breaks",
+    ),
+    pytest.param(
+        {"url": "base64," + base64.urlsafe_b64encode(png_bytes(50, 20)).decode()},
+        (50, 20),
+        "JPEG",
+        "image/jpeg",
+        id="inline-base64-url-safe",
+    ),
+    pytest.param(
+        {**URL_INPUT, "background": {"replace": f"data:image/png;base64,{PNG_BASE64}"}},
+        (1024, 1024),
+        "JPEG",
+        "image/jpeg",
+        id="replace-inline-data-url",
     ),
     pytest.param(
         {**URL_INPUT, "width": 400, "height": 200, "fit": "bounds"},

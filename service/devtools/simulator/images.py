@@ -3,8 +3,8 @@
 The simulator fetches input URLs only with the `fetch_inputs` knob
 (service/devtools/simulator/fetch.py)
 and never reads their size from them: a remote input is assumed to be a nominal 1024x1024
-image, while inline ``base64,``/``data:`` images and uploaded files are decoded to learn their
-real size. Output sizes follow the width/height rules of reference 2.4.
+image, while inline ``base64,``/``data:image/…;base64,`` images and uploaded files are decoded
+to learn their real size. Output sizes follow the width/height rules of reference 2.4.
 Result images are real, cheaply rendered pictures so clients can decode and check them.
 """
 
@@ -15,6 +15,7 @@ import binascii
 import io
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,18 +63,34 @@ def image_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
+# Decision (docs/simulator.md, "Validation"): an inline image is ``base64,`` or
+# ``data:image/<type>;base64,`` followed by base64 text in the standard or URL-safe alphabet,
+# with ``=`` padding and the CR/LF line breaks MIME encoders insert, nothing else: no blanks
+# around the value, no other data: media type or parameter, no stray characters.
+_DATA_IMAGE_PREFIX = re.compile(r"data:image/[A-Za-z0-9.+-]{1,32};base64,")
+
+
 def inline_image_bytes(url: str) -> bytes | None:
-    """Decode an inline ``base64,...`` or ``data:...;base64,...`` image; None for other URLs."""
+    """Decode an inline ``base64,...`` or ``data:image/...;base64,...`` image.
+
+    None for values that are not inline images at all (web and storage URLs); 400
+    "Unidentified image" for a ``data:`` value of another shape and for text that does not
+    decode strictly.
+    """
     if url.startswith("base64,"):
         payload = url[len("base64,") :]
     elif url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or not header.endswith(";base64"):
+        prefix = _DATA_IMAGE_PREFIX.match(url)
+        if prefix is None:
             raise bad_request("Unidentified image")
+        payload = url[prefix.end() :]
     else:
         return None
+    compact = payload.replace("\r", "").replace("\n", "")
     try:
-        return base64.b64decode(payload, validate=False)
+        # altchars maps the URL-safe "-" and "_" to "+" and "/"; validate refuses any other
+        # character (a blank included) and misplaced padding instead of dropping them.
+        return base64.b64decode(compact, altchars=b"-_", validate=True)
     except (binascii.Error, ValueError) as exc:
         raise bad_request("Unidentified image") from exc
 

@@ -275,7 +275,7 @@ def _image_reference(value: Any, name: str) -> None:
     """Check an image given by reference (``background.replace``), as ``url`` is checked."""
     if not isinstance(value, str):
         raise bad_request(f"{name} must be a string")
-    inline = inline_image_bytes(value.strip())
+    inline = inline_image_bytes(value)
     if inline is not None:
         image_size(inline)
     elif value.startswith("storage://"):
@@ -375,7 +375,7 @@ def _source(body: Mapping[str, Any], upload: Upload | None) -> tuple[str, tuple[
     url = body["url"]
     if not isinstance(url, str):
         raise bad_request("url must be a string")
-    inline = inline_image_bytes(url.strip())
+    inline = inline_image_bytes(url)
     if inline is not None:
         return "inline", image_size(inline)
     if url.startswith("storage://"):
@@ -495,8 +495,9 @@ def validate_process_request(
     has_image = source_size is not None
     if generate is not None:
         _check_generate(generate, has_image)
-    if body.get("generative_upscale") and not has_image:
-        raise bad_request("File or image url is required")
+    # generative_upscale needs an image or a generation to upscale: the generate-in-high-
+    # resolution docs example upscales a generated image. Without either it is an operation
+    # without an image (generative_upscale is in OPERATION_KEYS), refused just below.
     if generate is None and not has_image:
         if OPERATION_KEYS & body.keys():
             raise bad_request("File or image url is required")
