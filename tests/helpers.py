@@ -48,7 +48,8 @@ class Statements:
 
 
 def seed_examples() -> dict[str, dict[str, Any]]:
-    """The JSON examples of the seed's "Image generation" page (and two more), by name."""
+    """The JSON examples of the seed's "Image generation" page, and a few more from Deep-Image's
+    other pages, by name."""
     return json.loads((FIXTURES / "seed_examples.json").read_text())  # type: ignore[no-any-return]
 
 
