@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 from typing import Any, NoReturn
 
 import flask
@@ -24,6 +22,13 @@ from service.errors import (
     ServiceError,
     Unavailable,
 )
+
+# What no database column can hold (NUL, lone surrogates) is refused where requests are parsed,
+# once for every field, rather than as a 500 from the database with the value in the log. The
+# check is service/text.py's, shared with the service layer; its names are still found here.
+from service.text import NONFINITE_MESSAGE as NONFINITE_MESSAGE
+from service.text import UNSTORABLE_MESSAGE, has_unstorable, unstorable_fields
+from service.text import unstorable_values as unstorable_values
 
 log = logging.getLogger("genrelay.http")
 
@@ -85,68 +90,17 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
-# What no database column can hold: NUL (PostgreSQL text refuses it) and lone surrogates
-# (`\ud800` is valid JSON, yet no UTF-8 encodes it). Refused where requests are parsed, once
-# for every field, rather than as a 500 from the database with the value in the log.
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-UNSTORABLE_MESSAGE = "Contains a NUL character or invalid Unicode (a lone surrogate)."
-
-
-def unstorable_fields(data: Any, limit: int = 10) -> list[str]:
-    """Dotted paths (`metadata.order`, `a.0.b`) of strings in `data` no database can store;
-    a bad key names its object."""
-    found = _unstorable(data, "", limit, numbers=False)
-    return sorted(found)
-
-
-NONFINITE_MESSAGE = "Must be a finite number."
-
-
-def unstorable_values(data: Any, prefix: str = "", limit: int = 10) -> list[dict[str, str]]:
-    """`[{field, message}]` for what in parsed JSON `data` no database can store, for a value
-    kept as sent (a batch's `template`, say): the strings `unstorable_fields` finds, and
-    numbers out of a double's range (`1e999` parses to infinity, which PostgreSQL's JSON has
-    no spelling for). Fields are named under `prefix` (`items[3]` gives `items[3].custom_id`);
-    a bad key names its object."""
-    found = _unstorable(data, prefix, limit, numbers=True)
-    return [{"field": field, "message": found[field]} for field in sorted(found)]
-
-
-def _unstorable(data: Any, prefix: str, limit: int, *, numbers: bool) -> dict[str, str]:
-    """{dotted path: message} of the unstorable values in `data` (non-finite numbers too, with
-    `numbers`), at most about `limit`."""
-    found: dict[str, str] = {}
-    stack: list[tuple[str, Any]] = [(prefix, data)]
-    while stack and len(found) < limit:
-        path, value = stack.pop()
-        if isinstance(value, str):
-            if _UNSTORABLE.search(value):
-                found[path or "(body)"] = UNSTORABLE_MESSAGE
-        elif isinstance(value, float):
-            if numbers and not math.isfinite(value):
-                found[path or "(body)"] = NONFINITE_MESSAGE
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if _UNSTORABLE.search(key):
-                    found[path or "(body)"] = UNSTORABLE_MESSAGE
-                    continue
-                stack.append((f"{path}.{key}" if path else key, item))
-        elif isinstance(value, list):
-            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value))
-    return found
-
-
 def refuse_unstorable_url() -> None:
     """before_request hook: path ids and query parameters the database could not store."""
     request = flask.request
     fields = [
         name
         for name, value in (request.view_args or {}).items()
-        if isinstance(value, str) and _UNSTORABLE.search(value)
+        if isinstance(value, str) and has_unstorable(value)
     ]
     for name, value in request.args.items(multi=True):
-        if _UNSTORABLE.search(name) or _UNSTORABLE.search(value):
-            fields.append(name if not _UNSTORABLE.search(name) else "(query)")
+        if has_unstorable(name) or has_unstorable(value):
+            fields.append(name if not has_unstorable(name) else "(query)")
     if fields:
         errors = [{"field": name, "message": UNSTORABLE_MESSAGE} for name in sorted(set(fields))]
         raise InvalidRequest(

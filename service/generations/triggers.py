@@ -20,8 +20,9 @@ At least once in, once out: every push is recorded as one `trigger_events` row p
 event id) — the CloudEvent's `ce-id` or the message's `messageId` — written in the same
 transaction as its generation, so a redelivery finds the row and makes nothing new. A push
 that can never become a generation (malformed, wrong type, filtered out, an invalid request,
-a bucket the tenant may not read, a CloudEvent without `ce-id`, JSON nested too deep to read)
-is acknowledged (200) and recorded as `rejected` or `skipped` with the reason, so Pub/Sub does
+a bucket the tenant may not read, a CloudEvent without `ce-id`, JSON nested too deep to read,
+text no database can store — a NUL, a lone surrogate — in its event id, object or request) is
+acknowledged (200) and recorded as `rejected` or `skipped` with the reason, so Pub/Sub does
 not redeliver it forever. Only failures that may pass (the database or Google's certificates
 unreachable, the webhook's host not resolving) answer 5xx and record nothing, so the sender
 redelivers.
@@ -68,6 +69,7 @@ from service.notifications.service import UnresolvableTarget, require_safe_targe
 from service.notifications.ssrf import URLPolicy
 from service.pagination import Page, paginate
 from service.tenants import settings_by_id
+from service.text import UNSTORABLE_MESSAGE, escape_unstorable, has_unstorable, unstorable_values
 
 log = logging.getLogger("genrelay.triggers")
 
@@ -105,6 +107,9 @@ class _Parsed:
     bucket: str | None = None
     name: str | None = None
     problem: str | None = None
+    # The pushed strings the event id and subject are made of, by the field they came in
+    # (`message.messageId`, `ce-id`, `data.name`...), to name one that cannot be stored.
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _merge(base: Any, over: Any) -> Any:
@@ -285,7 +290,7 @@ class TriggerService:
             raise Forbidden(
                 f"{identity.email} is not allowed to push to this trigger (push_accounts)"
             )
-        parsed = _parse(headers, read_body())
+        parsed = _storable(_parse(headers, read_body()))
         try:
             if parsed.problem is not None:
                 raise _Reject(parsed.problem)
@@ -365,6 +370,9 @@ class TriggerService:
         return PushOutcome(event, duplicate=False)
 
     def _record(self, trigger: Trigger, parsed: _Parsed, status: str, reason: str) -> PushOutcome:
+        # A reason may quote what was pushed (a field's name, an SDK's message): never a NUL
+        # or a lone surrogate, which the database would refuse.
+        reason = escape_unstorable(reason)
         event = self._event(trigger, parsed, status, reason[:2000], None)
         try:
             with self.store.transaction() as session:
@@ -424,6 +432,36 @@ def _body_hash(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+def _stand_in_id(event_id: str) -> str:
+    """The event id recorded for one no database can store: its hash, the same for every
+    delivery of the event (its body may differ, Pub/Sub's `deliveryAttempt` for one)."""
+    return _body_hash(event_id.encode("utf-8", "surrogatepass"))
+
+
+def _storable(parsed: _Parsed) -> _Parsed:
+    """`parsed` with nothing in it the database cannot store (a NUL, a lone surrogate).
+
+    Such an event id is replaced by its hash and such a subject dropped, and the push is
+    rejected naming the field; so is a message whose generation request holds one (or a
+    number out of range), which the intake would otherwise refuse only as a database error.
+    """
+    bad = sorted(field for field, value in parsed.fields.items() if has_unstorable(value))
+    if has_unstorable(parsed.event_id):
+        parsed.event_id = _stand_in_id(parsed.event_id)
+        bad = bad or ["the event id"]
+    if parsed.subject is not None and has_unstorable(parsed.subject):
+        parsed.subject = None
+        bad = bad or ["the object's name"]
+    if bad:
+        parsed.problem = f"{', '.join(bad)}: {UNSTORABLE_MESSAGE}"
+    elif parsed.problem is None and parsed.request is not None:
+        problems = unstorable_values(parsed.request)
+        if problems:
+            shown = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
+            parsed.problem = f"not a valid generation request: {shown}"
+    return parsed
+
+
 def _parse(headers: Mapping[str, str], body: bytes) -> _Parsed:
     """What the push says; `problem` is set when it cannot become a generation."""
     if headers.get("ce-specversion"):
@@ -451,18 +489,24 @@ def _parse_cloudevent(headers: Mapping[str, str], body: bytes) -> _Parsed:
     event_id = headers.get("ce-id") or ""
     if not event_id.strip():
         return _Parsed("cloudevent", _body_hash(body), problem="the CloudEvent has no ce-id")
+    fields = {"ce-id": event_id}
     try:
         # The SDK reads JSON data itself: too deep a nesting is its RecursionError.
         event = from_binary_event(HTTPMessage(headers=dict(headers), body=body))
     except (BaseCloudEventException, ValueError, TypeError, RecursionError) as exc:
-        return _Parsed("cloudevent", event_id, problem=f"not a valid CloudEvent: {exc}")
+        return _Parsed(
+            "cloudevent", event_id, problem=f"not a valid CloudEvent: {exc}", fields=fields
+        )
     subject = event.get_subject()
+    if isinstance(subject, str):
+        fields["ce-subject"] = subject
     if event.get_type() != FINALIZED:
         return _Parsed(
             "cloudevent",
             event_id,
             subject=subject,
             problem=f"event type {event.get_type()!r} is not {FINALIZED}",
+            fields=fields,
         )
     data = event.get_data()
     if isinstance(data, bytes | str):
@@ -476,37 +520,50 @@ def _parse_cloudevent(headers: Mapping[str, str], body: bytes) -> _Parsed:
             event_id,
             subject=subject,
             problem="the event's data is not a GCS object (bucket and name)",
+            fields=fields,
         )
     bucket, name = str(data["bucket"]), str(data["name"])
-    return _Parsed("cloudevent", event_id, f"gs://{bucket}/{name}", bucket=bucket, name=name)
+    fields = {"ce-id": event_id, "data.bucket": bucket, "data.name": name}
+    return _Parsed(
+        "cloudevent", event_id, f"gs://{bucket}/{name}", bucket=bucket, name=name, fields=fields
+    )
 
 
 def _parse_message(message: dict[str, Any], body: bytes) -> _Parsed:
-    event_id = message.get("messageId") or message.get("message_id")
+    id_field = "messageId" if message.get("messageId") else "message_id"
+    event_id = message.get(id_field)
     if not isinstance(event_id, str) or not event_id:
         return _Parsed("malformed", _body_hash(body), problem="the message has no messageId")
+    fields = {f"message.{id_field}": event_id}
     attributes = message.get("attributes") or {}
     if not isinstance(attributes, dict):
-        return _Parsed("message", event_id, problem="attributes is not an object")
+        return _Parsed("message", event_id, problem="attributes is not an object", fields=fields)
     if "eventType" in attributes:
         kind = "gcs_notification"
         bucket, name = attributes.get("bucketId"), attributes.get("objectId")
         subject = f"gs://{bucket}/{name}" if bucket and name else None
+        for field, value in (("bucketId", bucket), ("objectId", name)):
+            if subject is not None and isinstance(value, str):
+                fields[f"message.attributes.{field}"] = value
         if attributes["eventType"] != OBJECT_FINALIZE:
             return _Parsed(
                 kind,
                 event_id,
                 subject,
                 problem=f"eventType {attributes['eventType']!r} is not {OBJECT_FINALIZE}",
+                fields=fields,
             )
         if not isinstance(bucket, str) or not isinstance(name, str) or not bucket or not name:
-            return _Parsed(kind, event_id, problem="bucketId and objectId are required")
-        return _Parsed(kind, event_id, subject, bucket=bucket, name=name)
+            return _Parsed(
+                kind, event_id, problem="bucketId and objectId are required", fields=fields
+            )
+        return _Parsed(kind, event_id, subject, bucket=bucket, name=name, fields=fields)
     data = message.get("data")
+    problem = "data is not base64 of a JSON object"
     try:
         decoded = json.loads(base64.b64decode(data or "", validate=True))
     except (binascii.Error, ValueError, TypeError, RecursionError):
-        return _Parsed("message", event_id, problem="data is not base64 of a JSON object")
+        return _Parsed("message", event_id, problem=problem, fields=fields)
     if not isinstance(decoded, dict):
-        return _Parsed("message", event_id, problem="data is not base64 of a JSON object")
-    return _Parsed("message", event_id, request=decoded)
+        return _Parsed("message", event_id, problem=problem, fields=fields)
+    return _Parsed("message", event_id, request=decoded, fields=fields)

@@ -1,0 +1,74 @@
+"""Text no database column can hold, found before it is stored.
+
+NUL (PostgreSQL's text and JSONB refuse it) and lone surrogates (`\\ud800` is valid JSON, yet
+no UTF-8 encodes it: PostgreSQL and SQLite both refuse it in a text column). The API refuses
+them where requests are parsed (handlers/problems.py); what arrives by another road, such as
+a trigger's push, is checked with the same functions before it is written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+UNSTORABLE_MESSAGE = "Contains a NUL character or invalid Unicode (a lone surrogate)."
+NONFINITE_MESSAGE = "Must be a finite number."
+
+
+def has_unstorable(text: str) -> bool:
+    """Whether `text` holds a NUL or a lone surrogate."""
+    return UNSTORABLE.search(text) is not None
+
+
+def escape_unstorable(text: str) -> str:
+    """`text` with each NUL or lone surrogate written as its escape (`\\x00`, `\\ud800`), so
+    it may be stored and shown."""
+    return UNSTORABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def unstorable_fields(data: Any, limit: int = 10) -> list[str]:
+    """Dotted paths (`metadata.order`, `a.0.b`) of strings in `data` no database can store;
+    a bad key names its object."""
+    found = _unstorable(data, "", limit, numbers=False)
+    return sorted(found)
+
+
+def unstorable_values(data: Any, prefix: str = "", limit: int = 10) -> list[dict[str, str]]:
+    """`[{field, message}]` for what in parsed JSON `data` no database can store, for a value
+    kept as sent (a batch's `template`, say): the strings `unstorable_fields` finds, and
+    numbers out of a double's range (`1e999` parses to infinity, which PostgreSQL's JSON has
+    no spelling for). Fields are named under `prefix` (`items[3]` gives `items[3].custom_id`);
+    a bad key names its object."""
+    found = _unstorable(data, prefix, limit, numbers=True)
+    return [{"field": field, "message": found[field]} for field in sorted(found)]
+
+
+def _unstorable(data: Any, prefix: str, limit: int, *, numbers: bool) -> dict[str, str]:
+    """{dotted path: message} of the unstorable values in `data` (non-finite numbers too, with
+    `numbers`), at most about `limit`."""
+    found: dict[str, str] = {}
+    stack: list[tuple[str, Any]] = [(prefix, data)]
+    while stack and len(found) < limit:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if UNSTORABLE.search(value):
+                found[path or "(body)"] = UNSTORABLE_MESSAGE
+        elif isinstance(value, float):
+            if numbers and not math.isfinite(value):
+                found[path or "(body)"] = NONFINITE_MESSAGE
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if UNSTORABLE.search(key):
+                    found[path or "(body)"] = UNSTORABLE_MESSAGE
+                    continue
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value))
+    return found
