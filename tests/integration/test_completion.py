@@ -8,8 +8,10 @@ the simulator call a real gunicorn.
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import io
 import json
+import socket
 import threading
 import time
 from typing import Any
@@ -380,6 +382,148 @@ def test_a_result_that_is_not_a_storable_image_fails_with_a_clear_code(
     done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
     assert (done["status"], done["error"]["code"]) == ("failed", code)
     assert objects(services) == {}
+
+
+def _png(padding: int = 0) -> bytes:
+    """A small PNG, followed by `padding` zero bytes (still sniffed as a PNG)."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 4), "red").save(out, "PNG")
+    return out.getvalue() + bytes(padding)
+
+
+class RawResultHost:
+    """Answers every GET on loopback with `head` (status line and headers, as given) and then
+    `pieces` of the body, each sent on its own: for framings a WSGI server would not send.
+    Counts the requests; what the client does not read is lost when it hangs up."""
+
+    def __init__(self, head: bytes, pieces: list[bytes]) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}/image.png"
+        self.requests = 0
+        self._head, self._pieces = head, pieces
+        self._socket.settimeout(0.05)  # to see `stop` soon
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(5)
+                asked = b""
+                while b"\r\n\r\n" not in asked:
+                    got = connection.recv(65536)
+                    if not got:
+                        break
+                    asked += got
+                self.requests += 1
+                try:
+                    connection.sendall(self._head)
+                    for piece in self._pieces:
+                        connection.sendall(piece)
+                        time.sleep(0.001)  # one read each, not one coalesced segment
+                except OSError:
+                    pass  # the client hung up: it read enough
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        self._socket.close()
+
+
+def _chunked(body: bytes, size: int) -> list[bytes]:
+    """`body` in HTTP/1.1 chunks of `size` bytes, and the last (empty) chunk."""
+    parts = [body[i : i + size] for i in range(0, len(body), size)]
+    return [b"%x\r\n%s\r\n" % (len(p), p) for p in parts] + [b"0\r\n\r\n"]
+
+
+def _pieces(body: bytes, size: int) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+# What a result host sends, by framing: none of them declares the size the client will read
+# (so the store's check of Content-Length cannot refuse it): only counting the bytes as they
+# stream can. 4,000 image bytes, over the limit of 1,000 set below, in pieces of 200.
+_OVER = _png(4000 - len(_png()))
+_GZIPPED = gzip.compress(_png(100_000))  # ~200 bytes on the wire, 100 kB once decoded
+UNDECLARED = {
+    "chunked": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n",
+        _chunked(_OVER, 200),
+    ),
+    "until_close": (
+        b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\n\r\n",
+        _pieces(_OVER, 200),
+    ),
+    "gzip": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_GZIPPED),
+        [_GZIPPED],
+    ),
+}
+
+
+@pytest.mark.parametrize("framing", sorted(UNDECLARED))
+def test_a_result_over_the_limit_without_a_declared_size_fails_as_it_streams(
+    config: Config, make_client: Any, simulator: Any, framing: str
+) -> None:
+    assert len(_GZIPPED) < 1000 < len(_OVER)
+    head, pieces = UNDECLARED[framing]
+    host = RawResultHost(head, pieces)
+    try:
+        services, client, auth = make_client(
+            callback_config(config, confirm_results=False, max_result_bytes=1000)
+        )
+        generation = create(client, auth, {"input": TEXT_ONLY})
+        wait_until_complete(simulator, generation["upstream"]["job"])
+        assert call_back(client, generation, host.url).status_code == 200
+        drain(services)
+    finally:
+        host.stop()
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert done["status"] == "failed", done
+    assert done["error"] == {
+        "code": "result_too_large",
+        "message": "the result is larger than the limit of 1000 bytes",
+    }
+    assert host.requests == 1  # refused at once, not retried
+    [task] = tasks_of(services, STORE)
+    assert (task.status, task.attempts) == ("done", 1)  # its outcome: the generation failed
+    assert objects(services) == {}
+
+
+def test_bytes_sent_past_a_declared_length_are_never_read(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    # A host that declares 500 bytes and sends 4,000 (over the limit of 1,000): the HTTP
+    # client reads the 500 the message has and no more, so the limit is never reached; what
+    # is stored is those 500 bytes.
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 500\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    host = RawResultHost(head, _pieces(_OVER, 200))
+    try:
+        services, client, auth = make_client(
+            callback_config(config, confirm_results=False, max_result_bytes=1000)
+        )
+        generation = create(client, auth, {"input": TEXT_ONLY})
+        wait_until_complete(simulator, generation["upstream"]["job"])
+        assert call_back(client, generation, host.url).status_code == 200
+        drain(services)
+    finally:
+        host.stop()
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"]["size"] == 500
+    [data] = objects(services).values()
+    assert data == _OVER[:500]
+    assert host.requests == 1
 
 
 def test_an_existing_object_with_the_same_bytes_counts_as_stored(

@@ -361,27 +361,44 @@ def test_the_same_idempotency_key_with_another_body_is_422(
     assert generation_count(services) == 1
 
 
+def _age_idempotency_keys(services: Services, by: dt.timedelta) -> None:
+    """As if `by` had passed since every Idempotency-Key was used: their times moved back."""
+    with services.store.transaction() as session:
+        for record in session.scalars(sa.select(IdempotencyKey)):
+            record.created_at -= by
+            record.expires_at -= by
+
+
 def test_idempotency_keys_are_per_tenant_and_expire_after_24_hours(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
     other = {"Authorization": "Bearer " + services.api_keys.create("globex")}
-    a = create(client, auth, {"input": TEXT_ONLY}, **{"Idempotency-Key": "shared"}).json["id"]
-    b = create(client, other, {"input": TEXT_ONLY}, **{"Idempotency-Key": "shared"}).json["id"]
+    key = {"Idempotency-Key": "shared"}
+    first = create(client, auth, {"input": TEXT_ONLY}, **key)
+    a = first.json["id"]
+    b = create(client, other, {"input": TEXT_ONLY}, **key).json["id"]
     assert a != b
-    with services.store.transaction() as session:
-        session.execute(
-            sa.update(IdempotencyKey).values(
-                expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
-            )
-        )
-    c = create(
-        client,
-        auth,
-        {"input": TEXT_ONLY, "metadata": {"new": "body"}},
-        **{"Idempotency-Key": "shared"},
-    )
+    with services.store.read() as session:
+        records = list(session.scalars(sa.select(IdempotencyKey)))
+    assert len(records) == 2
+    assert [r.expires_at - r.created_at for r in records] == [dt.timedelta(hours=24)] * 2
+    # Just inside 24 hours: still the first answer, verbatim.
+    _age_idempotency_keys(services, dt.timedelta(hours=24) - dt.timedelta(minutes=1))
+    inside = create(client, auth, {"input": TEXT_ONLY}, **key)
+    assert inside.status_code == 202
+    assert inside.headers["Idempotent-Replayed"] == "true"
+    assert inside.json == first.json
+    assert generation_count(services) == 2
+    # Just past 24 hours: the key is free again, for the same body as for another.
+    _age_idempotency_keys(services, dt.timedelta(minutes=2))
+    c = create(client, auth, {"input": TEXT_ONLY}, **key)
     assert c.status_code == 202
+    assert "Idempotent-Replayed" not in c.headers
     assert c.json["id"] not in (a, b)
+    d = create(client, other, {"input": TEXT_ONLY, "metadata": {"new": "body"}}, **key)
+    assert d.status_code == 202
+    assert d.json["id"] not in (a, b, c.json["id"])
+    assert generation_count(services) == 4
 
 
 def test_a_retry_after_the_deadline_passed_still_gets_the_first_answer(

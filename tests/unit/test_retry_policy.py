@@ -44,3 +44,18 @@ def test_a_submit_is_retried_until_its_max_age_whatever_its_attempts(
     rng = _Lowest()
     shortest = sum(policy.backoff(n, rng) for n in range(1, policy.max_attempts))
     assert shortest >= policy.max_age
+
+
+def test_a_schedules_delays_are_jittered_by_20_percent_either_way() -> None:
+    # GENRELAY_WEBHOOK_RETRY_SCHEDULE: each entry's delay, ±20 % (README, Config).
+    policy = RetryPolicy.from_schedule((0, 100))
+    rng = random.Random(7)
+    delays = [policy.backoff(1, rng) for _ in range(200)]
+    assert all(80.0 <= d <= 120.0 for d in delays)
+    assert len(set(delays)) > 100  # jittered, not constant
+    # Spread over the whole band, on both sides of the entry.
+    assert min(delays) < 85.0
+    assert max(delays) > 115.0
+    # Past the schedule's end the last entry repeats; the first, 0, stays 0.
+    assert all(80.0 <= policy.backoff(5, rng) <= 120.0 for _ in range(50))
+    assert policy.backoff(0, rng) == 0.0
