@@ -234,12 +234,14 @@ class Config:
         """Seconds the `result.url` in a notification stays valid.
 
         The URL is signed once, when the event's deliveries are written, because every
-        attempt sends (and signs) the same stored bytes; it must outlive the whole retry
-        schedule, so it lasts the schedule plus an hour (at least GENRELAY_SIGNED_URL_TTL,
-        at most the V4 limit of 7 days).
+        attempt sends (and signs) the same stored bytes; it must outlive every attempt. A
+        delivery held back while an earlier event to the same target is pending (lifecycle
+        order: a generation's `processing` before its result) starts its own schedule only
+        once that one has ended, so it lasts two whole retry schedules plus an hour (at least
+        GENRELAY_SIGNED_URL_TTL, at most the V4 limit of 7 days).
         """
         schedule = sum(self.webhook_retry_schedule) * 1.2  # the jitter stretches it by 20 %
-        return min(7 * 24 * 3600.0, max(self.signed_url_ttl, schedule + 3600.0))
+        return min(7 * 24 * 3600.0, max(self.signed_url_ttl, 2 * schedule + 3600.0))
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with some fields changed (tests, dev mode)."""

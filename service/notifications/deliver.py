@@ -14,7 +14,12 @@ A subscription whose deliveries have all failed for 5 days is disabled too.
 
 A replay (POST /v1/deliveries/{id}/retry) is one attempt more, outside the schedule: when it
 fails the way a scheduled attempt would be retried, the delivery is dead unless attempts of
-its schedule are still to come; then it stays pending and they come as they would have.
+its schedule are still to come; then it stays pending and they come as they would have. A
+batch attempts each delivery once: a replay due with its delivery's scheduled attempt is sent
+alone, and the scheduled attempt comes ORDER_WAIT later (when the delivery still needs it).
+
+A subscription's deliveries go to its url as it is at each attempt (a PATCH of it redirects
+the retries and replays still to come); the delivery's `url` is where it was last sent.
 """
 
 from __future__ import annotations
@@ -79,7 +84,9 @@ def classify(status_code: int | None) -> Verdict:
 
 # Per generation and target, events go out in lifecycle order: the earliest next attempt of
 # an earlier delivery still pending to the same target (its creation time when it is due now),
-# or NULL when there is none. The same subscription (or both none) is compared through
+# or NULL when there is none. A target is a subscription (sent to its url of the moment,
+# whatever url its deliveries were last sent to), or a per-request webhook's url. The same
+# subscription (or both none) is compared through
 # coalesce (ids are never empty) so that no index on subscription_id can drive the lookup:
 # without statistics (a fresh or freshly filled database) PostgreSQL and SQLite otherwise
 # scan every earlier delivery of the subscription, thousands in a backlog, for each delivery,
@@ -94,17 +101,17 @@ _BLOCKED_UNTIL = (
     .join(_MINE, _MINE.generation_id == _THEIRS.generation_id)
     .where(
         _MINE.id == Delivery.event_id,
-        _EARLIER.url == Delivery.url,
         sa.func.coalesce(_EARLIER.subscription_id, "")
         == sa.func.coalesce(Delivery.subscription_id, ""),
+        sa.or_(Delivery.subscription_id.is_not(None), _EARLIER.url == Delivery.url),
         _EARLIER.status == DeliveryStatus.PENDING.value,
         _EARLIER.created_at < Delivery.created_at,
     )
     .correlate(Delivery)
     .scalar_subquery()
 )
-# Everything an attempt needs, in one statement for a batch of deliveries: the delivery, what
-# signs it, what is ahead of it.
+# Everything an attempt needs, in one statement for a batch of deliveries: the delivery, where
+# it goes, what signs it, what is ahead of it.
 _READ = (
     sa.select(
         Delivery.id,
@@ -114,11 +121,11 @@ _READ = (
         Delivery.webhook_id,
         Delivery.body,
         Delivery.subscription_id,
+        Subscription.url.label("subscription_url"),
         Subscription.enabled,
         Subscription.secret,
         Subscription.previous_secret,
         Subscription.previous_secret_expires_at,
-        Subscription.failing_since,
         Tenant.webhook_secret,
         _BLOCKED_UNTIL.label("blocked_until"),
     )
@@ -140,7 +147,14 @@ class DeliverHandler:
         return self.run_batch([task])[0]
 
     def run_batch(self, tasks: list[ClaimedTask]) -> list[Outcome]:
-        """Read every delivery of the batch at once, then attempt each in turn."""
+        """Read every delivery of the batch at once, then attempt each in turn, once.
+
+        Two tasks of one delivery may be due together: a replay and the delivery's scheduled
+        attempt, or two replays. The delivery is then attempted once, by a replay if one is
+        there (sent now, as asked); its scheduled task comes back ORDER_WAIT later, not
+        counted as an attempt, and finds the delivery done or still pending; another replay
+        ends unsent (the one sent serves it).
+        """
         ids = [task.payload["delivery_id"] for task in tasks]
         try:
             with self.store.read_one() as connection:
@@ -148,18 +162,37 @@ class DeliverHandler:
         except Exception as exc:
             log.exception("reading %d deliveries failed", len(ids))
             return [_failed_inside(delivery_id, exc) for delivery_id in ids]
+        attempting: dict[str, ClaimedTask] = {}  # delivery id -> the task that attempts it
+        for task, delivery_id in zip(tasks, ids, strict=True):
+            held = attempting.get(delivery_id)
+            if held is None or (_is_replay(task) and not _is_replay(held)):
+                attempting[delivery_id] = task
         outcomes: list[Outcome] = []
         for task, delivery_id in zip(tasks, ids, strict=True):
+            chosen = attempting[delivery_id]
+            if task is not chosen:
+                if _is_replay(task):
+                    outcomes.append(DONE)  # another replay of it is sent in this batch
+                else:
+                    outcomes.append(Later(ORDER_WAIT, "a replay of this delivery is being sent"))
+                continue
+            replay = None
+            if _is_replay(task):
+                others = [t for t, i in zip(tasks, ids, strict=True) if i == delivery_id]
+                replay = _Replay(
+                    task.id,
+                    ending=tuple(t.id for t in others if t is not task and _is_replay(t)),
+                    deferred=any(not _is_replay(t) for t in others),
+                )
             try:
-                replay = task.id if task.payload.get("replay") else None
                 outcomes.append(self._attempt(delivery_id, rows.get(delivery_id), replay=replay))
             except Exception as exc:
                 log.exception("delivery %s: the attempt failed inside genrelay", delivery_id)
                 outcomes.append(_failed_inside(delivery_id, exc))
         return outcomes
 
-    def _attempt(self, delivery_id: str, row: Any, *, replay: str | None) -> Outcome:
-        """One attempt; `replay`: the id of the replay task making it, if one is."""
+    def _attempt(self, delivery_id: str, row: Any, *, replay: _Replay | None) -> Outcome:
+        """One attempt; `replay`: the replay task making it, if one is."""
         if row is None or (row.status != DeliveryStatus.PENDING and not replay):
             return DONE
         if row.blocked_until is not None:
@@ -173,24 +206,23 @@ class DeliverHandler:
         content_type = (
             "application/cloudevents+json" if row.format == "cloudevents" else "application/json"
         )
+        # A subscription's url as it is now (checked at send time like any target); a
+        # per-request webhook's own.
+        url = row.url if row.subscription_id is None else row.subscription_url
         signed = sign(row.webhook_id, utcnow(), row.body.encode(), secrets, content_type)
-        attempt = self._send(row.url, signed.headers, signed.body)
+        attempt = self._send(url, signed.headers, signed.body)
+        if url != row.url:  # the subscription's url changed since: recorded on the delivery
+            attempt = dataclasses.replace(attempt, url=url)
         verdict = Verdict.FINAL if attempt.refused else classify(attempt.status_code)
         if verdict is Verdict.SUCCESS:
-            # A subscription not failing before has no streak to clear.
-            streak = row.subscription_id is not None and row.failing_since is not None
-            return Done(
-                _Recording(
-                    delivery_id, attempt, DeliveryStatus.SUCCEEDED, None, track_success=streak
-                )
-            )
+            return Done(_Recording(delivery_id, attempt, DeliveryStatus.SUCCEEDED, None))
         reason = attempt.error or f"HTTP {attempt.status_code}"
         if verdict is Verdict.RETRY:
             if not replay:
                 return _retrying(delivery_id, attempt, reason)
             # Dead, unless its schedule still has attempts to come (decided when recorded).
             return Done(
-                _Recording(delivery_id, attempt, DeliveryStatus.DEAD, reason, replay_task=replay)
+                _Recording(delivery_id, attempt, DeliveryStatus.DEAD, reason, replay=replay)
             )
         gone = verdict is Verdict.GONE
         return Done(_Recording(delivery_id, attempt, DeliveryStatus.FAILED, reason, gone=gone))
@@ -257,6 +289,10 @@ def _timed_out(started: float) -> Attempt:
     return Attempt(None, None, f"Timeout (no answer within {SEND_TIMEOUT:g} s)", _ms(started))
 
 
+def _is_replay(task: ClaimedTask) -> bool:
+    return bool(task.payload.get("replay"))
+
+
 def _secrets(row: Any) -> list[str] | None:
     """Every secret that signs the delivery now; None when its subscription is off."""
     if row.subscription_id is None:
@@ -280,6 +316,20 @@ class Attempt:
     error: str | None
     duration_ms: int
     refused: bool = False  # the target address is not allowed: final
+    # Where it was sent when that is not the url the delivery's row shows (its subscription's
+    # url changed since): written on the row with the attempt.
+    url: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Replay:
+    """A replay task attempting its delivery: `ending`, the other replays of the delivery that
+    end unsent in the same batch; `deferred`, whether its scheduled task was put off for it
+    (it comes ORDER_WAIT later)."""
+
+    task_id: str
+    ending: tuple[str, ...] = ()
+    deferred: bool = False
 
 
 def _failed_inside(delivery_id: str, exc: Exception) -> Failed:
@@ -299,11 +349,11 @@ class _Recording:
     """The change recording an attempt (if any) and what it made of the delivery; applied
     alone or with others of a batch, by `_record` either way.
 
-    `only_pending`: only while the delivery is still pending. `track_success=False` when the
-    subscription was known not to be failing, so a success has no streak to clear.
-    `replay_task`: a failed replay's, made by that task; `status` (dead) and `next_attempt_at`
-    are then decided when written: pending until the next attempt of the delivery's schedule,
-    if one is still to come (`_after_replay`).
+    `only_pending`: only while the delivery is still pending.
+    `replay`: a failed replay's, made by that task; `status` (dead) and `next_attempt_at` are
+    then decided when written, after every other record of the delivery in the transaction:
+    pending until the next attempt of the delivery's schedule, if one is still to come
+    (`_after_replay`).
     """
 
     delivery_id: str
@@ -313,8 +363,7 @@ class _Recording:
     next_attempt_at: dt.datetime | None = None
     gone: bool = False
     only_pending: bool = False
-    track_success: bool = True
-    replay_task: str | None = None
+    replay: _Replay | None = None
 
     def __call__(self, session: Session) -> None:
         _record(session, [self])
@@ -393,65 +442,108 @@ _RECORD = {
     for only_pending in (True, False)
 }
 _INSERT_ATTEMPT = sa.insert(DeliveryAttempt)
-# When the delivery's next attempt comes, by a task other than the given one (a replay's):
-# NULL when none is still to run. Through ix_tasks_due: the pending and running tasks only.
+_DELIVERIES: sa.Table = Delivery.__table__  # type: ignore[assignment]
+# A delivery sent elsewhere than its row said: the url it went to.
+_MOVE = (
+    sa.update(_DELIVERIES)
+    .where(_DELIVERIES.c.id == sa.bindparam("delivery_id"))
+    .values(url=sa.bindparam("new_url", type_=_DELIVERIES.c.url.type))
+)
+# When the delivery's next attempt comes, by a task other than the given ones (a replay's, and
+# those ending beside it): NULL when none is still to run. Through ix_tasks_due: the pending
+# and running tasks only.
 _NEXT_ATTEMPT = sa.select(sa.func.min(Task.run_at)).where(
     Task.status.in_([TaskStatus.PENDING.value, TaskStatus.RUNNING.value]),
     Task.kind == DELIVER,
-    Task.id != sa.bindparam("task_id"),
+    Task.id.not_in(sa.bindparam("task_ids", expanding=True)),
     Task.payload["delivery_id"].as_string() == sa.bindparam("delivery_id"),
 )
 
 
 _LOCK_DELIVERY = (
-    sa.select(Delivery.status).where(Delivery.id == sa.bindparam("delivery_id")).with_for_update()
+    sa.select(Delivery.status, Delivery.next_attempt_at)
+    .where(Delivery.id == sa.bindparam("delivery_id"))
+    .with_for_update()
 )
 
 
-def _after_replay(session: Session, recording: _Recording) -> _Recording:
+def _after_replay(session: Session, recording: _Recording, *, recorded: bool) -> _Recording:
     """A failed replay's record as written now: pending while the delivery's schedule (or
-    another replay) still has an attempt to come, dead otherwise."""
-    if recording.replay_task is None:
+    another replay) still has an attempt to come, dead otherwise.
+
+    `recorded`: another attempt's record changed the delivery earlier in this transaction
+    (its scheduled task's, given up or run in the same batch): what it made of the delivery
+    stands, and the replay only adds its attempt.
+    """
+    replay = recording.replay
+    if replay is None:
         return recording
     connection = session.connection()
     # Locked first: a scheduled attempt recording its outcome meanwhile has committed (and
     # is seen below) or waits for this transaction.
-    current = connection.scalar(_LOCK_DELIVERY, {"delivery_id": recording.delivery_id})
-    if current == DeliveryStatus.SUCCEEDED:
-        # A scheduled attempt got through meanwhile: the delivery stays delivered.
-        status, next_at = DeliveryStatus.SUCCEEDED, None
+    current = connection.execute(_LOCK_DELIVERY, {"delivery_id": recording.delivery_id}).first()
+    if current is None:  # deleted: the record changes nothing
+        return dataclasses.replace(recording, replay=None)
+    if recorded or current.status == DeliveryStatus.SUCCEEDED:
+        # Decided by that attempt (one that got through meanwhile: it stays delivered).
+        status, next_at = DeliveryStatus(current.status), current.next_attempt_at
     else:
         next_at = connection.scalar(
             _NEXT_ATTEMPT,
-            {"task_id": recording.replay_task, "delivery_id": recording.delivery_id},
+            {
+                "task_ids": [replay.task_id, *replay.ending],
+                "delivery_id": recording.delivery_id,
+            },
         )
+        if next_at is not None and replay.deferred:
+            # Its scheduled task was put off for it: it runs ORDER_WAIT from now.
+            next_at = max(next_at, utcnow() + dt.timedelta(seconds=ORDER_WAIT))
         status = DeliveryStatus.PENDING if next_at is not None else DeliveryStatus.DEAD
-    return dataclasses.replace(recording, status=status, next_attempt_at=next_at, replay_task=None)
+    return dataclasses.replace(recording, status=status, next_attempt_at=next_at, replay=None)
 
 
 def _record(session: Session, recordings: Sequence[_Recording]) -> None:
     """Write `recordings` in the caller's transaction, in few Core statements (`_record_round`).
 
-    A delivery may have two (a failed last attempt's, then on_exhausted's dead record): they
-    are written in order, each seeing what the one before wrote, one round per record.
+    A delivery may have several (a failed last attempt's, then on_exhausted's dead record; a
+    replay's beside its scheduled task's): they are written in order, each seeing what the
+    one before wrote, one round per record. A replay's comes after the others of its delivery
+    and is decided only then (`_after_replay`), so that it never sets back what they recorded.
+    The subscriptions' failing streaks follow, in the order the attempts were made.
     """
-    rounds: list[list[_Recording]] = []
+    rounds: list[list[tuple[int, _Recording]]] = []
     seen: dict[str, int] = {}
-    for recording in (_after_replay(session, r) for r in recordings):
+    replays_last = sorted(enumerate(recordings), key=lambda item: item[1].replay is not None)
+    for position, recording in replays_last:
         index = seen.get(recording.delivery_id, 0)
         seen[recording.delivery_id] = index + 1
         if index == len(rounds):
             rounds.append([])
-        rounds[index].append(recording)
+        rounds[index].append((position, recording))
+    written: set[str] = set()
+    tracked: list[tuple[int, _Recording, str]] = []
     for distinct in rounds:
-        _record_round(session, distinct)
+        decided = [
+            (position, _after_replay(session, r, recorded=r.delivery_id in written))
+            for position, r in distinct
+        ]
+        changed = _record_round(session, [recording for _, recording in decided])
+        written.update(changed)
+        tracked += [
+            (position, recording, subscription_id)
+            for position, recording in decided
+            if (subscription_id := changed.get(recording.delivery_id)) is not None
+        ]
+    tracked.sort(key=lambda item: item[0])
+    _track_streaks(session, [(r, subscription_id) for _, r, subscription_id in tracked])
 
 
-def _record_round(session: Session, recordings: list[_Recording]) -> None:
+def _record_round(session: Session, recordings: list[_Recording]) -> dict[str, str | None]:
     """Records of distinct deliveries: one guarded UPDATE per set of deliveries given the same
     values (a batch of successes: one), one INSERT for the attempt rows of the deliveries it
-    changed, then their subscriptions' failing streaks. Each outcome recorded is counted in
-    DELIVERY_OUTCOMES once committed.
+    changed (and the url of those sent elsewhere than their rows said). Each outcome recorded
+    is counted in DELIVERY_OUTCOMES once committed. Returns the deliveries it changed, each
+    with its subscription's id.
     """
     connection = session.connection()
     now = utcnow()
@@ -489,19 +581,16 @@ def _record_round(session: Session, recordings: list[_Recording]) -> None:
     ]
     if attempts:
         connection.execute(_INSERT_ATTEMPT, attempts)
-    for recording in recorded:
-        subscription_id = changed[recording.delivery_id]
-        if subscription_id is None:
-            continue
-        if recording.status is DeliveryStatus.SUCCEEDED and not recording.track_success:
-            continue
-        subscription = session.get(Subscription, subscription_id)
-        if subscription is not None and subscription.enabled:
-            _track_failures(
-                subscription, recording.status, recording.reason, now, gone=recording.gone
-            )
+    moved = [
+        {"delivery_id": recording.delivery_id, "new_url": recording.attempt.url}
+        for recording in recorded
+        if recording.attempt is not None and recording.attempt.url is not None
+    ]
+    if moved:
+        connection.execute(_MOVE, moved)
     if recorded:
         after_commit(session, functools.partial(_count, [r.outcome for r in recorded]))
+    return changed
 
 
 def _count(outcomes: list[str]) -> None:
@@ -509,24 +598,56 @@ def _count(outcomes: list[str]) -> None:
         DELIVERY_OUTCOMES.labels(outcome).inc()
 
 
-def _track_failures(
-    subscription: Subscription,
-    status: DeliveryStatus,
-    reason: str | None,
-    now: dt.datetime,
-    *,
-    gone: bool,
-) -> None:
-    """A success clears the failing streak; a 410 or 5 days of failures disable."""
-    if status is DeliveryStatus.SUCCEEDED:
-        subscription.failing_since = None
-        return
-    if subscription.failing_since is None:
-        subscription.failing_since = now
-    if gone:
-        _disable(subscription, "the endpoint answered 410 Gone", now)
-    elif now - subscription.failing_since >= DISABLE_AFTER_FAILING:
-        _disable(subscription, f"every delivery failed for 5 days (last: {reason})", now)
+# A success's: the subscriptions' failing streaks cleared, where they have one (no read, and
+# nothing written where there is none).
+_SUBSCRIPTIONS: sa.Table = Subscription.__table__  # type: ignore[assignment]
+_CLEAR_STREAKS = (
+    sa.update(_SUBSCRIPTIONS)
+    .where(
+        _SUBSCRIPTIONS.c.id.in_(sa.bindparam("subscription_ids", expanding=True)),
+        _SUBSCRIPTIONS.c.failing_since.is_not(None),
+    )
+    .values(failing_since=None)
+)
+
+
+def _track_streaks(session: Session, recorded: list[tuple[_Recording, str]]) -> None:
+    """The failing streaks of the subscriptions of `recorded` (records, in the order their
+    attempts were made, each with its subscription's id): a success clears the streak; a
+    failure starts one (anew after a success here); a 410, or failures since 5 days, disable.
+
+    A subscription whose last record here is a success only has its streak cleared, by a
+    guarded UPDATE (no read; nothing written when it has none), whatever was read before the
+    batch.
+    """
+    now = utcnow()
+    by_subscription: dict[str, list[_Recording]] = {}
+    for recording, subscription_id in recorded:
+        by_subscription.setdefault(subscription_id, []).append(recording)
+    cleared: list[str] = []
+    for subscription_id, records in by_subscription.items():
+        succeeded = [i for i, r in enumerate(records) if r.status is DeliveryStatus.SUCCEEDED]
+        failing = records[succeeded[-1] + 1 :] if succeeded else records
+        gone = any(r.gone for r in records)
+        if not failing and not gone:
+            cleared.append(subscription_id)
+            continue
+        subscription = session.get(Subscription, subscription_id)
+        if subscription is None or not subscription.enabled:
+            continue
+        if not failing:
+            subscription.failing_since = None
+        elif succeeded or subscription.failing_since is None:
+            subscription.failing_since = now  # a streak from these failures on
+        if gone:
+            _disable(subscription, "the endpoint answered 410 Gone", now)
+        elif subscription.failing_since and now - subscription.failing_since >= (
+            DISABLE_AFTER_FAILING
+        ):
+            reason = failing[-1].reason
+            _disable(subscription, f"every delivery failed for 5 days (last: {reason})", now)
+    if cleared:
+        session.connection().execute(_CLEAR_STREAKS, {"subscription_ids": cleared})
 
 
 def _disable(subscription: Subscription, reason: str, now: dt.datetime) -> None:

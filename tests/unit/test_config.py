@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import DEFAULT_WEBHOOK_RETRY_SCHEDULE, Config, ConfigError
+from service.config import Config, ConfigError
 
 MINIMAL = {"GENRELAY_DEEPIMAGE_API_KEY": "k", "GENRELAY_GCS_BUCKET": "results"}
 
@@ -17,7 +17,8 @@ def test_minimal_environment_gives_the_documented_defaults() -> None:
     assert config.confirm_results is True
     assert config.max_result_bytes == 256 * 1024 * 1024
     assert config.signed_url_ttl == 3600
-    assert config.webhook_retry_schedule == DEFAULT_WEBHOOK_RETRY_SCHEDULE
+    # As the README documents it (the constant itself could change unnoticed).
+    assert config.webhook_retry_schedule == (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
     # Results come from Deep-Image's own host and its documented result store, nowhere else.
     assert config.allowed_result_hosts == (
         "deep-image.ai",
@@ -218,3 +219,19 @@ def test_time_settings_may_be_up_to_ten_years() -> None:
     assert config.task_lease == float(ten_years)
     with pytest.raises(ConfigError, match="GENRELAY_TASK_LEASE must be at most 10 years"):
         Config.from_env({**MINIMAL, "GENRELAY_TASK_LEASE": str(int(ten_years) + 1)})
+
+
+def test_a_notification_link_outlives_two_whole_retry_schedules_within_the_v4_limit() -> None:
+    """A later event to a target waits while an earlier one is pending, then starts its own
+    schedule: its link must last both schedules (each stretched 20 % by the jitter) and an
+    hour, at least GENRELAY_SIGNED_URL_TTL and at most the 7 days of a V4 signed URL."""
+    default = Config.from_env(MINIMAL)
+    schedule = sum(default.webhook_retry_schedule) * 1.2
+    assert default.notification_url_ttl == 2 * schedule + 3600  # about 67 hours
+    assert default.notification_url_ttl > default.signed_url_ttl
+    short = Config.from_env({**MINIMAL, "GENRELAY_WEBHOOK_RETRY_SCHEDULE": "0,5"})
+    assert short.notification_url_ttl == 3612.0  # 2 x 5 s x 1.2 + an hour
+    longer = Config.from_env({**MINIMAL, "GENRELAY_SIGNED_URL_TTL": "86400"})
+    assert longer.notification_url_ttl == max(86400, 2 * schedule + 3600)
+    capped = Config.from_env({**MINIMAL, "GENRELAY_WEBHOOK_RETRY_SCHEDULE": "0,300000"})
+    assert capped.notification_url_ttl == 7 * 24 * 3600
