@@ -298,21 +298,30 @@ def test_subscriptions_can_be_listed_changed_and_deleted(api: Any, receiver_fact
     assert client.get(f"/v1/subscriptions/{created['id']}", headers=auth).status_code == 404
 
 
-def test_a_subscription_failing_for_five_days_is_disabled(api: Any, receiver_factory: Any) -> None:
+@pytest.mark.parametrize(
+    ("failing_for", "disabled"),
+    [(dt.timedelta(days=5, minutes=1), True), (dt.timedelta(days=5, minutes=-1), False)],
+    ids=["five-days", "not-quite"],
+)
+def test_a_subscription_failing_for_five_days_is_disabled(
+    api: Any, receiver_factory: Any, failing_for: dt.timedelta, disabled: bool
+) -> None:
     services, client, auth = api
     receiver = receiver_factory([400])
     created = subscribe(client, auth, receiver.url, events=["generation.succeeded"])
     with services.store.transaction() as session:
         session.execute(
-            sa.update(Subscription).values(
-                failing_since=dt.datetime.now(dt.UTC) - dt.timedelta(days=5, minutes=1)
-            )
+            sa.update(Subscription).values(failing_since=dt.datetime.now(dt.UTC) - failing_for)
         )
     generate(client, auth)
     drain(services)
+    assert len(receiver.requests) == 1  # the failure that counts
     shown = client.get(f"/v1/subscriptions/{created['id']}", headers=auth).json
-    assert shown["enabled"] is False
-    assert "5 days" in shown["disabled_reason"]
+    if disabled:
+        assert shown["enabled"] is False
+        assert shown["disabled_reason"] == "every delivery failed for 5 days (last: HTTP 400)"
+    else:
+        assert (shown["enabled"], shown["disabled_reason"]) == (True, None)
 
 
 @pytest.mark.parametrize("enabled", [1, 0, 1.0, "true"])
