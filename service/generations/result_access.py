@@ -5,7 +5,7 @@
   (service/generations/store.py).
 - Links: `result.url` is a V4 signed GET URL. Shown resources sign a fresh one (valid
   GENRELAY_SIGNED_URL_TTL); notifications carry one signed when their deliveries are written
-  (valid for the whole retry schedule, see Config.notification_url_ttl), since every attempt
+  (valid for two whole retry schedules, see Config.notification_url_ttl), since every attempt
   sends the same stored bytes; `GET /v1/generations/{id}/result` redirects to a fresh one.
 - Retention: a generation keeps `retention_seconds` (its request's `retention`, else its
   tenant's). When it succeeds, an `expire_result` task is queued that far ahead; it sets

@@ -72,7 +72,7 @@ def test_results_go_to_the_tenants_output_and_links_serve_them(gcp: GcpStack) ->
     verify_v4_signature(shown["result"]["url"], public_key_of(gcp.signer_info))
 
     # The notification carries a link too, signed once for every attempt of the delivery,
-    # valid for the whole retry schedule; the delivery's stored bytes are what was sent.
+    # valid for two whole retry schedules; the delivery's stored bytes are what was sent.
     (request,) = receiver.requests
     body = json.loads(request["body"])
     assert body["type"] == "generation.succeeded"
