@@ -26,6 +26,7 @@ from service.migrate import upgrade_to_head
 from service.models import Base
 from service.runtime.kinds import SUBMIT
 from service.runtime.queue import RetryPolicy
+from tests.helpers import Receiver
 
 if TYPE_CHECKING:
     from service.devtools.gcs_emulator import FakeGcsServer
@@ -225,3 +226,24 @@ def make_client(
     for services in made:
         services.deepimage.close()
         services.downloads.close()
+
+
+@pytest.fixture
+def receivers() -> Iterator[list[Receiver]]:
+    """Loopback receivers a test makes (or adds), stopped after it."""
+    made: list[Receiver] = []
+    yield made
+    for receiver in made:
+        receiver.stop()
+
+
+@pytest.fixture
+def receiver_factory(receivers: list[Receiver]) -> Callable[..., Receiver]:
+    """Makes loopback receivers answering a script of statuses (the last repeats)."""
+
+    def make(statuses: list[int] | None = None) -> Receiver:
+        receiver = Receiver(statuses)
+        receivers.append(receiver)
+        return receiver
+
+    return make

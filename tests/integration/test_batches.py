@@ -8,7 +8,6 @@ import io
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -71,14 +70,6 @@ def batch_generations(client: Any, auth: dict[str, str], batch_id: str) -> list[
         if page["next_cursor"] is None:
             return list(reversed(found))
         url = f"/v1/batches/{batch_id}/generations?limit=100&cursor={page['next_cursor']}"
-
-
-@pytest.fixture
-def receivers() -> Iterator[list[Receiver]]:
-    made: list[Receiver] = []
-    yield made
-    for receiver in made:
-        receiver.stop()
 
 
 def test_deep_merge_merges_dicts_recursively_and_replaces_everything_else() -> None:

@@ -5,14 +5,11 @@ time the `result.url` in its body is signed for."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
 from typing import Any
-
-import pytest
 
 from service.config import Config
 from service.notifications.deliver import ORDER_WAIT
-from tests.helpers import Receiver, drain
+from tests.helpers import drain
 from tests.integration.test_notifications import generate, subscribe
 
 SCHEDULE = (0.0, 2.0, 2.0)
@@ -20,20 +17,6 @@ SCHEDULE = (0.0, 2.0, 2.0)
 # earlier one still pending, then takes a moment to claim and send (the link's extra hour
 # covers this in production).
 SLACK = ORDER_WAIT + 1.0
-
-
-@pytest.fixture
-def receiver_factory() -> Iterator[Callable[..., Receiver]]:
-    """Loopback receivers answering a script of statuses (the last repeats); stopped after."""
-    made: list[Receiver] = []
-
-    def make(statuses: list[int] | None = None) -> Receiver:
-        made.append(Receiver(statuses))
-        return made[-1]
-
-    yield make
-    for receiver in made:
-        receiver.stop()
 
 
 def test_every_attempt_of_a_held_back_delivery_falls_within_its_links_lifetime(

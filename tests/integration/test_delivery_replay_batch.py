@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,25 +18,11 @@ import sqlalchemy as sa
 from service.config import Config
 from service.models import Task
 from service.runtime.kinds import DELIVER
-from tests.helpers import Receiver, drain
+from tests.helpers import drain
 from tests.integration.test_notifications import generate, subscribe, types_of
 
 # Two attempts: at once, then an hour later (brought forward by the tests).
 SCHEDULE = (0.0, 3600.0)
-
-
-@pytest.fixture
-def receiver_factory() -> Iterator[Callable[..., Receiver]]:
-    """Loopback receivers answering a script of statuses (the last repeats); stopped after."""
-    made: list[Receiver] = []
-
-    def make(statuses: list[int] | None = None) -> Receiver:
-        made.append(Receiver(statuses))
-        return made[-1]
-
-    yield make
-    for receiver in made:
-        receiver.stop()
 
 
 def _make(config: Config, make_client: Any) -> tuple[Any, Any, dict[str, str]]:

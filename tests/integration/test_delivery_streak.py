@@ -5,7 +5,6 @@ success starts a new one."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,24 +13,9 @@ import sqlalchemy as sa
 from service.config import Config
 from service.models import Delivery, Subscription
 from service.runtime.kinds import DELIVER
-from tests.helpers import Receiver
 from tests.integration.test_notifications import FAST_SCHEDULE, subscribe
 
 LONG_AGO = dt.timedelta(days=5, minutes=1)
-
-
-@pytest.fixture
-def receiver_factory() -> Iterator[Callable[..., Receiver]]:
-    """Loopback receivers answering a script of statuses (the last repeats); stopped after."""
-    made: list[Receiver] = []
-
-    def make(statuses: list[int] | None = None) -> Receiver:
-        made.append(Receiver(statuses))
-        return made[-1]
-
-    yield make
-    for receiver in made:
-        receiver.stop()
 
 
 @pytest.fixture

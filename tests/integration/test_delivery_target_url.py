@@ -5,7 +5,6 @@ at send time like any target), and each delivery's `url` shows where it was last
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,24 +13,10 @@ import sqlalchemy as sa
 from service.config import Config
 from service.models import Subscription, Task
 from service.runtime.kinds import DELIVER
-from tests.helpers import Receiver, drain
+from tests.helpers import drain
 from tests.integration.test_notifications import generate, subscribe, types_of
 
 SCHEDULE = (0.0, 3600.0)  # two attempts: at once, then an hour later (brought forward)
-
-
-@pytest.fixture
-def receiver_factory() -> Iterator[Callable[..., Receiver]]:
-    """Loopback receivers answering a script of statuses (the last repeats); stopped after."""
-    made: list[Receiver] = []
-
-    def make(statuses: list[int] | None = None) -> Receiver:
-        made.append(Receiver(statuses))
-        return made[-1]
-
-    yield make
-    for receiver in made:
-        receiver.stop()
 
 
 def _due_now(services: Any, delivery_id: str) -> None:

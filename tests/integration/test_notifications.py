@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,24 +18,6 @@ from tests.helpers import LoopbackServer, Receiver, Statements, drain, seed_exam
 
 TEXT_ONLY = seed_examples()["text_only"]
 FAST_SCHEDULE = (0.0, 0.05, 0.05)  # three attempts, quickly
-
-
-@pytest.fixture
-def receivers() -> Iterator[list[Receiver]]:
-    made: list[Receiver] = []
-    yield made
-    for receiver in made:
-        receiver.stop()
-
-
-@pytest.fixture
-def receiver_factory(receivers: list[Receiver]) -> Any:
-    def make(statuses: list[int] | None = None) -> Receiver:
-        receiver = Receiver(statuses)
-        receivers.append(receiver)
-        return receiver
-
-    return make
 
 
 @pytest.fixture
