@@ -235,3 +235,37 @@ def png_bytes(
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+class _IamRefuses:
+    """IAM signBlob's answer to a caller without the Token Creator role."""
+
+    status = 403
+    headers: dict[str, str] = {}
+    data = (
+        b'{"error": {"code": 403, "message": "Permission \'iam.serviceAccounts.signBlob\' '
+        b'denied on resource", "status": "PERMISSION_DENIED"}}'
+    )
+
+
+def cannot_sign_for_good(monkeypatch: pytest.MonkeyPatch, blobs: Any, signer: str) -> None:
+    """`blobs` signs as on Cloud Run (token-only credentials, through IAM as the signing
+    account) and can never sign: "refused by IAM" (no Token Creator role), or "cannot refresh"
+    (no token and no way to get one)."""
+    import google.auth.transport.requests as google_requests
+    from google.oauth2.credentials import Credentials
+
+    monkeypatch.setattr(blobs, "signing_service_account", "rt@p.iam.gserviceaccount.com")
+    if signer == "refused by IAM":
+        monkeypatch.setattr(blobs, "signing_credentials", Credentials(token="ya29.x"))
+        real_call = google_requests.Request.__call__
+
+        def iam(self: Any, url: str, method: str = "GET", *args: Any, **kwargs: Any) -> Any:
+            if "iamcredentials" in url:
+                return _IamRefuses()
+            return real_call(self, url, method, *args, **kwargs)
+
+        monkeypatch.setattr(google_requests.Request, "__call__", iam)
+    else:
+        assert signer == "cannot refresh"
+        monkeypatch.setattr(blobs, "signing_credentials", Credentials(token=None))

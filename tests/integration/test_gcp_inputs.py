@@ -16,6 +16,7 @@ from service.models import Base, Generation
 from service.tenants import Tenants
 from tests.gcp_helpers import (  # noqa: F401
     GcpStack,
+    cannot_sign_for_good,
     gcp,
     gcp_config,
     png_bytes,
@@ -211,17 +212,6 @@ def test_without_credentials_that_can_sign_a_gs_input_fails_with_input_unavailab
     assert "GENRELAY_GCS_SIGNING_ACCOUNT" in shown["error"]["message"]
 
 
-class _IamRefuses:
-    """IAM signBlob's answer to a caller without the Token Creator role."""
-
-    status = 403
-    headers: dict[str, str] = {}
-    data = (
-        b'{"error": {"code": 403, "message": "Permission \'iam.serviceAccounts.signBlob\' '
-        b'denied on resource", "status": "PERMISSION_DENIED"}}'
-    )
-
-
 @pytest.mark.parametrize("signer", ["refused by IAM", "cannot refresh"])
 def test_a_gs_input_whose_signing_is_refused_fails_without_googles_text(
     make_client: Any,
@@ -230,25 +220,9 @@ def test_a_gs_input_whose_signing_is_refused_fails_without_googles_text(
     caplog: pytest.LogCaptureFixture,
     signer: str,
 ) -> None:
-    import google.auth.transport.requests as google_requests
-    from google.oauth2.credentials import Credentials
-
     services, client, auth = make_client(config)
     Tenants(services.store).set("acme", input_buckets=["some-bucket"])
-    # As on Cloud Run: token-only credentials, signing through IAM as the signing account.
-    monkeypatch.setattr(services.blobs, "signing_service_account", "rt@p.iam.gserviceaccount.com")
-    if signer == "refused by IAM":
-        monkeypatch.setattr(services.blobs, "signing_credentials", Credentials(token="ya29.x"))
-        real_call = google_requests.Request.__call__
-
-        def iam(self: Any, url: str, method: str = "GET", *args: Any, **kwargs: Any) -> Any:
-            if "iamcredentials" in url:
-                return _IamRefuses()
-            return real_call(self, url, method, *args, **kwargs)
-
-        monkeypatch.setattr(google_requests.Request, "__call__", iam)
-    else:  # no token and no way to get one
-        monkeypatch.setattr(services.blobs, "signing_credentials", Credentials(token=None))
+    cannot_sign_for_good(monkeypatch, services.blobs, signer)
     accepted = client.post(
         "/v1/generations", json={"input": {"url": "gs://some-bucket/a.png"}}, headers=auth
     )

@@ -24,6 +24,7 @@ from service.models import Task, utcnow
 from service.runtime.kinds import STORE
 from service.runtime.queue import RetryPolicy
 from service.runtime.worker import Worker
+from tests.gcp_helpers import cannot_sign_for_good
 from tests.helpers import Receiver, drain, set_simulator
 from tests.integration.test_completion import TEXT_ONLY, create, objects, tasks_of
 
@@ -218,41 +219,14 @@ def test_a_signing_error_that_may_pass_is_a_503_not_a_501(
     assert "IAM" not in answer.get_data(as_text=True)
 
 
-class _IamRefuses:
-    """IAM signBlob's answer to a caller without the Token Creator role."""
-
-    status = 403
-    headers: dict[str, str] = {}
-    data = (
-        b'{"error": {"code": 403, "message": "Permission \'iam.serviceAccounts.signBlob\' '
-        b'denied on resource", "status": "PERMISSION_DENIED"}}'
-    )
-
-
 @pytest.mark.parametrize("signer", ["refused by IAM", "cannot refresh"])
 def test_credentials_that_cannot_sign_for_good_are_a_501(
     config: Config, make_client: Any, monkeypatch: pytest.MonkeyPatch, signer: str
 ) -> None:
-    import google.auth.transport.requests as google_requests
-    from google.oauth2.credentials import Credentials
-
     services, client, auth = make_client(config)
     made = create(client, auth, {"input": TEXT_ONLY})
     drain(services)
-    # As on Cloud Run: token-only credentials, signing through IAM as the signing account.
-    monkeypatch.setattr(services.blobs, "signing_service_account", "rt@p.iam.gserviceaccount.com")
-    if signer == "refused by IAM":
-        monkeypatch.setattr(services.blobs, "signing_credentials", Credentials(token="ya29.x"))
-        real_call = google_requests.Request.__call__
-
-        def iam(self: Any, url: str, method: str = "GET", *args: Any, **kwargs: Any) -> Any:
-            if "iamcredentials" in url:
-                return _IamRefuses()
-            return real_call(self, url, method, *args, **kwargs)
-
-        monkeypatch.setattr(google_requests.Request, "__call__", iam)
-    else:  # no token and no way to get one
-        monkeypatch.setattr(services.blobs, "signing_credentials", Credentials(token=None))
+    cannot_sign_for_good(monkeypatch, services.blobs, signer)
     answer = client.get(f"/v1/generations/{made['id']}/result", headers=auth)
     assert answer.status_code == 501
     assert answer.json["type"].endswith("/cannot-sign")
