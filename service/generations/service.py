@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -88,8 +89,10 @@ class NewGeneration:
 # The outcome of intake: the generation made (or shown again), or the stored first response.
 Intake = Answer[GenerationView]
 
-# How many result links of a listed page are signed at once.
+# How many result links of a listed page are signed at once, when signing one takes longer
+# than REMOTE_SIGNING (seconds: a request to IAM, not a local signature).
 SIGNING_THREADS = 8
+REMOTE_SIGNING = 0.005
 
 
 def _result_uri(generation: GenerationRecord) -> str | None:
@@ -136,22 +139,31 @@ class GenerationService:
         return GenerationView(generation, signed_url=signed_url, queue_position=queue_position)
 
     def _views(self, generations: list[GenerationRecord]) -> list[GenerationView]:
-        """A page of generations as shown, their result links signed a few at once.
+        """A page of generations as shown, their result links signed a few at once where
+        signing takes a request.
 
         On Cloud Run every link is a request to IAM's signBlob (tens of milliseconds): one
-        after the other, a page of 100 succeeded generations took 100 of them in a row."""
+        after the other, a page of 100 succeeded generations took 100 of them in a row. A
+        link signed locally (a key: about a millisecond) or not at all is not worth a thread:
+        the first link tells which it is."""
         uris = {i: uri for i, g in enumerate(generations) if (uri := _result_uri(g)) is not None}
         links: dict[int, str | None] = {}
-        if len(uris) > 1:
-            with ThreadPoolExecutor(min(SIGNING_THREADS, len(uris)), "genrelay-sign") as pool:
+        pending = list(uris.items())
+        if pending:
+            i, uri = pending.pop(0)
+            started = time.perf_counter()
+            links[i] = self._sign(uri)
+            if time.perf_counter() - started < REMOTE_SIGNING:  # no request: the rest alike
+                links.update((i, self._sign(uri)) for i, uri in pending)
+                pending = []
+        if pending:
+            with ThreadPoolExecutor(min(SIGNING_THREADS, len(pending)), "genrelay-sign") as pool:
                 # Each in a copy of this context: its log lines keep the request's id.
                 signed = [
-                    pool.submit(contextvars.copy_context().run, self._sign, uri)
-                    for uri in uris.values()
+                    (i, pool.submit(contextvars.copy_context().run, self._sign, uri))
+                    for i, uri in pending
                 ]
-                links = dict(zip(uris, (future.result() for future in signed), strict=True))
-        elif uris:
-            links = {i: self._sign(uri) for i, uri in uris.items()}
+                links.update((i, future.result()) for i, future in signed)
         return [GenerationView(g, signed_url=links.get(i)) for i, g in enumerate(generations)]
 
     def _sign(self, uri: str) -> str | None:

@@ -654,6 +654,32 @@ def test_a_listed_page_signs_its_result_links_several_at_once(config: Config, st
     services.downloads.close()
 
 
+def test_links_signed_without_a_request_are_signed_in_the_request_thread(
+    config: Config, store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local signature (a key) takes about a millisecond: no thread is worth it.
+    import service.generations.service as generation_service
+
+    services = build_services(
+        config, store=store, blobs=FakeBlobStore(config.gcs_bucket, can_sign=True)
+    )
+    client = create_app(config, services=services).test_client()
+    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    made = [create(client, auth, {"input": TEXT_ONLY})["id"] for _ in range(3)]
+    drain(services)
+
+    def no_threads(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a thread pool for links that take no request")
+
+    monkeypatch.setattr(generation_service, "ThreadPoolExecutor", no_threads)
+    listed = client.get("/v1/generations", headers=auth)
+    assert listed.status_code == 200
+    assert sorted(item["id"] for item in listed.json["data"]) == sorted(made)
+    assert all(item["result"]["url"].startswith("https://") for item in listed.json["data"])
+    services.deepimage.close()
+    services.downloads.close()
+
+
 def test_a_callback_that_overtakes_the_submit_records_the_job_itself_when_trusted(
     config: Config, make_client: Any, simulator: Any
 ) -> None:
