@@ -138,6 +138,8 @@ class _Lookups:
     - at most `per_host` lookups of one host name run at once (different ports); a further
       one fails at once, as not resolving;
     - a lookup still queued for a thread when its last caller gives up is never run.
+    What this does not bound: many distinct host names that all hang (names under one dead
+    zone) hold one thread each.
     """
 
     def __init__(self, threads: int = LOOKUP_THREADS, per_host: int = LOOKUPS_PER_HOST) -> None:
@@ -210,7 +212,9 @@ def timed_resolver(
     """`resolve`, giving up after `timeout` seconds with OSError (for the request path).
 
     Whatever `resolve` raises is raised as it is; so is OSError when the host's lookups hang
-    (see _Lookups): a host name whose name server does not answer never delays the others.
+    (see _Lookups): one host name whose name server does not answer does not delay the others.
+    Many such names can still hold every thread, each for as long as the system resolver
+    takes to give up on it (only a resolver that can be interrupted would end that).
     """
 
     def resolver(host: str, port: int) -> list[str]:
