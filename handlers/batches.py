@@ -31,12 +31,7 @@ from werkzeug.exceptions import BadRequest
 
 from handlers.auth import require_tenant, services, tenant, tenant_id
 from handlers.idempotency import IdempotencyHeaderSchema, answer_past_deadline, render_answer
-from handlers.problems import (
-    StrictJSONParser,
-    flatten_messages,
-    problem_response,
-    unstorable_values,
-)
+from handlers.problems import StrictJSONParser, flatten_messages, problem_response
 from schemas.batches import (
     MAX_ITEMS,
     BatchCreateSchema,
@@ -59,6 +54,7 @@ from schemas.generations import (
 from schemas.problems import ProblemSchema
 from service.errors import InvalidRequest
 from service.generations.batches import MAX_REPORTED_ERRORS, NewBatch, NewBatchItem
+from service.text import unstorable_values
 
 NDJSON = "application/x-ndjson"
 # Room for one item with a large inline (base64) image; the body limit (25 MiB) bounds the rest.

@@ -25,10 +25,8 @@ from service.errors import (
 
 # What no database column can hold (NUL, lone surrogates) is refused where requests are parsed,
 # once for every field, rather than as a 500 from the database with the value in the log. The
-# check is service/text.py's, shared with the service layer; its names are still found here.
-from service.text import NONFINITE_MESSAGE as NONFINITE_MESSAGE
+# check is service/text.py's, shared with the service layer.
 from service.text import UNSTORABLE_MESSAGE, has_unstorable, unstorable_fields
-from service.text import unstorable_values as unstorable_values
 
 log = logging.getLogger("genrelay.http")
 

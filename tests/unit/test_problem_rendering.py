@@ -10,7 +10,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from handlers.problems import flatten_messages, register_error_handlers, unstorable_values
+from handlers.problems import flatten_messages, register_error_handlers
+from service.text import unstorable_values
 
 
 def test_nested_errors_get_dotted_paths_and_list_indexes() -> None:
