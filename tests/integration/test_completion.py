@@ -87,6 +87,14 @@ def call_back(client: Any, generation: dict[str, Any], source: str, **overrides:
     return client.post(url, json=payload)
 
 
+def app_on(config: Config, store: Any, blobs: Any) -> tuple[Services, Any, dict[str, str]]:
+    """Services on `blobs`, a test client of their app and an API key's header; the caller
+    closes the services' clients."""
+    services = build_services(config, store=store, blobs=blobs)
+    client = create_app(config, services=services).test_client()
+    return services, client, {"Authorization": "Bearer " + services.api_keys.create("acme")}
+
+
 def objects(services: Services) -> dict[str, bytes]:
     """Every object in the test bucket, by name."""
     client = services.blobs._client  # type: ignore[attr-defined]
@@ -468,13 +476,12 @@ UNDECLARED = {
 }
 
 
-@pytest.mark.parametrize("framing", sorted(UNDECLARED))
-def test_a_result_over_the_limit_without_a_declared_size_fails_as_it_streams(
-    config: Config, make_client: Any, simulator: Any, framing: str
-) -> None:
-    assert len(_GZIPPED) < 1000 < len(_OVER)
-    head, pieces = UNDECLARED[framing]
-    host = RawResultHost(head, pieces)
+def _stored_from(
+    host: RawResultHost, config: Config, make_client: Any, simulator: Any
+) -> tuple[Services, dict[str, Any]]:
+    """A generation whose callback names `host`'s result (a limit of 1000 bytes, no
+    confirmation), once its store has run; the services and the generation as shown. `host`
+    is stopped."""
     try:
         services, client, auth = make_client(
             callback_config(config, confirm_results=False, max_result_bytes=1000)
@@ -485,7 +492,17 @@ def test_a_result_over_the_limit_without_a_declared_size_fails_as_it_streams(
         drain(services)
     finally:
         host.stop()
-    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    return services, client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+
+
+@pytest.mark.parametrize("framing", sorted(UNDECLARED))
+def test_a_result_over_the_limit_without_a_declared_size_fails_as_it_streams(
+    config: Config, make_client: Any, simulator: Any, framing: str
+) -> None:
+    assert len(_GZIPPED) < 1000 < len(_OVER)
+    head, pieces = UNDECLARED[framing]
+    host = RawResultHost(head, pieces)
+    services, done = _stored_from(host, config, make_client, simulator)
     assert done["status"] == "failed", done
     assert done["error"] == {
         "code": "result_too_large",
@@ -508,17 +525,7 @@ def test_bytes_sent_past_a_declared_length_are_never_read(
         b"Connection: close\r\n\r\n"
     )
     host = RawResultHost(head, _pieces(_OVER, 200))
-    try:
-        services, client, auth = make_client(
-            callback_config(config, confirm_results=False, max_result_bytes=1000)
-        )
-        generation = create(client, auth, {"input": TEXT_ONLY})
-        wait_until_complete(simulator, generation["upstream"]["job"])
-        assert call_back(client, generation, host.url).status_code == 200
-        drain(services)
-    finally:
-        host.stop()
-    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    services, done = _stored_from(host, config, make_client, simulator)
     assert done["status"] == "succeeded", done["error"]
     assert done["result"]["size"] == 500
     [data] = objects(services).values()
@@ -571,9 +578,7 @@ def test_gcs_unreachable_for_a_while_is_retried_until_stored(config: Config, sto
     server.create_bucket(bucket)
     blobs = emulator_blob_store(server.url, bucket, retry_timeout=0)
     config = config.replace(gcs_bucket=bucket)
-    services = build_services(config, store=store, blobs=blobs)
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    services, client, auth = app_on(config, store, blobs)
     try:
         server.stop()
         generation = create(client, auth, {"input": TEXT_ONLY})
@@ -601,11 +606,7 @@ def test_gcs_unreachable_for_a_while_is_retried_until_stored(config: Config, sto
 def test_a_result_is_shown_with_a_signed_url_where_the_credentials_can_sign(
     config: Config, store: Any
 ) -> None:
-    services = build_services(
-        config, store=store, blobs=FakeBlobStore(config.gcs_bucket, can_sign=True)
-    )
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    services, client, auth = app_on(config, store, FakeBlobStore(config.gcs_bucket, can_sign=True))
     generation = create(client, auth, {"input": TEXT_ONLY})
     drain(services)
     shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json["result"]
@@ -637,9 +638,7 @@ class SlowSigner(FakeBlobStore):
 
 def test_a_listed_page_signs_its_result_links_several_at_once(config: Config, store: Any) -> None:
     blobs = SlowSigner(config.gcs_bucket)
-    services = build_services(config, store=store, blobs=blobs)
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    services, client, auth = app_on(config, store, blobs)
     made = [create(client, auth, {"input": TEXT_ONLY})["id"] for _ in range(6)]
     drain(services)
     blobs.most = 0
@@ -660,11 +659,7 @@ def test_links_signed_without_a_request_are_signed_in_the_request_thread(
     # A local signature (a key) takes about a millisecond: no thread is worth it.
     import service.generations.service as generation_service
 
-    services = build_services(
-        config, store=store, blobs=FakeBlobStore(config.gcs_bucket, can_sign=True)
-    )
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    services, client, auth = app_on(config, store, FakeBlobStore(config.gcs_bucket, can_sign=True))
     made = [create(client, auth, {"input": TEXT_ONLY})["id"] for _ in range(3)]
     drain(services)
 

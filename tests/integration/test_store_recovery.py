@@ -26,7 +26,7 @@ from service.runtime.queue import RetryPolicy
 from service.runtime.worker import Worker
 from tests.gcp_helpers import cannot_sign_for_good
 from tests.helpers import Receiver, drain, set_simulator
-from tests.integration.test_completion import TEXT_ONLY, create, objects, tasks_of
+from tests.integration.test_completion import TEXT_ONLY, app_on, create, objects, tasks_of
 
 
 def _stored_but_not_recorded(services: Any, client: Any, auth: dict[str, str]) -> str:
@@ -195,11 +195,7 @@ def test_a_result_host_that_never_answers_fails_as_result_unavailable(
 def test_a_signing_error_that_may_pass_is_a_503_not_a_501(
     config: Config, store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    services = build_services(
-        config, store=store, blobs=FakeBlobStore(config.gcs_bucket, can_sign=True)
-    )
-    client = create_app(config, services=services).test_client()
-    auth = {"Authorization": "Bearer " + services.api_keys.create("acme")}
+    services, client, auth = app_on(config, store, FakeBlobStore(config.gcs_bucket, can_sign=True))
     try:
         made = create(client, auth, {"input": TEXT_ONLY})
         drain(services)
