@@ -42,7 +42,7 @@ def _deliver_tasks(services: Any, delivery_id: str, *statuses: str) -> list[Task
         )
 
 
-def _due_now(services: Any, delivery_id: str, *, attempts: int | None = None) -> None:
+def due_now(services: Any, delivery_id: str, *, attempts: int | None = None) -> None:
     """The delivery's scheduled attempt is due now (`attempts`: as if claimed that often)."""
     with services.store.transaction() as session:
         for task in session.scalars(
@@ -88,7 +88,7 @@ def test_a_replay_beside_the_last_scheduled_attempt_sends_once_and_leaves_nothin
     delivery = _pending_after_first_attempt(
         services, client, auth, receiver, ["generation.processing"]
     )
-    _due_now(services, delivery["id"])  # its last scheduled attempt is due...
+    due_now(services, delivery["id"])  # its last scheduled attempt is due...
     assert client.post(f"/v1/deliveries/{delivery['id']}/retry", headers=auth).status_code == 202
     tasks = _batch(services, replay_first=replay_first)  # ...and claimed with the replay
     services.runner.execute_batch(tasks)
@@ -120,7 +120,7 @@ def test_a_delivery_that_gets_through_in_such_a_batch_is_succeeded_and_sent_once
     delivery = _pending_after_first_attempt(
         services, client, auth, receiver, ["generation.processing"]
     )
-    _due_now(services, delivery["id"])
+    due_now(services, delivery["id"])
     assert client.post(f"/v1/deliveries/{delivery['id']}/retry", headers=auth).status_code == 202
     services.runner.execute_batch(_batch(services, replay_first=replay_first))
     drain(services)  # the scheduled task, deferred, finds the delivery delivered
@@ -147,14 +147,14 @@ def test_later_events_to_the_target_still_go_out(
     assert (processing["status"], processing["attempt_count"]) == ("pending", 1)
     assert deliveries["generation.succeeded"]["attempt_count"] == 0
 
-    _due_now(services, processing["id"])
+    due_now(services, processing["id"])
     assert client.post(f"/v1/deliveries/{processing['id']}/retry", headers=auth).status_code == 202
     services.runner.execute_batch(_batch(services, replay_first=False))
     receiver.statuses = [204]  # the endpoint is back
     drain(services)  # the scheduled attempt of `processing` gets through
     # The held-back delivery waited for `processing`'s next attempt (an hour, in this schedule):
     # bring it forward.
-    _due_now(services, deliveries["generation.succeeded"]["id"])
+    due_now(services, deliveries["generation.succeeded"]["id"])
     drain(services)
 
     assert types_of(receiver)[-2:] == ["generation.processing", "generation.succeeded"]
@@ -178,7 +178,7 @@ def test_a_failed_replay_recorded_with_its_given_up_scheduled_task_leaves_the_de
     delivery = _pending_after_first_attempt(
         services, client, auth, receiver, ["generation.processing"]
     )
-    _due_now(services, delivery["id"], attempts=len(SCHEDULE))  # claimed once more: given up
+    due_now(services, delivery["id"], attempts=len(SCHEDULE))  # claimed once more: given up
     assert client.post(f"/v1/deliveries/{delivery['id']}/retry", headers=auth).status_code == 202
     services.runner.execute_batch(_batch(services, replay_first=replay_first))
 

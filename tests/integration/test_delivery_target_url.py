@@ -4,31 +4,18 @@ at send time like any target), and each delivery's `url` shows where it was last
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from service.config import Config
-from service.models import Subscription, Task
-from service.runtime.kinds import DELIVER
+from service.models import Subscription
 from tests.helpers import drain
+from tests.integration.test_delivery_replay_batch import due_now
 from tests.integration.test_notifications import generate, subscribe, types_of
 
 SCHEDULE = (0.0, 3600.0)  # two attempts: at once, then an hour later (brought forward)
-
-
-def _due_now(services: Any, delivery_id: str) -> None:
-    with services.store.transaction() as session:
-        for task in session.scalars(
-            sa.select(Task).where(
-                Task.kind == DELIVER,
-                Task.status == "pending",
-                Task.payload["delivery_id"].as_string() == delivery_id,
-            )
-        ):
-            task.run_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
 
 
 def _move(client: Any, auth: dict[str, str], subscription_id: str, url: str) -> None:
@@ -48,7 +35,7 @@ def test_a_pending_retry_goes_to_the_url_the_subscription_has_now(
     assert (delivery["status"], delivery["url"]) == ("pending", old.url)
 
     _move(client, auth, created["id"], new.url)
-    _due_now(services, delivery["id"])
+    due_now(services, delivery["id"])
     drain(services)
 
     assert (len(old.requests), len(new.requests)) == (1, 1)
@@ -93,7 +80,7 @@ def test_the_url_a_delivery_is_sent_to_is_checked_at_send_time(
         session.execute(
             sa.update(Subscription).where(Subscription.id == created["id"]).values(url=refused)
         )
-    _due_now(services, delivery["id"])
+    due_now(services, delivery["id"])
     drain(services)
 
     assert len(receiver.requests) == 1
@@ -120,9 +107,9 @@ def test_lifecycle_order_holds_across_a_change_of_url(
     assert (processing["status"], succeeded["attempt_count"]) == ("pending", 0)
 
     _move(client, auth, created["id"], new.url)
-    _due_now(services, processing["id"])
+    due_now(services, processing["id"])
     drain(services)  # processing, to the new url: 500, pending for its last attempt
-    _due_now(services, succeeded["id"])
+    due_now(services, succeeded["id"])
     drain(services)  # succeeded must still wait
     assert types_of(new) == ["generation.processing"]
     shown = {d["event_type"]: d for d in client.get("/v1/deliveries", headers=auth).json["data"]}
@@ -138,9 +125,9 @@ def test_lifecycle_order_holds_across_a_change_of_url(
         old.url,
     )
 
-    _due_now(services, processing["id"])
+    due_now(services, processing["id"])
     drain(services)
-    _due_now(services, succeeded["id"])
+    due_now(services, succeeded["id"])
     drain(services)
     assert types_of(new) == [
         "generation.processing",
