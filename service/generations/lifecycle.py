@@ -69,6 +69,16 @@ def change_status(
     )
     if generation is None:
         return False
+    if new.is_terminal and generation.submitted_at is not None and generation.submitted_at >= now:
+        # Its move to processing committed after this change read the clock (this UPDATE
+        # waited for that one's lock). The end is stamped after it, so that the generation's
+        # events, and the deliveries that go out in their order, follow the commits.
+        now = generation.submitted_at + dt.timedelta(microseconds=1)
+        generation = (
+            session.connection()
+            .execute(_RESTAMP_END, {"generation_id": generation_id, "at": now})
+            .one()
+        )
     # A copy the session holds already is stale now: it reloads on next use.
     held = session.identity_map.get(session.identity_key(Generation, generation_id))
     if held is not None:
@@ -108,11 +118,30 @@ def _status_update(new: GenerationStatus, names: tuple[str, ...]) -> sa.Update:
             GENERATIONS.c.status.in_([sa.literal(s.value) for s in allowed_predecessors(new)]),
         )
         .values({COLUMNS[name]: sa.bindparam(f"new_{name}") for name in names})
-        .returning(
-            *(column.label(name) for name, column in COLUMNS.items()),
-            any_subscription(GENERATIONS.c.tenant_id).label("subscribed"),
-        )
+        .returning(*_RETURNED)
     )
+
+
+# What a status change returns: the row's COLUMNS, and whether its tenant has an enabled
+# subscription.
+_RETURNED = (
+    *(column.label(name) for name, column in COLUMNS.items()),
+    any_subscription(GENERATIONS.c.tenant_id).label("subscribed"),
+)
+
+
+# A generation's end stamped again (`at`), returning what a status change returns.
+_RESTAMP_END = (
+    sa.update(GENERATIONS)
+    .where(GENERATIONS.c.id == sa.bindparam("generation_id"))
+    .values(
+        {
+            GENERATIONS.c.updated_at: sa.bindparam("at"),
+            GENERATIONS.c.completed_at: sa.bindparam("at"),
+        }
+    )
+    .returning(*_RETURNED)
+)
 
 
 def fail_generation(
