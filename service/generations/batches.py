@@ -159,7 +159,7 @@ class BatchService:
         `settings`: the tenant's, when the caller has read them (the API key lookup does).
         """
         if new.webhook is not None:
-            require_safe_target(self.policy, new.webhook, "webhook")
+            require_safe_target(self.policy, new.webhook, "webhook", tenant_id)
         if settings is None:
             with self.store.read() as session:
                 settings = settings_by_id(session, tenant_id)

@@ -191,7 +191,7 @@ class GenerationService:
         (service/generations/idempotency.py); a retry gets the first answer back.
         """
         if new.webhook is not None:
-            require_safe_target(self.policy, new.webhook, "webhook")
+            require_safe_target(self.policy, new.webhook, "webhook", tenant_id)
         # One pooled connection for the transactions below (ours, the inline submit's, the
         # answer's), one after the other. An authenticated request holds one already
         # (handlers/auth.hold_connection); a trigger's push does not.

@@ -251,7 +251,7 @@ class TriggerService:
             # A message's request is merged over the template: what it names, each request does.
             errors += access_problems(settings, trigger.template)
         if trigger.webhook:
-            require_safe_target(self.policy, trigger.webhook, "webhook")
+            require_safe_target(self.policy, trigger.webhook, "webhook", trigger.tenant_id)
         if errors:
             raise InvalidRequest("the trigger could never make a valid generation", errors=errors)
 

@@ -44,7 +44,7 @@ from service.ids import new_id
 from service.metrics import DELIVERY_OUTCOMES
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Task, Tenant, utcnow
 from service.notifications.signing import sign
-from service.notifications.ssrf import Deadline, Unresolvable, UnsafeURL
+from service.notifications.ssrf import Deadline, Unresolvable, UnsafeURL, lookups_for
 from service.runtime.kinds import DELIVER
 from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome, Told, after_commit
 from service.runtime.queue import ClaimedTask, TaskStatus
@@ -121,6 +121,7 @@ _READ = (
         Delivery.webhook_id,
         Delivery.body,
         Delivery.subscription_id,
+        Delivery.tenant_id,
         Subscription.url.label("subscription_url"),
         Subscription.enabled,
         Subscription.secret,
@@ -210,7 +211,8 @@ class DeliverHandler:
         # per-request webhook's own.
         url = row.url if row.subscription_id is None else row.subscription_url
         signed = sign(row.webhook_id, utcnow(), row.body.encode(), secrets, content_type)
-        attempt = self._send(url, signed.headers, signed.body)
+        with lookups_for(row.tenant_id):  # its hung lookups count as its tenant's
+            attempt = self._send(url, signed.headers, signed.body)
         if url != row.url:  # the subscription's url changed since: recorded on the delivery
             attempt = dataclasses.replace(attempt, url=url)
         verdict = Verdict.FINAL if attempt.refused else classify(attempt.status_code)

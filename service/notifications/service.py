@@ -17,7 +17,7 @@ from service.ids import new_id
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
 from service.notifications.events import queue_delivery, tenant_webhook_secret
 from service.notifications.signing import new_secret
-from service.notifications.ssrf import Unresolvable, UnsafeURL, URLPolicy
+from service.notifications.ssrf import Unresolvable, UnsafeURL, URLPolicy, lookups_for
 from service.pagination import Page, paginate
 from service.runtime import wakeup
 from service.runtime.kinds import DELIVER
@@ -72,7 +72,7 @@ class NotificationService:
         enabled: bool = True,
     ) -> WithSecret:
         """A new subscription and its secret (shown to the caller this once)."""
-        require_safe_target(self.policy, url, "url")
+        require_safe_target(self.policy, url, "url", tenant_id)
         now = utcnow()
         secret = new_secret()
         subscription = Subscription(
@@ -120,7 +120,7 @@ class NotificationService:
     ) -> Subscription:
         """Change url, events, format, description or enabled; re-enabling clears the reason."""
         if "url" in changes:
-            require_safe_target(self.policy, changes["url"], "url")
+            require_safe_target(self.policy, changes["url"], "url", tenant_id)
         with self.store.transaction() as session:
             subscription = _owned(session, Subscription, tenant_id, subscription_id, "subscription")
             for name, value in changes.items():
@@ -263,10 +263,12 @@ class UnresolvableTarget(InvalidRequest):
     """A target refused because its host does not resolve now: it may, later."""
 
 
-def require_safe_target(policy: URLPolicy, url: str, field: str) -> None:
-    """Refuse a target that could reach private addresses (checked now, and again at send)."""
+def require_safe_target(policy: URLPolicy, url: str, field: str, tenant_id: str) -> None:
+    """Refuse a target of the tenant's that could reach private addresses (checked now, and
+    again at send)."""
     try:
-        policy.check(url)
+        with lookups_for(tenant_id):  # its hung lookups count as the tenant's
+            policy.check(url)
     except UnsafeURL as exc:
         refusal = UnresolvableTarget if isinstance(exc, Unresolvable) else InvalidRequest
         raise refusal(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import heapq
 import ipaddress
@@ -44,7 +45,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import requests
@@ -99,19 +100,40 @@ def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-LOOKUP_THREADS = 32  # lookups running at once, all host names together
 LOOKUPS_PER_HOST = 2  # lookups of one host name running at once (on different ports)
+HUNG_PER_OWNER = 4  # lookups of one tenant's hosts still running after their callers gave up
+MAX_LOOKUPS = 512  # lookups running at once, hung ones included (a thread each)
+
+# Whose hosts the lookups made here are for (a tenant's id; None: genrelay's own).
+_OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "genrelay_dns_owner", default=None
+)
+
+
+@contextlib.contextmanager
+def lookups_for(owner: str | None) -> Iterator[None]:
+    """The lookups made inside the block are for `owner`'s hosts (a tenant's webhook or
+    subscription), and count towards its hung lookups (see _Lookups)."""
+    token = _OWNER.set(owner)
+    try:
+        yield
+    finally:
+        _OWNER.reset(token)
 
 
 @dataclasses.dataclass
 class _Lookup:
-    """One running (or queued) lookup, and how many callers are waiting for its answer."""
+    """One running lookup, and how many callers are waiting for its answer."""
 
     resolve: Callable[[str, int], list[str]]  # kept alive while it runs: its id is in the keys
     host: str
     port: int
-    future: concurrent.futures.Future[list[str]] | None = None
+    owner: str | None
+    future: concurrent.futures.Future[list[str]] = dataclasses.field(
+        default_factory=concurrent.futures.Future
+    )
     waiters: int = 0
+    hung: bool = False  # every caller gave up on it, and it still runs
 
     @property
     def key(self) -> tuple[int, str, int]:
@@ -126,81 +148,116 @@ class _Lookup:
 
 class _Lookups:
     """Runs lookups with a deadline: getaddrinfo cannot be interrupted, so each runs in a
-    thread of the pool and its callers stop waiting when their time is up.
+    thread of its own and its callers stop waiting when their time is up.
 
     A lookup that hangs (a name server that drops queries) keeps its thread after its callers
-    gave up, until the system resolver gives up too, which takes longer than our timeouts. So
-    one host name may not hang more than a few of the threads, or a single webhook target
-    would leave none for everyone else's lookups:
+    gave up, until the system resolver gives up too, which takes longer than our timeouts.
+    Any tenant can name such hosts, as many as it likes (every name under a zone whose name
+    server drops queries hangs), so hung lookups are bounded by whose they are, and never
+    take what other tenants' lookups need:
     - callers of a host name and port whose lookup is running wait for that lookup, rather
       than starting another (a hung lookup is remembered for as long as it hangs, and later
       callers wait for it, each for its own timeout, without taking another thread);
-    - at most `per_host` lookups of one host name run at once (different ports); a further
-      one fails at once, as not resolving;
-    - a lookup still queued for a thread when its last caller gives up is never run.
-    What this does not bound: many distinct host names that all hang (names under one dead
-    zone) hold one thread each.
+    - at most `per_host` lookups of one host name run at once (different ports);
+    - at most `hung_per_owner` lookups of one owner (`lookups_for`: a tenant) may hang; while
+      they do, its new lookups fail at once, and other owners' are not affected;
+    - `max_running` bounds the threads of every lookup together, a safety net far above
+      what the callers' own threads and the owners' hung lookups can hold.
+    A lookup refused by a limit fails at once with OSError, as not resolving: a delivery is
+    retried on its schedule, an API request answers that the host does not resolve now.
     """
 
-    def __init__(self, threads: int = LOOKUP_THREADS, per_host: int = LOOKUPS_PER_HOST) -> None:
-        self._threads = threads
+    def __init__(
+        self,
+        max_running: int = MAX_LOOKUPS,
+        per_host: int = LOOKUPS_PER_HOST,
+        hung_per_owner: int = HUNG_PER_OWNER,
+    ) -> None:
+        self._max_running = max_running
         self._per_host = per_host
+        self._hung_per_owner = hung_per_owner
         self._reset()
         # A forked child has none of the parent's threads: its lookups would never end.
         os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self._threads, thread_name_prefix="dns"
-        )
         self._running: dict[tuple[int, str, int], _Lookup] = {}
+        self._count = 0  # lookups running, hung ones included
         self._hosts: dict[tuple[int, str], int] = {}  # lookups running, by host name
+        self._hung: dict[str | None, int] = {}  # hung lookups, by owner
 
     def resolve(
         self, resolve: Callable[[str, int], list[str]], host: str, port: int, timeout: float
     ) -> list[str]:
         """`resolve(host, port)`, or OSError once `timeout` seconds have passed."""
-        lookup = _Lookup(resolve, host, port)
+        lookup = _Lookup(resolve, host, port, _OWNER.get())
         with self._lock:
             running = self._running.get(lookup.key)
             if running is not None:
                 lookup = running
-            elif self._hosts.get(lookup.name, 0) >= self._per_host:
-                raise OSError("earlier lookups of this host have had no DNS answer yet")
             else:
-                lookup.future = self._pool.submit(self._run, lookup)
-                self._running[lookup.key] = lookup
-                self._hosts[lookup.name] = self._hosts.get(lookup.name, 0) + 1
+                self._refuse_past_limits(lookup)
+                self._start(lookup)
             lookup.waiters += 1
-            future = lookup.future
-        assert future is not None
         try:
-            return future.result(timeout=timeout)
+            return lookup.future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
             raise OSError(f"no DNS answer within {timeout:g} s") from None
         finally:
             with self._lock:
                 lookup.waiters -= 1
-                if not lookup.waiters and future.cancel():  # still queued: it never runs
-                    self._forget(lookup)
+                if not lookup.waiters and not lookup.future.done() and not lookup.hung:
+                    lookup.hung = True
+                    self._hung[lookup.owner] = self._hung.get(lookup.owner, 0) + 1
 
-    def _run(self, lookup: _Lookup) -> list[str]:
+    def _refuse_past_limits(self, lookup: _Lookup) -> None:
+        """OSError if `lookup` may not start now; under the lock."""
+        if self._hosts.get(lookup.name, 0) >= self._per_host:
+            raise OSError("earlier lookups of this host have had no DNS answer yet")
+        if self._hung.get(lookup.owner, 0) >= self._hung_per_owner:
+            raise OSError("earlier lookups of this tenant's hosts have had no DNS answer yet")
+        if self._count >= self._max_running:
+            raise OSError("too many DNS lookups are running")
+
+    def _start(self, lookup: _Lookup) -> None:
+        """Run `lookup` on a thread of its own; under the lock."""
+        thread = threading.Thread(target=self._run, args=(lookup,), name="dns", daemon=True)
         try:
-            return lookup.resolve(lookup.host, lookup.port)
+            thread.start()
+        except RuntimeError:  # no thread to be had: nothing is counted
+            raise OSError("no thread for a DNS lookup") from None
+        self._running[lookup.key] = lookup
+        self._count += 1
+        self._hosts[lookup.name] = self._hosts.get(lookup.name, 0) + 1
+
+    def _run(self, lookup: _Lookup) -> None:
+        try:
+            answer = lookup.resolve(lookup.host, lookup.port)
+        except BaseException as exc:
+            lookup.future.set_exception(exc)
+        else:
+            lookup.future.set_result(answer)
         finally:
             with self._lock:
                 self._forget(lookup)
 
     def _forget(self, lookup: _Lookup) -> None:
-        """`lookup` is over (answered, failed or cancelled); under the lock."""
+        """`lookup` is over; under the lock."""
         if self._running.get(lookup.key) is lookup:
             del self._running[lookup.key]
-        left = self._hosts.get(lookup.name, 0) - 1
-        if left > 0:
-            self._hosts[lookup.name] = left
-        else:
-            self._hosts.pop(lookup.name, None)
+        self._count -= 1
+        _decrement(self._hosts, lookup.name)
+        if lookup.hung:
+            _decrement(self._hung, lookup.owner)
+
+
+def _decrement(counts: dict[Any, int], key: Any) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 _LOOKUPS = _Lookups()
@@ -211,10 +268,9 @@ def timed_resolver(
 ) -> Callable[[str, int], list[str]]:
     """`resolve`, giving up after `timeout` seconds with OSError (for the request path).
 
-    Whatever `resolve` raises is raised as it is; so is OSError when the host's lookups hang
-    (see _Lookups): one host name whose name server does not answer does not delay the others.
-    Many such names can still hold every thread, each for as long as the system resolver
-    takes to give up on it (only a resolver that can be interrupted would end that).
+    Whatever `resolve` raises is raised as it is; so is OSError when a limit on hung lookups
+    refuses the lookup (see _Lookups): one tenant's host names whose name servers do not
+    answer do not delay, or refuse, the lookups of another's.
     """
 
     def resolver(host: str, port: int) -> list[str]:

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from service.config import Config
 from service.models import Subscription
+from service.notifications import ssrf
 from tests.helpers import drain
 from tests.integration.test_delivery_replay_batch import due_now
 from tests.integration.test_notifications import generate, subscribe, types_of
@@ -149,3 +150,41 @@ def test_a_per_request_webhook_keeps_its_url(
     assert len(hook.requests) == 2 and len(subscribed.requests) == 1
     shown = {d["url"]: d["status"] for d in client.get("/v1/deliveries", headers=auth).json["data"]}
     assert shown == {hook.url: "succeeded", subscribed.url: "succeeded"}
+
+
+class _RecordingLookups:
+    """Stands in for the process's lookups: answers 127.0.0.1 for OWNED_HOST and records
+    whose lookups they were (`lookups_for`)."""
+
+    def __init__(self) -> None:
+        self.owners: list[str | None] = []
+
+    def resolve(self, resolve: Any, host: str, port: int, timeout: float) -> list[str]:
+        assert host == OWNED_HOST
+        self.owners.append(ssrf._OWNER.get())
+        return ["127.0.0.1"]
+
+
+OWNED_HOST = "hooks.tenant-owned.example"
+
+
+def test_a_targets_lookups_count_as_its_tenants(
+    config: Config, make_client: Any, receiver_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked at the API and at send time, a tenant's webhook and subscription hosts are
+    looked up as its own: its hung lookups are bounded apart from other tenants'."""
+    lookups = _RecordingLookups()
+    monkeypatch.setattr(ssrf, "_LOOKUPS", lookups)
+    services, client, auth = make_client(config.replace(webhook_retry_schedule=(0.0,)))
+    receiver = receiver_factory([204])
+    url = f"http://{OWNED_HOST}:{receiver.port}/"
+    created = subscribe(client, auth, url, events=["generation.succeeded"])
+    generate(client, auth, webhook=url, webhook_events_filter=["generation.succeeded"])
+    drain(services)
+
+    assert len(receiver.requests) == 2  # the subscription's delivery and the webhook's
+    with services.store.read() as session:
+        subscription = session.get(Subscription, created["id"])
+        assert subscription is not None
+        tenant_id = subscription.tenant_id
+    assert lookups.owners == [tenant_id] * 4  # subscribe, intake, two deliveries

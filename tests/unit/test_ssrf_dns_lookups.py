@@ -1,9 +1,10 @@
-"""Timed DNS lookups: a host whose name server never answers must not starve the others.
+"""Timed DNS lookups: hosts whose name server never answers must not starve the others.
 
 getaddrinfo cannot be interrupted, so a lookup whose caller gave up keeps its thread until
-the system resolver gives up too. These tests hang one host's lookups on an Event (standing
-in for a name server that drops queries) and check that other hosts still resolve; every
-test releases the hung lookups and waits for their threads before it ends.
+the system resolver gives up too. These tests hang the lookups of every name under one zone
+on an Event (standing in for a name server that drops queries) and check that other hosts,
+and other tenants' hosts, still resolve; every test releases the hung lookups and waits for
+their threads before it ends.
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from service.notifications.ssrf import Unresolvable, URLPolicy, timed_resolver
+from service.notifications.ssrf import (
+    Unresolvable,
+    URLPolicy,
+    _Lookups,
+    lookups_for,
+    timed_resolver,
+)
 
-HUNG = "hooks.blackhole.example"
+DEAD_ZONE = ".blackhole.example"  # every name under it hangs
+HUNG = "hooks" + DEAD_ZONE
 GOOD = "hooks.good-tenant.example"
 
 
 class HangingDNS:
-    """A resolver stub: HUNG blocks until `release`, every other host answers at once."""
+    """A resolver stub: names under DEAD_ZONE block until `release`, every other host answers
+    at once."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -33,7 +42,7 @@ class HangingDNS:
     def __call__(self, host: str, port: int) -> list[str]:
         with self._lock:
             self.calls.append((host, port))
-        if host != HUNG:
+        if not host.lower().rstrip(".").endswith(DEAD_ZONE):
             return ["93.184.216.34"]
         with self._lock:
             self.hanging += 1
@@ -178,20 +187,65 @@ def test_ssrf_a_shared_lookup_gives_each_caller_its_answer_or_error() -> None:
     )
 
 
-def test_ssrf_queued_lookups_nobody_waits_for_are_dropped() -> None:
-    """When every lookup thread is busy, a lookup waits in the queue within its caller's
-    timeout; if the caller gives up first, it is never run."""
-    from service.notifications.ssrf import _Lookups
+def test_ssrf_many_hung_hosts_of_one_tenant_leave_the_others_lookups_alone(
+    dns: HangingDNS,
+) -> None:
+    """The reviewer's reproduction: a tenant names 40 hosts under a zone whose name server
+    drops queries, its deliveries looking them up one after another and all at once. Another
+    tenant's lookups still run at once; the first tenant's new ones fail at once while
+    HUNG_PER_OWNER of its lookups hang."""
+    policy = URLPolicy(allow_private=True, resolver=timed_resolver(0.05, dns))
+    with lookups_for("ten_bad"):
+        for i in range(20):
+            assert _refused(policy.check, f"https://h{i}{DEAD_ZONE}/x")
+    threads = [
+        threading.Thread(target=_at_once_for, args=("ten_bad", policy, f"https://c{i}{DEAD_ZONE}/"))
+        for i in range(20)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert dns.hanging == 4  # HUNG_PER_OWNER: the rest were refused without a lookup
+    assert sum(dns.calls_of(f"h{i}{DEAD_ZONE}") for i in range(20)) == 4
 
-    lookups = _Lookups(threads=2, per_host=2)
-    dns = HangingDNS()
-    try:
-        for port in (1, 2):
-            with pytest.raises(OSError, match="no DNS answer within"):
-                lookups.resolve(dns, HUNG, port, 0.05)
+    started = time.monotonic()
+    with lookups_for("ten_good"):
+        assert policy.check(f"https://{GOOD}/x") == ["93.184.216.34"]
+    assert policy.check(f"https://{GOOD}:8443/x") == ["93.184.216.34"]  # genrelay's own
+    assert time.monotonic() - started < 0.5
+
+    slow = URLPolicy(allow_private=True, resolver=timed_resolver(5, dns))
+    with lookups_for("ten_bad"), pytest.raises(Unresolvable, match="does not resolve"):
+        slow.check("https://hooks.another-of-its-hosts.example/x")
+    assert time.monotonic() - started < 1
+    assert dns.calls_of("hooks.another-of-its-hosts.example") == 0
+
+
+def _at_once_for(owner: str, policy: URLPolicy, url: str) -> None:
+    with lookups_for(owner):
+        _refused(policy.check, url)
+
+
+def test_ssrf_a_tenant_looks_up_again_once_its_hung_lookups_end(dns: HangingDNS) -> None:
+    lookups = _Lookups(hung_per_owner=1)
+    with lookups_for("ten_bad"):
         with pytest.raises(OSError, match="no DNS answer within"):
-            lookups.resolve(dns, GOOD, 443, 0.05)  # queued behind the two hung ones
-    finally:
+            lookups.resolve(dns, HUNG, 443, 0.05)
+        with pytest.raises(OSError, match="this tenant's hosts have had no DNS answer"):
+            lookups.resolve(dns, GOOD, 443, 1)
         dns.finish()
-    assert dns.calls_of(GOOD) == 0
-    assert lookups.resolve(dns, GOOD, 443, 1) == ["93.184.216.34"]
+        assert lookups.resolve(dns, GOOD, 443, 1) == ["93.184.216.34"]
+
+
+def test_ssrf_lookups_running_at_once_have_a_ceiling(dns: HangingDNS) -> None:
+    """MAX_LOOKUPS, over every owner: a safety net, each lookup being a thread."""
+    lookups = _Lookups(max_running=2)
+    for owner in ("ten_a", "ten_b"):
+        with lookups_for(owner), pytest.raises(OSError, match="no DNS answer within"):
+            lookups.resolve(dns, f"{owner}{DEAD_ZONE}", 443, 0.05)
+    with lookups_for("ten_c"), pytest.raises(OSError, match="too many DNS lookups"):
+        lookups.resolve(dns, GOOD, 443, 1)
+    dns.finish()
+    with lookups_for("ten_c"):
+        assert lookups.resolve(dns, GOOD, 443, 1) == ["93.184.216.34"]
