@@ -61,6 +61,7 @@ from service.notifications.ssrf import (
     UnsafeURL,
     URLPolicy,
     pinned_session,
+    timed_resolver,
 )
 from service.runtime.outcomes import DONE, Apply, Done, Failed, Outcome
 from service.runtime.queue import ClaimedTask, TaskQueue
@@ -76,6 +77,8 @@ SINGLE_REQUEST_MAX = 2 * 1024 * 1024
 # Enough of the file to find the dimensions (JPEG headers can follow large EXIF/ICC blocks).
 HEADER_PREFIX = 256 * 1024
 DOWNLOAD_TIMEOUT = (5.0, 60.0)
+# Seconds for the result host's lookup: DOWNLOAD_DEADLINE cannot cut getaddrinfo.
+DOWNLOAD_DNS_TIMEOUT = 5.0
 # The whole attempt, confirmation, download and upload, in seconds: DOWNLOAD_TIMEOUT bounds
 # each read only, so a host sending a byte every minute would hold a worker thread for as
 # long as it liked. At the largest result allowed by default (256 MiB) this still leaves
@@ -93,7 +96,9 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 def result_url_policy(config: Config) -> URLPolicy:
     """Which result URLs may be fetched (and accepted from a callback)."""
     return URLPolicy(
-        allow_private=config.allow_private_webhooks, allowed_hosts=config.allowed_result_hosts
+        allow_private=config.allow_private_webhooks,
+        allowed_hosts=config.allowed_result_hosts,
+        resolver=timed_resolver(DOWNLOAD_DNS_TIMEOUT),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from ipaddress import ip_address
+from typing import Any
 
 import pytest
 import requests
@@ -304,3 +305,24 @@ def test_the_request_path_resolver_gives_up_after_its_timeout() -> None:
     assert URLPolicy(resolver=timed_resolver(2, fake_resolver)).check("https://x.com/") == [
         "93.184.216.34"
     ]
+
+
+def test_a_result_hosts_lookup_is_timed_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The download's deadline cannot cut getaddrinfo: its lookup goes through the timed
+    lookups, with DOWNLOAD_DNS_TIMEOUT."""
+    from service.config import Config
+    from service.generations import store
+    from service.notifications import ssrf
+
+    asked: list[tuple[str, float]] = []
+
+    class Lookups:
+        def resolve(self, resolve: Any, host: str, port: int, timeout: float) -> list[str]:
+            asked.append((host, timeout))
+            return ["93.184.216.34"]
+
+    monkeypatch.setattr(ssrf, "_LOOKUPS", Lookups())
+    config = Config(database_url="sqlite://", result_hosts=("results.example",))
+    policy = store.result_url_policy(config)
+    assert policy.check("https://results.example/job/1.png") == ["93.184.216.34"]
+    assert asked == [("results.example", store.DOWNLOAD_DNS_TIMEOUT)]
