@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import requests
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -33,6 +34,8 @@ ISSUERS = frozenset({"https://accounts.google.com", "accounts.google.com"})
 CLOCK_SKEW = 10
 CERTS_CACHE_MAX = 3600.0
 CERTS_TIMEOUT = (3.0, 10.0)
+# Characters of a bearer token looked at: Google's ID tokens take about 1,000.
+MAX_TOKEN = 8192
 _MAX_AGE_RE = re.compile(r"max-age=(\d+)")
 
 
@@ -136,6 +139,8 @@ class TokenVerifier:
         except (ValueError, exceptions.GoogleAuthError) as exc:
             # google-auth's messages say what is wrong (expired, audience, signature, ...).
             raise InvalidToken(f"the ID token was refused: {_short(exc)}") from None
+        except RecursionError:  # JSON nested deeper than the parser goes: no ID token
+            raise InvalidToken("the ID token's claims are not a JSON object") from None
         if claims.get("iss") not in ISSUERS:
             raise InvalidToken("the ID token was not issued by Google (iss)")
         email = claims.get("email")
@@ -169,7 +174,25 @@ def _usable_certs(content: bytes) -> dict[str, str] | None:
         return certs or None
     if not document or not all(isinstance(v, str) for v in document.values()):
         return None
-    return document
+    # Only what verifies: a PEM that does not load would refuse every token as forged.
+    usable = {kid: pem for kid, pem in document.items() if _loads(pem)}
+    return usable or None
+
+
+def _loads(pem: str) -> bool:
+    """Whether `pem` is an x509 certificate, or a public key, that a signature can be checked
+    with."""
+    data = pem.encode()
+    try:
+        x509.load_pem_x509_certificate(data)
+        return True
+    except ValueError:
+        pass
+    try:
+        serialization.load_pem_public_key(data)
+        return True
+    except (ValueError, TypeError):  # TypeError: a key type it does not support
+        return False
 
 
 def _rsa_pem(jwk: dict[str, Any]) -> str | None:
@@ -200,12 +223,14 @@ def _rsa_pem(jwk: dict[str, Any]) -> str | None:
 
 def _require_jwt_shape(token: str) -> None:
     """InvalidToken unless `token` is three base64url segments with an RS256 JSON header."""
+    if len(token) > MAX_TOKEN:
+        raise InvalidToken(f"the bearer token is longer than an ID token ({MAX_TOKEN} at most)")
     parts = token.split(".")
     if len(parts) != 3:
         raise InvalidToken("the bearer token is not a JWT (an API key is not accepted here)")
     try:
         header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         raise InvalidToken("the bearer token's header is not base64url JSON") from None
     if not isinstance(header, dict) or header.get("alg") != "RS256":
         raise InvalidToken("the ID token must be signed with RS256")

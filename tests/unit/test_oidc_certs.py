@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.adapters.oidc import CertificatesUnavailable, TokenVerifier
+from service.adapters.oidc import CertificatesUnavailable, InvalidToken, TokenVerifier
 from tests.gcp_helpers import OidcIssuer, issuer  # noqa: F401
 from tests.helpers import LoopbackServer
 
@@ -76,6 +76,8 @@ def test_a_jwk_set_verifies_tokens(certs: CertsServer, issuer: OidcIssuer) -> No
         # a JWK Set without one usable RSA key (this modulus is no RSA key)
         b'{"keys": [{"kty": "RSA", "kid": "test-kid-1", "alg": "RS256", '
         b'"n": "sXch", "e": "AQAB"}]}',
+        # x509 JSON whose certificate does not load (a mirror serving something else)
+        b'{"test-kid-1": "this is not a PEM certificate"}',
     ],
 )
 def test_an_unusable_answer_is_unavailable_and_not_cached(
@@ -96,3 +98,37 @@ def test_an_unusable_answer_is_unavailable_and_not_cached(
     finally:
         verifier.close()
     assert certs.requests == 2
+
+
+def _token(header: bytes, claims: bytes) -> str:
+    """A JWT of these raw segments (and a signature that verifies nothing)."""
+    return ".".join(base64.urlsafe_b64encode(raw).rstrip(b"=").decode() for raw in
+                    (header, claims, b"sig"))  # fmt: skip
+
+
+RS256 = b'{"alg": "RS256", "kid": "test-kid-1"}'
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        # JSON nested deeper than the parser goes, in the header or in the claims
+        _token(b"[" * 4000, b"{}"),
+        _token(RS256, b"[" * 4000),
+        # longer than any ID token
+        _token(RS256, b"{}" + b" " * 9000),
+    ],
+    ids=["nested-header", "nested-claims", "too-long"],
+)
+def test_a_malformed_token_is_refused_not_an_error(
+    certs: CertsServer,
+    issuer: OidcIssuer,  # noqa: F811
+    token: str,
+) -> None:
+    certs.body = json.dumps(issuer.certs).encode()
+    verifier = TokenVerifier(certs.url)
+    try:
+        with pytest.raises(InvalidToken):
+            verifier.verify("Bearer " + token, AUDIENCE)
+    finally:
+        verifier.close()
