@@ -514,7 +514,7 @@ def _parse_cloudevent(headers: Mapping[str, str], body: bytes) -> _Parsed:
             data = json.loads(data)
         except (ValueError, RecursionError):
             data = None
-    if not isinstance(data, dict) or not data.get("bucket") or not data.get("name"):
+    if not isinstance(data, dict) or not _named(data.get("bucket")) or not _named(data.get("name")):
         return _Parsed(
             "cloudevent",
             event_id,
@@ -522,11 +522,16 @@ def _parse_cloudevent(headers: Mapping[str, str], body: bytes) -> _Parsed:
             problem="the event's data is not a GCS object (bucket and name)",
             fields=fields,
         )
-    bucket, name = str(data["bucket"]), str(data["name"])
+    bucket, name = data["bucket"], data["name"]
     fields = {"ce-id": event_id, "data.bucket": bucket, "data.name": name}
     return _Parsed(
         "cloudevent", event_id, f"gs://{bucket}/{name}", bucket=bucket, name=name, fields=fields
     )
+
+
+def _named(value: Any) -> bool:
+    """Whether `value` can be a bucket's or an object's name: a string, not empty."""
+    return isinstance(value, str) and bool(value)
 
 
 def _parse_message(message: dict[str, Any], body: bytes) -> _Parsed:
@@ -553,7 +558,7 @@ def _parse_message(message: dict[str, Any], body: bytes) -> _Parsed:
                 problem=f"eventType {attributes['eventType']!r} is not {OBJECT_FINALIZE}",
                 fields=fields,
             )
-        if not isinstance(bucket, str) or not isinstance(name, str) or not bucket or not name:
+        if not _named(bucket) or not _named(name):
             return _Parsed(
                 kind, event_id, problem="bucketId and objectId are required", fields=fields
             )

@@ -41,7 +41,7 @@ def make_trigger(stack: GcpStack, **fields: Any) -> dict[str, Any]:
 
 
 def cloudevent(
-    stack: GcpStack, trigger: dict[str, Any], token: str | None, bucket: str, name: str, **kw: Any
+    stack: GcpStack, trigger: dict[str, Any], token: str | None, bucket: str, name: Any, **kw: Any
 ) -> Any:
     headers = {
         "ce-specversion": "1.0",
@@ -317,6 +317,23 @@ def test_events_that_can_never_become_generations_are_acknowledged_and_recorded(
     disabled = cloudevent(gcp, trigger, token, bucket, "b.png", event_id="e9")
     assert disabled.json["event"]["status"] == "rejected"
     assert "disabled" in disabled.json["event"]["reason"]
+
+
+def test_a_cloudevent_whose_object_name_is_not_a_string_is_rejected(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    """Before, such a name was turned into its Python repr: `gs://bucket/{'a': 1}`."""
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket)
+    token = issuer.token(trigger["audience"], PUSHER)
+    for i, name in enumerate([{"a": 1}, 42, ["x.png"]]):
+        answer = cloudevent(gcp, trigger, token, bucket, name, event_id=f"odd-{i}")
+        assert answer.status_code == 200
+        assert answer.json["event"]["status"] == "rejected"
+        assert "not a GCS object" in answer.json["event"]["reason"]
+    assert generations(gcp) == []
 
 
 def test_the_same_event_pushed_at_once_from_many_threads_makes_one_generation(
