@@ -62,6 +62,9 @@ MAX_LINE_BYTES = 20 * 1024 * 1024
 # Inline image data a template may have stored with its items, in all: past this, a shared
 # image belongs at a URL (a 1.4 MB background in 1,000 items would be 1.4 GB of rows).
 MAX_TEMPLATE_IMAGE_BYTES = 64 * 1024 * 1024
+# All that a template stores with its items (each field's JSON, once per item that takes it):
+# a long prompt shared by 10,000 items is 10,000 copies of it.
+MAX_TEMPLATE_BYTES = 64 * 1024 * 1024
 LINE_BUFFER = 64 * 1024  # bytes read from the body at a time
 _BOM = b"\xef\xbb\xbf"
 
@@ -127,6 +130,18 @@ def _inherits(item_input: dict[str, Any], path: tuple[str, ...]) -> bool:
     return False
 
 
+def _leaves(
+    template: dict[str, Any], path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """The template's fields that an item takes or replaces whole: every value that is not an
+    object (objects merge), by path."""
+    for key, value in template.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, (*path, key))
+        else:
+            yield (*path, key), value
+
+
 class BatchBody:
     """Checks items one at a time against the batch-level `options`; keeps the good ones."""
 
@@ -139,11 +154,16 @@ class BatchBody:
         self.bad_items = 0
         self.count = 0
         self._custom_ids: dict[str, int] = {}
-        # Inline image data in the template is stored again with every item that uses it.
+        # The template's fields are stored again with every item that takes them: the bytes
+        # of each (its JSON), and how many items so far take it.
+        self._template_fields = {
+            path: len(json.dumps(value, ensure_ascii=False).encode())
+            for path, value in _leaves(self.template)
+        }
+        self._taken = dict.fromkeys(self._template_fields, 0)
         self._template_images = {
             path: len(value.encode()) for path, value in inline_images(self.template)
         }
-        self.template_image_bytes = 0  # ...so many bytes in all, so far
 
     def add(self, raw: Any) -> None:
         index = self.count
@@ -199,20 +219,20 @@ class BatchBody:
                 )
         if not errors:
             self.items.append(NewBatchItem(input=merged, metadata=metadata, custom_id=custom_id))
-            self.template_image_bytes += sum(
-                size
-                for path, size in self._template_images.items()
-                if _inherits(item["input"], path)
-            )
+            for path in self._taken:
+                if _inherits(item["input"], path):
+                    self._taken[path] += 1
         return errors
 
     def new_batch(self) -> NewBatch:
         if self.count == 0:
             _refuse([{"field": "items", "message": f"Give 1 to {MAX_ITEMS} items."}])
-        if self.template_image_bytes > MAX_TEMPLATE_IMAGE_BYTES:
+        stored = {path: size * self._taken[path] for path, size in self._template_fields.items()}
+        image_bytes = sum(size * self._taken[path] for path, size in self._template_images.items())
+        if image_bytes > MAX_TEMPLATE_IMAGE_BYTES:
             message = (
                 f"Inline image data is stored with every item that uses it: "
-                f"{self.template_image_bytes} bytes for these items, over the limit of "
+                f"{image_bytes} bytes for these items, over the limit of "
                 f"{MAX_TEMPLATE_IMAGE_BYTES}. Give the image as a gs:// or https URL instead."
             )
             _refuse(
@@ -220,6 +240,16 @@ class BatchBody:
                     {"field": "template." + ".".join(path), "message": message}
                     for path in self._template_images
                 ]
+            )
+        if sum(stored.values()) > MAX_TEMPLATE_BYTES:
+            message = (
+                f"The template's fields are stored with every item that takes them: "
+                f"{sum(stored.values())} bytes for these items, over the limit of "
+                f"{MAX_TEMPLATE_BYTES}. Shorten the largest, or give them in the items' own input."
+            )
+            largest = sorted(stored, key=lambda path: stored[path], reverse=True)[:3]
+            _refuse(
+                [{"field": "template." + ".".join(path), "message": message} for path in largest]
             )
         if self.bad_items:
             shown = "; ".join(f"{e['field']}: {e['message']}" for e in self.errors[:3])

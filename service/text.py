@@ -15,6 +15,11 @@ from typing import Any
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 UNSTORABLE_MESSAGE = "Contains a NUL character or invalid Unicode (a lone surrogate)."
 NONFINITE_MESSAGE = "Must be a finite number."
+# Objects and lists inside one another, at most, in a value kept as sent: Python's JSON
+# encoder gives up at about 900 levels, which the parser reads, so a deeper value could be
+# read and then not written. A Deep-Image request nests 4 levels.
+MAX_NESTING = 64
+NESTING_MESSAGE = f"Nested deeper than {MAX_NESTING} levels of objects and lists."
 
 
 def has_unstorable(text: str) -> bool:
@@ -45,19 +50,22 @@ def unstorable_values(data: Any, prefix: str = "", limit: int = 10) -> list[dict
     kept as sent (a batch's `template`, say): the strings `unstorable_fields` finds, and
     numbers out of a double's range (`1e999` parses to infinity, which PostgreSQL's JSON has
     no spelling for). Fields are named under `prefix` (`items[3]` gives `items[3].custom_id`);
-    a bad key names its object."""
+    a bad key names its object. So are objects and lists nested deeper than MAX_NESTING, by
+    the path of the deepest one kept."""
     found = _unstorable(data, prefix, limit, numbers=True)
     return [{"field": field, "message": found[field]} for field in sorted(found)]
 
 
 def _unstorable(data: Any, prefix: str, limit: int, *, numbers: bool) -> dict[str, str]:
     """{dotted path: message} of the unstorable values in `data` (non-finite numbers too, with
-    `numbers`), at most about `limit`."""
+    `numbers`, and nesting past MAX_NESTING), at most about `limit`."""
     found: dict[str, str] = {}
-    stack: list[tuple[str, Any]] = [(prefix, data)]
+    stack: list[tuple[str, Any, int]] = [(prefix, data, 0)]
     while stack and len(found) < limit:
-        path, value = stack.pop()
-        if isinstance(value, str):
+        path, value, depth = stack.pop()
+        if numbers and depth >= MAX_NESTING and isinstance(value, dict | list) and value:
+            found[path or "(body)"] = NESTING_MESSAGE
+        elif isinstance(value, str):
             if UNSTORABLE.search(value):
                 found[path or "(body)"] = UNSTORABLE_MESSAGE
         elif isinstance(value, float):
@@ -68,7 +76,9 @@ def _unstorable(data: Any, prefix: str, limit: int, *, numbers: bool) -> dict[st
                 if UNSTORABLE.search(key):
                     found[path or "(body)"] = UNSTORABLE_MESSAGE
                     continue
-                stack.append((f"{path}.{key}" if path else key, item))
+                stack.append((f"{path}.{key}" if path else key, item, depth + 1))
         elif isinstance(value, list):
-            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value))
+            stack.extend(
+                (f"{path}.{i}" if path else str(i), item, depth + 1) for i, item in enumerate(value)
+            )
     return found

@@ -372,6 +372,58 @@ def test_a_template_image_stored_with_every_item_is_bounded(
     assert post_ndjson(client, auth, ndjson).status_code == 422
 
 
+def test_template_text_stored_with_every_item_is_bounded(
+    client: Any, auth: dict[str, str], services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long prompt in the template is a copy per item: 2 MiB in 300 items was 600 MiB of
+    rows from one request."""
+    import handlers.batches
+
+    monkeypatch.setattr(handlers.batches, "MAX_TEMPLATE_BYTES", 10_000)
+    prompt = "a product on a beach at dawn, " * 100  # 3,000 characters
+    template = {**TEMPLATE, "background": {"generate": {"description": prompt}}}
+
+    def catalog_of(count: int, own: int = 0) -> dict[str, Any]:
+        items = [item(n) for n in range(count)]
+        for n in range(own):  # these give their own description: the template's is not stored
+            items[n]["input"]["background"] = {"generate": {"description": "a shelf"}}
+        return {"template": template, "items": items}
+
+    accepted(post(client, auth, catalog_of(3)))
+    accepted(post(client, auth, catalog_of(5, own=3)))
+    refused = post(client, auth, catalog_of(4))
+    assert refused.status_code == 422
+    fields = [error["field"] for error in refused.json["errors"]]
+    assert fields[0] == "template.background.generate.description"
+    assert {"template.width", "template.height"} >= set(fields[1:])
+    stored = 4 * (len(json.dumps(prompt)) + len("1024") * 2)
+    assert f"{stored} bytes" in refused.json["errors"][0]["message"]
+    assert rows(services, Generation) == 8
+    ndjson = [{"batch": {"template": template}}, *catalog_of(4)["items"]]
+    assert post_ndjson(client, auth, ndjson).status_code == 422
+
+
+@pytest.mark.parametrize("form", ["json", "ndjson"])
+def test_a_template_value_nested_too_deep_is_refused_even_where_items_replace_it(
+    client: Any, auth: dict[str, str], services: Services, form: str
+) -> None:
+    """Kept as sent, such a value was read, then could not be written: a 500."""
+    deep: Any = 1024
+    for _ in range(930):
+        deep = [deep]
+    template = {**TEMPLATE, "width": deep}
+    items = [{"input": {"url": "https://shop.example.com/p/1.jpg", "width": 1024}}]
+    if form == "json":
+        refused = post(client, auth, {"template": template, "items": items})
+    else:
+        refused = post_ndjson(client, auth, [{"batch": {"template": template}}, *items])
+    assert refused.status_code == 422, refused.get_json()
+    [error] = refused.json["errors"]
+    assert error["field"].removeprefix("batch.").startswith("template.width.0.0")
+    assert "Nested deeper than 64 levels" in error["message"]
+    assert rows(services, Batch) == 0
+
+
 def test_a_repeated_custom_id_is_named_at_its_repetition(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
