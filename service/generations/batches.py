@@ -158,6 +158,13 @@ class BatchService:
 
         `settings`: the tenant's, when the caller has read them (the API key lookup does).
         """
+        fingerprint = new.fingerprint() if idempotency_key is not None else ""
+        if idempotency_key is not None:
+            # A retry gets the first answer, whatever has changed since (the tenant's allowed
+            # buckets, where its webhook's host resolves): it is checked only to be stored.
+            earlier = self._earlier(tenant_id, idempotency_key, fingerprint)
+            if earlier is not None:
+                return earlier
         if new.webhook is not None:
             require_safe_target(self.policy, new.webhook, "webhook", tenant_id)
         if settings is None:
@@ -165,11 +172,6 @@ class BatchService:
                 settings = settings_by_id(session, tenant_id)
         assert settings.id == tenant_id
         _require_item_access(settings, new.items)
-        fingerprint = new.fingerprint() if idempotency_key is not None else ""
-        if idempotency_key is not None:
-            earlier = self._earlier(tenant_id, idempotency_key, fingerprint)
-            if earlier is not None:
-                return earlier
         now = utcnow()
         batch_id = new_id("bat_")
         try:

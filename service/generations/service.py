@@ -190,8 +190,6 @@ class GenerationService:
         With an `idempotency_key` the answer is rendered here, once, and kept for retries
         (service/generations/idempotency.py); a retry gets the first answer back.
         """
-        if new.webhook is not None:
-            require_safe_target(self.policy, new.webhook, "webhook", tenant_id)
         # One pooled connection for the transactions below (ours, the inline submit's, the
         # answer's), one after the other. An authenticated request holds one already
         # (handlers/auth.hold_connection); a trigger's push does not.
@@ -212,7 +210,9 @@ class GenerationService:
             fingerprint = new.fingerprint()
             earlier = self._earlier(tenant_id, idempotency_key, fingerprint)
             if earlier is not None:
-                return earlier
+                return earlier  # whatever has changed since, such as where the webhook resolves
+        if new.webhook is not None:
+            require_safe_target(self.policy, new.webhook, "webhook", tenant_id)
         now = utcnow()
         generation_id = new_id("gen_")
         try:

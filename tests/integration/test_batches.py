@@ -17,6 +17,7 @@ from schemas.batches import deep_merge
 from service.bootstrap import Services
 from service.config import Config
 from service.models import Batch, Event, Generation, IdempotencyKey, Task
+from service.tenants import Tenants
 from tests.helpers import Receiver, drain, forget_answers, kept_answers
 
 PROBLEM = "application/problem+json"
@@ -467,6 +468,26 @@ def test_an_idempotency_key_replays_the_whole_batch_and_refuses_another_body(
     assert client.post("/v1/generations", json=single, headers={**auth, **used}).status_code == 202
     assert post(client, auth, catalog(1), **used).status_code == 422
     assert rows(services, Generation) == 4
+
+
+def test_a_batch_retry_gets_its_first_answer_after_the_tenants_buckets_changed(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    """The retry of a request whose answer was lost: told it was refused, a client would send
+    the batch again under a new key, and pay for it twice."""
+    Tenants(services.store).set("acme", input_buckets=["catalog-bucket"])
+    body = {"template": TEMPLATE, "items": [{"input": {"url": "gs://catalog-bucket/p/1.jpg"}}]}
+    key = {"Idempotency-Key": "nightly-42"}
+    first = post(client, auth, body, **key)
+    assert first.status_code == 202, first.json
+    Tenants(services.store).set("acme", input_buckets=[])
+    again = post(client, auth, body, **key)
+    assert again.status_code == 202, again.json
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json["id"] == first.json["id"]
+    assert rows(services, Batch) == 1
+    # A new request is checked against the settings of the moment.
+    assert post(client, auth, body, **{"Idempotency-Key": "nightly-43"}).status_code == 422
 
 
 def test_a_batch_retry_after_its_deadline_passed_still_gets_the_first_answer(

@@ -333,6 +333,35 @@ def test_a_tenants_new_settings_apply_from_its_next_request(
         assert session.get(Generation, after).retention_seconds == 3600  # type: ignore[union-attr]
 
 
+def test_a_retry_gets_its_first_answer_when_the_webhook_no_longer_resolves(
+    client: Any, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.notifications import ssrf
+
+    class Lookups:
+        """The webhook's host resolves to loopback, until `down`."""
+
+        down = False
+
+        def resolve(self, resolve: Any, host: str, port: int, timeout: float) -> list[str]:
+            if self.down:
+                raise OSError("no DNS answer within 2 s")
+            return ["127.0.0.1"]
+
+    lookups = Lookups()
+    monkeypatch.setattr(ssrf, "_LOOKUPS", lookups)
+    body = {"input": TEXT_ONLY, "webhook": "http://hooks.acme.example:9/genrelay"}
+    first = create(client, auth, body, **{"Idempotency-Key": "order-77"})
+    assert first.status_code == 202, first.json
+    lookups.down = True
+    again = create(client, auth, body, **{"Idempotency-Key": "order-77"})
+    assert again.status_code == 202, again.json
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json["id"] == first.json["id"]
+    # A new request is checked as it comes.
+    assert create(client, auth, body, **{"Idempotency-Key": "order-78"}).status_code != 202
+
+
 def test_the_same_idempotency_key_and_body_replays_the_first_response(
     client: Any, auth: dict[str, str], services: Services, simulator: Any
 ) -> None:
