@@ -487,10 +487,16 @@ class Line:
                 )
             )
         }
-        # With very many waiting tenants, consider those holding the fewest slots first.
-        waiting_tenants.sort(
-            key=lambda t: in_flight.get(t, 0) / max(1, settings[t].weight if t in settings else 1)
-        )
+
+        # With very many waiting tenants, consider those `choose` would serve first: the fewest
+        # slots held per unit of weight, then the earliest next slot on the fair clock (without
+        # it, ties kept the same first ones by id in every pass, and the rest waited for ever).
+        def turn(tenant: str) -> tuple[float, float, str]:
+            row = settings.get(tenant)
+            weight, tag = (row.weight, row.fair_tag or 0.0) if row is not None else (1, 0.0)
+            return (in_flight.get(tenant, 0) / max(1, weight), max(tag, account.fair_clock), tenant)
+
+        waiting_tenants.sort(key=turn)
         waiting_tenants = waiting_tenants[:MAX_TENANTS_PER_PASS]
         heads = self._heads(session, waiting_tenants, free, now)
         lines = [

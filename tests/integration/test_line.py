@@ -399,6 +399,29 @@ def test_with_one_slot_another_tenants_request_goes_next_not_after_a_catalog(
     assert [owner[g] for g in holders] == ["catalog", "single", "catalog"]
 
 
+def test_tenants_past_the_ones_a_pass_considers_still_get_their_turn(
+    config: Config, make_client: Any, slow_upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass considers MAX_TENANTS_PER_PASS waiting tenants (500): with more, the same first
+    ones by id were kept in every pass, and the others never got a slot."""
+    from service.domain import ErrorCode
+    from service.generations import line
+    from service.generations.lifecycle import fail_generation
+
+    monkeypatch.setattr(line, "MAX_TENANTS_PER_PASS", 2)
+    services, client, auth = make_client(config.replace(upstream_concurrency=1))
+    auths = {"acme": auth}
+    for name in ("beta", "gamma"):
+        auths[name] = {"Authorization": "Bearer " + services.api_keys.create(name)}
+    owner = {post(client, auth)["id"]: name for name, auth in auths.items() for _ in range(3)}
+    holders = []
+    for _ in range(4):
+        holders.append(holder(services))
+        with services.store.transaction() as session:  # its job ends: the slot is handed on
+            fail_generation(session, holders[-1], ErrorCode.UPSTREAM_JOB_FAILED, "over")
+    assert [owner[g] for g in holders] == ["acme", "beta", "gamma", "acme"]
+
+
 def test_an_unstated_429_halves_the_slots_in_use_counting_the_refused_job(
     config: Config, make_client: Any, slow_upstream: Any
 ) -> None:
