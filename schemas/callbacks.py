@@ -2,6 +2,8 @@
 
 from marshmallow import EXCLUDE, Schema, fields, validate
 
+from service.adapters.deepimage import MAX_JOB_ID
+
 
 class DeepImageCallbackSchema(Schema):
     """`{job, data, result_url, results}`, as Deep-Image posts it."""
@@ -10,7 +12,7 @@ class DeepImageCallbackSchema(Schema):
         # Deep-Image documents no versioning: fields it may add later must not break intake.
         unknown = EXCLUDE
 
-    job = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    job = fields.String(required=True, validate=validate.Length(min=1, max=MAX_JOB_ID))
     result_url = fields.Url(
         required=True,
         schemes={"http", "https"},

@@ -24,8 +24,11 @@ from service.domain import ErrorCode
 from service.errors import TransientError
 from service.logs import redact
 from service.metrics import UPSTREAM_LATENCY
+from service.text import has_unstorable
 
 MAX_MESSAGE_CHARS = 500
+# The longest job id kept (generations.upstream_job); a callback's longer one is refused too.
+MAX_JOB_ID = 100
 _LIMIT = re.compile(r"rate limit is (\d+)", re.IGNORECASE)
 _ACTIVE = re.compile(r"currently processing (\d+)", re.IGNORECASE)
 # The 403 of an account whose requests have run out, told from the other 403s (a missing key
@@ -212,6 +215,15 @@ def _interpret(response: requests.Response, not_found: ErrorCode) -> UpstreamJob
         if not isinstance(job, str) or not job:
             raise PermanentUpstreamError(
                 f"Deep-Image answered {status} without a job id",
+                error_code=ErrorCode.UPSTREAM_PROTOCOL,
+                http_status=status,
+            )
+        if len(job) > MAX_JOB_ID or has_unstorable(job):
+            # Stored, it would fail every write of the submit's outcome, and the submit would
+            # be sent again after each: a paid job each time.
+            raise PermanentUpstreamError(
+                f"Deep-Image answered {status} with a job id genrelay cannot store "
+                f"(over {MAX_JOB_ID} characters, or a NUL)",
                 error_code=ErrorCode.UPSTREAM_PROTOCOL,
                 http_status=status,
             )

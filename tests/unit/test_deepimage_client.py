@@ -157,6 +157,10 @@ def test_network_failures_are_transient(client: DeepImageClient, error: Exceptio
         (422, {"message": "odd"}, ErrorCode.UPSTREAM_REJECTED),
         (302, None, ErrorCode.UPSTREAM_PROTOCOL),
         (200, {"status": "received"}, ErrorCode.UPSTREAM_PROTOCOL),  # no job id
+        # a job id no generation's row can hold: every write of it would fail, and the submit
+        # would be sent again and again (a paid job each time)
+        (200, {"job": "j" * 101, "status": "received"}, ErrorCode.UPSTREAM_PROTOCOL),
+        (200, {"job": "job\u0000", "status": "received"}, ErrorCode.UPSTREAM_PROTOCOL),
     ],
 )
 @responses.activate
