@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -171,10 +172,7 @@ class Config:
         values["gcp_project"] = text("GOOGLE_CLOUD_PROJECT")
         values["metrics_token"] = text("GENRELAY_METRICS_TOKEN")
         if (v := text("GENRELAY_RATE_LIMIT")) is not None:
-            try:
-                values["rate_limit"] = float(v)
-            except ValueError:
-                values["rate_limit"] = -1.0
+            values["rate_limit"] = float(v) if _decimal(v) else -1.0
             if not math.isfinite(values["rate_limit"]) or values["rate_limit"] < 0:
                 raise ConfigError(
                     "GENRELAY_RATE_LIMIT must be requests per second per key (0 turns it off)"
@@ -346,11 +344,16 @@ def _whole_number(value: str) -> bool:
     return value.isascii() and value.isdigit()
 
 
+def _decimal(value: str) -> bool:
+    """Whether `value` is ASCII digits with at most one decimal point (float() also takes
+    full-width and Arabic-Indic digits, and '1e3')."""
+    return re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", value) is not None
+
+
 def _seconds(name: str, value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not _decimal(value):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
+    seconds = float(value)
     if not math.isfinite(seconds) or seconds < 0:
         raise ConfigError(f"{name} must be a non-negative number of seconds, got {value!r}")
     if seconds > MAX_SECONDS:

@@ -122,6 +122,11 @@ def test_every_variable_is_read() -> None:
         ({**MINIMAL, "GENRELAY_RATE_LIMIT_BURST": "²"}, "GENRELAY_RATE_LIMIT_BURST"),
         ({**MINIMAL, "GENRELAY_WORKER_THREADS": "²"}, "GENRELAY_WORKER_THREADS"),
         ({**MINIMAL, "PORT": "\uff18\uff10\uff18\uff10"}, "PORT"),  # fullwidth 8080
+        # float() takes other digits and exponents too: durations and rates are ASCII decimals.
+        ({**MINIMAL, "GENRELAY_RECONCILE_AFTER": "\uff11\uff12\uff10"}, "GENRELAY_RECONCILE_AFTER"),
+        ({**MINIMAL, "GENRELAY_REQUEST_TIMEOUT": "\u0661\u0665"}, "GENRELAY_REQUEST_TIMEOUT"),
+        ({**MINIMAL, "GENRELAY_RATE_LIMIT": "\u0665"}, "GENRELAY_RATE_LIMIT"),
+        ({**MINIMAL, "GENRELAY_TASK_LEASE": "1e3"}, "GENRELAY_TASK_LEASE"),
         # A lease ending after the year 9999 failed every claim with OverflowError.
         ({**MINIMAL, "GENRELAY_TASK_LEASE": "1e12"}, "GENRELAY_TASK_LEASE"),
         ({**MINIMAL, "GENRELAY_GENERATION_TIMEOUT": "1e12"}, "GENRELAY_GENERATION_TIMEOUT"),
