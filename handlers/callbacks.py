@@ -37,6 +37,7 @@ def _authenticate() -> None:
 @blp.doc(security=[])
 @blp.arguments(DeepImageCallbackSchema)
 @blp.response(200, CallbackAckSchema)
+@blp.alt_response(400, schema=ProblemSchema, description="The body is not JSON")
 @blp.alt_response(401, schema=ProblemSchema, description="Wrong token; nothing changes")
 @blp.alt_response(
     409,

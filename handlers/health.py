@@ -38,8 +38,10 @@ def healthz() -> Any:
 
 
 @blp.route("/metrics", methods=["GET"])
-@blp.doc(security=[])
+# The metrics token, not an API key, and only when GENRELAY_METRICS_TOKEN is set: optional.
+@blp.doc(security=[{"bearerAuth": []}, {}])
 @blp.alt_response(200, schema={"type": "string"}, content_type="text/plain", success=True)
+@blp.alt_response(401, schema=ProblemSchema, description="The metrics token is set, not sent")
 def metrics() -> Any:
     """Prometheus metrics (text exposition format); needs the metrics token when one is set."""
     token = services().config.metrics_token

@@ -66,6 +66,7 @@ def get_subscription(subscription_id: str) -> Any:
 @blp.route("/<string:subscription_id>", methods=["PATCH"])
 @blp.arguments(SubscriptionUpdateSchema)
 @blp.response(200, SubscriptionSchema)
+@blp.alt_response(404, schema=ProblemSchema)
 def update_subscription(changes: dict[str, Any], subscription_id: str) -> Any:
     """Change it; `enabled: true` turns a disabled subscription back on."""
     return services().notifications.update_subscription(tenant_id(), subscription_id, changes)
@@ -73,6 +74,7 @@ def update_subscription(changes: dict[str, Any], subscription_id: str) -> Any:
 
 @blp.route("/<string:subscription_id>", methods=["DELETE"])
 @blp.response(204)
+@blp.alt_response(404, schema=ProblemSchema)
 def delete_subscription(subscription_id: str) -> Any:
     services().notifications.delete_subscription(tenant_id(), subscription_id)
     return None
@@ -80,6 +82,7 @@ def delete_subscription(subscription_id: str) -> Any:
 
 @blp.route("/<string:subscription_id>/rotate-secret", methods=["POST"])
 @blp.response(200, SubscriptionWithSecretSchema)
+@blp.alt_response(404, schema=ProblemSchema)
 def rotate_secret(subscription_id: str) -> Any:
     """A new secret; the old one keeps signing beside it for 24 hours."""
     return services().notifications.rotate_secret(tenant_id(), subscription_id)
@@ -87,6 +90,7 @@ def rotate_secret(subscription_id: str) -> Any:
 
 @blp.route("/<string:subscription_id>/test", methods=["POST"])
 @blp.response(202, DeliverySchema)
+@blp.alt_response(404, schema=ProblemSchema)
 def send_test(subscription_id: str) -> Any:
     """Send a `ping` to the subscription; follow it in the delivery log."""
     return services().notifications.send_test(tenant_id(), subscription_id)

@@ -15,6 +15,11 @@ MAX_PUSH_ACCOUNTS = 20
 MAX_TRIGGER_METADATA_KEYS = 48
 
 
+def _few_keys(value: dict[str, Any]) -> None:
+    if len(value) > MAX_TRIGGER_METADATA_KEYS:
+        raise ValidationError(f"At most {MAX_TRIGGER_METADATA_KEYS} keys of your own.")
+
+
 class _TriggerFields(Schema):
     class Meta:
         unknown = RAISE
@@ -45,10 +50,12 @@ class _TriggerFields(Schema):
     metadata = fields.Dict(
         keys=fields.String(validate=validate.Length(min=1, max=40)),
         values=fields.String(validate=validate.Length(max=500)),
-        validate=validate.Length(max=MAX_TRIGGER_METADATA_KEYS),
+        # Not validate.Length: it is documented as maxLength, which means nothing for an object.
+        validate=_few_keys,
         metadata={
             "description": "Copied to every generation, with `trigger` and `object` added "
-            f"(so at most {MAX_TRIGGER_METADATA_KEYS} keys of your own)."
+            f"(so at most {MAX_TRIGGER_METADATA_KEYS} keys of your own).",
+            "maxProperties": MAX_TRIGGER_METADATA_KEYS,
         },
     )
     webhook = fields.Url(

@@ -739,6 +739,32 @@ def test_the_openapi_document_describes_the_api_from_the_same_schemas(client: An
     assert json.dumps(spec)  # serialisable as served
 
 
+def test_the_openapi_document_states_every_status_and_limit_the_api_answers_with(
+    client: Any,
+) -> None:
+    """What a client generated from it must be ready for, read off the routes' answers."""
+    spec = client.get("/openapi.json").json
+    paths = spec["paths"]
+    for path, method in [
+        ("/v1/subscriptions/{subscription_id}", "patch"),
+        ("/v1/subscriptions/{subscription_id}", "delete"),
+        ("/v1/subscriptions/{subscription_id}/rotate-secret", "post"),
+        ("/v1/subscriptions/{subscription_id}/test", "post"),
+        ("/v1/deliveries/{delivery_id}/retry", "post"),
+    ]:
+        assert "404" in paths[path][method]["responses"], (path, method)
+    callback = paths["/v1/callbacks/deepimage/{generation_id}/{token}"]["post"]
+    assert {"400", "401"} <= set(callback["responses"])
+    metrics = paths["/metrics"]["get"]
+    assert metrics["security"] == [{"bearerAuth": []}, {}]  # the token only when one is set
+    assert "401" in metrics["responses"]
+    schemas = spec["components"]["schemas"]
+    for name in ("TriggerCreate", "TriggerUpdate"):
+        metadata = schemas[name]["properties"]["metadata"]
+        assert metadata["type"] == "object"
+        assert metadata["maxProperties"] == 48 and "maxLength" not in metadata
+
+
 def test_the_first_submit_keeps_its_lease_while_deep_image_is_slow_to_answer(
     config: Config, make_client: Any, simulator: Any
 ) -> None:

@@ -107,6 +107,7 @@ def test_triggers_are_created_listed_changed_and_deleted(gcp: GcpStack) -> None:
         headers=gcp.auth,
     )  # fmt: skip
     assert [e["field"] for e in too_much.json["errors"]] == ["metadata"]
+    assert too_much.json["errors"][0]["message"] == "At most 48 keys of your own."
 
     made = make_trigger(gcp, bucket=bucket, name_prefix="in/", name_suffix=".png")
     assert made["push_url"] == f"http://localhost/v1/triggers/{made['id']}/push"
