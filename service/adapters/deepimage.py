@@ -35,6 +35,7 @@ _ACTIVE = re.compile(r"currently processing (\d+)", re.IGNORECASE)
 # header, the legacy application header) by its documented message; the docs add when the
 # requests come back ("Next requests available DATE"), which stays in the message.
 _NO_MORE_REQUESTS = re.compile(r"no more requests are available", re.IGNORECASE)
+_NO_USER = re.compile(r"no user found for provided token", re.IGNORECASE)
 
 
 class DeepImageError(Exception):
@@ -255,7 +256,9 @@ def _interpret(response: requests.Response, not_found: ErrorCode) -> UpstreamJob
             message, error_code=ErrorCode.UPSTREAM_AUTH, http_status=status
         )
     if status == 404:
-        raise PermanentUpstreamError(message, error_code=not_found, http_status=status)
+        # Deep-Image's answer to an unknown API key is a 404 too, on every call.
+        code = ErrorCode.UPSTREAM_AUTH if _NO_USER.search(message) else not_found
+        raise PermanentUpstreamError(message, error_code=code, http_status=status)
     if 400 <= status < 500:
         raise PermanentUpstreamError(
             message, error_code=ErrorCode.UPSTREAM_REJECTED, http_status=status

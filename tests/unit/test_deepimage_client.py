@@ -251,6 +251,20 @@ def test_unknown_job_on_result_is_not_an_auth_error(client: DeepImageClient) -> 
     assert caught.value.error_code is ErrorCode.UPSTREAM_NOT_FOUND
 
 
+@pytest.mark.parametrize("operation", ["process", "result"])
+@responses.activate
+def test_an_unknown_api_key_is_a_refused_key_on_every_call(
+    client: DeepImageClient, operation: str
+) -> None:
+    """Deep-Image answers an unknown key 404 "No user found for provided token": on a poll it
+    was taken for an unknown job (upstream_not_found)."""
+    method, url = _endpoint(operation)
+    responses.add(method, url, status=404, json={"message": "No user found for provided token"})
+    with pytest.raises(PermanentUpstreamError) as caught:
+        _call(client, operation)
+    assert caught.value.error_code is ErrorCode.UPSTREAM_AUTH
+
+
 @responses.activate
 def test_long_upstream_messages_are_cut(client: DeepImageClient) -> None:
     responses.post(f"{BASE}/rest_api/process", status=400, json={"message": "x" * 5000})
