@@ -410,7 +410,8 @@ class JsonInteger(JsonNumber):
     """A JSON integer (1.0 is refused: the vendor types these fields integer)."""
 
     default_error_messages = {
-        "invalid": "Not a valid integer: Deep-Image types this field integer (1.0 is not one)."
+        "invalid": "Not a valid integer: Deep-Image types this field integer (a number "
+        "written with a decimal point or an exponent, such as 1.0 or 1e3, is not one)."
     }
 
     def __init__(

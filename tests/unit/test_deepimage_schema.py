@@ -736,6 +736,14 @@ def test_integers_beyond_json_precision_are_refused_with_the_reason() -> None:
     assert "JSON" in message
 
 
+@pytest.mark.parametrize("value", [2.0, 1e3])
+def test_an_integer_written_as_a_decimal_is_refused_saying_why(value: float) -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        load(text_to_image(sample_num=value))
+    (message,) = excinfo.value.messages["background"]["generate"]["sample_num"]
+    assert "decimal point or an exponent" in message
+
+
 def test_loading_does_not_mutate_the_input() -> None:
     payload = SEED_EXAMPLES["reference_full_example"]
     snapshot = copy.deepcopy(payload)
