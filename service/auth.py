@@ -58,6 +58,21 @@ _TENANT_FOR_KEY = (
 )
 
 
+MAX_TENANT_NAME = 200  # tenants.name
+
+
+def tenant_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a new tenant's, or None. A name is shown in one column of `keys
+    list` and `tenants list` (tab-separated lines) and stored in 200 characters."""
+    if not name.strip():
+        return "a tenant name must not be empty"
+    if len(name) > MAX_TENANT_NAME:
+        return f"a tenant name has at most {MAX_TENANT_NAME} characters"
+    if not name.isprintable():
+        return "a tenant name must not hold a tab, a newline or another control character"
+    return None
+
+
 def hash_api_key(key: str) -> str:
     """The stored form of a key. Keys carry 256 random bits, so one SHA-256 is enough."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -70,7 +85,11 @@ class ApiKeys:
         self.store = store
 
     def create(self, tenant_name: str) -> str:
-        """Create a key for `tenant_name` (making the tenant if new); return the key itself."""
+        """Create a key for `tenant_name` (making the tenant if new); return the key itself.
+        ValueError if the name cannot be a tenant's (`tenant_name_problem`)."""
+        problem = tenant_name_problem(tenant_name)
+        if problem is not None:
+            raise ValueError(problem)
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         with self.store.transaction() as session:
             tenant_id = session.scalar(sa.select(Tenant.id).where(Tenant.name == tenant_name))

@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="create a key; prints it alone on stdout")
-    create.add_argument("tenant")
+    create.add_argument("tenant", type=_new_tenant_name)
     create.set_defaults(run=_keys_create, database=True)
     list_ = key_commands.add_parser(
         "list", help="list keys (id, tenant, prefix, created, state); never the keys themselves"
@@ -342,6 +342,16 @@ def _migrate(_args: argparse.Namespace) -> int:
     upgrade_to_head(Config.database_url_from_env())
     log.info("database is at the newest schema")
     return 0
+
+
+def _new_tenant_name(value: str) -> str:
+    """A tenant name `keys create` may make (argparse says why not, exit status 2)."""
+    from service.auth import tenant_name_problem
+
+    problem = tenant_name_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def _keys_create(args: argparse.Namespace) -> int:

@@ -39,7 +39,10 @@ def genrelay(
 
     def run(*argv: str) -> Run:
         capsys.readouterr()
-        code = main(list(argv))
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # argparse refusing an argument, as the command would
+            code = int(exit_.code or 0)
         out, err = capsys.readouterr()
         return Run(code, out, err)
 
@@ -174,6 +177,27 @@ def test_revoking_an_unknown_id_fails_with_a_message_on_stderr(
     assert result.out == ""
     assert "key_doesnotexist" in result.err
     assert listed(genrelay)[0][4] == "active"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("t" * 201, "at most 200"),
+        ("acme\tshop", "control character"),
+        ("acme\nshop", "control character"),
+    ],
+)
+def test_a_tenant_name_that_cannot_be_one_is_refused_in_one_line(
+    genrelay: Callable[..., Run], name: str, reason: str
+) -> None:
+    """Before, such names made a tenant (a tab split its `keys list` line) or a traceback."""
+    result = genrelay("keys", "create", name)
+    assert result.code == 2
+    assert result.out == ""
+    assert reason in result.err and "Traceback" not in result.err
+    assert listed(genrelay) == []
 
 
 @pytest.mark.postgres
