@@ -60,7 +60,11 @@ class RedactingLogger(Logger):
                 "latency": f"{request_time.total_seconds():.6f}s",
             },
         }
-        request_id = environ.get("HTTP_X_REQUEST_ID")
+        # The id the app used and answered with (it makes one up for a client's that is not a
+        # plain token), not the client's header as sent.
+        request_id = next(
+            (value for name, value in resp.headers if name.lower() == "x-request-id"), None
+        )
         if request_id:
             extra["request_id"] = request_id
         level = logging.WARNING if status.startswith("5") else logging.INFO

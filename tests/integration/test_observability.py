@@ -369,7 +369,10 @@ def test_gunicorn_logs_are_json_lines_on_stderr(
 
     gunicorn_logger.info("Starting gunicorn %s", "27.0.1")
     gunicorn_logger.error("Worker (pid:%s) exited with code %s", 42, 3)
-    response = SimpleNamespace(status="503 Service Unavailable", sent=12, headers=[])
+    # The app answered with its own request id: the client's was not a plain token.
+    response = SimpleNamespace(
+        status="503 Service Unavailable", sent=12, headers=[("X-Request-Id", "req-1")]
+    )
     request = SimpleNamespace(headers=[])
     environ = {
         "REQUEST_METHOD": "GET",
@@ -378,7 +381,7 @@ def test_gunicorn_logs_are_json_lines_on_stderr(
         "QUERY_STRING": "verbose=1",
         "SERVER_PROTOCOL": "HTTP/1.1",
         "REMOTE_ADDR": "203.0.113.9",
-        "HTTP_X_REQUEST_ID": "req-1",
+        "HTTP_X_REQUEST_ID": "not an id https://evil.example/x?sig=SECRET",
     }
     gunicorn_logger.access(response, request, environ, datetime.timedelta(milliseconds=5))
     out, err = capsys.readouterr()
@@ -392,6 +395,7 @@ def test_gunicorn_logs_are_json_lines_on_stderr(
     assert access["severity"] == "WARNING"  # a 5xx
     assert access["message"] == "GET /readyz?verbose=1 HTTP/1.1"
     assert access["request_id"] == "req-1"
+    assert "SECRET" not in err and "evil" not in err
     assert access["httpRequest"]["requestUrl"] == "/readyz"
     assert access["httpRequest"]["status"] == 503
     assert access["httpRequest"]["latency"] == "0.005000s"
