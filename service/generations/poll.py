@@ -75,7 +75,7 @@ class PollHandler:
                 return Done(self._time_out(generation_id, now))
             return Later(delay, f"Deep-Image unavailable: {exc.message}")
         except PermanentUpstreamError as exc:
-            fail = failing(generation_id, exc.error_code, exc.message)
+            fail = _unless_found(generation_id, failing(generation_id, exc.error_code, exc.message))
             return Done(_then_ended(fail, self.queue, generation_id, now))
         if job.finished and job.result_url:
             url = job.result_url
@@ -98,17 +98,7 @@ class PollHandler:
         was found meanwhile (a callback while we asked); a canceled one's slot goes on."""
         message = f"no result within {self.config.generation_timeout:.0f} s"
         fail = failing(generation_id, ErrorCode.UPSTREAM_TIMEOUT, message)
-
-        def apply(session: Session) -> None:
-            found = session.execute(
-                sa.select(Generation.source_found_at)
-                .where(Generation.id == generation_id)
-                .with_for_update()
-            ).scalar()
-            if found is None:
-                fail(session)
-
-        return _then_ended(apply, self.queue, generation_id, now)
+        return _then_ended(_unless_found(generation_id, fail), self.queue, generation_id, now)
 
     def _await_canceled_job(self, task: ClaimedTask, generation: Generation) -> Outcome:
         """A canceled generation whose job may still run upstream: free its slot once the job
@@ -141,7 +131,24 @@ class PollHandler:
             f"Deep-Image could not be polled after {task.attempts} attempts",
         )
         # A canceled generation's slot is not kept forever by a poll that cannot succeed.
-        return _then_ended(fail, self.queue, generation_id, utcnow())
+        return _then_ended(_unless_found(generation_id, fail), self.queue, generation_id, utcnow())
+
+
+def _unless_found(generation_id: str, fail: Apply) -> Apply:
+    """`fail`, unless the generation's result was found meanwhile: its callback, accepted
+    while the poll asked Deep-Image, has queued the store, and the generation is not failed
+    for what the poll saw (a 404, say, or no answer in time)."""
+
+    def apply(session: Session) -> None:
+        found = session.execute(
+            sa.select(Generation.source_found_at)
+            .where(Generation.id == generation_id)
+            .with_for_update()
+        ).scalar()
+        if found is None:
+            fail(session)
+
+    return apply
 
 
 def _then_ended(apply: Apply, queue: TaskQueue, generation_id: str, now: dt.datetime) -> Apply:

@@ -22,12 +22,13 @@ import sqlalchemy as sa
 from PIL import Image
 
 from service.adapters.blobstore import crc32c_base64
-from service.adapters.deepimage import UpstreamJob
+from service.adapters.deepimage import PermanentUpstreamError, UpstreamJob
 from service.app import create_app
 from service.bootstrap import Services, build_services
 from service.config import Config
 from service.devtools.fakes import FakeBlobStore
 from service.devtools.gcs_emulator import FakeGcsServer
+from service.domain import ErrorCode
 from service.generations.callback_urls import callback_url
 from service.generations.line import IN_FLIGHT
 from service.models import Generation, Task, utcnow
@@ -913,3 +914,31 @@ def test_a_callback_that_finds_its_generation_canceled_meanwhile_hands_the_slot_
     shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
     assert shown["status"] == "canceled"
     assert in_flight(services) == []
+
+
+def test_a_poll_refused_while_the_callback_is_accepted_does_not_fail_the_generation(
+    config: Config, make_client: Any, simulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback poll asks Deep-Image, the callback is accepted meanwhile, then the poll's
+    answer is a permanent error (a 404): the result is stored, not failed for it."""
+    services, client, auth = make_client(callback_config(config))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    result_url = wait_until_complete(simulator, generation["upstream"]["job"])
+
+    def called_back_meanwhile(job: str) -> Any:
+        monkeypatch.undo()
+        assert call_back(client, generation, result_url).json["outcome"] == "accepted"
+        raise PermanentUpstreamError(
+            "Job not found", error_code=ErrorCode.UPSTREAM_NOT_FOUND, http_status=404
+        )
+
+    monkeypatch.setattr(services.deepimage, "result", called_back_meanwhile)
+    with services.store.transaction() as session:  # the fallback poll, due now
+        session.execute(sa.update(Task).where(Task.kind == POLL).values(run_at=utcnow()))
+    [poll] = services.queue.claim_due_tasks(kinds=[POLL])
+    services.runner.execute(poll)
+    drain(services)
+
+    shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (shown["status"], shown["error"]) == ("succeeded", None)
+    assert len(list(objects(services))) == 1
