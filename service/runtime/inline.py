@@ -101,7 +101,8 @@ class InlineTasks:
 
     def close(self, wait: float = EXIT_WAIT) -> int:
         """Take no more; wait up to `wait` seconds for running attempts, then hand back the
-        rest (due at once, the attempt not counted). Returns how many were handed back."""
+        rest (due at once, the attempt counted: it ran, and may have done part of its work).
+        Returns how many were handed back."""
         self._closed = True
         deadline = time.monotonic() + wait
         with self._lock:
@@ -111,7 +112,7 @@ class InlineTasks:
         released = 0
         for task in unfinished:
             try:
-                if self.runner.queue.release(task):
+                if self.runner.queue.release(task, ran=True):
                     released += 1
                     log.warning("task %s (%s) handed back to the workers", task.id, task.kind)
             except Exception:

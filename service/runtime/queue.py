@@ -492,13 +492,16 @@ class TaskQueue:
         """Whether the task has used every attempt its kind's policy allows."""
         return task.attempts >= self.policy(task.kind).max_attempts
 
-    def release(self, task: ClaimedTask) -> bool:
-        """Hand a task back unrun (worker shutting down): due now, the attempt not counted."""
+    def release(self, task: ClaimedTask, *, ran: bool = False) -> bool:
+        """Hand a task back, due now. One never run (a worker shutting down) has its attempt
+        not counted; one whose attempt `ran` and was cut short (a web process exiting during
+        an inline store) keeps it counted, so that the next attempt knows it may find part
+        of the work done (a store's uploaded object, say)."""
         return self._update_held(
             task,
             status=TaskStatus.PENDING,
             run_at=self.clock(),
-            uncount=True,
+            uncount=not ran,
             claim_token=None,
             lease_expires_at=None,
         )

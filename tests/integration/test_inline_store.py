@@ -210,10 +210,10 @@ class _Queue:
         return self.lease
 
     def __init__(self) -> None:
-        self.released: list[str] = []
+        self.released: list[tuple[str, bool]] = []
 
-    def release(self, task: ClaimedTask) -> bool:
-        self.released.append(task.id)
+    def release(self, task: ClaimedTask, *, ran: bool = False) -> bool:
+        self.released.append((task.id, ran))
         return True
 
     def renew(self, tasks: Any) -> set[str]:
@@ -255,7 +255,7 @@ def test_inline_threads_are_bounded_and_exit_hands_back_what_still_runs() -> Non
     assert runner.started.wait(5)
     assert not inline.reserve()  # busy: the next callback's store goes to the workers
     assert inline.close(wait=0.1) == 1
-    assert runner.queue.released == ["task_a"]
+    assert runner.queue.released == [("task_a", True)]  # it ran: the attempt counts
     assert not inline.reserve()  # closed: nothing new runs inline
     runner.go.set()
     deadline = time.monotonic() + 5

@@ -141,6 +141,16 @@ def test_a_released_task_is_due_at_once_and_the_attempt_is_not_counted(queue: Ta
     assert again.attempts == 1
 
 
+def test_a_task_handed_back_after_it_ran_keeps_its_attempt_counted(queue: TaskQueue) -> None:
+    """An inline store cut short at exit may have uploaded its object: its next attempt must
+    know it is not the first, to look for what it left."""
+    task_id = enqueue(queue)
+    [task] = queue.claim_due_tasks()
+    assert queue.release(task, ran=True) is True
+    [again] = queue.claim_due_tasks()
+    assert (again.id, again.attempts) == (task_id, 2)
+
+
 def test_a_task_enqueued_claimed_is_invisible_to_workers_until_its_lease_ends(
     queue: TaskQueue, clock: FakeClock
 ) -> None:
