@@ -490,9 +490,15 @@ def object_name(prefix: str, generation: Generation, kind: ImageKind) -> str:
 
 
 def _declared_size(response: requests.Response) -> int | None:
-    """Content-Length, when it is the size of the bytes we will read (no content coding)."""
+    """Content-Length, when it is the size of the bytes we will read: no content coding, and
+    no Transfer-Encoding (whose framing the HTTP client reads instead, RFC 9112 6.3)."""
     length = response.headers.get("Content-Length")
-    if length is None or not length.isdigit() or response.headers.get("Content-Encoding"):
+    if (
+        length is None
+        or not (length.isascii() and length.isdigit())
+        or response.headers.get("Content-Encoding")
+        or response.headers.get("Transfer-Encoding")
+    ):
         return None
     return int(length)
 

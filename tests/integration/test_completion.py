@@ -469,6 +469,13 @@ UNDECLARED = {
         b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\n\r\n",
         _pieces(_OVER, 200),
     ),
+    # Chunked framing wins over a Content-Length beside it (RFC 9112, 6.3): 4,000 bytes are
+    # read, whatever the 500 declared. The store took 500 as the size and kept 500 of them.
+    "chunked_with_a_length": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 500\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        _chunked(_OVER, 200),
+    ),
     "gzip": (
         b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Encoding: gzip\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_GZIPPED),
