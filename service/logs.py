@@ -31,8 +31,13 @@ from pythonjsonlogger.json import JsonFormatter
 
 TRACE_FIELD = "logging.googleapis.com/trace"
 
-# Any characters but separators after the id: percent-encoded or JSON-escaped forms included.
-_CALLBACK_TOKEN = re.compile(r"(/v1/callbacks/deepimage/[^/\s?#\"']+/)[^/\s?#\"']+")
+# A callback URL's path, its slashes as they are, JSON-escaped (`\/`) or percent-encoded
+# (`%2F`: a URL quoted inside another's query); the token is what follows the id.
+_SLASH = r"(?:/|\\/|%2[Ff])"
+_CALLBACK_TOKEN = re.compile(
+    rf"({_SLASH}v1{_SLASH}callbacks{_SLASH}deepimage{_SLASH}[^/\\\s?#\"'%&]+{_SLASH})"
+    r"[^/\\\s?#\"'%&]+"
+)
 # A word of plain text, as far as a URL in it can reach: up to a space, a quote or a bracket.
 _WORD = re.compile(r"[^\s\"'<>]+")
 _HTTP = re.compile(r"https?://", re.IGNORECASE)

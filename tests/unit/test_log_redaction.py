@@ -98,3 +98,22 @@ def test_records_go_to_stderr_as_it_is_when_they_come(
     logging.getLogger("genrelay.test").warning("after the swap")
     assert errors == []
     assert json.loads(second.getvalue())["message"] == "after the swap"
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    [
+        # as a JSON encoder that escapes slashes writes it
+        "https:\\/\\/gw.example.com\\/v1\\/callbacks\\/deepimage\\/gen_1\\/" + TOKEN,
+        # percent-encoded inside another URL's query
+        "https%3A%2F%2Fgw.example.com%2Fv1%2Fcallbacks%2Fdeepimage%2Fgen_1%2F" + TOKEN + "&x=1",
+        "%2fv1%2fcallbacks%2fdeepimage%2fgen_1%2f" + TOKEN,
+    ],
+)
+def test_a_callback_url_quoted_in_another_form_loses_its_token(quoted: str) -> None:
+    """An upstream message may quote our webhook URL as it was sent inside JSON, or encoded
+    in a URL: the token is still found."""
+    from service.logs import redact
+
+    redacted = redact(f"Deep-Image could not call {quoted} (timeout)")
+    assert TOKEN not in redacted and "gen_1" in redacted
