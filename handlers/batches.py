@@ -117,19 +117,6 @@ def _require_batch_body() -> flask.Response | None:
     return None
 
 
-def _inherits(item_input: dict[str, Any], path: tuple[str, ...]) -> bool:
-    """Whether an item whose own input is `item_input` takes the template's value at `path`
-    (deep_merge: it does unless it sets that field, or replaces a dict on the way whole)."""
-    holder: Any = item_input
-    for key in path:
-        if not isinstance(holder, dict):
-            return False
-        if key not in holder:
-            return True
-        holder = holder[key]
-    return False
-
-
 def _leaves(
     template: dict[str, Any], path: tuple[str, ...] = ()
 ) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -155,12 +142,14 @@ class BatchBody:
         self.count = 0
         self._custom_ids: dict[str, int] = {}
         # The template's fields are stored again with every item that takes them: the bytes
-        # of each (its JSON), and how many items so far take it.
+        # of each (its JSON); the items kept so far, and how many of them replaced each part
+        # of the template (counted from the items' own inputs: a template may be large).
         self._template_fields = {
             path: len(json.dumps(value, ensure_ascii=False).encode())
             for path, value in _leaves(self.template)
         }
-        self._taken = dict.fromkeys(self._template_fields, 0)
+        self._kept = 0
+        self._replaced: dict[tuple[str, ...], int] = {}
         self._template_images = {
             path: len(value.encode()) for path, value in inline_images(self.template)
         }
@@ -219,16 +208,34 @@ class BatchBody:
                 )
         if not errors:
             self.items.append(NewBatchItem(input=merged, metadata=metadata, custom_id=custom_id))
-            for path in self._taken:
-                if _inherits(item["input"], path):
-                    self._taken[path] += 1
+            self._kept += 1
+            self._count_replaced(self.template, item["input"], ())
         return errors
+
+    def _count_replaced(
+        self, template: dict[str, Any], item_input: dict[str, Any], path: tuple[str, ...]
+    ) -> None:
+        """Count the parts of `template` that `item_input` replaces (where both hold an
+        object, they merge: only what is below is replaced)."""
+        for key, value in item_input.items():
+            if key not in template:
+                continue
+            below = template[key]
+            if isinstance(below, dict) and isinstance(value, dict):
+                self._count_replaced(below, value, (*path, key))
+            else:
+                self._replaced[(*path, key)] = self._replaced.get((*path, key), 0) + 1
+
+    def _taken(self, leaf: tuple[str, ...]) -> int:
+        """How many kept items take the template's field at `leaf`."""
+        replaced = sum(self._replaced.get(leaf[:n], 0) for n in range(1, len(leaf) + 1))
+        return self._kept - replaced
 
     def new_batch(self) -> NewBatch:
         if self.count == 0:
             _refuse([{"field": "items", "message": f"Give 1 to {MAX_ITEMS} items."}])
-        stored = {path: size * self._taken[path] for path, size in self._template_fields.items()}
-        image_bytes = sum(size * self._taken[path] for path, size in self._template_images.items())
+        stored = {path: size * self._taken(path) for path, size in self._template_fields.items()}
+        image_bytes = sum(size * self._taken(path) for path, size in self._template_images.items())
         if image_bytes > MAX_TEMPLATE_IMAGE_BYTES:
             message = (
                 f"Inline image data is stored with every item that uses it: "
