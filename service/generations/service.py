@@ -194,17 +194,6 @@ class GenerationService:
         # answer's), one after the other. An authenticated request holds one already
         # (handlers/auth.hold_connection); a trigger's push does not.
         assert settings is None or settings.id == tenant_id
-        with self.store.reusing_connection():
-            return self._create(tenant_id, new, idempotency_key, also, settings)
-
-    def _create(
-        self,
-        tenant_id: str,
-        new: NewGeneration,
-        idempotency_key: str | None,
-        also: Callable[[Session, str], None] | None,
-        settings: TenantSettings | None,
-    ) -> Intake:
         fingerprint = ""
         if idempotency_key is not None:
             fingerprint = new.fingerprint()
@@ -212,7 +201,20 @@ class GenerationService:
             if earlier is not None:
                 return earlier  # whatever has changed since, such as where the webhook resolves
         if new.webhook is not None:
+            # Before a connection is taken for the transactions: a lookup may take seconds.
             require_safe_target(self.policy, new.webhook, "webhook", tenant_id)
+        with self.store.reusing_connection():
+            return self._create(tenant_id, new, idempotency_key, fingerprint, also, settings)
+
+    def _create(
+        self,
+        tenant_id: str,
+        new: NewGeneration,
+        idempotency_key: str | None,
+        fingerprint: str,
+        also: Callable[[Session, str], None] | None,
+        settings: TenantSettings | None,
+    ) -> Intake:
         now = utcnow()
         generation_id = new_id("gen_")
         try:

@@ -787,3 +787,29 @@ def test_the_first_submit_keeps_its_lease_while_deep_image_is_slow_to_answer(
         set_simulator(simulator.url, latency=0.0)
     assert taken == []  # no worker takes the submit (and sends it a second time)
     assert answers[0].json["status"] == "processing"
+
+
+def test_the_webhook_is_looked_up_before_a_pooled_connection_is_taken(
+    services: Services, api_key: str
+) -> None:
+    """A trigger's push comes without a connection held: its webhook's lookup (up to 2 s)
+    must not hold one of the pool's, or slow name servers empty the pool."""
+    from service.generations.service import NewGeneration
+    from service.notifications.ssrf import URLPolicy
+
+    if services.store.dialect == "sqlite":
+        pytest.skip("SQLite's connections are not pooled and checked out like PostgreSQL's")
+    tenant = services.api_keys.tenant_for(api_key)
+    assert tenant is not None
+    checked_out: list[int] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        checked_out.append(services.store.engine.pool.checkedout())  # type: ignore[attr-defined]
+        return ["93.184.216.34"]
+
+    generations = services.generations
+    generations.policy = URLPolicy(resolver=resolver)
+    new = NewGeneration(input=TEXT_ONLY, webhook="https://hooks.example.com/genrelay")
+    answer = generations.create(tenant.id, new).resource
+    assert answer is not None and answer.status in ("queued", "processing")
+    assert checked_out == [0]
