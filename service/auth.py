@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
+import unicodedata
 
 import sqlalchemy as sa
 
@@ -63,13 +64,15 @@ MAX_TENANT_NAME = 200  # tenants.name
 
 def tenant_name_problem(name: str) -> str | None:
     """Why `name` cannot be a new tenant's, or None. A name is shown in one column of `keys
-    list` and `tenants list` (tab-separated lines) and stored in 200 characters."""
+    list` and `tenants list` (tab-separated lines) and stored in 200 characters; any other
+    Unicode (a no-break space, a soft hyphen, a joined emoji) is fine."""
     if not name.strip():
         return "a tenant name must not be empty"
     if len(name) > MAX_TENANT_NAME:
         return f"a tenant name has at most {MAX_TENANT_NAME} characters"
-    if not name.isprintable():
-        return "a tenant name must not hold a tab, a newline or another control character"
+    control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        return f"a tenant name must not hold a control character such as a tab ({control!r})"
     return None
 
 
@@ -86,14 +89,15 @@ class ApiKeys:
 
     def create(self, tenant_name: str) -> str:
         """Create a key for `tenant_name` (making the tenant if new); return the key itself.
-        ValueError if the name cannot be a tenant's (`tenant_name_problem`)."""
-        problem = tenant_name_problem(tenant_name)
-        if problem is not None:
-            raise ValueError(problem)
+        ValueError if there is no such tenant and the name cannot be a new one's
+        (`tenant_name_problem`)."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         with self.store.transaction() as session:
             tenant_id = session.scalar(sa.select(Tenant.id).where(Tenant.name == tenant_name))
             if tenant_id is None:
+                problem = tenant_name_problem(tenant_name)  # a tenant that exists keeps its name
+                if problem is not None:
+                    raise ValueError(problem)
                 tenant_id = new_id("ten_")
                 session.add(Tenant(id=tenant_id, name=tenant_name, webhook_secret=new_secret()))
                 session.flush()

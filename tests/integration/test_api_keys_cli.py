@@ -200,6 +200,19 @@ def test_a_tenant_name_that_cannot_be_one_is_refused_in_one_line(
     assert listed(genrelay) == []
 
 
+@pytest.mark.parametrize(
+    "name", ["Acme\u00a0GmbH", "caf\u00e9\u00adbar", "\u05e9\u05dc\u05d5\u05dd\u200f"]
+)
+def test_a_tenant_name_in_any_unicode_but_control_characters_is_taken(
+    genrelay: Callable[..., Run], name: str
+) -> None:
+    """A no-break space, a soft hyphen, a direction mark: names people write."""
+    first = genrelay("keys", "create", name)
+    assert first.code == 0, first.err
+    assert genrelay("keys", "create", name).code == 0  # a second key for the same tenant
+    assert [row[1] for row in listed(genrelay)] == [name, name]
+
+
 @pytest.mark.postgres
 def test_a_postgresql_database_that_is_not_migrated_says_to_migrate(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
