@@ -39,10 +39,7 @@ def genrelay(
 
     def run(*argv: str) -> Run:
         capsys.readouterr()
-        try:
-            code = main(list(argv))
-        except SystemExit as exit_:  # argparse refusing an argument, as the command would
-            code = int(exit_.code or 0)
+        code = main(list(argv))
         out, err = capsys.readouterr()
         return Run(code, out, err)
 
