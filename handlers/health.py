@@ -39,7 +39,7 @@ def healthz() -> Any:
 
 @blp.route("/metrics", methods=["GET"])
 # The metrics token, not an API key, and only when GENRELAY_METRICS_TOKEN is set: optional.
-@blp.doc(security=[{"bearerAuth": []}, {}])
+@blp.doc(security=[{"metricsToken": []}, {}])
 @blp.alt_response(200, schema={"type": "string"}, content_type="text/plain", success=True)
 @blp.alt_response(401, schema=ProblemSchema, description="The metrics token is set, not sent")
 def metrics() -> Any:

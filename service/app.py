@@ -59,6 +59,12 @@ def create_app(config: Config | None = None, *, services: Services | None = None
                         "description": "A Google-signed ID token for a service account on the "
                         "trigger's push_accounts, with the push URL as its audience.",
                     },
+                    # /metrics: GENRELAY_METRICS_TOKEN, not an API key.
+                    "metricsToken": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": "GENRELAY_METRICS_TOKEN, when the operator set one.",
+                    },
                 }
             },
         },

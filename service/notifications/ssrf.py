@@ -159,8 +159,10 @@ class _Lookups:
       than starting another (a hung lookup is remembered for as long as it hangs, and later
       callers wait for it, each for its own timeout, without taking another thread);
     - at most `per_host` lookups of one host name run at once (different ports);
-    - at most `hung_per_owner` lookups of one owner (`lookups_for`: a tenant) may hang; while
-      they do, its new lookups fail at once, and other owners' are not affected;
+    - while `hung_per_owner` lookups of one owner (`lookups_for`: a tenant; None: genrelay's
+      own, result downloads) hang, its new lookups fail at once, and other owners' are not
+      affected (lookups that were waiting when those began to hang may hang too: as many as
+      the owner's callers, threads of their own);
     - `max_running` bounds the threads of every lookup together, a safety net far above
       what the callers' own threads and the owners' hung lookups can hold.
     A lookup refused by a limit fails at once with OSError, as not resolving: a delivery is
@@ -216,7 +218,8 @@ class _Lookups:
         if self._hosts.get(lookup.name, 0) >= self._per_host:
             raise OSError("earlier lookups of this host have had no DNS answer yet")
         if self._hung.get(lookup.owner, 0) >= self._hung_per_owner:
-            raise OSError("earlier lookups of this tenant's hosts have had no DNS answer yet")
+            whose = "this tenant's hosts" if lookup.owner is not None else "these hosts"
+            raise OSError(f"earlier lookups of {whose} have had no DNS answer yet")
         if self._count >= self._max_running:
             raise OSError("too many DNS lookups are running")
 

@@ -756,7 +756,8 @@ def test_the_openapi_document_states_every_status_and_limit_the_api_answers_with
     callback = paths["/v1/callbacks/deepimage/{generation_id}/{token}"]["post"]
     assert {"400", "401"} <= set(callback["responses"])
     metrics = paths["/metrics"]["get"]
-    assert metrics["security"] == [{"bearerAuth": []}, {}]  # the token only when one is set
+    assert metrics["security"] == [{"metricsToken": []}, {}]  # only when one is set
+    assert "METRICS_TOKEN" in spec["components"]["securitySchemes"]["metricsToken"]["description"]
     assert "401" in metrics["responses"]
     schemas = spec["components"]["schemas"]
     for name in ("TriggerCreate", "TriggerUpdate"):

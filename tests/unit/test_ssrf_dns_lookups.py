@@ -58,12 +58,16 @@ class HangingDNS:
             return sum(1 for called, _ in self.calls if called == host)
 
     def finish(self) -> None:
-        """Let the hung lookups end, and wait until none is still running."""
+        """Let the hung lookups end, and wait until none is still running, nor counted by the
+        process's lookups (the next test would meet its counts)."""
+        from service.notifications import ssrf
+
         self.release.set()
         give_up = time.monotonic() + 10
-        while self.hanging and time.monotonic() < give_up:
+        while (self.hanging or ssrf._LOOKUPS._count) and time.monotonic() < give_up:
             time.sleep(0.01)
         assert self.hanging == 0, "hung lookups still hold their threads"
+        assert ssrf._LOOKUPS._count == 0, "lookups still counted after their threads ended"
 
 
 @pytest.fixture
