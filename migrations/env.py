@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,28 +17,50 @@ if not url:
     raise RuntimeError("no database URL given to the migration environment")
 
 
+# Held by a `migrate` on PostgreSQL while it runs (any number for genrelay's own lock).
+MIGRATE_LOCK = 0x67656E72656C6179  # "genrelay"
+
+
 def run_migrations_online() -> None:
     """Run every pending migration in one transaction (on SQLite, one per migration: Alembic
-    does not treat its DDL as transactional)."""
+    does not treat its DDL as transactional).
+
+    On PostgreSQL, two `migrate` runs at once (overlapping deploys) take turns: the second
+    waits for the first, then finds the schema new. Without that, both read the same version
+    and the second's first change failed on the first's (a column already there). The lock
+    is the session's, on a connection of its own: migrations that build an index
+    CONCURRENTLY commit on the way, and a transaction's lock would go with that."""
     engine = create_db_engine(url)
     try:
-        with engine.connect() as connection:
-            sqlite = connection.dialect.name == "sqlite"
-            if sqlite:
-                # Before any transaction begins: inside one, SQLite ignores the pragma.
-                _driver_execute(connection, "PRAGMA foreign_keys=OFF")
-            context.configure(
-                connection=connection,
-                target_metadata=Base.metadata,
-                render_as_batch=sqlite,
-                compare_type=True,
-            )
-            with context.begin_transaction():
-                context.run_migrations()
-            if sqlite:
-                _check_sqlite_foreign_keys(connection)
+        with contextlib.ExitStack() as held:
+            if engine.dialect.name == "postgresql":
+                lock = held.enter_context(engine.connect())
+                lock = lock.execution_options(isolation_level="AUTOCOMMIT")
+                lock.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATE_LOCK})
+                # (Unlocked by closing its session, at dispose() below, if the migrations fail.)
+            _run_migrations(engine)
+            if engine.dialect.name == "postgresql":
+                lock.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATE_LOCK})
     finally:
         engine.dispose()  # no connection with enforcement off goes back to anyone
+
+
+def _run_migrations(engine: sa.Engine) -> None:
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # Before any transaction begins: inside one, SQLite ignores the pragma.
+            _driver_execute(connection, "PRAGMA foreign_keys=OFF")
+        context.configure(
+            connection=connection,
+            target_metadata=Base.metadata,
+            render_as_batch=sqlite,
+            compare_type=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+        if sqlite:
+            _check_sqlite_foreign_keys(connection)
 
 
 def _check_sqlite_foreign_keys(connection: sa.Connection) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 
-from alembic import command
+import sqlalchemy as sa
+from alembic import command, op
 from alembic.config import Config as AlembicConfig
 
 
@@ -20,3 +22,22 @@ def alembic_config(database_url: str) -> AlembicConfig:
 def upgrade_to_head(database_url: str) -> None:
     """Apply every pending migration (what `genrelay migrate` does)."""
     command.upgrade(alembic_config(database_url), "head")
+
+
+def create_index_concurrently(name: str, table: str, columns: Sequence[str]) -> None:
+    """Build an index on PostgreSQL without blocking writes to `table` (in a migration, which
+    it commits first: CONCURRENTLY cannot run in a transaction).
+
+    A concurrent build cut short (a migrate job killed, a statement timeout) leaves the index
+    behind, invalid: never used, yet there. It is dropped and built again, not taken for
+    done (as IF NOT EXISTS would)."""
+    with op.get_context().autocommit_block():
+        invalid = op.get_bind().scalar(
+            sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
+            {"name": name},
+        )
+        if invalid:
+            op.drop_index(name, table, postgresql_concurrently=True)
+        op.create_index(
+            name, table, list(columns), postgresql_concurrently=True, if_not_exists=True
+        )

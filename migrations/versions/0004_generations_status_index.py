@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from service.migrate import create_index_concurrently
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -25,10 +27,7 @@ COLUMNS = ["tenant_id", "status", "created_at", "id"]
 
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        with op.get_context().autocommit_block():
-            op.create_index(
-                NAME, "generations", COLUMNS, postgresql_concurrently=True, if_not_exists=True
-            )
+        create_index_concurrently(NAME, "generations", COLUMNS)
     else:
         op.create_index(NAME, "generations", COLUMNS)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from service.migrate import create_index_concurrently
+
 revision = "0008"
 down_revision = "0007"
 branch_labels = None
@@ -34,10 +36,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        with op.get_context().autocommit_block():
-            op.create_index(
-                NAME, "generations", ["upstream_job"], postgresql_concurrently=True,
-                if_not_exists=True,
-            )  # fmt: skip
+        create_index_concurrently(NAME, "generations", ["upstream_job"])
     else:
         op.create_index(NAME, "generations", ["upstream_job"])

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +148,66 @@ def table_rows(database_url: str, table: str) -> int:
             return int(connection.execute(rows).scalar_one())
     finally:
         engine.dispose()
+
+
+def _postgres_only(database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("CONCURRENTLY and advisory locks are PostgreSQL's; SQLite has neither")
+
+
+def test_an_index_build_cut_short_is_built_again_not_taken_for_done(database_url: str) -> None:
+    """A concurrent build killed midway leaves the index there, invalid and never used; the
+    next migrate must not skip it as existing."""
+    _postgres_only(database_url)
+    config = alembic_config(database_url)
+    command.downgrade(config, "0003")
+    name = "ix_generations_tenant_status_created"
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as connection:  # what a cut-short CREATE INDEX CONCURRENTLY leaves
+            connection.execute(
+                sa.text(f"CREATE INDEX {name} ON generations (tenant_id, status, created_at, id)")
+            )
+            connection.execute(
+                sa.text("UPDATE pg_index SET indisvalid = false WHERE indexrelid = :n ::regclass"),
+                {"n": name},
+            )
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            valid = connection.scalar(
+                sa.text("SELECT indisvalid FROM pg_index WHERE indexrelid = :n ::regclass"),
+                {"n": name},
+            )
+    finally:
+        engine.dispose()
+    assert valid is True
+
+
+def test_two_migrations_at_once_take_turns(database_url: str) -> None:
+    """Two deploys' migrate jobs overlapping: both read the same version, and the second's
+    first change failed on the first's (the column is already there). Both must succeed."""
+    _postgres_only(database_url)
+    command.downgrade(alembic_config(database_url), "-1")  # the newest adds tenants.fair_tag
+    env = {**os.environ, "GENRELAY_DATABASE_URL": database_url}
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as blocker:
+            # Both start while this holds the table the migration changes: they meet there.
+            blocker.execute(sa.text("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE"))
+            runs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", "migrate"],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(2)
+            ]
+            time.sleep(3)
+            blocker.rollback()
+        results = [run.communicate(timeout=60) for run in runs]
+    finally:
+        engine.dispose()
+    assert [run.returncode for run in runs] == [0, 0], [err[-500:] for _, err in results]
+    assert "fair_tag" in column_names(database_url, "tenants")
