@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("genrelay.cli")
 
+# The worker's first statement: a database that is not migrated stops it at start, naming
+# the fix, rather than failing in every loop of every thread.
+_TASKS_READABLE = "SELECT 1 FROM tasks WHERE 1 = 0"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `genrelay` console script."""
@@ -72,11 +76,7 @@ def _database_problem(error: BaseException) -> str | None:
         return None
     lines = str(error.orig).strip().splitlines()
     reason = lines[0] if lines else type(error.orig).__name__
-    # PostgreSQL's undefined_table and undefined_column, or SQLite's words for them.
-    from service.database import SCHEMA_BEHIND
-
-    undefined = getattr(error.orig, "sqlstate", None) in SCHEMA_BEHIND
-    missing = undefined or reason.startswith(("no such table", "no such column"))
+    missing = _schema_behind(error)
     if isinstance(error, sa.exc.ProgrammingError) and not missing:
         return None
     url = sa.engine.make_url(Config.database_url_from_env())
@@ -93,6 +93,20 @@ def _database_problem(error: BaseException) -> str | None:
         f"cannot use the database {where} (GENRELAY_DATABASE_URL): {reason}; is it up, "
         "and migrated (`genrelay migrate`)?"
     )
+
+
+def _schema_behind(error: BaseException) -> bool:
+    """Whether `error` says a table or column is missing: the database is not migrated."""
+    import sqlalchemy as sa
+
+    from service.database import SCHEMA_BEHIND
+
+    if not isinstance(error, sa.exc.DBAPIError):
+        return False
+    # PostgreSQL's undefined_table and undefined_column, or SQLite's words for them.
+    if getattr(error.orig, "sqlstate", None) in SCHEMA_BEHIND:
+        return True
+    return str(error.orig).strip().startswith(("no such table", "no such column"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         "or, with GENRELAY_METRICS_TOKEN set, on every interface with that bearer token "
         "required",
     )
-    worker.set_defaults(run=_worker)
+    worker.set_defaults(run=_worker, database=True)
 
     migrate = commands.add_parser("migrate", help="upgrade the database to the newest schema")
     # `database`: the command uses GENRELAY_DATABASE_URL's database; main says in one line
@@ -244,6 +258,7 @@ def _serve(_args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    """The task loop, once the database is known to be migrated."""
     from service.bootstrap import build_services
     from service.database import Store
     from service.generations.line import ensure_line_task
@@ -255,6 +270,14 @@ def _worker(args: argparse.Namespace) -> int:
     blobs = _gcs_blob_store(config)
     # No pre-ping: a task whose statement meets a dropped connection simply comes back.
     services = build_services(config, store=Store(config.database_url, pre_ping=False), blobs=blobs)
+    try:
+        with services.store.read_one() as connection:
+            connection.exec_driver_sql(_TASKS_READABLE)
+    except Exception as exc:
+        if _schema_behind(exc):
+            raise  # not migrated: main() says so in one line, and the worker does not start
+        # Away for a moment, perhaps: the worker starts, and its threads keep trying.
+        log.warning("the database cannot be used yet (%s); starting anyway", type(exc).__name__)
     worker = Worker(
         services.runner,
         threads=args.threads or ProcessSettings.from_env().worker_threads,

@@ -19,6 +19,10 @@ log = logging.getLogger("genrelay.worker")
 # delays the rest of its batch (by at most the send timeout each): small batches keep that
 # short while taking most of the per-transaction cost off each delivery.
 BATCH = 8
+# A worker thread whose loop keeps failing waits up to this long between tries (seconds),
+# and logs that it still fails at most this often.
+MAX_BACKOFF = 10.0
+FAILING_REPORT_EVERY = 60.0
 
 
 class LeaseKeeper:
@@ -223,12 +227,28 @@ class Worker:
         return len(tasks)
 
     def _loop(self) -> None:
+        failures = 0  # in a row
+        reported = 0.0
         while not self.stopping.is_set():
             try:
                 ran = self.run_once()
             except Exception:
-                log.exception("worker loop error (database unreachable?); backing off")
-                ran = 0
+                # The database away, most likely: the wait doubles up to MAX_BACKOFF, and the
+                # first failure's traceback is logged, then a line a minute, not one per try.
+                failures += 1
+                now = time.monotonic()
+                if failures == 1:
+                    log.exception("worker loop error (database unreachable?); backing off")
+                    reported = now
+                elif now - reported >= FAILING_REPORT_EVERY:
+                    log.warning("worker loop still failing: %d times in a row", failures)
+                    reported = now
+                backoff = self.poll_interval * 2 ** min(failures - 1, 16)
+                self.stopping.wait(min(MAX_BACKOFF, backoff))
+                continue
+            if failures:
+                log.info("worker loop working again after %d failures", failures)
+                failures = 0
             if ran == 0:
                 self.wake.wait(self.poll_interval)
 
