@@ -190,9 +190,6 @@ class GenerationService:
         With an `idempotency_key` the answer is rendered here, once, and kept for retries
         (service/generations/idempotency.py); a retry gets the first answer back.
         """
-        # One pooled connection for the transactions below (ours, the inline submit's, the
-        # answer's), one after the other. An authenticated request holds one already
-        # (handlers/auth.hold_connection); a trigger's push does not.
         assert settings is None or settings.id == tenant_id
         fingerprint = ""
         if idempotency_key is not None:
@@ -203,6 +200,9 @@ class GenerationService:
         if new.webhook is not None:
             # Before a connection is taken for the transactions: a lookup may take seconds.
             require_safe_target(self.policy, new.webhook, "webhook", tenant_id)
+        # One pooled connection for the transactions below (ours, the inline submit's, the
+        # answer's), one after the other. An authenticated request holds one already
+        # (handlers/auth.hold_connection); a trigger's push does not.
         with self.store.reusing_connection():
             return self._create(tenant_id, new, idempotency_key, fingerprint, also, settings)
 
