@@ -65,6 +65,14 @@ def pubsub(stack: GcpStack, trigger: dict[str, Any], token: str, message: dict[s
     )
 
 
+def gcs_trigger(gcp: GcpStack, issuer: OidcIssuer) -> tuple[str, dict[str, Any], str]:  # noqa: F811
+    """A bucket the tenant may read, a `gcs` trigger on it, and a token that may push to it."""
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket)
+    return bucket, trigger, issuer.token(trigger["audience"], PUSHER)
+
+
 def generations(stack: GcpStack) -> list[Generation]:
     with stack.services.store.read() as session:
         return list(session.scalars(sa.select(Generation).order_by(Generation.created_at)))
@@ -253,10 +261,7 @@ def test_unreachable_certificates_answer_503_so_the_push_is_redelivered(
     gcp: GcpStack,  # noqa: F811
     issuer: OidcIssuer,  # noqa: F811
 ) -> None:
-    bucket = gcp.bucket()
-    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
-    trigger = make_trigger(gcp, bucket=bucket)
-    token = issuer.token(trigger["audience"], PUSHER)
+    bucket, trigger, token = gcs_trigger(gcp, issuer)
     issuer.stop()
     answer = cloudevent(gcp, trigger, token, bucket, "a.png")
     assert answer.status_code == 503
@@ -325,10 +330,7 @@ def test_a_cloudevent_whose_object_name_is_not_a_string_is_rejected(
     issuer: OidcIssuer,  # noqa: F811
 ) -> None:
     """Before, such a name was turned into its Python repr: `gs://bucket/{'a': 1}`."""
-    bucket = gcp.bucket()
-    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
-    trigger = make_trigger(gcp, bucket=bucket)
-    token = issuer.token(trigger["audience"], PUSHER)
+    bucket, trigger, token = gcs_trigger(gcp, issuer)
     for i, name in enumerate([{"a": 1}, 42, ["x.png"]]):
         answer = cloudevent(gcp, trigger, token, bucket, name, event_id=f"odd-{i}")
         assert answer.status_code == 200
@@ -343,10 +345,7 @@ def test_the_same_event_pushed_at_once_from_many_threads_makes_one_generation(
 ) -> None:
     import threading
 
-    bucket = gcp.bucket()
-    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
-    trigger = make_trigger(gcp, bucket=bucket)
-    token = issuer.token(trigger["audience"], PUSHER)
+    bucket, trigger, token = gcs_trigger(gcp, issuer)
     app = gcp.client.application
     answers: list[Any] = []
     start = threading.Barrier(6)
@@ -443,10 +442,7 @@ def test_a_cloudevent_without_ce_id_is_rejected_once_and_makes_nothing(
     gcp: GcpStack,  # noqa: F811
     issuer: OidcIssuer,  # noqa: F811
 ) -> None:
-    bucket = gcp.bucket()
-    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
-    trigger = make_trigger(gcp, bucket=bucket)
-    token = issuer.token(trigger["audience"], PUSHER)
+    bucket, trigger, token = gcs_trigger(gcp, issuer)
     headers = {
         "Authorization": f"Bearer {token}",
         "ce-specversion": "1.0",
