@@ -14,29 +14,21 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from service.config import Config
 from service.models import Generation
 from service.tenants import Tenants
 from tests.gcp_helpers import GcpStack, OidcIssuer, gcp, issuer, signer_info  # noqa: F401
+from tests.integration.test_triggers import PUSHER, gcp_config, make_trigger  # noqa: F401
 
-PUSHER = "eventarc-trigger@acme-prod.iam.gserviceaccount.com"
-TEMPLATE = {"width": 64, "height": 64, "enhancements": ["denoise"]}
 URL = "https://example.com/a.png"
 NUL = "\x00"
 SURROGATE = "\ud800"
 RAW = re.compile("[\x00\ud800-\udfff]")
 
 
-@pytest.fixture
-def gcp_config(config: Config, issuer: OidcIssuer) -> Config:  # noqa: F811
-    return config.replace(oidc_certs_url=issuer.certs_url)
-
-
-def make_trigger(stack: GcpStack, **fields: Any) -> dict[str, Any]:
-    body = {"source": "pubsub", "input": TEMPLATE, "push_accounts": [PUSHER], **fields}
-    answer = stack.client.post("/v1/triggers", json=body, headers=stack.auth)
-    assert answer.status_code == 201, answer.json
-    return answer.json  # type: ignore[no-any-return]
+def pubsub_trigger(gcp: GcpStack, issuer: OidcIssuer) -> tuple[dict[str, Any], str]:  # noqa: F811
+    """A `pubsub` trigger, and a token that may push to it."""
+    trigger = make_trigger(gcp, source="pubsub", bucket=None)
+    return trigger, issuer.token(trigger["audience"], PUSHER)
 
 
 def b64(request: dict[str, Any]) -> str:
@@ -149,8 +141,7 @@ def test_a_pubsub_push_with_unstorable_strings_is_acknowledged_and_rejected(
 ) -> None:
     bucket = gcp.bucket()
     Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
-    trigger = make_trigger(gcp)
-    token = issuer.token(trigger["audience"], PUSHER)
+    trigger, token = pubsub_trigger(gcp, issuer)
     make, field, event_id, subject = MESSAGES[case]
     message = make(bucket, bad)
 
@@ -182,8 +173,7 @@ def test_distinct_messages_with_unstorable_ids_are_recorded_apart(
     gcp: GcpStack,  # noqa: F811
     issuer: OidcIssuer,  # noqa: F811
 ) -> None:
-    trigger = make_trigger(gcp)
-    token = issuer.token(trigger["audience"], PUSHER)
+    trigger, token = pubsub_trigger(gcp, issuer)
     data = b64({"input": {"url": URL}})
     answers = [
         push(gcp, trigger, token, {"messageId": f"m{bad}", "data": data})
@@ -255,8 +245,7 @@ def test_ordinary_unicode_in_a_push_still_makes_a_generation(
     gcp: GcpStack,  # noqa: F811
     issuer: OidcIssuer,  # noqa: F811
 ) -> None:
-    trigger = make_trigger(gcp)
-    token = issuer.token(trigger["audience"], PUSHER)
+    trigger, token = pubsub_trigger(gcp, issuer)
     request = {
         "input": {"background": {"generate": {"description": "Zürich 東京 🎨"}}},
         "metadata": {"order": "🎨"},
