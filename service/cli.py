@@ -76,7 +76,9 @@ def _database_problem(error: BaseException) -> str | None:
         return None
     lines = str(error.orig).strip().splitlines()
     reason = lines[0] if lines else type(error.orig).__name__
-    missing = _schema_behind(error)
+    from service.database import schema_behind
+
+    missing = schema_behind(error)
     if isinstance(error, sa.exc.ProgrammingError) and not missing:
         return None
     url = sa.engine.make_url(Config.database_url_from_env())
@@ -93,20 +95,6 @@ def _database_problem(error: BaseException) -> str | None:
         f"cannot use the database {where} (GENRELAY_DATABASE_URL): {reason}; is it up, "
         "and migrated (`genrelay migrate`)?"
     )
-
-
-def _schema_behind(error: BaseException) -> bool:
-    """Whether `error` says a table or column is missing: the database is not migrated."""
-    import sqlalchemy as sa
-
-    from service.database import SCHEMA_BEHIND
-
-    if not isinstance(error, sa.exc.DBAPIError):
-        return False
-    # PostgreSQL's undefined_table and undefined_column, or SQLite's words for them.
-    if getattr(error.orig, "sqlstate", None) in SCHEMA_BEHIND:
-        return True
-    return str(error.orig).strip().startswith(("no such table", "no such column"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -260,7 +248,7 @@ def _serve(_args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     """The task loop, once the database is known to be migrated."""
     from service.bootstrap import build_services
-    from service.database import Store
+    from service.database import Store, schema_behind
     from service.generations.line import ensure_line_task
     from service.runtime.housekeeping import ensure_scheduled
     from service.runtime.wakeup import libpq_url
@@ -274,7 +262,7 @@ def _worker(args: argparse.Namespace) -> int:
         with services.store.read_one() as connection:
             connection.exec_driver_sql(_TASKS_READABLE)
     except Exception as exc:
-        if _schema_behind(exc):
+        if schema_behind(exc):
             raise  # not migrated: main() says so in one line, and the worker does not start
         # Away for a moment, perhaps: the worker starts, and its threads keep trying.
         log.warning("the database cannot be used yet (%s); starting anyway", type(exc).__name__)

@@ -45,6 +45,16 @@ def aborted_by_conflict(error: BaseException) -> bool:
 SCHEMA_BEHIND = ("42P01", "42703")
 
 
+def schema_behind(error: BaseException) -> bool:
+    """Whether `error` says a table or column is missing: the database is not migrated."""
+    if not isinstance(error, sa.exc.DBAPIError):
+        return False
+    # PostgreSQL's undefined_table and undefined_column, or SQLite's words for them.
+    if getattr(error.orig, "sqlstate", None) in SCHEMA_BEHIND:
+        return True
+    return str(error.orig).strip().startswith(("no such table", "no such column"))
+
+
 def database_unavailable(error: BaseException) -> bool:
     """Whether `error` says the database cannot be used just now (unreachable, the connection
     lost, the pool exhausted, the schema missing), rather than that a statement is wrong."""
@@ -52,8 +62,7 @@ def database_unavailable(error: BaseException) -> bool:
         return True  # (SQLite's "no such table" among them)
     if not isinstance(error, sa.exc.DBAPIError):
         return False
-    # PostgreSQL's undefined_table and undefined_column: a database not migrated yet.
-    return error.connection_invalidated or getattr(error.orig, "sqlstate", None) in SCHEMA_BEHIND
+    return error.connection_invalidated or schema_behind(error)
 
 
 def create_db_engine(url: str, *, pre_ping: bool = True) -> sa.Engine:
