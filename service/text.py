@@ -41,7 +41,7 @@ def _escape(match: re.Match[str]) -> str:
 def unstorable_fields(data: Any, limit: int = 10) -> list[str]:
     """Dotted paths (`metadata.order`, `a.0.b`) of strings in `data` no database can store;
     a bad key names its object."""
-    found = _unstorable(data, "", limit, numbers=False)
+    found = _unstorable(data, "", limit, as_sent=False)
     return sorted(found)
 
 
@@ -52,24 +52,25 @@ def unstorable_values(data: Any, prefix: str = "", limit: int = 10) -> list[dict
     no spelling for). Fields are named under `prefix` (`items[3]` gives `items[3].custom_id`);
     a bad key names its object. So are objects and lists nested deeper than MAX_NESTING, by
     the path of the deepest one kept."""
-    found = _unstorable(data, prefix, limit, numbers=True)
+    found = _unstorable(data, prefix, limit, as_sent=True)
     return [{"field": field, "message": found[field]} for field in sorted(found)]
 
 
-def _unstorable(data: Any, prefix: str, limit: int, *, numbers: bool) -> dict[str, str]:
-    """{dotted path: message} of the unstorable values in `data` (non-finite numbers too, with
-    `numbers`, and nesting past MAX_NESTING), at most about `limit`."""
+def _unstorable(data: Any, prefix: str, limit: int, *, as_sent: bool) -> dict[str, str]:
+    """{dotted path: message} of the unstorable values in `data`, at most about `limit`; with
+    `as_sent` (a value kept as sent, not validated field by field), non-finite numbers and
+    nesting past MAX_NESTING too."""
     found: dict[str, str] = {}
     stack: list[tuple[str, Any, int]] = [(prefix, data, 0)]
     while stack and len(found) < limit:
         path, value, depth = stack.pop()
-        if numbers and depth >= MAX_NESTING and isinstance(value, dict | list) and value:
+        if as_sent and depth >= MAX_NESTING and isinstance(value, dict | list) and value:
             found[path or "(body)"] = NESTING_MESSAGE
         elif isinstance(value, str):
             if UNSTORABLE.search(value):
                 found[path or "(body)"] = UNSTORABLE_MESSAGE
         elif isinstance(value, float):
-            if numbers and not math.isfinite(value):
+            if as_sent and not math.isfinite(value):
                 found[path or "(body)"] = NONFINITE_MESSAGE
         elif isinstance(value, dict):
             for key, item in value.items():
