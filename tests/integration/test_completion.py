@@ -931,9 +931,10 @@ def test_a_poll_refused_while_the_callback_is_accepted_does_not_fail_the_generat
     services, client, auth = make_client(callback_config(config))
     generation = create(client, auth, {"input": TEXT_ONLY})
     result_url = wait_until_complete(simulator, generation["upstream"]["job"])
+    asked = services.deepimage.result
 
     def called_back_meanwhile(job: str) -> Any:
-        monkeypatch.undo()
+        monkeypatch.setattr(services.deepimage, "result", asked)  # one poll only
         assert call_back(client, generation, result_url).json["outcome"] == "accepted"
         raise PermanentUpstreamError(
             "Job not found", error_code=ErrorCode.UPSTREAM_NOT_FOUND, http_status=404
