@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +20,7 @@ if not url:
 
 # Held by a `migrate` on PostgreSQL while it runs (any number for genrelay's own lock).
 MIGRATE_LOCK = 0x67656E72656C6179  # "genrelay"
+LOCK_POLL = 0.5  # seconds between tries for it
 
 
 def run_migrations_online() -> None:
@@ -29,14 +31,21 @@ def run_migrations_online() -> None:
     waits for the first, then finds the schema new. Without that, both read the same version
     and the second's first change failed on the first's (a column already there). The lock
     is the session's, on a connection of its own: migrations that build an index
-    CONCURRENTLY commit on the way, and a transaction's lock would go with that."""
+    CONCURRENTLY commit on the way, and a transaction's lock would go with that.
+
+    The second tries for the lock every LOCK_POLL seconds rather than waiting in
+    `pg_advisory_lock`: a statement waiting there holds a snapshot, and a CONCURRENTLY build
+    waits for every transaction with an older snapshot to end, so the first run's index build
+    and the second run's wait for its lock waited for each other for ever."""
     engine = create_db_engine(url)
     try:
         with contextlib.ExitStack() as held:
             if engine.dialect.name == "postgresql":
                 lock = held.enter_context(engine.connect())
                 lock = lock.execution_options(isolation_level="AUTOCOMMIT")
-                lock.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATE_LOCK})
+                take = sa.text("SELECT pg_try_advisory_lock(:key)")
+                while not lock.execute(take, {"key": MIGRATE_LOCK}).scalar_one():
+                    time.sleep(LOCK_POLL)
                 # (Unlocked by closing its session, at dispose() below, if the migrations fail.)
             _run_migrations(engine)
             if engine.dialect.name == "postgresql":
