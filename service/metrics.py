@@ -75,7 +75,8 @@ UPSTREAM_REFUSALS = Counter(
 )
 PURGED_ROWS = Counter(
     "genrelay_purged_rows_total",
-    "Rows deleted by housekeeping, by what they were (idempotency_keys, done_tasks, dead_tasks).",
+    "Rows deleted by housekeeping, by what they were (idempotency_keys, done_tasks, dead_tasks, "
+    "trigger_events).",
     ["what"],
 )
 

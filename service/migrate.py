@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from importlib import resources
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import command, op
@@ -24,13 +25,15 @@ def upgrade_to_head(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
 
 
-def create_index_concurrently(name: str, table: str, columns: Sequence[str]) -> None:
+def create_index_concurrently(
+    name: str, table: str, columns: Sequence[str], **options: Any
+) -> None:
     """Build an index on PostgreSQL without blocking writes to `table` (in a migration, which
     it commits first: CONCURRENTLY cannot run in a transaction).
 
     A concurrent build cut short (a migrate job killed, a statement timeout) leaves the index
     behind, invalid: never used, yet there. It is dropped and built again, not taken for
-    done (as IF NOT EXISTS would)."""
+    done (as IF NOT EXISTS would). `options` go to `op.create_index` (`postgresql_where`)."""
     with op.get_context().autocommit_block():
         invalid = op.get_bind().scalar(
             sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
@@ -39,5 +42,10 @@ def create_index_concurrently(name: str, table: str, columns: Sequence[str]) -> 
         if invalid:
             op.drop_index(name, table, postgresql_concurrently=True)
         op.create_index(
-            name, table, list(columns), postgresql_concurrently=True, if_not_exists=True
+            name,
+            table,
+            list(columns),
+            postgresql_concurrently=True,
+            if_not_exists=True,
+            **options,
         )

@@ -356,6 +356,13 @@ class TriggerEvent(Base):
     __table_args__ = (
         sa.UniqueConstraint("trigger_id", "event_id", name="uq_trigger_events_event"),
         sa.Index("ix_trigger_events_trigger_created", "trigger_id", "created_at", "id"),
+        # What housekeeping deletes once old: the events that made no generation.
+        sa.Index(
+            "ix_trigger_events_unaccepted_created",
+            "created_at",
+            postgresql_where=sa.text("status <> 'accepted'"),
+            sqlite_where=sa.text("status <> 'accepted'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)

@@ -3,7 +3,13 @@
 - idempotency keys past their expiry (24 h): intake ignores them already;
 - `done` tasks finished more than DONE_TASK_RETENTION ago;
 - `dead` tasks finished more than DEAD_TASK_RETENTION ago (kept longer: someone may want to
-  know why they died; their generation or delivery keeps its outcome either way).
+  know why they died; their generation or delivery keeps its outcome either way);
+- trigger events that made no generation (`rejected`, `skipped`) received more than
+  UNACCEPTED_EVENT_RETENTION ago. A trigger on a busy bucket whose filters skip most objects
+  records a row per object: kept forever, they would outgrow everything else. An accepted
+  event stays with the generation it made, as its record and as what stops a redelivery from
+  making a second one. A rejected event redelivered after its row is gone is looked at again,
+  as a new one.
 
 It runs as one task of the queue, `housekeeping`, with a fixed id: whichever worker claims it
 does the sweep, so there is never more than one at a time, and it snoozes until the next
@@ -22,7 +28,7 @@ import sqlalchemy as sa
 
 from service.database import Store
 from service.metrics import PURGED_ROWS
-from service.models import IdempotencyKey, Task, utcnow
+from service.models import IdempotencyKey, Task, TriggerEvent, utcnow
 from service.runtime.kinds import HOUSEKEEPING
 from service.runtime.outcomes import Later
 from service.runtime.queue import ClaimedTask, TaskQueue, TaskStatus
@@ -33,6 +39,7 @@ TASK_ID = "task_housekeeping"
 INTERVAL = 3600.0  # seconds between sweeps
 DONE_TASK_RETENTION = dt.timedelta(days=7)
 DEAD_TASK_RETENTION = dt.timedelta(days=30)
+UNACCEPTED_EVENT_RETENTION = dt.timedelta(days=30)
 BATCH = 1000
 SWEEP_BUDGET = 20.0  # seconds of deleting per run; the rest follows after CONTINUE_AFTER
 CONTINUE_AFTER = 1.0
@@ -67,6 +74,7 @@ class HousekeepingHandler:
             "idempotency_keys": self._expired_keys(now),
             "done_tasks": self._old_tasks(TaskStatus.DONE, now - DONE_TASK_RETENTION),
             "dead_tasks": self._old_tasks(TaskStatus.DEAD, now - DEAD_TASK_RETENTION),
+            "trigger_events": self._unaccepted_events(now - UNACCEPTED_EVENT_RETENTION),
         }
         counts = dict.fromkeys(targets, 0)
         finished = True
@@ -108,6 +116,15 @@ class HousekeepingHandler:
             .limit(self.batch)
         )
         return sa.delete(Task).where(Task.id.in_(old))
+
+    def _unaccepted_events(self, cutoff: dt.datetime) -> sa.Delete:
+        # The partial index ix_trigger_events_unaccepted_created holds just these rows.
+        old = (
+            sa.select(TriggerEvent.id)
+            .where(TriggerEvent.status != "accepted", TriggerEvent.created_at < cutoff)
+            .limit(self.batch)
+        )
+        return sa.delete(TriggerEvent).where(TriggerEvent.id.in_(old))
 
     def _delete_batch(self, statement: sa.Delete) -> int:
         with self.store.transaction() as session:

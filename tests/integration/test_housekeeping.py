@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from service.auth import ApiKeys
 from service.bootstrap import Services
 from service.database import Store
-from service.models import Generation, IdempotencyKey, Task, utcnow
+from service.ids import new_id
+from service.models import Generation, IdempotencyKey, Task, Trigger, TriggerEvent, utcnow
 from service.runtime import housekeeping
 from service.runtime.housekeeping import (
     INTERVAL,
@@ -87,6 +89,39 @@ def test_a_sweep_deletes_expired_keys_and_old_finished_tasks_and_keeps_the_rest(
     # An expired key can be used again after the sweep, as before it.
     post(client, auth, "old-1")
     assert handler.sweep() is True  # nothing left: a no-op
+
+
+def test_a_sweep_deletes_old_trigger_events_that_made_no_generation(
+    store: Store, api_key: str
+) -> None:
+    tenant = ApiKeys(store).tenant_for(api_key)
+    assert tenant is not None
+    now = utcnow()
+    with store.transaction() as session:
+        trigger = Trigger(
+            id=new_id("trg_"), tenant_id=tenant.id, source="pubsub", template={}, meta={},
+            push_accounts=[],
+        )  # fmt: skip
+        session.add(trigger)
+        session.flush()
+        ages = {
+            "old rejected": ("rejected", 31 * DAY),
+            "old skipped": ("skipped", 45 * DAY),
+            "old accepted": ("accepted", 400 * DAY),  # its generation's record: kept
+            "fresh rejected": ("rejected", 29 * DAY),
+            "fresh skipped": ("skipped", 1 * DAY),
+        }
+        for event_id, (status, age) in ages.items():
+            session.add(
+                TriggerEvent(
+                    id=new_id("tev_"), trigger_id=trigger.id, tenant_id=tenant.id,
+                    event_id=event_id, kind="message", status=status, created_at=now - age,
+                )
+            )  # fmt: skip
+    assert HousekeepingHandler(store, batch=1).sweep() is True
+    with store.read() as session:
+        left = set(session.scalars(sa.select(TriggerEvent.event_id)))
+    assert left == {"old accepted", "fresh rejected", "fresh skipped"}
 
 
 def test_a_sweep_stops_at_its_time_budget_and_continues_soon(store: Store) -> None:

@@ -72,6 +72,9 @@ def fillfactor(database_url: str) -> list[str] | None:
         engine.dispose()
 
 
+UNACCEPTED_EVENTS = "ix_trigger_events_unaccepted_created"
+
+
 def test_the_migrated_schema_matches_the_models(database_url: str) -> None:
     assert schema_drift(database_url) == []
     assert "ix_generations_tenant_status_created" in index_names(database_url, "generations")
@@ -82,6 +85,9 @@ def test_the_newest_migrations_go_down_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
     postgres = database_url.startswith("postgresql")
     assert fillfactor(database_url) == (["fillfactor=90"] if postgres else None)
+    assert UNACCEPTED_EVENTS in index_names(database_url, "trigger_events")
+    command.downgrade(config, "-1")
+    assert UNACCEPTED_EVENTS not in index_names(database_url, "trigger_events")
     command.downgrade(config, "-1")
     assert "fair_tag" not in column_names(database_url, "tenants")
     command.downgrade(config, "-1")
@@ -102,6 +108,7 @@ def test_the_newest_migrations_go_down_and_up_again(database_url: str) -> None:
     assert "ix_generations_upstream_job" not in index_names(database_url, "generations")
     assert fillfactor(database_url) == (["fillfactor=90"] if postgres else None)
     assert "fair_tag" in column_names(database_url, "tenants")
+    assert UNACCEPTED_EVENTS in index_names(database_url, "trigger_events")
     assert schema_drift(database_url) == []
 
 
@@ -187,7 +194,7 @@ def test_two_migrations_at_once_take_turns(database_url: str) -> None:
     """Two deploys' migrate jobs overlapping: both read the same version, and the second's
     first change failed on the first's (the column is already there). Both must succeed."""
     _postgres_only(database_url)
-    command.downgrade(alembic_config(database_url), "-1")  # the newest adds tenants.fair_tag
+    command.downgrade(alembic_config(database_url), "0009")  # 0010 adds tenants.fair_tag
     env = {**os.environ, "GENRELAY_DATABASE_URL": database_url}
     engine = create_db_engine(database_url)
     try:
