@@ -47,7 +47,7 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from schemas.deepimage import ProcessRequestSchema
+from schemas.deepimage import WEBHOOKS_RESERVED_MESSAGE, ProcessRequestSchema
 from schemas.generations import GenerationCreateSchema
 from service.adapters.gcs_urls import BUCKET_RE
 from service.adapters.oidc import CertificatesUnavailable, InvalidToken, TokenVerifier
@@ -222,7 +222,10 @@ class TriggerService:
 
     def _check(self, trigger: Trigger) -> None:
         """422 for a trigger that could never make a generation."""
-        errors: list[dict[str, str]] = []
+        # The template is kept as sent: what no database can store is refused first.
+        errors: list[dict[str, str]] = unstorable_values(trigger.template, "input")
+        if errors:
+            raise InvalidRequest("the trigger's input cannot be stored", errors=errors)
         with self.store.read() as session:
             settings = settings_by_id(session, trigger.tenant_id)
         if trigger.source == "gcs" and not trigger.bucket:
@@ -248,8 +251,11 @@ class TriggerService:
                 errors += _flatten(exc.messages, "input")
             errors += access_problems(settings, sample)
         elif trigger.source == "pubsub" and isinstance(trigger.template, dict):
-            # A message's request is merged over the template: what it names, each request does.
+            # A message's request is merged over the template: what it names, each request does
+            # (a message may set any other field of it anew, but not take `webhooks` away).
             errors += access_problems(settings, trigger.template)
+            if "webhooks" in trigger.template:
+                errors.append({"field": "input.webhooks", "message": WEBHOOKS_RESERVED_MESSAGE})
         if trigger.webhook:
             require_safe_target(self.policy, trigger.webhook, "webhook", trigger.tenant_id)
         if errors:

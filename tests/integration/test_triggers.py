@@ -534,6 +534,41 @@ def test_a_template_naming_a_storage_or_bucket_the_tenant_may_not_use_is_refused
     assert kept["input"]["target"] == "storage://acme_drive/o/"
 
 
+def test_a_template_that_cannot_be_stored_or_ever_be_sent_is_refused(
+    gcp: GcpStack,  # noqa: F811
+) -> None:
+    """Infinity (`1e999`) has no JSON spelling: a 500 on PostgreSQL, `Infinity` in every later
+    answer on SQLite. Nesting past 64 levels was stored, and deeper still a 500. `webhooks`
+    in a pubsub template made every push fail."""
+
+    def refused(method: str, url: str, body: str) -> list[str]:
+        headers = {**gcp.auth, "Content-Type": "application/json"}
+        answer = gcp.client.open(url, method=method, data=body, headers=headers)
+        assert answer.status_code == 422, answer.text
+        assert answer.content_type == "application/problem+json"
+        return [e["field"] for e in answer.json["errors"]]
+
+    pubsub = f'"source": "pubsub", "push_accounts": ["{PUSHER}"]'
+    infinite = '{"background": {"generate": {"strength": 1e999}}}'
+    deep = '{"a": ' * 100 + "1" + "}" * 100
+    assert refused("POST", "/v1/triggers", f'{{{pubsub}, "input": {infinite}}}') == [
+        "input.background.generate.strength"
+    ]
+    [field] = refused("POST", "/v1/triggers", f'{{{pubsub}, "input": {{"extra": {deep}}}}}')
+    assert field.startswith("input.extra.a.a.")
+    assert refused("POST", "/v1/triggers", f'{{{pubsub}, "input": {{"webhooks": {{}}}}}}') == [
+        "input.webhooks"
+    ]
+    made = make_trigger(gcp, source="pubsub", input={"width": 64})
+    assert refused("PATCH", made["links"]["self"], f'{{"input": {infinite}}}') == [
+        "input.background.generate.strength"
+    ]
+    kept = gcp.client.get(made["links"]["self"], headers=gcp.auth)
+    assert kept.json["input"] == {"width": 64}
+    listed = gcp.client.get("/v1/triggers", headers=gcp.auth)
+    assert [t["id"] for t in listed.json["data"]] == [made["id"]]
+
+
 def test_a_push_is_authenticated_before_its_body_is_read(
     gcp: GcpStack,  # noqa: F811
     issuer: OidcIssuer,  # noqa: F811
