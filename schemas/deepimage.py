@@ -150,7 +150,7 @@ UNKNOWN_FIELD_MESSAGE = (
     "misspellings (see docs/compatibility.md)."
 )
 _INTEGER_RANGE_MESSAGE = (
-    f"Must be between -{MAX_JSON_INTEGER} and {MAX_JSON_INTEGER}: larger integers are not "
+    f"Must be between -{MAX_JSON_INTEGER} and {MAX_JSON_INTEGER}: larger numbers are not "
     "carried exactly by JSON (see docs/compatibility.md)."
 )
 
@@ -398,7 +398,8 @@ class JsonNumber(fields.Field):
             raise self.make_error("invalid")
         if isinstance(value, float) and not math.isfinite(value):
             raise self.make_error("special")
-        if isinstance(value, int) and abs(value) > MAX_JSON_INTEGER:
+        if abs(value) > MAX_JSON_INTEGER:
+            # A float too: PostgreSQL keeps 1e16 as 10000000000000000, forwarded as an integer.
             raise ValidationError(_INTEGER_RANGE_MESSAGE)
         problem = _range_problem(value, self.minimum, self.maximum)
         if problem:

@@ -736,6 +736,16 @@ def test_integers_beyond_json_precision_are_refused_with_the_reason() -> None:
     assert "JSON" in message
 
 
+@pytest.mark.parametrize("value", [1e16, -1e300, float(MAX_JSON_INTEGER + 2)])
+def test_decimals_beyond_json_precision_are_refused_too(value: float) -> None:
+    """PostgreSQL keeps 1e16 as 10000000000000000: it would go upstream as an integer."""
+    assert load(text_to_image(strength=1e15))["background"]["generate"]["strength"] == 1e15
+    with pytest.raises(ValidationError) as excinfo:
+        load(text_to_image(strength=value))
+    (message,) = excinfo.value.messages["background"]["generate"]["strength"]
+    assert "JSON" in message
+
+
 @pytest.mark.parametrize("value", [2.0, 1e3])
 def test_an_integer_written_as_a_decimal_is_refused_saying_why(value: float) -> None:
     with pytest.raises(ValidationError) as excinfo:
