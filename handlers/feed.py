@@ -72,6 +72,9 @@ def get_delivery(delivery_id: str) -> Any:
 @deliveries_blp.route("/<string:delivery_id>/retry", methods=["POST"])
 @deliveries_blp.response(202, DeliverySchema)
 @deliveries_blp.alt_response(404, schema=ProblemSchema)
+@deliveries_blp.alt_response(
+    409, schema=ProblemSchema, description="Its subscription is disabled or deleted"
+)
 def retry_delivery(delivery_id: str) -> Any:
     """Send it again now, as one more attempt with the same webhook-id.
 

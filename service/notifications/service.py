@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from service.config import Config
 from service.database import Store
 from service.domain import GENERATION_EVENT_TYPES, DeliveryStatus
-from service.errors import InvalidRequest, NotFound
+from service.errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
 from service.notifications.events import queue_delivery, tenant_webhook_secret
@@ -244,6 +244,15 @@ class NotificationService:
         now = utcnow()
         with self.store.transaction() as session:
             delivery = _owned(session, Delivery, tenant_id, delivery_id, "delivery")
+            if delivery.subscription_id is not None:
+                # Nothing would be sent, and the delivery would be recorded `failed`, even
+                # one that had succeeded.
+                subscription = session.get(Subscription, delivery.subscription_id)
+                if subscription is None or not subscription.enabled:
+                    state = "deleted" if subscription is None else "disabled; enable it first"
+                    raise Conflict(
+                        f"delivery {delivery_id}'s subscription is {state}: nothing to send to"
+                    )
             delivery.status = DeliveryStatus.PENDING
             delivery.next_attempt_at = now
             delivery.updated_at = now

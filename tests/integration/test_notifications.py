@@ -225,6 +225,34 @@ def test_a_dead_delivery_can_be_replayed_with_the_same_webhook_id(
     verify_both(created["secret"], receiver.requests[-1])
 
 
+def test_a_delivery_of_a_disabled_or_deleted_subscription_is_not_retried(
+    api: Any, receiver_factory: Any
+) -> None:
+    """Nothing would be sent: a delivery that had succeeded was recorded `failed`."""
+    services, client, auth = api
+    receiver = receiver_factory()
+    created = subscribe(client, auth, receiver.url, events=["generation.succeeded"])
+    generate(client, auth)
+    drain(services)
+    [delivered] = client.get("/v1/deliveries", headers=auth).json["data"]
+    assert delivered["status"] == "succeeded"
+    retry = f"/v1/deliveries/{delivered['id']}/retry"
+    link = f"/v1/subscriptions/{created['id']}"
+    for change, state in (
+        (lambda: client.patch(link, json={"enabled": False}, headers=auth), "disabled"),
+        (lambda: client.delete(link, headers=auth), "deleted"),
+    ):
+        assert change().status_code in (200, 204)
+        refused = client.post(retry, headers=auth)
+        assert refused.status_code == 409, refused.json
+        assert refused.content_type == "application/problem+json"
+        assert state in refused.json["detail"]
+    drain(services)
+    after = client.get(f"/v1/deliveries/{delivered['id']}", headers=auth).json
+    assert (after["status"], after["attempt_count"]) == ("succeeded", 1)
+    assert len(receiver.requests) == 1
+
+
 def test_during_rotation_both_secrets_sign(api: Any, receiver_factory: Any) -> None:
     services, client, auth = api
     receiver = receiver_factory()
