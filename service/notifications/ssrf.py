@@ -296,10 +296,30 @@ def host_allowed(hostname: str, patterns: Iterable[str]) -> bool:
 
 
 def is_metadata_address(address: IPAddress) -> bool:
-    """Whether `address` reaches the cloud metadata service (also as IPv4-mapped IPv6)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in _METADATA_NETWORKS)
+    """Whether `address` reaches the cloud metadata service, also through an IPv6 address
+    that embeds an IPv4 one (mapped, compatible, 6to4, Teredo, NAT64): with
+    GENRELAY_ALLOW_PRIVATE_WEBHOOKS such an address is not refused as non-public, and on a
+    host that routes NAT64, 64:ff9b::a9fe:a9fe is 169.254.169.254."""
+    candidates: list[IPAddress] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        candidates += _embedded_ipv4(address)
+    return any(a in network for a in candidates for network in _METADATA_NETWORKS)
+
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address a packet may end up at: the NAT64
+# well-known prefix (RFC 6052), and IPv4-compatible addresses (::a.b.c.d, deprecated).
+_IPV4_SUFFIX_NETWORKS = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::/96"),
+)
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, by every translation that may reach them."""
+    found = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    if any(address in network for network in _IPV4_SUFFIX_NETWORKS):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [v4 for v4 in found if v4 is not None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,8 +443,7 @@ def is_public_address(address: IPAddress) -> bool:
         # ::ffff:a.b.c.d is a socket to a.b.c.d: judge it as that address.
         if address.ipv4_mapped is not None:
             return is_public_address(address.ipv4_mapped)
-        embedded = [address.sixtofour, *(address.teredo or ())]
-        if any(v4 is not None and not is_public_address(v4) for v4 in embedded):
+        if any(not is_public_address(v4) for v4 in _embedded_ipv4(address)):
             return False
         if address.is_site_local:
             return False
