@@ -345,6 +345,8 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
     ("url_plain_text", {"url": "not a url"}, ("url",)),
     ("url_with_space", {"url": "https://exa mple.com/a.jpg"}, ("url",)),
     ("url_bad_ipv6", {"url": "http://[::1/a.jpg"}, ("url",)),
+    ("url_port_out_of_range", {"url": "http://example.com:99999/a.jpg"}, ("url",)),
+    ("url_port_not_a_number", {"url": "http://example.com:xx/a.jpg"}, ("url",)),
     ("url_empty_base64", {"url": "base64,"}, ("url",)),
     ("url_base64_not_base64", {"url": "base64,@@@"}, ("url",)),
     ("url_empty_data_uri", {"url": "data:image/png;base64,"}, ("url",)),

@@ -255,7 +255,8 @@ def _http_url(value: Any) -> bool:
     try:
         parts = urlsplit(value)
         host = parts.hostname
-    except ValueError:  # e.g. an unbalanced "[" in an IPv6 host
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:  # e.g. an unbalanced "[" in an IPv6 host, a port of 99999
         return False
     return parts.scheme in ("http", "https") and bool(host)
 
