@@ -13,8 +13,11 @@ class DeepImageCallbackSchema(Schema):
         unknown = EXCLUDE
 
     job = fields.String(required=True, validate=validate.Length(min=1, max=MAX_JOB_ID))
+    # Null or absent: the job ended without a result (Deep-Image documents only the callback
+    # of a complete job); genrelay then asks Deep-Image how it ended.
     result_url = fields.Url(
-        required=True,
+        load_default=None,
+        allow_none=True,
         schemes={"http", "https"},
         require_tld=False,
         validate=validate.Length(max=4096),

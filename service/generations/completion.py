@@ -28,6 +28,7 @@ from service.notifications.ssrf import UnsafeURL
 from service.runtime.inline import InlineTasks
 from service.runtime.kinds import POLL, STORE
 from service.runtime.queue import ClaimedTask, TaskQueue
+from service.runtime.wakeup import request_wake
 
 log = logging.getLogger("genrelay.completion")
 
@@ -107,7 +108,10 @@ class CallbackOutcome(enum.StrEnum):
 @dataclasses.dataclass(frozen=True)
 class Callback:
     job: str
-    result_url: str
+    # None: the job ended without a result. Deep-Image documents only the callback of a
+    # complete job; one without a result is taken as a hint that the job is over, and the
+    # job's poll, which asks Deep-Image itself how it ended, runs now.
+    result_url: str | None
 
 
 class CompletionService:
@@ -135,6 +139,8 @@ class CompletionService:
 
     def accept(self, generation_id: str, callback: Callback) -> CallbackOutcome:
         """Record the callback's result URL and schedule storage; idempotent."""
+        if callback.result_url is None:
+            return self.store.retrying(lambda: self._poll_now(generation_id, callback.job))
         try:
             # Checked again when the worker downloads it; refused here so nothing is stored.
             self.result_urls.check_syntax(callback.result_url)
@@ -158,6 +164,23 @@ class CompletionService:
             else:
                 inline.cancel()
         return outcome
+
+    def _poll_now(self, generation_id: str, job: str) -> CallbackOutcome:
+        """A callback without a result: the job's pending poll is made due now (it reads how
+        the job ended from Deep-Image, which a callback's body cannot prove)."""
+        with self.store.transaction() as session:
+            generation = session.get(Generation, generation_id)
+            if generation is None:
+                raise NotFound(f"no generation {generation_id!r}")
+            if GenerationStatus(generation.status).is_terminal:
+                return CallbackOutcome.IGNORED
+            if generation.upstream_job != job:
+                raise Conflict(f"job {job!r} is not this generation's recorded upstream job")
+            if generation.source_found_at is not None:
+                return CallbackOutcome.DUPLICATE  # its result is known: being stored
+            if self.queue.hurry_pending(session, POLL, generation_id):
+                request_wake(session)
+        return CallbackOutcome.ACCEPTED
 
     def _accept(
         self, generation_id: str, callback: Callback, *, claim: bool
@@ -198,6 +221,7 @@ class CompletionService:
                 )
             elif generation.upstream_job != callback.job:
                 raise Conflict(f"job {callback.job!r} is not this generation's upstream job")
+            assert callback.result_url is not None
             recorded = record_source(
                 session, self.queue, generation_id, callback.result_url, now=now, claim=claim
             )

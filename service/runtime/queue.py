@@ -265,6 +265,23 @@ class TaskQueue:
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
+    def hurry_pending(self, session: Session, kind: str, generation_id: str) -> int:
+        """Make a generation's pending tasks of `kind` due now, inside the caller's transaction
+        (their attempts unchanged); returns how many. A task a worker holds is left alone."""
+        now = self.clock()
+        result = session.execute(
+            sa.update(Task)
+            .where(
+                Task.generation_id == generation_id,
+                Task.kind == kind,
+                Task.status == TaskStatus.PENDING,
+                Task.run_at > now,
+            )
+            .values(run_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
     def claim_due_tasks(
         self, limit: int = 1, kinds: Iterable[str] | None = None
     ) -> list[ClaimedTask]:

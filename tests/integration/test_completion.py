@@ -73,7 +73,7 @@ def wait_until_complete(simulator: Any, job: str) -> str:
     raise AssertionError(f"job {job} did not complete")
 
 
-def call_back(client: Any, generation: dict[str, Any], source: str, **overrides: Any) -> Any:
+def call_back(client: Any, generation: dict[str, Any], source: str | None, **overrides: Any) -> Any:
     """POST what Deep-Image posts, to the URL genrelay gave it."""
     url = callback_url("http://localhost", SECRET, generation["id"]).removeprefix(
         "http://localhost"
@@ -353,6 +353,43 @@ def test_an_upstream_job_failure_fails_the_generation(
     assert done["error"]["code"] == "upstream_job_failed"
     assert "technical issues" in done["error"]["message"]
     assert objects(services) == {}
+
+
+def test_a_callback_without_a_result_makes_the_jobs_poll_run_now(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    """Deep-Image documents only the callback of a complete job; one for a failed job (the
+    simulator's `send_failure_callbacks` shape) was a 422, and the generation learnt its
+    end from the fallback poll, an hour later here."""
+    services, client, auth = make_client(callback_config(config))
+    set_simulator(simulator.url, failure_rate=1.0)
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    job = generation["upstream"]["job"]
+    deadline = time.monotonic() + 10
+    while (
+        requests.get(
+            f"{simulator.url}/rest_api/result/{job}",
+            headers={"x-api-key": SIMULATOR_KEY},
+            timeout=5,
+        )
+        .json()
+        .get("status")
+        != "failed"
+    ):
+        assert time.monotonic() < deadline, "the simulator's job did not fail"
+        time.sleep(0.05)
+    wrong_job = call_back(client, generation, None, job="another-job")
+    assert wrong_job.status_code == 409
+    failed = {"result_url": None, "status": "failed", "message": "technical issues"}
+    answer = call_back(client, generation, None, **failed)
+    assert (answer.status_code, answer.json) == (200, {"outcome": "accepted"})
+    (poll,) = tasks_of(services, POLL)
+    assert poll.run_at <= utcnow()
+    drain(services)
+    done = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert (done["status"], done["error"]["code"]) == ("failed", "upstream_job_failed")
+    late = call_back(client, generation, None, **failed)
+    assert (late.status_code, late.json) == (200, {"outcome": "ignored"})
 
 
 def test_a_generation_without_a_result_in_time_fails_with_upstream_timeout(
