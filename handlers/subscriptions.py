@@ -84,7 +84,8 @@ def delete_subscription(subscription_id: str) -> Any:
 @blp.response(200, SubscriptionWithSecretSchema)
 @blp.alt_response(404, schema=ProblemSchema)
 def rotate_secret(subscription_id: str) -> Any:
-    """A new secret; the old one keeps signing beside it for 24 hours."""
+    """A new secret; the old one keeps signing beside it for 24 hours, as does every secret
+    replaced in the 24 hours before."""
     return services().notifications.rotate_secret(tenant_id(), subscription_id)
 
 

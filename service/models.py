@@ -272,6 +272,9 @@ class Subscription(Base):
     secret: Mapped[str] = mapped_column(sa.String(100))
     previous_secret: Mapped[str | None] = mapped_column(sa.String(100), default=None)
     previous_secret_expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # Secrets replaced before the previous one whose overlap still runs (rotations less than
+    # 24 h apart), newest first: [{"secret": ..., "until": ISO 8601}]. They sign too.
+    earlier_secrets: Mapped[list[dict[str, str]] | None] = mapped_column(JSONDocument, default=None)
     # Since when every delivery has failed (None while the last one succeeded).
     failing_since: Mapped[dt.datetime | None] = mapped_column(default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

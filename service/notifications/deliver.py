@@ -43,7 +43,7 @@ from service.domain import DeliveryStatus
 from service.ids import new_id
 from service.metrics import DELIVERY_OUTCOMES
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Task, Tenant, utcnow
-from service.notifications.signing import sign
+from service.notifications.signing import sign, still_signing
 from service.notifications.ssrf import Deadline, Unresolvable, UnsafeURL, lookups_for
 from service.runtime.kinds import DELIVER
 from service.runtime.outcomes import DONE, Apply, Done, Failed, Later, Outcome, Told, after_commit
@@ -127,6 +127,7 @@ _READ = (
         Subscription.secret,
         Subscription.previous_secret,
         Subscription.previous_secret_expires_at,
+        Subscription.earlier_secrets,
         Tenant.webhook_secret,
         _BLOCKED_UNTIL.label("blocked_until"),
     )
@@ -302,11 +303,12 @@ def _secrets(row: Any) -> list[str] | None:
         return [row.webhook_secret] if row.webhook_secret else None
     if not row.enabled:  # disabled, or deleted (no row)
         return None
+    now = utcnow()
     secrets = [row.secret]
     expires = row.previous_secret_expires_at
-    if row.previous_secret and expires and expires > utcnow():
+    if row.previous_secret and expires and expires > now:
         secrets.append(row.previous_secret)
-    return secrets
+    return secrets + [e["secret"] for e in still_signing(row.earlier_secrets, now)]
 
 
 @dataclasses.dataclass(frozen=True)

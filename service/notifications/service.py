@@ -16,7 +16,7 @@ from service.errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
 from service.notifications.events import queue_delivery, tenant_webhook_secret
-from service.notifications.signing import new_secret
+from service.notifications.signing import new_secret, still_signing
 from service.notifications.ssrf import Unresolvable, UnsafeURL, URLPolicy, lookups_for
 from service.pagination import Page, paginate
 from service.runtime import wakeup
@@ -24,6 +24,8 @@ from service.runtime.kinds import DELIVER
 from service.runtime.queue import new_task_row
 
 ROTATION_OVERLAP = dt.timedelta(hours=24)
+# Secrets kept signing beside the current and the previous one, at most (the newest kept).
+MAX_EARLIER_SECRETS = 8
 # Each event is stored once per subscription (its delivery body): a cap bounds the fan-out.
 MAX_SUBSCRIPTIONS = 25
 PING = "ping"
@@ -139,11 +141,22 @@ class NotificationService:
             )
 
     def rotate_secret(self, tenant_id: str, subscription_id: str) -> WithSecret:
-        """A new secret; the old one keeps signing beside it for 24 hours."""
+        """A new secret; the old one keeps signing beside it for 24 hours.
+
+        So does every secret replaced in the 24 hours before (up to MAX_EARLIER_SECRETS): a
+        client that sends the rotation again, having lost the first answer, would otherwise
+        see the secret its receivers hold stop signing at once."""
         secret = new_secret()
         now = utcnow()
         with self.store.transaction() as session:
             subscription = _owned(session, Subscription, tenant_id, subscription_id, "subscription")
+            earlier = still_signing(subscription.earlier_secrets, now)
+            expires = subscription.previous_secret_expires_at
+            if subscription.previous_secret and expires and expires > now:
+                earlier.insert(
+                    0, {"secret": subscription.previous_secret, "until": expires.isoformat()}
+                )
+            subscription.earlier_secrets = earlier[:MAX_EARLIER_SECRETS] or None
             subscription.previous_secret = subscription.secret
             subscription.previous_secret_expires_at = now + ROTATION_OVERLAP
             subscription.secret = secret

@@ -45,6 +45,14 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(random_source.token_bytes(_SECRET_BYTES)).decode()
 
 
+def still_signing(
+    earlier: Sequence[dict[str, str]] | None, now: dt.datetime
+) -> list[dict[str, str]]:
+    """The entries of a subscription's `earlier_secrets` ({secret, until}) whose overlap
+    still runs at `now`."""
+    return [e for e in earlier or () if dt.datetime.fromisoformat(e["until"]) > now]
+
+
 def new_webhook_id() -> str:
     """A fresh ``webhook-id`` (``msg_`` + 27 URL-safe characters); store it, reuse it on retries."""
     return WEBHOOK_ID_PREFIX + random_source.token_urlsafe(_WEBHOOK_ID_BYTES)

@@ -85,6 +85,9 @@ def test_the_newest_migrations_go_down_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
     postgres = database_url.startswith("postgresql")
     assert fillfactor(database_url) == (["fillfactor=90"] if postgres else None)
+    assert "earlier_secrets" in column_names(database_url, "subscriptions")
+    command.downgrade(config, "-1")
+    assert "earlier_secrets" not in column_names(database_url, "subscriptions")
     assert UNACCEPTED_EVENTS in index_names(database_url, "trigger_events")
     command.downgrade(config, "-1")
     assert UNACCEPTED_EVENTS not in index_names(database_url, "trigger_events")
@@ -109,6 +112,7 @@ def test_the_newest_migrations_go_down_and_up_again(database_url: str) -> None:
     assert fillfactor(database_url) == (["fillfactor=90"] if postgres else None)
     assert "fair_tag" in column_names(database_url, "tenants")
     assert UNACCEPTED_EVENTS in index_names(database_url, "trigger_events")
+    assert "earlier_secrets" in column_names(database_url, "subscriptions")
     assert schema_drift(database_url) == []
 
 

@@ -253,6 +253,47 @@ def test_a_delivery_of_a_disabled_or_deleted_subscription_is_not_retried(
     assert len(receiver.requests) == 1
 
 
+def test_every_secret_replaced_within_its_overlap_keeps_signing(
+    api: Any, receiver_factory: Any
+) -> None:
+    """A second rotation within 24 hours dropped the secret before the first: a client that
+    sent the rotation again, having lost the first answer, saw the secret its receivers held
+    stop signing at once."""
+    services, client, auth = api
+    receiver = receiver_factory()
+    created = subscribe(client, auth, receiver.url, events=["generation.succeeded"])
+    rotate = f"/v1/subscriptions/{created['id']}/rotate-secret"
+    first = client.post(rotate, headers=auth).json
+    second = client.post(rotate, headers=auth).json
+    generate(client, auth)
+    drain(services)
+    [request] = receiver.requests
+    assert len(request["headers"]["Webhook-Signature"].split()) == 3
+    for secret in (created["secret"], first["secret"], second["secret"]):
+        verify_both(secret, request)
+    with services.store.transaction() as session:  # the original's overlap ends
+        subscription = session.get(Subscription, created["id"])
+        assert subscription is not None
+        [earlier] = subscription.earlier_secrets or []
+        ended = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+        subscription.earlier_secrets = [{**earlier, "until": ended.isoformat()}]
+    generate(client, auth)
+    drain(services)
+    assert len(receiver.requests[-1]["headers"]["Webhook-Signature"].split()) == 2
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        verify_both(created["secret"], receiver.requests[-1])
+    verify_both(first["secret"], receiver.requests[-1])
+    third = client.post(rotate, headers=auth).json  # the ended one is not kept
+    with services.store.read() as session:
+        subscription = session.get(Subscription, created["id"])
+        assert subscription is not None
+        assert [e["secret"] for e in subscription.earlier_secrets or []] == [first["secret"]]
+        assert (subscription.previous_secret, subscription.secret) == (
+            second["secret"],
+            third["secret"],
+        )
+
+
 def test_during_rotation_both_secrets_sign(api: Any, receiver_factory: Any) -> None:
     services, client, auth = api
     receiver = receiver_factory()
