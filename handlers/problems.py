@@ -131,6 +131,8 @@ class StrictJSONParser(FlaskParser):
             abort(400, messages={"json": ["JSON body is nested too deeply."]})
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
             abort(400, exc=exc, messages={"json": ["Invalid JSON body."]})
+        if not isinstance(parsed, dict):  # every JSON body of the API is an object
+            abort(422, messages={"json": ["The body must be a JSON object."]})
         bad = unstorable_fields(parsed)
         if bad:
             abort(422, messages={"json": {field: [UNSTORABLE_MESSAGE] for field in bad}})

@@ -814,3 +814,16 @@ def test_the_webhook_is_looked_up_before_a_pooled_connection_is_taken(
     answer = generations.create(tenant.id, new).resource
     assert answer is not None and answer.status in ("queued", "processing")
     assert checked_out == [0]
+
+
+@pytest.mark.parametrize("path", ["/v1/generations", "/v1/subscriptions", "/v1/triggers"])
+@pytest.mark.parametrize("body", ["[]", '"x"', "7", "null"])
+def test_a_body_that_is_not_a_json_object_is_a_422_saying_so(
+    client: Any, auth: dict[str, str], path: str, body: str
+) -> None:
+    """It was a 422 whose detail said "Invalid input type.", naming nothing."""
+    headers = {**auth, "Content-Type": "application/json"}
+    response = client.post(path, data=body, headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.content_type == "application/problem+json"
+    assert response.json["detail"] == "The body must be a JSON object."
