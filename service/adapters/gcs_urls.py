@@ -34,5 +34,8 @@ def parse_gs_url(value: str, *, object_required: bool = True) -> tuple[str, str]
 def gs_url_problem(value: str) -> str | None:
     """Why `value` is not a `gs://bucket/object` reference, or None if it is one."""
     if parse_gs_url(value) is None:
+        bucket = value[len("gs://") :].partition("/")[0]
+        if bucket != bucket.lower() and parse_gs_url(value.replace(bucket, bucket.lower(), 1)):
+            return "GCS bucket names are lowercase: gs://bucket/object."
         return "A GCS reference looks like gs://bucket/object (an object, not a folder)."
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from service.adapters.gcs_urls import gs_url_problem
 from service.generations.inputs import IMAGE_FIELDS, STORAGE_FIELDS, access_problems
 from service.tenants import TenantSettings
 
@@ -50,3 +51,13 @@ def test_access_problems_name_every_storage_and_bucket_not_allowed() -> None:
         "input.background.generate.context_images.1",
         "input.caption.url",
     ]
+
+
+def test_a_gs_reference_with_an_uppercase_bucket_is_told_buckets_are_lowercase() -> None:
+    assert gs_url_problem("gs://acme-in/a.png") is None
+    assert (
+        gs_url_problem("gs://Acme-In/a.png")
+        == "GCS bucket names are lowercase: gs://bucket/object."
+    )
+    assert "an object, not a folder" in (gs_url_problem("gs://acme-in/folder/") or "")
+    assert "an object, not a folder" in (gs_url_problem("gs://A/a.png") or "")  # too short anyway
