@@ -4,7 +4,8 @@ Independent of genrelay's request schema: it applies Deep-Image's documented fie
 vocabularies and ranges of its OpenAPI description and docs pages, kept here in small tables),
 rejects what Deep-Image documents as errors (or what docs/simulator.md decision 8 chooses), and
 works out what the result will look like (size, format), nothing more. Unknown fields are
-ignored, as an upstream that grows new options would.
+ignored, as an upstream that grows new options would, except that a null is refused anywhere
+in the body, unknown fields included (`_refuse_nulls`).
 """
 
 from __future__ import annotations
