@@ -30,6 +30,7 @@ import enum
 import functools
 import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -148,8 +149,15 @@ class DeliverHandler:
     def run(self, task: ClaimedTask) -> Outcome:
         return self.run_batch([task])[0]
 
-    def run_batch(self, tasks: list[ClaimedTask]) -> list[Outcome]:
+    def run_batch(
+        self, tasks: list[ClaimedTask], *, stopping: threading.Event | None = None
+    ) -> list[Outcome]:
         """Read every delivery of the batch at once, then attempt each in turn, once.
+
+        Once `stopping` is set, the deliveries not yet begun are handed back, due at once and
+        not counted: a batch of slow targets takes minutes, the platform kills a stopping
+        worker after seconds, and what was sent before the kill was never recorded (all of it
+        went again, to every target, after the lease).
 
         Two tasks of one delivery may be due together: a replay and the delivery's scheduled
         attempt, or two replays. The delivery is then attempted once, by a replay if one is
@@ -172,6 +180,9 @@ class DeliverHandler:
         outcomes: list[Outcome] = []
         for task, delivery_id in zip(tasks, ids, strict=True):
             chosen = attempting[delivery_id]
+            if stopping is not None and stopping.is_set():
+                outcomes.append(Later(0.0, "not sent: the worker was stopping"))
+                continue
             if task is not chosen:
                 if _is_replay(task):
                     outcomes.append(DONE)  # another replay of it is sent in this batch

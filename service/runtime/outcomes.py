@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -133,8 +134,12 @@ class BatchHandler(TaskHandler, Protocol):
     """A handler that can run several tasks of its kind together (one read for all of them);
     the runner then records all their outcomes in one transaction."""
 
-    def run_batch(self, tasks: list[ClaimedTask]) -> list[Outcome]:
-        """One outcome per task, in order."""
+    def run_batch(
+        self, tasks: list[ClaimedTask], *, stopping: threading.Event | None = None
+    ) -> list[Outcome]:
+        """One outcome per task, in order. Once `stopping` is set (the process is told to
+        stop), tasks not yet begun are handed back (`Later(0)`), so those that ran are
+        recorded before the platform's kill."""
 
     def apply_together(self, session: Session, changes: list[Apply]) -> None:
         """Apply `changes` (this handler's: its outcomes', a `Told` failure's, its

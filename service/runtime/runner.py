@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -92,9 +93,12 @@ class TaskRunner:
         TASK_OUTCOMES.labels(task.kind, status.value if status else "lost").inc()
         return status
 
-    def execute_batch(self, tasks: Sequence[ClaimedTask]) -> list[TaskStatus | None]:
+    def execute_batch(
+        self, tasks: Sequence[ClaimedTask], *, stopping: threading.Event | None = None
+    ) -> list[TaskStatus | None]:
         """Run tasks of one batchable kind together: the handler's `run_batch`, then every
-        outcome in one transaction (one by one if that transaction fails)."""
+        outcome in one transaction (one by one if that transaction fails). `stopping`: set
+        when the process is told to stop; the handler then begins no more of them."""
         handler = self._batch_handlers.get(tasks[0].kind) if tasks else None
         if len(tasks) < 2 or handler is None:
             return [self.execute(task) for task in tasks]
@@ -106,7 +110,7 @@ class TaskRunner:
         # Claimed again after their holders kept dying: given up, never run.
         runnable = [task for task in tasks if task.attempts <= limit]
         with log_context(task_kind=tasks[0].kind):
-            ran = zip(runnable, self._run_batch(handler, runnable), strict=True)
+            ran = zip(runnable, self._run_batch(handler, runnable, stopping), strict=True)
             outcomes = {task.id: outcome for task, outcome in ran}
             statuses: dict[str, TaskStatus | None] = {}
             plans = []
@@ -150,11 +154,13 @@ class TaskRunner:
             log.exception("task %s (%s) crashed", task.id, task.kind)
             return Failed(f"{type(exc).__name__}: {exc}")
 
-    def _run_batch(self, handler: BatchHandler, tasks: list[ClaimedTask]) -> list[Outcome]:
+    def _run_batch(
+        self, handler: BatchHandler, tasks: list[ClaimedTask], stopping: threading.Event | None
+    ) -> list[Outcome]:
         if not tasks:
             return []
         try:
-            outcomes = handler.run_batch(tasks)
+            outcomes = handler.run_batch(tasks, stopping=stopping)
         except Exception as exc:
             log.exception("a batch of %d %s tasks crashed", len(tasks), tasks[0].kind)
             return [Failed(f"{type(exc).__name__}: {exc}") for _ in tasks]

@@ -222,7 +222,7 @@ class Worker:
                 if len(group) == 1:
                     self.runner.execute(group[0])
                 else:
-                    self.runner.execute_batch(group)
+                    self.runner.execute_batch(group, stopping=self.stopping)
             index += len(group)
         return len(tasks)
 

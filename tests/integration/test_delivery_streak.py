@@ -5,13 +5,14 @@ success starts a new one."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from service.config import Config
-from service.models import Delivery, Subscription
+from service.models import Delivery, Subscription, Task
 from service.runtime.kinds import DELIVER
 from tests.integration.test_notifications import FAST_SCHEDULE, subscribe
 
@@ -53,6 +54,44 @@ def _pings_in_one_batch(
     assert len(tasks) == count
     tasks.sort(key=lambda t: order.index(t.payload["delivery_id"]))
     services.runner.execute_batch(tasks)
+
+
+class _SetAfterOneLook(threading.Event):
+    """Told to stop while the batch's first delivery is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > 1
+
+
+def test_a_stopping_worker_sends_no_more_of_its_batch_and_records_what_it_sent(
+    api: Any, receiver_factory: Any
+) -> None:
+    """A batch of slow targets took minutes, a stopping worker is killed after seconds, and
+    nothing it had sent was recorded: all of it went again after the lease."""
+    services, client, auth = api
+    receiver = receiver_factory()
+    created = subscribe(client, auth, receiver.url)
+    for _ in range(3):
+        assert client.post(f"/v1/subscriptions/{created['id']}/test", headers=auth).status_code
+    tasks = services.queue.claim_due_tasks(limit=8, kinds=[DELIVER])
+    assert len(tasks) == 3
+    services.runner.execute_batch(tasks, stopping=_SetAfterOneLook())
+    assert len(receiver.requests) == 1
+    with services.store.read() as session:
+        deliveries = session.execute(sa.select(Delivery.status, Delivery.attempts)).all()
+        handed_back = session.execute(
+            sa.select(Task.status, Task.attempts, Task.claim_token).where(
+                Task.kind == DELIVER, Task.status != "done"
+            )
+        ).all()
+    assert sorted(deliveries) == [("pending", 0), ("pending", 0), ("succeeded", 1)]
+    assert handed_back == [("pending", 0, None), ("pending", 0, None)]
+    assert len(services.queue.claim_due_tasks(limit=8, kinds=[DELIVER])) == 2  # due at once
 
 
 def test_a_success_after_a_failure_in_one_batch_clears_the_streak(

@@ -724,7 +724,9 @@ class BatchHandler(RecordingHandler):
         self.failures = failures
         self.applied: list[list[Apply]] = []
 
-    def run_batch(self, tasks: list[ClaimedTask]) -> list[Outcome]:
+    def run_batch(
+        self, tasks: list[ClaimedTask], *, stopping: threading.Event | None = None
+    ) -> list[Outcome]:
         self.runs += [task.id for task in tasks]
         return [self.outcomes[task.payload["n"]] for task in tasks]
 
