@@ -173,6 +173,14 @@ class CompletionService:
             if generation is None:
                 raise NotFound(f"no generation {generation_id!r}")
             if GenerationStatus(generation.status).is_terminal:
+                # Canceled while its job ran: the poll learns that job's end, and then hands
+                # on the slot it keeps meanwhile (as a result's callback would).
+                if (
+                    generation.upstream_job == job
+                    and self._job_end_unknown(generation)
+                    and self.queue.hurry_pending(session, POLL, generation_id)
+                ):
+                    request_wake(session)
                 return CallbackOutcome.IGNORED
             if generation.upstream_job != job:
                 raise Conflict(f"job {job!r} is not this generation's recorded upstream job")
@@ -181,6 +189,15 @@ class CompletionService:
             if self.queue.hurry_pending(session, POLL, generation_id):
                 request_wake(session)
         return CallbackOutcome.ACCEPTED
+
+    @staticmethod
+    def _job_end_unknown(generation: Generation) -> bool:
+        """A canceled generation whose upstream job still holds a slot (job_ended's case)."""
+        return (
+            generation.status == GenerationStatus.CANCELED
+            and generation.admitted_at is not None
+            and generation.source_found_at is None
+        )
 
     def _accept(
         self, generation_id: str, callback: Callback, *, claim: bool

@@ -355,6 +355,38 @@ def test_an_upstream_job_failure_fails_the_generation(
     assert objects(services) == {}
 
 
+def wait_until_failed(simulator: Any, job: str) -> None:
+    """Once the simulator has failed `job`."""
+    deadline = time.monotonic() + 10
+    url = f"{simulator.url}/rest_api/result/{job}"
+    while (
+        requests.get(url, headers={"x-api-key": SIMULATOR_KEY}, timeout=5).json().get("status")
+        != "failed"
+    ):
+        assert time.monotonic() < deadline, "the simulator's job did not fail"
+        time.sleep(0.05)
+
+
+def test_a_callback_without_a_result_for_a_canceled_job_hands_its_slot_on_now(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    """A canceled generation keeps its slot while its job runs; a result's callback hands it
+    on at once, and one without a result kept it until the fallback poll, an hour here."""
+    services, client, auth = make_client(callback_config(config))
+    set_simulator(simulator.url, failure_rate=1.0)
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    canceled = client.post(f"/v1/generations/{generation['id']}/cancel", headers=auth)
+    assert canceled.json["status"] == "canceled"
+    assert in_flight(services) == [generation["id"]]
+    wait_until_failed(simulator, generation["upstream"]["job"])
+    answer = call_back(client, generation, None, status="failed", message="technical issues")
+    assert (answer.status_code, answer.json) == (200, {"outcome": "ignored"})
+    drain(services)
+    assert in_flight(services) == []
+    shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
+    assert shown["status"] == "canceled"
+
+
 def test_a_callback_without_a_result_makes_the_jobs_poll_run_now(
     config: Config, make_client: Any, simulator: Any
 ) -> None:
@@ -364,20 +396,7 @@ def test_a_callback_without_a_result_makes_the_jobs_poll_run_now(
     services, client, auth = make_client(callback_config(config))
     set_simulator(simulator.url, failure_rate=1.0)
     generation = create(client, auth, {"input": TEXT_ONLY})
-    job = generation["upstream"]["job"]
-    deadline = time.monotonic() + 10
-    while (
-        requests.get(
-            f"{simulator.url}/rest_api/result/{job}",
-            headers={"x-api-key": SIMULATOR_KEY},
-            timeout=5,
-        )
-        .json()
-        .get("status")
-        != "failed"
-    ):
-        assert time.monotonic() < deadline, "the simulator's job did not fail"
-        time.sleep(0.05)
+    wait_until_failed(simulator, generation["upstream"]["job"])
     wrong_job = call_back(client, generation, None, job="another-job")
     assert wrong_job.status_code == 409
     failed = {"result_url": None, "status": "failed", "message": "technical issues"}
