@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import flask
-import sqlalchemy as sa
 from flask_smorest import Blueprint
 
 from handlers.auth import services
@@ -17,6 +16,7 @@ from schemas.problems import ProblemSchema
 from service.adapters.blobstore import BlobError
 from service.errors import Unauthorized
 from service.metrics import exposition
+from service.migrate import migrated
 
 blp = Blueprint("health", __name__, description="Probes for the platform.")
 
@@ -60,12 +60,16 @@ def metrics() -> Any:
 @blp.alt_response(200, schema=_STATUS, success=True, description="Ready")
 @blp.alt_response(503, schema=ProblemSchema, description="The database or the bucket is down")
 def readyz() -> Any:
-    """The database and the bucket answer; 503 otherwise."""
+    """The database answers and is migrated, and the bucket answers; 503 otherwise."""
     try:
-        with services().store.read() as session:
-            session.execute(sa.text("SELECT 1"))
+        with services().store.read_one() as connection:
+            up_to_date = migrated(connection)
     except Exception:
         return problem_response(503, "Service Unavailable", "the database is not reachable")
+    if not up_to_date:
+        # Every API call would fail: not ready, and saying why (not a database outage).
+        detail = "the database is not migrated to this release: run `genrelay migrate`"
+        return problem_response(503, "Service Unavailable", detail)
     if not _bucket_reachable():
         return problem_response(503, "Service Unavailable", "the result bucket is not reachable")
     return {"status": "ready"}

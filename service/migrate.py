@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -9,6 +10,9 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command, op
 from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
+
+from service.database import schema_behind
 
 
 def alembic_config(database_url: str) -> AlembicConfig:
@@ -18,6 +22,27 @@ def alembic_config(database_url: str) -> AlembicConfig:
     # Passed as an attribute, not a main option: URLs may hold '%' (ConfigParser syntax).
     cfg.attributes["database_url"] = database_url
     return cfg
+
+
+@functools.cache
+def _revisions_before_head() -> frozenset[str]:
+    """Every packaged revision but the newest: a database at one of them is behind."""
+    scripts = ScriptDirectory.from_config(alembic_config(""))
+    head = scripts.get_current_head()
+    return frozenset(r.revision for r in scripts.walk_revisions() if r.revision != head)
+
+
+def migrated(connection: sa.Connection) -> bool:
+    """Whether the database is at this code's newest migration or past it (a release deployed
+    after this one migrates first, and this one keeps working meanwhile); False when it was
+    never migrated or is at an older revision."""
+    try:
+        version = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    except sa.exc.DBAPIError as exc:
+        if schema_behind(exc):
+            return False
+        raise
+    return version is not None and version not in _revisions_before_head()
 
 
 def upgrade_to_head(database_url: str) -> None:

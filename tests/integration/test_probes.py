@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import sqlalchemy as sa
+
 from service.bootstrap import Services
 from service.config import Config
 from service.database import Store
@@ -102,3 +104,34 @@ def test_readyz_checks_the_bucket_at_most_every_few_seconds(
     assert client.get("/readyz").status_code == 503  # checked again
     assert client.get("/readyz").status_code == 503
     assert len(checks) == 2
+
+
+def test_readyz_is_503_on_a_database_not_migrated_to_this_release(
+    config: Config, services: Services, database_url: str
+) -> None:
+    """It said ready while every API call failed with "the database is unavailable"."""
+    from alembic import command
+
+    from service.app import create_app
+    from service.migrate import alembic_config
+
+    def ready() -> tuple[int, str]:
+        app = create_app(config, services=services)
+        answer = app.test_client().get("/readyz")
+        return answer.status_code, (answer.json or {}).get("detail", "")
+
+    migrations = alembic_config(database_url)
+    assert ready() == (200, "")
+    command.downgrade(migrations, "-1")
+    status, detail = ready()
+    assert (status, "genrelay migrate" in detail) == (503, True)
+    command.downgrade(migrations, "base")  # never migrated: no tables
+    status, detail = ready()
+    assert (status, "genrelay migrate" in detail) == (503, True)
+    command.upgrade(migrations, "head")
+    with services.store.transaction() as session:  # a newer release migrated first
+        head = session.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+        session.execute(sa.text("UPDATE alembic_version SET version_num = 'from-the-future'"))
+    assert ready() == (200, "")
+    with services.store.transaction() as session:
+        session.execute(sa.text("UPDATE alembic_version SET version_num = :v"), {"v": head})
