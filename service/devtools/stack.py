@@ -135,8 +135,10 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
         "GENRELAY_WEB_PROCESSES": "1",
         "PORT": str(port),
     }
-    # Our own interpreter and module, with arguments we build: no untrusted input.
-    command = [sys.executable, "-m", "service.cli"]
+    # Our own interpreter and module, with arguments we build: no untrusted input. `-P`: the
+    # current directory is not put first on the import path, so a `service` package there
+    # (another project's, an older checkout) is not what the children run.
+    command = [sys.executable, "-P", "-m", "service.cli"]
     processes = {
         "simulator": subprocess.Popen(  # noqa: S603
             [

@@ -1,0 +1,94 @@
+"""`genrelay dev`, what `make run` starts: up with its embedded defaults, the banner's request
+made and followed to `succeeded`, stopped by Ctrl-C (SIGINT) with every process gone.
+
+Started from a directory holding another project's `service` package: the stack's children
+are this installation's `genrelay`, not whatever `service` the current directory has."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from service.devtools.ports import free_port
+from tests.e2e.processes import GENRELAY, wait_for
+
+pytestmark = pytest.mark.e2e
+
+UP = "genrelay dev stack is up"
+
+
+def _read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
+    """What the process printed, once a line holds `marker`; fails at `timeout` or its exit."""
+    assert process.stdout is not None
+    seen: list[str] = []
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while not any(marker in line for line in seen):
+            if not selector.select(max(0.0, deadline - time.monotonic())):
+                pytest.fail(f"no {marker!r} within {timeout:.0f} s:\n{''.join(seen)}")
+            line = process.stdout.readline()
+            if not line:
+                pytest.fail(f"genrelay dev exited ({process.wait()}):\n{''.join(seen)}")
+            seen.append(line)
+    return "".join(seen)
+
+
+def test_the_dev_stack_comes_up_serves_the_banners_request_and_stops(tmp_path: Path) -> None:
+    shadow = tmp_path / "another-project"
+    (shadow / "service").mkdir(parents=True)
+    (shadow / "service" / "__init__.py").write_text(
+        'raise ImportError("another project\'s service package")\n'
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [GENRELAY, "dev", "--port", str(port), "--var", str(tmp_path / "var")],
+        cwd=shadow,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its children in its group: stopped whole if the test fails
+    )
+    try:
+        banner = _read_until(process, UP, 90)
+        banner += _read_until(process, "Press Ctrl-C to stop.", 10)
+        key = re.search(r"Dev API key: (\S+)", banner)
+        assert key is not None, banner
+        headers = {"Authorization": f"Bearer {key[1]}"}
+        body = re.search(r"-d '(\{.*\})'", banner)
+        assert body is not None, banner
+        base = f"http://127.0.0.1:{port}"
+        created = requests.post(
+            f"{base}/v1/generations",
+            data=body[1],
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert created.status_code == 202, created.text
+        link = f"{base}/v1/generations/{created.json()['id']}"
+
+        def succeeded() -> bool:
+            return requests.get(link, headers=headers, timeout=5).json()["status"] == "succeeded"
+
+        wait_for(succeeded, 60, "the banner's generation to succeed")
+        result = requests.get(f"{link}/result", headers=headers, timeout=10)
+        assert result.status_code == 200  # the emulator's object, through the signed redirect
+        assert result.content.startswith(b"\x89PNG")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    with pytest.raises(ProcessLookupError):  # no child of the stack is left running
+        os.killpg(process.pid, 0)
