@@ -167,6 +167,7 @@ def test_the_build_context_leaves_out_tests_local_state_and_dev_tools() -> None:
 class Wheel(NamedTuple):
     path: Path
     files: set[str]
+    log: str  # what the build printed (pip -v: the build backend's warnings too)
 
 
 @pytest.fixture(scope="module")
@@ -183,12 +184,13 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Wheel:
                     target /= path.name if top.is_file() else path.relative_to(top)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(path, target)
-    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"]
+    pip = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation"]
+    pip.append("--no-index")
     result = _run([*pip, "--wheel-dir", str(work), str(work / "context")], cwd=work)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = work.glob("genrelay-*.whl")
     with zipfile.ZipFile(path) as archive:
-        return Wheel(path, set(archive.namelist()))
+        return Wheel(path, set(archive.namelist()), result.stdout + result.stderr)
 
 
 def test_the_wheel_holds_the_service_and_its_data_but_no_tests_or_dev_tools(wheel: Wheel) -> None:
@@ -202,6 +204,9 @@ def test_the_wheel_holds_the_service_and_its_data_but_no_tests_or_dev_tools(whee
         *(f"migrations/versions/{p.name}" for p in (ROOT / "migrations/versions").glob("*.py")),
     }
     assert expected <= wheel.files, sorted(expected - wheel.files)
+    # Data in a folder that is no package is shipped today, but setuptools warns it "would
+    # be ignored": a later setuptools would build a wheel without Swagger UI.
+    assert "absent from the `packages` configuration" not in wheel.log
     # /docs serves Swagger UI from the package (no CDN): the vendored files, as pinned.
     folder = "service/static/swagger-ui"
     assert f"{folder}/LICENSE" in wheel.files
