@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 import flask
 from apispec import BasePlugin
 from flask_smorest import Api
+from gunicorn.http import errors as gunicorn_errors
 from webargs import core
 from webargs.flaskparser import FlaskParser, abort, is_json_request
 from werkzeug.exceptions import HTTPException
@@ -267,8 +268,30 @@ def register_error_handlers(app: flask.Flask) -> None:
             return _service_error(
                 Unavailable("the database is unavailable; retry", headers={"Retry-After": "5"})
             )
+        if isinstance(error, BODY_FRAMING_ERRORS):
+            # gunicorn decodes a chunked body as the app reads it: a malformed one (a bad
+            # chunk size, a missing CRLF, too many trailers) or one cut short is the client's.
+            log.info(
+                "%s %s: the request body is malformed: %s",
+                flask.request.method,
+                flask.request.path,
+                type(error).__name__,
+            )
+            return problem_response(
+                400,
+                "Bad Request",
+                "the request body is malformed (its chunked framing), or was cut short",
+                headers={"Connection": "close"},
+            )
         log.exception("unhandled error on %s %s", flask.request.method, flask.request.path)
         return problem_response(500, "Internal Server Error", "The server failed unexpectedly.")
+
+
+# What gunicorn raises from a request body it cannot decode (or that ends too soon).
+BODY_FRAMING_ERRORS: tuple[type[Exception], ...] = (
+    gunicorn_errors.ParseException,
+    gunicorn_errors.NoMoreData,
+)
 
 
 def too_slow_response() -> flask.Response:

@@ -27,7 +27,10 @@ workers = _process.web_processes
 threads = _process.web_threads
 # Cloud Run enforces request timeouts itself; gunicorn's would kill healthy slow requests.
 timeout = 0
-graceful_timeout = 20
+# Platforms kill a process 10 s after SIGTERM (Cloud Run, docker stop): in-flight requests
+# get 7 s, then the worker exits, handing back the inline stores it runs within EXIT_WAIT
+# (service/runtime/inline.py) before the kill.
+graceful_timeout = 7
 keepalive = 5
 # Both logs on the console, which RedactingLogger makes JSON lines on stderr for both.
 accesslog = "-"

@@ -10,7 +10,8 @@ and stalls holds that thread for good, and as many such clients as threads stall
   there. What has not arrived within GENRELAY_REQUEST_TIMEOUT seconds (default 15; from the
   accept, or from the first byte of a request on a kept-alive connection) is cut off: the
   connection is closed. Bodies wait in memory up to BUFFER_BUDGET bytes per process in all
-  (the app would hold each one whole anyway, to parse its JSON);
+  (the app would hold each one whole anyway, to parse its JSON); a head past HEAD_MAX is
+  answered 431 by the loop;
 - a chunked body, one sent only after `Expect: 100-continue`, or one past the budget is read
   by the thread: each read waits at most IDLE_TIMEOUT seconds and the whole body at most
   BODY_TIMEOUT seconds; then the read fails (`ClientTooSlow`, answered 408) and the
@@ -18,7 +19,10 @@ and stalls holds that thread for good, and as many such clients as threads stall
   what the app left unread.
 
 So a stalled client costs a socket and its bytes, not a thread. (Plain HTTP only: gunicorn's
-own TLS, unused here, would wrap the socket before these limits apply.)
+own TLS, unused here, would wrap the socket before these limits apply.) Sockets closing after
+their answer count as connections until closed, and a process out of file descriptors stops
+accepting for a moment instead of failing. A stopping worker waits STOP_READ seconds at most
+for requests still being read.
 """
 
 from __future__ import annotations
@@ -45,18 +49,50 @@ BODY_TIMEOUT = 120.0
 # Larger than any body the app accepts (GENRELAY's 25 MiB limit): such bodies still wait here.
 BUFFERED_BODY_MAX = 32 * 1024 * 1024
 BUFFER_BUDGET = 256 * 1024 * 1024
-# gunicorn's own limits (request line 4094, 100 header fields of 8190) fit well inside; past
-# this the parser gets the bytes and refuses them itself.
-HEAD_MAX = 1024 * 1024
+# A request line and headers past this, their end not yet seen, are answered 431 by the loop
+# and the connection closed. (gunicorn's parser would take up to about 800 KiB, but only once
+# it has read the head's end: handed more than this without it, its thread would wait.) Every
+# connection being read holds its head in memory: 1000 of them at most hold 64 MiB.
+HEAD_MAX = 64 * 1024
 # After a response that ends its connection: how long what the client still sends is read
 # (and dropped) before the socket is closed, so the kernel does not answer it with a reset
 # that could cut the response short (RFC 9112, 9.6). gunicorn's own wait, in the event loop.
 LINGER = 2.0
+# Out of file descriptors (EMFILE): how long the listener is left alone.
+ACCEPT_PAUSE = 1.0
+# A stopping worker still waits this long for requests being read (GENRELAY_REQUEST_TIMEOUT's
+# default 15 s is past the 10 s platforms give a process after SIGTERM).
+STOP_READ = 2.0
 _RECV = 256 * 1024
 
 _END_OF_HEAD = b"\r\n\r\n"
-_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d{1,18})[ \t]*\r?$", re.I | re.M)
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.I | re.M)
+_DIGITS = re.compile(rb"\d+")
 _STREAMED = re.compile(rb"^(transfer-encoding|expect)[ \t]*:", re.I | re.M)
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"Content-Type: application/problem+json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+)
+_HEAD_TOO_LARGE_BODY = (
+    b'{"type": "about:blank", "title": "Request Header Fields Too Large", "status": 431, '
+    b'"detail": "the request line and headers are over %d bytes"}' % HEAD_MAX
+)
+
+
+def declared_length(head: bytes) -> int | None:
+    """The body's length as the head's Content-Length says it, 0 without one; None when the
+    loop cannot tell (a value that is not plain digits, or several), so that the thread reads
+    the body and gunicorn's parser judges the header. gunicorn takes leading zeros
+    (`0000000000000000000100`): so does this, or such a request would reach a thread with
+    its body unread."""
+    values = _CONTENT_LENGTH.findall(head)
+    if not values:
+        return 0
+    if len(set(values)) != 1 or not _DIGITS.fullmatch(values[0]):
+        return None
+    digits = values[0].lstrip(b"0") or b"0"
+    return int(digits) if len(digits) <= 18 else None
 
 
 class _RequestSocket(socket.socket):
@@ -111,11 +147,16 @@ class BoundedThreadWorker(ThreadWorker):
         # threads take away.
         self.reserved = 0
         self._budget = threading.Lock()
+        self.accept_paused_until = 0.0
+        self.stop_reads_by: float | None = None  # set once the worker is stopping
 
     def accept(self, listener: Any) -> None:
         try:
             client, address = listener.accept()
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._pause_accepting(exc)
+                return
             if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
@@ -124,6 +165,22 @@ class BoundedThreadWorker(ThreadWorker):
         conn = _Conn(self.cfg, wrapped, address, listener.getsockname())
         conn.linger = self._linger
         self._read_request(conn)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of file descriptors: accept nothing for ACCEPT_PAUSE seconds (connections
+        being served close meanwhile), rather than let the error end the process and every
+        connection it holds. Logged once per pause."""
+        self.log.warning(
+            "cannot accept connections (%s): pausing for %g s", exc.strerror, ACCEPT_PAUSE
+        )
+        self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+        self.set_accept_enabled(False)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gunicorn's loop turns accepting back on each turn there is room: not while paused."""
+        if enabled and time.monotonic() < self.accept_paused_until:
+            return
+        super().set_accept_enabled(enabled)
 
     def enqueue_req(self, conn: Any) -> None:
         """Every path to a thread (new, kept-alive, read-ahead) goes through the reader."""
@@ -156,15 +213,15 @@ class BoundedThreadWorker(ThreadWorker):
             end = buffer.find(_END_OF_HEAD, max(0, conn.scanned - len(_END_OF_HEAD) + 1))
             conn.scanned = len(buffer)
             if end < 0:
-                return len(buffer) > HEAD_MAX  # the parser refuses it at once
+                return False
             conn.head_end = end
         if conn.body_reserved is None:
             head = bytes(buffer[:end])
-            lengths = _CONTENT_LENGTH.findall(head)
-            length = int(lengths[0]) if lengths else 0
+            length = declared_length(head)
             with self._budget:
                 if (
-                    _STREAMED.search(head)
+                    length is None
+                    or _STREAMED.search(head)
                     or length > BUFFERED_BODY_MAX
                     or self.reserved + length > BUFFER_BUDGET
                 ):
@@ -189,6 +246,21 @@ class BoundedThreadWorker(ThreadWorker):
         conn.pending_bytes += data
         if self._ready(conn):
             self._dispatch(conn, registered=True)
+        elif conn.head_end is None and len(conn.pending_bytes) > HEAD_MAX:
+            self._refuse_head(conn)
+
+    def _refuse_head(self, conn: Any) -> None:
+        """431 for a head past HEAD_MAX, from the loop (a fresh socket's buffer takes it
+        without blocking), then the connection ends."""
+        self.log.info("closing %s: a request head over %d bytes", conn.client, HEAD_MAX)
+        body = _HEAD_TOO_LARGE_BODY
+        with contextlib.suppress(OSError):
+            conn.sock.send(_HEAD_TOO_LARGE % (len(body), body))
+        self._release(conn)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.poller.unregister(conn.sock)
+        self.nr_conns -= 1
+        conn.close(graceful=True)  # lingers: what the client still sends does not reset it
 
     def _release(self, conn: Any) -> None:
         """The connection is no longer read by the loop: its body's share of the budget goes
@@ -223,10 +295,16 @@ class BoundedThreadWorker(ThreadWorker):
 
     def murder_pending(self) -> None:
         """Also close connections whose request did not arrive in time, and lingering sockets
-        whose time is up (each loop turn)."""
+        whose time is up (each loop turn). Once the worker is stopping, a connection that has
+        sent nothing is closed at once and the others get STOP_READ seconds at most: waiting
+        GENRELAY_REQUEST_TIMEOUT for them ran past the platform's kill."""
         super().murder_pending()
         now = time.monotonic()
+        if not self.alive and self.stop_reads_by is None:
+            self.stop_reads_by = now + STOP_READ
         for conn, deadline in list(self.reading.items()):
+            if self.stop_reads_by is not None:
+                deadline = min(deadline, now if not conn.pending_bytes else self.stop_reads_by)
             if deadline <= now:
                 self.log.debug("closing %s: no complete request in %g s", conn.client, READ_TIMEOUT)
                 self._close_reading(conn)
@@ -245,6 +323,9 @@ class BoundedThreadWorker(ThreadWorker):
             sock.close()
             return
         self.lingering[sock] = time.monotonic() + LINGER
+        # Still a descriptor: counted with the connections (worker_connections bounds both),
+        # or clients that never close would make a process run out of them.
+        self.nr_conns += 1
 
     def _on_lingering(self, sock: socket.socket, _sock: Any) -> None:
         try:
@@ -257,7 +338,8 @@ class BoundedThreadWorker(ThreadWorker):
             self._end_linger(sock)
 
     def _end_linger(self, sock: socket.socket) -> None:
-        self.lingering.pop(sock, None)
+        if self.lingering.pop(sock, None) is not None:
+            self.nr_conns -= 1
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.poller.unregister(sock)
         sock.close()
