@@ -14,7 +14,15 @@ from service.database import Store
 from service.domain import GENERATION_EVENT_TYPES, DeliveryStatus
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id
-from service.models import Delivery, DeliveryAttempt, Event, Subscription, Tenant, utcnow
+from service.models import (
+    Delivery,
+    DeliveryAttempt,
+    Event,
+    Generation,
+    Subscription,
+    Tenant,
+    utcnow,
+)
 from service.notifications.events import queue_delivery, tenant_webhook_secret
 from service.notifications.signing import new_secret, still_signing
 from service.notifications.ssrf import Unresolvable, UnsafeURL, URLPolicy, lookups_for
@@ -208,11 +216,17 @@ class NotificationService:
         if generation_id is not None:
             query = query.where(Event.generation_id == generation_id)
         with self.store.read() as session:
-            return paginate(session, query, Event, cursor=cursor, limit=limit)
+            page = paginate(session, query, Event, cursor=cursor, limit=limit)
+            return Page(
+                items=_without_gone_links(session, page.items), next_cursor=page.next_cursor
+            )
 
     def get_event(self, tenant_id: str, event_id: str) -> Event:
         with self.store.read() as session:
-            return _owned(session, Event, tenant_id, event_id, "event")
+            [event] = _without_gone_links(
+                session, [_owned(session, Event, tenant_id, event_id, "event")]
+            )
+            return event
 
     # Deliveries
 
@@ -296,6 +310,39 @@ def require_safe_target(policy: URLPolicy, url: str, field: str, tenant_id: str)
         raise refusal(
             f"{field}: {exc.reason}", errors=[{"field": field, "message": exc.reason}]
         ) from None
+
+
+def _without_gone_links(session: Session, events: list[Event]) -> list[Event]:
+    """The events as shown: an event keeps the generation as it was, `result.url` included,
+    but a result deleted since (DELETE, retention) has no link left, so that no answer links
+    to an object already gone. Such events are shown as copies without it (not stored)."""
+    linked = {
+        e.generation_id
+        for e in events
+        if isinstance(result := (e.data or {}).get("result"), dict) and "url" in result
+    }
+    if not linked:
+        return events
+    gone = set(
+        session.scalars(
+            sa.select(Generation.id).where(
+                Generation.id.in_(linked), Generation.result_expired_at.is_not(None)
+            )
+        )
+    )
+    return [_unlinked(e) if e.generation_id in gone else e for e in events]
+
+
+def _unlinked(event: Event) -> Event:
+    result = {k: v for k, v in event.data["result"].items() if k != "url"}
+    return Event(
+        id=event.id,
+        tenant_id=event.tenant_id,
+        generation_id=event.generation_id,
+        type=event.type,
+        data={**event.data, "result": result},
+        created_at=event.created_at,
+    )
 
 
 def _owned(session: Session, model: Any, tenant_id: str, item_id: str, what: str) -> Any:

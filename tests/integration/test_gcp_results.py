@@ -120,9 +120,19 @@ def test_delete_removes_the_object_at_once_and_the_generation_stays(gcp: GcpStac
     name = shown["result"]["uri"].removeprefix(f"gs://{gcp.blobs.bucket}/")
     assert gcp.blobs.stat(name) is not None
 
+    events = f"/v1/events?generation_id={made['id']}&type=generation.succeeded"
+    [linked] = gcp.client.get(events, headers=gcp.auth).json["data"]
+    assert "url" in linked["data"]["result"]
+
     deleted = gcp.client.delete(f"/v1/generations/{made['id']}/result", headers=gcp.auth)
     assert deleted.status_code == 200
     assert gcp.blobs.stat(name) is None
+    # The feed keeps the event, without its link to the object now gone.
+    [unlinked] = gcp.client.get(events, headers=gcp.auth).json["data"]
+    assert "url" not in unlinked["data"]["result"]
+    assert unlinked["data"]["result"]["uri"] == linked["data"]["result"]["uri"]
+    alone = gcp.client.get(f"/v1/events/{linked['id']}", headers=gcp.auth).json
+    assert alone == unlinked
     after = show(gcp, made["id"])
     assert after["status"] == "succeeded"
     assert "url" not in after["result"]
