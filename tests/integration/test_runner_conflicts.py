@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import random
+import threading
 from typing import Any
 
 import psycopg
@@ -69,7 +70,9 @@ class Handler:
     def run(self, task: ClaimedTask) -> Outcome:
         return self.run_batch([task])[0]
 
-    def run_batch(self, tasks: list[ClaimedTask]) -> list[Outcome]:
+    def run_batch(
+        self, tasks: list[ClaimedTask], *, stopping: threading.Event | None = None
+    ) -> list[Outcome]:
         self.runs += [task.id for task in tasks]
         return [self.outcomes[task.payload["n"]] for task in tasks]
 
