@@ -17,6 +17,7 @@ import os
 import re
 import time
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -24,11 +25,13 @@ from service.domain import ErrorCode
 from service.errors import TransientError
 from service.logs import redact
 from service.metrics import UPSTREAM_LATENCY
-from service.text import has_unstorable
+from service.text import escape_unstorable, has_unstorable
 
 MAX_MESSAGE_CHARS = 500
 # The longest job id kept (generations.upstream_job); a callback's longer one is refused too.
 MAX_JOB_ID = 100
+# The largest limit or count a 429's message is believed to state.
+MAX_STATED_COUNT = 100_000
 _LIMIT = re.compile(r"rate limit is (\d+)", re.IGNORECASE)
 _ACTIVE = re.compile(r"currently processing (\d+)", re.IGNORECASE)
 # The 403 of an account whose requests have run out, told from the other 403s (a missing key
@@ -143,7 +146,11 @@ class DeepImageClient:
     def result(self, job: str) -> UpstreamJob:
         """Poll a job (`GET /rest_api/result/{job}`)."""
         return self._measured(
-            "result", "GET", f"/rest_api/result/{job}", None, ErrorCode.UPSTREAM_NOT_FOUND
+            "result",
+            "GET",
+            f"/rest_api/result/{quote(job, safe='')}",
+            None,
+            ErrorCode.UPSTREAM_NOT_FOUND,
         )
 
     def _measured(
@@ -244,8 +251,8 @@ def _interpret(response: requests.Response, not_found: ErrorCode) -> UpstreamJob
         limit, active = _LIMIT.search(message), _ACTIVE.search(message)
         raise UpstreamBusy(
             message,
-            limit=int(limit.group(1)) if limit else None,
-            active=int(active.group(1)) if active else None,
+            limit=_plausible(limit),
+            active=_plausible(active),
         )
     if status >= 500:
         raise TransientUpstreamError(message, http_status=status)
@@ -270,6 +277,15 @@ def _interpret(response: requests.Response, not_found: ErrorCode) -> UpstreamJob
     )
 
 
+def _plausible(count: re.Match[str] | None) -> int | None:
+    """A count a 429 states (its limit, its jobs in flight), or None past MAX_STATED_COUNT:
+    no account has that many, and the database's integer could not hold some."""
+    if count is None:
+        return None
+    value = int(count.group(1))
+    return value if value <= MAX_STATED_COUNT else None
+
+
 def _json_object(response: requests.Response) -> dict[str, Any] | None:
     try:
         body = response.json()
@@ -283,5 +299,7 @@ def _message(body: dict[str, Any] | None, status: int) -> str:
     if isinstance(raw, str) and raw.strip():
         # Shown to the tenant and stored: a URL it quotes (the signed URL of a gs:// input, the
         # callback URL) loses its query and callback token.
-        return redact(raw.strip())[:MAX_MESSAGE_CHARS]
+        # A NUL or a lone surrogate in it could not be stored: the submit's outcome would
+        # never be written, and the submit sent again after each lease.
+        return escape_unstorable(redact(raw.strip()))[:MAX_MESSAGE_CHARS]
     return f"Deep-Image answered HTTP {status}"

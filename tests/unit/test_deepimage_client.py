@@ -13,6 +13,7 @@ from service.adapters.deepimage import (
     DeepImageClient,
     PermanentUpstreamError,
     TransientUpstreamError,
+    UpstreamBusy,
     UpstreamJob,
     UpstreamQuotaExhausted,
     upstream_session,
@@ -357,3 +358,42 @@ def test_a_result_without_a_status_but_with_its_url_is_finished(
     )
     job = client.result(JOB)
     assert (job.status, job.result_url, job.finished) == (status, result_url, finished)
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [("bad \u0000 image", "bad \\x00 image"), ("bad \ud800 image", "bad \\ud800 image")],
+)
+@responses.activate
+def test_a_message_no_database_can_store_is_kept_escaped(
+    client: DeepImageClient, sent: str, kept: str
+) -> None:
+    """Stored as it came, it failed every write of the submit's outcome: the generation stayed
+    queued and its submit was sent again after each lease, for hours."""
+    body = json.dumps({"message": sent}, ensure_ascii=True)  # \\u0000, \\ud800: valid JSON
+    responses.post(f"{BASE}/rest_api/process", status=400, body=body)
+    with pytest.raises(PermanentUpstreamError) as caught:
+        client.process({})
+    assert caught.value.message == kept
+
+
+@pytest.mark.parametrize(("stated", "limit"), [("5", 5), ("100000", 100_000), ("3000000000", None)])
+@responses.activate
+def test_a_429s_stated_limit_is_believed_only_where_plausible(
+    client: DeepImageClient, stated: str, limit: int | None
+) -> None:
+    """3000000000 could not be stored on PostgreSQL (a loop of failed submits), and on SQLite
+    it lifted genrelay's own cap."""
+    message = f"Your rate limit is {stated} and you are currently processing {stated} jobs"
+    responses.post(f"{BASE}/rest_api/process", status=429, json={"message": message})
+    with pytest.raises(UpstreamBusy) as caught:
+        client.process({})
+    assert (caught.value.limit, caught.value.active) == (limit, limit)
+
+
+@responses.activate
+def test_a_job_id_is_one_path_segment_of_the_result_url(client: DeepImageClient) -> None:
+    """`result("../me")` asked for GET /rest_api/me."""
+    responses.get(f"{BASE}/rest_api/result/..%2Fme%3Fx", json={"job": "../me?x"})
+    assert client.result("../me?x").job == "../me?x"
+    assert responses.calls[0].request.url == f"{BASE}/rest_api/result/..%2Fme%3Fx"
