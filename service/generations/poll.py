@@ -30,8 +30,10 @@ from service.runtime.queue import ClaimedTask, TaskQueue
 
 log = logging.getLogger("genrelay.poll")
 
-# Polling backs off from FIRST_POLL_DELAY (polling-only mode) up to MAX_POLL_DELAY.
+# Polling backs off from FIRST_POLL_DELAY (polling-only mode) up to MAX_POLL_DELAY; never
+# less than MIN_POLL_DELAY between polls (GENRELAY_RECONCILE_AFTER=0 polls at once, first).
 FIRST_POLL_DELAY = 2.0
+MIN_POLL_DELAY = 1.0
 MAX_POLL_DELAY = 60.0
 
 
@@ -163,5 +165,8 @@ def _then_ended(apply: Apply, queue: TaskQueue, generation_id: str, now: dt.date
 
 
 def _next_delay(task: ClaimedTask) -> float:
-    """The wait before the next poll: twice the last one, up to MAX_POLL_DELAY."""
-    return min(MAX_POLL_DELAY, 2 * float(task.payload.get("delay", FIRST_POLL_DELAY)))
+    """The wait before the next poll: twice the last one, from MIN_POLL_DELAY up to
+    MAX_POLL_DELAY (a first wait of 0 doubled to 0 for ever: a hundred polls of a job of a
+    few seconds)."""
+    last = float(task.payload.get("delay", FIRST_POLL_DELAY))
+    return min(MAX_POLL_DELAY, max(MIN_POLL_DELAY, 2 * last))

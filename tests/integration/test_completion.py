@@ -1006,3 +1006,19 @@ def test_a_poll_refused_while_the_callback_is_accepted_does_not_fail_the_generat
     shown = client.get(f"/v1/generations/{generation['id']}", headers=auth).json
     assert (shown["status"], shown["error"]) == ("succeeded", None)
     assert len(list(objects(services))) == 1
+
+
+def test_polls_are_a_second_apart_at_least_even_after_a_first_wait_of_zero(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    """GENRELAY_RECONCILE_AFTER=0: a first wait of 0, doubled to 0 for ever, polled a job of
+    a few seconds about a hundred times."""
+    set_simulator(simulator.url, processing_time=30)
+    services, client, auth = make_client(config.replace(reconcile_after=0.0))
+    create(client, auth, {"input": TEXT_ONLY})
+    [poll] = services.queue.claim_due_tasks(kinds=[POLL])
+    assert poll.payload == {"delay": 0.0}
+    services.runner.execute(poll)  # the job is still running: asked again later
+    (waiting,) = tasks_of(services, POLL)
+    assert (waiting.status, waiting.payload) == ("pending", {"delay": 1.0})
+    assert waiting.run_at >= utcnow() + dt.timedelta(seconds=0.5)
