@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import math
 
 import flask
@@ -18,12 +19,19 @@ def services() -> Services:
     return flask.current_app.extensions["genrelay"]
 
 
-def client_address(request: flask.Request) -> str:
-    """Who is calling: the last X-Forwarded-For entry (added by the front end, e.g. Cloud
-    Run's, which a client cannot forge), else the connection's peer."""
-    forwarded = request.headers.get("X-Forwarded-For", "")
-    last = forwarded.rsplit(",", 1)[-1].strip()
-    return last or request.remote_addr or "unknown"
+def client_address(request: flask.Request, trusted_proxies: int) -> str:
+    """Who is calling: the X-Forwarded-For entry `trusted_proxies` from its end (each proxy
+    in front appends the address it was reached from, Cloud Run's front end one, so a client
+    can forge only the entries before), else the connection's peer. A client reaching
+    gunicorn directly writes the whole header: `trusted_proxies` 0 ignores it. An entry that
+    is not an IP address is not taken either (it would be any text a client likes, kept as a
+    key of the limiter's table)."""
+    if trusted_proxies > 0:
+        entries = request.headers.get("X-Forwarded-For", "").split(",")
+        if len(entries) >= trusted_proxies:
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.ip_address(entries[-trusted_proxies].strip()))
+    return request.remote_addr or "unknown"
 
 
 def require_tenant() -> None:
@@ -37,7 +45,7 @@ def require_tenant() -> None:
     key = key.strip()
     key_hash = hash_api_key(key)
     bad_keys = services().bad_keys
-    address = client_address(flask.request)
+    address = client_address(flask.request, services().config.trusted_proxies)
     wait = bad_keys.refuse(address, key_hash)
     if wait is not None:  # before the database: invalid keys cost a lookup each
         seconds = max(1, math.ceil(wait))

@@ -80,6 +80,9 @@ class Config:
     # Per API key and per process (see service/ratelimit.py); 0 turns the limit off.
     rate_limit: float = 50.0
     rate_limit_burst: int = 100
+    # Proxies in front that each append to X-Forwarded-For: the client's address (for the
+    # limit on invalid keys) is the entry that many from its end; 0: the connection's peer.
+    trusted_proxies: int = 1
     # Largest request body accepted, in bytes (inline base64 images make bodies large).
     max_request_bytes: int = 25 * 1024 * 1024
     # Jobs the Deep-Image account may have processing at once; None: learned
@@ -181,6 +184,13 @@ class Config:
             if not _whole_number(v) or int(v) < 1:
                 raise ConfigError("GENRELAY_RATE_LIMIT_BURST must be a whole number above 0")
             values["rate_limit_burst"] = int(v)
+        if (v := text("GENRELAY_TRUSTED_PROXIES")) is not None:
+            if not _whole_number(v) or int(v) > 10:
+                raise ConfigError(
+                    "GENRELAY_TRUSTED_PROXIES must be a whole number from 0 to 10 (proxies in "
+                    "front that append to X-Forwarded-For; 0 when clients connect directly)"
+                )
+            values["trusted_proxies"] = int(v)
         if (v := text("GENRELAY_UPSTREAM_CONCURRENCY")) is not None:
             if not _whole_number(v) or int(v) < 1:
                 raise ConfigError(

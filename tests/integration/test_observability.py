@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import flask
 import pytest
 
 from service.config import Config
@@ -253,6 +254,48 @@ def test_invalid_keys_are_limited_per_address_before_the_database(
     # ...and other addresses are not affected.
     other = {"Authorization": "Bearer gr_not_a_key_y", "X-Forwarded-For": "192.0.2.9"}
     assert client.get("/v1/generations", headers=other).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "proxies", "seen"),
+    [
+        (None, 1, "192.0.2.1"),
+        ("203.0.113.7", 1, "203.0.113.7"),
+        ("1.2.3.4, 203.0.113.7", 1, "203.0.113.7"),
+        ("1.2.3.4, 203.0.113.7", 2, "1.2.3.4"),
+        ("203.0.113.7", 2, "192.0.2.1"),  # fewer entries than proxies: not through them
+        ("203.0.113.7", 0, "192.0.2.1"),  # reached directly: the header is the client's
+        ("a" * 60_000, 1, "192.0.2.1"),  # not an address: not a key of the limiter's table
+        ("1.2.3.4, 2001:DB8::1", 1, "2001:db8::1"),
+    ],
+)
+def test_the_client_address_is_the_entry_the_trusted_proxies_added(
+    forwarded: str | None, proxies: int, seen: str
+) -> None:
+    from handlers.auth import client_address
+
+    app = flask.Flask("test")
+    headers = {} if forwarded is None else {"X-Forwarded-For": forwarded}
+    with app.test_request_context(headers=headers, environ_base={"REMOTE_ADDR": "192.0.2.1"}):
+        assert client_address(flask.request, proxies) == seen
+
+
+def test_a_client_reaching_the_service_directly_cannot_choose_its_address(
+    config: Any, make_client: Any
+) -> None:
+    """With the header trusted, a new X-Forwarded-For each time escaped the limit on invalid
+    keys: unlimited guesses, each a database lookup."""
+    from service.ratelimit import BAD_KEY_BURST
+
+    _services, client, _auth = make_client(config.replace(trusted_proxies=0))
+    answers = [
+        client.get(
+            "/v1/generations",
+            headers={"Authorization": f"Bearer gr_not_a_key_{n}", "X-Forwarded-For": f"10.0.0.{n}"},
+        ).status_code
+        for n in range(BAD_KEY_BURST + 2)
+    ]
+    assert answers == [401] * BAD_KEY_BURST + [429, 429]
 
 
 @pytest.fixture

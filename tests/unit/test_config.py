@@ -46,6 +46,7 @@ def test_every_variable_is_read() -> None:
             "GENRELAY_METRICS_TOKEN": "m-token",
             "GENRELAY_RATE_LIMIT": "2.5",
             "GENRELAY_RATE_LIMIT_BURST": "7",
+            "GENRELAY_TRUSTED_PROXIES": "2",
             "GOOGLE_CLOUD_PROJECT": "proj",
             "GENRELAY_DEEPIMAGE_TIMEOUT": "2",
             "GENRELAY_TASK_LEASE": "5",
@@ -72,6 +73,7 @@ def test_every_variable_is_read() -> None:
     assert config.max_result_bytes == 1000
     assert config.metrics_token == "m-token"
     assert (config.rate_limit, config.rate_limit_burst) == (2.5, 7)
+    assert config.trusted_proxies == 2
     assert config.gcp_project == "proj"
     assert config.deepimage_timeout == (2.0, 2.0)
     assert config.task_lease == 5
@@ -97,6 +99,8 @@ def test_every_variable_is_read() -> None:
         ({**MINIMAL, "GENRELAY_SUBMIT_MAX_AGE": "0"}, "GENRELAY_SUBMIT_MAX_AGE"),
         ({**MINIMAL, "GENRELAY_RATE_LIMIT": "-1"}, "GENRELAY_RATE_LIMIT"),
         ({**MINIMAL, "GENRELAY_RATE_LIMIT_BURST": "0"}, "GENRELAY_RATE_LIMIT_BURST"),
+        ({**MINIMAL, "GENRELAY_TRUSTED_PROXIES": "-1"}, "GENRELAY_TRUSTED_PROXIES"),
+        ({**MINIMAL, "GENRELAY_TRUSTED_PROXIES": "11"}, "GENRELAY_TRUSTED_PROXIES"),
         ({**MINIMAL, "GENRELAY_DATABASE_URL": "mysql://x"}, "GENRELAY_DATABASE_URL"),
         ({**MINIMAL, "GENRELAY_DEEPIMAGE_URL": "ftp://x"}, "GENRELAY_DEEPIMAGE_URL"),
         ({**MINIMAL, "GENRELAY_PUBLIC_URL": "relay.example.com"}, "GENRELAY_PUBLIC_URL"),
