@@ -32,6 +32,9 @@ from service.database import Store
 from service.models import Tenant
 
 MAX_WEIGHT = 1000
+# A tenant's cap on its jobs at Deep-Image; past it, the same as none (and a larger number
+# would not fit the database's integer).
+MAX_IN_FLIGHT = 100_000
 # Deep-Image storage names as they appear in storage://NAME/...
 STORAGE_NAME_RE = re.compile(r"^[^/\s]{1,200}$")
 MAX_RETENTION = 10 * 365 * 24 * 3600
@@ -139,8 +142,12 @@ class Tenants:
         if weight is not None and not 1 <= weight <= MAX_WEIGHT:
             raise InvalidSetting(f"weight must be a whole number from 1 to {MAX_WEIGHT}")
         capped = max_in_flight is not UNCHANGED and max_in_flight is not None
-        if capped and (not isinstance(max_in_flight, int) or max_in_flight < 1):
-            raise InvalidSetting("max in flight must be a whole number above 0")
+        if capped and (
+            not isinstance(max_in_flight, int) or not 1 <= max_in_flight <= MAX_IN_FLIGHT
+        ):
+            raise InvalidSetting(
+                f"max in flight must be a whole number from 1 to {MAX_IN_FLIGHT} (or none)"
+            )
         if input_buckets is not None:
             check_buckets(input_buckets)
         if add_input_buckets is not None:

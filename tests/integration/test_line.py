@@ -522,3 +522,7 @@ def test_tenants_cli_shows_and_changes_settings(genrelay: Callable[..., Run]) ->
     assert [line.split("\t")[0] for line in listed.out.splitlines()] == ["acme"]
     assert genrelay("tenants", "show", "nobody").code == 1
     assert genrelay("tenants", "set", "acme", "--weight", "0").code == 2
+    # Past any account's jobs, and past the database's integer: a traceback before.
+    too_many = genrelay("tenants", "set", "acme", "--max-in-flight", "3000000000")
+    assert too_many.code == 2
+    assert "max in flight must be a whole number from 1 to 100000" in too_many.err
