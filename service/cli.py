@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from service.config import Config, ConfigError, ProcessSettings
+from service.text import has_unstorable
 
 if TYPE_CHECKING:
     from service.adapters.blobstore import GcsBlobStore
@@ -47,6 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return inbox_main(args_list[1:])
     parser = _parser()
     args = parser.parse_args(args_list)
+    if undecodable := [a for a in args_list if has_unstorable(a)]:
+        # Bytes that are not UTF-8 reach Python as lone surrogates, which no database (and
+        # no terminal) takes: a traceback deep in a lookup otherwise.
+        shown = undecodable[0].encode("utf-8", "backslashreplace").decode()
+        print(f"genrelay: an argument is not UTF-8 text: {shown}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2

@@ -77,6 +77,20 @@ def test_the_dev_port_is_checked_like_the_worker_port(capsys: pytest.CaptureFixt
     assert "argument --port: must be a port from 1 to 65535" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["keys", "list", "\udcff"], ["tenants", "show", "\udcff"], ["keys", "revoke", "\udcff"],
+     ["tenants", "set", "acme", "--storages", "a\udcffb"]],
+)  # fmt: skip
+def test_an_argument_that_is_not_utf8_is_refused_in_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bytes b'\\xff' reach Python as the lone surrogate U+DCFF: a traceback before."""
+    assert main(argv) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == "genrelay: an argument is not UTF-8 text: \\udcff" or "a\\udcffb" in line
+
+
 def test_dev_without_the_local_extra_says_so_before_making_anything(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
