@@ -353,6 +353,14 @@ class BoundedThreadWorker(ThreadWorker):
             return False
         return bool(super()._keepalive_after(conn, keepalive))
 
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        """A connection `_keepalive_after` will end says so in its answer (`Connection:
+        close`), rather than announcing keep-alive and closing: a client that sent its next
+        request on it meanwhile would see it go unanswered."""
+        if getattr(conn, "body_streamed", False):
+            req.must_close = True
+        return super().handle_request(req, conn)
+
     def handle(self, conn: Any) -> Any:
         """Runs in a thread: give the parser what the event loop read, then serve."""
         buffered = conn.request_buffer

@@ -162,6 +162,8 @@ def test_a_streamed_body_refused_unread_closes_the_connection_at_once(
             except ConnectionResetError:  # closed with our bytes unread: the answer may be lost
                 reset = True
             assert b"HTTP/1.1 401 " in answer or reset  # (after a 100 Continue, for one)
+            if not reset:  # it says it ends the connection, as it does
+                assert b"\r\nConnection: close\r\n" in answer, answer
         assert time.monotonic() - started < 2.0
         healthz = time.monotonic()
         assert requests.get(f"{server}/healthz", timeout=5).status_code == 200
