@@ -253,34 +253,14 @@ class TaskQueue:
         right now is left alone; its handler checks the state itself. Returns how many.
         """
         now = self.clock()
-        result = session.execute(
-            sa.update(Task)
-            .where(
-                Task.generation_id == generation_id,
-                Task.kind == kind,
-                Task.status == TaskStatus.PENDING,
-            )
-            .values(status=TaskStatus.DONE, finished_at=now, updated_at=now, last_error=reason)
-            .execution_options(synchronize_session=False)
-        )
-        return int(getattr(result, "rowcount", 0) or 0)
+        done = {"status": TaskStatus.DONE, "finished_at": now, "last_error": reason}
+        return _update_pending(session, kind, generation_id, now, **done)
 
     def hurry_pending(self, session: Session, kind: str, generation_id: str) -> int:
         """Make a generation's pending tasks of `kind` due now, inside the caller's transaction
         (their attempts unchanged); returns how many. A task a worker holds is left alone."""
         now = self.clock()
-        result = session.execute(
-            sa.update(Task)
-            .where(
-                Task.generation_id == generation_id,
-                Task.kind == kind,
-                Task.status == TaskStatus.PENDING,
-                Task.run_at > now,
-            )
-            .values(run_at=now, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        return int(getattr(result, "rowcount", 0) or 0)
+        return _update_pending(session, kind, generation_id, now, Task.run_at > now, run_at=now)
 
     def claim_due_tasks(
         self, limit: int = 1, kinds: Iterable[str] | None = None
@@ -637,6 +617,30 @@ CLAIMED_COLUMNS = (
     "claim_token",
     "lease_expires_at",
 )
+
+
+def _update_pending(
+    session: Session,
+    kind: str,
+    generation_id: str,
+    now: dt.datetime,
+    *where: sa.ColumnElement[bool],
+    **values: Any,
+) -> int:
+    """Set `values` (and updated_at) on a generation's pending tasks of `kind` that match
+    `where`, in the caller's transaction; how many."""
+    result = session.execute(
+        sa.update(Task)
+        .where(
+            Task.generation_id == generation_id,
+            Task.kind == kind,
+            Task.status == TaskStatus.PENDING,
+            *where,
+        )
+        .values(updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _claimed(row: Task) -> ClaimedTask:
