@@ -27,10 +27,11 @@ workers = _process.web_processes
 threads = _process.web_threads
 # Cloud Run enforces request timeouts itself; gunicorn's would kill healthy slow requests.
 timeout = 0
-# Platforms kill a process 10 s after SIGTERM (Cloud Run, docker stop): in-flight requests
-# get 7 s, then the worker exits, handing back the inline stores it runs within EXIT_WAIT
-# (service/runtime/inline.py) before the kill.
-graceful_timeout = 7
+# Platforms kill a process 10 s after SIGTERM (Cloud Run, docker stop): the arbiter kills
+# its workers after 9 s, and each worker drains its requests for 6 s of them, then hands
+# back the inline stores it still runs within EXIT_WAIT (service/server/gunicorn_worker.py,
+# init_process).
+graceful_timeout = 9
 keepalive = 5
 # Both logs on the console, which RedactingLogger makes JSON lines on stderr for both.
 accesslog = "-"

@@ -41,6 +41,7 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from service.config import ProcessSettings
 from service.errors import ClientTooSlow
+from service.runtime.inline import EXIT_WAIT
 
 # Validated (with every other setting) when `genrelay serve` starts, before gunicorn loads this.
 READ_TIMEOUT = ProcessSettings.from_env().request_timeout
@@ -63,6 +64,8 @@ ACCEPT_PAUSE = 1.0
 # A stopping worker still waits this long for requests being read (GENRELAY_REQUEST_TIMEOUT's
 # default 15 s is past the 10 s platforms give a process after SIGTERM).
 STOP_READ = 2.0
+# Between the end of a stopping worker's drain and the arbiter's kill, besides EXIT_WAIT.
+DRAIN_MARGIN = 0.5
 _RECV = 256 * 1024
 
 _END_OF_HEAD = b"\r\n\r\n"
@@ -93,6 +96,15 @@ def declared_length(head: bytes) -> int | None:
         return None
     digits = values[0].lstrip(b"0") or b"0"
     return int(digits) if len(digits) <= 18 else None
+
+
+def _waiting(sock: socket.socket) -> bool:
+    """Whether bytes the loop has not read yet wait on `sock` (a request on a kept-alive
+    connection, say, arrived in the loop turn that stops the worker)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing there (EAGAIN), or the connection is gone
+        return False
 
 
 class _RequestSocket(socket.socket):
@@ -149,6 +161,14 @@ class BoundedThreadWorker(ThreadWorker):
         self._budget = threading.Lock()
         self.accept_paused_until = 0.0
         self.stop_reads_by: float | None = None  # set once the worker is stopping
+
+    def init_process(self) -> None:
+        """In the worker process: its drain at stop ends EXIT_WAIT + DRAIN_MARGIN seconds
+        before the arbiter's kill (both read `graceful_timeout`), so that the inline stores
+        still running are handed back (service/runtime/inline.py) before it."""
+        drain = int(self.cfg.graceful_timeout - EXIT_WAIT - DRAIN_MARGIN)  # whole seconds
+        self.cfg.set("graceful_timeout", max(1, drain))
+        super().init_process()
 
     def accept(self, listener: Any) -> None:
         try:
@@ -304,7 +324,8 @@ class BoundedThreadWorker(ThreadWorker):
             self.stop_reads_by = now + STOP_READ
         for conn, deadline in list(self.reading.items()):
             if self.stop_reads_by is not None:
-                deadline = min(deadline, now if not conn.pending_bytes else self.stop_reads_by)
+                silent = not conn.pending_bytes and not _waiting(conn.sock)
+                deadline = min(deadline, now if silent else self.stop_reads_by)
             if deadline <= now:
                 self.log.debug("closing %s: no complete request in %g s", conn.client, READ_TIMEOUT)
                 self._close_reading(conn)
