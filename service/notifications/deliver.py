@@ -180,14 +180,14 @@ class DeliverHandler:
         outcomes: list[Outcome] = []
         for task, delivery_id in zip(tasks, ids, strict=True):
             chosen = attempting[delivery_id]
-            if stopping is not None and stopping.is_set():
-                outcomes.append(Later(0.0, "not sent: the worker was stopping"))
-                continue
             if task is not chosen:
                 if _is_replay(task):
                     outcomes.append(DONE)  # another replay of it is sent in this batch
                 else:
                     outcomes.append(Later(ORDER_WAIT, "a replay of this delivery is being sent"))
+                continue
+            if stopping is not None and stopping.is_set():  # no POST begun from here on
+                outcomes.append(Later(0.0, "not sent: the worker was stopping"))
                 continue
             replay = None
             if _is_replay(task):

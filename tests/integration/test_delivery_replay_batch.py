@@ -19,6 +19,7 @@ from service.config import Config
 from service.models import Task
 from service.runtime.kinds import DELIVER
 from tests.helpers import drain
+from tests.integration.test_delivery_streak import SetAfterOneLook
 from tests.integration.test_notifications import generate, subscribe, types_of
 
 # Two attempts: at once, then an hour later (brought forward by the tests).
@@ -208,4 +209,25 @@ def test_two_replays_in_one_batch_send_once(
     shown = client.get(f"/v1/deliveries/{dead['id']}", headers=auth).json
     assert (shown["status"], shown["attempt_count"]) == ("succeeded", 2)
     assert len(receiver.requests) == 2
+    assert _deliver_tasks(services, dead["id"], "pending", "running") == []
+
+
+def test_two_replays_in_a_stopping_workers_batch_send_once(
+    config: Config, make_client: Any, receiver_factory: Any
+) -> None:
+    """Told to stop after sending the first replay, the worker handed the second back
+    (due at once) instead of ending it with the first: the delivery went out again."""
+    services, client, auth = make_client(config.replace(webhook_retry_schedule=(0.0,)))
+    receiver = receiver_factory([500, 204])
+    subscribe(client, auth, receiver.url, events=["generation.processing"])
+    generate(client, auth)
+    drain(services)
+    [dead] = client.get("/v1/deliveries?status=dead", headers=auth).json["data"]
+    for _ in range(2):
+        assert client.post(f"/v1/deliveries/{dead['id']}/retry", headers=auth).status_code == 202
+    tasks = services.queue.claim_due_tasks(limit=8, kinds=[DELIVER])
+    assert len(tasks) == 2
+    services.runner.execute_batch(tasks, stopping=SetAfterOneLook())
+    drain(services)
+    assert len(receiver.requests) == 2  # the dead attempt, and one replay
     assert _deliver_tasks(services, dead["id"], "pending", "running") == []

@@ -56,7 +56,7 @@ def _pings_in_one_batch(
     services.runner.execute_batch(tasks)
 
 
-class _SetAfterOneLook(threading.Event):
+class SetAfterOneLook(threading.Event):
     """Told to stop while the batch's first delivery is sent."""
 
     def __init__(self) -> None:
@@ -80,7 +80,7 @@ def test_a_stopping_worker_sends_no_more_of_its_batch_and_records_what_it_sent(
         assert client.post(f"/v1/subscriptions/{created['id']}/test", headers=auth).status_code
     tasks = services.queue.claim_due_tasks(limit=8, kinds=[DELIVER])
     assert len(tasks) == 3
-    services.runner.execute_batch(tasks, stopping=_SetAfterOneLook())
+    services.runner.execute_batch(tasks, stopping=SetAfterOneLook())
     assert len(receiver.requests) == 1
     with services.store.read() as session:
         deliveries = session.execute(sa.select(Delivery.status, Delivery.attempts)).all()
