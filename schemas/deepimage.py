@@ -193,7 +193,8 @@ def _http_problem(value: str) -> str | None:
         return "A URL must not contain spaces or control characters."
     try:
         parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        if parts.port == 0:  # (reading it raises ValueError for one past 65535, or no number)
+            return "Not a valid URL."
     except ValueError:  # e.g. an unbalanced "[" in an IPv6 host, a port of 99999
         return "Not a valid URL."
     if parts.scheme.lower() not in ("http", "https"):

@@ -347,6 +347,7 @@ INVALID: list[tuple[str, Any, tuple[Any, ...]]] = [
     ("url_bad_ipv6", {"url": "http://[::1/a.jpg"}, ("url",)),
     ("url_port_out_of_range", {"url": "http://example.com:99999/a.jpg"}, ("url",)),
     ("url_port_not_a_number", {"url": "http://example.com:xx/a.jpg"}, ("url",)),
+    ("url_port_zero", {"url": "http://example.com:0/a.jpg"}, ("url",)),
     ("url_empty_base64", {"url": "base64,"}, ("url",)),
     ("url_base64_not_base64", {"url": "base64,@@@"}, ("url",)),
     ("url_empty_data_uri", {"url": "data:image/png;base64,"}, ("url",)),

@@ -226,6 +226,7 @@ INVALID_BODIES = [
     pytest.param({**URL_INPUT, "quality": 101}, "quality", id="quality"),
     pytest.param({"url": "ftp://x/y.png"}, "Unidentified image", id="url-scheme"),
     pytest.param({"url": "http://x.com:99999/y.png"}, "Unidentified image", id="url-port"),
+    pytest.param({"url": "http://x.com:0/y.png"}, "Unidentified image", id="url-port-zero"),
     pytest.param({"url": "base64,@@@not-an-image"}, "Unidentified image", id="inline-garbage"),
     # inline images: base64,… or data:image/…;base64,…, strictly decoded, as genrelay decides
     *(

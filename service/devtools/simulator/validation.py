@@ -256,10 +256,10 @@ def _http_url(value: Any) -> bool:
     try:
         parts = urlsplit(value)
         host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        port = parts.port  # raises ValueError for a port past 65535, or no number
     except ValueError:  # e.g. an unbalanced "[" in an IPv6 host, a port of 99999
         return False
-    return parts.scheme in ("http", "https") and bool(host)
+    return parts.scheme in ("http", "https") and bool(host) and port != 0
 
 
 def _storage_file(value: str) -> None:
