@@ -306,10 +306,12 @@ def is_metadata_address(address: IPAddress) -> bool:
     return any(a in network for a in candidates for network in _METADATA_NETWORKS)
 
 
-# IPv6 prefixes whose last 32 bits are an IPv4 address a packet may end up at: the NAT64
-# well-known prefix (RFC 6052), and IPv4-compatible addresses (::a.b.c.d, deprecated).
+# IPv6 prefixes whose last 32 bits are an IPv4 address a packet may end up at: NAT64's
+# (RFC 6052), SIIT's, and IPv4-compatible addresses (::a.b.c.d, deprecated).
 _IPV4_SUFFIX_NETWORKS = (
     ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215)
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),  # IPv4-translated (SIIT, RFC 7915)
     ipaddress.IPv6Network("::/96"),
 )
 

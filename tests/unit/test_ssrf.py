@@ -149,6 +149,8 @@ def test_allow_private_allows_http_and_every_address(url: str, addresses: list[s
         "http://169.254.170.2/v2/credentials",
         "http://[::ffff:169.254.169.254]/",
         "http://[64:ff9b::a9fe:a9fe]/",  # NAT64 (RFC 6052)
+        "http://[64:ff9b:1::a9fe:a9fe]/",  # local-use NAT64 (RFC 8215)
+        "http://[::ffff:0:a9fe:a9fe]/",  # IPv4-translated (SIIT)
         "http://[2002:a9fe:a9fe::]/",  # 6to4
         "http://[::a9fe:a9fe]/",  # IPv4-compatible
         "http://[2001:0:4136:e378:8000:63bf:5601:5601]/",  # Teredo, client 169.254.169.254
