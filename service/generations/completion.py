@@ -182,6 +182,11 @@ class CompletionService:
                 ):
                     request_wake(session)
                 return CallbackOutcome.IGNORED
+            if generation.upstream_job is None:  # the submit's commit is still to come
+                raise Conflict(
+                    "the generation's upstream job is not recorded yet; retry later",
+                    headers={"Retry-After": "5"},
+                )
             if generation.upstream_job != job:
                 raise Conflict(f"job {job!r} is not this generation's recorded upstream job")
             if generation.source_found_at is not None:

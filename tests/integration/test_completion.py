@@ -399,6 +399,18 @@ def test_a_callback_without_a_result_makes_the_jobs_poll_run_now(
     wait_until_failed(simulator, generation["upstream"]["job"])
     wrong_job = call_back(client, generation, None, job="another-job")
     assert wrong_job.status_code == 409
+    with services.store.transaction() as session:  # as if it overtook the submit's commit
+        session.execute(
+            sa.update(Generation).where(Generation.id == generation["id"]).values(upstream_job=None)
+        )
+    early = call_back(client, generation, None)
+    assert (early.status_code, early.headers.get("Retry-After")) == (409, "5")
+    with services.store.transaction() as session:
+        session.execute(
+            sa.update(Generation)
+            .where(Generation.id == generation["id"])
+            .values(upstream_job=generation["upstream"]["job"])
+        )
     failed = {"result_url": None, "status": "failed", "message": "technical issues"}
     answer = call_back(client, generation, None, **failed)
     assert (answer.status_code, answer.json) == (200, {"outcome": "accepted"})
