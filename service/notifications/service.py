@@ -157,7 +157,11 @@ class NotificationService:
         secret = new_secret()
         now = utcnow()
         with self.store.transaction() as session:
-            subscription = _owned(session, Subscription, tenant_id, subscription_id, "subscription")
+            # Locked: two rotations at once (a retry beside its lost first) take turns, or
+            # each would set `previous_secret` from the same row and one secret be lost.
+            subscription = _owned(
+                session, Subscription, tenant_id, subscription_id, "subscription", lock=True
+            )
             earlier = still_signing(subscription.earlier_secrets, now)
             expires = subscription.previous_secret_expires_at
             if subscription.previous_secret and expires and expires > now:
@@ -345,9 +349,12 @@ def _unlinked(event: Event) -> Event:
     )
 
 
-def _owned(session: Session, model: Any, tenant_id: str, item_id: str, what: str) -> Any:
-    """The row if it belongs to the tenant; NotFound for unknown ids and other tenants' ids."""
-    row = session.get(model, item_id)
+def _owned(
+    session: Session, model: Any, tenant_id: str, item_id: str, what: str, *, lock: bool = False
+) -> Any:
+    """The row if it belongs to the tenant; NotFound for unknown ids and other tenants' ids.
+    `lock`: locked until the transaction ends (FOR UPDATE; SQLite's writes take turns)."""
+    row = session.get(model, item_id, with_for_update=lock)
     if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"no {what} {item_id!r}")
     return row
