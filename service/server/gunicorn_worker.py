@@ -41,7 +41,6 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from service.config import ProcessSettings
 from service.errors import ClientTooSlow
-from service.runtime.inline import EXIT_WAIT
 
 # Validated (with every other setting) when `genrelay serve` starts, before gunicorn loads this.
 READ_TIMEOUT = ProcessSettings.from_env().request_timeout
@@ -166,6 +165,10 @@ class BoundedThreadWorker(ThreadWorker):
         """In the worker process: its drain at stop ends EXIT_WAIT + DRAIN_MARGIN seconds
         before the arbiter's kill (both read `graceful_timeout`), so that the inline stores
         still running are handed back (service/runtime/inline.py) before it."""
+        # Imported here, in the worker: the arbiter loads this module too, and need not load
+        # the task runtime (nor create its metrics in the arbiter's process).
+        from service.runtime.inline import EXIT_WAIT
+
         drain = int(self.cfg.graceful_timeout - EXIT_WAIT - DRAIN_MARGIN)  # whole seconds
         self.cfg.set("graceful_timeout", max(1, drain))
         super().init_process()
