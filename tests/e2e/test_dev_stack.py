@@ -7,12 +7,14 @@ are this installation's `genrelay`, not whatever `service` the current directory
 from __future__ import annotations
 
 import os
+import queue
 import re
-import selectors
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 import requests
@@ -25,21 +27,35 @@ pytestmark = pytest.mark.e2e
 UP = "genrelay dev stack is up"
 
 
-def _read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
-    """What the process printed, once a line holds `marker`; fails at `timeout` or its exit."""
-    assert process.stdout is not None
-    seen: list[str] = []
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
+class _Lines:
+    """The lines a process prints, read by a thread of their own: a selector on its buffered
+    stdout would wait for bytes the buffer has taken already (the banner arrives in one
+    piece with the lines around it)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        self.process, self.lines = process, queue.Queue[str | None]()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, args=(process.stdout,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def until(self, marker: str, timeout: float) -> str:
+        """What the process printed, once a line holds `marker`; fails at `timeout` or its
+        exit."""
         deadline = time.monotonic() + timeout
-        while not any(marker in line for line in seen):
-            if not selector.select(max(0.0, deadline - time.monotonic())):
-                pytest.fail(f"no {marker!r} within {timeout:.0f} s:\n{''.join(seen)}")
-            line = process.stdout.readline()
-            if not line:
-                pytest.fail(f"genrelay dev exited ({process.wait()}):\n{''.join(seen)}")
-            seen.append(line)
-    return "".join(seen)
+        while not any(marker in line for line in self.seen):
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no {marker!r} within {timeout:.0f} s:\n{''.join(self.seen)}")
+            if line is None:
+                pytest.fail(f"genrelay dev exited ({self.process.wait()}):\n{''.join(self.seen)}")
+            self.seen.append(line)
+        return "".join(self.seen)
 
 
 def test_the_dev_stack_comes_up_serves_the_banners_request_and_stops(tmp_path: Path) -> None:
@@ -58,8 +74,9 @@ def test_the_dev_stack_comes_up_serves_the_banners_request_and_stops(tmp_path: P
         start_new_session=True,  # its children in its group: stopped whole if the test fails
     )
     try:
-        banner = _read_until(process, UP, 90)
-        banner += _read_until(process, "Press Ctrl-C to stop.", 10)
+        printed = _Lines(process)
+        printed.until(UP, 90)
+        banner = printed.until("Press Ctrl-C to stop.", 10)
         key = re.search(r"Dev API key: (\S+)", banner)
         assert key is not None, banner
         headers = {"Authorization": f"Bearer {key[1]}"}
