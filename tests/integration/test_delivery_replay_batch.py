@@ -190,9 +190,12 @@ def test_a_failed_replay_recorded_with_its_given_up_scheduled_task_leaves_the_de
     assert len(receiver.requests) == 2
 
 
-def test_two_replays_in_one_batch_send_once(
+def _two_replays_of_a_dead_delivery(
     config: Config, make_client: Any, receiver_factory: Any
-) -> None:
+) -> tuple[Any, Any, dict[str, str], Any, dict[str, Any], list[Any]]:
+    """A delivery dead after one failed attempt, replayed twice, both replays claimed in one
+    batch: services, client, auth, the receiver (which accepts the next POST), the delivery
+    and the batch."""
     services, client, auth = make_client(config.replace(webhook_retry_schedule=(0.0,)))
     receiver = receiver_factory([500, 204])
     subscribe(client, auth, receiver.url, events=["generation.processing"])
@@ -203,6 +206,15 @@ def test_two_replays_in_one_batch_send_once(
         assert client.post(f"/v1/deliveries/{dead['id']}/retry", headers=auth).status_code == 202
     tasks = services.queue.claim_due_tasks(limit=8, kinds=[DELIVER])
     assert [bool(t.payload.get("replay")) for t in tasks] == [True, True]
+    return services, client, auth, receiver, dead, tasks
+
+
+def test_two_replays_in_one_batch_send_once(
+    config: Config, make_client: Any, receiver_factory: Any
+) -> None:
+    services, client, auth, receiver, dead, tasks = _two_replays_of_a_dead_delivery(
+        config, make_client, receiver_factory
+    )
     services.runner.execute_batch(tasks)
     drain(services)
 
@@ -217,15 +229,9 @@ def test_two_replays_in_a_stopping_workers_batch_send_once(
 ) -> None:
     """Told to stop after sending the first replay, the worker handed the second back
     (due at once) instead of ending it with the first: the delivery went out again."""
-    services, client, auth = make_client(config.replace(webhook_retry_schedule=(0.0,)))
-    receiver = receiver_factory([500, 204])
-    subscribe(client, auth, receiver.url, events=["generation.processing"])
-    generate(client, auth)
-    drain(services)
-    [dead] = client.get("/v1/deliveries?status=dead", headers=auth).json["data"]
-    for _ in range(2):
-        assert client.post(f"/v1/deliveries/{dead['id']}/retry", headers=auth).status_code == 202
-    tasks = services.queue.claim_due_tasks(limit=8, kinds=[DELIVER])
+    services, _client, _auth, receiver, dead, tasks = _two_replays_of_a_dead_delivery(
+        config, make_client, receiver_factory
+    )
     assert len(tasks) == 2
     services.runner.execute_batch(tasks, stopping=SetAfterOneLook())
     drain(services)
