@@ -25,7 +25,7 @@ from service.models import (
 )
 from service.notifications.events import queue_delivery, tenant_webhook_secret
 from service.notifications.signing import new_secret, still_signing
-from service.notifications.ssrf import Unresolvable, UnsafeURL, URLPolicy, lookups_for
+from service.notifications.ssrf import NoSuchHost, Unresolvable, UnsafeURL, URLPolicy, lookups_for
 from service.pagination import Page, paginate
 from service.runtime import wakeup
 from service.runtime.kinds import DELIVER
@@ -310,7 +310,10 @@ def require_safe_target(policy: URLPolicy, url: str, field: str, tenant_id: str)
         with lookups_for(tenant_id):  # its hung lookups count as the tenant's
             policy.check(url)
     except UnsafeURL as exc:
-        refusal = UnresolvableTarget if isinstance(exc, Unresolvable) else InvalidRequest
+        # A name the DNS says does not exist is refused like any unsafe URL; only a lookup
+        # that failed for now (no answer in time, a resolver down) may pass.
+        passing = isinstance(exc, Unresolvable) and not isinstance(exc, NoSuchHost)
+        refusal = UnresolvableTarget if passing else InvalidRequest
         raise refusal(
             f"{field}: {exc.reason}", errors=[{"field": field, "message": exc.reason}]
         ) from None

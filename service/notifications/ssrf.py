@@ -9,7 +9,8 @@ made (DNS rebinding), or a public URL can redirect to a private one.
 
 So, in two places:
 - `URLPolicy.check_syntax` (creation time, no DNS): https only (http in dev), a host, no
-  user:password, a valid port, at most 2048 characters, no cloud metadata host names.
+  user:password, a valid port, at most 2048 characters, no cloud metadata host names, a host
+  that is an IP address or could be a DNS name (`999.1.1.1` is neither).
 - `URLPolicy.check` (send time): the same, then the host is resolved and *every* address must be
   public: not private, loopback, link-local, multicast, unspecified, reserved, shared
   (100.64.0.0/10) or "this network" (0.0.0.0/8), nor an IPv6 form that embeds such an IPv4
@@ -92,6 +93,27 @@ class UnsafeURL(ValueError):
 
 class Unresolvable(UnsafeURL):
     """The host did not resolve (or not in time): may change, unlike the other refusals."""
+
+
+class NoSuchHost(Unresolvable):
+    """The DNS answered that the name does not exist (NXDOMAIN), or it is no DNS name at
+    all. Still an Unresolvable (a delivery tries again: the name may be created), but what
+    must be decided now, such as a trigger's event, can take it as the lasting answer."""
+
+
+# getaddrinfo's "no such name" (NXDOMAIN; EAI_NODATA, "no address for the name", where the
+# platform has it). A resolver that cannot be reached answers EAI_AGAIN instead.
+_NO_SUCH_NAME = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
+
+
+def _is_host_name(name: str) -> bool:
+    """Whether `name` (no trailing dot) can be a DNS name: at most 253 characters, labels of
+    1 to 63, and not all digits in the last (`999.1.1.1` is no address and no name)."""
+    labels = name.split(".")
+    fits = len(name) <= 253 and all(1 <= len(label) <= 63 for label in labels)
+    return fits and not labels[-1].isdigit()
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -406,6 +428,8 @@ class URLPolicy:
         )
         if target.hostname in _METADATA_HOSTS:
             raise UnsafeURL("the host is a cloud metadata service")
+        if target.ip_literal is None and not _is_host_name(target.hostname):
+            raise UnsafeURL("the host is neither an IP address nor a valid DNS name")
         if self.allowed_hosts is not None and not host_allowed(target.hostname, self.allowed_hosts):
             raise UnsafeURL("the host is not on the list of allowed hosts")
         return target
@@ -420,7 +444,13 @@ class URLPolicy:
             return [str(literal)]
         try:
             answers = self.resolver(target.host, target.port)
-        except (OSError, UnicodeError):
+        except socket.gaierror as exc:
+            if exc.errno in _NO_SUCH_NAME:
+                raise NoSuchHost("the host does not exist (the DNS has no such name)") from None
+            raise Unresolvable("the host does not resolve") from None
+        except UnicodeError:  # a name IDNA cannot encode: no DNS name at all
+            raise NoSuchHost("the host is not a valid DNS name") from None
+        except OSError:
             raise Unresolvable("the host does not resolve") from None
         addresses: list[IPAddress] = []
         for answer in answers:

@@ -11,6 +11,8 @@ import requests
 
 from service.notifications.ssrf import (
     MAX_URL_LENGTH,
+    NoSuchHost,
+    Unresolvable,
     UnsafeURL,
     URLPolicy,
     host_allowed,
@@ -219,6 +221,35 @@ def test_a_resolver_answer_that_is_not_an_address_is_refused() -> None:
     policy = URLPolicy(resolver=lambda host, port: ["not-an-ip"])
     with pytest.raises(UnsafeURL, match="does not resolve"):
         policy.check("https://hooks.example.com/")
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        ".".join(["a" * 63] * 4) + ".com",  # 256 characters: a DNS name has at most 253
+        "a" * 64 + ".example.com",  # a label has at most 63
+        "999.1.1.1",  # no address, and a name's last label is never all digits
+        "127.1",  # an address only to inet_aton, which getaddrinfo would take
+    ],
+)
+def test_a_host_that_is_no_address_and_no_dns_name_is_refused_without_a_lookup(host: str) -> None:
+    with pytest.raises(UnsafeURL, match="neither an IP address nor a valid DNS name") as refused:
+        URLPolicy(resolver=no_dns).check(f"https://{host}/hook")
+    assert not isinstance(refused.value, Unresolvable)  # lasting: nothing to try again
+
+
+def test_a_name_the_dns_says_does_not_exist_is_told_from_a_lookup_that_failed_for_now() -> None:
+    def answer(errno: int) -> Any:
+        def resolver(host: str, port: int) -> list[str]:
+            raise socket.gaierror(errno, "from the resolver")
+
+        return resolver
+
+    with pytest.raises(NoSuchHost, match="does not exist"):
+        URLPolicy(resolver=answer(socket.EAI_NONAME)).check("https://gone.example.com/")
+    with pytest.raises(Unresolvable, match="does not resolve") as for_now:
+        URLPolicy(resolver=answer(socket.EAI_AGAIN)).check("https://hooks.example.com/")
+    assert not isinstance(for_now.value, NoSuchHost)
 
 
 def test_an_empty_resolver_answer_is_refused() -> None:
