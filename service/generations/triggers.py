@@ -23,9 +23,10 @@ that can never become a generation (malformed, wrong type, filtered out, an inva
 a bucket the tenant may not read, a CloudEvent without `ce-id`, JSON nested too deep to read,
 text no database can store — a NUL, a lone surrogate — in its event id, object or request) is
 acknowledged (200) and recorded as `rejected` or `skipped` with the reason, so Pub/Sub does
-not redeliver it forever. Only failures that may pass (the database or Google's certificates
-unreachable, the webhook's host not resolving) answer 5xx and record nothing, so the sender
-redelivers.
+not redeliver it forever; so is one whose webhook's host the DNS says does not exist. Only
+failures that may pass (the database or Google's certificates unreachable, no DNS answer
+for the webhook's host) answer 5xx and record nothing, so the sender redelivers. An event
+already recorded is answered as a duplicate before any of those is tried.
 
 A push is authenticated (token, trigger, `push_accounts`) before its body is read.
 """
@@ -77,6 +78,7 @@ SOURCES = ("gcs", "pubsub")
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 OBJECT_FINALIZE = "OBJECT_FINALIZE"
 MAX_METADATA_VALUE = 500
+MAX_EVENT_ID = 200  # trigger_events.event_id; a longer id is recorded as its hash
 # Retry-After of a push that may pass when sent again.
 RETRY_AFTER = "10"
 
@@ -177,7 +179,8 @@ class TriggerService:
                 if name == "push_accounts":
                     value = [a.lower() for a in value]
                 setattr(trigger, attribute, value)
-            self._check(trigger)
+            if not _only_stops_or_describes(changes):
+                self._check(trigger)
             trigger.updated_at = utcnow()
             session.flush()
             session.expunge(trigger)
@@ -297,6 +300,11 @@ class TriggerService:
                 f"{identity.email} is not allowed to push to this trigger (push_accounts)"
             )
         parsed = _storable(_parse(headers, read_body()))
+        seen = self._find(trigger.id, parsed.event_id)
+        if seen is not None:
+            # Answered before anything that may fail for now (the webhook's DNS, say): a
+            # redelivery of an event already recorded is acknowledged, whatever else holds.
+            return PushOutcome(seen, duplicate=True)
         try:
             if parsed.problem is not None:
                 raise _Reject(parsed.problem)
@@ -312,9 +320,16 @@ class TriggerService:
         base: dict[str, Any] = {"input": trigger.template, "metadata": dict(trigger.meta)}
         if trigger.webhook:
             base["webhook"] = trigger.webhook
-        base["metadata"]["trigger"] = trigger.id
         if parsed.request is not None:
-            return dict(_merge(base, parsed.request))
+            if trigger.source == "gcs":
+                # A gcs trigger's bucket and name filters say which objects it takes; a
+                # message naming any input would go past them.
+                raise _Reject("a gcs trigger makes generations from objects, not from messages")
+            request = _merge(base, parsed.request)
+            if isinstance(request.get("metadata"), dict):  # else the validation names it
+                request["metadata"]["trigger"] = trigger.id  # set last: not the message's
+            return dict(request)
+        base["metadata"]["trigger"] = trigger.id
         assert parsed.bucket is not None and parsed.name is not None
         if trigger.bucket and parsed.bucket != trigger.bucket:
             raise _Reject(
@@ -400,7 +415,7 @@ class TriggerService:
             id=new_id("tev_"),
             trigger_id=trigger.id,
             tenant_id=trigger.tenant_id,
-            event_id=parsed.event_id[:200],
+            event_id=parsed.event_id,
             kind=parsed.kind,
             status=status,
             reason=reason,
@@ -409,17 +424,27 @@ class TriggerService:
             created_at=utcnow(),
         )
 
-    def _existing(self, trigger_id: str, event_id: str) -> TriggerEvent:
+    def _find(self, trigger_id: str, event_id: str) -> TriggerEvent | None:
         with self.store.read() as session:
-            event = session.scalar(
+            return session.scalar(
                 sa.select(TriggerEvent).where(
-                    TriggerEvent.trigger_id == trigger_id,
-                    TriggerEvent.event_id == event_id[:200],
+                    TriggerEvent.trigger_id == trigger_id, TriggerEvent.event_id == event_id
                 )
             )
+
+    def _existing(self, trigger_id: str, event_id: str) -> TriggerEvent:
+        """The row whose unique (trigger, event id) a concurrent push of the event took."""
+        event = self._find(trigger_id, event_id)
         if event is None:  # the unique row is there: only a concurrent delete removes it
             raise Unavailable("the event is being handled; try again")
         return event
+
+
+def _only_stops_or_describes(changes: dict[str, Any]) -> bool:
+    """Whether a change only disables the trigger or edits its description: allowed however
+    the trigger stands, so that one whose bucket the operator has since taken away, or whose
+    webhook does not resolve now, can still be stopped without deleting its event log."""
+    return set(changes) <= {"enabled", "description"} and changes.get("enabled") is not True
 
 
 def _flatten(messages: Any, path: str) -> list[dict[str, str]]:
@@ -439,8 +464,9 @@ def _body_hash(body: bytes) -> str:
 
 
 def _stand_in_id(event_id: str) -> str:
-    """The event id recorded for one no database can store: its hash, the same for every
-    delivery of the event (its body may differ, Pub/Sub's `deliveryAttempt` for one)."""
+    """The event id recorded for one no database can store (or over MAX_EVENT_ID
+    characters): its hash, the same for every delivery of the event (its body may differ,
+    Pub/Sub's `deliveryAttempt` for one)."""
     return _body_hash(event_id.encode("utf-8", "surrogatepass"))
 
 
@@ -455,6 +481,10 @@ def _storable(parsed: _Parsed) -> _Parsed:
     if has_unstorable(parsed.event_id):
         parsed.event_id = _stand_in_id(parsed.event_id)
         bad = bad or ["the event id"]
+    elif len(parsed.event_id) > MAX_EVENT_ID:
+        # Cut short, two ids that share their beginning would be taken for one event, and the
+        # second never made; their hashes differ.
+        parsed.event_id = _stand_in_id(parsed.event_id)
     if parsed.subject is not None and has_unstorable(parsed.subject):
         parsed.subject = None
         bad = bad or ["the object's name"]

@@ -594,3 +594,137 @@ def test_a_push_is_authenticated_before_its_body_is_read(
     )
     assert anonymous.status_code == 401
     assert unread == [len(body)]
+
+
+def message(request: dict[str, Any], message_id: str) -> dict[str, Any]:
+    """A Pub/Sub message whose data is `request` (a `POST /v1/generations` body)."""
+    data = base64.b64encode(json.dumps(request).encode()).decode()
+    return {"data": data, "messageId": message_id}
+
+
+def test_a_redelivered_event_is_a_duplicate_even_while_the_webhook_does_not_resolve(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    policy = gcp.services.triggers.policy
+    resolve_with(policy, lambda host, port: ["93.184.216.34"])
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket, webhook="https://hooks.acme.example/genrelay")
+    token = issuer.token(trigger["audience"], PUSHER)
+    first = cloudevent(gcp, trigger, token, bucket, "shoe.png", event_id="evt-once")
+    assert first.json["event"]["status"] == "accepted"
+
+    def down(host: str, port: int) -> list[str]:
+        raise OSError("no DNS answer within 5 s")
+
+    resolve_with(policy, down)
+    again = cloudevent(gcp, trigger, token, bucket, "shoe.png", event_id="evt-once")
+    assert again.status_code == 200, again.json
+    assert again.json["duplicate"] is True and again.json["event"] == first.json["event"]
+    assert len(generations(gcp)) == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "dns"),
+    [
+        ("gone.acme.example", "nxdomain"),  # the DNS answers that the name does not exist
+        (".".join(["a" * 63] * 5) + ".com", "unused"),  # 323 characters: no DNS name
+        ("999.1.1.1", "unused"),  # neither an address nor a name
+    ],
+)
+def test_a_webhook_host_that_cannot_resolve_is_rejected_once_not_redelivered_for_ever(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+    host: str,
+    dns: str,
+) -> None:
+    import socket
+
+    def resolver(name: str, port: int) -> list[str]:
+        if dns == "nxdomain":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        raise AssertionError(f"{name} is refused before any lookup")
+
+    resolve_with(gcp.services.triggers.policy, resolver)
+    trigger = make_trigger(gcp, source="pubsub", bucket=None)
+    token = issuer.token(trigger["audience"], PUSHER)
+    request = {
+        "input": {"background": {"generate": {"description": "a red shoe"}}},
+        "webhook": f"https://{host}/hook",
+    }
+    answers = [pubsub(gcp, trigger, token, message(request, "m-poison")) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 200], answers[0].json
+    assert [a.json["duplicate"] for a in answers] == [False, True]
+    (event,) = events(gcp, trigger)
+    assert event["status"] == "rejected" and "webhook" in event["reason"]
+    assert generations(gcp) == []
+
+
+def test_event_ids_longer_than_a_column_that_share_their_beginning_are_different_events(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    bucket, trigger, token = gcs_trigger(gcp, issuer)
+    long_id = "x" * 200
+    first = cloudevent(gcp, trigger, token, bucket, "a.png", event_id=long_id + "-1")
+    second = cloudevent(gcp, trigger, token, bucket, "b.png", event_id=long_id + "-2")
+    again = cloudevent(gcp, trigger, token, bucket, "b.png", event_id=long_id + "-2")
+    assert [a.json["duplicate"] for a in (first, second, again)] == [False, False, True]
+    assert [a.json["event"]["status"] for a in (first, second)] == ["accepted", "accepted"]
+    assert second.json["event"]["subject"] == f"gs://{bucket}/b.png"
+    assert again.json["event"] == second.json["event"]
+    assert len(generations(gcp)) == 2
+    # Recorded under a hash of the id, which fits the column; a short id stays as sent.
+    assert all(e["event_id"].startswith("sha256:") for e in events(gcp, trigger))
+
+
+def test_a_trigger_can_be_disabled_whatever_has_changed_since_it_was_made(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    policy = gcp.services.triggers.policy
+    resolve_with(policy, lambda host, port: ["93.184.216.34"])
+    bucket, trigger, _token = gcs_trigger(gcp, issuer)
+    hooked = make_trigger(gcp, bucket=bucket, webhook="https://hooks.acme.example/genrelay")
+
+    # The operator takes the bucket away; the webhook's DNS stops answering.
+    Tenants(gcp.services.store).set("acme", input_buckets=[])
+
+    def down(host: str, port: int) -> list[str]:
+        raise OSError("no DNS answer within 5 s")
+
+    resolve_with(policy, down)
+    for made in (trigger, hooked):
+        stop = {"enabled": False, "description": "paused while the bucket moves"}
+        stopped = gcp.client.patch(made["links"]["self"], json=stop, headers=gcp.auth)
+        assert stopped.status_code == 200, stopped.json
+        assert stopped.json["enabled"] is False
+    # Anything else is still checked: the trigger could never make a generation now.
+    restart = gcp.client.patch(trigger["links"]["self"], json={"enabled": True}, headers=gcp.auth)
+    assert restart.status_code == 422
+    assert [e["field"] for e in restart.json["errors"]] == ["bucket"]
+
+
+def test_a_message_keeps_the_triggers_id_and_a_gcs_trigger_takes_only_objects(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    bucket, trigger, token = gcs_trigger(gcp, issuer)
+    spoofed = {"input": {"url": f"gs://{bucket}/elsewhere/x.png"}, "metadata": {"trigger": "x"}}
+    refused = pubsub(gcp, trigger, token, message(spoofed, "m-1"))
+    assert refused.status_code == 200
+    assert refused.json["event"]["status"] == "rejected"
+    assert "objects" in refused.json["event"]["reason"]
+    assert generations(gcp) == []
+
+    pubsub_trigger = make_trigger(gcp, source="pubsub", bucket=None, metadata={"team": "a"})
+    pubsub_token = issuer.token(pubsub_trigger["audience"], PUSHER)
+    request = {
+        "input": {"background": {"generate": {"description": "a red shoe"}}},
+        "metadata": {"trigger": "trg_someone_else", "sku": "123"},
+    }
+    made = pubsub(gcp, pubsub_trigger, pubsub_token, message(request, "m-2"))
+    assert made.json["event"]["status"] == "accepted", made.json
+    (generation,) = generations(gcp)
+    assert generation.meta == {"team": "a", "sku": "123", "trigger": pubsub_trigger["id"]}
