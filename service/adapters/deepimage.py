@@ -236,8 +236,15 @@ def _interpret(response: requests.Response, not_found: ErrorCode) -> UpstreamJob
                 http_status=status,
             )
         assert body is not None
-        result_url = body.get("result_url")
         job_status = body.get("status")
+        if job_status == "failed":
+            # Documented as a 500; said with a 2xx it means the same, and a poll taking it for
+            # a job still running would wait for the generation's timeout.
+            failed = message if body.get("message") else "Deep-Image reported the job failed"
+            raise PermanentUpstreamError(
+                failed, error_code=ErrorCode.UPSTREAM_JOB_FAILED, http_status=status
+            )
+        result_url = body.get("result_url")
         return UpstreamJob(
             job=job,
             status=job_status if isinstance(job_status, str) else None,

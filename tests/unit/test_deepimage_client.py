@@ -155,6 +155,18 @@ def test_network_failures_are_transient(client: DeepImageClient, error: Exceptio
             },
             ErrorCode.UPSTREAM_JOB_FAILED,
         ),
+        # The same failure said with a 200 (undocumented: the spec's `status` enum has no
+        # `failed`): polled as a job still running, it waited for the generation's timeout.
+        (
+            200,
+            {
+                "message": "We have encountered some technical issues",
+                "status": "failed",
+                "job": JOB,
+            },
+            ErrorCode.UPSTREAM_JOB_FAILED,
+        ),
+        (200, {"status": "failed", "job": JOB}, ErrorCode.UPSTREAM_JOB_FAILED),
         (422, {"message": "odd"}, ErrorCode.UPSTREAM_REJECTED),
         (302, None, ErrorCode.UPSTREAM_PROTOCOL),
         (200, {"status": "received"}, ErrorCode.UPSTREAM_PROTOCOL),  # no job id
