@@ -18,6 +18,10 @@ and stalls holds that thread for good, and as many such clients as threads stall
   connection is closed. Once answered, such a request's connection is closed, not drained of
   what the app left unread.
 
+A request gunicorn's parser refuses (a malformed request line or header, headers too large)
+is answered as application/problem+json like every other error of the API, not with
+gunicorn's HTML page, which quoted the offending bytes (a header line, a key in it).
+
 So a stalled client costs a socket and its bytes, not a thread. (Plain HTTP only: gunicorn's
 own TLS, unused here, would wrap the socket before these limits apply.) Sockets closing after
 their answer count as connections until closed, and a process out of file descriptors stops
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import re
 import selectors
 import socket
@@ -37,6 +42,7 @@ import time
 from functools import partial
 from typing import Any
 
+from gunicorn import util as gunicorn_util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from service.config import ProcessSettings
@@ -71,15 +77,40 @@ _END_OF_HEAD = b"\r\n\r\n"
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.I | re.M)
 _DIGITS = re.compile(rb"\d+")
 _STREAMED = re.compile(rb"^(transfer-encoding|expect)[ \t]*:", re.I | re.M)
-_HEAD_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    b"Content-Type: application/problem+json\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s"
+# What a refusal of gunicorn's parser says, by status; never the request's own bytes.
+_PARSE_REFUSALS = {
+    400: "The request line or a header is malformed.",
+    403: "Request forbidden.",
+    414: "The request line is too long.",
+    417: "The Expect header asks for what this server does not do.",
+    431: "The request has too many headers, or one too large.",
+    501: "The request's Transfer-Encoding is not supported.",
+}
+
+
+def problem_answer(status: int, reason: str, detail: str) -> bytes:
+    """A whole HTTP answer with an application/problem+json body; the connection ends."""
+    problem = {"type": "about:blank", "title": reason, "status": status, "detail": detail}
+    body = json.dumps(problem).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/problem+json\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+_HEAD_TOO_LARGE = problem_answer(
+    431,
+    "Request Header Fields Too Large",
+    f"the request line and headers are over {HEAD_MAX} bytes",
 )
-_HEAD_TOO_LARGE_BODY = (
-    b'{"type": "about:blank", "title": "Request Header Fields Too Large", "status": 431, '
-    b'"detail": "the request line and headers are over %d bytes"}' % HEAD_MAX
-)
+
+
+def write_problem(sock: socket.socket, status: int, reason: str, _message: str) -> None:
+    """gunicorn's `util.write_error`, as application/problem+json. gunicorn's message is left
+    out: it quotes what the client sent (`Invalid HTTP Header: 'Authorization Bearer …'`)."""
+    detail = _PARSE_REFUSALS.get(status, "The request could not be handled.")
+    gunicorn_util.write_nonblock(sock, problem_answer(status, reason, detail))
 
 
 def declared_length(head: bytes) -> int | None:
@@ -171,6 +202,9 @@ class BoundedThreadWorker(ThreadWorker):
 
         drain = int(self.cfg.graceful_timeout - EXIT_WAIT - DRAIN_MARGIN)  # whole seconds
         self.cfg.set("graceful_timeout", max(1, drain))
+        # gunicorn's `handle_error` answers what its parser refuses through this function of
+        # its `util` module, with an HTML page; in this worker process, a problem+json.
+        gunicorn_util.write_error = write_problem
         super().init_process()
 
     def accept(self, listener: Any) -> None:
@@ -276,9 +310,8 @@ class BoundedThreadWorker(ThreadWorker):
         """431 for a head past HEAD_MAX, from the loop (a fresh socket's buffer takes it
         without blocking), then the connection ends."""
         self.log.info("closing %s: a request head over %d bytes", conn.client, HEAD_MAX)
-        body = _HEAD_TOO_LARGE_BODY
         with contextlib.suppress(OSError):
-            conn.sock.send(_HEAD_TOO_LARGE % (len(body), body))
+            conn.sock.send(_HEAD_TOO_LARGE)
         self._release(conn)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.poller.unregister(conn.sock)

@@ -4,6 +4,7 @@ requests, over real sockets, must neither stall the process nor be held open for
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -265,7 +266,35 @@ def test_a_request_head_too_large_is_answered_431_at_once(server: str) -> None:
     # bytes a field refuse this one).
     with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
         client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
-        assert _until_closed(client).startswith(b"HTTP/1.1 431 ")
+        answer = _until_closed(client)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b"Content-Type: application/problem+json" in answer
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization Bearer gr_secret_key\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuth(gr_secret_key): y\r\n\r\n",
+        b"GET /healthz?gr_secret_key HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"\x00\x01gr_secret_key\r\n\r\n",
+    ],
+    ids=["header without a colon", "bad header name", "bad version", "bad request line"],
+)
+def test_a_request_the_parser_refuses_is_answered_as_a_problem_that_quotes_nothing(
+    server: str, request_bytes: bytes
+) -> None:
+    """gunicorn answered these with an HTML page quoting the bytes it refused."""
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(request_bytes)
+        answer = _until_closed(client)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert b"Content-Type: application/problem+json" in head
+    problem = json.loads(body)
+    assert problem["status"] == 400 and problem["detail"]
+    assert b"gr_secret_key" not in answer
 
 
 @pytest.mark.parametrize(
