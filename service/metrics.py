@@ -154,7 +154,7 @@ class DatabaseCollector:
         waiting = GaugeMetricFamily(
             "genrelay_generations_waiting",
             f"Generations waiting for a slot, for the {WAITING_TENANT_LABELS} tenants with the "
-            "most waiting (by name) and the rest as `other`.",
+            "most waiting (by name; by id for one named `other`) and the rest as `other`.",
             labels=["tenant"],
         )
         now = utcnow()
@@ -191,7 +191,10 @@ class DatabaseCollector:
                 )
             }
             for tenant_id, count in shown.items():
-                waiting.add_metric([names.get(tenant_id, tenant_id)], count)
+                label = names.get(tenant_id, tenant_id)
+                # A tenant named `other` is shown by its id: two series labelled alike would
+                # make Prometheus refuse the whole scrape.
+                waiting.add_metric([tenant_id if label == "other" else label], count)
             waiting.add_metric(["other"], sum(n for _, n in ranked[WAITING_TENANT_LABELS:]))
         yield from (generations, pending, oldest, deliveries, in_flight, limit, waiting)
 

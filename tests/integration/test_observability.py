@@ -11,9 +11,11 @@ from typing import Any
 
 import flask
 import pytest
+import sqlalchemy as sa
 
 from service.config import Config
 from service.logs import setup_logging
+from service.models import Tenant
 from tests.helpers import drain, seed_examples
 
 TEXT_ONLY = seed_examples()["text_only"]
@@ -192,6 +194,37 @@ def test_metrics_show_the_line_with_a_bounded_tenant_label(
     assert len(waiting) == WAITING_TENANT_LABELS + 1  # ten names and `other`
     total = sum(float(line.rsplit(" ", 1)[1]) for line in waiting)
     assert total == sum(1 + n % 2 for n in range(WAITING_TENANT_LABELS + 3)) - 1
+
+
+def test_a_tenant_named_other_is_not_summed_with_the_rest_under_one_label(
+    config: Config, make_client: Any, simulator: Any
+) -> None:
+    """Two samples labelled `other` made the exposition invalid: Prometheus refuses a scrape
+    with a repeated series, every metric of it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import WAITING_TENANT_LABELS, DatabaseCollector
+    from tests.helpers import set_simulator
+
+    set_simulator(simulator.url, processing_time=60.0)
+    services, client, _auth = make_client(config.replace(upstream_concurrency=1))
+    for name in ["other", *(f"tenant-{n:02d}" for n in range(WAITING_TENANT_LABELS))]:
+        auth = {"Authorization": "Bearer " + services.api_keys.create(name)}
+        # `other` first: its first generation takes the one slot, three wait, and it ranks
+        # first among the shown; the last of the ten others is summed as `other`.
+        for _ in range(4 if name == "other" else 2):
+            client.post("/v1/generations", json={"input": TEXT_ONLY}, headers=auth)
+    DatabaseCollector._cache.clear()
+    text = client.get("/metrics").get_data(as_text=True)
+    (family,) = [f for f in text_string_to_metric_families(text)
+                 if f.name == "genrelay_generations_waiting"]  # fmt: skip
+    labels = [sample.labels["tenant"] for sample in family.samples]
+    assert len(labels) == len(set(labels)) == WAITING_TENANT_LABELS + 1
+    with services.store.read() as session:
+        tenant_id = session.scalar(sa.select(Tenant.id).where(Tenant.name == "other"))
+    waiting = {sample.labels["tenant"]: sample.value for sample in family.samples}
+    assert waiting[tenant_id] == 3  # shown by its id
+    assert waiting["other"] == 2  # the one tenant not shown
 
 
 @pytest.mark.parametrize("token", [None, "scrape-secret"])
