@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import ipaddress
 import logging
 import math
 import signal
@@ -109,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
 
     serve = commands.add_parser("serve", help="run the web service under gunicorn")
+    serve.add_argument(
+        "--host",
+        type=_listen_address,
+        default="0.0.0.0",  # noqa: S104 - a container's port is reached from outside it
+        help="the address to listen on, port PORT (default 0.0.0.0: every interface, as a "
+        "container needs; `genrelay dev` listens on 127.0.0.1)",
+    )
     serve.set_defaults(run=_serve)
 
     worker = commands.add_parser("worker", help="run the task loop")
@@ -230,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(_args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:
     config = Config.from_env()  # fail fast, before gunicorn forks, with the variable named
     _gcs_blob_store(config).close()  # ...and with the credentials each process will need
     from gunicorn.app.base import BaseApplication
@@ -242,6 +250,8 @@ def _serve(_args: argparse.Namespace) -> int:
             for name, value in vars(gunicorn_conf).items():
                 if name in self.cfg.settings:
                     self.cfg.set(name, value)
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            self.cfg.set("bind", [f"{host}:{ProcessSettings.from_env().port}"])
 
         def load(self) -> Any:
             from service.app import create_app
@@ -346,6 +356,13 @@ def _poll_interval(value: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {value!r}")
     return seconds
+
+
+def _listen_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an IP address, not {value!r}") from None
 
 
 def _port(value: str) -> int:

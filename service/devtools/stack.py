@@ -29,6 +29,7 @@ from service.tenants import Tenants
 
 DEV_DEEPIMAGE_KEY = "sim-key"
 DEV_BUCKET = "genrelay-dev"
+DEV_HOST = "127.0.0.1"  # where the stack's web process listens
 # The dev tenant may name gs://genrelay-dev-inputs/... as input images.
 DEV_INPUT_BUCKET = "genrelay-dev-inputs"
 TEXT_ONLY_EXAMPLE = {
@@ -58,7 +59,7 @@ def check_port_free(port: int) -> None:
         # As gunicorn binds: a port only in TIME_WAIT is free to it.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("0.0.0.0", port))  # noqa: S104 - where `genrelay serve` listens
+            probe.bind((DEV_HOST, port))  # where the stack's `genrelay serve` listens
         except OSError as exc:
             raise PortInUse(
                 f"port {port} is in use by another process ({exc.strerror}); stop it, or "
@@ -155,7 +156,9 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
         "inbox": subprocess.Popen(  # noqa: S603
             [*command, "inbox", "--port", str(inbox_port), "--secret", inbox_secret], env=env
         ),
-        "serve": subprocess.Popen([*command, "serve"], env=env),  # noqa: S603
+        # On loopback only: the dev stack allows webhooks to private addresses and prints
+        # its key, and other machines of the network have no business with it.
+        "serve": subprocess.Popen([*command, "serve", "--host", DEV_HOST], env=env),  # noqa: S603
         "worker": subprocess.Popen(  # noqa: S603
             [*command, "worker", "--threads", "2"], env=env
         ),

@@ -19,6 +19,7 @@ if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     _metrics_dir = tempfile.mkdtemp(prefix="genrelay-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
+# Every interface, as a container needs; `genrelay serve --host` replaces the address.
 bind = f"0.0.0.0:{_process.port}"
 # gthread, reading each request before a thread takes it, so slow or stalled clients cannot
 # hold the threads (service/server/gunicorn_worker.py; GENRELAY_REQUEST_TIMEOUT).

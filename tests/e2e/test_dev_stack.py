@@ -6,10 +6,12 @@ are this installation's `genrelay`, not whatever `service` the current directory
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -58,6 +60,23 @@ class _Lines:
         return "".join(self.seen)
 
 
+def _listening_on(port: int) -> set[str]:
+    """The local addresses with a listening TCP socket on `port`, read from /proc/net/tcp
+    and tcp6 (Linux): `0.0.0.0` or `::` for every interface."""
+    addresses = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            for row in list(rows)[1:]:
+                local, state = row.split()[1], row.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    # The kernel prints each 32-bit word of the address in its own byte order.
+                    raw = bytes.fromhex(address)
+                    words = [raw[i : i + 4][::-1] for i in range(0, len(raw), 4)]
+                    addresses.add(socket.inet_ntop(family, b"".join(words)))
+    return addresses
+
+
 def test_the_dev_stack_comes_up_serves_the_banners_request_and_stops(tmp_path: Path) -> None:
     shadow = tmp_path / "another-project"
     (shadow / "service").mkdir(parents=True)
@@ -96,6 +115,8 @@ def test_the_dev_stack_comes_up_serves_the_banners_request_and_stops(tmp_path: P
             return requests.get(link, headers=headers, timeout=5).json()["status"] == "succeeded"
 
         wait_for(succeeded, 60, "the banner's generation to succeed")
+        # On loopback only: the dev stack takes webhooks to private addresses.
+        assert _listening_on(port) == {"127.0.0.1"}
         result = requests.get(f"{link}/result", headers=headers, timeout=10)
         assert result.status_code == 200  # the emulator's object, through the signed redirect
         assert result.content.startswith(b"\x89PNG")
