@@ -9,8 +9,9 @@ Deep-Image's callbacks authenticate with a token in the URL path
 (`/v1/callbacks/deepimage/{id}/{token}`). Every line is passed through `redact` once it is
 formatted (message, exception and traceback included), here and in gunicorn's logs
 (service/server/gunicorn_logging.py), so no log line carries a token. `redact` also drops the
-query string of any absolute http(s) URL: webhook, result and signed URLs may carry
-credentials there.
+query string of any absolute http(s) URL, and of a request target (`/path?query`, as in
+gunicorn's request lines): webhook, result and signed URLs may carry credentials there, and
+a client may send one in a request's query (`?api_key=`, `?token=`), read or not.
 
 GENRELAY_LOG_LEVEL sets the level of genrelay's own loggers (`genrelay.*`) only. Other
 libraries stay at INFO (or at the level, when it asks for less): at DEBUG, urllib3 would log
@@ -47,19 +48,26 @@ OWN_LOGGER = "genrelay"
 
 def redact(text: str) -> str:
     """Replace the token of any callback path in `text`, and the query string of any absolute
-    http(s) URL, with `***`. Linear in the length of `text`, whatever it holds (it may come
-    from a client: a request line, a header)."""
+    http(s) URL or request target (a word starting with `/`), with `***`. Linear in the length
+    of `text`, whatever it holds (it may come from a client: a request line, a header)."""
     text = _CALLBACK_TOKEN.sub(r"\1***", text)
-    return _WORD.sub(_without_query, text) if "://" in text else text
+    # Most lines hold no `?` at all: they are left as they are without splitting them.
+    return _WORD.sub(_without_query, text) if "?" in text else text
 
 
 def _without_query(word: re.Match[str]) -> str:
-    """`word` with the query of the (first) http(s) URL in it replaced by `***`."""
+    """`word` with the query of the (first) http(s) URL in it replaced by `***`, or, for a word
+    that is a request target in origin form (`GET /v1/generations?api_key=... HTTP/1.1`), the
+    query of that target."""
     text = word.group()
     url = _HTTP.search(text)  # a literal start: no backtracking over the word
-    if url is None:
+    if url is not None:
+        start = url.end()
+    elif text.startswith("/"):
+        start = 0
+    else:
         return text
-    query = text.find("?", url.end())
+    query = text.find("?", start)
     if query < 0:
         return text
     fragment = text.find("#", query)

@@ -8,8 +8,9 @@ line per record on stderr with `severity`, `message`, `logger` (`gunicorn.error`
 it, and `request_id` when the request had one.
 
 Deep-Image's callbacks authenticate with a token in the URL path
-(`/v1/callbacks/deepimage/{id}/{token}`); gunicorn would print it in every access line, and
-in its error log. Both logs' lines go through `redact`.
+(`/v1/callbacks/deepimage/{id}/{token}`), and a client may send a credential in the query
+(`?api_key=`, `?token=`); gunicorn would print both in every access line, and in its error log.
+Both logs' lines go through `redact`, which replaces the token and the query with `***`.
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ class RedactingLogger(Logger):
                     handler.setFormatter(RedactingFormatter(handler.formatter))
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
+        """gunicorn's atoms, with the callback token and the query of the request target
+        redacted wherever they hold it (a client may send a credential in the query). The
+        request line keeps its method, path and version."""
         atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
-        for key in ("r", "U"):
+        for key in ("r", "U", "{raw_uri}e", "{path_info}e"):
             if isinstance(atoms.get(key), str):
                 atoms[key] = redact(atoms[key])
+        for key in ("q", "{query_string}e"):
+            if atoms.get(key):
+                atoms[key] = "***"
         return atoms
 
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
