@@ -321,6 +321,28 @@ def test_a_malformed_chunked_body_is_a_400_not_a_500(
     assert b"application/problem+json" in answer
 
 
+def test_credentials_in_a_query_or_a_malformed_header_stay_out_of_the_logs(
+    server: str, env: dict[str, str]
+) -> None:
+    """An API key in a request's query, or in a header line without its colon (which gunicorn
+    refuses, quoting it): neither reaches gunicorn's access or error lines."""
+    key = "gr_" + uuid.uuid4().hex
+    assert requests.get(f"{server}/healthz?api_key={key}", timeout=5).status_code == 200
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(
+            b"GET /v1/generations HTTP/1.1\r\nHost: x\r\nAuthorization Bearer "
+            + key.encode()
+            + b"\r\n\r\n"
+        )
+        assert _until_closed(client).startswith(b"HTTP/1.1 400 ")
+    log = Path(env["GENRELAY_DATABASE_URL"].removeprefix("sqlite:///")).parent / "serve.log"
+    wait_for(lambda: "'Authorization ***'" in log.read_text(), 5, "the warning logged")
+    text = log.read_text()
+    assert key not in text
+    assert '"message": "GET /healthz?*** HTTP/1.1"' in text
+
+
 def test_a_stopping_server_does_not_wait_for_requests_that_are_not_coming(
     env: dict[str, str], tmp_path: Path
 ) -> None:

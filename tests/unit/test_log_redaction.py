@@ -6,11 +6,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import socket
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 from gunicorn.config import Config as GunicornConfig
+from gunicorn.http.errors import NoMoreData, ParseException
+from gunicorn.http.parser import RequestParser
+from gunicorn.workers.base import Worker
 
 from service.database import create_db_engine
 from service.logs import setup_logging
@@ -18,6 +23,7 @@ from service.server.gunicorn_logging import RedactingLogger
 
 TOKEN = "f" * 64
 PATH = f"/v1/callbacks/deepimage/gen_1/{TOKEN}"
+KEY = "gr_W1VqNo4aIS2un8gSCIIM-ALpQHDtJ1ASL7ItGl_2AYE"
 
 
 @pytest.fixture
@@ -58,6 +64,97 @@ def test_gunicorn_error_lines_are_redacted(capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err
     assert "Error handling request /v1/callbacks/deepimage/gen_1/***" in err
     assert TOKEN not in err
+
+
+@pytest.fixture
+def gunicorn_worker() -> Iterator[Worker]:
+    """A gunicorn worker with genrelay's logger, both logs on the console, at DEBUG."""
+    cfg = GunicornConfig()
+    for name, value in (("errorlog", "-"), ("accesslog", "-"), ("loglevel", "debug")):
+        cfg.set(name, value)
+    logger = RedactingLogger(cfg)
+    worker = Worker(0, os.getpid(), [], None, 30, cfg, logger)
+    yield worker
+    worker.tmp.close()
+    for log in (logger.error_log, logger.access_log):
+        log.handlers.clear()
+
+
+def _parse_error(worker: Worker, head: bytes) -> ParseException | NoMoreData:
+    """What gunicorn's parser raises for `head`."""
+    with pytest.raises((ParseException, NoMoreData)) as failed:
+        next(RequestParser(worker.cfg, iter([head]), ("203.0.113.9", 5000)))
+    return failed.value
+
+
+@pytest.mark.parametrize(
+    ("head", "logged"),
+    [
+        # a header line without its colon
+        (b"Authorization Bearer KEY", "Invalid HTTP Header: 'Authorization ***'"),
+        (b"X-Metrics-Token KEY", "Invalid HTTP Header: 'X-Metrics-Token ***'"),
+        (b"Auth(KEY): y", "Invalid HTTP header name: '***'"),
+        (b"Expect: KEY", "Unable to comply with expectation: '***'"),
+        (b"Transfer-Encoding: KEY", "Unsupported transfer coding: '***'"),
+        # names are kept
+        (b"Content-Length: 1\r\nContent-Length: 2", "Invalid HTTP Header: 'CONTENT-LENGTH'"),
+    ],
+)
+def test_a_malformed_header_is_logged_without_its_value(
+    gunicorn_worker: Worker, capsys: pytest.CaptureFixture[str], head: bytes, logged: str
+) -> None:
+    """gunicorn's warning for a request it cannot parse quotes the offending header line
+    whole: an API key or the metrics token, sent without the colon."""
+    request = b"POST /v1/generations HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n"
+    error = _parse_error(gunicorn_worker, request.replace(b"KEY", KEY.encode()))
+    left, right = socket.socketpair()
+    with left, right:
+        gunicorn_worker.handle_error(None, left, ("203.0.113.9", 5000), error)
+    err = capsys.readouterr().err
+    assert KEY not in err
+    entry = json.loads(err.splitlines()[0])  # an access line may follow
+    assert entry["severity"] == "WARNING"
+    assert entry["message"] == f"Invalid request from ip=203.0.113.9: {logged}"
+
+
+@pytest.mark.parametrize(
+    ("line", "logged"),
+    [
+        (
+            b"GET /v1/generations?api_key=KEY\x01 HTTP/1.1",
+            "Invalid HTTP request line: 'GET /v1/generations?*** HTTP/1.1'",
+        ),
+        # a header line where the request line should be
+        (b"Bearer KEY", "Invalid HTTP request line: 'Bearer ***'"),
+        (b"GET /v1/generations HTTP/1.1 KEY", "Invalid HTTP Version: 'HTTP/1.1 ***'"),
+    ],
+)
+def test_a_malformed_request_line_is_logged_without_its_query(
+    gunicorn_worker: Worker, capsys: pytest.CaptureFixture[str], line: bytes, logged: str
+) -> None:
+    error = _parse_error(gunicorn_worker, line.replace(b"KEY", KEY.encode()) + b"\r\n\r\n")
+    left, right = socket.socketpair()
+    with left, right:
+        gunicorn_worker.handle_error(None, left, ("203.0.113.9", 5000), error)
+    err = capsys.readouterr().err
+    assert KEY not in err
+    assert json.loads(err)["message"] == f"Invalid request from ip=203.0.113.9: {logged}"
+
+
+def test_a_head_cut_short_is_logged_without_its_headers(
+    gunicorn_worker: Worker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = _parse_error(
+        gunicorn_worker, f"GET / HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n".encode()
+    )
+    assert isinstance(error, NoMoreData)
+    # as gunicorn's gthread worker logs a client that went away mid-head
+    gunicorn_worker.log.debug("Ignored premature client disconnection. %s", error)
+    err = capsys.readouterr().err
+    assert KEY not in err
+    assert json.loads(err)["message"] == (
+        "Ignored premature client disconnection. No more data after: b'***'"
+    )
 
 
 def test_a_database_error_does_not_log_the_bound_values(database_url: str) -> None:
