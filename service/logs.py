@@ -1,4 +1,4 @@
-"""One JSON object per log line, in the shape Cloud Logging reads.
+r"""One JSON object per log line, in the shape Cloud Logging reads.
 
 Fields: `severity`, `message`, `logger`, and where known `logging.googleapis.com/trace`
 (from the request's X-Cloud-Trace-Context), `request_id` and `generation_id`. The context
@@ -9,9 +9,11 @@ Deep-Image's callbacks authenticate with a token in the URL path
 (`/v1/callbacks/deepimage/{id}/{token}`). Every line is passed through `redact` once it is
 formatted (message, exception and traceback included), here and in gunicorn's logs
 (service/server/gunicorn_logging.py), so no log line carries a token. `redact` also drops the
-query string of any absolute http(s) URL, and of a request target (`/path?query`, as in
-gunicorn's request lines): webhook, result and signed URLs may carry credentials there, and
-a client may send one in a request's query (`?api_key=`, `?token=`), read or not.
+query string of any absolute http(s) URL, written plainly, JSON-escaped (`https:\/\/`) or
+percent-encoded (`https%3A%2F%2F`, as an upstream message may quote it), and of a request
+target (`/path?query`, as in gunicorn's request lines): webhook, result and signed URLs may
+carry credentials there, and a client may send one in a request's query (`?api_key=`,
+`?token=`), read or not.
 
 GENRELAY_LOG_LEVEL sets the level of genrelay's own loggers (`genrelay.*`) only. Other
 libraries stay at INFO (or at the level, when it asks for less): at DEBUG, urllib3 would log
@@ -41,7 +43,10 @@ _CALLBACK_TOKEN = re.compile(
 )
 # A word of plain text, as far as a URL in it can reach: up to a space, a quote or a bracket.
 _WORD = re.compile(r"[^\s\"'<>]+")
-_HTTP = re.compile(r"https?://", re.IGNORECASE)
+# The start of an absolute http(s) URL, its `://` as it is, JSON-escaped (`:\/\/`) or
+# percent-encoded (`%3A%2F%2F`), and where its query starts: `?`, or `%3F` once encoded.
+_HTTP = re.compile(rf"https?(?::|%3A){_SLASH}{_SLASH}", re.IGNORECASE)
+_QUERY = re.compile(r"\?|%3F", re.IGNORECASE)
 # GENRELAY_LOG_LEVEL is the level of this logger and its children.
 OWN_LOGGER = "genrelay"
 
@@ -51,8 +56,9 @@ def redact(text: str) -> str:
     http(s) URL or request target (a word starting with `/`), with `***`. Linear in the length
     of `text`, whatever it holds (it may come from a client: a request line, a header)."""
     text = _CALLBACK_TOKEN.sub(r"\1***", text)
-    # Most lines hold no `?` at all: they are left as they are without splitting them.
-    return _WORD.sub(_without_query, text) if "?" in text else text
+    # Most lines hold no `?` (nor `%3F`) at all: they are left as they are without splitting
+    # them into words.
+    return _WORD.sub(_without_query, text) if "?" in text or "%3" in text else text
 
 
 def _without_query(word: re.Match[str]) -> str:
@@ -60,18 +66,18 @@ def _without_query(word: re.Match[str]) -> str:
     that is a request target in origin form (`GET /v1/generations?api_key=... HTTP/1.1`), the
     query of that target."""
     text = word.group()
-    url = _HTTP.search(text)  # a literal start: no backtracking over the word
+    url = _HTTP.search(text)  # a start of bounded length: no backtracking over the word
     if url is not None:
         start = url.end()
     elif text.startswith("/"):
         start = 0
     else:
         return text
-    query = text.find("?", start)
-    if query < 0:
+    query = _QUERY.search(text, start)
+    if query is None:
         return text
-    fragment = text.find("#", query)
-    return text[:query] + "?***" + ("" if fragment < 0 else text[fragment:])
+    fragment = text.find("#", query.end())
+    return text[: query.end()] + "***" + ("" if fragment < 0 else text[fragment:])
 
 
 class RedactingFormatter(logging.Formatter):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -347,6 +348,36 @@ def test_a_url_that_an_upstream_message_quotes_loses_its_query_and_token(
     assert "https://storage.googleapis.com/in/a.png?***" in message or message.endswith(
         "/v1/callbacks/deepimage/gen_1/***"
     )
+
+
+@pytest.mark.parametrize(
+    ("message", "kept"),
+    [
+        # a JSON document quoted in the message, its slashes escaped (PHP's json_encode)
+        (
+            'Cannot download image: {"url":"' + SIGNED.replace("/", "\\/") + '"}',
+            'Cannot download image: {"url":"https:\\/\\/storage.googleapis.com\\/in\\/a.png?***"}',
+        ),
+        # percent-encoded, as a parameter of another URL
+        (
+            f"Cannot download https://proxy.test/fetch?url={quote(SIGNED, safe='')}",
+            "Cannot download https://proxy.test/fetch?***",
+        ),
+        (
+            f"Cannot download image url={quote(SIGNED, safe='')}&width=64",
+            "Cannot download image url=https%3A%2F%2Fstorage.googleapis.com%2Fin%2Fa.png%3F***",
+        ),
+    ],
+)
+@responses.activate
+def test_a_signed_url_quoted_escaped_or_encoded_loses_its_query(
+    client: DeepImageClient, message: str, kept: str
+) -> None:
+    responses.post(f"{BASE}/rest_api/process", status=400, json={"message": message})
+    with pytest.raises(PermanentUpstreamError) as caught:
+        client.process({})
+    assert "6164ccac" not in caught.value.message
+    assert caught.value.message == kept
 
 
 @pytest.mark.parametrize(

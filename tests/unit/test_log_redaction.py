@@ -214,3 +214,28 @@ def test_a_callback_url_quoted_in_another_form_loses_its_token(quoted: str) -> N
 
     redacted = redact(f"Deep-Image could not call {quoted} (timeout)")
     assert TOKEN not in redacted and "gen_1" in redacted
+
+
+@pytest.mark.parametrize(
+    ("quoted", "redacted"),
+    [
+        (
+            "https:\\/\\/h.example\\/o.png?X-Goog-Signature=SECRET",
+            "https:\\/\\/h.example\\/o.png?***",
+        ),
+        (
+            "u=https%3A%2F%2Fh.example%2Fo.png%3FX-Goog-Signature%3DSECRET&x=1",
+            "u=https%3A%2F%2Fh.example%2Fo.png%3F***",
+        ),
+        (
+            "u=HTTPS%3a%2f%2fh.example%2fo.png%3fsig%3dSECRET",
+            "u=HTTPS%3a%2f%2fh.example%2fo.png%3f***",
+        ),
+    ],
+)
+def test_a_url_quoted_in_another_form_loses_its_query(quoted: str, redacted: str) -> None:
+    """A URL quoted JSON-escaped or percent-encoded (in an upstream message) loses its query
+    as one written plainly does."""
+    from service.logs import redact
+
+    assert redact(f"could not fetch {quoted} (403)") == f"could not fetch {redacted} (403)"
