@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
+from service.tenants import MAX_IN_FLIGHT
+
 DEFAULT_DATABASE_URL = "sqlite:///var/genrelay.db"
 DEFAULT_DEEPIMAGE_URL = "https://deep-image.ai"
 # Google's OIDC signing certificates (JSON of key id -> PEM), as google-auth reads them.
@@ -192,10 +194,13 @@ class Config:
                 )
             values["trusted_proxies"] = int(v)
         if (v := text("GENRELAY_UPSTREAM_CONCURRENCY")) is not None:
-            if not _whole_number(v) or int(v) < 1:
+            # Bounded like a tenant's --max-in-flight: the limit is stored in an integer
+            # column (upstream_accounts), which PostgreSQL refuses past 2^31 - 1 on every
+            # intake; no account processes more jobs at once anyway.
+            if not _whole_number(v) or not 1 <= int(v) <= MAX_IN_FLIGHT:
                 raise ConfigError(
-                    "GENRELAY_UPSTREAM_CONCURRENCY must be a whole number above 0 (jobs the "
-                    "Deep-Image account may have processing at once)"
+                    f"GENRELAY_UPSTREAM_CONCURRENCY must be a whole number from 1 to "
+                    f"{MAX_IN_FLIGHT} (jobs the Deep-Image account may have processing at once)"
                 )
             values["upstream_concurrency"] = int(v)
         # The process settings (PORT, GENRELAY_WEB_*, ...) are ProcessSettings', read by the

@@ -123,6 +123,15 @@ def test_every_variable_is_read() -> None:
         # str.isdigit() takes '²' (and other digits int() refuses): ValueError, not this.
         ({**MINIMAL, "GENRELAY_MAX_RESULT_BYTES": "²"}, "GENRELAY_MAX_RESULT_BYTES"),
         ({**MINIMAL, "GENRELAY_UPSTREAM_CONCURRENCY": "²"}, "GENRELAY_UPSTREAM_CONCURRENCY"),
+        # Stored in an integer column: 2^31 failed every intake on PostgreSQL with a 500.
+        (
+            {**MINIMAL, "GENRELAY_UPSTREAM_CONCURRENCY": "2147483648"},
+            "GENRELAY_UPSTREAM_CONCURRENCY",
+        ),
+        (
+            {**MINIMAL, "GENRELAY_UPSTREAM_CONCURRENCY": "100001"},
+            "GENRELAY_UPSTREAM_CONCURRENCY",
+        ),
         ({**MINIMAL, "GENRELAY_RATE_LIMIT_BURST": "²"}, "GENRELAY_RATE_LIMIT_BURST"),
         ({**MINIMAL, "GENRELAY_WORKER_THREADS": "²"}, "GENRELAY_WORKER_THREADS"),
         ({**MINIMAL, "PORT": "\uff18\uff10\uff18\uff10"}, "PORT"),  # fullwidth 8080
@@ -152,6 +161,13 @@ def test_every_variable_is_read() -> None:
 def test_bad_values_stop_start_up_naming_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         Config.from_env(env)
+
+
+def test_the_upstream_concurrency_may_be_up_to_a_tenants_largest_cap() -> None:
+    config = Config.from_env({**MINIMAL, "GENRELAY_UPSTREAM_CONCURRENCY": "100000"})
+    assert config.upstream_concurrency == 100_000
+    with pytest.raises(ConfigError, match="from 1 to 100000"):
+        Config.from_env({**MINIMAL, "GENRELAY_UPSTREAM_CONCURRENCY": "0"})
 
 
 def test_secrets_do_not_appear_in_the_config_repr() -> None:
