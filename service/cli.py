@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("genrelay.cli")
 
-# The worker's first statement: a database that is not migrated stops it at start, naming
-# the fix, rather than failing in every loop of every thread.
-_TASKS_READABLE = "SELECT 1 FROM tasks WHERE 1 = 0"
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `genrelay` console script."""
@@ -93,16 +89,24 @@ def _database_problem(error: BaseException) -> str | None:
     for secret in (url.password, url.query.get("password")):
         if isinstance(secret, str) and secret:
             reason = reason.replace(secret, "***")
-    if url.get_backend_name() == "sqlite":
-        where = url.database or ":memory:"
-    else:
-        where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    where = _database_where()
     if missing:
         return f"the database {where} is not migrated ({reason}): run `genrelay migrate`"
     return (
         f"cannot use the database {where} (GENRELAY_DATABASE_URL): {reason}; is it up, "
         "and migrated (`genrelay migrate`)?"
     )
+
+
+def _database_where() -> str:
+    """GENRELAY_DATABASE_URL's database as messages name it: a file, or host:port/name (never
+    the password)."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(Config.database_url_from_env())
+    if url.get_backend_name() == "sqlite":
+        return url.database or ":memory:"
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -265,8 +269,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     """The task loop, once the database is known to be migrated."""
     from service.bootstrap import build_services
-    from service.database import Store, schema_behind
+    from service.database import Store
     from service.generations.line import ensure_line_task
+    from service.migrate import migrated
     from service.runtime.housekeeping import ensure_scheduled
     from service.runtime.wakeup import libpq_url
     from service.runtime.worker import Worker
@@ -275,14 +280,24 @@ def _worker(args: argparse.Namespace) -> int:
     blobs = _gcs_blob_store(config)
     # No pre-ping: a task whose statement meets a dropped connection simply comes back.
     services = build_services(config, store=Store(config.database_url, pre_ping=False), blobs=blobs)
+    # A database that is not migrated to this release (never, or only to an older
+    # migration) stops the worker at start, naming the fix, rather than failing in every
+    # loop of every thread; the same test as /readyz's.
     try:
         with services.store.read_one() as connection:
-            connection.exec_driver_sql(_TASKS_READABLE)
+            up_to_date = migrated(connection)
     except Exception as exc:
-        if schema_behind(exc):
-            raise  # not migrated: main() says so in one line, and the worker does not start
         # Away for a moment, perhaps: the worker starts, and its threads keep trying.
         log.warning("the database cannot be used yet (%s); starting anyway", type(exc).__name__)
+        up_to_date = True
+    if not up_to_date:
+        services.close()
+        print(
+            f"genrelay: the database {_database_where()} is not migrated to this release: "
+            "run `genrelay migrate`",
+            file=sys.stderr,
+        )
+        return 1
     worker = Worker(
         services.runner,
         threads=args.threads or ProcessSettings.from_env().worker_threads,

@@ -18,27 +18,55 @@ from service.bootstrap import Services
 from service.runtime.worker import Worker
 
 
-def test_a_worker_on_a_database_that_is_not_migrated_stops_and_says_to_migrate(
-    tmp_path: Path,
-) -> None:
+def _run_worker(database_url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`genrelay worker` on `database_url`, to its end (a worker that starts its loop runs
+    until the timeout, which fails the test)."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("GENRELAY_")},
-        "GENRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'never-migrated.db'}",
+        "GENRELAY_DATABASE_URL": database_url,
         "GENRELAY_DEEPIMAGE_URL": "http://127.0.0.1:9",
         "GENRELAY_DEEPIMAGE_API_KEY": "unused",
         "GENRELAY_GCS_BUCKET": "unused",
         "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9",
     }
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "service.cli", "worker"],
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
+
+
+def test_a_worker_on_a_database_that_is_not_migrated_stops_and_says_to_migrate(
+    tmp_path: Path,
+) -> None:
+    done = _run_worker(f"sqlite:///{tmp_path / 'never-migrated.db'}")
     assert done.returncode == 1, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert "is not migrated" in last and "genrelay migrate" in last
+    assert "Traceback" not in done.stderr
+
+
+def test_a_worker_on_a_database_one_migration_behind_stops_and_says_to_migrate(
+    tmp_path: Path,
+) -> None:
+    """Its start check read the tasks table only, which a database at the migration before
+    the newest has: the worker started, and its statements on the newer columns failed."""
+    from alembic import command
+
+    from service.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'behind.db'}"
+    command.upgrade(alembic_config(url), "head")
+    command.downgrade(alembic_config(url), "-1")
+    done = _run_worker(url, timeout=30)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"genrelay: the database {tmp_path / 'behind.db'} is not migrated to this release: "
+        "run `genrelay migrate`"
+    )
     assert "Traceback" not in done.stderr
 
 
