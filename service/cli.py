@@ -12,6 +12,7 @@ import datetime as dt
 import ipaddress
 import logging
 import math
+import re
 import signal
 import sys
 import threading
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from service.adapters.blobstore import GcsBlobStore
 
 log = logging.getLogger("genrelay.cli")
+
+# PostgreSQL's insufficient_privilege (e.g. `permission denied for schema public`).
+INSUFFICIENT_PRIVILEGE = "42501"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _database_problem(error: BaseException) -> str | None:
     """One line for a GENRELAY_DATABASE_URL database that cannot be used (down, unreachable,
-    not migrated): where it is and why, without the password; None for any other error (a
-    statement that is wrong is a bug, whose traceback is wanted)."""
+    not migrated, refusing its user a privilege): where it is and why, without the password;
+    None for any other error (a statement that is wrong is a bug, whose traceback is wanted)."""
     import sqlalchemy as sa
 
     if not isinstance(error, sa.exc.OperationalError | sa.exc.ProgrammingError):
@@ -83,7 +87,10 @@ def _database_problem(error: BaseException) -> str | None:
     from service.database import schema_behind
 
     missing = schema_behind(error)
-    if isinstance(error, sa.exc.ProgrammingError) and not missing:
+    # A user without a privilege it needs (CREATE on the schema, for `migrate`): the
+    # deployment's to fix, not genrelay's.
+    refused = getattr(error.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE
+    if isinstance(error, sa.exc.ProgrammingError) and not (missing or refused):
         return None
     url = sa.engine.make_url(Config.database_url_from_env())
     for secret in (url.password, url.query.get("password")):
@@ -92,10 +99,32 @@ def _database_problem(error: BaseException) -> str | None:
     where = _database_where()
     if missing:
         return f"the database {where} is not migrated ({reason}): run `genrelay migrate`"
+    if refused:
+        refusal = f"the database {where} refused the user {url.username or ''} ({reason})"
+        if "schema" in reason:
+            # docs/deploy.md's fix: the user genrelay connects as owns the database.
+            owner = f"{_sql_name(url.database or '')} OWNER TO {_sql_name(url.username or '')}"
+            return (
+                f"{refusal}; the user must own the database: as postgres, "
+                f"`ALTER DATABASE {owner};` (docs/deploy.md)"
+            )
+        # Tables made by another user (`genrelay migrate` run as someone else).
+        return (
+            f"{refusal}; grant it that privilege, or run `genrelay migrate` as the user "
+            "every process uses, the database's owner (docs/deploy.md)"
+        )
     return (
         f"cannot use the database {where} (GENRELAY_DATABASE_URL): {reason}; is it up, "
         "and migrated (`genrelay migrate`)?"
     )
+
+
+def _sql_name(name: str) -> str:
+    """`name` as an SQL identifier: as it is where PostgreSQL takes it so, quoted otherwise
+    (an IAM user's e-mail address, say)."""
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _database_where() -> str:

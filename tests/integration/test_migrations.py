@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from alembic.migration import MigrationContext
 
 from service.auth import ApiKeys
 from service.database import Store, create_db_engine
-from service.migrate import alembic_config
+from service.migrate import alembic_config, upgrade_to_head
 from service.models import Base
 
 
@@ -222,3 +223,59 @@ def test_two_migrations_at_once_take_turns(database_url: str) -> None:
         engine.dispose()
     assert [run.returncode for run in runs] == [0, 0], [err[-500:] for _, err in results]
     assert "fair_tag" in column_names(database_url, "tenants")
+
+
+@pytest.mark.postgres
+def test_a_user_refused_a_privilege_is_told_so_in_one_line() -> None:
+    """`permission denied for schema public` from `migrate` (a user that does not own the
+    database, as docs/deploy.md describes) was a traceback, and so was any other privilege
+    refused; each is one line naming the fix."""
+    from tests.conftest import new_postgres_database
+
+    role = f"genrelay_test_{uuid.uuid4().hex[:12]}"
+    with new_postgres_database(migrate=False) as admin_url:
+        url = sa.engine.make_url(admin_url).set(username=role)
+        env = {**os.environ, "GENRELAY_DATABASE_URL": url.render_as_string(hide_password=False)}
+
+        def genrelay_as_the_role(*argv: str) -> tuple[int, list[str]]:
+            done = subprocess.run(
+                [sys.executable, "-m", "service.cli", *argv],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert "Traceback" not in done.stderr, done.stderr[-2000:]
+            lines = [ln for ln in done.stderr.splitlines() if not ln.startswith('{"severity": ')]
+            return done.returncode, lines
+
+        admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as connection:
+                connection.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
+                # PostgreSQL 15's default; older servers let every role create in public.
+                connection.execute(sa.text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+            migrated = genrelay_as_the_role("migrate")
+            upgrade_to_head(admin_url)  # the tables are postgres's, not the role's
+            listed = genrelay_as_the_role("keys", "list")
+        finally:
+            with admin.connect() as connection:
+                connection.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
+            admin.dispose()
+    where = f"{url.host}:{url.port or 5432}/{url.database}"
+    assert migrated == (
+        1,
+        [
+            f"genrelay: the database {where} refused the user {role} (permission denied for "
+            "schema public); the user must own the database: as postgres, "
+            f"`ALTER DATABASE {url.database} OWNER TO {role};` (docs/deploy.md)"
+        ],
+    )
+    assert listed == (
+        1,
+        [
+            f"genrelay: the database {where} refused the user {role} (permission denied for "
+            "table api_keys); grant it that privilege, or run `genrelay migrate` as the user "
+            "every process uses, the database's owner (docs/deploy.md)"
+        ],
+    )
