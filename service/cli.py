@@ -272,8 +272,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.database import create_db_engine
+
     config = Config.from_env()  # fail fast, before gunicorn forks, with the variable named
     _gcs_blob_store(config).close()  # ...and with the credentials each process will need
+    create_db_engine(config.database_url).dispose()  # ...and a SQLite file's directory made
     from gunicorn.app.base import BaseApplication
 
     class GenrelayGunicorn(BaseApplication):

@@ -79,7 +79,18 @@ def create_db_engine(url: str, *, pre_ping: bool = True) -> sa.Engine:
     if url.startswith("sqlite"):
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+            directory = os.path.dirname(os.path.abspath(database))
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                # The URL is the operator's to fix: one line, not a traceback from every
+                # command. (Imported here: service.config imports this module's users.)
+                from service.config import ConfigError
+
+                raise ConfigError(
+                    f"GENRELAY_DATABASE_URL names a SQLite database in {directory}, a "
+                    f"directory that cannot be made ({exc.strerror or exc})"
+                ) from None
         engine = sa.create_engine(
             url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, hide_parameters=True
         )

@@ -182,6 +182,50 @@ def test_a_malformed_database_url_is_a_configuration_error_without_the_password(
         assert "SECRETPW" not in line
 
 
+def test_a_sqlite_directory_that_cannot_be_made_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """os.makedirs' OSError was a traceback from every command."""
+    (tmp_path / "a-file").write_text("not a directory")
+    directory = tmp_path / "a-file" / "var"
+    monkeypatch.setenv("GENRELAY_DATABASE_URL", f"sqlite:///{directory / 'genrelay.db'}")
+    for name, setting in MINIMAL.items():
+        monkeypatch.setenv(name, setting)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    for command in (["migrate"], ["keys", "list"], ["tenants", "list"], ["worker"]):
+        assert main(command) == 2, command
+        [line] = not_logged(capsys.readouterr().err)
+        assert line == (
+            "genrelay: configuration error: GENRELAY_DATABASE_URL names a SQLite database in "
+            f"{directory}, a directory that cannot be made (Not a directory)"
+        ), command
+
+
+def test_serve_with_a_sqlite_directory_that_cannot_be_made_stops_before_gunicorn_starts(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    directory = tmp_path / "a-file" / "var"
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9",
+        "PORT": str(free_port()),
+        "GENRELAY_DATABASE_URL": f"sqlite:///{directory / 'genrelay.db'}",
+        **MINIMAL,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = not_logged(done.stderr)  # not gunicorn's "Worker failed to boot" and a traceback
+    assert line.startswith("genrelay: configuration error: GENRELAY_DATABASE_URL names a SQLite")
+
+
 def test_a_statement_that_is_wrong_still_shows_its_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
