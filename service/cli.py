@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import ipaddress
 import logging
 import math
@@ -339,7 +340,20 @@ def _worker(args: argparse.Namespace) -> int:
     if args.http_port is not None:
         from service.metrics import serve_worker_metrics
 
-        server = serve_worker_metrics(args.http_port, config.metrics_token)
+        try:
+            server = serve_worker_metrics(args.http_port, config.metrics_token)
+        except OSError as exc:
+            services.close()
+            port = args.http_port
+            if exc.errno == errno.EADDRINUSE:  # worded as `genrelay dev` words its port
+                problem = f"port {port} is in use by another process ({exc.strerror}); stop it, or"
+            else:
+                problem = f"cannot listen on port {port} ({exc.strerror or exc});"
+            print(
+                f"genrelay worker: {problem} choose another port with --http-port N",
+                file=sys.stderr,
+            )
+            return 2
         log.info("worker metrics on %s:%d", *server.server_address[:2])
 
     def _stop(signum: int, _frame: Any) -> None:

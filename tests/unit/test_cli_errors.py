@@ -226,6 +226,29 @@ def test_serve_with_a_sqlite_directory_that_cannot_be_made_stops_before_gunicorn
     assert line.startswith("genrelay: configuration error: GENRELAY_DATABASE_URL names a SQLite")
 
 
+def test_a_worker_metrics_port_in_use_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The metrics server's OSError (address already in use) was a traceback."""
+    import socket
+
+    from service.migrate import upgrade_to_head
+
+    url = f"sqlite:///{tmp_path / 'genrelay.db'}"
+    upgrade_to_head(url)
+    for name, setting in {**MINIMAL, "GENRELAY_DATABASE_URL": url}.items():
+        monkeypatch.setenv(name, setting)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", 0))
+        other_server.listen()
+        port = other_server.getsockname()[1]
+        assert main(["worker", "--http-port", str(port)]) == 2
+    [line] = not_logged(capsys.readouterr().err)
+    assert line.startswith(f"genrelay worker: port {port} is in use by another process ("), line
+    assert line.endswith("); stop it, or choose another port with --http-port N"), line
+
+
 def test_a_statement_that_is_wrong_still_shows_its_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
