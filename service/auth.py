@@ -15,6 +15,7 @@ import secrets
 import unicodedata
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from service.database import Store
 from service.ids import new_id
@@ -98,9 +99,19 @@ class ApiKeys:
                 problem = tenant_name_problem(tenant_name)  # a tenant that exists keeps its name
                 if problem is not None:
                     raise ValueError(problem)
-                tenant_id = new_id("ten_")
-                session.add(Tenant(id=tenant_id, name=tenant_name, webhook_secret=new_secret()))
-                session.flush()
+                # Another `keys create` may be making the same tenant at this moment: the
+                # insert waits for it and then does nothing, and the tenant it made is read
+                # (PostgreSQL's next statement sees what committed; SQLite has one writer).
+                dialect = session.get_bind().dialect.name
+                insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+                session.execute(
+                    insert(Tenant)
+                    .values(id=new_id("ten_"), name=tenant_name, webhook_secret=new_secret())
+                    .on_conflict_do_nothing(index_elements=[Tenant.name])
+                )
+                tenant_id = session.scalars(
+                    sa.select(Tenant.id).where(Tenant.name == tenant_name)
+                ).one()
             key_id = new_id("key_")
             prefix = key[: len(KEY_PREFIX) + 6]
             session.add(

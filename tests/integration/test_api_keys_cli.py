@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -225,3 +226,45 @@ def test_a_postgresql_database_that_is_not_migrated_says_to_migrate(
         assert line.endswith("does not exist): run `genrelay migrate`")
         assert main(["migrate"]) == 0
         assert main(["keys", "create", "acme"]) == 0
+
+
+def test_keys_created_at_once_for_a_new_tenant_all_succeed_and_share_it(database_url: str) -> None:
+    """Two `keys create NEWTENANT` at once on PostgreSQL: both found no tenant, both inserted
+    it, and one failed on tenants_name_key (IntegrityError)."""
+    import threading
+
+    from service.auth import ApiKeys
+
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite takes one writer at a time: two creations cannot interleave")
+    store = Store(database_url)
+    keys: list[str] = []
+    failures: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            keys.append(ApiKeys(store).create("newtenant"))
+        except Exception as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    try:
+        with store.engine.connect() as blocker:
+            # Each creation finds no tenant, then waits here to insert it: they meet at the
+            # unique name once the lock is let go.
+            blocker.execute(sa.text("LOCK TABLE tenants IN SHARE ROW EXCLUSIVE MODE"))
+            creations = [threading.Thread(target=create) for _ in range(4)]
+            for creation in creations:
+                creation.start()
+            time.sleep(1)
+            blocker.rollback()
+        for creation in creations:
+            creation.join(30)
+        assert failures == []
+        assert len(keys) == 4
+        with store.read() as session:
+            tenants = session.scalars(
+                sa.select(ApiKey.tenant_id).where(ApiKey.key_hash.in_(map(hash_api_key, keys)))
+            ).all()
+    finally:
+        store.dispose()
+    assert len(tenants) == 4 and len(set(tenants)) == 1
