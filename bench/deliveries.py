@@ -178,7 +178,7 @@ def genrelay_round(
         "GENRELAY_DATABASE_URL": db_url,
         "GENRELAY_DEEPIMAGE_API_KEY": "x",  # never called: no submit, poll or store tasks
         "GENRELAY_DEEPIMAGE_URL": f"http://{LOOPBACK}:1",
-        "GENRELAY_GCS_BUCKET": "x",
+        "GENRELAY_GCS_BUCKET": "unused",
         "STORAGE_EMULATOR_HOST": f"http://{LOOPBACK}:1",
         "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
     }

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
+from service.adapters.gcs_urls import is_bucket_name
 from service.tenants import MAX_IN_FLIGHT
 
 DEFAULT_DATABASE_URL = "sqlite:///var/genrelay.db"
@@ -30,6 +31,8 @@ DEEPIMAGE_RESULT_STORE = "neuroapi-store.s3.eu-central-1.amazonaws.com"
 # The longest time setting taken: far beyond any sensible one, and far enough inside the dates
 # Python and the databases hold (a lease of 1e12 s would end after the year 9999).
 MAX_SECONDS = 10 * 365 * 24 * 3600.0
+# A lone surrogate: what os.environ holds for a byte that is not UTF-8 (b"\xff": U+DCFF).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ConfigError(Exception):
@@ -98,7 +101,7 @@ class Config:
         values: dict[str, Any] = {}
 
         def text(name: str) -> str | None:
-            value = env.get(name)
+            value = _env_value(env, name)
             if value is None or value.strip() == "":
                 return None
             return value.strip()
@@ -123,6 +126,13 @@ class Config:
         values["gcs_bucket"] = text("GENRELAY_GCS_BUCKET") or ""
         if not values["gcs_bucket"]:
             raise ConfigError("GENRELAY_GCS_BUCKET is required (results are stored there)")
+        if not is_bucket_name(values["gcs_bucket"]):
+            # A gs:// URL here was taken, and every object then named gs://gs://...
+            raise ConfigError(
+                "GENRELAY_GCS_BUCKET must be a GCS bucket name (3-63 lowercase letters, digits, "
+                f"'-', '_' and '.'; no gs://, no prefix: GENRELAY_GCS_PREFIX), got "
+                f"{values['gcs_bucket']!r}"
+            )
         values["gcs_signing_account"] = text("GENRELAY_GCS_SIGNING_ACCOUNT")
         if (v := text("GENRELAY_SIGNED_URL_TTL")) is not None:
             ttl = _seconds("GENRELAY_SIGNED_URL_TTL", v)
@@ -217,7 +227,7 @@ class Config:
         messages never show the value: it may hold the database password.
         """
         env = os.environ if environ is None else environ
-        value = (env.get("GENRELAY_DATABASE_URL") or "").strip() or DEFAULT_DATABASE_URL
+        value = (_env_value(env, "GENRELAY_DATABASE_URL") or "").strip() or DEFAULT_DATABASE_URL
         if not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
             raise ConfigError(
                 "GENRELAY_DATABASE_URL must be a sqlite:/// or postgresql+psycopg:// URL"
@@ -287,7 +297,7 @@ class ProcessSettings:
         values: dict[str, Any] = {}
 
         def whole(name: str, low: int, high: int) -> int | None:
-            value = (env.get(name) or "").strip()
+            value = (_env_value(env, name) or "").strip()
             if not value:
                 return None
             if not _whole_number(value) or not low <= int(value) <= high:
@@ -303,19 +313,32 @@ class ProcessSettings:
         ):
             if (number := whole(name, low, high)) is not None:
                 values[field] = number
-        level = (env.get("GENRELAY_LOG_LEVEL") or "").strip().upper()
+        level = (_env_value(env, "GENRELAY_LOG_LEVEL") or "").strip().upper()
         if level:
             if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
                 raise ConfigError(
                     "GENRELAY_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL"
                 )
             values["log_level"] = level
-        timeout = (env.get("GENRELAY_REQUEST_TIMEOUT") or "").strip()
+        timeout = (_env_value(env, "GENRELAY_REQUEST_TIMEOUT") or "").strip()
         if timeout:
             values["request_timeout"] = _seconds("GENRELAY_REQUEST_TIMEOUT", timeout)
             if values["request_timeout"] <= 0:
                 raise ConfigError("GENRELAY_REQUEST_TIMEOUT must be above 0 seconds")
         return cls(**values)
+
+
+def _env_value(env: Mapping[str, str], name: str) -> str | None:
+    """The variable `name`, refused where it is not UTF-8 text.
+
+    Bytes that are not UTF-8 reach os.environ as lone surrogates, which nothing encodes: the
+    value would fail later, in every use (a callback secret in every submit's HMAC). The
+    message does not show the value: it may be a secret.
+    """
+    value = env.get(name)
+    if value is not None and _SURROGATE.search(value):
+        raise ConfigError(f"{name} is not UTF-8 text (its value is not shown)")
+    return value
 
 
 def _http_url(name: str, value: str) -> str:

@@ -14,6 +14,11 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_OBJECT_NAME = 1024
 
 
+def is_bucket_name(bucket: str) -> bool:
+    """Whether `bucket` is a GCS bucket name (a name alone: no gs://, no object)."""
+    return BUCKET_RE.fullmatch(bucket) is not None and (len(bucket) <= 63 or "." in bucket)
+
+
 def parse_gs_url(value: str, *, object_required: bool = True) -> tuple[str, str] | None:
     """(bucket, object name) of `gs://bucket/object`, or None when `value` is not one.
 
@@ -22,7 +27,7 @@ def parse_gs_url(value: str, *, object_required: bool = True) -> tuple[str, str]
     if not value.startswith("gs://"):
         return None
     bucket, _, name = value[len("gs://") :].partition("/")
-    if not BUCKET_RE.fullmatch(bucket) or (len(bucket) > 63 and "." not in bucket):
+    if not is_bucket_name(bucket):
         return None
     if len(name.encode()) > MAX_OBJECT_NAME or _CONTROL_RE.search(name):
         return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from service.config import Config, ConfigError
@@ -168,6 +170,50 @@ def test_the_upstream_concurrency_may_be_up_to_a_tenants_largest_cap() -> None:
     assert config.upstream_concurrency == 100_000
     with pytest.raises(ConfigError, match="from 1 to 100000"):
         Config.from_env({**MINIMAL, "GENRELAY_UPSTREAM_CONCURRENCY": "0"})
+
+
+# What os.environ holds for bytes that are not UTF-8 (b"\xff" is U+DCFF): with such a
+# callback secret every submit failed later, encoding it for its HMAC.
+NOT_UTF8 = os.fsdecode(b"secret-\xff\xfe-0123456789")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "GENRELAY_CALLBACK_SECRET",
+        "GENRELAY_DEEPIMAGE_API_KEY",
+        "GENRELAY_METRICS_TOKEN",
+        "GENRELAY_GCS_PREFIX",
+        "GENRELAY_GCS_SIGNING_ACCOUNT",
+        "GENRELAY_OIDC_AUDIENCE",
+        "GENRELAY_DATABASE_URL",
+        "GENRELAY_LOG_LEVEL",
+        "GENRELAY_WEB_THREADS",
+    ],
+)
+def test_a_value_that_is_not_utf8_is_refused_naming_the_variable_not_showing_it(
+    name: str,
+) -> None:
+    env = {**MINIMAL, "GENRELAY_PUBLIC_URL": "https://relay.example.com"}
+    env["GENRELAY_CALLBACK_SECRET"] = "s" * 32
+    env[name] = NOT_UTF8
+    with pytest.raises(ConfigError, match=f"^{name} is not UTF-8 text") as refused:
+        Config.from_env(env)
+    assert "secret-" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "bucket", ["gs://results", "gs://results/prefix", "Results", "ab", "results/prefix", "-a-"]
+)
+def test_a_gcs_bucket_that_is_not_a_bucket_name_is_refused(bucket: str) -> None:
+    """gs://bucket was taken, and every bucket check then asked for gs://gs://bucket."""
+    with pytest.raises(ConfigError, match=r"^GENRELAY_GCS_BUCKET must be a GCS bucket name"):
+        Config.from_env({**MINIMAL, "GENRELAY_GCS_BUCKET": bucket})
+
+
+def test_gcs_bucket_names_as_gcs_allows_them_are_taken() -> None:
+    for bucket in ("my-bucket", "a_b.c", "abc", "example.com.results"):
+        assert Config.from_env({**MINIMAL, "GENRELAY_GCS_BUCKET": bucket}).gcs_bucket == bucket
 
 
 def test_secrets_do_not_appear_in_the_config_repr() -> None:
