@@ -433,9 +433,19 @@ def _port(value: str) -> int:
 
 
 def _migrate(_args: argparse.Namespace) -> int:
-    from service.migrate import upgrade_to_head
+    from service.migrate import newer_revision, upgrade_to_head
 
-    upgrade_to_head(Config.database_url_from_env())
+    database_url = Config.database_url_from_env()
+    if (revision := newer_revision(database_url)) is not None:
+        # A rollback: the previous image's migrate job meets the newer release's schema,
+        # which this release works with (service.migrate.migrated); Alembic would stop on
+        # the revision it cannot find.
+        log.warning(
+            "the database is at a newer revision (%s) than this release knows; nothing to do",
+            revision,
+        )
+        return 0
+    upgrade_to_head(database_url)
     log.info("database is at the newest schema")
     return 0
 

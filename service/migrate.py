@@ -12,7 +12,7 @@ from alembic import command, op
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 
-from service.database import schema_behind
+from service.database import create_db_engine, schema_behind
 
 
 def alembic_config(database_url: str) -> AlembicConfig:
@@ -43,6 +43,31 @@ def migrated(connection: sa.Connection) -> bool:
             return False
         raise
     return version is not None and version not in _revisions_before_head()
+
+
+@functools.cache
+def _known_revisions() -> frozenset[str]:
+    """Every packaged revision."""
+    scripts = ScriptDirectory.from_config(alembic_config(""))
+    return frozenset(r.revision for r in scripts.walk_revisions())
+
+
+def newer_revision(database_url: str) -> str | None:
+    """The database's revision where this release does not know it (a later release
+    migrated it, and migrated() takes it as fine); None otherwise, never migrated included."""
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            version = connection.execute(
+                sa.text("SELECT version_num FROM alembic_version")
+            ).scalar()
+    except sa.exc.DBAPIError as exc:
+        if schema_behind(exc):
+            return None
+        raise
+    finally:
+        engine.dispose()
+    return version if version is not None and version not in _known_revisions() else None
 
 
 def upgrade_to_head(database_url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -279,3 +280,40 @@ def test_a_user_refused_a_privilege_is_told_so_in_one_line() -> None:
             "every process uses, the database's owner (docs/deploy.md)"
         ],
     )
+
+
+def test_migrate_on_a_database_a_newer_release_migrated_changes_nothing_and_says_so(
+    database_url: str,
+) -> None:
+    """A rollback redeploys the previous image, whose migrate job ran into a revision it did
+    not know: a traceback ("Can't locate revision identified by ..."), and a failed deploy.
+    This release's migrated() takes such a database as fine; migrate does too."""
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            head = connection.scalar(sa.text("SELECT version_num FROM alembic_version"))
+            connection.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "service.cli", "migrate"],
+                env={**os.environ, "GENRELAY_DATABASE_URL": database_url},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            with engine.connect() as connection:
+                after = connection.scalar(sa.text("SELECT version_num FROM alembic_version"))
+        finally:
+            with engine.begin() as connection:
+                connection.execute(
+                    sa.text("UPDATE alembic_version SET version_num = :v"), {"v": head}
+                )
+    finally:
+        engine.dispose()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert json.loads(line)["message"] == (
+        "the database is at a newer revision (9999_future) than this release knows; nothing to do"
+    )
+    assert after == "9999_future"
