@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -388,7 +389,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _gcs_blob_store(config: Config) -> GcsBlobStore:
     """The results' GCS store, as the service builds it; ConfigError where it has no
-    credentials (no key file, no application default credentials, no emulator), so the
+    credentials (no key file, no application default credentials, no emulator; with the
+    emulator, a GOOGLE_APPLICATION_CREDENTIALS that cannot sign URLs), so the
     command stops with one line instead of a traceback (or, under gunicorn, a boot loop)."""
     from service.adapters.blobstore import GcsBlobStore, PermanentBlobError
 
@@ -398,6 +400,8 @@ def _gcs_blob_store(config: Config) -> GcsBlobStore:
         )
     except PermanentBlobError as exc:
         reason = " ".join(exc.message.split())
+        if os.environ.get("STORAGE_EMULATOR_HOST", "").strip():
+            raise ConfigError(reason) from None  # the emulator's signing key: it says so
         raise ConfigError(
             f"{reason} (GENRELAY_GCS_BUCKET; STORAGE_EMULATOR_HOST names an emulator instead)"
         ) from None

@@ -247,9 +247,18 @@ class GcsBlobStore:
                 # URLs pointing at it (the emulator does not check their signatures).
                 from google.oauth2 import service_account
 
-                kwargs["signing_credentials"] = (
-                    service_account.Credentials.from_service_account_file(key_file)
-                )
+                try:
+                    kwargs["signing_credentials"] = (
+                        service_account.Credentials.from_service_account_file(key_file)
+                    )
+                except (OSError, ValueError, auth_exceptions.GoogleAuthError) as exc:
+                    # Missing, not JSON, or a user's credentials (gcloud's login), which
+                    # cannot sign. The reason names what is missing, never the file's values.
+                    raise PermanentBlobError(
+                        "GOOGLE_APPLICATION_CREDENTIALS must name a service-account key file "
+                        "to sign URLs for the emulator (STORAGE_EMULATOR_HOST): "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
         else:
             try:
                 client = storage.Client()

@@ -109,7 +109,7 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
         inbox_secret = tenant_webhook_secret(session, tenant.id)
     Tenants(store).set("dev", add_input_buckets=[DEV_INPUT_BUCKET])
     store.dispose()
-    signer = dev_signing_key(var)
+    signer = dev_signer_file(os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"), var)
 
     from service.devtools.gcs_emulator import FakeGcsServer
 
@@ -129,10 +129,8 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
         "GENRELAY_ALLOW_PRIVATE_WEBHOOKS": "1",
         "GENRELAY_GCS_BUCKET": DEV_BUCKET,
         "STORAGE_EMULATOR_HOST": gcs.url,
-        # A throwaway service-account key signs result.url and gs:// inputs for the emulator.
-        "GOOGLE_APPLICATION_CREDENTIALS": os.environ.get(
-            "GOOGLE_APPLICATION_CREDENTIALS", str(signer)
-        ),
+        # A service-account key signs result.url and gs:// inputs for the emulator.
+        "GOOGLE_APPLICATION_CREDENTIALS": signer,
         "GENRELAY_WEB_PROCESSES": "1",
         "PORT": str(port),
     }
@@ -195,6 +193,32 @@ def run_dev_stack(*, port: int, var_dir: str) -> int:
                 process.kill()
         gcs.stop()
     return 0 if stopping else 1
+
+
+def dev_signer_file(given: str | None, var: Path) -> str:
+    """The key file that signs URLs for the stack's emulator: GOOGLE_APPLICATION_CREDENTIALS
+    (`given`) where it is a service-account key, else the throwaway one in var/.
+
+    A developer's GOOGLE_APPLICATION_CREDENTIALS is often their gcloud login (a user's
+    credentials, which cannot sign), or a file since moved; the stack needs no real account,
+    so it says so and signs with its own key rather than stopping.
+    """
+    if given and given.strip():
+        from google.auth import exceptions as auth_exceptions
+        from google.oauth2 import service_account
+
+        try:
+            service_account.Credentials.from_service_account_file(given.strip())
+            return given.strip()
+        except (OSError, ValueError, auth_exceptions.GoogleAuthError) as exc:
+            fallback = dev_signing_key(var)
+            print(
+                "genrelay dev: GOOGLE_APPLICATION_CREDENTIALS is not a service-account key "
+                f"file ({type(exc).__name__}); signing with the stack's throwaway key {fallback}",
+                file=sys.stderr,
+            )
+            return str(fallback)
+    return str(dev_signing_key(var))
 
 
 def dev_signing_key(var: Path) -> Path:

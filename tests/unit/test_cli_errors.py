@@ -125,6 +125,36 @@ def test_the_worker_without_google_credentials_says_so_in_one_line(
     assert "GENRELAY_GCS_BUCKET" in line
 
 
+@pytest.mark.parametrize("command", ["worker", "serve"])
+@pytest.mark.parametrize("key_file", ["missing.json", "authorized-user.json", "not-json.txt"])
+def test_the_emulator_with_a_key_file_that_cannot_sign_says_so_in_one_line(
+    command: str,
+    key_file: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """The key that signs URLs for the emulator was read outside the credentials check: a
+    traceback from serve, worker and genrelay dev."""
+    # What `gcloud auth application-default login` writes: a user's, which cannot sign.
+    (tmp_path / "authorized-user.json").write_text(
+        '{"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"}'
+    )
+    (tmp_path / "not-json.txt").write_text("not json")
+    for name, setting in MINIMAL.items():
+        monkeypatch.setenv(name, setting)
+    monkeypatch.setenv("GENRELAY_DATABASE_URL", f"sqlite:///{tmp_path / 'genrelay.db'}")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / key_file))
+    assert main([command]) == 2
+    [line] = not_logged(capsys.readouterr().err)
+    assert line.startswith(
+        "genrelay: configuration error: GOOGLE_APPLICATION_CREDENTIALS must name a "
+        "service-account key file to sign URLs for the emulator (STORAGE_EMULATOR_HOST): "
+    ), line
+    assert '"r"' not in line and "refresh_token" not in line
+
+
 def test_serve_without_google_credentials_stops_before_gunicorn_starts(tmp_path: Path) -> None:
     env = {
         "PATH": os.environ["PATH"],
