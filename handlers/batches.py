@@ -10,6 +10,8 @@ are numbered from 0, like the `items` array of the JSON form, so both name a bad
 
 Every item is checked before anything is stored: one bad item refuses the whole batch with a
 422 naming each bad field (`items[3].input.width`, `items[7].custom_id`), and nothing is kept.
+A bad value an item takes from the `template` is named once, as the template's
+(`template.width`; `batch.template.width` in NDJSON), not once per item that takes it.
 Strings no database can store (NUL, lone surrogates) and numbers beyond a double (`1e999`) are
 refused wherever they are, the batch-level fields (the `template` is kept as sent) included.
 A `deadline` already passed is refused after the Idempotency-Key lookup: a retry of a batch
@@ -129,15 +131,46 @@ def _leaves(
             yield (*path, key), value
 
 
-class BatchBody:
-    """Checks items one at a time against the batch-level `options`; keeps the good ones."""
+def _split_errors(messages: Any, item: Any, template: Any) -> tuple[Any, dict[Any, Any]]:
+    """marshmallow's errors for an item's input merged over the template, split into the
+    item's and the template's. An error is the template's where its path leaves the item's own
+    input for a key only the template has: the value came from the template, the same for every
+    item that takes it. A field missing from both is the item's (the item may give it)."""
+    if not isinstance(messages, dict) or not isinstance(item, dict):
+        return messages, {}  # the item's own value (it replaced the template's whole)
+    own: dict[Any, Any] = {}
+    shared: dict[Any, Any] = {}
+    for key, value in messages.items():
+        if key in item:
+            below = template.get(key) if isinstance(template, dict) else None
+            own_below, shared_below = _split_errors(value, item[key], below)
+            if own_below:
+                own[key] = own_below
+            if shared_below:
+                shared[key] = shared_below
+        elif isinstance(template, dict) and key in template:
+            shared[key] = value
+        else:
+            own[key] = value
+    return own, shared
 
-    def __init__(self, options: dict[str, Any]) -> None:
+
+class BatchBody:
+    """Checks items one at a time against the batch-level `options`; keeps the good ones.
+
+    `prefix`: where the batch-level fields are in the body (`batch.` on an NDJSON header line),
+    to name the template's fields in errors.
+    """
+
+    def __init__(self, options: dict[str, Any], prefix: str = "") -> None:
         self.options = options
         self.template: dict[str, Any] = options.get("template") or {}
+        self.template_field = prefix + "template"
         self.metadata: dict[str, str] = options.get("metadata") or {}
         self.items: list[NewBatchItem] = []
         self.errors: list[dict[str, Any]] = []
+        # Errors in the template's values, each once (by field and message), in the order found.
+        self.template_errors: dict[tuple[str, str], dict[str, Any]] = {}
         self.bad_items = 0
         self.count = 0
         self._custom_ids: dict[str, int] = {}
@@ -159,10 +192,12 @@ class BatchBody:
         self.count += 1
         if self.count > MAX_ITEMS:
             _refuse([{"field": "items", "message": f"At most {MAX_ITEMS} items."}])
-        errors = self._check(index, raw)
-        if errors:
+        errors, template_errors = self._check(index, raw)
+        if errors or template_errors:
             self.bad_items += 1
             self.errors.extend(errors[: max(0, MAX_REPORTED_ERRORS - len(self.errors))])
+            for error in template_errors:
+                self.template_errors.setdefault((error["field"], error["message"]), error)
 
     def add_error(self, field: str, message: str) -> None:
         """An item that could not even be read (not JSON, a line too long)."""
@@ -171,22 +206,26 @@ class BatchBody:
         if len(self.errors) < MAX_REPORTED_ERRORS:
             self.errors.append({"field": field, "message": message})
 
-    def _check(self, index: int, raw: Any) -> list[dict[str, Any]]:
+    def _check(self, index: int, raw: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The item's errors, and those of the template's values it takes."""
         name = f"items[{index}]"
         if not isinstance(raw, dict):
-            return [{"field": name, "message": "Must be an object with `input`."}]
+            return [{"field": name, "message": "Must be an object with `input`."}], []
         unstorable = unstorable_values(raw, name)
         if unstorable:
-            return unstorable
+            return unstorable, []
         try:
             item = _ITEM.load(raw)
         except ValidationError as exc:
-            return flatten_messages(exc.messages, name)
+            return flatten_messages(exc.messages, name), []
         errors: list[dict[str, Any]] = []
+        template_errors: list[dict[str, Any]] = []
         try:
             merged = _INPUT.load(deep_merge(self.template, item["input"]))
         except ValidationError as exc:
-            errors.extend(flatten_messages(exc.messages, f"{name}.input"))
+            own, shared = _split_errors(exc.messages, item["input"], self.template)
+            errors.extend(flatten_messages(own, f"{name}.input"))
+            template_errors = flatten_messages(shared, self.template_field)
         metadata = {**self.metadata, **item.get("metadata", {})}
         if len(metadata) > MAX_METADATA_KEYS:
             errors.append(
@@ -206,11 +245,11 @@ class BatchBody:
                         "within a batch.",
                     }
                 )
-        if not errors:
+        if not errors and not template_errors:
             self.items.append(NewBatchItem(input=merged, metadata=metadata, custom_id=custom_id))
             self._kept += 1
             self._count_replaced(self.template, item["input"], ())
-        return errors
+        return errors, template_errors
 
     def _count_replaced(
         self, template: dict[str, Any], item_input: dict[str, Any], path: tuple[str, ...]
@@ -244,7 +283,7 @@ class BatchBody:
             )
             _refuse(
                 [
-                    {"field": "template." + ".".join(path), "message": message}
+                    {"field": ".".join((self.template_field, *path)), "message": message}
                     for path in self._template_images
                 ]
             )
@@ -256,13 +295,18 @@ class BatchBody:
             )
             largest = sorted(stored, key=lambda path: stored[path], reverse=True)[:3]
             _refuse(
-                [{"field": "template." + ".".join(path), "message": message} for path in largest]
+                [
+                    {"field": ".".join((self.template_field, *path)), "message": message}
+                    for path in largest
+                ]
             )
         if self.bad_items:
-            shown = "; ".join(f"{e['field']}: {e['message']}" for e in self.errors[:3])
+            # The template's errors first: each is once, and may be why every item is invalid.
+            errors = [*self.template_errors.values(), *self.errors][:MAX_REPORTED_ERRORS]
+            shown = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
             raise InvalidRequest(
                 f"{self.bad_items} of {self.count} items are invalid; nothing was stored. " + shown,
-                errors=self.errors,
+                errors=errors,
             )
         return NewBatch(items=self.items, **self.options)
 
@@ -354,7 +398,7 @@ def read_ndjson(stream: IO[bytes]) -> NewBatch:
                     header = _HEADER.load(value)
                 except ValidationError as exc:
                     _refuse(flatten_messages(exc.messages))
-                batch = BatchBody(header["batch"])
+                batch = BatchBody(header["batch"], prefix="batch.")
                 continue
             batch = BatchBody(_load_options({}, ""))
         if problem is not None:
@@ -375,7 +419,10 @@ def read_ndjson(stream: IO[bytes]) -> NewBatch:
 @blp.alt_response(413, schema=ProblemSchema, description="The body is over the size limit")
 @blp.alt_response(415, schema=ProblemSchema, description="Neither JSON nor NDJSON")
 @blp.alt_response(
-    422, schema=ProblemSchema, description="Invalid items (named `items[i]…`), or a reused key"
+    422,
+    schema=ProblemSchema,
+    description="Invalid items (named `items[i]…`, a value taken from the template "
+    "`template…`), or a reused key",
 )
 def create_batch(idempotency_key: str | None = None) -> Any:
     """Accept up to 10,000 generations at once; they wait in the line and go in turn."""

@@ -185,6 +185,74 @@ def test_one_bad_item_refuses_the_whole_batch_naming_it_and_nothing_is_stored(
 
 
 @pytest.mark.parametrize(
+    ("template", "field"),
+    [
+        ({**TEMPLATE, "width": "wide"}, "template.width"),
+        ({**TEMPLATE, "colour": "red"}, "template.colour"),
+        ({**TEMPLATE, "webhooks": {"success": "https://a.example/x"}}, "template.webhooks"),
+        ({**TEMPLATE, "quality": 2**60}, "template.quality"),
+        (
+            deep_merge(TEMPLATE, {"background": {"generate": {"x": 1}}}),
+            "template.background.generate.x",
+        ),
+    ],
+    ids=["bad-value", "unknown", "webhooks", "beyond-2**53", "nested"],
+)
+@pytest.mark.parametrize("form", ["json", "ndjson"])
+def test_a_bad_template_field_is_named_once_as_the_templates(
+    client: Any,
+    auth: dict[str, str],
+    services: Services,
+    form: str,
+    template: dict[str, Any],
+    field: str,
+) -> None:
+    """Each item's input is validated merged over the template: an error in a value that came
+    from the template was reported once per item (`items[0..99].input.width`), never naming
+    the template. Item 1 gives its own `background.generate` (merged with the template's)."""
+    items = [item(n) for n in range(250)]
+    items[1]["input"]["background"] = {"generate": {"description": "product in snow"}}
+    if form == "json":
+        response = post(client, auth, {"template": template, "items": items})
+    else:
+        response = post_ndjson(client, auth, [{"batch": {"template": template}}, *items])
+        field = "batch." + field
+    assert response.status_code == 422, response.json
+    assert [e["field"] for e in response.json["errors"]] == [field]
+    assert response.json["detail"].startswith("250 of 250 items are invalid; nothing was stored.")
+    assert field in response.json["detail"]
+    assert rows(services, Generation) == rows(services, Batch) == 0
+
+
+def test_template_and_item_errors_are_told_apart(
+    client: Any, auth: dict[str, str], services: Services
+) -> None:
+    """An item that replaces the template's bad value is valid; an item's own bad value, and a
+    field missing from both the item and the template, are the item's."""
+    template = {"width": "wide", "height": 1024, "colour": "red"}
+    items = [
+        {"input": {"url": "https://shop.example.com/p/0.jpg", "width": 512}},  # only colour
+        {"input": {"url": "https://shop.example.com/p/1.jpg", "width": -5}},
+        {"input": {"width": 512}},  # no url, no background.generate: the item's to give
+        item(3),
+    ]
+    response = post(client, auth, {"template": template, "items": items})
+    assert response.status_code == 422, response.json
+    fields = [e["field"] for e in response.json["errors"]]
+    # (marshmallow checks what needs the whole input, such as an image, after the fields.)
+    assert fields == ["template.colour", "template.width", "items[1].input.width"]
+    assert response.json["detail"].startswith("4 of 4 items are invalid; nothing was stored.")
+    # Without the unknown field, the item that gives its own width is valid.
+    del template["colour"]
+    response = post(client, auth, {"template": template, "items": items})
+    fields = [e["field"] for e in response.json["errors"]]
+    assert fields[0] == "template.width"
+    assert sorted(fields[1:]) == ["items[1].input.width", "items[2].input"]
+    assert response.json["detail"].startswith("3 of 4 items are invalid; nothing was stored.")
+    assert rows(services, Generation) == rows(services, Batch) == 0
+
+
+@pytest.mark.parametrize(
     ("lines", "field"),
     [
         ([{"batch": {"template": TEMPLATE}}, item(0), "{not json", item(2)], "items[1]"),
@@ -368,9 +436,11 @@ def test_a_template_image_stored_with_every_item_is_bounded(
     assert error["field"] == "template.background.replace"
     assert f"{5 * size} bytes" in error["message"] and "URL instead" in error["message"]
     assert rows(services, Generation) == 7
-    # The same from an NDJSON body's header line.
+    # The same from an NDJSON body's header line, named as its field.
     ndjson = [{"batch": {"template": template}}, *catalog_of(5)["items"]]
-    assert post_ndjson(client, auth, ndjson).status_code == 422
+    refused = post_ndjson(client, auth, ndjson)
+    assert refused.status_code == 422
+    assert [e["field"] for e in refused.json["errors"]] == ["batch.template.background.replace"]
 
 
 def test_template_text_stored_with_every_item_is_bounded(
