@@ -4,9 +4,9 @@ NDJSON (`Content-Type: application/x-ndjson`) is one JSON object per line, read 
 request stream line by line (never the whole body as one string; a line may be at most
 MAX_LINE_BYTES). Each line is one item, `{input, metadata?, custom_id?}`; an optional FIRST
 line `{"batch": {template?, webhook?, webhook_events_filter?, metadata?, priority?,
-deadline?, retention?}}` carries the batch-level fields. Blank lines are skipped; item lines
-are numbered from 0, like the `items` array of the JSON form, so both name a bad item
-`items[i]`.
+deadline?, retention?}}` carries the batch-level fields (named `batch.webhook` and so on in
+errors; the line holds `batch` alone). Blank lines are skipped; item lines are numbered from 0,
+like the `items` array of the JSON form, so both name a bad item `items[i]`.
 
 Every item is checked before anything is stored: one bad item refuses the whole batch with a
 422 naming each bad field (`items[3].input.width`, `items[7].custom_id`), and nothing is kept.
@@ -68,6 +68,10 @@ MAX_TEMPLATE_IMAGE_BYTES = 64 * 1024 * 1024
 # a long prompt shared by 10,000 items is 10,000 copies of it.
 MAX_TEMPLATE_BYTES = 64 * 1024 * 1024
 LINE_BUFFER = 64 * 1024  # bytes read from the body at a time
+HEADER_ALONE = (
+    "The first line holds `batch` alone: the batch-level fields go inside it, and each item "
+    "on a line of its own."
+)
 _BOM = b"\xef\xbb\xbf"
 
 blp = Blueprint(
@@ -88,7 +92,8 @@ _NDJSON_DESCRIPTION = (
     'One JSON object per line. An optional first line `{"batch": {...}}` holds the '
     "batch-level fields (as in the JSON form, without `items`); every other line is one item "
     "`{input, metadata?, custom_id?}`. Blank lines are skipped; item lines are numbered from 0 "
-    f"(`items[i]` in errors). At most {MAX_ITEMS} items; a line may be {MAX_LINE_BYTES} bytes."
+    "(`items[i]` in errors; the first line's fields are `batch.…`). "
+    f"At most {MAX_ITEMS} items; a line may be {MAX_LINE_BYTES} bytes."
 )
 REQUEST_BODY = {
     "required": True,
@@ -394,6 +399,9 @@ def read_ndjson(stream: IO[bytes]) -> NewBatch:
                 unstorable = unstorable_values(value)
                 if unstorable:
                     _refuse(unstorable)
+                if len(value) > 1:
+                    # Named as the line (`batch`): an `input` beside it is not items[0]'s.
+                    _refuse([{"field": "batch", "message": HEADER_ALONE}])
                 try:
                     header = _HEADER.load(value)
                 except ValidationError as exc:
@@ -439,7 +447,13 @@ def create_batch(idempotency_key: str | None = None) -> Any:
             "batch.deadline" if ndjson else "deadline",
         )
     else:
-        answer = batches.create(caller.id, new, idempotency_key=idempotency_key, settings=caller)
+        answer = batches.create(
+            caller.id,
+            new,
+            idempotency_key=idempotency_key,
+            settings=caller,
+            webhook_field="batch.webhook" if ndjson else "webhook",
+        )
     return render_answer(answer, "/v1/batches")
 
 

@@ -153,10 +153,13 @@ class BatchService:
         *,
         idempotency_key: str | None = None,
         settings: TenantSettings | None = None,
+        webhook_field: str = "webhook",
     ) -> BatchIntake:
         """Store the batch and its generations in one transaction; admit what fits now.
 
         `settings`: the tenant's, when the caller has read them (the API key lookup does).
+        `webhook_field`: the webhook's name in the request, for a refusal to name it
+        (`batch.webhook` on an NDJSON header line).
         """
         fingerprint = new.fingerprint() if idempotency_key is not None else ""
         if idempotency_key is not None:
@@ -166,7 +169,7 @@ class BatchService:
             if earlier is not None:
                 return earlier
         if new.webhook is not None:
-            require_safe_target(self.policy, new.webhook, "webhook", tenant_id)
+            require_safe_target(self.policy, new.webhook, webhook_field, tenant_id)
         if settings is None:
             with self.store.read() as session:
                 settings = settings_by_id(session, tenant_id)

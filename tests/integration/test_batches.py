@@ -260,6 +260,7 @@ def test_template_and_item_errors_are_told_apart(
         ([{"batch": {"webhook": "not a url"}}, item(0)], "batch.webhook"),
         ([{"batch": {"priority": 99}}, item(0)], "batch.priority"),
         ([{"batch": {"template": TEMPLATE}}, item(0), {"batch": {}}], "items[1].batch"),
+        ([{"batch": {}, "input": {"url": "https://a.example/1.jpg"}}, item(0)], "batch"),
         ([{"batch": {"template": TEMPLATE}}], "items"),
         ([{"batch": {"deadline": "2001-01-01T00:00:00Z"}}, item(0)], "batch.deadline"),
         ([{"batch": {"deadline": "9999-12-31T23:59:59-01:00"}}, item(0)], "batch.deadline"),
@@ -270,6 +271,7 @@ def test_template_and_item_errors_are_told_apart(
         "header-field",
         "header-priority",
         "late-header",
+        "header-with-input",
         "no-items",
         "header-deadline-passed",
         "header-deadline-out-of-range",
@@ -281,6 +283,36 @@ def test_ndjson_errors_name_the_line_as_items_i(
     response = post_ndjson(client, auth, lines)
     assert response.status_code == 422, response.json
     assert field in [e["field"] for e in response.json["errors"]]
+    assert rows(services, Generation) == rows(services, Batch) == 0
+
+
+def _no_such_host(host: str, port: int) -> list[str]:
+    raise OSError("Name or service not known")
+
+
+@pytest.mark.parametrize(
+    "webhook",
+    ["https://169.254.169.254/hook", "https://hooks.example.com/hook", "not a url"],
+    ids=["metadata-address", "host-does-not-resolve", "malformed"],
+)
+@pytest.mark.parametrize("form", ["json", "ndjson"])
+def test_a_refused_batch_webhook_is_named_where_it_was_given(
+    client: Any, auth: dict[str, str], services: Services, form: str, webhook: str
+) -> None:
+    """From an NDJSON header line, a webhook the SSRF policy refused (or whose host did not
+    resolve) was named `webhook`, where a malformed one was `batch.webhook`."""
+    from service.notifications.ssrf import URLPolicy
+
+    services.batches.policy = URLPolicy(allow_private=True, resolver=_no_such_host)
+    if form == "json":
+        response = post(client, auth, {"webhook": webhook, "items": [item(0)]})
+        field = "webhook"
+    else:
+        response = post_ndjson(client, auth, [{"batch": {"webhook": webhook}}, item(0)])
+        field = "batch.webhook"
+    assert response.status_code == 422, response.json
+    assert [e["field"] for e in response.json["errors"]] == [field]
+    assert response.json["detail"].startswith(f"{field}: ")
     assert rows(services, Generation) == rows(services, Batch) == 0
 
 
