@@ -112,6 +112,7 @@ class StrictJSONParser(FlaskParser):
 
     Each schema's `Meta.unknown` decides about unknown fields in every location (webargs
     would otherwise drop unknown query parameters, hiding typos such as `?statuss=failed`).
+    A query parameter given twice is refused (webargs would use its first value).
     """
 
     DEFAULT_UNKNOWN_BY_LOCATION: dict[str, str | None] = {}
@@ -121,6 +122,22 @@ class StrictJSONParser(FlaskParser):
         sender that documents none)."""
         super().__init__(**kwargs)
         self.any_content_type = any_content_type
+
+    def load_querystring(self, req: flask.Request, schema: Any) -> Any:
+        """The query, refusing a field given more than once: webargs would take its first value
+        and drop the rest silently (`?status=canceled&status=queued` listed the canceled ones
+        alone). A field that takes a list may repeat; parameters that are not fields are the
+        schema's to judge (`metadata[key]=value` says "Give each metadata key once.")."""
+        query = super().load_querystring(req, schema)
+        fields = {field.data_key or name for name, field in schema.fields.items()}
+        repeated = [
+            name
+            for name, values in req.args.lists()
+            if len(values) > 1 and name in fields and name not in query.multiple_keys
+        ]
+        if repeated:
+            abort(422, messages={"query": {name: [f"Give `{name}` once."] for name in repeated}})
+        return query
 
     def _raw_load_json(self, req: flask.Request) -> Any:
         if not self.any_content_type and not is_json_request(req):

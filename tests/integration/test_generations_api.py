@@ -586,6 +586,47 @@ def test_bad_list_queries_are_named(
     assert field in [e["field"] for e in response.json["errors"]]
 
 
+@pytest.mark.parametrize(
+    ("url", "field"),
+    [
+        ("/v1/generations?batch=bat_a&batch=bat_b", "batch"),
+        ("/v1/generations?status=canceled&status=queued", "status"),
+        ("/v1/generations?limit=5&limit=50", "limit"),
+        ("/v1/generations?cursor=a&cursor=b", "cursor"),
+        (
+            "/v1/generations?created_after=2026-01-01T00:00:00Z&created_after=2027-01-01T00:00:00Z",
+            "created_after",
+        ),
+        ("/v1/generations?status=queued&status=queued", "status"),  # even the same value
+        ("/v1/batches?limit=1&limit=2", "limit"),
+        ("/v1/batches/bat_x/generations?status=queued&status=failed", "status"),
+        ("/v1/events?type=generation.failed&type=generation.succeeded", "type"),
+        ("/v1/deliveries?status=dead&status=pending", "status"),
+        ("/v1/subscriptions?cursor=a&cursor=b", "cursor"),
+        ("/v1/triggers?limit=1&limit=2", "limit"),
+    ],
+)
+def test_a_query_parameter_given_twice_is_refused_naming_it(
+    client: Any, auth: dict[str, str], url: str, field: str
+) -> None:
+    """Only the first value was used, silently: `?status=canceled&status=queued` listed the
+    canceled generations alone, as if the second filter were not there."""
+    response = client.get(url, headers=auth)
+    assert response.status_code == 422, response.json
+    assert response.mimetype == PROBLEM
+    assert response.json["errors"] == [{"field": field, "message": f"Give `{field}` once."}]
+
+
+def test_a_repeated_metadata_filter_keeps_its_own_message(
+    client: Any, auth: dict[str, str]
+) -> None:
+    response = client.get("/v1/generations?metadata[a]=1&metadata[a]=2&limit=5", headers=auth)
+    assert response.status_code == 422
+    assert response.json["errors"] == [
+        {"field": "metadata[a]", "message": "Give each metadata key once."}
+    ]
+
+
 def test_cancel_is_idempotent_and_a_finished_generation_cannot_be_canceled(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
