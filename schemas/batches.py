@@ -12,8 +12,8 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from schemas.generations import GenerationCreateSchema
-from service.domain import BatchStatus, GenerationStatus
+from schemas.generations import GenerationCreateSchema, events_filter_field
+from service.domain import EVENT_TYPES, BatchStatus, GenerationStatus
 
 MAX_ITEMS = 10_000
 CUSTOM_ID_MAX = 200
@@ -91,6 +91,11 @@ class BatchOptionsSchema(GenerationCreateSchema):
         metadata={
             "description": "Receives every item's generation.* events and `batch.completed`."
         },
+    )
+    webhook_events_filter = events_filter_field(
+        EVENT_TYPES,
+        "Which events go to `webhook` (default: all): the items' `generation.*` and "
+        "`batch.completed`.",
     )
     metadata = _metadata_field(
         "Up to 50 string pairs of your own for the batch; every item's generation carries them "

@@ -21,7 +21,7 @@ from marshmallow import (
 )
 
 from schemas.deepimage import ProcessRequestSchema, base64_payload
-from service.domain import EVENT_TYPES, GenerationStatus
+from service.domain import GENERATION_EVENT_TYPES, GenerationStatus
 from service.tenants import MAX_RETENTION
 
 MAX_METADATA_KEYS = 50
@@ -54,6 +54,15 @@ def deadline_passed(deadline: dt.datetime | None) -> bool:
     return deadline is not None and deadline <= dt.datetime.now(dt.UTC)
 
 
+def events_filter_field(event_types: tuple[str, ...], description: str) -> fields.List:
+    """`webhook_events_filter`: some of the events `webhook` can be sent, each once."""
+    return fields.List(
+        fields.String(validate=validate.OneOf(event_types)),
+        validate=validate.Length(min=1, max=len(event_types)),
+        metadata={"description": description, "uniqueItems": True},
+    )
+
+
 class GenerationCreateSchema(Schema):
     """Body of `POST /v1/generations`.
 
@@ -83,13 +92,9 @@ class GenerationCreateSchema(Schema):
         validate=validate.Length(max=2048),
         metadata={"description": "Where to send this generation's notifications."},
     )
-    webhook_events_filter = fields.List(
-        fields.String(validate=validate.OneOf(EVENT_TYPES)),
-        validate=validate.Length(min=1, max=len(EVENT_TYPES)),
-        metadata={
-            "description": "Which events go to `webhook` (default: all).",
-            "uniqueItems": True,
-        },
+    # Only the generation's own: it never sends `batch.completed` (a batch's webhook does).
+    webhook_events_filter = events_filter_field(
+        GENERATION_EVENT_TYPES, "Which of the generation's events go to `webhook` (default: all)."
     )
     metadata = fields.Dict(
         keys=fields.String(validate=validate.Length(min=1, max=40)),

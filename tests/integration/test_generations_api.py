@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from service.bootstrap import Services
 from service.config import Config
+from service.domain import EVENT_TYPES, GENERATION_EVENT_TYPES
 from service.generations.callback_urls import callback_url
 from service.models import Generation, IdempotencyKey, Task
 from service.tenants import Tenants
@@ -131,6 +132,18 @@ def test_the_callback_url_is_added_when_a_public_url_is_configured(
         (
             {"input": TEXT_ONLY, "webhook_events_filter": ["generation.exploded"]},
             {"webhook_events_filter.0"},
+        ),
+        # A single generation never sends `batch.completed`: its webhook would get nothing.
+        (
+            {"input": TEXT_ONLY, "webhook_events_filter": ["batch.completed"]},
+            {"webhook_events_filter.0"},
+        ),
+        (
+            {
+                "input": TEXT_ONLY,
+                "webhook_events_filter": ["generation.succeeded", "batch.completed"],
+            },
+            {"webhook_events_filter.1"},
         ),
         ({"input": TEXT_ONLY, "metadata": {"k": "v" * 501}}, {"metadata.k.value"}),
         ({"input": TEXT_ONLY, "metadata": {str(i): "v" for i in range(51)}}, {"metadata"}),
@@ -777,7 +790,25 @@ def test_the_openapi_document_describes_the_api_from_the_same_schemas(client: An
     schemas = spec["components"]["schemas"]
     generate = schemas["DeepImageGenerate"]["properties"]
     assert set(generate["model_type"]["enum"]) >= {"realistic", "fantasy", "premium"}
+    # A generation's webhook gets its own events; a batch's gets `batch.completed` too.
+    body = spec["paths"]["/v1/generations"]["post"]["requestBody"]["content"]
+    generation = _resolved(spec, body["application/json"]["schema"])
+    batch = schemas["BatchCreate"]
+    for properties, expected in [
+        (generation["properties"], list(GENERATION_EVENT_TYPES)),
+        (batch["properties"], list(EVENT_TYPES)),
+    ]:
+        events_filter = properties["webhook_events_filter"]
+        assert events_filter["items"]["enum"] == expected
+        assert events_filter["maxItems"] == len(expected)
     assert json.dumps(spec)  # serialisable as served
+
+
+def _resolved(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """A `$ref` of the document, followed."""
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
 
 
 def test_the_openapi_document_states_every_status_and_limit_the_api_answers_with(
