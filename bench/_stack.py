@@ -47,9 +47,9 @@ POSTGRES_URL = os.environ.get(
     "GENRELAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 # The simulator's concurrency limit unless a benchmark asks for another: never a 429. Those
-# that measure throughput tell genrelay the same (GENRELAY_UPSTREAM_CONCURRENCY), or it would
-# learn the limit from 2 upwards and keep generations waiting meanwhile.
-SIMULATOR_LIMIT = 1_000_000
+# that measure throughput tell genrelay the same (GENRELAY_UPSTREAM_CONCURRENCY, at most
+# 100000), or it would learn the limit from 2 upwards and keep generations waiting meanwhile.
+SIMULATOR_LIMIT = 100_000
 CLIENT_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds of every benchmark request
 STOP_TIMEOUT = 25.0  # SIGTERM grace before SIGKILL (gunicorn's graceful_timeout is 20)
 TERMINAL = ("succeeded", "failed", "canceled")
