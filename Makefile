@@ -28,17 +28,22 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
-# The suite in two runs, every test in exactly one of them (by the `e2e` marker): the unit and
-# integration tests spread over PYTEST_WORKERS processes (pytest-xdist; each process has its
-# own PostgreSQL database, SQLite files, simulator and fake-gcs-server), then the end-to-end
-# tests one at a time (they start real processes and are timing-sensitive). Both run even if
-# the first fails; either failing fails the target. On 2 cores the first run takes about
-# 2m50s with 2 processes, 5m25s with one.
-PYTEST_WORKERS ?= 2
+# The suite in three runs, every test in exactly one of them (by the `e2e` and `serial`
+# markers): the unit and integration tests spread over PYTEST_WORKERS processes (pytest-xdist;
+# each process has its own PostgreSQL database, SQLite files, simulator and fake-gcs-server),
+# then the end-to-end tests (real processes) over E2E_WORKERS, then the end-to-end tests that
+# time what they see (`serial`) one at a time. Every run goes on even if an earlier one failed;
+# any failing fails the target. The tests mostly wait (on processes, timeouts, the network), so
+# more processes than cores pay: on 2 cores, on 2026-12-07, the first run took 5m17s with 4
+# processes and 8m28s with 2 (the machine about 80 % and 45 % busy), the end-to-end tests 5m34s
+# with 2 processes and 7m04s with one.
+PYTEST_WORKERS ?= 4
+E2E_WORKERS ?= 2
 pytest: $(VENV)/.installed-dev
 	status=0; \
 	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "not e2e" || status=$$?; \
-	$(BIN)/pytest -m e2e || status=$$?; \
+	$(BIN)/pytest -n $(E2E_WORKERS) -m "e2e and not serial" || status=$$?; \
+	$(BIN)/pytest -m "e2e and serial" || status=$$?; \
 	exit $$status
 
 test: lint typecheck pytest

@@ -30,7 +30,9 @@ from tests.helpers import seed_examples
 
 LINE_LEASE = SHORT_LEASES[LINE]
 
-pytestmark = pytest.mark.e2e
+# `serial`: it asserts how soon the line admits (a few seconds after a slot is free or a
+# pause ends), which another test loading the machine could stretch.
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 # A small image: the simulator renders every result, and the line, not rendering, is tested.
 TEXT = {"input": {**seed_examples()["text_only"], "width": 256, "height": 256}}

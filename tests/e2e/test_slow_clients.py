@@ -22,7 +22,9 @@ import requests
 from service.devtools.ports import free_port
 from tests.e2e.processes import GENRELAY, Stack, wait_for
 
-pytestmark = pytest.mark.e2e
+# `serial`: it asserts how soon the server answers or cuts a connection off (1-6 s bounds),
+# which another test loading the machine could stretch.
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 REQUEST_TIMEOUT = 3  # GENRELAY_REQUEST_TIMEOUT for this server: short, to see the cut-off
 
