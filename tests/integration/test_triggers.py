@@ -394,21 +394,29 @@ def resolve_with(policy: Any, resolver: Any) -> None:
     object.__setattr__(policy, "resolver", resolver)
 
 
+def dns_down(host: str, port: int) -> list[str]:
+    raise OSError("no DNS answer within 5 s")
+
+
+def hooked_trigger(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> tuple[str, dict[str, Any], str]:
+    """A gcs trigger with a webhook whose host resolves (publicly) for now, and its token."""
+    resolve_with(gcp.services.triggers.policy, lambda host, port: ["93.184.216.34"])
+    bucket = gcp.bucket()
+    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
+    trigger = make_trigger(gcp, bucket=bucket, webhook="https://hooks.acme.example/genrelay")
+    return bucket, trigger, issuer.token(trigger["audience"], PUSHER)
+
+
 def test_a_webhook_host_that_does_not_resolve_for_now_answers_503_and_records_nothing(
     gcp: GcpStack,  # noqa: F811
     issuer: OidcIssuer,  # noqa: F811
 ) -> None:
     policy = gcp.services.triggers.policy
-    resolve_with(policy, lambda host, port: ["93.184.216.34"])
-    bucket = gcp.bucket()
-    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
-    trigger = make_trigger(gcp, bucket=bucket, webhook="https://hooks.acme.example/genrelay")
-    token = issuer.token(trigger["audience"], PUSHER)
-
-    def down(host: str, port: int) -> list[str]:
-        raise OSError("no DNS answer within 5 s")
-
-    resolve_with(policy, down)
+    bucket, trigger, token = hooked_trigger(gcp, issuer)
+    resolve_with(policy, dns_down)
     first = cloudevent(gcp, trigger, token, bucket, "shoe.png", event_id="evt-dns")
     assert first.status_code == 503, first.json
     assert first.content_type == "application/problem+json"
@@ -606,19 +614,10 @@ def test_a_redelivered_event_is_a_duplicate_even_while_the_webhook_does_not_reso
     gcp: GcpStack,  # noqa: F811
     issuer: OidcIssuer,  # noqa: F811
 ) -> None:
-    policy = gcp.services.triggers.policy
-    resolve_with(policy, lambda host, port: ["93.184.216.34"])
-    bucket = gcp.bucket()
-    Tenants(gcp.services.store).set("acme", input_buckets=[bucket])
-    trigger = make_trigger(gcp, bucket=bucket, webhook="https://hooks.acme.example/genrelay")
-    token = issuer.token(trigger["audience"], PUSHER)
+    bucket, trigger, token = hooked_trigger(gcp, issuer)
     first = cloudevent(gcp, trigger, token, bucket, "shoe.png", event_id="evt-once")
     assert first.json["event"]["status"] == "accepted"
-
-    def down(host: str, port: int) -> list[str]:
-        raise OSError("no DNS answer within 5 s")
-
-    resolve_with(policy, down)
+    resolve_with(gcp.services.triggers.policy, dns_down)
     again = cloudevent(gcp, trigger, token, bucket, "shoe.png", event_id="evt-once")
     assert again.status_code == 200, again.json
     assert again.json["duplicate"] is True and again.json["event"] == first.json["event"]
@@ -683,18 +682,11 @@ def test_a_trigger_can_be_disabled_whatever_has_changed_since_it_was_made(
     gcp: GcpStack,  # noqa: F811
     issuer: OidcIssuer,  # noqa: F811
 ) -> None:
-    policy = gcp.services.triggers.policy
-    resolve_with(policy, lambda host, port: ["93.184.216.34"])
-    bucket, trigger, _token = gcs_trigger(gcp, issuer)
-    hooked = make_trigger(gcp, bucket=bucket, webhook="https://hooks.acme.example/genrelay")
-
+    bucket, hooked, _token = hooked_trigger(gcp, issuer)
+    trigger = make_trigger(gcp, bucket=bucket)
     # The operator takes the bucket away; the webhook's DNS stops answering.
     Tenants(gcp.services.store).set("acme", input_buckets=[])
-
-    def down(host: str, port: int) -> list[str]:
-        raise OSError("no DNS answer within 5 s")
-
-    resolve_with(policy, down)
+    resolve_with(gcp.services.triggers.policy, dns_down)
     for made in (trigger, hooked):
         stop = {"enabled": False, "description": "paused while the bucket moves"}
         stopped = gcp.client.patch(made["links"]["self"], json=stop, headers=gcp.auth)
