@@ -323,11 +323,7 @@ def _without_gone_links(session: Session, events: list[Event]) -> list[Event]:
     """The events as shown: an event keeps the generation as it was, `result.url` included,
     but a result deleted since (DELETE, retention) has no link left, so that no answer links
     to an object already gone. Such events are shown as copies without it (not stored)."""
-    linked = {
-        e.generation_id
-        for e in events
-        if isinstance(result := (e.data or {}).get("result"), dict) and "url" in result
-    }
+    linked = {e.generation_id for e in events if _links(e)}
     if not linked:
         return events
     gone = set(
@@ -337,7 +333,15 @@ def _without_gone_links(session: Session, events: list[Event]) -> list[Event]:
             )
         )
     )
-    return [_unlinked(e) if e.generation_id in gone else e for e in events]
+    # Only the events that link: the generation's others (queued, processing: no result)
+    # are shown as they are.
+    return [_unlinked(e) if e.generation_id in gone and _links(e) else e for e in events]
+
+
+def _links(event: Event) -> bool:
+    """Whether the event's generation, as it was, carries a link to its result."""
+    result = (event.data or {}).get("result")
+    return isinstance(result, dict) and "url" in result
 
 
 def _unlinked(event: Event) -> Event:

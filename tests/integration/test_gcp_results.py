@@ -133,6 +133,14 @@ def test_delete_removes_the_object_at_once_and_the_generation_stays(gcp: GcpStac
     assert unlinked["data"]["result"]["uri"] == linked["data"]["result"]["uri"]
     alone = gcp.client.get(f"/v1/events/{linked['id']}", headers=gcp.auth).json
     assert alone == unlinked
+    # Its other events (no result: queued, processing) are shown on the same page as they
+    # are; with them, the whole feed answered 500.
+    for page in (f"/v1/events?generation_id={made['id']}", "/v1/events"):
+        feed = gcp.client.get(page, headers=gcp.auth)
+        assert feed.status_code == 200, feed.json
+        shown_events = {e["type"]: e for e in feed.json["data"]}
+        assert shown_events["generation.succeeded"] == unlinked
+        assert shown_events["generation.processing"]["data"]["result"] is None
     after = show(gcp, made["id"])
     assert after["status"] == "succeeded"
     assert "url" not in after["result"]
