@@ -37,9 +37,11 @@ TRACE_FIELD = "logging.googleapis.com/trace"
 # A callback URL's path, its slashes as they are, JSON-escaped (`\/`) or percent-encoded
 # (`%2F`: a URL quoted inside another's query); the token is what follows the id.
 _SLASH = r"(?:/|\\/|%2[Ff])"
+# A path segment: its characters, or percent-escapes of any but the slash (the server decodes
+# `%38...` in a request target before routing, so a token sent so is still the token).
+_SEGMENT = r"(?:[^/\\\s?#\"'%&]|%(?!2[Ff])[0-9A-Fa-f]{2})+"
 _CALLBACK_TOKEN = re.compile(
-    rf"({_SLASH}v1{_SLASH}callbacks{_SLASH}deepimage{_SLASH}[^/\\\s?#\"'%&]+{_SLASH})"
-    r"[^/\\\s?#\"'%&]+"
+    rf"({_SLASH}v1{_SLASH}callbacks{_SLASH}deepimage{_SLASH}{_SEGMENT}{_SLASH}){_SEGMENT}"
 )
 # A word of plain text, as far as a URL in it can reach: up to a space, a quote or a bracket.
 _WORD = re.compile(r"[^\s\"'<>]+")
