@@ -51,7 +51,7 @@ POSTGRES_URL = os.environ.get(
 # 100000), or it would learn the limit from 2 upwards and keep generations waiting meanwhile.
 SIMULATOR_LIMIT = 100_000
 CLIENT_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds of every benchmark request
-STOP_TIMEOUT = 25.0  # SIGTERM grace before SIGKILL (gunicorn's graceful_timeout is 20)
+STOP_TIMEOUT = 25.0  # SIGTERM grace before SIGKILL (past gunicorn's graceful_timeout, 9 s)
 TERMINAL = ("succeeded", "failed", "canceled")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
