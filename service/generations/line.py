@@ -64,7 +64,7 @@ TICK_IDLE = 5.0  # ...and while none does (`_wake` ends the sleep when one start
 # worker killed during one delays the next pass only seconds. Two passes at once are harmless:
 # admissions take the account's row lock, and deadline cancels skip rows another transaction
 # holds.
-MAX_TENANTS_PER_PASS = 500  # waiting tenants considered by one admission (fewest slots first)
+MAX_TENANTS_PER_PASS = 500  # waiting tenants under their cap one admission considers
 DEADLINE_BATCH = 200
 
 
@@ -496,6 +496,14 @@ class Line:
             weight, tag = (row.weight, row.fair_tag or 0.0) if row is not None else (1, 0.0)
             return (in_flight.get(tenant, 0) / max(1, weight), max(tag, account.fair_clock), tenant)
 
+        def at_cap(tenant: str) -> bool:
+            row = settings.get(tenant)
+            cap = row.max_in_flight if row is not None else None
+            return cap is not None and in_flight.get(tenant, 0) >= cap
+
+        # Tenants at their own `max_in_flight` are left out before the cut: `choose` could give
+        # them nothing, and with many of them they would fill the places and leave slots idle.
+        waiting_tenants = [t for t in waiting_tenants if not at_cap(t)]
         waiting_tenants.sort(key=turn)
         waiting_tenants = waiting_tenants[:MAX_TENANTS_PER_PASS]
         heads = self._heads(session, waiting_tenants, free, now)

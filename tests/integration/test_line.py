@@ -422,6 +422,33 @@ def test_tenants_past_the_ones_a_pass_considers_still_get_their_turn(
     assert [owner[g] for g in holders] == ["acme", "beta", "gamma", "acme"]
 
 
+def test_tenants_at_their_cap_do_not_crowd_others_out_of_a_pass(
+    config: Config, make_client: Any, slow_upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more waiting tenants than a pass considers, tenants already at their
+    `max_in_flight` took the places first (they were ranked by slots held, not by whether they
+    could take one): the pass found nobody it could admit and free slots stayed idle."""
+    from service.generations import line
+
+    monkeypatch.setattr(line, "MAX_TENANTS_PER_PASS", 3)
+    services, client, auth = make_client(config.replace(upstream_concurrency=10))
+    tenants = Tenants(services.store)
+    for name in ("beta", "gamma", "delta"):
+        capped = {"Authorization": "Bearer " + services.api_keys.create(name)}
+        tenants.set(name, max_in_flight=1)
+        assert post(client, capped)["status"] == "processing"
+        assert post(client, capped)["status"] == "queued"  # at its cap: it waits
+    # acme has no cap and holds the most slots, so every capped tenant ranks before it.
+    for _ in range(2):
+        assert post(client, auth)["status"] == "processing"
+    late = post(client, auth)
+    run_line_task(services)
+    assert client.get(f"/v1/generations/{late['id']}", headers=auth).json["status"] == (
+        "processing"
+    )
+    assert in_flight(services) == 6
+
+
 def test_an_unstated_429_halves_the_slots_in_use_counting_the_refused_job(
     config: Config, make_client: Any, slow_upstream: Any
 ) -> None:
