@@ -32,14 +32,18 @@ DEADLINE_PASSED = "Must be in the future."
 
 
 class UTCDateTime(fields.AwareDateTime):
-    """An RFC 3339 time with a zone that is also a time in UTC: the database stores UTC, and
-    `0001-01-01T00:00:00+01:00` or `9999-12-31T23:59:59-01:00` are outside its calendar."""
+    """An RFC 3339 time with a zone (its "T" and "Z" in either case) that is also a time in
+    UTC: the database stores UTC, and `0001-01-01T00:00:00+01:00` or
+    `9999-12-31T23:59:59-01:00` are outside its calendar."""
 
     default_error_messages = {
         "out_of_range": "Out of range: must be between 0001-01-01 and 9999-12-31 in UTC."
     }
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dt.datetime:
+        if isinstance(value, str):
+            # RFC 3339 §5.6 allows "t" and "z" in lower case; the ISO parser takes upper only.
+            value = value.upper()
         parsed = super()._deserialize(value, attr, data, **kwargs)
         try:
             parsed.astimezone(dt.UTC)

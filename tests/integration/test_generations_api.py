@@ -335,6 +335,20 @@ def test_a_generation_with_a_deadline_ahead_is_submitted_at_once(
     assert dt.datetime.fromisoformat(response.json["deadline"]) == ahead
 
 
+def test_a_deadline_with_a_lowercase_t_and_z_is_taken_as_rfc_3339_allows(
+    client: Any, auth: dict[str, str]
+) -> None:
+    # RFC 3339 §5.6: "T" and "Z" may be written in lower case.
+    response = create(client, auth, {"input": TEXT_ONLY, "deadline": "2099-01-01t00:00:00z"})
+    assert response.status_code == 202, response.json
+    assert dt.datetime.fromisoformat(response.json["deadline"]) == dt.datetime(
+        2099, 1, 1, tzinfo=dt.UTC
+    )
+    listed = client.get("/v1/generations?created_after=2000-01-01t00:00:00z", headers=auth)
+    assert listed.status_code == 200, listed.json
+    assert [g["id"] for g in listed.json["data"]] == [response.json["id"]]
+
+
 def test_a_tenants_new_settings_apply_from_its_next_request(
     client: Any, auth: dict[str, str], services: Services
 ) -> None:
