@@ -1,9 +1,9 @@
 """Tenant settings, managed by the operator with `genrelay tenants …`.
 
 A tenant is made by `genrelay keys create NAME`. Its settings shape its share of the
-Deep-Image account (service/generations/line.py): `weight` (free slots are shared in proportion,
-default
-1) and `max_in_flight` (at most this many of its jobs at Deep-Image at once; none by default).
+Deep-Image account (service/generations/line.py): `weight` (the slots are shared in
+proportion once every waiting tenant holds one; default 1) and `max_in_flight` (at most this
+many of its jobs at Deep-Image at once; none by default).
 
 And its part of the GCP loop (service/generations/inputs.py):
 - `allowed_input_buckets`: GCS buckets its `gs://bucket/object` inputs may name (none by

@@ -20,7 +20,10 @@ instead of being refused upstream:
   `line` task, which also cancels generations whose deadline passed while they waited.
 - Free slots go to the waiting tenants by weighted fair share (`choose`): the tenant that
   holds the fewest slots for its weight goes next, so one tenant's single request is never
-  behind another's ten thousand. Within a tenant: higher `priority` first, then oldest first.
+  behind another's ten thousand. Every waiting tenant's first slot comes before anyone's share
+  by weight (one holding none goes before one holding any, whatever the weights); beyond that,
+  the weights divide the slots in proportion: weights 10 and 1 hold 1 and 1 of 2 slots, 4 and
+  1 of 5, 10:1 from 11 on. Within a tenant: higher `priority` first, then oldest first.
 - The limit is `GENRELAY_UPSTREAM_CONCURRENCY` when set. Otherwise it is learned: it starts at
   INITIAL_LIMIT and grows by one for every job accepted while all slots are in use (slow
   start); a 429 that states the limit ("Your rate limit is N") sets it to N; one that does not
