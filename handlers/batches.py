@@ -54,7 +54,7 @@ from schemas.generations import (
     inline_images,
 )
 from schemas.problems import ProblemSchema
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, require_identity_coding
 from service.generations.batches import MAX_REPORTED_ERRORS, NewBatch, NewBatchItem
 from service.text import unstorable_values
 
@@ -106,7 +106,8 @@ REQUEST_BODY = {
 
 @blp.before_request
 def _require_batch_body() -> flask.Response | None:
-    """A body must be JSON or NDJSON, else 415 (after authentication)."""
+    """A body must be JSON or NDJSON, sent without a content coding, else 415 (after
+    authentication)."""
     request = flask.request
     if request.method != "POST":
         return None
@@ -121,6 +122,8 @@ def _require_batch_body() -> flask.Response | None:
             f"send the body as application/json or {NDJSON}, "
             f"not {request.mimetype or 'no content type'}",
         )
+    if has_body:
+        require_identity_coding(request.headers.get("Content-Encoding"))
     return None
 
 
@@ -425,7 +428,9 @@ def read_ndjson(stream: IO[bytes]) -> NewBatch:
 @blp.doc(requestBody=REQUEST_BODY)
 @blp.response(202, BatchSchema)
 @blp.alt_response(413, schema=ProblemSchema, description="The body is over the size limit")
-@blp.alt_response(415, schema=ProblemSchema, description="Neither JSON nor NDJSON")
+@blp.alt_response(
+    415, schema=ProblemSchema, description="Neither JSON nor NDJSON, or a Content-Encoding"
+)
 @blp.alt_response(
     422,
     schema=ProblemSchema,

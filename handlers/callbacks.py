@@ -11,6 +11,7 @@ from handlers.auth import services
 from handlers.problems import StrictJSONParser
 from schemas.callbacks import CallbackAckSchema, DeepImageCallbackSchema
 from schemas.problems import ProblemSchema
+from service.errors import require_identity_coding
 from service.generations.completion import Callback
 
 blp = Blueprint(
@@ -26,11 +27,13 @@ blp.ARGUMENTS_PARSER = StrictJSONParser(any_content_type=True)
 
 @blp.before_request
 def _authenticate() -> None:
-    """The token is checked before anything reads the body."""
+    """The token is checked before anything reads the body (or its coding is refused)."""
     view_args = flask.request.view_args or {}
     services().completion.authenticate(
         view_args.get("generation_id", ""), view_args.get("token", "")
     )
+    # Deep-Image documents no coding either; one genrelay cannot read is said to be that.
+    require_identity_coding(flask.request.headers.get("Content-Encoding"))
 
 
 @blp.route("/deepimage/<string:generation_id>/<string:token>", methods=["POST"])

@@ -22,6 +22,7 @@ from service.errors import (
     InvalidRequest,
     ServiceError,
     Unavailable,
+    require_identity_coding,
 )
 
 # What no database column can hold (NUL, lone surrogates) is refused where requests are parsed,
@@ -323,7 +324,8 @@ def too_slow_response() -> flask.Response:
 
 
 def require_json_body() -> flask.Response | None:
-    """Blueprint before_request hook (after authentication): a body must be JSON, else 415."""
+    """Blueprint before_request hook (after authentication): a body must be JSON, sent
+    without a content coding, else 415."""
     request = flask.request
     if request.method not in ("POST", "PUT", "PATCH"):
         return None
@@ -337,4 +339,6 @@ def require_json_body() -> flask.Response | None:
             "Unsupported Media Type",
             f"send the body as application/json, not {request.mimetype or 'no content type'}",
         )
+    if has_body:
+        require_identity_coding(request.headers.get("Content-Encoding"))
     return None

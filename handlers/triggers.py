@@ -117,6 +117,9 @@ def list_trigger_events(trigger_id: str, **args: Any) -> Any:
 @push_blp.alt_response(401, schema=ProblemSchema, description="Bad, expired or foreign token")
 @push_blp.alt_response(403, schema=ProblemSchema, description="Account not on push_accounts")
 @push_blp.alt_response(404, schema=ProblemSchema, description="No such trigger")
+@push_blp.alt_response(
+    415, schema=ProblemSchema, description="A Content-Encoding (the body is not read)"
+)
 @push_blp.alt_response(503, schema=ProblemSchema, description="Try again (redelivered)")
 def push(trigger_id: str) -> Any:
     """Receive one event; 200 once it is recorded, whatever became of it."""

@@ -83,6 +83,26 @@ class RateLimited(ServiceError):
     title = "Too many requests for this API key"
 
 
+class UnsupportedContentCoding(ServiceError):
+    status = 415
+    slug = "unsupported-content-coding"
+    title = "Unsupported Media Type"
+
+
+def require_identity_coding(content_encoding: str | None) -> None:
+    """Refuse a body sent with a content coding (gzip, br...): genrelay decodes none, and
+    reading a coded body as it is would call it invalid JSON, or take a `br` label over plain
+    JSON silently. RFC 9110 §15.5.16: a 415 with `Accept-Encoding` saying what is taken."""
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+    unsupported = [c for c in codings if c not in ("", "identity")]
+    if unsupported:
+        raise UnsupportedContentCoding(
+            f"Content-Encoding {', '.join(unsupported)} is not supported: only identity "
+            "(no Content-Encoding) is taken; send the body uncompressed",
+            headers={"Accept-Encoding": "identity"},
+        )
+
+
 class ClientTooSlow(TimeoutError):
     """The client did not send its request in time (service/server/gunicorn_worker.py); 408."""
 

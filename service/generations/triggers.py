@@ -61,6 +61,7 @@ from service.errors import (
     ServiceError,
     Unauthorized,
     Unavailable,
+    require_identity_coding,
 )
 from service.generations.inputs import access_problems
 from service.generations.service import GenerationService, NewGeneration
@@ -278,7 +279,8 @@ class TriggerService:
 
         `headers` have lowercase names; `read_body` is called (once) only when the push is
         authenticated, so an unauthenticated upload is not read.
-        Raises Unauthorized (401), Forbidden (403), NotFound (404) or Unavailable (503).
+        Raises Unauthorized (401), Forbidden (403), NotFound (404), UnsupportedContentCoding
+        (415) or Unavailable (503).
         """
         try:
             identity = self.verifier.verify(
@@ -299,6 +301,9 @@ class TriggerService:
             raise Forbidden(
                 f"{identity.email} is not allowed to push to this trigger (push_accounts)"
             )
+        # Eventarc and Pub/Sub send no Content-Encoding; a coded body is refused unread
+        # rather than recorded as "not JSON".
+        require_identity_coding(headers.get("content-encoding"))
         parsed = _storable(_parse(headers, read_body()))
         seen = self._find(trigger.id, parsed.event_id)
         if seen is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import gzip
 import io
 import json
 import threading
@@ -385,6 +386,31 @@ def test_more_than_ten_thousand_items_or_another_media_type_are_refused(
     assert form.mimetype == PROBLEM
     broken = client.post("/v1/batches", data=b"{", content_type="application/json", headers=auth)
     assert broken.status_code == 400
+
+
+@pytest.mark.parametrize("form", ["json", "ndjson"])
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_a_content_coded_batch_is_a_415_naming_content_encoding(
+    client: Any, auth: dict[str, str], services: Services, form: str, coding: str
+) -> None:
+    """A gzip batch was "400 Invalid JSON body." (NDJSON: every line "Invalid JSON.")."""
+    body = catalog(2)
+    if form == "json":
+        data, content_type = json.dumps(body).encode(), "application/json"
+    else:
+        lines = [{"batch": {"template": TEMPLATE}}, *body["items"]]
+        data, content_type = "".join(json.dumps(x) + "\n" for x in lines).encode(), NDJSON
+    headers = {**auth, "Content-Type": content_type, "Content-Encoding": coding}
+    response = client.post("/v1/batches", data=gzip.compress(data), headers=headers)
+    assert response.status_code == 415, response.json
+    assert response.mimetype == PROBLEM
+    assert "Content-Encoding" in response.json["detail"]
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert rows(services, Batch) == 0
+    plain = client.post(
+        "/v1/batches", data=data, headers={**headers, "Content-Encoding": "identity"}
+    )
+    assert plain.status_code == 202, plain.json
 
 
 @pytest.mark.parametrize("form", ["json", "ndjson"])

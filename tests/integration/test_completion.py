@@ -254,6 +254,23 @@ def test_a_callback_is_read_as_json_whatever_its_content_type(
     assert garbage.mimetype == "application/problem+json"
 
 
+def test_a_content_coded_callback_is_a_415_once_its_token_is_checked(
+    config: Config, make_client: Any
+) -> None:
+    services, client, auth = make_client(callback_config(config))
+    generation = create(client, auth, {"input": TEXT_ONLY})
+    url = callback_url("", SECRET, generation["id"])
+    body = json.dumps({"job": generation["upstream"]["job"], "result_url": ELSEWHERE})
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    response = client.post(url, data=gzip.compress(body.encode()), headers=headers)
+    assert response.status_code == 415, response.json
+    assert response.mimetype == "application/problem+json"
+    assert "Content-Encoding" in response.json["detail"]
+    assert tasks_of(services, STORE) == []
+    forged = client.post(f"/v1/callbacks/deepimage/{generation['id']}/{'0' * 64}", headers=headers)
+    assert forged.status_code == 401
+
+
 def test_a_callback_for_an_unknown_generation_is_404(config: Config, make_client: Any) -> None:
     _services, client, _auth = make_client(callback_config(config))
     ghost = {"id": "gen_does_not_exist", "upstream": {"job": "j"}, "input": {}}

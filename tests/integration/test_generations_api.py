@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
 import threading
 import time
@@ -212,6 +213,33 @@ def test_malformed_requests_get_a_problem_never_a_500(
     assert response.json["status"] == status
     assert response.json["detail"]
     assert generation_count(services) == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/generations", "/v1/subscriptions", "/v1/triggers"])
+@pytest.mark.parametrize("coding", ["gzip", "br", "identity, gzip"])
+def test_a_content_coded_body_is_a_415_naming_content_encoding(
+    client: Any, auth: dict[str, str], services: Services, path: str, coding: str
+) -> None:
+    """A gzip body was "400 Invalid JSON body." and `br` over plain JSON was taken (202), the
+    coding ignored: genrelay decodes no content coding, so it says so (RFC 9110 §15.5.16)."""
+    body = json.dumps({"input": TEXT_ONLY}).encode()
+    data = gzip.compress(body) if "gzip" in coding else body
+    headers = {**auth, "Content-Type": "application/json", "Content-Encoding": coding}
+    response = client.post(path, data=data, headers=headers)
+    assert response.status_code == 415, response.json
+    assert response.mimetype == PROBLEM
+    assert "Content-Encoding" in response.json["detail"]
+    assert "identity" in response.json["detail"]
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert generation_count(services) == 0
+
+
+@pytest.mark.parametrize("coding", ["identity", "IDENTITY", ""])
+def test_an_identity_content_encoding_is_a_plain_body(
+    client: Any, auth: dict[str, str], coding: str
+) -> None:
+    headers = {**auth, "Content-Encoding": coding}
+    assert create(client, auth, {"input": TEXT_ONLY}, **headers).status_code == 202
 
 
 def test_a_body_over_the_limit_is_refused_with_413(

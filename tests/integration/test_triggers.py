@@ -5,6 +5,7 @@ PostgreSQL)."""
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 from typing import Any
 
@@ -602,6 +603,27 @@ def test_a_push_is_authenticated_before_its_body_is_read(
     )
     assert anonymous.status_code == 401
     assert unread == [len(body)]
+
+
+def test_a_content_coded_push_is_a_415_once_authenticated_and_records_nothing(
+    gcp: GcpStack,  # noqa: F811
+    issuer: OidcIssuer,  # noqa: F811
+) -> None:
+    """Eventarc and Pub/Sub send no Content-Encoding; a sender that does gets a 415, not an
+    event recorded as "the body is not JSON"."""
+    _bucket, trigger, token = gcs_trigger(gcp, issuer)
+    body = gzip.compress(json.dumps({"message": {"messageId": "1", "data": ""}}).encode())
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    anonymous = gcp.client.post(trigger["links"]["push"], data=body, headers=headers)
+    assert anonymous.status_code == 401
+    answer = gcp.client.post(
+        trigger["links"]["push"], data=body, headers={**headers, "Authorization": f"Bearer {token}"}
+    )
+    assert answer.status_code == 415, answer.json
+    assert answer.content_type == "application/problem+json"
+    assert "Content-Encoding" in answer.json["detail"]
+    assert answer.headers["Accept-Encoding"] == "identity"
+    assert events(gcp, trigger) == []
 
 
 def message(request: dict[str, Any], message_id: str) -> dict[str, Any]:
