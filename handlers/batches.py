@@ -33,7 +33,12 @@ from werkzeug.exceptions import BadRequest
 
 from handlers.auth import require_tenant, services, tenant, tenant_id
 from handlers.idempotency import IdempotencyHeaderSchema, answer_past_deadline, render_answer
-from handlers.problems import StrictJSONParser, flatten_messages, problem_response
+from handlers.problems import (
+    StrictJSONParser,
+    flatten_messages,
+    parse_json_int,
+    problem_response,
+)
 from schemas.batches import (
     MAX_ITEMS,
     BatchCreateSchema,
@@ -342,7 +347,7 @@ def _load_options(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
 def read_json(data: bytes) -> NewBatch:
     """The application/json form: `{items: [...], ...batch-level fields}`."""
     try:
-        body = json.loads(data, parse_constant=_reject_constant)
+        body = json.loads(data, parse_constant=_reject_constant, parse_int=parse_json_int)
     except RecursionError:
         raise BadRequest("JSON body is nested too deeply.") from None
     except ValueError:
@@ -394,7 +399,7 @@ def read_ndjson(stream: IO[bytes]) -> NewBatch:
             problem = f"The line is longer than {MAX_LINE_BYTES} bytes."
         else:
             try:
-                value = json.loads(line, parse_constant=_reject_constant)
+                value = json.loads(line, parse_constant=_reject_constant, parse_int=parse_json_int)
             except (ValueError, RecursionError):
                 problem = "Invalid JSON."
         if batch is None:

@@ -108,6 +108,24 @@ def refuse_unstorable_url() -> None:
         )
 
 
+# Every integer of 17 digits or more is beyond 2**53 (16 digits), and JSON allows no leading
+# zeros. Past 4300 digits int() refuses the text outright (ValueError, "Invalid JSON body."),
+# so such integers are read as a stand-in beyond the bound instead: every field's own range
+# check then names it, as it does any integer too large.
+_EXACT_DIGITS = 16
+_BEYOND_JSON_INTEGER = 2**53 + 1
+
+
+def parse_json_int(text: str) -> int:
+    """`parse_int` for json.loads: the integer, or ±(2**53 + 1) for one of 17+ digits."""
+    if len(text) <= _EXACT_DIGITS:  # nearly every integer: the one test it runs for all
+        return int(text)
+    negative = text.startswith("-")
+    if len(text) - negative <= _EXACT_DIGITS:
+        return int(text)
+    return -_BEYOND_JSON_INTEGER if negative else _BEYOND_JSON_INTEGER
+
+
 class StrictJSONParser(FlaskParser):
     """webargs' parser, refusing NaN/Infinity and turning over-deep nesting into a 400.
 
@@ -145,7 +163,7 @@ class StrictJSONParser(FlaskParser):
             return core.missing
         data = req.get_data(cache=True)
         try:
-            parsed = json.loads(data, parse_constant=_reject_constant)
+            parsed = json.loads(data, parse_constant=_reject_constant, parse_int=parse_json_int)
         except RecursionError:
             abort(400, messages={"json": ["JSON body is nested too deeply."]})
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity

@@ -680,6 +680,38 @@ def test_numbers_beyond_a_double_are_422_naming_the_field(
     assert rows(services, Batch) == 0
 
 
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ('{"template": {"width": 1%s}, "items": [%s]}', "template.width"),
+        ('{"priority": -1%s, "items": [%s]}', "priority"),
+        ('{"batch": {"template": {"width": 1%s}}}\n%s\n', "batch.template.width"),
+        (
+            '{"batch": {}}\n{"input": {"url": "https://a.example/1.jpg", "quality": 1%s}}\n%s\n',
+            "items[0].input.quality",
+        ),
+    ],
+    ids=["template", "priority-negative", "ndjson-header", "ndjson-item"],
+)
+def test_an_integer_past_pythons_digit_limit_is_422_naming_the_field(
+    client: Any, auth: dict[str, str], services: Services, data: str, field: str
+) -> None:
+    """Past 4300 digits int() refuses the text: the body was "400 Invalid JSON body." (NDJSON:
+    the line "Invalid JSON."), where a 400-digit integer is the 422 naming the field."""
+    one = json.dumps({"input": {"url": "https://shop.example.com/p/0.jpg", "quality": 80}})
+    ndjson = data.startswith('{"batch"')
+    response = client.post(
+        "/v1/batches",
+        data=data % ("0" * 5000, one),
+        content_type=NDJSON if ndjson else "application/json",
+        headers=auth,
+    )
+    assert response.status_code == 422, response.json
+    assert response.mimetype == PROBLEM
+    assert [e["field"] for e in response.json["errors"]] == [field]
+    assert rows(services, Batch) == 0
+
+
 @pytest.mark.parametrize("form", ["json", "ndjson"])
 def test_a_batchs_retention_applies_to_every_item(
     client: Any, auth: dict[str, str], services: Services, form: str

@@ -242,6 +242,38 @@ def test_an_identity_content_encoding_is_a_plain_body(
     assert create(client, auth, {"input": TEXT_ONLY}, **headers).status_code == 202
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"input": {**TEXT_ONLY, "width": "N"}}, "input.width"),
+        ({"input": {**TEXT_ONLY, "width": "-N"}}, "input.width"),
+        ({"input": TEXT_ONLY, "priority": "N"}, "priority"),
+        ({"input": TEXT_ONLY, "retention": "-N"}, "retention"),
+    ],
+    ids=["input", "input-negative", "priority", "retention-negative"],
+)
+@pytest.mark.parametrize("digits", [17, 4301, 100_000])
+def test_an_integer_of_any_length_beyond_2_53_is_a_422_naming_its_field(
+    client: Any,
+    auth: dict[str, str],
+    services: Services,
+    body: dict[str, Any],
+    field: str,
+    digits: int,
+) -> None:
+    """Past Python's 4300-digit limit for int(), the body was "400 Invalid JSON body.",
+    naming nothing (a 400-digit integer was the 422 the README promises)."""
+    number = "9" + "0" * (digits - 1)
+    data = json.dumps(body).replace('"-N"', "-" + number).replace('"N"', number)
+    response = client.post(
+        "/v1/generations", data=data, content_type="application/json", headers=auth
+    )
+    assert response.status_code == 422, response.json
+    assert response.mimetype == PROBLEM
+    assert [e["field"] for e in response.json["errors"]] == [field]
+    assert generation_count(services) == 0
+
+
 def test_a_body_over_the_limit_is_refused_with_413(
     config: Config, make_client: Any, simulator: Any
 ) -> None:
