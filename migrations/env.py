@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,10 +39,16 @@ def run_migrations_online() -> None:
     The second tries for the lock every LOCK_POLL seconds rather than waiting in
     `pg_advisory_lock`: a statement waiting there holds a snapshot, and a CONCURRENTLY build
     waits for every transaction with an older snapshot to end, so the first run's index build
-    and the second run's wait for its lock waited for each other for ever."""
+    and the second run's wait for its lock waited for each other for ever.
+
+    On SQLite the runs take turns on an flock of a file beside the database
+    (`<database>-migrate`): without it both read the same version, and one failed on what
+    the other had just made ("no such index", "table already exists")."""
     engine = create_db_engine(url)
     try:
         with contextlib.ExitStack() as held:
+            if engine.dialect.name == "sqlite":
+                held.enter_context(_sqlite_migration_lock(engine))
             if engine.dialect.name == "postgresql":
                 lock = held.enter_context(engine.connect())
                 lock = lock.execution_options(isolation_level="AUTOCOMMIT")
@@ -52,6 +61,22 @@ def run_migrations_online() -> None:
                 lock.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATE_LOCK})
     finally:
         engine.dispose()  # no connection with enforcement off goes back to anyone
+
+
+@contextlib.contextmanager
+def _sqlite_migration_lock(engine: sa.Engine) -> Iterator[None]:
+    """Held while a `migrate` runs on this SQLite file; the kernel frees it if the process
+    dies. An in-memory database is one process's alone: nothing to take."""
+    database = engine.url.database or ":memory:"
+    if database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    with open(f"{os.path.abspath(database)}-migrate", "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the run that holds it
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _run_migrations(engine: sa.Engine) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -224,6 +225,41 @@ def test_two_migrations_at_once_take_turns(database_url: str) -> None:
         engine.dispose()
     assert [run.returncode for run in runs] == [0, 0], [err[-500:] for _, err in results]
     assert "fair_tag" in column_names(database_url, "tenants")
+
+
+def test_migrations_at_once_on_one_sqlite_file_take_turns(tmp_path: Path) -> None:
+    """Without a lock on SQLite, runs started together read the same (empty) version and one
+    failed on what another had just made ("no such index: ..."). Here a run that holds the
+    lock keeps three more waiting; once it lets go, each finds its turn and all succeed."""
+    import fcntl
+
+    database = tmp_path / "genrelay.db"
+    env = {**os.environ, "GENRELAY_DATABASE_URL": f"sqlite:///{database}"}
+    with open(f"{database}-migrate", "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a `migrate` running now holds it
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "migrate"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        # Long enough for unlocked runs to start, migrate and exit (about 3 s here).
+        until = time.monotonic() + 6
+        while time.monotonic() < until:
+            assert [run.poll() for run in runs] == [None, None, None]  # waiting their turn
+            if database.exists():  # a run's engine may have made the file: nothing in it yet
+                with contextlib.closing(sqlite3.connect(database)) as connection:
+                    tables = connection.execute("SELECT name FROM sqlite_master").fetchall()
+                assert ("generations",) not in tables
+            time.sleep(0.2)
+        fcntl.flock(held, fcntl.LOCK_UN)
+    results = [run.communicate(timeout=60) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], [err[-500:] for _, err in results]
+    assert schema_drift(f"sqlite:///{database}") == []
 
 
 @pytest.mark.postgres
