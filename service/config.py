@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 
 from service.adapters.gcs_urls import is_bucket_name
-from service.tenants import MAX_IN_FLIGHT
+from service.domain import MAX_IN_FLIGHT
 
 DEFAULT_DATABASE_URL = "sqlite:///var/genrelay.db"
 DEFAULT_DEEPIMAGE_URL = "https://deep-image.ai"

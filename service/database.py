@@ -16,6 +16,7 @@ from typing import IO, Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.config import ConfigError
 from service.runtime import wakeup
 
 log = logging.getLogger("genrelay.database")
@@ -83,10 +84,7 @@ def create_db_engine(url: str, *, pre_ping: bool = True) -> sa.Engine:
             try:
                 os.makedirs(directory, exist_ok=True)
             except OSError as exc:
-                # The URL is the operator's to fix: one line, not a traceback from every
-                # command. (Imported here: service.config imports this module's users.)
-                from service.config import ConfigError
-
+                # The URL is the operator's to fix: one line, not a traceback from every command.
                 raise ConfigError(
                     f"GENRELAY_DATABASE_URL names a SQLite database in {directory}, a "
                     f"directory that cannot be made ({exc.strerror or exc})"

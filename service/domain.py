@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import enum
 
+# A tenant's cap on its jobs at Deep-Image (`genrelay tenants set --max-in-flight`), and the
+# most GENRELAY_UPSTREAM_CONCURRENCY takes: past it, the same as none, and a larger number
+# would not fit the database's integer.
+MAX_IN_FLIGHT = 100_000
+
 
 class GenerationStatus(enum.StrEnum):
     QUEUED = "queued"

@@ -29,12 +29,10 @@ import sqlalchemy as sa
 
 from service.adapters.gcs_urls import BUCKET_RE, parse_gs_url
 from service.database import Store
+from service.domain import MAX_IN_FLIGHT
 from service.models import Tenant
 
 MAX_WEIGHT = 1000
-# A tenant's cap on its jobs at Deep-Image; past it, the same as none (and a larger number
-# would not fit the database's integer).
-MAX_IN_FLIGHT = 100_000
 # Deep-Image storage names as they appear in storage://NAME/...
 STORAGE_NAME_RE = re.compile(r"^[^/\s]{1,200}$")
 MAX_RETENTION = 10 * 365 * 24 * 3600
