@@ -197,27 +197,28 @@ def test_an_index_build_cut_short_is_built_again_not_taken_for_done(database_url
     assert valid is True
 
 
+def start_migrations(count: int, database_url: str) -> list[subprocess.Popen[str]]:
+    """`count` runs of `genrelay migrate` on the database, started at once."""
+    env = {**os.environ, "GENRELAY_DATABASE_URL": database_url}
+    command = [sys.executable, "-m", "service.cli", "migrate"]
+    pipe = subprocess.PIPE
+    return [
+        subprocess.Popen(command, env=env, stdout=pipe, stderr=pipe, text=True)
+        for _ in range(count)
+    ]
+
+
 def test_two_migrations_at_once_take_turns(database_url: str) -> None:
     """Two deploys' migrate jobs overlapping: both read the same version, and the second's
     first change failed on the first's (the column is already there). Both must succeed."""
     _postgres_only(database_url)
     command.downgrade(alembic_config(database_url), "0009")  # 0010 adds tenants.fair_tag
-    env = {**os.environ, "GENRELAY_DATABASE_URL": database_url}
     engine = create_db_engine(database_url)
     try:
         with engine.connect() as blocker:
             # Both start while this holds the table the migration changes: they meet there.
             blocker.execute(sa.text("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE"))
-            runs = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "service.cli", "migrate"],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for _ in range(2)
-            ]
+            runs = start_migrations(2, database_url)
             time.sleep(3)
             blocker.rollback()
         results = [run.communicate(timeout=60) for run in runs]
@@ -234,19 +235,9 @@ def test_migrations_at_once_on_one_sqlite_file_take_turns(tmp_path: Path) -> Non
     import fcntl
 
     database = tmp_path / "genrelay.db"
-    env = {**os.environ, "GENRELAY_DATABASE_URL": f"sqlite:///{database}"}
     with open(f"{database}-migrate", "ab") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a `migrate` running now holds it
-        runs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "migrate"],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(3)
-        ]
+        runs = start_migrations(3, f"sqlite:///{database}")
         # Long enough for unlocked runs to start, migrate and exit (about 3 s here).
         until = time.monotonic() + 6
         while time.monotonic() < until:
