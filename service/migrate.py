@@ -25,31 +25,29 @@ def alembic_config(database_url: str) -> AlembicConfig:
 
 
 @functools.cache
-def _revisions_before_head() -> frozenset[str]:
-    """Every packaged revision but the newest: a database at one of them is behind."""
+def _revisions() -> tuple[str | None, frozenset[str]]:
+    """The newest packaged revision, and every packaged revision."""
     scripts = ScriptDirectory.from_config(alembic_config(""))
-    head = scripts.get_current_head()
-    return frozenset(r.revision for r in scripts.walk_revisions() if r.revision != head)
+    return scripts.get_current_head(), frozenset(r.revision for r in scripts.walk_revisions())
+
+
+def _database_revision(connection: sa.Connection) -> str | None:
+    """The revision the database was migrated to; None when it never was."""
+    try:
+        return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    except sa.exc.DBAPIError as exc:
+        if schema_behind(exc):
+            return None
+        raise
 
 
 def migrated(connection: sa.Connection) -> bool:
     """Whether the database is at this code's newest migration or past it (a release deployed
     after this one migrates first, and this one keeps working meanwhile); False when it was
     never migrated or is at an older revision."""
-    try:
-        version = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-    except sa.exc.DBAPIError as exc:
-        if schema_behind(exc):
-            return False
-        raise
-    return version is not None and version not in _revisions_before_head()
-
-
-@functools.cache
-def _known_revisions() -> frozenset[str]:
-    """Every packaged revision."""
-    scripts = ScriptDirectory.from_config(alembic_config(""))
-    return frozenset(r.revision for r in scripts.walk_revisions())
+    version = _database_revision(connection)
+    head, known = _revisions()
+    return version is not None and (version == head or version not in known)
 
 
 def newer_revision(database_url: str) -> str | None:
@@ -58,16 +56,10 @@ def newer_revision(database_url: str) -> str | None:
     engine = create_db_engine(database_url)
     try:
         with engine.connect() as connection:
-            version = connection.execute(
-                sa.text("SELECT version_num FROM alembic_version")
-            ).scalar()
-    except sa.exc.DBAPIError as exc:
-        if schema_behind(exc):
-            return None
-        raise
+            version = _database_revision(connection)
     finally:
         engine.dispose()
-    return version if version is not None and version not in _known_revisions() else None
+    return version if version is not None and version not in _revisions()[1] else None
 
 
 def upgrade_to_head(database_url: str) -> None:
